@@ -1,0 +1,31 @@
+"""meft_ds: memory-efficient fine-tuning with sparse key-expert adapters in CPU memory, as a DeepSpeed plugin."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from meft_ds.adapter import SparseKeyExpertAdapter
+from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.inject import UnsupportedModelError, adapters, inject, register_ffn, supported_model_types
+from meft_ds.sparse_adam import SparseRowAdam
+from meft_ds.stats import sum_stats
+
+
+def stats(model: nn.Module) -> dict[str, int]:
+    """Cumulative counters summed over the model's adapters: ``bytes_to_device``, ``bytes_to_host``,
+    ``row_bytes_to_device``, ``row_bytes_to_host``, ``rows_fetched``, ``rows_updated``, ``forward_calls``."""
+    return sum_stats([a.traffic for a in adapters(model)])
+
+
+__all__ = [
+    "MeftConfig",
+    "MeftConfigError",
+    "SparseKeyExpertAdapter",
+    "SparseRowAdam",
+    "UnsupportedModelError",
+    "adapters",
+    "inject",
+    "register_ffn",
+    "stats",
+    "supported_model_types",
+]

@@ -1,0 +1,224 @@
+"""`MeftConfig`: every knob of the sparse key-expert adapters, validated once, at the edge.
+
+A config comes from keyword arguments, from a dict, or from the ``"meft"`` section of a DeepSpeed JSON config.
+Every wrong value raises :class:`MeftConfigError` naming the field and the fix, before any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+GATE_MODES = ("logit", "none")
+ROW_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,  # rows travel in the dtype the adapter's input has (bf16 under DeepSpeed bf16, fp32 on CPU)
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+class MeftConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and how to fix it."""
+
+
+def _fail(field_name: str, problem: str, fix: str) -> None:
+    raise MeftConfigError(f"meft.{field_name}: {problem}. Fix: {fix}.")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, f"expected an integer, got {value!r} ({type(value).__name__})", f"set {name} to an integer")
+    if value < minimum:
+        _fail(name, f"must be >= {minimum}, got {value}", f"set {name} to at least {minimum}")
+
+
+def _check_float(name: str, value: Any, minimum: float, *, strict: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, f"expected a finite number, got {value!r}", f"set {name} to a number")
+    if value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        _fail(name, f"must be {relation} {minimum}, got {value}", f"set {name} {relation} {minimum}")
+
+
+def default_num_experts(num_neurons: int, top_k: int, n_probe: int) -> int:
+    """The divisor of ``num_neurons`` closest (in log scale) to 4*sqrt(r), SPEC.md's choice, among those whose
+    probed pool (``n_probe`` experts) still holds at least ``top_k`` neurons."""
+    target = 4.0 * math.sqrt(num_neurons)
+    divisors = [e for e in range(1, num_neurons + 1) if num_neurons % e == 0]
+    feasible = [e for e in divisors if min(n_probe, e) * (num_neurons // e) >= top_k] or [1]
+    return min(feasible, key=lambda e: (abs(math.log(e / target)), e))
+
+
+@dataclass
+class MeftConfig:
+    """Sparse key-expert adapters (MEFT). Field names are the keys of the ``"meft"`` section of a DeepSpeed config.
+
+    Args:
+        num_neurons: adapter neurons per layer, ``r`` (rows of the key and value matrices).
+        top_k: neurons that fire per token, ``K`` (the paper uses 64 for every task).
+        num_experts: key-experts per layer, ``E``; must divide ``num_neurons``. ``None`` picks the divisor nearest
+            4*sqrt(r) that keeps at least ``top_k`` neurons in the probed pool.
+        n_probe: experts probed per token (their keys are scored; the token's top-K is taken among them).
+        gate: ``"logit"``: activation ``ReLU(g_e(h) * (h . k_j))`` with the raw router logit ``g_e`` (the reference
+            code, which produced the paper's numbers; the only path by which the router learns). ``"none"``:
+            ``ReLU(h . k_j)`` (the paper's Algorithm 1; the router only chooses which experts are probed).
+        layers: indices of the decoder layers that get an adapter; ``None`` means every layer. Negative indices
+            count from the end.
+        key_init_std: standard deviation of the N(0, std) key initialisation.
+        router_init_scale: router row ``e`` starts at this scale times the mean of expert ``e``'s keys.
+        row_dtype: dtype the rows travel in: ``"auto"`` (the adapter input's dtype), ``"fp32"``, ``"bf16"``,
+            ``"fp16"``. Master rows and Adam moments always stay fp32 in CPU memory.
+        seed: seed of the key initialisation (layer ``i`` uses ``seed + i``), so every rank builds the same store.
+        lr, betas, eps, weight_decay: the sparse Adam's hyperparameters. ``None`` inherits them from the DeepSpeed
+            config's optimizer (and its scheduler drives the learning rate), or the defaults of
+            :class:`meft_ds.SparseRowAdam` in a plain PyTorch loop.
+    """
+
+    num_neurons: int = 4096
+    top_k: int = 64
+    num_experts: int | None = None
+    n_probe: int = 8
+    gate: str = "logit"
+    layers: list[int] | None = None
+    key_init_std: float = 0.02
+    router_init_scale: float = 50.0
+    row_dtype: str = "auto"
+    seed: int = 0
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | MeftConfig | None) -> MeftConfig:
+        """Build from a dict (e.g. the ``"meft"`` section of a DeepSpeed config); unknown keys are errors."""
+        if isinstance(values, MeftConfig):
+            return values
+        if values is None:
+            return cls()
+        if not isinstance(values, dict):
+            raise MeftConfigError(
+                f"meft: expected a JSON object (dict) of settings, got {type(values).__name__}. "
+                'Fix: write the section as {"num_neurons": 4096, "top_k": 64, ...}.'
+            )
+        known = [f.name for f in dataclasses.fields(cls) if f.init]
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+                raise MeftConfigError(f"meft.{key}: unknown setting. Fix: remove it ({hint}).")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (``num_experts`` resolved), e.g. for an exported adapter."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        if out["betas"] is not None:
+            out["betas"] = list(out["betas"])
+        return out
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def expert_size(self) -> int:
+        """Neurons per key-expert (``r / E``); experts are contiguous blocks of rows."""
+        assert self.num_experts is not None
+        return self.num_neurons // self.num_experts
+
+    @property
+    def gated(self) -> bool:
+        return self.gate == "logit"
+
+    def row_torch_dtype(self, compute_dtype: torch.dtype) -> torch.dtype:
+        """The dtype rows travel in, given the dtype the adapter computes in."""
+        return ROW_DTYPES[self.row_dtype] or compute_dtype
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """The sorted, non-negative layer indices that get adapters in a model with ``num_layers`` layers."""
+        if self.layers is None:
+            return list(range(num_layers))
+        resolved = []
+        for index in self.layers:
+            if not -num_layers <= index < num_layers:
+                _fail(
+                    "layers",
+                    f"layer index {index} does not exist in a model with {num_layers} layers",
+                    f"use indices in [{-num_layers}, {num_layers - 1}], or null for every layer",
+                )
+            resolved.append(index % num_layers)
+        if len(set(resolved)) != len(resolved):
+            _fail("layers", f"{self.layers} names a layer twice", "list each layer once")
+        return sorted(resolved)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        _check_int("num_neurons", self.num_neurons, 1)
+        _check_int("top_k", self.top_k, 1)
+        _check_int("n_probe", self.n_probe, 1)
+        _check_int("seed", self.seed, 0)
+        r, k = self.num_neurons, self.top_k
+        if k > r:
+            _fail("top_k", f"{k} is larger than num_neurons = {r}", f"set top_k <= {r} (the paper uses 64)")
+        if self.num_experts is None:
+            self.num_experts = default_num_experts(r, k, self.n_probe)
+        _check_int("num_experts", self.num_experts, 1)
+        e = self.num_experts
+        if r % e:
+            nearby = sorted((d for d in range(1, r + 1) if r % d == 0), key=lambda d: abs(d - e))[:3]
+            _fail(
+                "num_experts",
+                f"{e} does not divide num_neurons = {r} (experts are equal blocks of contiguous neurons)",
+                f"use a divisor of {r} such as {', '.join(map(str, sorted(nearby)))}, or null for the default",
+            )
+        if self.n_probe > e:
+            _fail("n_probe", f"{self.n_probe} is larger than num_experts = {e}", f"set n_probe <= {e}")
+        pool = self.n_probe * (r // e)
+        if pool < k:
+            _fail(
+                "top_k",
+                f"{k} exceeds the probed pool, n_probe ({self.n_probe}) x neurons per expert ({r // e}) = {pool}",
+                "lower top_k, raise n_probe, or use fewer (larger) experts",
+            )
+        if self.gate not in GATE_MODES:
+            _fail("gate", f"unknown gate mode {self.gate!r}", f"use one of {', '.join(map(repr, GATE_MODES))}")
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not self.layers:
+                _fail(
+                    "layers",
+                    f"expected a non-empty list of layer indices or null, got {self.layers!r}",
+                    "write e.g. [0, 1, 2] or null for every layer",
+                )
+            for index in self.layers:
+                if isinstance(index, bool) or not isinstance(index, int):
+                    _fail("layers", f"layer index {index!r} is not an integer", "list integer layer indices")
+            self.layers = list(self.layers)
+        _check_float("key_init_std", self.key_init_std, 0.0, strict=True)
+        _check_float("router_init_scale", self.router_init_scale, 0.0, strict=False)
+        if self.row_dtype not in ROW_DTYPES:
+            _fail("row_dtype", f"unknown dtype {self.row_dtype!r}", f"use one of {', '.join(map(repr, ROW_DTYPES))}")
+        self._validate_optimizer()
+
+    def _validate_optimizer(self) -> None:
+        if self.lr is not None:
+            _check_float("lr", self.lr, 0.0, strict=False)
+        if self.eps is not None:
+            _check_float("eps", self.eps, 0.0, strict=True)
+        if self.weight_decay is not None:
+            _check_float("weight_decay", self.weight_decay, 0.0, strict=False)
+        if self.betas is not None:
+            betas = self.betas
+            if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+                _fail("betas", f"expected two numbers [beta1, beta2], got {betas!r}", "write e.g. [0.9, 0.999]")
+            for i, beta in enumerate(betas):
+                _check_float(f"betas[{i}]", beta, 0.0, strict=False)
+                if beta >= 1.0:
+                    _fail(f"betas[{i}]", f"must be < 1, got {beta}", "use a value in [0, 1), e.g. 0.9 or 0.999")
+            self.betas = (float(betas[0]), float(betas[1]))

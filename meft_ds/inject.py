@@ -1,0 +1,137 @@
+"""Model surgery: attach a `SparseKeyExpertAdapter` in parallel to chosen FFNs of a Hugging Face causal LM.
+
+Each supported architecture is one registry entry saying where the decoder layers are and what the FFN module of
+a layer is called. The adapter becomes a child module of the FFN (``<ffn>.meft_adapter``) and a forward hook adds
+its output to the FFN's, so the base model's structure and state-dict keys stay as they were. The adapters are
+registered on the model root, in ``model.meft_adapters`` (keyed by layer index), never inside the FFN: an FFN that
+is an ``nn.Sequential`` would otherwise run its new child as one more stage.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from meft_ds.adapter import SparseKeyExpertAdapter
+from meft_ds.config import MeftConfig, MeftConfigError
+
+ADAPTERS_ATTR = "meft_adapters"
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not in the FFN registry."""
+
+
+@dataclass(frozen=True)
+class FFNLocation:
+    """Where the FFNs of an architecture live: ``model.<layers_path>[i].<ffn_attr>``."""
+
+    layers_path: str
+    ffn_attr: str
+
+
+_REGISTRY: dict[str, FFNLocation] = {
+    "llama": FFNLocation("model.layers", "mlp"),
+    "mistral": FFNLocation("model.layers", "mlp"),
+    "qwen2": FFNLocation("model.layers", "mlp"),
+    "qwen3": FFNLocation("model.layers", "mlp"),
+    "gemma": FFNLocation("model.layers", "mlp"),
+    "gemma2": FFNLocation("model.layers", "mlp"),
+    "phi3": FFNLocation("model.layers", "mlp"),
+    "gpt2": FFNLocation("transformer.h", "mlp"),
+    "gpt_neox": FFNLocation("gpt_neox.layers", "mlp"),
+}
+
+
+def register_ffn(model_type: str, layers_path: str, ffn_attr: str) -> None:
+    """Teach :func:`inject` a new architecture, keyed by ``model.config.model_type``.
+
+    Example: ``register_ffn("my_arch", "model.decoder.layers", "feed_forward")``. The FFN module must take the
+    hidden states ``(..., d)`` as its first argument and return a tensor of the same shape.
+    """
+    _REGISTRY[model_type] = FFNLocation(layers_path, ffn_attr)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _locate(model: nn.Module) -> FFNLocation:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"meft_ds does not know where the FFNs of model_type {model_type!r} ({type(model).__name__}) are. "
+            f"Supported: {', '.join(supported_model_types())}. Fix: call "
+            "meft_ds.register_ffn(model_type, layers_path, ffn_attr) first, e.g. "
+            "register_ffn('llama', 'model.layers', 'mlp')."
+        )
+    return _REGISTRY[model_type]
+
+
+def _decoder_layers(model: nn.Module, location: FFNLocation) -> nn.ModuleList:
+    layers: object = model
+    for name in location.layers_path.split("."):
+        layers = getattr(layers, name, None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no nn.ModuleList at {location.layers_path!r}. Fix: register the right "
+            "path with meft_ds.register_ffn(model_type, layers_path, ffn_attr)."
+        )
+    return layers
+
+
+def _add_adapter_output(
+    adapter: SparseKeyExpertAdapter, ffn: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
+) -> torch.Tensor:
+    hidden = args[0] if args else next(iter(kwargs.values()))
+    return output + adapter(hidden)
+
+
+def adapters(model: nn.Module) -> list[SparseKeyExpertAdapter]:
+    """The model's adapters, in layer order."""
+    found = [m for m in model.modules() if isinstance(m, SparseKeyExpertAdapter)]
+    return sorted(found, key=lambda a: a.layer_index)
+
+
+def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Module:
+    """Attach sparse key-expert adapters to the FFNs chosen by ``config.layers`` and freeze the base model.
+
+    Returns the same model object. Only the adapters' routers are trainable parameters; the key/value rows live in
+    each adapter's CPU row store and are trained by :class:`meft_ds.SparseRowAdam`.
+    """
+    config = MeftConfig.from_dict(config)
+    if adapters(model):
+        raise MeftConfigError("meft: this model already has meft adapters. Fix: inject once per model.")
+    location = _locate(model)
+    layers = _decoder_layers(model, location)
+    dim = model.config.hidden_size
+    chosen = config.resolve_layers(len(layers))
+    ffns = {}
+    for index in chosen:
+        ffn = getattr(layers[index], location.ffn_attr, None)
+        if not isinstance(ffn, nn.Module):
+            raise UnsupportedModelError(
+                f"layer {index} of {type(model).__name__} has no FFN module {location.ffn_attr!r}. Fix: register "
+                "the right name with meft_ds.register_ffn(model_type, layers_path, ffn_attr)."
+            )
+        ffns[index] = ffn
+    for param in model.parameters():
+        param.requires_grad_(False)
+    registered = nn.ModuleDict()
+    for index, ffn in ffns.items():
+        reference = next(ffn.parameters(), None)
+        adapter = SparseKeyExpertAdapter(
+            dim,
+            config,
+            index,
+            device=reference.device if reference is not None else None,
+            dtype=reference.dtype if reference is not None else None,
+        )
+        registered[str(index)] = adapter
+        ffn.register_forward_hook(functools.partial(_add_adapter_output, adapter), with_kwargs=True)
+    model.add_module(ADAPTERS_ATTR, registered)
+    model.meft_config = config
+    return model

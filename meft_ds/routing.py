@@ -1,0 +1,77 @@
+"""Key-Experts routing on the CPU: score only the probed experts' keys, keep each token's top-K, build the union.
+
+The router (on the device) has already chosen ``n_probe`` experts per token. Scoring is grouped by expert, so each
+probed expert's keys are read once per micro-batch and the work is ``T * n_probe * (r / E) * d`` multiply-adds
+instead of ``T * r * d`` for scoring every key (SPEC.md, method step 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Routing:
+    """Which rows a micro-batch needs.
+
+    Attributes:
+        row_ids: ``(n,)`` int64, sorted and unique: the union ``U`` of the rows any token selected.
+        slots: ``(T, K)`` int64: for each token, the positions in ``row_ids`` of its own top-K rows.
+    """
+
+    row_ids: torch.Tensor
+    slots: torch.Tensor
+
+
+def score_probed_keys(
+    hidden: torch.Tensor, probe_ids: torch.Tensor, keys: torch.Tensor, expert_size: int
+) -> torch.Tensor:
+    """``(T, n_probe * expert_size)`` scores ``h_t . k_j`` of each token against the keys of its probed experts.
+
+    Column ``p * expert_size + j`` is neuron ``j`` of the token's ``p``-th probed expert.
+    """
+    num_tokens, n_probe = probe_ids.shape
+    dim = hidden.shape[1]
+    experts = keys.view(-1, expert_size, dim)
+    pair_expert = probe_ids.reshape(-1)
+    order = torch.argsort(pair_expert, stable=True)
+    counts = torch.bincount(pair_expert, minlength=experts.shape[0])
+    scores = hidden.new_empty(num_tokens * n_probe, expert_size)
+    active = counts.nonzero().flatten().tolist()
+    bounds = counts[active].cumsum(0).tolist()
+    start = 0
+    for expert, end in zip(active, bounds, strict=True):
+        pairs = order[start:end]
+        scores[pairs] = hidden[pairs // n_probe] @ experts[expert].T
+        start = end
+    return scores.view(num_tokens, n_probe * expert_size)
+
+
+def select_rows(
+    hidden: torch.Tensor,
+    probe_ids: torch.Tensor,
+    probe_gates: torch.Tensor | None,
+    keys: torch.Tensor,
+    *,
+    expert_size: int,
+    top_k: int,
+) -> Routing:
+    """Each token's top-K neurons among its probed experts, and the union of rows over the micro-batch.
+
+    Args:
+        hidden: ``(T, d)`` fp32 adapter inputs, on the CPU.
+        probe_ids: ``(T, n_probe)`` int64 expert ids chosen by the router.
+        probe_gates: ``(T, n_probe)`` router logits of those experts (gate mode ``"logit"``), or ``None``. With
+            gates, a neuron's score is its activation before the ReLU, ``g_e(h) * (h . k_j)``.
+        keys: ``(r, d)`` fp32 master keys (any row stride).
+    """
+    scores = score_probed_keys(hidden, probe_ids, keys, expert_size)
+    if probe_gates is not None:
+        scores = (scores.view(*probe_ids.shape, expert_size) * probe_gates.unsqueeze(-1)).flatten(1)
+    columns = scores.topk(top_k, dim=1, sorted=False).indices
+    experts = probe_ids.gather(1, torch.div(columns, expert_size, rounding_mode="floor"))
+    rows = experts * expert_size + columns % expert_size
+    row_ids, slots = torch.unique(rows, sorted=True, return_inverse=True)
+    return Routing(row_ids=row_ids, slots=slots.view_as(rows))

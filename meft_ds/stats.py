@@ -1,0 +1,37 @@
+"""Counters of what crosses host<->device and what the optimizer touches, kept by the code that does it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class TrafficStats:
+    """Cumulative counters of one adapter. ``bytes_*`` count every copy between host and device (rows, indices,
+    hidden states); ``row_bytes_*`` only the key/value rows and their gradients. On a CPU-only machine the copies
+    are plain memory copies, counted the same way, so tests on CPU assert the traffic users get on an accelerator."""
+
+    bytes_to_device: int = 0
+    bytes_to_host: int = 0
+    row_bytes_to_device: int = 0
+    row_bytes_to_host: int = 0
+    rows_fetched: int = 0
+    rows_updated: int = 0
+    forward_calls: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def reset(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, 0)
+
+
+def sum_stats(parts: list[TrafficStats]) -> dict[str, int]:
+    """Field-wise sum of several adapters' counters."""
+    total = TrafficStats()
+    for part in parts:
+        for f in dataclasses.fields(total):
+            setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
+    return total.as_dict()

@@ -1,0 +1,157 @@
+"""The sparse adapter computes SPEC.md's method exactly: dense equivalence, per-token locality, routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meft_ds import MeftConfig, SparseKeyExpertAdapter
+from meft_ds.routing import select_rows
+
+DIM = 32
+
+
+def make_adapter(**overrides) -> SparseKeyExpertAdapter:
+    config = MeftConfig(**{"num_neurons": 64, "top_k": 64, "num_experts": 8, "n_probe": 8, **overrides})
+    adapter = SparseKeyExpertAdapter(DIM, config, layer_index=0)
+    adapter.store.values.normal_(0.0, 0.05)  # trained-looking values, so value gradients matter
+    return adapter
+
+
+def dense_reference(x: torch.Tensor, adapter: SparseKeyExpertAdapter):
+    """A dense ReLU parallel adapter over all r neurons (gate = the router logit of each neuron's expert)."""
+    keys = adapter.store.keys.clone().requires_grad_(True)
+    values = adapter.store.values.clone().requires_grad_(True)
+    router = adapter.router.weight.detach().clone().requires_grad_(True)
+    pre = x @ keys.T
+    if adapter.config.gated:
+        pre = pre * (x @ router.T).repeat_interleave(adapter.config.expert_size, dim=1)
+    return torch.relu(pre) @ values, keys, values, router
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("gate", ["logit", "none"])
+def test_full_top_k_equals_dense_parallel_adapter(gate: str) -> None:
+    adapter = make_adapter(gate=gate)
+    x = torch.randn(2, 12, DIM, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    grad_out = torch.randn(2, 12, DIM)
+
+    out = adapter(x)
+    out.backward(grad_out)
+    ids, row_grads = adapter.store.accumulated_grads()
+
+    ref_out, keys, values, router = dense_reference(x_ref.view(-1, DIM), adapter)
+    ref_out.backward(grad_out.view(-1, DIM))
+
+    assert torch.equal(ids, torch.arange(64)), "with K = r every row is fetched"
+    assert rel_err(out.view(-1, DIM), ref_out) <= 1e-5
+    assert rel_err(row_grads[:, 0], keys.grad) <= 1e-5
+    assert rel_err(row_grads[:, 1], values.grad) <= 1e-5
+    assert rel_err(x.grad, x_ref.grad) <= 1e-5
+    if gate == "logit":
+        assert rel_err(adapter.router.weight.grad, router.grad) <= 1e-5
+    else:
+        assert adapter.router.weight.grad is None, "ungated: the router only chooses experts, it gets no gradient"
+
+
+def test_values_start_at_zero_so_output_is_zero() -> None:
+    adapter = SparseKeyExpertAdapter(DIM, MeftConfig(num_neurons=64, top_k=8), layer_index=0)
+    assert torch.count_nonzero(adapter.store.values) == 0
+    assert torch.count_nonzero(adapter(torch.randn(5, DIM))) == 0
+
+
+def test_router_starts_at_scaled_expert_key_means() -> None:
+    adapter = SparseKeyExpertAdapter(DIM, MeftConfig(num_neurons=64, top_k=8, num_experts=8), layer_index=3)
+    means = adapter.store.keys.view(8, 8, DIM).mean(dim=1)
+    torch.testing.assert_close(adapter.router.weight, 50.0 * means)
+    assert adapter.store.keys.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def routing_of(adapter: SparseKeyExpertAdapter, x: torch.Tensor):
+    logits = adapter.router(x).detach()
+    gates, probe = logits.topk(adapter.config.n_probe, dim=1)
+    config = adapter.config
+    routing = select_rows(
+        x, probe, gates if config.gated else None, adapter.store.keys, expert_size=config.expert_size,
+        top_k=config.top_k,
+    )
+    return routing, probe, logits
+
+
+@pytest.mark.parametrize("gate", ["logit", "none"])
+def test_each_token_uses_only_its_own_top_k_rows(gate: str) -> None:
+    adapter = make_adapter(num_neurons=256, top_k=8, num_experts=16, n_probe=4, gate=gate)
+    x = torch.randn(10, DIM)
+    with torch.no_grad():
+        batch_out = adapter(x)
+        routing, probe, logits = routing_of(adapter, x)
+        for t in range(x.shape[0]):
+            own_rows = routing.row_ids[routing.slots[t]]
+            assert own_rows.unique().numel() == 8
+            assert set((own_rows // 16).tolist()) <= set(probe[t].tolist()), "rows come from probed experts"
+            # explicit per-token sum over its own K rows
+            pre = adapter.store.keys[own_rows] @ x[t]
+            if gate == "logit":
+                pre = pre * logits[t, own_rows // 16]
+            expected = torch.relu(pre) @ adapter.store.values[own_rows]
+            torch.testing.assert_close(batch_out[t], expected, rtol=1e-5, atol=1e-6)
+            # the same token alone (a different union U) gives the same output
+            torch.testing.assert_close(adapter(x[t : t + 1])[0], batch_out[t], rtol=1e-5, atol=1e-6)
+
+
+def test_changing_rows_outside_a_tokens_top_k_changes_nothing_for_it() -> None:
+    adapter = make_adapter(num_neurons=256, top_k=8, num_experts=16, n_probe=4)
+    x = torch.randn(6, DIM)
+    with torch.no_grad():
+        before = adapter(x)
+        routing, probe, _ = routing_of(adapter, x)
+        token = 0
+        own = set(routing.row_ids[routing.slots[token]].tolist())
+        probed = set(probe[token].tolist())
+        others = [j for j in range(256) if j not in own]
+        adapter.store.values[others] += 1.0  # any value row it did not select
+        unprobed = [j for j in range(256) if j // 16 not in probed]
+        adapter.store.keys[unprobed] *= -3.0  # any key outside its probed experts
+        after = adapter(x)
+    torch.testing.assert_close(after[token], before[token], rtol=0, atol=0)
+    assert not torch.equal(after, before), "the perturbation must reach other tokens, or the test proves nothing"
+
+
+def test_routing_matches_brute_force_top_k_over_probed_experts() -> None:
+    torch.manual_seed(3)
+    keys = torch.randn(96, DIM)
+    x = torch.randn(7, DIM)
+    probe = torch.stack([torch.randperm(12)[:3] for _ in range(7)])
+    gates = torch.randn(7, 3)
+    routing = select_rows(x, probe, gates, keys, expert_size=8, top_k=5)
+    for t in range(7):
+        candidates = torch.cat([torch.arange(e * 8, e * 8 + 8) for e in probe[t].tolist()])
+        scores = (keys[candidates] @ x[t]) * gates[t].repeat_interleave(8)
+        expected = candidates[scores.topk(5).indices].sort().values
+        assert torch.equal(routing.row_ids[routing.slots[t]].sort().values, expected)
+    selected = routing.row_ids[routing.slots].unique()
+    assert torch.equal(routing.row_ids, selected), "U is exactly the union of the tokens' rows, sorted"
+
+
+def test_no_grad_forward_leaves_store_untouched() -> None:
+    adapter = make_adapter(num_neurons=64, top_k=8)
+    with torch.no_grad():
+        adapter(torch.randn(4, DIM))
+    assert adapter.store.accumulated_grads() is None
+
+
+def test_row_gradients_accumulate_across_micro_steps() -> None:
+    adapter = make_adapter(num_neurons=256, top_k=8, num_experts=16, n_probe=4)
+    x = torch.randn(8, DIM)
+    adapter(x).pow(2).sum().backward()
+    ids_full, grads_full = (t.clone() for t in adapter.store.accumulated_grads())
+    adapter.store.drop_grads()
+    for half in (x[:4], x[4:]):
+        adapter(half).pow(2).sum().backward()
+    ids, grads = adapter.store.accumulated_grads()
+    assert torch.equal(ids, ids_full)
+    torch.testing.assert_close(grads, grads_full, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import pytest
+from tiny_models import tiny_model
+
+import meft_ds
+from meft_ds import MeftConfig, MeftConfigError
+
+
+def test_defaults_follow_spec() -> None:
+    config = MeftConfig()
+    assert (config.num_neurons, config.top_k, config.n_probe, config.gate) == (4096, 64, 8, "logit")
+    assert config.num_experts == 256  # 4 * sqrt(4096)
+    assert MeftConfig(num_neurons=8464).num_experts == 368  # 4 * 92, LLaMA-7B's r = 92^2
+    assert MeftConfig(num_neurons=3600).num_experts == 240  # 4 * 60, Mistral-7B's r
+    assert MeftConfig(num_neurons=16, top_k=4).num_experts == 16
+
+
+def test_default_experts_keep_probed_pool_large_enough() -> None:
+    config = MeftConfig(num_neurons=64, top_k=64)
+    assert config.n_probe * config.expert_size >= config.top_k or config.n_probe >= config.num_experts
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "fix"),
+    [
+        ({"num_neurons": 0}, "meft.num_neurons", "at least 1"),
+        ({"num_neurons": 64.0}, "meft.num_neurons", "integer"),
+        ({"top_k": 5000}, "meft.top_k", "top_k <= 4096"),
+        ({"top_k": True}, "meft.top_k", "integer"),
+        ({"num_experts": 100}, "meft.num_experts", "divisor of 4096"),
+        ({"num_experts": 16, "n_probe": 17}, "meft.n_probe", "n_probe <= 16"),
+        ({"num_neurons": 256, "num_experts": 64, "n_probe": 2, "top_k": 16}, "meft.top_k", "raise n_probe"),
+        ({"gate": "softmax"}, "meft.gate", "'logit'"),
+        ({"layers": []}, "meft.layers", "null for every layer"),
+        ({"layers": [0, "1"]}, "meft.layers", "integer"),
+        ({"key_init_std": 0}, "meft.key_init_std", "> 0"),
+        ({"key_init_std": float("nan")}, "meft.key_init_std", "number"),
+        ({"router_init_scale": -1}, "meft.router_init_scale", ">= 0"),
+        ({"row_dtype": "int8"}, "meft.row_dtype", "'bf16'"),
+        ({"lr": -1e-4}, "meft.lr", ">= 0"),
+        ({"betas": [0.9]}, "meft.betas", "[0.9, 0.999]"),
+        ({"betas": [0.9, 1.0]}, "meft.betas[1]", "[0, 1)"),
+        ({"eps": 0}, "meft.eps", "> 0"),
+        ({"top_kk": 8}, "meft.top_kk", "did you mean 'top_k'"),
+    ],
+)
+def test_each_wrong_value_names_field_and_fix(values: dict, field: str, fix: str) -> None:
+    with pytest.raises(MeftConfigError) as error:
+        MeftConfig.from_dict(values)
+    message = str(error.value)
+    assert message.startswith(field + ":"), message
+    assert "Fix:" in message and fix in message, message
+
+
+def test_section_must_be_a_mapping() -> None:
+    with pytest.raises(MeftConfigError, match="expected a JSON object"):
+        MeftConfig.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_unknown_layer_index_is_rejected_at_inject() -> None:
+    model = tiny_model(layers=2)
+    with pytest.raises(MeftConfigError, match=r"meft.layers: layer index 5 does not exist .* 2 layers"):
+        meft_ds.inject(model, {"num_neurons": 64, "top_k": 4, "layers": [0, 5]})
+    assert not meft_ds.adapters(model), "a failed inject must leave the model untouched"
+
+
+def test_duplicate_layer_index_is_rejected() -> None:
+    with pytest.raises(MeftConfigError, match="names a layer twice"):
+        meft_ds.inject(tiny_model(layers=2), {"num_neurons": 64, "top_k": 4, "layers": [1, -1]})
+
+
+def test_round_trip_through_dict() -> None:
+    config = MeftConfig(num_neurons=256, top_k=8, layers=[1], betas=(0.8, 0.9))
+    assert MeftConfig.from_dict(config.to_dict()) == config

@@ -1,0 +1,123 @@
+"""inject(): every supported family, base logits unchanged, training moves only the adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model, token_batch
+from torch import nn
+from transformers import PretrainedConfig
+
+import meft_ds
+from meft_ds import MeftConfig, SparseRowAdam, UnsupportedModelError
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+CONFIG = MeftConfig(num_neurons=256, top_k=8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_injected_model_gives_base_logits_then_trains(family: str) -> None:
+    model = tiny_model(family)
+    batch = token_batch()
+    with torch.no_grad():
+        base_logits = model(batch).logits
+    base_weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    assert meft_ds.inject(model, CONFIG) is model
+    adapters = meft_ds.adapters(model)
+    assert [a.layer_index for a in adapters] == [0, 1]
+    assert all(isinstance(a.router, nn.Linear) and a.router.out_features == CONFIG.num_experts for a in adapters)
+    assert adapters[0].store.keys.shape == (256, 64) and adapters[0].store.keys.dtype == torch.float32
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.startswith("meft_adapters.") for name in trainable)
+    with torch.no_grad():
+        assert torch.equal(model(batch).logits, base_logits), "V = 0: the injected model is the base model"
+
+    sparse = SparseRowAdam(adapters, lr=1e-2)
+    dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    values_before = adapters[0].store.values.clone()
+    losses = []
+    for _ in range(4):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        sparse.step()
+        dense.step()
+        sparse.zero_grad()
+        dense.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert not torch.equal(adapters[0].store.values, values_before)
+    for name, weight in model.state_dict().items():
+        if not name.startswith("meft_adapters."):
+            assert torch.equal(weight, base_weights[name]), f"frozen base weight {name} changed"
+    assert set(base_weights) == {k for k in model.state_dict() if not k.startswith("meft_adapters.")}
+
+
+def test_only_chosen_layers_get_adapters() -> None:
+    model = meft_ds.inject(tiny_model(layers=3), {"num_neurons": 64, "top_k": 4, "layers": [0, -1]})
+    assert [a.layer_index for a in meft_ds.adapters(model)] == [0, 2]
+    assert list(model.meft_adapters.keys()) == ["0", "2"]
+
+
+def test_injecting_twice_is_an_error() -> None:
+    model = meft_ds.inject(tiny_model(), CONFIG)
+    with pytest.raises(meft_ds.MeftConfigError, match="already has meft adapters"):
+        meft_ds.inject(model, CONFIG)
+
+
+class ToyConfig(PretrainedConfig):
+    model_type = "toy_lm"
+
+    def __init__(self, hidden_size: int = 32, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.feed_forward(x)
+
+
+class ToyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = ToyConfig()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.blocks = nn.ModuleList([ToyBlock(32), ToyBlock(32)])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_unknown_architecture_lists_supported_ones_and_how_to_register() -> None:
+    with pytest.raises(UnsupportedModelError) as error:
+        meft_ds.inject(ToyLM(), CONFIG)
+    message = str(error.value)
+    assert "'toy_lm'" in message and "llama" in message and "gpt2" in message
+    assert "meft_ds.register_ffn(" in message
+
+
+def test_register_ffn_extends_the_registry() -> None:
+    meft_ds.register_ffn("toy_lm", "blocks", "feed_forward")
+    model = ToyLM()
+    ids = token_batch()
+    before = model(ids)
+    meft_ds.inject(model, {"num_neurons": 64, "top_k": 4})
+    assert len(meft_ds.adapters(model)) == 2
+    assert torch.equal(model(ids), before)
+
+
+def test_wrong_registered_path_is_a_clear_error() -> None:
+    meft_ds.register_ffn("toy_lm", "layers", "feed_forward")
+    with pytest.raises(UnsupportedModelError, match="no nn.ModuleList at 'layers'"):
+        meft_ds.inject(ToyLM(), CONFIG)
+    meft_ds.register_ffn("toy_lm", "blocks", "mlp")
+    with pytest.raises(UnsupportedModelError, match="no FFN module 'mlp'"):
+        meft_ds.inject(ToyLM(), CONFIG)

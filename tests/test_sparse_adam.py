@@ -1,0 +1,136 @@
+"""SparseRowAdam: AdamW on touched rows only; untouched rows and moments stay bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meft_ds import MeftConfig, SparseKeyExpertAdapter, SparseRowAdam
+from meft_ds.sparse_adam import adamw_torch_
+
+DIM = 16
+HYPER = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+BACKENDS = ["deepspeed", "torch"]
+
+
+def make_adapter() -> SparseKeyExpertAdapter:
+    adapter = SparseKeyExpertAdapter(DIM, MeftConfig(num_neurons=64, top_k=4), layer_index=0)
+    adapter.store.values.normal_()
+    return adapter
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_torch_adamw_on_touched_rows_and_leaves_others_bit_identical(backend: str) -> None:
+    adapter = make_adapter()
+    store = adapter.store
+    touched = torch.tensor([3, 10, 11, 40])
+    untouched = torch.tensor([i for i in range(64) if i not in touched.tolist()])
+    before = [t.clone() for t in (store.rows, store.exp_avg, store.exp_avg_sq)]
+
+    reference = store.rows[touched].clone().requires_grad_(True)
+    torch_adamw = torch.optim.AdamW([reference], **HYPER, foreach=False)
+    optimizer = SparseRowAdam([adapter], **HYPER, backend=backend)
+    assert optimizer.backend == backend
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        grads = torch.randn(4, 2, DIM, generator=generator)
+        store.accumulate_grad(touched, grads.clone())
+        optimizer.step()
+        optimizer.zero_grad()
+        reference.grad = grads
+        torch_adamw.step()
+
+    assert ((store.rows[touched] - reference.detach()).abs().max() <= 1e-5).item()
+    torch.testing.assert_close(store.exp_avg[touched], torch_adamw.state[reference]["exp_avg"], rtol=0, atol=1e-6)
+    for now, then in zip((store.rows, store.exp_avg, store.exp_avg_sq), before, strict=True):
+        assert torch.equal(now[untouched], then[untouched])
+    assert adapter.traffic.rows_updated == 40
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lazy_rows_use_global_step_bias_correction(backend: str) -> None:
+    """A row touched only at steps 2 and 4 is updated twice, each time with the global step's bias correction."""
+    adapter = make_adapter()
+    store = adapter.store
+    optimizer = SparseRowAdam([adapter], **HYPER, backend=backend)
+    row = store.rows[7].clone()
+    exp_avg, exp_avg_sq = torch.zeros_like(row), torch.zeros_like(row)
+    for step in range(1, 5):
+        if step % 2 == 0:
+            grad = torch.full((1, 2, DIM), float(step))
+            store.accumulate_grad(torch.tensor([7]), grad.clone())
+            adamw_torch_(
+                row, grad[0], exp_avg, exp_avg_sq, step=step, lr=HYPER["lr"], beta1=0.9, beta2=0.99,
+                eps=HYPER["eps"], weight_decay=HYPER["weight_decay"],
+            )
+        snapshot = store.rows[7].clone()
+        optimizer.step()
+        if step % 2:
+            assert torch.equal(store.rows[7], snapshot), "an untouched step must not move the row"
+    torch.testing.assert_close(store.rows[7], row, rtol=0, atol=1e-6)
+    torch.testing.assert_close(store.exp_avg_sq[7], exp_avg_sq, rtol=1e-6, atol=0)
+
+
+def test_kernel_and_torch_paths_agree() -> None:
+    adapters = [make_adapter(), make_adapter()]
+    adapters[1].store.rows.copy_(adapters[0].store.rows)
+    optimizers = [SparseRowAdam([a], **HYPER, backend=b) for a, b in zip(adapters, BACKENDS, strict=True)]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        ids = torch.randperm(64, generator=generator)[:9].sort().values
+        grads = torch.randn(9, 2, DIM, generator=generator)
+        for adapter, optimizer in zip(adapters, optimizers, strict=True):
+            adapter.store.accumulate_grad(ids, grads.clone())
+            optimizer.step()
+    torch.testing.assert_close(adapters[0].store.rows, adapters[1].store.rows, rtol=0, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch() -> None:
+    big, accumulated = make_adapter(), make_adapter()
+    accumulated.store.rows.copy_(big.store.rows)
+    accumulated.router.load_state_dict(big.router.state_dict())
+    opt_big = SparseRowAdam([big], **HYPER, backend="torch")
+    opt_acc = SparseRowAdam([accumulated], **HYPER, backend="torch")
+    x = torch.randn(8, DIM)
+    target = torch.randn(8, DIM)
+    for _ in range(3):
+        torch.nn.functional.mse_loss(big(x), target).backward()
+        opt_big.step()
+        for chunk in (slice(0, 4), slice(4, 8)):  # each half-batch loss weighted by 1/2: the mean over 8 tokens
+            (torch.nn.functional.mse_loss(accumulated(x[chunk]), target[chunk]) / 2).backward()
+        opt_acc.step()
+    torch.testing.assert_close(accumulated.store.rows, big.store.rows, rtol=0, atol=1e-6)
+
+
+def test_lr_scheduler_drives_the_learning_rate() -> None:
+    optimizer = SparseRowAdam([make_adapter()], lr=1.0, backend="torch")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.125
+
+
+def test_state_dict_round_trip_keeps_global_step() -> None:
+    adapter = make_adapter()
+    optimizer = SparseRowAdam([adapter], lr=0.5, backend="torch")
+    optimizer.step()
+    optimizer.step()
+    restored = SparseRowAdam([adapter], lr=0.1, backend="torch")
+    restored.load_state_dict(optimizer.state_dict())
+    assert restored.global_step == 2 and restored.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"lr": -1.0}, "lr >= 0"), ({"betas": (0.9, 1.0)}, "betas < 1"), ({"backend": "cuda"}, "unknown backend")],
+)
+def test_bad_hyperparameters_are_rejected(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SparseRowAdam([make_adapter()], **kwargs)
+
+
+def test_needs_adapters() -> None:
+    with pytest.raises(ValueError, match="got no adapters"):
+        SparseRowAdam([])
