@@ -76,7 +76,11 @@ def routing_of(adapter: SparseKeyExpertAdapter, x: torch.Tensor):
     gates, probe = logits.topk(adapter.config.n_probe, dim=1)
     config = adapter.config
     routing = select_rows(
-        x, probe, gates if config.gated else None, adapter.store.keys, expert_size=config.expert_size,
+        x,
+        probe,
+        gates if config.gated else None,
+        adapter.store.keys,
+        expert_size=config.expert_size,
         top_k=config.top_k,
     )
     return routing, probe, logits

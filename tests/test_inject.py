@@ -116,7 +116,7 @@ def test_register_ffn_extends_the_registry() -> None:
 
 def test_wrong_registered_path_is_a_clear_error() -> None:
     meft_ds.register_ffn("toy_lm", "layers", "feed_forward")
-    with pytest.raises(UnsupportedModelError, match="no nn.ModuleList at 'layers'"):
+    with pytest.raises(UnsupportedModelError, match=r"no nn\.ModuleList at 'layers'"):
         meft_ds.inject(ToyLM(), CONFIG)
     meft_ds.register_ffn("toy_lm", "blocks", "mlp")
     with pytest.raises(UnsupportedModelError, match="no FFN module 'mlp'"):

@@ -61,8 +61,16 @@ def test_lazy_rows_use_global_step_bias_correction(backend: str) -> None:
             grad = torch.full((1, 2, DIM), float(step))
             store.accumulate_grad(torch.tensor([7]), grad.clone())
             adamw_torch_(
-                row, grad[0], exp_avg, exp_avg_sq, step=step, lr=HYPER["lr"], beta1=0.9, beta2=0.99,
-                eps=HYPER["eps"], weight_decay=HYPER["weight_decay"],
+                row,
+                grad[0],
+                exp_avg,
+                exp_avg_sq,
+                step=step,
+                lr=HYPER["lr"],
+                beta1=0.9,
+                beta2=0.99,
+                eps=HYPER["eps"],
+                weight_decay=HYPER["weight_decay"],
             )
         snapshot = store.rows[7].clone()
         optimizer.step()
