@@ -5,7 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from meft_ds.adapter import SparseKeyExpertAdapter
+from meft_ds.checkpoint import CheckpointError, load_adapter, save_adapter
 from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.engine import MeftPlugin, initialize
 from meft_ds.inject import UnsupportedModelError, adapters, inject, register_ffn, supported_model_types
 from meft_ds.sparse_adam import SparseRowAdam
 from meft_ds.stats import sum_stats
@@ -18,14 +20,19 @@ def stats(model: nn.Module) -> dict[str, int]:
 
 
 __all__ = [
+    "CheckpointError",
     "MeftConfig",
     "MeftConfigError",
+    "MeftPlugin",
     "SparseKeyExpertAdapter",
     "SparseRowAdam",
     "UnsupportedModelError",
     "adapters",
+    "initialize",
     "inject",
+    "load_adapter",
     "register_ffn",
+    "save_adapter",
     "stats",
     "supported_model_types",
 ]

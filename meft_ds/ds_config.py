@@ -1,0 +1,150 @@
+"""The DeepSpeed config as meft_ds reads it: load, resolve ``"auto"`` values, validate, keep CPU runs in fp32.
+
+``ds_configs/meft.json`` uses ``"auto"`` for the values a training script owns (batch sizes, learning rate, schedule
+length), the Hugging Face convention, so the same file works with ``launch/train.py``, the HF Trainer and
+Accelerate. :func:`resolve_auto` fills them for scripts that drive DeepSpeed directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from deepspeed.accelerator import get_accelerator
+
+from meft_ds.config import MeftConfigError
+
+logger = logging.getLogger("meft_ds")
+AUTO = "auto"
+WARMUP_FRACTION = 0.02  # SPEC.md: 2% linear warmup, then linear decay
+
+
+def load_deepspeed_config(config: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of the DeepSpeed config (from a dict or a JSON file), with clear errors for a bad file."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = Path(config)
+    if not path.is_file():
+        raise MeftConfigError(f"--deepspeed {path}: no such file. Fix: pass the path of a DeepSpeed JSON config.")
+    try:
+        loaded = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise MeftConfigError(
+            f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}). Fix: correct the file."
+        ) from error
+    if not isinstance(loaded, dict):
+        raise MeftConfigError(f"{path}: the top level must be a JSON object. Fix: wrap the settings in {{...}}.")
+    return loaded
+
+
+def _fill(section: dict[str, Any], key: str, value: Any) -> None:
+    if section.get(key) == AUTO:
+        section[key] = value
+
+
+def resolve_auto(
+    ds_config: dict[str, Any],
+    *,
+    max_steps: int | None = None,
+    lr: float = 1e-4,
+    micro_batch_size: int = 8,
+    gradient_accumulation_steps: int = 1,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+) -> dict[str, Any]:
+    """Replace ``"auto"`` values in place (SPEC.md's defaults unless given) and return the config."""
+    _fill(ds_config, "train_micro_batch_size_per_gpu", micro_batch_size)
+    _fill(ds_config, "gradient_accumulation_steps", gradient_accumulation_steps)
+    _fill(ds_config, "gradient_clipping", max_grad_norm)
+    if ds_config.get("train_batch_size") == AUTO:
+        del ds_config["train_batch_size"]  # DeepSpeed derives it from the two above and the world size
+    for key, default in (("bf16", get_accelerator().is_bf16_supported()), ("fp16", False)):
+        if isinstance(ds_config.get(key), dict):
+            _fill(ds_config[key], "enabled", default)
+    optimizer_params = (ds_config.get("optimizer") or {}).get("params")
+    if isinstance(optimizer_params, dict):
+        for key, value in (("lr", lr), ("betas", [0.9, 0.999]), ("eps", 1e-8), ("weight_decay", weight_decay)):
+            _fill(optimizer_params, key, value)
+    scheduler_params = (ds_config.get("scheduler") or {}).get("params")
+    if isinstance(scheduler_params, dict):
+        _fill(scheduler_params, "warmup_min_lr", 0.0)
+        _fill(scheduler_params, "warmup_max_lr", lr)
+        uses_steps = AUTO in (scheduler_params.get("total_num_steps"), scheduler_params.get("warmup_num_steps"))
+        if uses_steps and max_steps is None:
+            raise MeftConfigError(
+                "scheduler.params: total_num_steps / warmup_num_steps are 'auto' but the number of training steps "
+                "is unknown. Fix: pass max_steps (train.py --max_steps) or write the numbers into the config."
+            )
+        if max_steps is not None:
+            _fill(scheduler_params, "total_num_steps", max_steps)
+            _fill(scheduler_params, "warmup_num_steps", max(1, math.ceil(WARMUP_FRACTION * max_steps)))
+    return ds_config
+
+
+def _find_auto(value: Any, path: str = "") -> str | None:
+    if value == AUTO:
+        return path or "<root>"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _find_auto(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    return None
+
+
+def validate_deepspeed_config(ds_config: dict[str, Any]) -> None:
+    """The mistakes meft_ds can name before DeepSpeed starts (DeepSpeed validates the rest itself)."""
+    leftover = _find_auto({key: value for key, value in ds_config.items() if key != "meft"})
+    if leftover:
+        raise MeftConfigError(
+            f"{leftover}: still 'auto'. Fix: call meft_ds.ds_config.resolve_auto(config, ...) or write a value "
+            "(train.py, the HF Trainer and Accelerate fill 'auto' values themselves)."
+        )
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = ds_config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MeftConfigError(f"{key}: expected a positive integer, got {value!r}. Fix: set e.g. {key}: 1.")
+    clip = ds_config.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0 or not math.isfinite(clip):
+        raise MeftConfigError(
+            f"gradient_clipping: expected a number >= 0, got {clip!r}. Fix: e.g. 1.0, or 0 to disable."
+        )
+    zero = ds_config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise MeftConfigError(f"zero_optimization.stage: {stage!r} is not a ZeRO stage. Fix: use 0, 1, 2 or 3.")
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if offload not in ("none", "cpu", "nvme"):
+        raise MeftConfigError(
+            f"zero_optimization.offload_optimizer.device: {offload!r} is unknown. Fix: use 'cpu', 'nvme' or 'none'."
+        )
+
+
+def keep_cpu_runs_in_fp32(ds_config: dict[str, Any]) -> None:
+    """Without an accelerator, compute in fp32: bf16 matmuls are ~37x slower on CPUs without AVX-512 BF16 and
+    fp16 is unsupported, so the config's bf16/fp16 (meant for GPUs) is switched off, loudly."""
+    if get_accelerator().device_name() != "cpu":
+        return
+    for key in ("bf16", "fp16"):
+        section = ds_config.get(key)
+        if isinstance(section, dict) and section.get("enabled") in (True, AUTO):
+            section["enabled"] = False
+            logger.warning(
+                "meft_ds: no accelerator, so this run computes in fp32: the config's %s applies on GPUs only "
+                "(on these CPUs bf16 matmuls are ~37x slower than fp32 and fp16 is unsupported).",
+                key,
+            )
+
+
+def peak_lr(ds_config: dict[str, Any]) -> float | None:
+    """The dense learning rate at the top of the schedule: the scheduler's max if it names one, else the optimizer's."""
+    params = (ds_config.get("scheduler") or {}).get("params") or {}
+    for key in ("warmup_max_lr", "cycle_max_lr"):
+        if isinstance(params.get(key), (int, float)):
+            return float(params[key])
+    lr = ((ds_config.get("optimizer") or {}).get("params") or {}).get("lr")
+    return float(lr) if isinstance(lr, (int, float)) else None

@@ -1,0 +1,253 @@
+"""DeepSpeed integration: `meft_ds.initialize()` and the plugin that steps the row stores with the engine.
+
+``initialize`` takes the same arguments and returns the same values as ``deepspeed.initialize``. It reads the
+``"meft"`` section of the DeepSpeed config, injects the adapters, gives the engine the dense trainable parameters
+(the routers) and attaches a :class:`MeftPlugin` to the engine, which wraps three of its methods:
+
+* ``engine.step()``: at a gradient-accumulation boundary, clip one global norm over the engine's gradients and the
+  rows' gradients, let the engine step, then (only if the engine applied its step) run the sparse Adam on the
+  touched rows with the learning rate the engine's scheduler gave this step; a skipped step drops the row gradients.
+* ``engine.save_checkpoint()`` / ``engine.load_checkpoint()``: the row stores (rows, moments, step) travel with
+  every checkpoint, and a checkpoint is published atomically (see :mod:`meft_ds.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+from deepspeed import comm as dist
+from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+from torch import nn
+
+from meft_ds.checkpoint import atomic_file, load_stores, publish_directory, save_stores
+from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.ds_config import (
+    keep_cpu_runs_in_fp32,
+    load_deepspeed_config,
+    peak_lr,
+    resolve_auto,
+    validate_deepspeed_config,
+)
+from meft_ds.inject import adapters, inject
+from meft_ds.sparse_adam import SparseRowAdam
+
+STORE_DIR = "meft"
+
+
+class MeftPlugin:
+    """Steps the row stores together with a DeepSpeed engine (see the module docstring).
+
+    Attributes:
+        sparse_optimizer: the :class:`SparseRowAdam` over the model's adapters.
+        max_grad_norm: the config's ``gradient_clipping``, applied to one global norm (0 disables clipping).
+        last_grad_norm: the global gradient norm of the last boundary (engine + rows, unscaled), when clipping.
+        last_lr: the learning rate the last sparse step used.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        sparse_optimizer: SparseRowAdam,
+        *,
+        max_grad_norm: float = 0.0,
+        lr_scale: float | None = None,
+    ) -> None:
+        self.engine = engine
+        self.sparse_optimizer = sparse_optimizer
+        self.adapters = sparse_optimizer.adapters
+        self.max_grad_norm = max_grad_norm
+        self.lr_scale = lr_scale
+        self.last_grad_norm: float | None = None
+        self.last_lr: float | None = None
+        self.skipped_steps = 0
+        self._engine_step = engine.step
+        self._engine_save = engine.save_checkpoint
+        self._engine_load = engine.load_checkpoint
+
+    def attach(self) -> MeftPlugin:
+        engine = self.engine
+        engine.step = self.step
+        engine.save_checkpoint = self.save_checkpoint
+        engine.load_checkpoint = self.load_checkpoint
+        engine.meft = self
+        return self
+
+    # ------------------------------------------------------------------ the step
+    def sparse_lr(self) -> float:
+        """The learning rate of this step for the rows: the engine's current one (before its scheduler moves)."""
+        lr = float(self.engine.get_lr()[0])
+        return lr if self.lr_scale is None else lr * self.lr_scale
+
+    def step(self, lr_kwargs: dict | None = None) -> Any:
+        if not self.engine.is_gradient_accumulation_boundary():
+            return self._engine_step(lr_kwargs)
+        lr = self.sparse_lr()
+        self._unscale_row_grads()
+        if self.max_grad_norm > 0:
+            self._clip_global_norm()
+        result = self._engine_step(lr_kwargs)
+        if self.engine.was_step_applied():
+            for group in self.sparse_optimizer.param_groups:
+                group["lr"] = lr
+            self.last_lr = lr
+            self.sparse_optimizer.step()
+        else:
+            self.skipped_steps += 1
+        self.sparse_optimizer.zero_grad()
+        return result
+
+    def _loss_scale(self) -> float:
+        return float(getattr(self.engine.optimizer, "cur_scale", 1.0)) if self.engine.fp16_enabled() else 1.0
+
+    def _unscale_row_grads(self) -> None:
+        """Under fp16 the rows' gradients carry the loss scale, as the engine's do until its step unscales them."""
+        scale = self._loss_scale()
+        if scale == 1.0:
+            return
+        for adapter in self.adapters:
+            accumulated = adapter.store.accumulated_grads()
+            if accumulated is not None:
+                accumulated[1].div_(scale)
+
+    def _dense_params(self) -> list[nn.Parameter]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
+
+    def _clip_global_norm(self) -> None:
+        """Clip the engine's gradients and the rows' gradients by one global norm (DeepSpeed's own clipping is off,
+        it would only see its own parameters). Dense gradients are read and written through DeepSpeed's
+        ``safe_get_full_grad`` / ``safe_set_full_grad``, which work at every ZeRO stage."""
+        scale = self._loss_scale()
+        dense = [(p, safe_get_full_grad(p)) for p in self._dense_params()]
+        dense = [(p, g) for p, g in dense if g is not None]
+        squared = sum((g.double().pow(2).sum().item() for _, g in dense), 0.0) / scale**2
+        for adapter in self.adapters:
+            accumulated = adapter.store.accumulated_grads()
+            if accumulated is not None:
+                squared += accumulated[1].double().pow(2).sum().item()
+        norm = math.sqrt(squared)
+        self.last_grad_norm = norm
+        coefficient = self.max_grad_norm / (norm + 1e-6)
+        if coefficient >= 1.0 or not math.isfinite(norm):
+            return  # non-finite: the engine detects the overflow and skips the step
+        for param, grad in dense:
+            safe_set_full_grad(param, grad * coefficient)
+        for adapter in self.adapters:
+            accumulated = adapter.store.accumulated_grads()
+            if accumulated is not None:
+                accumulated[1].mul_(coefficient)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(
+        self, save_dir: str, tag: Any = None, client_state: dict | None = None, save_latest: bool = True, **kwargs: Any
+    ) -> bool:
+        """The engine's checkpoint plus the row stores, built in a staging folder and renamed into place; the
+        ``latest`` pointer moves last. Assumes ``save_dir`` is on a file system every rank sees (as DeepSpeed's
+        own checkpoints do)."""
+        tag = str(tag) if tag is not None else f"global_step{self.engine.global_steps}"
+        root = Path(save_dir)
+        staging_root = root / f".staging-{tag}"
+        is_writer = dist.get_rank() == 0
+        if is_writer:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            staging_root.mkdir(parents=True)
+        dist.barrier()
+        saved = self._engine_save(
+            str(staging_root), tag=tag, client_state=client_state or {}, save_latest=False, **kwargs
+        )
+        if is_writer:
+            save_stores(staging_root / tag / STORE_DIR, self.adapters, self.sparse_optimizer)
+        dist.barrier()
+        if is_writer:
+            publish_directory(staging_root / tag, root / tag)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            if save_latest:
+                with atomic_file(root / "latest") as temporary:  # DeepSpeed's own pointer format
+                    temporary.write_text(tag)
+        dist.barrier()
+        return saved
+
+    def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> tuple[Any, Any]:
+        """The engine's checkpoint and the row stores saved with it."""
+        load_path, client_state = self._engine_load(load_dir, tag=tag, **kwargs)
+        if load_path is None:
+            return load_path, client_state
+        if tag is None:
+            tag = (Path(load_dir) / "latest").read_text().strip()
+        load_stores(Path(load_dir) / str(tag) / STORE_DIR, self.adapters, self.sparse_optimizer)
+        return load_path, client_state
+
+
+def initialize(
+    args: Any = None,
+    model: nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    config: str | Path | dict[str, Any] | None = None,
+    *,
+    meft: MeftConfig | dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """``deepspeed.initialize`` with meft_ds adapters: same arguments, same return values.
+
+    The ``"meft"`` section comes from ``meft=`` (a dict or :class:`MeftConfig`) or from the DeepSpeed config (a
+    path or dict, passed as ``config=`` or ``args.deepspeed_config``). The model gets adapters unless it has them.
+    """
+    if model is None:
+        raise MeftConfigError("initialize: model is required. Fix: pass model=your_model.")
+    source = config if config is not None else kwargs.pop("config_params", None)
+    if source is None and getattr(args, "deepspeed_config", None):
+        source = args.deepspeed_config
+    if source is None:
+        raise MeftConfigError(
+            "initialize: no DeepSpeed config. Fix: pass config='ds_configs/meft.json' (or a dict), or "
+            "args with deepspeed_config set."
+        )
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        args = Namespace(**{**vars(args), "deepspeed_config": None})  # the config goes in as a dict below
+    ds_config = load_deepspeed_config(source)
+    section = ds_config.pop("meft", None)
+    meft_config = MeftConfig.from_dict(meft if meft is not None else section)
+    resolve_auto(ds_config)
+    validate_deepspeed_config(ds_config)
+    max_grad_norm = float(ds_config.pop("gradient_clipping", 0.0))
+    keep_cpu_runs_in_fp32(ds_config)
+
+    if not adapters(model):
+        inject(model, meft_config)
+    if model_parameters is None:
+        model_parameters = [p for p in model.parameters() if p.requires_grad]
+    engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
+        args=args,
+        model=model,
+        optimizer=optimizer,
+        model_parameters=model_parameters,
+        training_data=training_data,
+        lr_scheduler=lr_scheduler,
+        config=ds_config,
+        **kwargs,
+    )
+    sparse = build_sparse_optimizer(model, meft_config, ds_config)
+    peak = peak_lr(ds_config)
+    lr_scale = meft_config.lr / peak if meft_config.lr is not None and peak else None
+    MeftPlugin(engine, sparse, max_grad_norm=max_grad_norm, lr_scale=lr_scale).attach()
+    return engine, engine_optimizer, loader, scheduler
+
+
+def build_sparse_optimizer(model: nn.Module, meft_config: MeftConfig, ds_config: dict[str, Any]) -> SparseRowAdam:
+    """The sparse Adam: hyperparameters from the meft section, else from the DeepSpeed optimizer's params."""
+    params = (ds_config.get("optimizer") or {}).get("params") or {}
+    settings: dict[str, Any] = {}
+    for key in ("lr", "betas", "eps", "weight_decay"):
+        value = getattr(meft_config, key)
+        if value is None and key in params:
+            value = tuple(params[key]) if key == "betas" else params[key]
+        if value is not None:
+            settings[key] = value
+    return SparseRowAdam(adapters(model), **settings)

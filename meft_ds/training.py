@@ -1,0 +1,140 @@
+"""Pieces of a training script that every launcher shares: a deterministic batch order, metric logs, a bar."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from meft_ds.config import MeftConfigError
+from meft_ds.inject import adapters
+
+MB = 1e6
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["num_neurons=8192", "gate=none", "layers=[0,1]"]`` -> a dict; values are JSON when they parse."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise MeftConfigError(f"--meft {pair!r}: expected KEY=VALUE. Fix: e.g. --meft num_neurons=8192.")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides
+
+
+class MicroBatchStream:
+    """Which examples micro-batch ``g`` holds, from ``g`` alone: an endless sequence of seeded permutations.
+
+    A launcher asks for ``g = (step * grad_accum + micro) * world_size + rank``, so a resumed run sees exactly the
+    batches the uninterrupted run would have, and 1 rank with accumulation 2 sees the same examples per optimizer
+    step as 2 ranks without accumulation.
+    """
+
+    def __init__(self, num_examples: int, micro_batch_size: int, *, seed: int) -> None:
+        if num_examples < 1:
+            raise MeftConfigError("dataset: no training examples. Fix: check --dataset / --train_limit.")
+        self.num_examples = num_examples
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._orders = {epoch: torch.randperm(self.num_examples, generator=generator).tolist()}
+        return self._orders[epoch]
+
+    def indices(self, micro_batch: int) -> list[int]:
+        start = micro_batch * self.micro_batch_size
+        positions = range(start, start + self.micro_batch_size)
+        return [self._order(p // self.num_examples)[p % self.num_examples] for p in positions]
+
+
+def progress_bar(total: int, *, initial: int = 0, enabled: bool = True) -> tqdm:
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+class MetricsLog:
+    """One record per optimizer step, appended to ``metrics.jsonl`` and ``metrics.csv`` (flushed at every line, so
+    an interrupted run keeps them; a resumed run appends) and sent to DeepSpeed's monitors (TensorBoard, CSV, W&B
+    as the config enables them)."""
+
+    FIELDS = (
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "rows_fetched",
+        "rows_updated",
+        "mb_to_device",
+        "mb_to_host",
+        "mb_moved",
+        "seconds",
+    )
+
+    def __init__(self, output_dir: Path, *, enabled: bool, monitor: Any = None) -> None:
+        self.enabled = enabled
+        self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self._jsonl = self._csv = None
+        if enabled:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed by the interpreter
+            csv_path = output_dir / "metrics.csv"
+            new_file = not csv_path.exists() or csv_path.stat().st_size == 0
+            self._csv = open(csv_path, "a", newline="")  # noqa: SIM115
+            self._csv_writer = csv.DictWriter(self._csv, fieldnames=self.FIELDS)
+            if new_file:
+                self._csv_writer.writeheader()
+
+    @staticmethod
+    def step_record(
+        engine: Any, model: torch.nn.Module, traffic_before: dict[str, int], loss: float, seconds: float
+    ) -> dict[str, Any]:
+        """The metrics of the optimizer step that just ended (traffic as the difference of the counters)."""
+        after = {}
+        for adapter in adapters(model):
+            for key, value in adapter.traffic.as_dict().items():
+                after[key] = after.get(key, 0) + value
+        delta = {key: after[key] - traffic_before.get(key, 0) for key in after}
+        plugin = getattr(engine, "meft", None)
+        to_device, to_host = delta["bytes_to_device"] / MB, delta["bytes_to_host"] / MB
+        return {
+            "step": int(engine.global_steps),
+            "loss": float(loss),
+            "lr": float(plugin.last_lr if plugin is not None and plugin.last_lr is not None else engine.get_lr()[0]),
+            "grad_norm": None if plugin is None else plugin.last_grad_norm,
+            "rows_fetched": delta["rows_fetched"],
+            "rows_updated": delta["rows_updated"],
+            "mb_to_device": round(to_device, 4),
+            "mb_to_host": round(to_host, 4),
+            "mb_moved": round(to_device + to_host, 4),
+            "seconds": round(seconds, 3),
+        }
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.first_loss is None:
+            self.first_loss = record["loss"]
+        self.last_loss = record["loss"]
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        self._csv_writer.writerow(record)
+        self._csv.flush()
+        if self.monitor is not None:
+            events = [
+                (f"Train/meft/{key}", value, record["step"])
+                for key, value in record.items()
+                if key != "step" and value is not None
+            ]
+            self.monitor.write_events(events)

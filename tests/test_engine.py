@@ -1,0 +1,217 @@
+"""meft_ds.initialize in-process (one rank): ZeRO stages agree with a plain-torch reference, the scheduler's
+learning rate reaches the store, clipping uses one global norm, skipped steps drop row gradients, checkpoints
+restore the store, exported adapters reload to identical logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_models import tiny_model, token_batch
+
+import meft_ds
+from meft_ds import SparseRowAdam
+
+MEFT = {"num_neurons": 64, "top_k": 4, "seed": 3}
+LR = 1e-2
+
+
+def ds_config(stage: int, *, clip: float = 0.0, offload: bool = True, gas: int = 1) -> dict:
+    zero = {"stage": stage}
+    if stage and offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
+        "scheduler": {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR, "warmup_num_steps": 4, "warmup_type": "linear"},
+        },
+        "zero_optimization": zero,
+        "meft": MEFT,
+    }
+
+
+def batches(n: int) -> list[torch.Tensor]:
+    return [token_batch(batch=2, length=12, seed=10 + i) for i in range(n)]
+
+
+def train_with_engine(config: dict, steps: int) -> tuple[torch.nn.Module, list[float], list[float]]:
+    model = tiny_model()
+    engine, *_ = meft_ds.initialize(model=model, config=config)
+    losses, lrs = [], []
+    for batch in batches(steps * config["gradient_accumulation_steps"]):
+        loss = engine(batch, labels=batch).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        lrs.append(engine.meft.last_lr)
+    return model, losses, lrs
+
+
+def train_reference(steps: int, clip: float) -> tuple[torch.nn.Module, list[float]]:
+    """The same training written by hand: torch AdamW for routers, SparseRowAdam for rows, one global clip norm,
+    DeepSpeed's WarmupLR (linear over 4 steps; its first two steps both use warmup_min_lr: lr_t = LR * (t-1) / 4)."""
+    model = meft_ds.inject(tiny_model(), MEFT)
+    routers = [p for p in model.parameters() if p.requires_grad]
+    dense = torch.optim.AdamW(routers, lr=LR, eps=1e-8, weight_decay=0.0)
+    sparse = SparseRowAdam(meft_ds.adapters(model), lr=LR, backend="torch")
+    losses = []
+    for t, batch in enumerate(batches(steps)):
+        lr = LR * min(1.0, max(0, t - 1) / 4)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        if clip:
+            squared = sum(p.grad.double().pow(2).sum().item() for p in routers if p.grad is not None)
+            row_grads = [a.store.accumulated_grads()[1] for a in meft_ds.adapters(model)]
+            squared += sum(g.double().pow(2).sum().item() for g in row_grads)
+            coefficient = clip / (math.sqrt(squared) + 1e-6)
+            if coefficient < 1:
+                for p in routers:
+                    p.grad.mul_(coefficient)
+                for g in row_grads:
+                    g.mul_(coefficient)
+        for group in dense.param_groups + sparse.param_groups:
+            group["lr"] = lr
+        dense.step()
+        sparse.step()
+        dense.zero_grad()
+        sparse.zero_grad()
+    return model, losses
+
+
+def assert_same_training(model_a: torch.nn.Module, model_b: torch.nn.Module, atol: float = 2e-5) -> None:
+    for a, b in zip(meft_ds.adapters(model_a), meft_ds.adapters(model_b), strict=True):
+        torch.testing.assert_close(a.store.rows, b.store.rows, rtol=0, atol=atol)
+        torch.testing.assert_close(a.router.weight, b.router.weight, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize(("stage", "offload"), [(0, False), (1, True), (2, True), (2, False)])
+def test_zero_stages_match_plain_torch_reference_with_global_clipping(stage: int, offload: bool) -> None:
+    clip = 0.05  # far below the gradient norm, so clipping is active at every step
+    model, losses, _ = train_with_engine(ds_config(stage, clip=clip, offload=offload), steps=5)
+    reference, reference_losses = train_reference(steps=5, clip=clip)
+    assert max(abs(a - b) for a, b in zip(losses, reference_losses, strict=True)) < 1e-4
+    assert_same_training(model, reference)
+    assert meft_ds.stats(model)["rows_updated"] > 0
+
+
+def test_clipping_changes_the_result() -> None:
+    """Guards the test above: without clipping the same run ends elsewhere."""
+    clipped, _, _ = train_with_engine(ds_config(2, clip=0.05), steps=3)
+    unclipped, _, _ = train_with_engine(ds_config(2, clip=0.0), steps=3)
+    a, b = meft_ds.adapters(clipped)[0].store.values, meft_ds.adapters(unclipped)[0].store.values
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_scheduler_learning_rate_reaches_the_store() -> None:
+    model = tiny_model()
+    engine, *_ = meft_ds.initialize(model=model, config=ds_config(2, gas=2))
+    used = []
+    for i, batch in enumerate(batches(10)):
+        engine.backward(engine(batch, labels=batch).loss)
+        lr_of_this_step = engine.get_lr()[0]
+        engine.step()
+        if i % 2 == 1:  # boundary
+            used.append((lr_of_this_step, engine.meft.last_lr, engine.meft.sparse_optimizer.param_groups[0]["lr"]))
+    assert [u[0] for u in used] == pytest.approx([0.0, 0.0, LR / 4, LR / 2, 3 * LR / 4])  # DeepSpeed's WarmupLR
+    for engine_lr, store_lr, group_lr in used:
+        assert store_lr == engine_lr == group_lr
+
+
+def test_meft_lr_scales_with_the_schedule() -> None:
+    config = ds_config(2)
+    config["meft"] = {**MEFT, "lr": 0.1}
+    model = tiny_model()
+    engine, *_ = meft_ds.initialize(model=model, config=config)
+    for batch in batches(3):
+        engine.backward(engine(batch, labels=batch).loss)
+        engine.step()
+    assert engine.meft.last_lr == pytest.approx(0.1 * 1 / 4)  # third step of DeepSpeed's 4-step warmup, peak 0.1
+
+
+def test_skipped_step_drops_row_gradients_and_leaves_store_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model()
+    engine, *_ = meft_ds.initialize(model=model, config=ds_config(2))
+    store = meft_ds.adapters(model)[0].store
+    before = store.rows.clone()
+    monkeypatch.setattr(engine, "was_step_applied", lambda: False)
+    batch = batches(1)[0]
+    engine.backward(engine(batch, labels=batch).loss)
+    assert store.accumulated_grads() is not None
+    engine.step()
+    assert store.accumulated_grads() is None
+    assert torch.equal(store.rows, before)
+    assert engine.meft.skipped_steps == 1
+
+
+def test_gradient_accumulation_equals_the_sum_of_micro_batches() -> None:
+    """Two micro-steps with accumulation 2 move the store like one step over their summed (halved) gradients."""
+    model_gas, _, _ = train_with_engine(ds_config(2, gas=2), steps=1)
+    model = meft_ds.inject(tiny_model(), MEFT)
+    sparse = SparseRowAdam(meft_ds.adapters(model), lr=LR, backend="torch")
+    for batch in batches(2):
+        (model(batch, labels=batch).loss / 2).backward()
+    for group in sparse.param_groups:
+        group["lr"] = 0.0  # step 0 of the warmup: lr 0, so compare moments instead of rows
+    sparse.step()
+    for a, b in zip(meft_ds.adapters(model_gas), meft_ds.adapters(model), strict=True):
+        torch.testing.assert_close(a.store.exp_avg, b.store.exp_avg, rtol=0, atol=1e-7)
+
+
+def test_checkpoint_round_trip_restores_store_and_continues_identically(tmp_path) -> None:
+    config = ds_config(2)
+    straight, straight_losses, _ = train_with_engine(config, steps=6)
+
+    model = tiny_model()
+    engine, *_ = meft_ds.initialize(model=model, config=config)
+    data = batches(6)
+    for batch in data[:3]:
+        engine.backward(engine(batch, labels=batch).loss)
+        engine.step()
+    engine.save_checkpoint(str(tmp_path))
+    assert (tmp_path / "latest").read_text() == "global_step3"
+    assert (tmp_path / "global_step3" / "meft" / "layer_0.safetensors").is_file()
+
+    resumed_model = tiny_model()
+    resumed, *_ = meft_ds.initialize(model=resumed_model, config=config)
+    resumed.load_checkpoint(str(tmp_path))
+    assert resumed.global_steps == 3 and resumed.meft.sparse_optimizer.global_step == 3
+    for a, b in zip(meft_ds.adapters(model), meft_ds.adapters(resumed_model), strict=True):
+        assert torch.equal(a.store.rows, b.store.rows) and torch.equal(a.store.exp_avg_sq, b.store.exp_avg_sq)
+    losses = []
+    for batch in data[3:]:
+        loss = resumed(batch, labels=batch).loss
+        resumed.backward(loss)
+        resumed.step()
+        losses.append(loss.item())
+    assert losses == pytest.approx(straight_losses[3:], abs=1e-6)
+    assert_same_training(resumed_model, straight, atol=1e-6)
+
+
+def test_exported_adapter_reloads_into_a_fresh_base_model(tmp_path) -> None:
+    model, _, _ = train_with_engine(ds_config(2), steps=3)
+    batch = token_batch(batch=2, length=10, seed=99)
+    model.eval()
+    with torch.no_grad():
+        trained_logits = model(batch).logits
+        base_logits = tiny_model()(batch).logits
+    assert not torch.allclose(trained_logits, base_logits), "training must have moved the model"
+    meft_ds.save_adapter(model, tmp_path)
+    fresh = meft_ds.load_adapter(tiny_model(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(batch).logits, trained_logits)
+
+
+def test_load_adapter_rejects_a_mismatched_model(tmp_path) -> None:
+    model, _, _ = train_with_engine(ds_config(2), steps=1)
+    meft_ds.save_adapter(model, tmp_path)
+    wrong_layers = meft_ds.inject(tiny_model(), {**MEFT, "layers": [0]})
+    with pytest.raises(meft_ds.CheckpointError, match=r"covers layers \[0, 1\]"):
+        meft_ds.load_adapter(wrong_layers, tmp_path)
+    with pytest.raises(meft_ds.CheckpointError, match="no exported meft adapter"):
+        meft_ds.load_adapter(tiny_model(), tmp_path / "missing")
