@@ -25,6 +25,7 @@ import meft_ds
 from meft_ds.checkpoint import CheckpointError
 from meft_ds.config import MeftConfigError
 from meft_ds.data import DATASETS, FORMATS, DatasetError, collate, load_examples, tokenize_for_training
+from meft_ds.distributed import check_replicas_identical
 from meft_ds.ds_config import load_deepspeed_config, resolve_auto, validate_deepspeed_config
 from meft_ds.evaluation import evaluate_generation
 from meft_ds.models import BUILTIN_MODEL, ModelLoadError, load_model_and_tokenizer
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "split of a built-in --dataset; a local --dataset needs one)",
     )
     parser.add_argument("--output_dir", default="outputs/meft-facts", help="checkpoints, metrics, exported adapter")
-    parser.add_argument("--max_steps", type=int, default=120, help="optimizer steps")
+    parser.add_argument("--max_steps", type=int, default=100, help="optimizer steps")
     parser.add_argument("--learning_rate", type=float, default=DEMO_LR, help="fills 'auto' learning rates")
     parser.add_argument("--micro_batch_size", type=int, default=8, help="fills 'auto' micro batch per rank")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="fills 'auto'")
@@ -61,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="fills 'auto' gradient_clipping")
     parser.add_argument("--max_length", type=int, default=256, help="tokens per example (prompt + answer)")
     parser.add_argument("--train_limit", type=int, help="use only the first N training examples")
-    parser.add_argument("--eval_limit", type=int, help="evaluate only the first N held-out examples")
-    parser.add_argument("--eval_batch_size", type=int, default=16)
+    parser.add_argument("--eval_limit", type=int, default=200, help="evaluate the first N held-out examples (0: all)")
+    parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task, see NEW_TOKENS)")
     parser.add_argument("--no_eval", action="store_true", help="skip the before/after evaluation")
     parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
@@ -113,7 +114,7 @@ def load_held_out(args: argparse.Namespace) -> list:
     source = args.eval_dataset or args.dataset
     split = "train" if args.eval_dataset and source not in DATASETS else "eval"
     file_format = None if source in DATASETS else args.dataset_format
-    return load_examples(source, split, format=file_format, limit=args.eval_limit, seed=args.seed)
+    return load_examples(source, split, format=file_format, limit=args.eval_limit or None, seed=args.seed)
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, examples: list, args: argparse.Namespace) -> dict[str, Any]:
@@ -147,12 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     train_examples = load_examples(
         args.dataset, "train", format=args.dataset_format, limit=args.train_limit, seed=args.seed
     )
-    eval_examples = None
-    if not args.no_eval:
-        eval_source, eval_split = (args.eval_dataset, "train") if args.eval_dataset else (args.dataset, "eval")
-        eval_examples = load_examples(
-            eval_source, eval_split, format=args.dataset_format, limit=args.eval_limit, seed=args.seed
-        )
+    eval_examples = None if args.no_eval else load_held_out(args)
     started = time.time()
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -196,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             engine.save_checkpoint(str(checkpoints))
     bar.close()
     engine.save_checkpoint(str(checkpoints))
+    digest = check_replicas_identical(meft_ds.adapters(model), group=engine.data_parallel_group)
+    logger.info("rank %d: row store digest %s (identical on all %d ranks)", rank, digest.hex()[:16], world)
 
     if rank == 0:
         meft_ds.save_adapter(model, output_dir)

@@ -26,6 +26,7 @@ from torch import nn
 
 from meft_ds.checkpoint import atomic_file, load_stores, publish_directory, save_stores
 from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.distributed import allreduce_row_grads
 from meft_ds.ds_config import (
     keep_cpu_runs_in_fp32,
     load_deepspeed_config,
@@ -87,6 +88,7 @@ class MeftPlugin:
         if not self.engine.is_gradient_accumulation_boundary():
             return self._engine_step(lr_kwargs)
         lr = self.sparse_lr()
+        allreduce_row_grads(self.adapters, group=self.engine.data_parallel_group)
         self._unscale_row_grads()
         if self.max_grad_norm > 0:
             self._clip_global_norm()

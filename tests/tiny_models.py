@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
+    PreTrainedTokenizerFast,
     Qwen2Config,
 )
 
+from meft_ds.data import facts_dataset
+
 VOCAB = 1000
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def tiny_config(family: str = "llama", layers: int = 2) -> PretrainedConfig:
@@ -37,3 +45,20 @@ def tiny_model(family: str = "llama", layers: int = 2, seed: int = 0) -> torch.n
 
 def token_batch(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def word_tokenizer(*, chat: bool) -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer (vocabulary < 1000, the tiny models' size) trained offline on the facts
+    prompts; with ``chat`` a ChatML template whose end-of-turn token is EOS, else a plain EOS and no template."""
+    texts = [f"Question: {e.prompt}\nAnswer: {e.answers[0]}" for e in facts_dataset() + facts_dataset("eval")]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=900, special_tokens=special, initial_alphabet=alphabet)
+    )
+    if chat:
+        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", chat_template=CHATML)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")

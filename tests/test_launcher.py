@@ -1,0 +1,146 @@
+"""The real launcher: `deepspeed launch/train.py` on a tiny local model, 1 and 2 ranks, ZeRO 0/1/2, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_model, token_batch, word_tokenizer
+
+import meft_ds
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY_RUN = [
+    "--train_limit", "32", "--micro_batch_size", "4", "--learning_rate", "1e-2", "--max_length", "64",
+    "--meft", "num_neurons=256", "--meft", "top_k=8", "--seed", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random LLaMA saved with a chat-template tokenizer, and the same without a template."""
+    folders = {}
+    for name, chat in (("chat", True), ("plain", False)):
+        folder = tmp_path_factory.mktemp(f"tiny_llama_{name}")
+        tiny_model().save_pretrained(folder)
+        word_tokenizer(chat=chat).save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+def write_config(tmp_path: Path, *, stage: int = 2, offload: bool = True, total_steps: str | int = "auto") -> Path:
+    config = json.loads((ROOT / "ds_configs" / "meft.json").read_text())
+    config["zero_optimization"] = {"stage": stage}
+    if stage and offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    config["scheduler"]["params"]["total_num_steps"] = total_steps
+    path = tmp_path / f"ds_stage{stage}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(*args: str | Path, ranks: int = 1) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+        "launch/train.py", *map(str, args),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"launcher failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
+    out = tmp_path / "run"
+    launch(
+        "--deepspeed", ROOT / "ds_configs" / "meft.json", "--model", model_dirs["chat"], "--output_dir", out,
+        "--max_steps", "8", "--eval_limit", "8", "--max_new_tokens", "4", *TINY_RUN,
+    )  # fmt: skip
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert all(r["rows_fetched"] > 0 and r["mb_moved"] > 0 for r in records)
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,lr")
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "DeepSpeed's TensorBoard monitor wrote nothing"
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["before"]["exact_match"] <= 1.0 and 0.0 <= results["after"]["exact_match"] <= 1.0
+    assert (out / "checkpoints" / "latest").read_text() == "global_step8"
+
+    trained = meft_ds.load_adapter(tiny_model(), out)
+    batch = token_batch(batch=1, length=8)
+    with torch.no_grad():
+        assert not torch.allclose(trained(batch).logits, tiny_model()(batch).logits)
+    assert torch.count_nonzero(meft_ds.adapters(trained)[0].store.values) > 0
+
+
+@pytest.mark.parametrize(("stage", "offload"), [(0, False), (1, True)])
+def test_zero_stages_0_and_1_with_a_model_without_chat_template(
+    tmp_path: Path, model_dirs: dict[str, Path], stage: int, offload: bool
+) -> None:
+    out = tmp_path / "run"
+    launch(
+        "--deepspeed", write_config(tmp_path, stage=stage, offload=offload), "--model", model_dirs["plain"],
+        "--output_dir", out, "--max_steps", "6", "--no_eval", *TINY_RUN,
+    )  # fmt: skip
+    records = metrics(out)
+    assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
+
+
+def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
+    config = write_config(tmp_path)
+    common = ["--deepspeed", config, "--model", model_dirs["chat"], "--max_steps", "4", "--no_eval", *TINY_RUN]
+    two = launch(*common, "--output_dir", tmp_path / "two", ranks=2)
+    launch(*common, "--output_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
+    digests = {line.split("digest ")[1].split()[0] for line in two.stderr.splitlines() if "row store digest" in line}
+    assert len(digests) == 1, f"both ranks must log the same store digest, got {digests}"
+    two_losses = [r["loss"] for r in metrics(tmp_path / "two")]
+    one_losses = [r["loss"] for r in metrics(tmp_path / "one")]
+    assert two_losses == pytest.approx(one_losses, rel=1e-4)
+    assert all(r["rows_fetched"] > 0 for r in metrics(tmp_path / "two"))
+    a = meft_ds.load_adapter(tiny_model(), tmp_path / "two")
+    b = meft_ds.load_adapter(tiny_model(), tmp_path / "one")
+    for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
+        torch.testing.assert_close(x.store.rows, y.store.rows, rtol=0, atol=1e-5)
+
+
+def test_resume_continues_the_same_run(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
+    config = write_config(tmp_path, total_steps=6)  # one schedule for the whole run, however it is cut
+    common = ["--deepspeed", config, "--model", model_dirs["chat"], "--no_eval", *TINY_RUN]
+    launch(*common, "--output_dir", tmp_path / "straight", "--max_steps", "6")
+    launch(*common, "--output_dir", tmp_path / "cut", "--max_steps", "3")
+    launch(*common, "--output_dir", tmp_path / "cut", "--max_steps", "6", "--resume")
+    straight, cut = metrics(tmp_path / "straight"), metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(1, 7))
+    assert [r["loss"] for r in cut] == [r["loss"] for r in straight]
+    a = meft_ds.load_adapter(tiny_model(), tmp_path / "straight")
+    b = meft_ds.load_adapter(tiny_model(), tmp_path / "cut")
+    for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
+        assert torch.equal(x.store.rows, y.store.rows)
+        assert torch.equal(x.router.weight, y.router.weight)
+
+
+def test_bad_input_fails_fast_with_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    command = [sys.executable, "launch/train.py", "--meft", "top_k=100000", "--output_dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: meft.top_k: 100000 is larger than num_neurons")
+    assert "Traceback" not in result.stderr
