@@ -7,7 +7,7 @@ from torch import nn
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.checkpoint import CheckpointError, load_adapter, save_adapter
 from meft_ds.config import MeftConfig, MeftConfigError
-from meft_ds.engine import MeftPlugin, initialize
+from meft_ds.engine import MeftPlugin, attach, initialize
 from meft_ds.inject import UnsupportedModelError, adapters, inject, register_ffn, supported_model_types
 from meft_ds.sparse_adam import SparseRowAdam
 from meft_ds.stats import sum_stats
@@ -28,6 +28,7 @@ __all__ = [
     "SparseRowAdam",
     "UnsupportedModelError",
     "adapters",
+    "attach",
     "initialize",
     "inject",
     "load_adapter",

@@ -2,11 +2,15 @@
 
 ``initialize`` takes the same arguments and returns the same values as ``deepspeed.initialize``. It reads the
 ``"meft"`` section of the DeepSpeed config, injects the adapters, gives the engine the dense trainable parameters
-(the routers) and attaches a :class:`MeftPlugin` to the engine, which wraps three of its methods:
+(the routers) and :func:`attach`-es a :class:`MeftPlugin` to the engine. ``attach`` alone serves engines created
+elsewhere (the Hugging Face Trainer, Accelerate, an existing ``deepspeed.initialize`` call). The plugin wraps three
+of the engine's methods:
 
-* ``engine.step()``: at a gradient-accumulation boundary, clip one global norm over the engine's gradients and the
-  rows' gradients, let the engine step, then (only if the engine applied its step) run the sparse Adam on the
-  touched rows with the learning rate the engine's scheduler gave this step; a skipped step drops the row gradients.
+* ``engine.step()``: at a gradient-accumulation boundary, average the rows' gradients over data-parallel ranks, clip
+  one global norm over the engine's gradients and the rows' gradients (the engine's own clipping, which sees only
+  its parameters, then finds nothing left to clip), let the engine step, then (only if the engine applied its
+  step) run the sparse Adam on the touched rows with the learning rate the engine's scheduler gave this step; a
+  skipped step drops the row gradients.
 * ``engine.save_checkpoint()`` / ``engine.load_checkpoint()``: the row stores (rows, moments, step) travel with
   every checkpoint, and a checkpoint is published atomically (see :mod:`meft_ds.checkpoint`).
 """
@@ -45,7 +49,6 @@ class MeftPlugin:
 
     Attributes:
         sparse_optimizer: the :class:`SparseRowAdam` over the model's adapters.
-        max_grad_norm: the config's ``gradient_clipping``, applied to one global norm (0 disables clipping).
         last_grad_norm: the global gradient norm of the last boundary (engine + rows, unscaled), when clipping.
         last_lr: the learning rate the last sparse step used.
     """
@@ -55,13 +58,11 @@ class MeftPlugin:
         engine: Any,
         sparse_optimizer: SparseRowAdam,
         *,
-        max_grad_norm: float = 0.0,
         lr_scale: float | None = None,
     ) -> None:
         self.engine = engine
         self.sparse_optimizer = sparse_optimizer
         self.adapters = sparse_optimizer.adapters
-        self.max_grad_norm = max_grad_norm
         self.lr_scale = lr_scale
         self.last_grad_norm: float | None = None
         self.last_lr: float | None = None
@@ -90,8 +91,9 @@ class MeftPlugin:
         lr = self.sparse_lr()
         allreduce_row_grads(self.adapters, group=self.engine.data_parallel_group)
         self._unscale_row_grads()
-        if self.max_grad_norm > 0:
-            self._clip_global_norm()
+        max_norm = float(self.engine.gradient_clipping() or 0.0)
+        if max_norm > 0:
+            self._clip_global_norm(max_norm)
         result = self._engine_step(lr_kwargs)
         if self.engine.was_step_applied():
             for group in self.sparse_optimizer.param_groups:
@@ -119,10 +121,10 @@ class MeftPlugin:
     def _dense_params(self) -> list[nn.Parameter]:
         return [p for p in self.engine.module.parameters() if p.requires_grad]
 
-    def _clip_global_norm(self) -> None:
-        """Clip the engine's gradients and the rows' gradients by one global norm (DeepSpeed's own clipping is off,
-        it would only see its own parameters). Dense gradients are read and written through DeepSpeed's
-        ``safe_get_full_grad`` / ``safe_set_full_grad``, which work at every ZeRO stage."""
+    def _clip_global_norm(self, max_norm: float) -> None:
+        """Clip the engine's gradients and the rows' gradients by one global norm. Dense gradients are read and
+        written through DeepSpeed's ``safe_get_full_grad`` / ``safe_set_full_grad``, which work at every ZeRO stage;
+        after this the engine's own clipping (dense norm <= global norm <= max_norm) has nothing left to do."""
         scale = self._loss_scale()
         dense = [(p, safe_get_full_grad(p)) for p in self._dense_params()]
         dense = [(p, g) for p, g in dense if g is not None]
@@ -133,7 +135,7 @@ class MeftPlugin:
                 squared += accumulated[1].double().pow(2).sum().item()
         norm = math.sqrt(squared)
         self.last_grad_norm = norm
-        coefficient = self.max_grad_norm / (norm + 1e-6)
+        coefficient = max_norm / (norm + 1e-6)
         if coefficient >= 1.0 or not math.isfinite(norm):
             return  # non-finite: the engine detects the overflow and skips the step
         for param, grad in dense:
@@ -166,7 +168,9 @@ class MeftPlugin:
         dist.barrier()
         if is_writer:
             publish_directory(staging_root / tag, root / tag)
-            shutil.rmtree(staging_root, ignore_errors=True)
+            for extra in staging_root.iterdir():  # what DeepSpeed writes beside the tag (e.g. zero_to_fp32.py)
+                extra.replace(root / extra.name)
+            staging_root.rmdir()
             if save_latest:
                 with atomic_file(root / "latest") as temporary:  # DeepSpeed's own pointer format
                     temporary.write_text(tag)
@@ -214,11 +218,9 @@ def initialize(
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = Namespace(**{**vars(args), "deepspeed_config": None})  # the config goes in as a dict below
     ds_config = load_deepspeed_config(source)
-    section = ds_config.pop("meft", None)
-    meft_config = MeftConfig.from_dict(meft if meft is not None else section)
+    meft_config = MeftConfig.from_dict(meft if meft is not None else ds_config.get("meft"))
     resolve_auto(ds_config)
     validate_deepspeed_config(ds_config)
-    max_grad_norm = float(ds_config.pop("gradient_clipping", 0.0))
     keep_cpu_runs_in_fp32(ds_config)
 
     if not adapters(model):
@@ -226,20 +228,35 @@ def initialize(
     if model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
-        args=args,
-        model=model,
-        optimizer=optimizer,
-        model_parameters=model_parameters,
-        training_data=training_data,
-        lr_scheduler=lr_scheduler,
-        config=ds_config,
-        **kwargs,
-    )
-    sparse = build_sparse_optimizer(model, meft_config, ds_config)
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
+        lr_scheduler=lr_scheduler, config=ds_config, **kwargs,
+    )  # fmt: skip
+    attach(engine)
+    return engine, engine_optimizer, loader, scheduler
+
+
+def attach(engine: Any) -> MeftPlugin:
+    """Attach meft_ds to a DeepSpeed engine whose model already has adapters (:func:`meft_ds.inject`).
+
+    For engines created elsewhere: the Hugging Face Trainer's, Accelerate's, or your own ``deepspeed.initialize``.
+    The sparse Adam takes its hyperparameters from the model's meft settings, else from the engine's DeepSpeed config.
+    Attaching twice returns the plugin already attached.
+    """
+    if isinstance(getattr(engine, "meft", None), MeftPlugin):
+        return engine.meft
+    model_adapters = adapters(engine.module)
+    if not model_adapters:
+        raise MeftConfigError(
+            "attach: the engine's model has no meft adapters. Fix: call meft_ds.inject(model, config) before "
+            "creating the engine, or use meft_ds.initialize in place of deepspeed.initialize."
+        )
+    config = engine.config if isinstance(engine.config, (dict, str, Path)) else {}
+    ds_config = load_deepspeed_config(config)
+    meft_config = model_adapters[0].config
+    sparse = build_sparse_optimizer(engine.module, meft_config, ds_config)
     peak = peak_lr(ds_config)
     lr_scale = meft_config.lr / peak if meft_config.lr is not None and peak else None
-    MeftPlugin(engine, sparse, max_grad_norm=max_grad_norm, lr_scale=lr_scale).attach()
-    return engine, engine_optimizer, loader, scheduler
+    return MeftPlugin(engine, sparse, lr_scale=lr_scale).attach()
 
 
 def build_sparse_optimizer(model: nn.Module, meft_config: MeftConfig, ds_config: dict[str, Any]) -> SparseRowAdam:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from meft_ds.ops import cpu_kernels, kernel_threads
+
 
 @dataclass
 class Routing:
@@ -25,12 +27,13 @@ class Routing:
     slots: torch.Tensor
 
 
-def score_probed_keys(
+def score_probed_keys_torch(
     hidden: torch.Tensor, probe_ids: torch.Tensor, keys: torch.Tensor, expert_size: int
 ) -> torch.Tensor:
     """``(T, n_probe * expert_size)`` scores ``h_t . k_j`` of each token against the keys of its probed experts.
 
-    Column ``p * expert_size + j`` is neuron ``j`` of the token's ``p``-th probed expert.
+    Column ``p * expert_size + j`` is neuron ``j`` of the token's ``p``-th probed expert. The reference for (and
+    fallback of) the compiled ``score_probed`` kernel, which does the same grouping in C++.
     """
     num_tokens, n_probe = probe_ids.shape
     dim = hidden.shape[1]
@@ -47,6 +50,16 @@ def score_probed_keys(
         scores[pairs] = hidden[pairs // n_probe] @ experts[expert].T
         start = end
     return scores.view(num_tokens, n_probe * expert_size)
+
+
+def score_probed_keys(
+    hidden: torch.Tensor, probe_ids: torch.Tensor, keys: torch.Tensor, expert_size: int
+) -> torch.Tensor:
+    """Like :func:`score_probed_keys_torch`, on the compiled kernel when it could be built."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        return score_probed_keys_torch(hidden, probe_ids, keys, expert_size)
+    return kernels.score_probed(hidden.contiguous(), probe_ids.contiguous(), keys, expert_size, kernel_threads())
 
 
 def select_rows(

@@ -1,9 +1,15 @@
 """`SparseRowAdam`: AdamW on the rows that received gradients, and only on those (lazy/sparse Adam).
 
-Touched rows are gathered into contiguous buffers, updated by DeepSpeed's CPU Adam kernel (``CPUAdamBuilder``;
-the kernel calls ``.contiguous()`` internally, so it must never be handed a strided view) and scattered back.
 Untouched rows and their moments are not read or written: they stay bit-for-bit unchanged, and their moments do
-not decay. Bias correction uses the optimizer's global step count, as SPEC.md prescribes.
+not decay. Bias correction uses the optimizer's global step count, as SPEC.md prescribes. Three backends, one math:
+
+* ``"fused"``: meft_ds's row-indexed AdamW kernel updates the touched rows in place (no copies), at the memory
+  bandwidth DeepSpeed's dense CPU Adam reaches (see ``launch/bench.py``).
+* ``"deepspeed"``: touched rows are gathered into contiguous buffers, updated by DeepSpeed's CPU Adam kernel
+  (``CPUAdamBuilder``; it calls ``.contiguous()`` internally, so it must never get a strided view) and scattered back.
+* ``"torch"``: the same gather/scatter around plain torch operations (the reference; no compiler needed).
+
+``"auto"`` takes the first that builds, in that order, warning once when it has to fall back.
 """
 
 from __future__ import annotations
@@ -18,36 +24,38 @@ from typing import Any
 import torch
 
 from meft_ds.adapter import SparseKeyExpertAdapter
+from meft_ds.ops import cpu_kernels, kernel_threads
 
-BACKENDS = ("auto", "deepspeed", "torch")
+BACKENDS = ("auto", "fused", "deepspeed", "torch")
 _KERNEL_IDS = itertools.count(1 << 20)  # far from DeepSpeedCPUAdam's own ids, which count up from 0
 
 
 @functools.cache
-def _load_deepspeed_kernel() -> Any:
-    from deepspeed.ops.op_builder import CPUAdamBuilder
+def _deepspeed_adam() -> Any | None:
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
 
-    return CPUAdamBuilder().load()
+        return CPUAdamBuilder().load()
+    except Exception as error:  # the JIT build needs a compiler and ninja
+        warnings.warn(
+            f"meft_ds: DeepSpeed's CPU Adam kernel could not be built ({type(error).__name__}: {error}).", stacklevel=3
+        )
+        return None
 
 
-def load_cpu_adam_kernel(backend: str) -> Any | None:
-    """DeepSpeed's CPU Adam op, or ``None`` for the pure-torch path (``"auto"`` warns once if the build fails)."""
+def resolve_backend(backend: str) -> str:
+    """The backend to use: ``backend`` itself if it is available, or the first available one for ``"auto"``."""
     if backend not in BACKENDS:
         raise ValueError(f"SparseRowAdam: unknown backend {backend!r}. Fix: use one of {', '.join(BACKENDS)}.")
-    if backend == "torch":
-        return None
-    try:
-        return _load_deepspeed_kernel()
-    except Exception as error:  # the JIT build needs a compiler and ninja; any failure falls back
-        if backend == "deepspeed":
-            raise
-        warnings.warn(
-            f"meft_ds: DeepSpeed's CPU Adam kernel could not be built ({type(error).__name__}: {error}); the sparse "
-            "optimizer uses its pure-torch path, which is slower. Install ninja and a C++ compiler to fix.",
-            stacklevel=3,
-        )
-        _load_deepspeed_kernel.cache_clear()
-        return None
+    available = {"fused": lambda: cpu_kernels() is not None, "deepspeed": lambda: _deepspeed_adam() is not None}
+    if backend == "auto":
+        chosen = next((name for name in ("fused", "deepspeed") if available[name]()), "torch")
+        if chosen != "fused":
+            warnings.warn(f"meft_ds: the sparse Adam uses its slower {chosen!r} backend.", stacklevel=3)
+        return chosen
+    if backend in available and not available[backend]():
+        raise RuntimeError(f"SparseRowAdam: backend {backend!r} could not be built. Fix: use backend='auto'.")
+    return backend
 
 
 def adamw_torch_(
@@ -103,19 +111,15 @@ class SparseRowAdam(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__([a.store.rows for a in self.adapters], defaults)
         self.global_step = 0
-        self._kernel = load_cpu_adam_kernel(backend)
-        self._kernel_id = next(_KERNEL_IDS)
-        if self._kernel is not None:
-            self._kernel.create_adam(self._kernel_id, lr, betas[0], betas[1], eps, weight_decay, True, False)
-
-    @property
-    def backend(self) -> str:
-        return "torch" if self._kernel is None else "deepspeed"
+        self.backend = resolve_backend(backend)
+        self._deepspeed_id = None
+        if self.backend == "deepspeed":
+            self._deepspeed_id = next(_KERNEL_IDS)
+            _deepspeed_adam().create_adam(self._deepspeed_id, lr, betas[0], betas[1], eps, weight_decay, True, False)
 
     def __del__(self) -> None:
-        kernel = getattr(self, "_kernel", None)
-        if kernel is not None:
-            kernel.destroy_adam(self._kernel_id)
+        if getattr(self, "_deepspeed_id", None) is not None:
+            _deepspeed_adam().destroy_adam(self._deepspeed_id)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -137,41 +141,44 @@ class SparseRowAdam(torch.optim.Optimizer):
         self, adapter: SparseKeyExpertAdapter, ids: torch.Tensor, grads: torch.Tensor, group: dict[str, Any]
     ) -> None:
         store = adapter.store
-        params = store.rows.index_select(0, ids)
-        exp_avg = store.exp_avg.index_select(0, ids)
-        exp_avg_sq = store.exp_avg_sq.index_select(0, ids)
-        beta1, beta2 = group["betas"]
-        if self._kernel is None:
-            adamw_torch_(
-                params,
-                grads,
-                exp_avg,
-                exp_avg_sq,
-                step=self.global_step,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-            )
-        else:
-            self._kernel.adam_update(
-                self._kernel_id,
-                self.global_step,
-                group["lr"],
-                beta1,
-                beta2,
-                group["eps"],
-                group["weight_decay"],
-                True,
-                params,
-                grads.contiguous(),
-                exp_avg,
-                exp_avg_sq,
-            )
-        store.rows.index_copy_(0, ids, params)
-        store.exp_avg.index_copy_(0, ids, exp_avg)
-        store.exp_avg_sq.index_copy_(0, ids, exp_avg_sq)
+        step, lr, (beta1, beta2) = self.global_step, group["lr"], group["betas"]
+        eps, weight_decay = group["eps"], group["weight_decay"]
+        grads = grads.contiguous()
+        state = (store.rows, store.exp_avg, store.exp_avg_sq)
+        if self.backend == "fused":
+            cpu_kernels().row_adamw_(*state, ids, grads, step, lr, beta1, beta2, eps, weight_decay, kernel_threads())
+        else:  # gather the touched rows into contiguous buffers, update them, scatter them back
+            params, exp_avg, exp_avg_sq = gathered = [t.index_select(0, ids) for t in state]
+            if self.backend == "deepspeed":
+                _deepspeed_adam().adam_update(
+                    self._deepspeed_id,
+                    step,
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    True,
+                    params,
+                    grads,
+                    exp_avg,
+                    exp_avg_sq,
+                )
+            else:
+                adamw_torch_(
+                    params,
+                    grads,
+                    exp_avg,
+                    exp_avg_sq,
+                    step=step,
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=eps,
+                    weight_decay=weight_decay,
+                )
+            for target, buffer in zip(state, gathered, strict=True):
+                target.index_copy_(0, ids, buffer)
         adapter.traffic.rows_updated += ids.numel()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from meft_ds.ops import cpu_kernels, kernel_threads
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore
 
@@ -42,7 +43,11 @@ class RowTransfer:
     ) -> torch.Tensor:
         """The ``(n, 2, d)`` key/value rows ``row_ids`` of ``store`` on ``device``, in ``dtype``."""
         staging = self._staging_rows(row_ids.numel(), store.dim, dtype)
-        staging.copy_(store.rows.index_select(0, row_ids))
+        kernels = cpu_kernels()
+        if kernels is None:
+            staging.copy_(store.rows.index_select(0, row_ids))
+        else:  # gather and cast in one pass, straight into the staging buffer
+            kernels.gather_rows(store.rows, row_ids, staging, kernel_threads())
         on_device = torch.empty(staging.shape, dtype=dtype, device=device)
         on_device.copy_(staging, non_blocking=True)
         if self._accelerator.Event is not None:

@@ -10,7 +10,7 @@ from meft_ds.sparse_adam import adamw_torch_
 
 DIM = 16
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
-BACKENDS = ["deepspeed", "torch"]
+BACKENDS = ["fused", "deepspeed", "torch"]
 
 
 def make_adapter() -> SparseKeyExpertAdapter:
@@ -80,9 +80,10 @@ def test_lazy_rows_use_global_step_bias_correction(backend: str) -> None:
     torch.testing.assert_close(store.exp_avg_sq[7], exp_avg_sq, rtol=1e-6, atol=0)
 
 
-def test_kernel_and_torch_paths_agree() -> None:
-    adapters = [make_adapter(), make_adapter()]
-    adapters[1].store.rows.copy_(adapters[0].store.rows)
+def test_all_backends_agree() -> None:
+    adapters = [make_adapter() for _ in BACKENDS]
+    for adapter in adapters[1:]:
+        adapter.store.rows.copy_(adapters[0].store.rows)
     optimizers = [SparseRowAdam([a], **HYPER, backend=b) for a, b in zip(adapters, BACKENDS, strict=True)]
     generator = torch.Generator().manual_seed(1)
     for _ in range(5):
@@ -91,7 +92,9 @@ def test_kernel_and_torch_paths_agree() -> None:
         for adapter, optimizer in zip(adapters, optimizers, strict=True):
             adapter.store.accumulate_grad(ids, grads.clone())
             optimizer.step()
-    torch.testing.assert_close(adapters[0].store.rows, adapters[1].store.rows, rtol=0, atol=1e-6)
+    for adapter in adapters[1:]:
+        torch.testing.assert_close(adapter.store.rows, adapters[0].store.rows, rtol=0, atol=1e-6)
+        torch.testing.assert_close(adapter.store.exp_avg_sq, adapters[0].store.exp_avg_sq, rtol=1e-5, atol=0)
 
 
 def test_gradient_accumulation_matches_one_big_batch() -> None:

@@ -1,0 +1,159 @@
+// CPU kernels of meft_ds, built by meft_ds.ops.MeftCPUBuilder like DeepSpeed's own CPU ops
+// (-O3 -march=native -fopenmp, the SIMD width chosen with py-cpuinfo).
+//
+//   row_adamw_     AdamW in place on the touched rows of a row store (no gather/scatter copies)
+//   gather_rows    rows of the fp32 store into a staging buffer, cast to the dtype rows travel in
+//   score_probed   h_t . k_j for the keys of each token's probed experts, expert-major for cache reuse
+#include <torch/extension.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+void check_rows(const torch::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, " must be a CPU float32 tensor");
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+// params, exp_avg, exp_avg_sq: (num_rows, width) fp32; ids: (n,) int64; grads: (n, width) fp32, row i of grads
+// belongs to row ids[i]. The arithmetic follows torch.optim.AdamW's single-tensor path operation by operation.
+void row_adamw_(torch::Tensor params, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, torch::Tensor ids,
+                torch::Tensor grads, int64_t step, double lr, double beta1, double beta2, double eps,
+                double weight_decay, int64_t threads) {
+    check_rows(params, "params");
+    check_rows(exp_avg, "exp_avg");
+    check_rows(exp_avg_sq, "exp_avg_sq");
+    check_rows(grads, "grads");
+    TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.is_contiguous() && ids.dim() == 1, "ids must be int64 1-D");
+    const int64_t n = ids.size(0);
+    const int64_t width = params.numel() / params.size(0);
+    TORCH_CHECK(grads.numel() == n * width, "grads must hold one row of ", width, " values per id");
+    TORCH_CHECK(exp_avg.sizes() == params.sizes() && exp_avg_sq.sizes() == params.sizes(), "moment shapes differ");
+    const int64_t num_rows = params.size(0);
+
+    const float decay = static_cast<float>(1.0 - lr * weight_decay);
+    const float one_minus_beta1 = static_cast<float>(1.0 - beta1);
+    const float b2 = static_cast<float>(beta2);
+    const float one_minus_beta2 = static_cast<float>(1.0 - beta2);
+    const float step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step))));
+    const float bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+    const float epsilon = static_cast<float>(eps);
+
+    float* p_all = params.data_ptr<float>();
+    float* m_all = exp_avg.data_ptr<float>();
+    float* v_all = exp_avg_sq.data_ptr<float>();
+    const float* g_all = grads.data_ptr<float>();
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) {
+        TORCH_CHECK(id[i] >= 0 && id[i] < num_rows, "row id ", id[i], " out of range [0, ", num_rows, ")");
+    }
+
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; ++i) {
+        float* p = p_all + id[i] * width;
+        float* m = m_all + id[i] * width;
+        float* v = v_all + id[i] * width;
+        const float* g = g_all + i * width;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+            const float grad = g[j];
+            const float param = p[j] * decay;
+            const float mean = m[j] + one_minus_beta1 * (grad - m[j]);  // lerp, as torch does for weights < 0.5
+            const float var = v[j] * b2 + one_minus_beta2 * (grad * grad);
+            const float denom = std::sqrt(var) / bias_correction2_sqrt + epsilon;
+            m[j] = mean;
+            v[j] = var;
+            p[j] = param - step_size * (mean / denom);
+        }
+    }
+}
+
+// One row at a time, cast element-wise (round to nearest even, as torch's .to(dtype)). A function of its own
+// because OpenMP pragmas cannot sit inside the AT_DISPATCH macro's argument.
+template <typename scalar_t>
+void gather_cast(const float* source, const int64_t* id, int64_t n, int64_t width, scalar_t* target,
+                 int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; ++i) {
+        const float* row = source + id[i] * width;
+        scalar_t* dst = target + i * width;
+        for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<scalar_t>(row[j]);
+    }
+}
+
+// src: (num_rows, width) fp32; ids: (n,) int64; out: (>= n, width) of float32/bfloat16/float16, contiguous.
+void gather_rows(torch::Tensor src, torch::Tensor ids, torch::Tensor out, int64_t threads) {
+    check_rows(src, "src");
+    TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.is_contiguous() && ids.dim() == 1, "ids must be int64 1-D");
+    TORCH_CHECK(out.is_contiguous() && out.device().is_cpu(), "out must be a contiguous CPU tensor");
+    const int64_t n = ids.size(0);
+    const int64_t width = src.numel() / src.size(0);
+    const int64_t num_rows = src.size(0);
+    TORCH_CHECK(out.numel() >= n * width, "out is too small for ", n, " rows");
+    const float* source = src.data_ptr<float>();
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) {
+        TORCH_CHECK(id[i] >= 0 && id[i] < num_rows, "row id ", id[i], " out of range [0, ", num_rows, ")");
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, out.scalar_type(), "gather_rows", [&] {
+        gather_cast(source, id, n, width, out.data_ptr<scalar_t>(), threads);
+    });
+}
+
+// hidden: (T, d) fp32 contiguous; probe_ids: (T, P) int64; keys: (r, d) fp32 with unit inner stride and any row
+// stride; returns (T, P * expert_size) with column p * expert_size + j = h_t . key of neuron j of probed expert p.
+// Work is grouped by expert, so an expert's keys are read from memory once and reused by all tokens probing it.
+torch::Tensor score_probed(torch::Tensor hidden, torch::Tensor probe_ids, torch::Tensor keys, int64_t expert_size,
+                           int64_t threads) {
+    check_rows(hidden, "hidden");
+    TORCH_CHECK(probe_ids.scalar_type() == torch::kInt64 && probe_ids.is_contiguous(), "probe_ids must be int64");
+    TORCH_CHECK(keys.scalar_type() == torch::kFloat32 && keys.stride(1) == 1, "keys must be fp32 with unit stride");
+    const int64_t tokens = hidden.size(0), dim = hidden.size(1), probes = probe_ids.size(1);
+    const int64_t key_stride = keys.stride(0);
+    const int64_t num_experts = keys.size(0) / expert_size;
+    const int64_t* probe = probe_ids.data_ptr<int64_t>();
+
+    // pairs (token, probe slot) bucketed by expert: counting sort
+    std::vector<int64_t> start(num_experts + 1, 0);
+    for (int64_t k = 0; k < tokens * probes; ++k) {
+        TORCH_CHECK(probe[k] >= 0 && probe[k] < num_experts, "expert id ", probe[k], " out of range");
+        ++start[probe[k] + 1];
+    }
+    for (int64_t e = 0; e < num_experts; ++e) start[e + 1] += start[e];
+    std::vector<int64_t> pairs(tokens * probes);
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t k = 0; k < tokens * probes; ++k) pairs[fill[probe[k]]++] = k;
+
+    auto scores = torch::empty({tokens, probes * expert_size}, hidden.options());
+    float* out = scores.data_ptr<float>();
+    const float* h = hidden.data_ptr<float>();
+    const float* key_base = keys.data_ptr<float>();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t e = 0; e < num_experts; ++e) {
+        for (int64_t q = start[e]; q < start[e + 1]; ++q) {
+            const int64_t pair = pairs[q];
+            const int64_t token = pair / probes, slot = pair % probes;
+            const float* x = h + token * dim;
+            float* target = out + token * probes * expert_size + slot * expert_size;
+            for (int64_t j = 0; j < expert_size; ++j) {
+                const float* key = key_base + (e * expert_size + j) * key_stride;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t c = 0; c < dim; ++c) dot += x[c] * key[c];
+                target[j] = dot;
+            }
+        }
+    }
+    return scores;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("row_adamw_", &row_adamw_, "AdamW in place on the rows ids of a row store");
+    m.def("gather_rows", &gather_rows, "gather fp32 rows into a buffer of the travel dtype");
+    m.def("score_probed", &score_probed, "scores of the probed experts' keys, grouped by expert");
+}
