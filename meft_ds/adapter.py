@@ -4,23 +4,30 @@ Per micro-batch: the router (on the device) picks ``n_probe`` experts per token;
 and keeps each token's top-K rows; the union ``U`` of those rows travels to the device; the adapter is computed
 over ``U`` with a per-token mask, so every token uses only its own K neurons; in backward the gradients of ``U``'s
 rows go back to the row store, which accumulates them until the sparse optimizer step.
+
+Two autograd Functions compute the same thing. On an accelerator, :class:`MaskedAdapterFunction` runs dense GEMMs
+over all of ``U`` with a ``(T, |U|)`` mask (what tensor cores are good at). When the adapter computes on the CPU (fp32),
+:class:`SlotAdapterFunction` runs meft_ds's kernel over each token's own K rows: ``T*K*d`` work instead of
+``T*|U|*d``, 25-50x less at the sizes MEFT uses. Tests hold the two equal.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from meft_ds.config import MeftConfig
-from meft_ds.routing import select_rows
+from meft_ds.ops import cpu_kernels, kernel_threads
+from meft_ds.routing import Routing, select_rows
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore
 from meft_ds.transfer import RowTransfer
 
 
-class SparseAdapterFunction(torch.autograd.Function):
+class MaskedAdapterFunction(torch.autograd.Function):
     """``out = (ReLU(gate * (x K_U^T)) * mask) V_U`` over the fetched rows ``U``, gradients written by hand.
 
     ``rows`` is ``(n, 2, d)`` (key and value of each row of ``U``); it enters with ``requires_grad`` so that
@@ -55,14 +62,75 @@ class SparseAdapterFunction(torch.autograd.Function):
         return grad_x, grad_gate, None, None, None
 
 
+class SlotAdapterFunction(torch.autograd.Function):
+    """The same adapter over each token's own K rows (``slots``: ``(T, K)`` positions in ``rows``), on meft_ds's CPU
+    kernel. ``gate`` is ``(T, K)``: the router logit of each slot's expert, or ``None``."""
+
+    @staticmethod
+    def forward(ctx, x, gate, rows, slots, row_grad_sink):  # type: ignore[override]
+        compute_rows = rows.to(x.dtype).contiguous()
+        gate_or_empty = x.new_empty(0) if gate is None else gate.contiguous()
+        out, scores = cpu_kernels().sparse_adapter_forward(x, compute_rows, slots, gate_or_empty, kernel_threads())
+        ctx.save_for_backward(x, gate_or_empty, compute_rows, slots, scores)
+        ctx.row_grad_sink = row_grad_sink
+        ctx.row_dtype = rows.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, gate, rows, slots, scores = ctx.saved_tensors
+        grad_x, grad_gate, grad_rows = cpu_kernels().sparse_adapter_backward(
+            grad_out.contiguous(), x, rows, slots, gate, scores, kernel_threads()
+        )
+        ctx.row_grad_sink(grad_rows.to(ctx.row_dtype))
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_gate if gate.numel() and ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def computes_over_slots(x: torch.Tensor) -> bool:
+    """Whether the adapter for input ``x`` runs on the CPU kernel (fp32 on the CPU, kernel built)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels() is not None
+
+
+@dataclass
+class PendingRouting:
+    """What :meth:`SparseKeyExpertAdapter.begin` started and :meth:`~SparseKeyExpertAdapter.finish` completes: the
+    router logits (on the device, differentiable) and the routing inputs on their way to the host."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+    probe_ids: torch.Tensor | None = None
+    probe_gates: torch.Tensor | None = None
+    copied: object | None = None  # event of the copies to the host (None: already complete)
+
+
+@dataclass
+class PrefetchedRows:
+    """Rows chosen for this adapter from an earlier layer's hidden states (pre-retrieval), already on the device."""
+
+    routing: Routing
+    rows: torch.Tensor
+
+
 class SparseKeyExpertAdapter(nn.Module):
     """The MEFT adapter of one FFN. Owns a small device-side router; its big key/value rows live in ``store``.
+
+    Called as a module it computes its output in one go; :func:`meft_ds.inject` instead calls :meth:`begin` before
+    the FFN runs (router, and the routing inputs start for the host) and :meth:`finish` after it, so that on an
+    accelerator the FFN's kernels are queued before the host waits for the routing inputs and works.
 
     Attributes:
         router: ``nn.Linear(d, E, bias=False)`` on the device, trained by the dense optimizer.
         store: the :class:`RowStore` with the fp32 master rows in CPU memory (not a parameter or buffer, so the
             DeepSpeed engine never sees, casts or partitions it).
+        transfer: the :class:`RowTransfer` that moves this adapter's bytes (and holds its device cache, if any).
         traffic: this adapter's :class:`TrafficStats`.
+        prefetch_target: the adapter ``prefetch_layers`` layers later, whose rows this one pre-retrieves (or None).
     """
 
     def __init__(
@@ -73,6 +141,7 @@ class SparseKeyExpertAdapter(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        cache_bytes: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -84,7 +153,10 @@ class SparseKeyExpertAdapter(nn.Module):
             expert_means = self.store.keys.reshape(config.num_experts, config.expert_size, dim).mean(dim=1)
             self.router.weight.copy_(config.router_init_scale * expert_means)
         self.traffic = TrafficStats()
-        self.transfer = RowTransfer(self.traffic)
+        self.transfer = RowTransfer(self.store, self.traffic, cache_bytes=cache_bytes)
+        self.prefetch_target: SparseKeyExpertAdapter | None = None
+        self.pending: PendingRouting | None = None  # set between the FFN's pre-hook and hook
+        self._prefetched: PrefetchedRows | None = None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -93,33 +165,92 @@ class SparseKeyExpertAdapter(nn.Module):
             f"top_k={c.top_k}, n_probe={c.n_probe}, gate={c.gate!r}"
         )
 
+    # ------------------------------------------------------------------ forward
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The adapter's output for ``hidden`` (``(..., d)``), to be added to the FFN's output."""
-        config = self.config
+        return self.finish(hidden, self.begin(hidden))
+
+    def begin(self, hidden: torch.Tensor) -> PendingRouting:
+        """Router logits on the device, and (unless rows were pre-retrieved) the routing inputs on their way."""
         x = hidden.reshape(-1, self.dim)
         logits = self.router(x)
-        probe_logits, probe_ids = logits.detach().topk(config.n_probe, dim=1)
-        routing = select_rows(
-            self.transfer.to_host(x.detach()).float(),
-            self.transfer.to_host(probe_ids),
-            self.transfer.to_host(probe_logits).float() if config.gated else None,
+        prefetched = self._prefetched
+        if prefetched is not None and prefetched.routing.slots.shape[0] == x.shape[0]:
+            return PendingRouting(logits)
+        self._prefetched = None  # stale (another batch shape): route from this layer's own hidden states
+        return self._start_routing(x, logits)
+
+    def _start_routing(self, x: torch.Tensor, logits: torch.Tensor) -> PendingRouting:
+        probe_logits, probe_ids = logits.detach().topk(self.config.n_probe, dim=1)
+        # one stream, so the event after the last copy covers all three
+        hidden, _ = self.transfer.to_host_async(x.detach(), "hidden")
+        probe_ids, copied = self.transfer.to_host_async(probe_ids, "probe_ids")
+        gates = None
+        if self.config.gated:
+            gates, copied = self.transfer.to_host_async(probe_logits, "probe_gates")
+        return PendingRouting(logits, hidden, probe_ids, gates, copied)
+
+    def _route(self, pending: PendingRouting) -> Routing:
+        if pending.copied is not None:
+            pending.copied.synchronize()
+        config = self.config
+        return select_rows(
+            pending.hidden.float(),
+            pending.probe_ids,
+            None if pending.probe_gates is None else pending.probe_gates.float(),
             self.store.keys,
             expert_size=config.expert_size,
             top_k=config.top_k,
         )
-        rows = self.transfer.rows_to_device(
-            self.store, routing.row_ids, dtype=config.row_torch_dtype(x.dtype), device=x.device
-        )
+
+    def prefetch(self, hidden: torch.Tensor) -> None:
+        """Pre-retrieval: choose this adapter's rows from an earlier layer's ``hidden`` states and start their copy,
+        so it overlaps the layers in between (exactness traded for overlap; SPEC.md, method step 6)."""
+        x = hidden.reshape(-1, self.dim).detach()
+        with torch.no_grad():
+            routing = self._route(self._start_routing(x, self.router(x)))
+        rows = self.transfer.fetch(routing.row_ids, dtype=self.config.row_torch_dtype(x.dtype), device=x.device)
+        self._prefetched = PrefetchedRows(routing, rows)
+
+    def finish(self, hidden: torch.Tensor, pending: PendingRouting) -> torch.Tensor:
+        """Route (or take the pre-retrieved rows), fetch the rows, compute the adapter over each token's own rows."""
+        config = self.config
+        x = hidden.reshape(-1, self.dim)
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and pending.hidden is None:
+            routing, rows = prefetched.routing, prefetched.rows
+        else:
+            routing = self._route(pending)
+            rows = None
+        if self.prefetch_target is not None:
+            self.prefetch_target.prefetch(x)
+        if rows is None:
+            rows = self.transfer.fetch(routing.row_ids, dtype=config.row_torch_dtype(x.dtype), device=x.device)
         slots = self.transfer.to_device(routing.slots, x.device)
-        mask = torch.zeros(x.shape[0], rows.shape[0], dtype=torch.bool, device=x.device).scatter_(1, slots, True)
-        gate = None
-        if config.gated:
-            row_experts = self.transfer.to_device(routing.row_ids // config.expert_size, x.device)
-            gate = logits.index_select(1, row_experts)
+        row_experts = self.transfer.to_device(routing.row_ids // config.expert_size, x.device) if config.gated else None
+        rows.requires_grad_(torch.is_grad_enabled())  # so backward runs; the gradient goes to the store
+        sink = functools.partial(self.transfer.accept_grads, routing.row_ids)
         self.traffic.forward_calls += 1
-        sink = functools.partial(self._accumulate_row_grads, routing.row_ids)
-        out = SparseAdapterFunction.apply(x, gate, rows.requires_grad_(torch.is_grad_enabled()), mask, sink)
+        logits = pending.logits
+        if computes_over_slots(x):
+            gate = logits.gather(1, row_experts[slots]) if config.gated else None
+            out = SlotAdapterFunction.apply(x.contiguous(), gate, rows, slots, sink)
+        else:
+            mask = torch.zeros(x.shape[0], rows.shape[0], dtype=torch.bool, device=x.device).scatter_(1, slots, True)
+            gate = logits.index_select(1, row_experts) if config.gated else None
+            out = MaskedAdapterFunction.apply(x, gate, rows, mask, sink)
         return out.view_as(hidden)
 
-    def _accumulate_row_grads(self, row_ids: torch.Tensor, grads: torch.Tensor) -> None:
-        self.store.accumulate_grad(row_ids, self.transfer.row_grads_to_host(grads))
+    # ------------------------------------------------------------------ the row gradients' life cycle
+    def collect_row_grads(self) -> None:
+        """Bring every row gradient of this optimizer step into the store (flushing the device cache)."""
+        self.transfer.flush()
+
+    def drop_row_grads(self) -> None:
+        """Forget this step's row gradients, in the store and in the device cache."""
+        self.store.drop_grads()
+        self.transfer.drop_grads()
+
+    def rows_changed(self, row_ids: torch.Tensor | None = None) -> None:
+        """The master rows ``row_ids`` (all if ``None``) were written: device copies of them are stale now."""
+        self.transfer.invalidate(row_ids)

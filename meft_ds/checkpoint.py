@@ -136,7 +136,8 @@ def load_stores(directory: Path, model_adapters: list[SparseKeyExpertAdapter], o
         adapter.store.rows.copy_(tensors["rows"])
         adapter.store.exp_avg.copy_(tensors["exp_avg"])
         adapter.store.exp_avg_sq.copy_(tensors["exp_avg_sq"])
-        adapter.store.drop_grads()
+        adapter.drop_row_grads()
+        adapter.rows_changed()
     optimizer.load_state_dict({"state": {}, **state})
 
 
@@ -218,4 +219,5 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             target.copy_(source)
         with torch.no_grad():
             adapter.router.weight.copy_(tensors[f"{prefix}.router"])
+        adapter.rows_changed()
     return model

@@ -75,6 +75,10 @@ class MeftConfig:
         row_dtype: dtype the rows travel in: ``"auto"`` (the adapter input's dtype), ``"fp32"``, ``"bf16"``,
             ``"fp16"``. Master rows and Adam moments always stay fp32 in CPU memory.
         seed: seed of the key initialisation (layer ``i`` uses ``seed + i``), so every rank builds the same store.
+        cache_mb: device memory (MiB, for the whole model, split evenly over the adapters) for the hot-row cache:
+            cached rows travel to the device once per optimizer step and their gradients back once. 0 disables it.
+        prefetch_layers: pre-retrieval distance ``p``: layer ``i`` chooses its rows from the hidden states of the
+            adapter ``p`` layers earlier, so their copy overlaps the layers in between. 0 (default) is exact.
         lr, betas, eps, weight_decay: the sparse Adam's hyperparameters. ``None`` inherits them from the DeepSpeed
             config's optimizer (and its scheduler drives the learning rate), or the defaults of
             :class:`meft_ds.SparseRowAdam` in a plain PyTorch loop.
@@ -90,6 +94,8 @@ class MeftConfig:
     router_init_scale: float = 50.0
     row_dtype: str = "auto"
     seed: int = 0
+    cache_mb: float = 0.0
+    prefetch_layers: int = 0
     lr: float | None = None
     betas: tuple[float, float] | None = None
     eps: float | None = None
@@ -164,6 +170,8 @@ class MeftConfig:
         _check_int("top_k", self.top_k, 1)
         _check_int("n_probe", self.n_probe, 1)
         _check_int("seed", self.seed, 0)
+        _check_int("prefetch_layers", self.prefetch_layers, 0)
+        _check_float("cache_mb", self.cache_mb, 0.0, strict=False)
         r, k = self.num_neurons, self.top_k
         if k > r:
             _fail("top_k", f"{k} is larger than num_neurons = {r}", f"set top_k <= {r} (the paper uses 64)")

@@ -89,6 +89,8 @@ class MeftPlugin:
         if not self.engine.is_gradient_accumulation_boundary():
             return self._engine_step(lr_kwargs)
         lr = self.sparse_lr()
+        for adapter in self.adapters:
+            adapter.collect_row_grads()
         allreduce_row_grads(self.adapters, group=self.engine.data_parallel_group)
         self._unscale_row_grads()
         max_norm = float(self.engine.gradient_clipping() or 0.0)

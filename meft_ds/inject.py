@@ -83,11 +83,22 @@ def _decoder_layers(model: nn.Module, location: FFNLocation) -> nn.ModuleList:
     return layers
 
 
+def _ffn_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _begin_adapter(adapter: SparseKeyExpertAdapter, ffn: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before the FFN: the router runs and the routing inputs start for the host (see SparseKeyExpertAdapter)."""
+    adapter.pending = adapter.begin(_ffn_input(args, kwargs))
+
+
 def _add_adapter_output(
     adapter: SparseKeyExpertAdapter, ffn: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
 ) -> torch.Tensor:
-    hidden = args[0] if args else next(iter(kwargs.values()))
-    return output + adapter(hidden)
+    """After the FFN (its kernels queued): route, fetch and add the adapter's output."""
+    pending, adapter.pending = adapter.pending, None
+    hidden = _ffn_input(args, kwargs)
+    return output + adapter.finish(hidden, pending if pending is not None else adapter.begin(hidden))
 
 
 def adapters(model: nn.Module) -> list[SparseKeyExpertAdapter]:
@@ -118,8 +129,14 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
                 "the right name with meft_ds.register_ffn(model_type, layers_path, ffn_attr)."
             )
         ffns[index] = ffn
+    if config.prefetch_layers >= len(ffns):
+        raise MeftConfigError(
+            f"meft.prefetch_layers: {config.prefetch_layers} reaches past the {len(ffns)} adapter layers. Fix: use "
+            f"0 (exact, the default) up to {len(ffns) - 1}."
+        )
     for param in model.parameters():
         param.requires_grad_(False)
+    cache_bytes = int(config.cache_mb * 2**20) // len(ffns)
     registered = nn.ModuleDict()
     for index, ffn in ffns.items():
         reference = next(ffn.parameters(), None)
@@ -129,9 +146,15 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
             index,
             device=reference.device if reference is not None else None,
             dtype=reference.dtype if reference is not None else None,
+            cache_bytes=cache_bytes,
         )
         registered[str(index)] = adapter
+        ffn.register_forward_pre_hook(functools.partial(_begin_adapter, adapter), with_kwargs=True)
         ffn.register_forward_hook(functools.partial(_add_adapter_output, adapter), with_kwargs=True)
     model.add_module(ADAPTERS_ATTR, registered)
+    chain = list(registered.values())
+    for source, target in zip(chain, chain[config.prefetch_layers :], strict=False):
+        if config.prefetch_layers:
+            source.prefetch_target = target
     model.meft_config = config
     return model

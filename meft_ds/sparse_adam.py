@@ -130,10 +130,12 @@ class SparseRowAdam(torch.optim.Optimizer):
         self.global_step += 1
         group = self.param_groups[0]
         for adapter in self.adapters:
+            adapter.collect_row_grads()
             accumulated = adapter.store.accumulated_grads()
             if accumulated is None:
                 continue
             self._update_rows(adapter, *accumulated, group)
+            adapter.rows_changed(accumulated[0])
             adapter.store.drop_grads()
         return loss
 
@@ -182,9 +184,9 @@ class SparseRowAdam(torch.optim.Optimizer):
         adapter.traffic.rows_updated += ids.numel()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop the rows' accumulated gradients (the stores hold them, not ``.grad``)."""
+        """Drop the rows' accumulated gradients (the stores and device caches hold them, not ``.grad``)."""
         for adapter in self.adapters:
-            adapter.store.drop_grads()
+            adapter.drop_row_grads()
 
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters and the global step; rows and moments are saved with the stores."""

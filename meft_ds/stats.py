@@ -23,6 +23,8 @@ class TrafficStats:
     rows_fetched: int = 0
     rows_updated: int = 0
     bytes_between_ranks: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
     forward_calls: int = 0
 
     def as_dict(self) -> dict[str, int]:

@@ -5,10 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+import meft_ds.adapter
 from meft_ds import MeftConfig, SparseKeyExpertAdapter
+from meft_ds.adapter import MaskedAdapterFunction, SlotAdapterFunction
 from meft_ds.routing import select_rows
 
 DIM = 32
+
+
+@pytest.fixture(params=["slots", "masked"], autouse=True)
+def compute_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both implementations: the CPU kernel over each token's K slots, and the masked dense
+    form over U that accelerators run (forced here on the CPU)."""
+    if request.param == "masked":
+        monkeypatch.setattr(meft_ds.adapter, "computes_over_slots", lambda x: False)
+    else:
+        assert meft_ds.adapter.computes_over_slots(torch.zeros(1)), "fp32 CPU input must take the kernel path"
+    return request.param
 
 
 def make_adapter(**overrides) -> SparseKeyExpertAdapter:
@@ -159,3 +172,30 @@ def test_row_gradients_accumulate_across_micro_steps() -> None:
     ids, grads = adapter.store.accumulated_grads()
     assert torch.equal(ids, ids_full)
     torch.testing.assert_close(grads, grads_full, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_slot_and_masked_functions_agree(gated: bool) -> None:
+    tokens, n, top_k = 9, 20, 5
+    x = torch.randn(tokens, DIM, requires_grad=True)
+    rows = torch.randn(n, 2, DIM) * 0.3
+    slots = torch.stack([torch.randperm(n)[:top_k] for _ in range(tokens)])
+    logits = torch.randn(tokens, n, requires_grad=True)  # one "expert" per row, for simplicity
+    grad_out = torch.randn(tokens, DIM)
+    results = []
+    for function in (SlotAdapterFunction, MaskedAdapterFunction):
+        x.grad = logits.grad = None
+        sunk = []
+        if function is SlotAdapterFunction:
+            gate = logits.gather(1, slots) if gated else None
+            out = function.apply(x, gate, rows.clone().requires_grad_(), slots, sunk.append)
+        else:
+            mask = torch.zeros(tokens, n, dtype=torch.bool).scatter_(1, slots, True)
+            out = function.apply(x, logits if gated else None, rows.clone().requires_grad_(), mask, sunk.append)
+        out.backward(grad_out)
+        results.append((out.detach(), x.grad.clone(), None if logits.grad is None else logits.grad.clone(), sunk[0]))
+    for slot_result, masked_result in zip(*results, strict=True):
+        if masked_result is None:
+            assert slot_result is None
+        else:
+            torch.testing.assert_close(slot_result, masked_result, rtol=1e-5, atol=1e-6)

@@ -1,43 +1,73 @@
-"""The byte and row counters equal the analytic traffic of a known batch."""
+"""The byte and row counters equal the analytic traffic of a known batch; zero-gradient rows never travel back."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_model, token_batch
 
 import meft_ds
 from meft_ds import MeftConfig, SparseKeyExpertAdapter, SparseRowAdam
 from meft_ds.routing import select_rows
 
-DIM, TOKENS = 32, 12
+DIM, TOKENS, INDEX = 32, 12, 8  # int64 indices
+
+
+def routed(adapter: SparseKeyExpertAdapter, x: torch.Tensor):
+    config = adapter.config
+    with torch.no_grad():
+        gates, probe = adapter.router(x).topk(config.n_probe, dim=1)
+        return select_rows(
+            x.detach(), probe, gates if config.gated else None, adapter.store.keys, expert_size=config.expert_size,
+            top_k=config.top_k,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(("row_dtype", "row_bytes"), [("auto", 4), ("fp32", 4), ("bf16", 2)])
 def test_counters_equal_analytic_bytes(row_dtype: str, row_bytes: int) -> None:
     config = MeftConfig(num_neurons=256, top_k=8, num_experts=16, n_probe=4, row_dtype=row_dtype)
     adapter = SparseKeyExpertAdapter(DIM, config, layer_index=0)
+    adapter.store.values.normal_(0, 0.1)
     x = torch.randn(TOKENS, DIM, requires_grad=True)
+    union = routed(adapter, x).row_ids.numel()
 
-    with torch.no_grad():
-        gates, probe = adapter.router(x).topk(4, dim=1)
-        union = select_rows(x.detach(), probe, gates, adapter.store.keys, expert_size=16, top_k=8).row_ids.numel()
     adapter(x).sum().backward()
+    touched = adapter.store.num_touched
     SparseRowAdam([adapter], backend="torch").step()
 
-    rows = union * DIM * 2 * row_bytes  # |U| rows x d x {key, value} x dtype size
+    fetched = union * DIM * 2 * row_bytes  # |U| rows x d x {key, value} x dtype size
+    returned = touched * DIM * 2 * row_bytes  # only rows with a nonzero gradient come back
     traffic = adapter.traffic.as_dict()
-    assert traffic["row_bytes_to_device"] == rows
-    assert traffic["row_bytes_to_host"] == rows
-    index = 8  # int64
-    assert traffic["bytes_to_device"] == rows + TOKENS * 8 * index + union * index  # + slots + experts of U
-    assert traffic["bytes_to_host"] == rows + TOKENS * DIM * 4 + TOKENS * 4 * (index + 4)  # + h + probe ids, gates
+    assert traffic["row_bytes_to_device"] == fetched
+    assert traffic["row_bytes_to_host"] == returned
+    assert 0 < touched <= union
+    # + each token's K slots and each row's expert; + the positions of the returned rows
+    assert traffic["bytes_to_device"] == fetched + TOKENS * 8 * INDEX + union * INDEX + touched * INDEX
+    # + hidden states, probe ids and gates; + one "nonzero" flag per fetched row
+    assert traffic["bytes_to_host"] == returned + TOKENS * DIM * 4 + TOKENS * 4 * (INDEX + 4) + union
     assert traffic["rows_fetched"] == union
-    assert traffic["rows_updated"] == union
+    assert traffic["rows_updated"] == touched
+
+
+def test_rows_selected_but_inactive_for_every_token_do_not_travel_back() -> None:
+    # ungated, and every probed neuron selected: many rows have a negative score for all tokens that chose them
+    config = MeftConfig(num_neurons=64, top_k=16, num_experts=16, n_probe=4, gate="none")
+    adapter = SparseKeyExpertAdapter(DIM, config, layer_index=0)
+    adapter.store.values.normal_(0, 0.1)
+    x = torch.randn(3, DIM)
+    routing = routed(adapter, x)
+    scores = x @ adapter.store.keys[routing.row_ids].T  # (T, |U|)
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, routing.slots, True)
+    active_rows = routing.row_ids[(chosen & (scores > 0)).any(0)]
+    assert 0 < active_rows.numel() < routing.row_ids.numel(), "the case must have inactive rows to prove anything"
+
+    adapter(x).pow(2).sum().backward()
+    ids, _ = adapter.store.accumulated_grads()
+    assert torch.equal(ids, active_rows)
+    assert adapter.traffic.row_bytes_to_host == active_rows.numel() * 2 * DIM * 4
 
 
 def test_model_stats_sum_over_adapters_and_fetch_fewer_rows_than_dense() -> None:
-    from tiny_models import tiny_model, token_batch
-
     model = meft_ds.inject(tiny_model(), MeftConfig(num_neurons=1024, top_k=8))
     batch = token_batch(batch=1, length=8)
     model(batch, labels=batch).loss.backward()

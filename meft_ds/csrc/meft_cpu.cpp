@@ -4,6 +4,8 @@
 //   row_adamw_     AdamW in place on the touched rows of a row store (no gather/scatter copies)
 //   gather_rows    rows of the fp32 store into a staging buffer, cast to the dtype rows travel in
 //   score_probed   h_t . k_j for the keys of each token's probed experts, expert-major for cache reuse
+//   sparse_adapter_forward / _backward
+//                  the adapter over each token's own K rows, T*K*d work instead of T*|U|*d (CPU compute)
 #include <torch/extension.h>
 #include <omp.h>
 
@@ -152,8 +154,127 @@ torch::Tensor score_probed(torch::Tensor hidden, torch::Tensor probe_ids, torch:
     return scores;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The sparse adapter on the CPU. x: (T, d) fp32; rows: (n, 2, d) fp32 (key, value of each fetched row);
+// slots: (T, K) int64 positions in rows; gate: (T, K) fp32 router logit of each slot's expert, or an empty tensor
+// (ungated). Per token: pre_k = gate_k * (x . key_k), out = sum_k ReLU(pre_k) * value_k.
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < n; ++c) sum += a[c] * b[c];
+    return sum;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
+}
+
+void check_adapter_inputs(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
+                          const torch::Tensor& gate) {
+    check_rows(x, "x");
+    check_rows(rows, "rows");
+    TORCH_CHECK(rows.dim() == 3 && rows.size(1) == 2 && rows.size(2) == x.size(1), "rows must be (n, 2, d)");
+    TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.dim() == 2 &&
+                    slots.size(0) == x.size(0), "slots must be (T, K) int64");
+    if (gate.numel()) {
+        check_rows(gate, "gate");
+        TORCH_CHECK(gate.sizes() == slots.sizes(), "gate must be (T, K) like slots");
+    }
+}
+
+}  // namespace
+
+// returns (out (T, d), scores (T, K) = x . key per slot, kept for backward)
+std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor rows, torch::Tensor slots,
+                                                  torch::Tensor gate, int64_t threads) {
+    check_adapter_inputs(x, rows, slots, gate);
+    const int64_t tokens = x.size(0), dim = x.size(1), top_k = slots.size(1), n = rows.size(0);
+    auto out = torch::zeros_like(x);
+    auto scores = torch::empty({tokens, top_k}, x.options());
+    const float* xs = x.data_ptr<float>();
+    const float* r = rows.data_ptr<float>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    const float* g = gate.numel() ? gate.data_ptr<float>() : nullptr;
+    float* o = out.data_ptr<float>();
+    float* sc = scores.data_ptr<float>();
+    for (int64_t e = 0; e < tokens * top_k; ++e) TORCH_CHECK(slot[e] >= 0 && slot[e] < n, "slot out of range");
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; ++t) {
+        for (int64_t k = 0; k < top_k; ++k) {
+            const int64_t e = t * top_k + k;
+            const float* key = r + slot[e] * 2 * dim;
+            const float score = dot(xs + t * dim, key, dim);
+            sc[e] = score;
+            const float pre = g ? g[e] * score : score;
+            if (pre > 0.0f) axpy(pre, key + dim, o + t * dim, dim);
+        }
+    }
+    return {out, scores};
+}
+
+// returns (grad_x (T, d), grad_gate (T, K) or empty, grad_rows (n, 2, d))
+std::vector<torch::Tensor> sparse_adapter_backward(torch::Tensor grad_out, torch::Tensor x, torch::Tensor rows,
+                                                   torch::Tensor slots, torch::Tensor gate, torch::Tensor scores,
+                                                   int64_t threads) {
+    check_adapter_inputs(x, rows, slots, gate);
+    check_rows(grad_out, "grad_out");
+    const int64_t tokens = x.size(0), dim = x.size(1), top_k = slots.size(1), n = rows.size(0);
+    const int64_t entries = tokens * top_k;
+    auto grad_x = torch::zeros_like(x);
+    auto grad_gate = gate.numel() ? torch::empty_like(gate) : torch::empty({0}, x.options());
+    auto grad_rows = torch::zeros_like(rows);
+    std::vector<float> act(entries), grad_score(entries);
+    const float* xs = x.data_ptr<float>();
+    const float* dout = grad_out.data_ptr<float>();
+    const float* r = rows.data_ptr<float>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    const float* g = gate.numel() ? gate.data_ptr<float>() : nullptr;
+    const float* sc = scores.data_ptr<float>();
+    float* dx = grad_x.data_ptr<float>();
+    float* dg = gate.numel() ? grad_gate.data_ptr<float>() : nullptr;
+    float* dr = grad_rows.data_ptr<float>();
+
+    // token-parallel: d pre = (d out . value) on active slots; gate and x gradients
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; ++t) {
+        for (int64_t k = 0; k < top_k; ++k) {
+            const int64_t e = t * top_k + k;
+            const float* key = r + slot[e] * 2 * dim;
+            const float pre = g ? g[e] * sc[e] : sc[e];
+            const float grad_pre = pre > 0.0f ? dot(dout + t * dim, key + dim, dim) : 0.0f;
+            act[e] = pre > 0.0f ? pre : 0.0f;
+            if (dg) dg[e] = grad_pre * sc[e];
+            grad_score[e] = g ? grad_pre * g[e] : grad_pre;
+            if (grad_score[e] != 0.0f) axpy(grad_score[e], key, dx + t * dim, dim);
+        }
+    }
+    // row-parallel over the entries of each row (counting sort by slot): d value_u, d key_u without races
+    std::vector<int64_t> start(n + 1, 0), order(entries);
+    for (int64_t e = 0; e < entries; ++e) ++start[slot[e] + 1];
+    for (int64_t u = 0; u < n; ++u) start[u + 1] += start[u];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < entries; ++e) order[fill[slot[e]]++] = e;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+    for (int64_t u = 0; u < n; ++u) {
+        float* grad_key = dr + u * 2 * dim;
+        float* grad_value = grad_key + dim;
+        for (int64_t q = start[u]; q < start[u + 1]; ++q) {
+            const int64_t e = order[q], t = e / top_k;
+            if (act[e] > 0.0f) axpy(act[e], dout + t * dim, grad_value, dim);
+            if (grad_score[e] != 0.0f) axpy(grad_score[e], xs + t * dim, grad_key, dim);
+        }
+    }
+    return {grad_x, grad_gate, grad_rows};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("row_adamw_", &row_adamw_, "AdamW in place on the rows ids of a row store");
     m.def("gather_rows", &gather_rows, "gather fp32 rows into a buffer of the travel dtype");
     m.def("score_probed", &score_probed, "scores of the probed experts' keys, grouped by expert");
+    m.def("sparse_adapter_forward", &sparse_adapter_forward, "adapter output over each token's own K rows");
+    m.def("sparse_adapter_backward", &sparse_adapter_backward, "gradients of x, gate and the fetched rows");
 }
