@@ -1,0 +1,87 @@
+"""The Hugging Face Trainer with meft_ds: :class:`MeftTrainer` in place of ``transformers.Trainer``.
+
+    args = TrainingArguments(output_dir="out", deepspeed="ds_configs/meft.json", ...)
+    trainer = meft_ds.hf.MeftTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()  # or trainer.train(resume_from_checkpoint=True)
+
+The Trainer builds its DeepSpeed engine (through Accelerate) inside ``train()`` and, when resuming, loads the
+engine's checkpoint right away, before the first callback event of the run (``on_train_begin``): a callback would
+attach too late for the row store to come back with the checkpoint. The Trainer loads that checkpoint through
+``trainer.model_wrapped`` (``deepspeed_load_checkpoint(self.model_wrapped, ...)``), so it sets that attribute to the
+engine first; :class:`MeftTrainer` attaches the plugin (:func:`meft_ds.attach`) the moment it does. From then on the
+Trainer's own calls do the work: ``accelerator.backward`` calls ``engine.step()`` (the rows step at each optimizer
+step, with the Trainer's learning-rate schedule), checkpoints call ``engine.save_checkpoint`` (the rows are saved in
+the same folder) and ``resume_from_checkpoint`` calls ``engine.load_checkpoint`` (the rows come back).
+
+This module imports ``transformers``; the core of meft_ds does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from deepspeed import DeepSpeedEngine
+from transformers import Trainer
+
+from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.ds_config import AUTO
+from meft_ds.engine import attach
+from meft_ds.inject import adapters, inject
+
+# meft keys whose default is "auto": in a "meft" section, "auto" there means "the default"
+_AUTO_DEFAULT_KEYS = frozenset(f.name for f in dataclasses.fields(MeftConfig) if f.default == AUTO)
+
+
+class MeftTrainer(Trainer):
+    """``transformers.Trainer`` whose DeepSpeed engine also steps, saves and restores the meft row stores.
+
+    Takes the Trainer's arguments, plus ``meft`` (a dict or :class:`meft_ds.MeftConfig`). A model without adapters
+    gets them from ``meft``, else from the ``"meft"`` section of the DeepSpeed config (``--deepspeed`` or the
+    ``accelerate launch`` config); a model that already has adapters (:func:`meft_ds.inject`) keeps them. DeepSpeed
+    must be on: it is what steps the rows. For another Trainer subclass (e.g. TRL's ``SFTTrainer``), list this class
+    first: ``class MySFTTrainer(MeftTrainer, SFTTrainer)``.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        args: Any = None,
+        *positional: Any,
+        meft: MeftConfig | dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, args, *positional, **kwargs)
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            raise MeftConfigError(
+                "MeftTrainer: DeepSpeed is off, and it is DeepSpeed's step that updates the meft row stores. Fix: pass "
+                "TrainingArguments(deepspeed='ds_configs/meft.json', ...) (--deepspeed on the command line), or run "
+                "under `accelerate launch` with a DeepSpeed config."
+            )
+        ds_config = plugin.hf_ds_config.config
+        section = ds_config.get("meft")
+        meft_config = MeftConfig.from_dict(meft if meft is not None else section)
+        if isinstance(section, dict):
+            _drop_auto_defaults(section)
+        if not adapters(self.model):
+            inject(self.model, meft_config)
+
+    @property
+    def model_wrapped(self) -> Any:
+        return self._meft_model_wrapped
+
+    @model_wrapped.setter
+    def model_wrapped(self, model: Any) -> None:
+        """The Trainer sets this to its DeepSpeed engine right after creating it, before loading a checkpoint."""
+        self._meft_model_wrapped = model
+        if isinstance(model, DeepSpeedEngine):
+            attach(model)
+
+
+def _drop_auto_defaults(section: dict[str, Any]) -> None:
+    """Remove ``"key": "auto"`` entries whose meaning is the key's default (``row_dtype``), in place: Accelerate fills
+    every ``"auto"`` of the DeepSpeed config it hands to DeepSpeed and raises on one it does not know, and the
+    ``"meft"`` section travels in that config (DeepSpeed ignores it)."""
+    for key in [key for key, value in section.items() if value == AUTO and key in _AUTO_DEFAULT_KEYS]:
+        del section[key]

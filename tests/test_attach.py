@@ -1,0 +1,71 @@
+"""The three ways into an existing DeepSpeed loop train identically: ``meft_ds.initialize`` with the settings in the
+config's "meft" section or in ``meft=`` (a dict or a MeftConfig), and ``meft_ds.inject`` + ``deepspeed.initialize``
++ ``meft_ds.attach``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import deepspeed
+import torch
+from tiny_models import tiny_model, token_batch
+
+import meft_ds
+
+MEFT = {"num_neurons": 64, "top_k": 4, "seed": 3}
+CONFIG = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_clipping": 1.0,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2, "total_num_steps": 4}},
+    "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+}
+
+
+def from_section(model: torch.nn.Module) -> Any:
+    return meft_ds.initialize(model=model, config={**CONFIG, "meft": MEFT})[0]
+
+
+def from_dict(model: torch.nn.Module) -> Any:
+    return meft_ds.initialize(model=model, config=CONFIG, meft=MEFT)[0]
+
+
+def from_meft_config(model: torch.nn.Module) -> Any:
+    return meft_ds.initialize(model=model, config=CONFIG, meft=meft_ds.MeftConfig(**MEFT))[0]
+
+
+def attached(model: torch.nn.Module) -> Any:
+    meft_ds.inject(model, meft_ds.MeftConfig(**MEFT))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=CONFIG)
+    plugin = meft_ds.attach(engine)
+    assert meft_ds.attach(engine) is plugin is engine.meft
+    return engine
+
+
+def train(make_engine: Callable[[torch.nn.Module], Any]) -> tuple[torch.nn.Module, list[float]]:
+    model = tiny_model()
+    engine = make_engine(model)
+    losses = []
+    for step in range(4):
+        batch = token_batch(batch=2, length=12, seed=step)
+        loss = engine(batch, labels=batch).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert engine.meft.sparse_optimizer.state_dict()["global_step"] == 4
+    return model, losses
+
+
+def test_initialize_with_any_meft_source_and_attach_train_identically() -> None:
+    untouched = meft_ds.inject(tiny_model(), MEFT)
+    reference, losses = train(from_section)
+    assert meft_ds.stats(reference)["rows_updated"] > 0
+    for a, b in zip(meft_ds.adapters(reference), meft_ds.adapters(untouched), strict=True):
+        assert not torch.equal(a.store.rows, b.store.rows)
+    for make_engine in (from_dict, from_meft_config, attached):
+        model, other_losses = train(make_engine)
+        assert other_losses == losses, make_engine.__name__
+        for a, b in zip(meft_ds.adapters(model), meft_ds.adapters(reference), strict=True):
+            assert torch.equal(a.store.rows, b.store.rows), make_engine.__name__

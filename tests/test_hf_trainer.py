@@ -1,0 +1,122 @@
+"""meft_ds.hf.MeftTrainer in-process (one rank, ds_configs/meft.json: ZeRO-2 + CPU offload, "auto" values filled by
+the Trainer): the rows learn at every optimizer step with the Trainer's learning-rate schedule, the Trainer's
+checkpoints hold the store, and resuming from one continues the same run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hf_support import MEFT, batch_loss, collator, features, fresh_accelerate, meft_json, store_rows
+from safetensors.torch import load_file
+from tiny_models import tiny_model, word_tokenizer
+from transformers import TrainerCallback, TrainingArguments
+
+import meft_ds
+from meft_ds.hf import MeftTrainer
+
+STEPS, SAVE_EVERY, LR = 6, 3, 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _clean_accelerate() -> Iterator[None]:
+    with fresh_accelerate():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return word_tokenizer(chat=True)
+
+
+class Recorder(TrainerCallback):
+    """Per optimizer step, the routers' learning rate and the rows' (the plugin's); the store when saved or resumed."""
+
+    def __init__(self) -> None:
+        self.trainer: MeftTrainer | None = None
+        self.dense_lr: list[float] = []
+        self.row_lr: list[float] = []
+        self.rows_at: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.rows_at[state.global_step] = store_rows(self.trainer.model)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.dense_lr.append(self.trainer.model_wrapped.get_lr()[0])
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.row_lr.append(self.trainer.model_wrapped.meft.last_lr)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.rows_at[state.global_step] = store_rows(self.trainer.model)
+
+
+def make_trainer(tokenizer: Any, output_dir: Path, config: dict | None = None, **kwargs: Any) -> tuple[Any, Recorder]:
+    args = TrainingArguments(
+        output_dir=str(output_dir), deepspeed=config or meft_json(), max_steps=STEPS, save_steps=SAVE_EVERY,
+        learning_rate=LR, warmup_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        logging_steps=1, report_to=[], disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    recorder = Recorder()
+    trainer = MeftTrainer(
+        model=kwargs.pop("model", None) or tiny_model(), args=args, train_dataset=features(tokenizer),
+        data_collator=collator(tokenizer), callbacks=[recorder], **kwargs,
+    )  # fmt: skip
+    recorder.trainer = trainer
+    return trainer, recorder
+
+
+def logged(trainer: MeftTrainer, key: str) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def test_trains_with_the_schedule_checkpoints_and_resumes_the_same_run(tmp_path: Path, tokenizer: Any) -> None:
+    straight, log = make_trainer(tokenizer, tmp_path / "straight")
+    initial_rows = store_rows(straight.model)
+    before = batch_loss(straight.model, tokenizer)
+    straight.train()
+
+    # the sparse Adam stepped once per optimizer step (gradient accumulation 2), with the Trainer's schedule
+    assert straight.model_wrapped.meft.sparse_optimizer.state_dict()["global_step"] == STEPS
+    assert straight.model_wrapped.config["meft"] == {k: v for k, v in MEFT.items() if k != "row_dtype"}
+    assert log.row_lr == log.dense_lr
+    assert log.row_lr[0] == 0.0 and max(log.row_lr) == pytest.approx(LR) and log.row_lr[-1] < LR  # warmup, decay
+    assert log.row_lr[1:] == pytest.approx(logged(straight, "learning_rate")[:-1])  # HF logs the lr of the next step
+    # the rows learned, and the loss fell
+    assert all(not torch.equal(a, b) for a, b in zip(store_rows(straight.model), initial_rows, strict=True))
+    assert batch_loss(straight.model, tokenizer) < before
+    # the Trainer's checkpoint holds the store as it was at the save
+    store = tmp_path / "straight" / f"checkpoint-{SAVE_EVERY}" / f"global_step{SAVE_EVERY}" / "meft"
+    for adapter, saved in zip(meft_ds.adapters(straight.model), log.rows_at[SAVE_EVERY], strict=True):
+        assert torch.equal(load_file(str(store / f"layer_{adapter.layer_index}.safetensors"))["rows"], saved)
+
+    resumed, resumed_log = make_trainer(tokenizer, tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / f"checkpoint-{SAVE_EVERY}"))
+    for after_load, at_save in zip(resumed_log.rows_at[SAVE_EVERY], log.rows_at[SAVE_EVERY], strict=True):
+        assert torch.equal(after_load, at_save)
+    assert resumed_log.row_lr == log.row_lr[SAVE_EVERY:]
+    assert logged(resumed, "loss") == pytest.approx(logged(straight, "loss"), rel=1e-5)  # history includes the first 3
+    for a, b in zip(store_rows(resumed.model), store_rows(straight.model), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_meft_settings_from_the_config_a_dict_a_meft_config_or_the_model(tmp_path: Path, tokenizer: Any) -> None:
+    from_section, _ = make_trainer(tokenizer, tmp_path / "a")
+    assert meft_ds.adapters(from_section.model)[0].config.num_neurons == MEFT["num_neurons"]
+    assert "row_dtype" not in from_section.args.hf_deepspeed_config.config["meft"]  # "auto" would stop Accelerate
+    from_dict, _ = make_trainer(tokenizer, tmp_path / "b", meft_json(None), meft={"num_neurons": 32, "top_k": 2})
+    assert meft_ds.adapters(from_dict.model)[0].config.num_neurons == 32
+    from_config, _ = make_trainer(tokenizer, tmp_path / "c", meft=meft_ds.MeftConfig(16, top_k=2, layers=[1]))
+    assert [a.layer_index for a in meft_ds.adapters(from_config.model)] == [1]
+    injected = meft_ds.inject(tiny_model(), {"num_neurons": 8, "top_k": 2})
+    kept, _ = make_trainer(tokenizer, tmp_path / "d", model=injected)
+    assert kept.model is injected and meft_ds.adapters(injected)[0].config.num_neurons == 8
+
+
+def test_without_deepspeed_it_says_how_to_turn_it_on(tmp_path: Path) -> None:
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    with pytest.raises(meft_ds.MeftConfigError, match=r"DeepSpeed is off.*deepspeed='ds_configs/meft.json'"):
+        MeftTrainer(model=tiny_model(), args=args)
