@@ -1,0 +1,60 @@
+"""Pre-retrieval (prefetch_layers = p): layer i's rows are chosen from the FFN input of the adapter p layers
+earlier, with layer i's own router, and fetched while the layers in between run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model, token_batch
+
+import meft_ds
+from meft_ds import SparseRowAdam
+from meft_ds.routing import select_rows
+
+MEFT = {"num_neurons": 128, "top_k": 8, "seed": 2}
+
+
+def test_rows_come_from_the_earlier_layers_hidden_states() -> None:
+    model = meft_ds.inject(tiny_model(layers=3), {**MEFT, "prefetch_layers": 1})
+    adapters = meft_ds.adapters(model)
+    assert [a.prefetch_target for a in adapters] == [adapters[1], adapters[2], None]
+    ffn_inputs, used_rows = {}, {}
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda m, args, i=index: ffn_inputs.__setitem__(i, args[0].detach()))
+    for adapter in adapters:
+        original = adapter.finish
+
+        def spy(hidden, pending, adapter=adapter, original=original):
+            prefetched = adapter._prefetched
+            used_rows[adapter.layer_index] = None if prefetched is None else prefetched.routing.row_ids
+            return original(hidden, pending)
+
+        adapter.finish = spy
+    with torch.no_grad():
+        model(token_batch(batch=2, length=8))
+    assert used_rows[0] is None, "the first layer has no earlier layer: it routes from its own hidden states"
+    for target in (1, 2):
+        x = ffn_inputs[target - 1].reshape(-1, 64)
+        adapter = adapters[target]
+        gates, probe = adapter.router(x).topk(adapter.config.n_probe, dim=1)
+        expected = select_rows(x, probe, gates, adapter.store.keys, expert_size=adapter.config.expert_size, top_k=8)
+        assert torch.equal(used_rows[target], expected.row_ids)
+
+
+def test_prefetched_model_trains() -> None:
+    model = meft_ds.inject(tiny_model(layers=3), {**MEFT, "prefetch_layers": 2})
+    sparse = SparseRowAdam(meft_ds.adapters(model), lr=1e-2)
+    batch = token_batch(batch=2, length=12)
+    losses = []
+    for _ in range(4):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        sparse.step()
+        sparse.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_prefetch_distance_must_stay_within_the_adapters() -> None:
+    with pytest.raises(meft_ds.MeftConfigError, match=r"meft.prefetch_layers: 2 reaches past the 2 adapter layers"):
+        meft_ds.inject(tiny_model(layers=2), {**MEFT, "prefetch_layers": 2})
