@@ -22,7 +22,8 @@ import torch
 from deepspeed import comm as dist
 
 import meft_ds
-from meft_ds.checkpoint import CheckpointError
+from meft_ds import NonFiniteGradientError
+from meft_ds.checkpoint import CheckpointError, write_json_atomic
 from meft_ds.config import MeftConfigError
 from meft_ds.data import DATASETS, FORMATS, DatasetError, collate, load_examples, tokenize_for_training
 from meft_ds.distributed import check_replicas_identical
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task, see NEW_TOKENS)")
     parser.add_argument("--no_eval", action="store_true", help="skip the before/after evaluation")
-    parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -134,36 +135,20 @@ def headline(result: dict[str, Any] | None) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float))
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    output_dir = Path(args.output_dir)
-    checkpoints = output_dir / "checkpoints"
-    if args.resume and not (checkpoints / "latest").is_file():
-        raise SystemExit(f"--resume: no checkpoint in {checkpoints} (no 'latest' file). Fix: drop --resume.")
-
-    # everything that can be wrong with the inputs fails here, before the model loads
-    ds_config = build_config(args, output_dir)
-    train_examples = load_examples(
-        args.dataset, "train", format=args.dataset_format, limit=args.train_limit, seed=args.seed
-    )
-    eval_examples = None if args.no_eval else load_held_out(args)
-    started = time.time()
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    features = tokenize_for_training(train_examples, tokenizer, args.max_length)
-    logger.info("model %s loaded in %.0f s; %d training examples", args.model, time.time() - started, len(features))
-
-    before = evaluate(model, tokenizer, eval_examples, args) if eval_examples and rank == 0 else None
-    engine, *_ = meft_ds.initialize(model=model, config=ds_config)
-    if args.resume:
-        engine.load_checkpoint(str(checkpoints))
-        logger.info("resumed at step %d", engine.global_steps)
-
+def train(
+    engine: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    features: list,
+    log: MetricsLog,
+    args: argparse.Namespace,
+    checkpoints: Path,
+) -> None:
+    """Optimizer steps from the engine's current one up to --max_steps, with a checkpoint every --save_steps and
+    one at the end."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     gas = engine.gradient_accumulation_steps()
     stream = MicroBatchStream(len(features), engine.train_micro_batch_size_per_gpu(), seed=args.seed)
-    log = MetricsLog(output_dir, enabled=rank == 0, monitor=engine.monitor)
     bar = progress_bar(args.max_steps, initial=engine.global_steps, enabled=rank == 0)
     while engine.global_steps < args.max_steps:
         step = engine.global_steps
@@ -192,6 +177,52 @@ def main(argv: list[str] | None = None) -> int:
             engine.save_checkpoint(str(checkpoints))
     bar.close()
     engine.save_checkpoint(str(checkpoints))
+
+
+def resume_hint(checkpoints: Path) -> str:
+    latest = checkpoints / "latest"
+    if not latest.is_file():
+        return "No checkpoint was saved yet: start again with a lower --learning_rate."
+    return f"Last checkpoint: {checkpoints / latest.read_text().strip()}; resume with the same command plus --resume."
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    output_dir = Path(args.output_dir)
+    checkpoints = output_dir / "checkpoints"
+    if args.resume and not (checkpoints / "latest").is_file():
+        raise SystemExit(f"error: --resume: no checkpoint in {checkpoints} (no 'latest' file). Fix: drop --resume.")
+    if not args.resume and (checkpoints / "latest").is_file():
+        raise SystemExit(
+            f"error: --output_dir {output_dir} already holds a run (checkpoints/latest). Fix: add --resume to "
+            "continue it, or choose another --output_dir."
+        )
+
+    # everything that can be wrong with the inputs fails here, before the model loads
+    ds_config = build_config(args, output_dir)
+    train_examples = load_examples(
+        args.dataset, "train", format=args.dataset_format, limit=args.train_limit, seed=args.seed
+    )
+    eval_examples = None if args.no_eval else load_held_out(args)
+    started = time.time()
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    features = tokenize_for_training(train_examples, tokenizer, args.max_length)
+    logger.info("model %s loaded in %.0f s; %d training examples", args.model, time.time() - started, len(features))
+
+    before = evaluate(model, tokenizer, eval_examples, args) if eval_examples and rank == 0 else None
+    engine, *_ = meft_ds.initialize(model=model, config=ds_config)
+    if args.resume:
+        engine.load_checkpoint(str(checkpoints))
+        logger.info("resumed at step %d", engine.global_steps)
+
+    log = MetricsLog(output_dir, enabled=rank == 0, start_step=engine.global_steps, monitor=engine.monitor)
+    try:
+        train(engine, model, tokenizer, features, log, args, checkpoints)
+    except NonFiniteGradientError as error:
+        raise SystemExit(f"error: {error}\n{resume_hint(checkpoints)}") from error
     digest = check_replicas_identical(meft_ds.adapters(model), group=engine.data_parallel_group)
     logger.info("rank %d: row store digest %s (identical on all %d ranks)", rank, digest.hex()[:16], world)
 
@@ -210,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             "meft": ds_config["meft"],
             "stats": meft_ds.stats(model),
         }
-        (output_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_json_atomic(output_dir / "results.json", json.loads(json.dumps(summary, default=str)))
         print(f"\nloss: {log.first_loss:.4f} -> {log.last_loss:.4f} over {engine.global_steps} steps")
         print(f"held-out before: {headline(before)}")
         print(f"held-out after:  {headline(after)}")

@@ -9,7 +9,7 @@ from meft_ds.checkpoint import CheckpointError, load_adapter, save_adapter
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.engine import MeftPlugin, attach, initialize
 from meft_ds.inject import UnsupportedModelError, adapters, inject, register_ffn, supported_model_types
-from meft_ds.sparse_adam import SparseRowAdam
+from meft_ds.sparse_adam import NonFiniteGradientError, SparseRowAdam
 from meft_ds.stats import sum_stats
 
 
@@ -24,6 +24,7 @@ __all__ = [
     "MeftConfig",
     "MeftConfigError",
     "MeftPlugin",
+    "NonFiniteGradientError",
     "SparseKeyExpertAdapter",
     "SparseRowAdam",
     "UnsupportedModelError",

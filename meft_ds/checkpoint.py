@@ -62,6 +62,14 @@ def publish_directory(staging: Path, final: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
+def recover_directory(final: Path) -> None:
+    """Finish a :func:`publish_directory` that was killed between its two renames (``final`` gone, ``final.old``
+    complete): the previous version goes back in place."""
+    previous = final.with_name(final.name + ".old")
+    if not final.exists() and previous.is_dir():
+        os.replace(previous, final)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """``with atomic_directory(path) as tmp:`` write files into ``tmp``; on success it becomes ``path``."""

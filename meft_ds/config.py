@@ -79,6 +79,8 @@ class MeftConfig:
             cached rows travel to the device once per optimizer step and their gradients back once. 0 disables it.
         prefetch_layers: pre-retrieval distance ``p``: layer ``i`` chooses its rows from the hidden states of the
             adapter ``p`` layers earlier, so their copy overlaps the layers in between. 0 (default) is exact.
+        max_nonfinite_steps: a row step whose gradients hold NaN or inf is skipped (rows and moments untouched);
+            this many skipped in a row abort the run with :class:`meft_ds.NonFiniteGradientError`.
         lr, betas, eps, weight_decay: the sparse Adam's hyperparameters. ``None`` inherits them from the DeepSpeed
             config's optimizer (and its scheduler drives the learning rate), or the defaults of
             :class:`meft_ds.SparseRowAdam` in a plain PyTorch loop.
@@ -96,6 +98,7 @@ class MeftConfig:
     seed: int = 0
     cache_mb: float = 0.0
     prefetch_layers: int = 0
+    max_nonfinite_steps: int = 3
     lr: float | None = None
     betas: tuple[float, float] | None = None
     eps: float | None = None
@@ -171,6 +174,7 @@ class MeftConfig:
         _check_int("n_probe", self.n_probe, 1)
         _check_int("seed", self.seed, 0)
         _check_int("prefetch_layers", self.prefetch_layers, 0)
+        _check_int("max_nonfinite_steps", self.max_nonfinite_steps, 1)
         _check_float("cache_mb", self.cache_mb, 0.0, strict=False)
         r, k = self.num_neurons, self.top_k
         if k > r:

@@ -28,7 +28,7 @@ from deepspeed import comm as dist
 from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 from torch import nn
 
-from meft_ds.checkpoint import atomic_file, load_stores, publish_directory, save_stores
+from meft_ds.checkpoint import atomic_file, load_stores, publish_directory, recover_directory, save_stores
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.distributed import allreduce_row_grads
 from meft_ds.ds_config import (
@@ -181,11 +181,15 @@ class MeftPlugin:
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> tuple[Any, Any]:
         """The engine's checkpoint and the row stores saved with it."""
+        latest = Path(load_dir) / "latest"
+        if tag is None and latest.is_file():
+            tag = latest.read_text().strip()
+        if tag is not None and dist.get_rank() == 0:
+            recover_directory(Path(load_dir) / str(tag))
+        dist.barrier()
         load_path, client_state = self._engine_load(load_dir, tag=tag, **kwargs)
         if load_path is None:
             return load_path, client_state
-        if tag is None:
-            tag = (Path(load_dir) / "latest").read_text().strip()
         load_stores(Path(load_dir) / str(tag) / STORE_DIR, self.adapters, self.sparse_optimizer)
         return load_path, client_state
 
@@ -271,4 +275,4 @@ def build_sparse_optimizer(model: nn.Module, meft_config: MeftConfig, ds_config:
             value = tuple(params[key]) if key == "betas" else params[key]
         if value is not None:
             settings[key] = value
-    return SparseRowAdam(adapters(model), **settings)
+    return SparseRowAdam(adapters(model), **settings, max_nonfinite_steps=meft_config.max_nonfinite_steps)

@@ -17,6 +17,7 @@ from torch import nn
 
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.memory import check_store_fits
 
 ADAPTERS_ATTR = "meft_adapters"
 
@@ -134,6 +135,7 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
             f"meft.prefetch_layers: {config.prefetch_layers} reaches past the {len(ffns)} adapter layers. Fix: use "
             f"0 (exact, the default) up to {len(ffns) - 1}."
         )
+    check_store_fits(config, len(ffns), dim)
     for param in model.parameters():
         param.requires_grad_(False)
     cache_bytes = int(config.cache_mb * 2**20) // len(ffns)

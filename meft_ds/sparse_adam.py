@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -27,6 +28,13 @@ from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.ops import cpu_kernels, kernel_threads
 
 BACKENDS = ("auto", "fused", "deepspeed", "torch")
+logger = logging.getLogger("meft_ds")
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Several consecutive optimizer steps had NaN or inf row gradients."""
+
+
 _KERNEL_IDS = itertools.count(1 << 20)  # far from DeepSpeedCPUAdam's own ids, which count up from 0
 
 
@@ -99,6 +107,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         *,
         backend: str = "auto",
+        max_nonfinite_steps: int = 3,
     ) -> None:
         self.adapters = list(adapters)
         if not self.adapters:
@@ -111,6 +120,9 @@ class SparseRowAdam(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__([a.store.rows for a in self.adapters], defaults)
         self.global_step = 0
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps = 0  # steps skipped because a row gradient was NaN or inf, in total
+        self._nonfinite_streak = 0
         self.backend = resolve_backend(backend)
         self._deepspeed_id = None
         if self.backend == "deepspeed":
@@ -127,10 +139,15 @@ class SparseRowAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for adapter in self.adapters:
+            adapter.collect_row_grads()
+        if not self._row_grads_finite():
+            self._skip_nonfinite_step()
+            return loss
+        self._nonfinite_streak = 0
         self.global_step += 1
         group = self.param_groups[0]
         for adapter in self.adapters:
-            adapter.collect_row_grads()
             accumulated = adapter.store.accumulated_grads()
             if accumulated is None:
                 continue
@@ -138,6 +155,27 @@ class SparseRowAdam(torch.optim.Optimizer):
             adapter.rows_changed(accumulated[0])
             adapter.store.drop_grads()
         return loss
+
+    def _row_grads_finite(self) -> bool:
+        sums = [acc[1].sum() for a in self.adapters if (acc := a.store.accumulated_grads()) is not None]
+        return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
+
+    def _skip_nonfinite_step(self) -> None:
+        """A NaN/inf row gradient: leave every row and moment untouched, drop the gradients, count the step; too
+        many in a row means the run diverged, and going on would only burn time."""
+        self.zero_grad()
+        self.nonfinite_steps += 1
+        self._nonfinite_streak += 1
+        logger.warning(
+            "meft_ds: NaN or inf in the row gradients; the row step is skipped (%d in a row, %d in total).",
+            self._nonfinite_streak, self.nonfinite_steps,
+        )  # fmt: skip
+        if self._nonfinite_streak >= self.max_nonfinite_steps:
+            raise NonFiniteGradientError(
+                f"meft_ds: {self._nonfinite_streak} optimizer steps in a row had NaN or inf row gradients, so the run "
+                "has diverged. Fix: resume from the last checkpoint with a lower learning rate or tighter "
+                "gradient_clipping (the store was left untouched by the skipped steps)."
+            )
 
     def _update_rows(
         self, adapter: SparseKeyExpertAdapter, ids: torch.Tensor, grads: torch.Tensor, group: dict[str, Any]

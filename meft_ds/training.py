@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from meft_ds.checkpoint import atomic_file
 from meft_ds.config import MeftConfigError
 from meft_ds.inject import adapters
 
@@ -64,37 +65,33 @@ def progress_bar(total: int, *, initial: int = 0, enabled: bool = True) -> tqdm:
 
 class MetricsLog:
     """One record per optimizer step, appended to ``metrics.jsonl`` and ``metrics.csv`` (flushed at every line, so
-    an interrupted run keeps them; a resumed run appends) and sent to DeepSpeed's monitors (TensorBoard, CSV, W&B
-    as the config enables them)."""
+    an interrupted run keeps them) and sent to DeepSpeed's monitors (TensorBoard, CSV, W&B as the config enables
+    them). A run that starts at step ``start_step`` (0, or the step a resumed checkpoint holds) first drops the
+    records after it, which a killed run may have written past its last checkpoint: the files then hold each step
+    once, as an uninterrupted run would."""
 
-    FIELDS = (
-        "step",
-        "loss",
-        "lr",
-        "grad_norm",
-        "rows_fetched",
-        "rows_updated",
-        "mb_to_device",
-        "mb_to_host",
-        "mb_moved",
-        "seconds",
-    )
+    FIELDS = ("step", "loss", "lr", "grad_norm", "rows_fetched", "rows_updated", "mb_to_device", "mb_to_host",
+              "mb_moved", "seconds")  # fmt: skip
 
-    def __init__(self, output_dir: Path, *, enabled: bool, monitor: Any = None) -> None:
+    def __init__(self, output_dir: Path, *, enabled: bool, start_step: int = 0, monitor: Any = None) -> None:
         self.enabled = enabled
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self.first_loss: float | None = None
         self.last_loss: float | None = None
-        self._jsonl = self._csv = None
-        if enabled:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed by the interpreter
-            csv_path = output_dir / "metrics.csv"
-            new_file = not csv_path.exists() or csv_path.stat().st_size == 0
-            self._csv = open(csv_path, "a", newline="")  # noqa: SIM115
-            self._csv_writer = csv.DictWriter(self._csv, fieldnames=self.FIELDS)
-            if new_file:
-                self._csv_writer.writeheader()
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        jsonl_path, csv_path = output_dir / "metrics.jsonl", output_dir / "metrics.csv"
+        kept = [line for line in _read_lines(jsonl_path) if json.loads(line)["step"] <= start_step]
+        with atomic_file(jsonl_path) as temporary:
+            temporary.write_text("".join(line + "\n" for line in kept))
+        with atomic_file(csv_path) as temporary, open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(json.loads(line) for line in kept)
+        self._jsonl = open(jsonl_path, "a")  # noqa: SIM115 - appended to for the whole run
+        self._csv = open(csv_path, "a", newline="")  # noqa: SIM115
+        self._csv_writer = csv.DictWriter(self._csv, fieldnames=self.FIELDS)
 
     @staticmethod
     def step_record(
@@ -138,3 +135,7 @@ class MetricsLog:
                 if key != "step" and value is not None
             ]
             self.monitor.write_events(events)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,13 +55,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(*args: str | Path, ranks: int = 1) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    command = [
+LAUNCH_ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+
+
+def launcher_command(*args: str | Path, ranks: int = 1) -> list[str]:
+    return [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
         "launch/train.py", *map(str, args),
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def launch(*args: str | Path, ranks: int = 1) -> subprocess.CompletedProcess:
+    command = launcher_command(*args, ranks=ranks)
+    result = subprocess.run(command, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"launcher failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 
@@ -137,10 +145,49 @@ def test_resume_continues_the_same_run(tmp_path: Path, model_dirs: dict[str, Pat
         assert torch.equal(x.router.weight, y.router.weight)
 
 
+def test_a_run_killed_mid_training_resumes_to_the_same_losses_and_store(
+    tmp_path: Path, model_dirs: dict[str, Path]
+) -> None:
+    config = write_config(tmp_path, total_steps=12)
+    common = ["--deepspeed", config, "--model", model_dirs["chat"], "--no_eval", "--save_steps", "4", *TINY_RUN]
+    launch(*common, "--output_dir", tmp_path / "straight", "--max_steps", "12")
+
+    cut = tmp_path / "cut"
+    command = launcher_command(*common, "--output_dir", cut, "--max_steps", "12")
+    process = subprocess.Popen(command, cwd=ROOT, env=LAUNCH_ENV, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if (cut / "metrics.jsonl").exists() and any(r["step"] >= 6 for r in metrics(cut)):
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    written = metrics(cut)
+    assert 6 <= written[-1]["step"] < 12, "the kill must land between the step-4 checkpoint and the end"
+    assert (cut / "checkpoints" / "latest").read_text() in ("global_step4", "global_step8")
+
+    launch(*common, "--output_dir", cut, "--max_steps", "12", "--resume")
+    assert [r["step"] for r in metrics(cut)] == list(range(1, 13)), "each step logged once after the resume"
+    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(tmp_path / "straight")]
+    a = meft_ds.load_adapter(tiny_model(), tmp_path / "straight")
+    b = meft_ds.load_adapter(tiny_model(), cut)
+    for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
+        assert torch.equal(x.store.rows, y.store.rows)
+
+
+def test_a_second_run_into_the_same_output_dir_needs_resume(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
+    out = tmp_path / "run"
+    common = ["--model", model_dirs["chat"], "--no_eval", "--output_dir", out, "--max_steps", "1", *TINY_RUN]
+    launch(*common)
+    result = subprocess.run([sys.executable, "launch/train.py", *map(str, common)], cwd=ROOT, env=LAUNCH_ENV,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0 and "already holds a run" in result.stderr and "--resume" in result.stderr
+
+
 def test_bad_input_fails_fast_with_one_line(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     command = [sys.executable, "launch/train.py", "--meft", "top_k=100000", "--output_dir", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: meft.top_k: 100000 is larger than num_neurons")
     assert "Traceback" not in result.stderr

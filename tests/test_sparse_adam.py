@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import meft_ds
 from meft_ds import MeftConfig, SparseKeyExpertAdapter, SparseRowAdam
 from meft_ds.sparse_adam import adamw_torch_
 
@@ -145,3 +146,26 @@ def test_bad_hyperparameters_are_rejected(kwargs: dict, match: str) -> None:
 def test_needs_adapters() -> None:
     with pytest.raises(ValueError, match="got no adapters"):
         SparseRowAdam([])
+
+
+def test_nonfinite_row_gradients_skip_the_step_and_abort_when_persistent() -> None:
+    adapter = make_adapter()
+    store = adapter.store
+    optimizer = SparseRowAdam([adapter], lr=0.1, backend="torch", max_nonfinite_steps=2)
+    before = [t.clone() for t in (store.rows, store.exp_avg, store.exp_avg_sq)]
+    bad = torch.zeros(1, 2, DIM)
+    bad[0, 1, 3] = float("nan")
+    store.accumulate_grad(torch.tensor([5]), bad)
+    optimizer.step()
+    assert optimizer.nonfinite_steps == 1 and optimizer.global_step == 0
+    assert store.accumulated_grads() is None, "the poisoned gradients are dropped"
+    for now, then in zip((store.rows, store.exp_avg, store.exp_avg_sq), before, strict=True):
+        assert torch.equal(now, then)
+    store.accumulate_grad(torch.tensor([5]), torch.ones(1, 2, DIM))
+    optimizer.step()  # a good step resets the streak
+    assert optimizer.global_step == 1
+    store.accumulate_grad(torch.tensor([6]), torch.full((1, 2, DIM), float("inf")))
+    optimizer.step()
+    store.accumulate_grad(torch.tensor([6]), torch.full((1, 2, DIM), float("inf")))
+    with pytest.raises(meft_ds.NonFiniteGradientError, match="2 optimizer steps in a row"):
+        optimizer.step()

@@ -1,0 +1,58 @@
+"""How much CPU memory the row stores will take, checked before a byte of them is allocated.
+
+Per adapter layer the store holds fp32 rows (keys and values: ``2 * r * d``), two Adam moments of the same size,
+and a gradient accumulator that holds at most every row once. A configuration that would not fit is refused with
+the largest ``num_neurons`` that would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from meft_ds.config import MeftConfig, MeftConfigError
+
+FP32 = 4
+HEADROOM = 0.9  # leave a tenth of what is available to the model, the activations and everything else
+
+
+def store_bytes(num_layers: int, num_neurons: int, dim: int) -> int:
+    """Worst-case CPU bytes of the stores: rows, two moments and a full gradient accumulator, per layer."""
+    return num_layers * 4 * num_neurons * 2 * dim * FP32
+
+
+def available_bytes() -> int:
+    """Memory this process may still use: ``MemAvailable`` (Linux), shared by the ranks of this node."""
+    meminfo = Path("/proc/meminfo")
+    available = None
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    return available // max(1, local_ranks)
+
+
+def check_store_fits(config: MeftConfig, num_layers: int, dim: int, *, available: int | None = None) -> None:
+    """Raise :class:`MeftConfigError` (with a configuration that fits) when the stores would not fit in memory."""
+    available = available_bytes() if available is None else available
+    needed = store_bytes(num_layers, config.num_neurons, dim)
+    budget = int(available * HEADROOM)
+    if needed <= budget:
+        return
+    per_neuron = store_bytes(num_layers, 1, dim)
+    fitting = budget // per_neuron
+    step = config.top_k  # a multiple of K keeps a sensible expert split available
+    fitting = (fitting // step) * step
+    suggestion = (
+        f"num_neurons={fitting} (or fewer layers with meft.layers)"
+        if fitting >= config.top_k
+        else "fewer layers with meft.layers"
+    )
+    raise MeftConfigError(
+        f"meft.num_neurons: the row stores of {num_layers} layers x {config.num_neurons} neurons x d={dim} need "
+        f"{needed / 2**30:.1f} GiB of CPU memory (fp32 rows, two Adam moments, gradient accumulator) but only "
+        f"{available / 2**30:.1f} GiB is available to this process. Fix: use {suggestion}."
+    )
