@@ -46,12 +46,17 @@ def _check_float(name: str, value: Any, minimum: float, *, strict: bool) -> None
         _fail(name, f"must be {relation} {minimum}, got {value}", f"set {name} {relation} {minimum}")
 
 
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n``, ascending, in O(sqrt(n))."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
 def default_num_experts(num_neurons: int, top_k: int, n_probe: int) -> int:
     """The divisor of ``num_neurons`` closest (in log scale) to 4*sqrt(r), SPEC.md's choice, among those whose
     probed pool (``n_probe`` experts) still holds at least ``top_k`` neurons."""
     target = 4.0 * math.sqrt(num_neurons)
-    divisors = [e for e in range(1, num_neurons + 1) if num_neurons % e == 0]
-    feasible = [e for e in divisors if min(n_probe, e) * (num_neurons // e) >= top_k] or [1]
+    feasible = [e for e in divisors(num_neurons) if min(n_probe, e) * (num_neurons // e) >= top_k] or [1]
     return min(feasible, key=lambda e: (abs(math.log(e / target)), e))
 
 
@@ -184,7 +189,7 @@ class MeftConfig:
         _check_int("num_experts", self.num_experts, 1)
         e = self.num_experts
         if r % e:
-            nearby = sorted((d for d in range(1, r + 1) if r % d == 0), key=lambda d: abs(d - e))[:3]
+            nearby = sorted(divisors(r), key=lambda d: abs(d - e))[:3]
             _fail(
                 "num_experts",
                 f"{e} does not divide num_neurons = {r} (experts are equal blocks of contiguous neurons)",
@@ -199,7 +204,7 @@ class MeftConfig:
                 f"{k} exceeds the probed pool, n_probe ({self.n_probe}) x neurons per expert ({r // e}) = {pool}",
                 "lower top_k, raise n_probe, or use fewer (larger) experts",
             )
-        if self.gate not in GATE_MODES:
+        if not isinstance(self.gate, str) or self.gate not in GATE_MODES:
             _fail("gate", f"unknown gate mode {self.gate!r}", f"use one of {', '.join(map(repr, GATE_MODES))}")
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not self.layers:
@@ -214,7 +219,7 @@ class MeftConfig:
             self.layers = list(self.layers)
         _check_float("key_init_std", self.key_init_std, 0.0, strict=True)
         _check_float("router_init_scale", self.router_init_scale, 0.0, strict=False)
-        if self.row_dtype not in ROW_DTYPES:
+        if not isinstance(self.row_dtype, str) or self.row_dtype not in ROW_DTYPES:
             _fail("row_dtype", f"unknown dtype {self.row_dtype!r}", f"use one of {', '.join(map(repr, ROW_DTYPES))}")
         self._validate_optimizer()
 

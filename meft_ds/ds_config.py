@@ -14,7 +14,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
 
 from meft_ds.config import MeftConfigError
 
@@ -41,6 +44,19 @@ def load_deepspeed_config(config: str | Path | dict[str, Any]) -> dict[str, Any]
     return loaded
 
 
+def section(config: dict[str, Any], *path: str) -> dict[str, Any]:
+    """The sub-object at ``path`` (``{}`` when absent or null); anything else than an object there is an error."""
+    node: Any = config
+    for depth, key in enumerate(path):
+        node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            return {}
+        if not isinstance(node, dict):
+            name = ".".join(path[: depth + 1])
+            raise MeftConfigError(f'{name}: expected a JSON object, got {node!r}. Fix: write "{key}": {{...}}.')
+    return node
+
+
 def _fill(section: dict[str, Any], key: str, value: Any) -> None:
     if section.get(key) == AUTO:
         section[key] = value
@@ -63,14 +79,12 @@ def resolve_auto(
     if ds_config.get("train_batch_size") == AUTO:
         del ds_config["train_batch_size"]  # DeepSpeed derives it from the two above and the world size
     for key, default in (("bf16", get_accelerator().is_bf16_supported()), ("fp16", False)):
-        if isinstance(ds_config.get(key), dict):
-            _fill(ds_config[key], "enabled", default)
-    optimizer_params = (ds_config.get("optimizer") or {}).get("params")
-    if isinstance(optimizer_params, dict):
-        for key, value in (("lr", lr), ("betas", [0.9, 0.999]), ("eps", 1e-8), ("weight_decay", weight_decay)):
-            _fill(optimizer_params, key, value)
-    scheduler_params = (ds_config.get("scheduler") or {}).get("params")
-    if isinstance(scheduler_params, dict):
+        _fill(section(ds_config, key), "enabled", default)
+    optimizer_params = section(ds_config, "optimizer", "params")
+    for key, value in (("lr", lr), ("betas", [0.9, 0.999]), ("eps", 1e-8), ("weight_decay", weight_decay)):
+        _fill(optimizer_params, key, value)
+    scheduler_params = section(ds_config, "scheduler", "params")
+    if scheduler_params:
         _fill(scheduler_params, "warmup_min_lr", 0.0)
         _fill(scheduler_params, "warmup_max_lr", lr)
         uses_steps = AUTO in (scheduler_params.get("total_num_steps"), scheduler_params.get("warmup_num_steps"))
@@ -113,15 +127,32 @@ def validate_deepspeed_config(ds_config: dict[str, Any]) -> None:
         raise MeftConfigError(
             f"gradient_clipping: expected a number >= 0, got {clip!r}. Fix: e.g. 1.0, or 0 to disable."
         )
-    zero = ds_config.get("zero_optimization") or {}
+    optimizer_type = section(ds_config, "optimizer").get("type")
+    if optimizer_type is not None and not _known_optimizer(optimizer_type):
+        raise MeftConfigError(
+            f"optimizer.type: {optimizer_type!r} is neither a DeepSpeed optimizer nor one of torch.optim. Fix: use "
+            f"one of {', '.join(sorted(DEEPSPEED_OPTIMIZERS))} (AdamW is the usual choice)."
+        )
+    scheduler_type = section(ds_config, "scheduler").get("type")
+    if scheduler_type is not None and scheduler_type not in VALID_LR_SCHEDULES:
+        raise MeftConfigError(
+            f"scheduler.type: {scheduler_type!r} is not a DeepSpeed scheduler. Fix: use one of "
+            f"{', '.join(VALID_LR_SCHEDULES)} (WarmupDecayLR is SPEC.md's warmup then linear decay)."
+        )
+    zero = section(ds_config, "zero_optimization")
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise MeftConfigError(f"zero_optimization.stage: {stage!r} is not a ZeRO stage. Fix: use 0, 1, 2 or 3.")
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    offload = section(zero, "offload_optimizer").get("device", "none")
     if offload not in ("none", "cpu", "nvme"):
         raise MeftConfigError(
             f"zero_optimization.offload_optimizer.device: {offload!r} is unknown. Fix: use 'cpu', 'nvme' or 'none'."
         )
+
+
+def _known_optimizer(name: Any) -> bool:
+    """What DeepSpeed accepts: its own optimizers (any case), or a class of torch.optim by name."""
+    return isinstance(name, str) and (name.lower() in DEEPSPEED_OPTIMIZERS or hasattr(torch.optim, name))
 
 
 def keep_cpu_runs_in_fp32(ds_config: dict[str, Any]) -> None:
@@ -142,9 +173,9 @@ def keep_cpu_runs_in_fp32(ds_config: dict[str, Any]) -> None:
 
 def peak_lr(ds_config: dict[str, Any]) -> float | None:
     """The dense learning rate at the top of the schedule: the scheduler's max if it names one, else the optimizer's."""
-    params = (ds_config.get("scheduler") or {}).get("params") or {}
+    params = section(ds_config, "scheduler", "params")
     for key in ("warmup_max_lr", "cycle_max_lr"):
         if isinstance(params.get(key), (int, float)):
             return float(params[key])
-    lr = ((ds_config.get("optimizer") or {}).get("params") or {}).get("lr")
+    lr = section(ds_config, "optimizer", "params").get("lr")
     return float(lr) if isinstance(lr, (int, float)) else None

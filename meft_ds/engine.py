@@ -36,6 +36,7 @@ from meft_ds.ds_config import (
     load_deepspeed_config,
     peak_lr,
     resolve_auto,
+    section,
     validate_deepspeed_config,
 )
 from meft_ds.inject import adapters, inject
@@ -267,7 +268,7 @@ def attach(engine: Any) -> MeftPlugin:
 
 def build_sparse_optimizer(model: nn.Module, meft_config: MeftConfig, ds_config: dict[str, Any]) -> SparseRowAdam:
     """The sparse Adam: hyperparameters from the meft section, else from the DeepSpeed optimizer's params."""
-    params = (ds_config.get("optimizer") or {}).get("params") or {}
+    params = section(ds_config, "optimizer", "params")
     settings: dict[str, Any] = {}
     for key in ("lr", "betas", "eps", "weight_decay"):
         value = getattr(meft_config, key)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from tiny_models import tiny_model
 
@@ -73,3 +75,45 @@ def test_duplicate_layer_index_is_rejected() -> None:
 def test_round_trip_through_dict() -> None:
     config = MeftConfig(num_neurons=256, top_k=8, layers=[1], betas=(0.8, 0.9))
     assert MeftConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"optimizer": {"type": "Adamm", "params": {}}}, "optimizer.type: 'Adamm'"),
+        ({"scheduler": {"type": "Cosine", "params": {}}}, "scheduler.type: 'Cosine'"),
+        ({"optimizer": "AdamW"}, "optimizer: expected a JSON object"),
+        ({"scheduler": {"type": "WarmupLR", "params": [1]}}, "scheduler.params: expected a JSON object"),
+        ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage: 4"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}}, "offload_optimizer.device"),
+        ({"gradient_clipping": -1}, "gradient_clipping: expected a number >= 0"),
+        ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu: expected a positive integer"),
+    ],
+)
+def test_deepspeed_config_mistakes_are_named(change: dict, message: str) -> None:
+    import json
+    from pathlib import Path
+
+    from meft_ds.ds_config import resolve_auto, validate_deepspeed_config
+
+    config = json.loads((Path(__file__).parents[1] / "ds_configs" / "meft.json").read_text())
+    config.update(change)
+    with pytest.raises(MeftConfigError, match=re.escape(message)) as error:
+        validate_deepspeed_config(resolve_auto(config, max_steps=10))
+    assert "Fix:" in str(error.value)
+
+
+def test_auto_steps_without_max_steps_is_named() -> None:
+    import json
+    from pathlib import Path
+
+    from meft_ds.ds_config import resolve_auto
+
+    config = json.loads((Path(__file__).parents[1] / "ds_configs" / "meft.json").read_text())
+    with pytest.raises(MeftConfigError, match="total_num_steps / warmup_num_steps are 'auto'"):
+        resolve_auto(config)
+
+
+def test_huge_neuron_counts_validate_instantly() -> None:
+    config = MeftConfig(num_neurons=2**40, top_k=64)  # divisors are found in O(sqrt(r)), not O(r)
+    assert config.num_neurons % config.num_experts == 0
