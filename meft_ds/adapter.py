@@ -14,6 +14,7 @@ over all of ``U`` with a ``(T, |U|)`` mask (what tensor cores are good at). When
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +22,9 @@ from torch import nn
 
 from meft_ds.config import MeftConfig
 from meft_ds.ops import cpu_kernels, kernel_threads
-from meft_ds.routing import Routing, select_rows
+from meft_ds.routing import Routing, select_from_scores
 from meft_ds.stats import TrafficStats
-from meft_ds.store import RowStore
+from meft_ds.store import RowStore, initial_keys
 from meft_ds.transfer import RowTransfer
 
 
@@ -126,8 +127,9 @@ class SparseKeyExpertAdapter(nn.Module):
 
     Attributes:
         router: ``nn.Linear(d, E, bias=False)`` on the device, trained by the dense optimizer.
-        store: the :class:`RowStore` with the fp32 master rows in CPU memory (not a parameter or buffer, so the
-            DeepSpeed engine never sees, casts or partitions it).
+        store: the :class:`RowStore` (or a sharded / NVMe store, from ``store_factory(keys, layer_index)``) with
+            the fp32 master rows (not a parameter or buffer, so the DeepSpeed engine never sees, casts or partitions
+            it). Keys start N(0, key_init_std) from a per-layer seed, identical on every rank.
         transfer: the :class:`RowTransfer` that moves this adapter's bytes (and holds its device cache, if any).
         traffic: this adapter's :class:`TrafficStats`.
         prefetch_target: the adapter ``prefetch_layers`` layers later, whose rows this one pre-retrieves (or None).
@@ -142,16 +144,18 @@ class SparseKeyExpertAdapter(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         cache_bytes: int = 0,
+        store_factory: Callable[[torch.Tensor, int], RowStore] | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.config = config
         self.layer_index = layer_index
-        self.store = RowStore(config.num_neurons, dim, key_init_std=config.key_init_std, seed=config.seed + layer_index)
+        keys = initial_keys(config.num_neurons, dim, std=config.key_init_std, seed=config.seed + layer_index)
         self.router = nn.Linear(dim, config.num_experts, bias=False, device=device, dtype=dtype)
         with torch.no_grad():
-            expert_means = self.store.keys.reshape(config.num_experts, config.expert_size, dim).mean(dim=1)
+            expert_means = keys.view(config.num_experts, config.expert_size, dim).mean(dim=1)
             self.router.weight.copy_(config.router_init_scale * expert_means)
+        self.store = store_factory(keys, layer_index) if store_factory is not None else RowStore(keys)
         self.traffic = TrafficStats()
         self.transfer = RowTransfer(self.store, self.traffic, cache_bytes=cache_bytes)
         self.prefetch_target: SparseKeyExpertAdapter | None = None
@@ -194,14 +198,9 @@ class SparseKeyExpertAdapter(nn.Module):
         if pending.copied is not None:
             pending.copied.synchronize()
         config = self.config
-        return select_rows(
-            pending.hidden.float(),
-            pending.probe_ids,
-            None if pending.probe_gates is None else pending.probe_gates.float(),
-            self.store.keys,
-            expert_size=config.expert_size,
-            top_k=config.top_k,
-        )
+        scores = self.store.score_probed(pending.hidden.float(), pending.probe_ids, config.expert_size)
+        gates = None if pending.probe_gates is None else pending.probe_gates.float()
+        return select_from_scores(scores, pending.probe_ids, gates, expert_size=config.expert_size, top_k=config.top_k)
 
     def prefetch(self, hidden: torch.Tensor) -> None:
         """Pre-retrieval: choose this adapter's rows from an earlier layer's ``hidden`` states and start their copy,

@@ -22,15 +22,12 @@ from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.config import MeftConfig
 from meft_ds.inject import adapters, inject
 from meft_ds.sparse_adam import SparseRowAdam
+from meft_ds.store import CheckpointError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 STORE_OPTIMIZER = "optimizer.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or exported adapter is missing, incomplete, or does not match the model."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -107,43 +104,28 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
 
 
 # --------------------------------------------------------------------------- row stores (training checkpoints)
-def save_stores(directory: Path, model_adapters: list[SparseKeyExpertAdapter], optimizer: SparseRowAdam) -> None:
-    """Rows and Adam moments of every adapter (one safetensors file per layer) and the sparse optimizer's state."""
+def save_stores(
+    directory: Path, model_adapters: list[SparseKeyExpertAdapter], optimizer: SparseRowAdam, *, rank: int = 0
+) -> None:
+    """Every adapter's rows and Adam moments (each store writes its files: a replicated store on rank 0 only, a
+    sharded one on every rank) and, on rank 0, the sparse optimizer's state."""
     directory.mkdir(parents=True, exist_ok=True)
     for adapter in model_adapters:
-        store = adapter.store
-        tensors = {"rows": store.rows, "exp_avg": store.exp_avg, "exp_avg_sq": store.exp_avg_sq}
-        save_file(tensors, str(directory / f"layer_{adapter.layer_index}.safetensors"))
-    state = optimizer.state_dict()
-    payload = {"global_step": state["global_step"], "param_groups": state["param_groups"]}
-    (directory / STORE_OPTIMIZER).write_text(json.dumps(payload, indent=2))
+        if rank == 0 or adapter.store.is_shard:
+            adapter.store.save(directory, adapter.layer_index)
+    if rank == 0:
+        state = optimizer.state_dict()
+        payload = {"global_step": state["global_step"], "param_groups": state["param_groups"]}
+        (directory / STORE_OPTIMIZER).write_text(json.dumps(payload, indent=2))
 
 
 def load_stores(directory: Path, model_adapters: list[SparseKeyExpertAdapter], optimizer: SparseRowAdam) -> None:
     """Restore what :func:`save_stores` wrote; every mismatch is a :class:`CheckpointError` before any copy."""
-    loaded = {}
     for adapter in model_adapters:
-        file = directory / f"layer_{adapter.layer_index}.safetensors"
-        if not file.exists():
-            raise CheckpointError(
-                f"{file}: the checkpoint has no row store for layer {adapter.layer_index}. Fix: resume with the same "
-                "meft.layers as the run that wrote it, or start a new run."
-            )
-        tensors = load_file(str(file))
-        expected = tuple(adapter.store.rows.shape)
-        if tuple(tensors["rows"].shape) != expected:
-            raise CheckpointError(
-                f"{file}: rows have shape {tuple(tensors['rows'].shape)} but this model's layer "
-                f"{adapter.layer_index} expects {expected} (num_neurons, 2, hidden size). Fix: resume with the "
-                "meft settings and model of the run that wrote the checkpoint."
-            )
-        loaded[adapter.layer_index] = tensors
+        adapter.store.check_saved(directory, adapter.layer_index)
     state = json.loads((directory / STORE_OPTIMIZER).read_text())
     for adapter in model_adapters:
-        tensors = loaded[adapter.layer_index]
-        adapter.store.rows.copy_(tensors["rows"])
-        adapter.store.exp_avg.copy_(tensors["exp_avg"])
-        adapter.store.exp_avg_sq.copy_(tensors["exp_avg_sq"])
+        adapter.store.load(directory, adapter.layer_index)
         adapter.drop_row_grads()
         adapter.rows_changed()
     optimizer.load_state_dict({"state": {}, **state})
@@ -162,8 +144,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     for adapter in model_adapters:
         prefix = f"layers.{adapter.layer_index}"
-        tensors[f"{prefix}.keys"] = adapter.store.keys.contiguous()
-        tensors[f"{prefix}.values"] = adapter.store.values.contiguous()
+        rows = adapter.store.full_rows()
+        tensors[f"{prefix}.keys"] = rows[:, 0].contiguous()
+        tensors[f"{prefix}.values"] = rows[:, 1].contiguous()
         tensors[f"{prefix}.router"] = adapter.router.weight.detach().float().cpu().contiguous()
     config = model_adapters[0].config
     meta = {
@@ -197,7 +180,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load an exported adapter into ``model`` (injecting adapters with the saved settings if it has none)."""
     meta = read_adapter_config(directory)
-    config = MeftConfig.from_dict(meta["meft"])
+    config = MeftConfig.from_dict({**meta["meft"], "store": None})  # inference: a plain in-memory store
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if meta["hidden_size"] != hidden:
@@ -215,16 +198,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             "load into a model without adapters (they are injected from the saved settings) or with the same layers."
         )
     tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    for adapter in model_adapters:  # check everything before changing anything
+        for name in ("keys", "values"):
+            source, expected = tensors[f"layers.{adapter.layer_index}.{name}"], (adapter.store.num_rows, adapter.dim)
+            if tuple(source.shape) != expected or source.dtype != torch.float32:
+                raise CheckpointError(
+                    f"{directory}: layers.{adapter.layer_index}.{name} is {tuple(source.shape)} {source.dtype}, the "
+                    f"model's adapter expects {expected} torch.float32. Fix: use the meft settings it was trained with."
+                )
     for adapter in model_adapters:
         prefix = f"layers.{adapter.layer_index}"
-        for name, target in (("keys", adapter.store.keys), ("values", adapter.store.values)):
-            source = tensors[f"{prefix}.{name}"]
-            if source.shape != target.shape or source.dtype != target.dtype:
-                raise CheckpointError(
-                    f"{directory}: {prefix}.{name} is {tuple(source.shape)} {source.dtype}, the model's adapter "
-                    f"expects {tuple(target.shape)} {target.dtype}. Fix: use the meft settings it was trained with."
-                )
-            target.copy_(source)
+        adapter.store.assign_rows(torch.stack([tensors[f"{prefix}.keys"], tensors[f"{prefix}.values"]], dim=1))
         with torch.no_grad():
             adapter.router.weight.copy_(tensors[f"{prefix}.router"])
         adapter.rows_changed()

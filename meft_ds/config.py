@@ -60,6 +60,62 @@ def default_num_experts(num_neurons: int, top_k: int, n_probe: int) -> int:
     return min(feasible, key=lambda e: (abs(math.log(e / target)), e))
 
 
+STORE_DEVICES = ("cpu", "nvme")
+
+
+@dataclass
+class StoreConfig:
+    """Where the row stores live (the ``"store"`` object of the meft section).
+
+    Args:
+        device: ``"cpu"``: rows and Adam moments in CPU memory; ``"nvme"``: in files under ``nvme_path``, read and
+            written through DeepSpeed's async I/O, with a CPU-memory cache of hot rows of ``ram_budget_mb``.
+        shard: partition every layer's rows (and moments) across the data-parallel ranks, in blocks of whole
+            key-experts: each rank holds about ``1/world`` of the store. ``False`` replicates the store on every rank.
+        nvme_path: folder for the NVMe tier's files (required with ``device="nvme"``; must be writable).
+        ram_budget_mb: CPU memory (MiB, whole model) for the NVMe tier's cache of hot rows.
+    """
+
+    device: str = "cpu"
+    shard: bool = False
+    nvme_path: str | None = None
+    ram_budget_mb: float = 1024.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or self.device not in STORE_DEVICES:
+            _fail("store.device", f"unknown store device {self.device!r}", "use 'cpu' or 'nvme'")
+        if not isinstance(self.shard, bool):
+            _fail("store.shard", f"expected true or false, got {self.shard!r}", "write true or false")
+        _check_float("store.ram_budget_mb", self.ram_budget_mb, 0.0, strict=True)
+        if self.device == "nvme":
+            if not isinstance(self.nvme_path, str) or not self.nvme_path:
+                _fail(
+                    "store.nvme_path",
+                    "the NVMe tier needs a folder for its files",
+                    'set "nvme_path": "/local_nvme/meft"',
+                )
+            if self.shard:
+                _fail("store.shard", "a sharded NVMe store is not supported yet", "use shard=false with the NVMe tier")
+        elif self.nvme_path is not None:
+            _fail("store.nvme_path", "only used with device='nvme'", 'remove it or set "device": "nvme"')
+
+    @classmethod
+    def from_dict(cls, values: Any) -> StoreConfig:
+        if isinstance(values, StoreConfig):
+            return values
+        if values is None:
+            return cls()
+        if not isinstance(values, dict):
+            _fail("store", f"expected a JSON object, got {values!r}", 'write e.g. "store": {"shard": true}')
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+                _fail(f"store.{key}", "unknown setting", f"remove it ({hint})")
+        return cls(**values)
+
+
 @dataclass
 class MeftConfig:
     """Sparse key-expert adapters (MEFT). Field names are the keys of the ``"meft"`` section of a DeepSpeed config.
@@ -86,6 +142,7 @@ class MeftConfig:
             adapter ``p`` layers earlier, so their copy overlaps the layers in between. 0 (default) is exact.
         max_nonfinite_steps: a row step whose gradients hold NaN or inf is skipped (rows and moments untouched);
             this many skipped in a row abort the run with :class:`meft_ds.NonFiniteGradientError`.
+        store: where the row stores live: a :class:`StoreConfig` or its dict (replicated CPU memory by default).
         lr, betas, eps, weight_decay: the sparse Adam's hyperparameters. ``None`` inherits them from the DeepSpeed
             config's optimizer (and its scheduler drives the learning rate), or the defaults of
             :class:`meft_ds.SparseRowAdam` in a plain PyTorch loop.
@@ -104,6 +161,7 @@ class MeftConfig:
     cache_mb: float = 0.0
     prefetch_layers: int = 0
     max_nonfinite_steps: int = 3
+    store: StoreConfig | dict | None = None
     lr: float | None = None
     betas: tuple[float, float] | None = None
     eps: float | None = None
@@ -138,6 +196,7 @@ class MeftConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         if out["betas"] is not None:
             out["betas"] = list(out["betas"])
+        out["store"] = dataclasses.asdict(out["store"])
         return out
 
     # ------------------------------------------------------------------ derived values
@@ -174,6 +233,7 @@ class MeftConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
+        self.store = StoreConfig.from_dict(self.store)
         _check_int("num_neurons", self.num_neurons, 1)
         _check_int("top_k", self.top_k, 1)
         _check_int("n_probe", self.n_probe, 1)

@@ -79,8 +79,7 @@ def store_digest(adapters: list[SparseKeyExpertAdapter]) -> bytes:
     """SHA-256 of every store's rows and moments, hashed in place (no copy of the store)."""
     digest = hashlib.sha256()
     for adapter in adapters:
-        for tensor in (adapter.store.rows, adapter.store.exp_avg, adapter.store.exp_avg_sq):
-            digest.update(memoryview(tensor.contiguous().numpy()))
+        adapter.store.digest(digest)
     return digest.digest()
 
 

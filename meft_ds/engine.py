@@ -166,8 +166,7 @@ class MeftPlugin:
         saved = self._engine_save(
             str(staging_root), tag=tag, client_state=client_state or {}, save_latest=False, **kwargs
         )
-        if is_writer:
-            save_stores(staging_root / tag / STORE_DIR, self.adapters, self.sparse_optimizer)
+        save_stores(staging_root / tag / STORE_DIR, self.adapters, self.sparse_optimizer, rank=dist.get_rank())
         dist.barrier()
         if is_writer:
             publish_directory(staging_root / tag, root / tag)

@@ -28,38 +28,62 @@ class Routing:
 
 
 def score_probed_keys_torch(
-    hidden: torch.Tensor, probe_ids: torch.Tensor, keys: torch.Tensor, expert_size: int
+    hidden: torch.Tensor, probe_ids: torch.Tensor, keys: torch.Tensor, expert_size: int, first_expert: int = 0
 ) -> torch.Tensor:
     """``(T, n_probe * expert_size)`` scores ``h_t . k_j`` of each token against the keys of its probed experts.
 
-    Column ``p * expert_size + j`` is neuron ``j`` of the token's ``p``-th probed expert. The reference for (and
-    fallback of) the compiled ``score_probed`` kernel, which does the same grouping in C++.
+    Column ``p * expert_size + j`` is neuron ``j`` of the token's ``p``-th probed expert. ``keys`` hold the experts
+    ``first_expert, first_expert + 1, ...`` (all of them, or a shard's); probed experts outside them score 0. The
+    reference for (and fallback of) the compiled ``score_probed`` kernel, which does the same grouping in C++.
     """
     num_tokens, n_probe = probe_ids.shape
     dim = hidden.shape[1]
     experts = keys.view(-1, expert_size, dim)
-    pair_expert = probe_ids.reshape(-1)
+    local = probe_ids.reshape(-1) - first_expert
+    held = (local >= 0) & (local < experts.shape[0])
+    pair_expert = torch.where(held, local, experts.shape[0])  # not held: an extra bucket, never scored
     order = torch.argsort(pair_expert, stable=True)
-    counts = torch.bincount(pair_expert, minlength=experts.shape[0])
-    scores = hidden.new_empty(num_tokens * n_probe, expert_size)
+    counts = torch.bincount(pair_expert, minlength=experts.shape[0] + 1)[:-1]
+    scores = hidden.new_zeros(num_tokens * n_probe, expert_size)
     active = counts.nonzero().flatten().tolist()
-    bounds = counts[active].cumsum(0).tolist()
-    start = 0
-    for expert, end in zip(active, bounds, strict=True):
+    bounds = counts.cumsum(0)[active].tolist()
+    starts = (counts.cumsum(0) - counts)[active].tolist()
+    for expert, start, end in zip(active, starts, bounds, strict=True):
         pairs = order[start:end]
         scores[pairs] = hidden[pairs // n_probe] @ experts[expert].T
-        start = end
     return scores.view(num_tokens, n_probe * expert_size)
 
 
 def score_probed_keys(
-    hidden: torch.Tensor, probe_ids: torch.Tensor, keys: torch.Tensor, expert_size: int
+    hidden: torch.Tensor, probe_ids: torch.Tensor, keys: torch.Tensor, expert_size: int, first_expert: int = 0
 ) -> torch.Tensor:
     """Like :func:`score_probed_keys_torch`, on the compiled kernel when it could be built."""
     kernels = cpu_kernels()
     if kernels is None:
-        return score_probed_keys_torch(hidden, probe_ids, keys, expert_size)
-    return kernels.score_probed(hidden.contiguous(), probe_ids.contiguous(), keys, expert_size, kernel_threads())
+        return score_probed_keys_torch(hidden, probe_ids, keys, expert_size, first_expert)
+    return kernels.score_probed(
+        hidden.contiguous(), probe_ids.contiguous(), keys, expert_size, first_expert, kernel_threads()
+    )
+
+
+def select_from_scores(
+    scores: torch.Tensor, probe_ids: torch.Tensor, probe_gates: torch.Tensor | None, *, expert_size: int, top_k: int
+) -> Routing:
+    """Each token's top-K neurons among its probed experts, and the union of rows over the micro-batch.
+
+    Args:
+        scores: ``(T, n_probe * expert_size)`` from :func:`score_probed_keys` (or a sharded store's equivalent).
+        probe_ids: ``(T, n_probe)`` int64 expert ids chosen by the router.
+        probe_gates: ``(T, n_probe)`` router logits of those experts (gate mode ``"logit"``), or ``None``. With
+            gates, a neuron's score is its activation before the ReLU, ``g_e(h) * (h . k_j)``.
+    """
+    if probe_gates is not None:
+        scores = (scores.view(*probe_ids.shape, expert_size) * probe_gates.unsqueeze(-1)).flatten(1)
+    columns = scores.topk(top_k, dim=1, sorted=False).indices
+    experts = probe_ids.gather(1, torch.div(columns, expert_size, rounding_mode="floor"))
+    rows = experts * expert_size + columns % expert_size
+    row_ids, slots = torch.unique(rows, sorted=True, return_inverse=True)
+    return Routing(row_ids=row_ids, slots=slots.view_as(rows))
 
 
 def select_rows(
@@ -71,20 +95,7 @@ def select_rows(
     expert_size: int,
     top_k: int,
 ) -> Routing:
-    """Each token's top-K neurons among its probed experts, and the union of rows over the micro-batch.
-
-    Args:
-        hidden: ``(T, d)`` fp32 adapter inputs, on the CPU.
-        probe_ids: ``(T, n_probe)`` int64 expert ids chosen by the router.
-        probe_gates: ``(T, n_probe)`` router logits of those experts (gate mode ``"logit"``), or ``None``. With
-            gates, a neuron's score is its activation before the ReLU, ``g_e(h) * (h . k_j)``.
-        keys: ``(r, d)`` fp32 master keys (any row stride).
-    """
+    """:func:`select_from_scores` over all ``(r, d)`` fp32 master ``keys`` (any row stride), for ``(T, d)`` fp32
+    ``hidden`` states on the CPU."""
     scores = score_probed_keys(hidden, probe_ids, keys, expert_size)
-    if probe_gates is not None:
-        scores = (scores.view(*probe_ids.shape, expert_size) * probe_gates.unsqueeze(-1)).flatten(1)
-    columns = scores.topk(top_k, dim=1, sorted=False).indices
-    experts = probe_ids.gather(1, torch.div(columns, expert_size, rounding_mode="floor"))
-    rows = experts * expert_size + columns % expert_size
-    row_ids, slots = torch.unique(rows, sorted=True, return_inverse=True)
-    return Routing(row_ids=row_ids, slots=slots.view_as(rows))
+    return select_from_scores(scores, probe_ids, probe_gates, expert_size=expert_size, top_k=top_k)

@@ -118,7 +118,9 @@ class SparseRowAdam(torch.optim.Optimizer):
                 f"weight_decay={weight_decay}. Fix: lr >= 0, 0 <= betas < 1, eps > 0, weight_decay >= 0."
             )
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-        super().__init__([a.store.rows for a in self.adapters], defaults)
+        # torch.optim.Optimizer wants parameters to hang its param groups on (schedulers read and write the
+        # groups); the rows themselves live in the stores, so each adapter is represented by a placeholder
+        super().__init__([torch.empty(0) for _ in self.adapters], defaults)
         self.global_step = 0
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps = 0  # steps skipped because a row gradient was NaN or inf, in total
@@ -184,41 +186,43 @@ class SparseRowAdam(torch.optim.Optimizer):
         step, lr, (beta1, beta2) = self.global_step, group["lr"], group["betas"]
         eps, weight_decay = group["eps"], group["weight_decay"]
         grads = grads.contiguous()
-        state = (store.rows, store.exp_avg, store.exp_avg_sq)
-        if self.backend == "fused":
-            cpu_kernels().row_adamw_(*state, ids, grads, step, lr, beta1, beta2, eps, weight_decay, kernel_threads())
-        else:  # gather the touched rows into contiguous buffers, update them, scatter them back
-            params, exp_avg, exp_avg_sq = gathered = [t.index_select(0, ids) for t in state]
-            if self.backend == "deepspeed":
-                _deepspeed_adam().adam_update(
-                    self._deepspeed_id,
-                    step,
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    True,
-                    params,
-                    grads,
-                    exp_avg,
-                    exp_avg_sq,
+        with store.rows_for_update(ids) as (*state, index):
+            if self.backend == "fused":
+                cpu_kernels().row_adamw_(
+                    *state, index, grads, step, lr, beta1, beta2, eps, weight_decay, kernel_threads()
                 )
-            else:
-                adamw_torch_(
-                    params,
-                    grads,
-                    exp_avg,
-                    exp_avg_sq,
-                    step=step,
-                    lr=lr,
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=eps,
-                    weight_decay=weight_decay,
-                )
-            for target, buffer in zip(state, gathered, strict=True):
-                target.index_copy_(0, ids, buffer)
+            else:  # gather the touched rows into contiguous buffers, update them, scatter them back
+                params, exp_avg, exp_avg_sq = gathered = [t.index_select(0, index) for t in state]
+                if self.backend == "deepspeed":
+                    _deepspeed_adam().adam_update(
+                        self._deepspeed_id,
+                        step,
+                        lr,
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay,
+                        True,
+                        params,
+                        grads,
+                        exp_avg,
+                        exp_avg_sq,
+                    )
+                else:
+                    adamw_torch_(
+                        params,
+                        grads,
+                        exp_avg,
+                        exp_avg_sq,
+                        step=step,
+                        lr=lr,
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=eps,
+                        weight_decay=weight_decay,
+                    )
+                for target, buffer in zip(state, gathered, strict=True):
+                    target.index_copy_(0, index, buffer)
         adapter.traffic.rows_updated += ids.numel()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -1,25 +1,60 @@
-"""`RowStore`: one adapter's key and value rows, their Adam moments and gradient accumulator, in CPU memory."""
+"""`RowStore`: one adapter's key and value rows, their Adam moments and gradient accumulator, in CPU memory.
+
+It is also the interface of every store tier. The rest of meft_ds reaches rows only through it:
+
+* :meth:`RowStore.gather_into` fills a staging buffer with rows, cast to the dtype rows travel in;
+* :meth:`RowStore.score_probed` scores tokens against the keys of their probed experts (routing);
+* :meth:`RowStore.accumulate_grad` / :meth:`~RowStore.accumulated_grads` / :meth:`~RowStore.drop_grads` keep the
+  touched rows' gradients, by global row id;
+* :meth:`RowStore.rows_for_update` hands the optimizer the rows it owns, to update in place;
+* :meth:`RowStore.save` / :meth:`~RowStore.load` write and read checkpoints, :meth:`~RowStore.full_rows` exports.
+
+:class:`meft_ds.shard.ShardedRowStore` (rows partitioned across ranks) and :class:`meft_ds.swap.NvmeRowStore` (rows
+on NVMe) implement the same methods.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from meft_ds.ops import cpu_kernels, kernel_threads
+from meft_ds.routing import score_probed_keys
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or exported adapter is missing, incomplete, or does not match the model."""
+
+
+def initial_keys(num_rows: int, dim: int, *, std: float, seed: int) -> torch.Tensor:
+    """The ``(num_rows, dim)`` N(0, std) keys of a layer, the same on every rank and for every store tier."""
+    return torch.empty(num_rows, dim).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
 
 
 class RowStore:
-    """Owns the fp32 master rows of one adapter; the adapter only borrows fetched copies for one micro-step.
+    """Owns the fp32 master rows ``[row_start, row_stop)`` of one adapter (all ``num_rows`` unless a subclass shards
+    them); the adapter only borrows fetched copies for one micro-step.
 
     Row ``i`` of ``rows`` holds ``(key_i, value_i)`` side by side, so the rows a micro-batch needs are one gather
     (one staging buffer, one copy each way) and one contiguous block for the optimizer. ``keys`` and ``values`` are
-    writable ``(r, d)`` views. Gradients of fetched rows are accumulated compactly (only touched rows, sorted ids)
-    until the optimizer consumes them (:meth:`accumulated_grads`, then :meth:`drop_grads`).
+    writable ``(rows held, d)`` views. Gradients are accumulated compactly (only touched rows, sorted global ids).
     """
 
-    def __init__(self, num_rows: int, dim: int, *, key_init_std: float, seed: int) -> None:
-        self.num_rows = num_rows
-        self.dim = dim
-        generator = torch.Generator().manual_seed(seed)
-        self.rows = torch.zeros(num_rows, 2, dim)
-        self.rows[:, 0] = torch.empty(num_rows, dim).normal_(0.0, key_init_std, generator=generator)
+    is_shard = False  # True where each rank holds (and saves) only its part
+
+    def __init__(self, keys: torch.Tensor, *, row_start: int = 0, num_rows: int | None = None) -> None:
+        held, self.dim = keys.shape
+        self.row_start = row_start
+        self.row_stop = row_start + held
+        self.num_rows = held if num_rows is None else num_rows
+        self.rows = torch.zeros(held, 2, self.dim)
+        self.rows[:, 0] = keys
         # values start at zero, so an injected model starts exactly at the base model
         self.exp_avg = torch.zeros_like(self.rows)
         self.exp_avg_sq = torch.zeros_like(self.rows)
@@ -39,6 +74,25 @@ class RowStore:
         """CPU bytes of the rows and moments (the accumulator is bounded by the same size and usually far smaller)."""
         return sum(t.numel() * t.element_size() for t in (self.rows, self.exp_avg, self.exp_avg_sq))
 
+    # ------------------------------------------------------------------ reading rows
+    def gather_into(self, row_ids: torch.Tensor, out: torch.Tensor) -> None:
+        """Rows ``row_ids`` (global ids, sorted) into ``out[:n]`` (``(>= n, 2, d)``, any float dtype)."""
+        local = row_ids - self.row_start
+        kernels = cpu_kernels()
+        if kernels is None:
+            out[: row_ids.numel()].copy_(self.rows.index_select(0, local))
+        else:  # gather and cast in one pass
+            kernels.gather_rows(self.rows, local, out, kernel_threads())
+
+    def score_probed(self, hidden: torch.Tensor, probe_ids: torch.Tensor, expert_size: int) -> torch.Tensor:
+        """``(T, n_probe * expert_size)`` scores of ``hidden`` (fp32, CPU) against its probed experts' keys."""
+        return score_probed_keys(hidden, probe_ids, self.keys, expert_size, self.row_start // expert_size)
+
+    def full_rows(self) -> torch.Tensor:
+        """All ``(num_rows, 2, d)`` rows of the layer (for exporting the adapter)."""
+        return self.rows
+
+    # ------------------------------------------------------------------ gradients
     @property
     def num_touched(self) -> int:
         """Rows holding an accumulated gradient."""
@@ -68,3 +122,54 @@ class RowStore:
 
     def drop_grads(self) -> None:
         self._grad_ids = self._grads = None
+
+    # ------------------------------------------------------------------ the optimizer's view
+    @contextlib.contextmanager
+    def rows_for_update(
+        self, row_ids: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(rows, exp_avg, exp_avg_sq, index)``: tensors holding rows ``row_ids`` (owned here) at positions
+        ``index``, to update in place; written back (where they are copies) when the block ends."""
+        yield self.rows, self.exp_avg, self.exp_avg_sq, row_ids - self.row_start
+
+    # ------------------------------------------------------------------ files
+    def file_name(self, layer_index: int) -> str:
+        return f"layer_{layer_index}.safetensors"
+
+    def save(self, directory: Path, layer_index: int) -> None:
+        tensors = {"rows": self.rows, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        save_file(tensors, str(directory / self.file_name(layer_index)))
+
+    def check_saved(self, directory: Path, layer_index: int) -> None:
+        """Raise :class:`CheckpointError` unless ``directory`` holds this store's rows for ``layer_index`` in the
+        right shape (read from the file header; nothing is loaded)."""
+        file = directory / self.file_name(layer_index)
+        if not file.exists():
+            raise CheckpointError(
+                f"{file}: the checkpoint has no row store for layer {layer_index} here. Fix: resume with the same "
+                "meft.layers, meft.store settings and number of ranks as the run that wrote it."
+            )
+        with safe_open(str(file), framework="pt") as saved:
+            shape = tuple(saved.get_slice("rows").get_shape())
+        if shape != tuple(self.rows.shape):
+            raise CheckpointError(
+                f"{file}: rows have shape {shape} but layer {layer_index} holds {tuple(self.rows.shape)} (rows, 2, "
+                "hidden size). Fix: resume with the meft settings, model and number of ranks of the run that wrote "
+                "the checkpoint."
+            )
+
+    def load(self, directory: Path, layer_index: int) -> None:
+        """Restore what :meth:`save` wrote (call :meth:`check_saved` first, for every layer)."""
+        tensors = load_file(str(directory / self.file_name(layer_index)))
+        for name, target in (("rows", self.rows), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            target.copy_(tensors[name])
+        self.drop_grads()
+
+    def assign_rows(self, rows: torch.Tensor) -> None:
+        """Set the rows held here from all ``(num_rows, 2, d)`` rows of the layer (loading an exported adapter)."""
+        self.rows.copy_(rows[self.row_start : self.row_stop])
+
+    def digest(self, into: hashlib._Hash) -> None:
+        """Feed the rows and moments held here to a hash (without copying them)."""
+        for tensor in (self.rows, self.exp_avg, self.exp_avg_sq):
+            into.update(memoryview(tensor.contiguous().numpy()))

@@ -19,7 +19,6 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from meft_ds.cache import DeviceRowCache
-from meft_ds.ops import cpu_kernels, kernel_threads
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore
 
@@ -84,11 +83,7 @@ class RowTransfer:
         if self._upload_done is not None:
             self._upload_done.synchronize()  # the previous copy may still be reading the staging buffer
         staging = self._host_buffer("rows", (row_ids.numel(), 2, self.store.dim), dtype)
-        kernels = cpu_kernels()
-        if kernels is None:
-            staging.copy_(self.store.rows.index_select(0, row_ids))
-        else:  # gather and cast in one pass, straight into the staging buffer
-            kernels.gather_rows(self.store.rows, row_ids, staging, kernel_threads())
+        self.store.gather_into(row_ids, staging)
         on_device = torch.empty(staging.shape, dtype=dtype, device=device)
         with self._accelerator.stream(self._stream):
             on_device.copy_(staging, non_blocking=True)

@@ -13,6 +13,7 @@ from tiny_models import tiny_model, token_batch
 import meft_ds
 import meft_ds.checkpoint
 import meft_ds.engine
+import meft_ds.store
 
 CONFIG = {
     "train_micro_batch_size_per_gpu": 2,
@@ -64,7 +65,7 @@ def main(directory: str, point: str, reference: str) -> None:
     if point == "engine_files":  # in the middle of DeepSpeed's own files
         kill_on_call(engine.checkpoint_engine, "save", call=1)
     elif point == "store_files":  # after the first layer's store file
-        kill_on_call(meft_ds.checkpoint, "save_file", call=1)
+        kill_on_call(meft_ds.store, "save_file", call=1)
     elif point == "publish":  # everything written, nothing renamed yet
         kill_on_call(meft_ds.engine, "publish_directory", call=0)
     elif point == "between_renames":  # re-saving a tag: the old version moved aside, the new one not yet in place

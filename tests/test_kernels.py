@@ -53,5 +53,20 @@ def test_score_probed_matches_the_torch_grouping(kernels) -> None:
     keys = rows[:, 0]  # strided view, as the store hands it over
     hidden = torch.randn(9, 20)
     probe = torch.stack([torch.randperm(12)[:3] for _ in range(9)])
-    scores = kernels.score_probed(hidden, probe, keys, 8, kernel_threads())
+    scores = kernels.score_probed(hidden, probe, keys, 8, 0, kernel_threads())
     torch.testing.assert_close(scores, score_probed_keys_torch(hidden, probe, keys, 8), rtol=1e-5, atol=1e-5)
+
+
+def test_score_probed_on_a_shard_scores_only_the_experts_it_holds(kernels) -> None:
+    keys = torch.randn(96, 20)
+    hidden = torch.randn(9, 20)
+    probe = torch.stack([torch.randperm(12)[:3] for _ in range(9)])
+    full = kernels.score_probed(hidden, probe, keys, 8, 0, kernel_threads())
+    # experts 0-4 on one "rank", 5-11 on the other: each scores its own, the sum is the full result
+    first = kernels.score_probed(hidden, probe, keys[:40], 8, 0, kernel_threads())
+    second = kernels.score_probed(hidden, probe, keys[40:], 8, 5, kernel_threads())
+    assert torch.equal(first + second, full)
+    held_by_first = (probe < 5).repeat_interleave(8, dim=1)
+    assert torch.all(first[~held_by_first] == 0) and torch.all(second[held_by_first] == 0)
+    reference = score_probed_keys_torch(hidden, probe, keys[40:], 8, first_expert=5)
+    torch.testing.assert_close(second, reference, rtol=1e-5, atol=1e-5)

@@ -107,31 +107,36 @@ void gather_rows(torch::Tensor src, torch::Tensor ids, torch::Tensor out, int64_
     });
 }
 
-// hidden: (T, d) fp32 contiguous; probe_ids: (T, P) int64; keys: (r, d) fp32 with unit inner stride and any row
-// stride; returns (T, P * expert_size) with column p * expert_size + j = h_t . key of neuron j of probed expert p.
-// Work is grouped by expert, so an expert's keys are read from memory once and reused by all tokens probing it.
+// hidden: (T, d) fp32 contiguous; probe_ids: (T, P) int64; keys: the keys of experts [first_expert, first_expert +
+// keys.size(0) / expert_size), fp32 with unit inner stride and any row stride; returns (T, P * expert_size) with
+// column p * expert_size + j = h_t . key of neuron j of probed expert p, and 0 for experts outside those keys (a
+// sharded store scores the experts it owns; the owners' results are summed). Work is grouped by expert, so an
+// expert's keys are read from memory once and reused by all tokens probing it.
 torch::Tensor score_probed(torch::Tensor hidden, torch::Tensor probe_ids, torch::Tensor keys, int64_t expert_size,
-                           int64_t threads) {
+                           int64_t first_expert, int64_t threads) {
     check_rows(hidden, "hidden");
     TORCH_CHECK(probe_ids.scalar_type() == torch::kInt64 && probe_ids.is_contiguous(), "probe_ids must be int64");
     TORCH_CHECK(keys.scalar_type() == torch::kFloat32 && keys.stride(1) == 1, "keys must be fp32 with unit stride");
     const int64_t tokens = hidden.size(0), dim = hidden.size(1), probes = probe_ids.size(1);
     const int64_t key_stride = keys.stride(0);
-    const int64_t num_experts = keys.size(0) / expert_size;
+    const int64_t num_experts = keys.size(0) / expert_size;  // the experts these keys hold
     const int64_t* probe = probe_ids.data_ptr<int64_t>();
 
-    // pairs (token, probe slot) bucketed by expert: counting sort
+    // pairs (token, probe slot) of the experts held here, bucketed by expert: counting sort
     std::vector<int64_t> start(num_experts + 1, 0);
+    auto held = [&](int64_t k) { return probe[k] >= first_expert && probe[k] < first_expert + num_experts; };
     for (int64_t k = 0; k < tokens * probes; ++k) {
-        TORCH_CHECK(probe[k] >= 0 && probe[k] < num_experts, "expert id ", probe[k], " out of range");
-        ++start[probe[k] + 1];
+        TORCH_CHECK(probe[k] >= 0, "expert id ", probe[k], " out of range");
+        if (held(k)) ++start[probe[k] - first_expert + 1];
     }
     for (int64_t e = 0; e < num_experts; ++e) start[e + 1] += start[e];
-    std::vector<int64_t> pairs(tokens * probes);
+    std::vector<int64_t> pairs(start[num_experts]);
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t k = 0; k < tokens * probes; ++k) pairs[fill[probe[k]]++] = k;
+    for (int64_t k = 0; k < tokens * probes; ++k) {
+        if (held(k)) pairs[fill[probe[k] - first_expert]++] = k;
+    }
 
-    auto scores = torch::empty({tokens, probes * expert_size}, hidden.options());
+    auto scores = torch::zeros({tokens, probes * expert_size}, hidden.options());
     float* out = scores.data_ptr<float>();
     const float* h = hidden.data_ptr<float>();
     const float* key_base = keys.data_ptr<float>();
