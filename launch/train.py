@@ -224,11 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteGradientError as error:
         raise SystemExit(f"error: {error}\n{resume_hint(checkpoints)}") from error
     digest = check_replicas_identical(meft_ds.adapters(model), group=engine.data_parallel_group)
-    logger.info("rank %d: row store digest %s (identical on all %d ranks)", rank, digest.hex()[:16], world)
+    store_bytes = sum(adapter.store.nbytes for adapter in meft_ds.adapters(model))
+    logger.info(
+        "rank %d: row store holds %d bytes, digest %s (checked across %d ranks)",
+        rank, store_bytes, digest.hex()[:16], world,
+    )  # fmt: skip
 
+    meft_ds.save_adapter(model, output_dir)  # every rank: sharded rows are gathered, rank 0 writes
+    sharded = meft_ds.adapters(model)[0].store.is_shard  # then every rank runs the adapters' collectives
+    after = evaluate(model, tokenizer, eval_examples, args) if eval_examples and (rank == 0 or sharded) else None
     if rank == 0:
-        meft_ds.save_adapter(model, output_dir)
-        after = evaluate(model, tokenizer, eval_examples, args) if eval_examples else None
         summary = {
             "model": args.model,
             "dataset": args.dataset,

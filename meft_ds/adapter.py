@@ -14,7 +14,6 @@ over all of ``U`` with a ``(T, |U|)`` mask (what tensor cores are good at). When
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 from meft_ds.config import MeftConfig
 from meft_ds.ops import cpu_kernels, kernel_threads
 from meft_ds.routing import Routing, select_from_scores
+from meft_ds.shard import ShardedRowStore
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore, initial_keys
 from meft_ds.transfer import RowTransfer
@@ -118,6 +118,13 @@ class PrefetchedRows:
     rows: torch.Tensor
 
 
+def build_store(config: MeftConfig, keys: torch.Tensor, traffic: TrafficStats) -> RowStore:
+    """The row store ``config.store`` describes, starting from a layer's initial ``keys``."""
+    if config.store.shard:
+        return ShardedRowStore(keys, expert_size=config.expert_size, stats=traffic)
+    return RowStore(keys)
+
+
 class SparseKeyExpertAdapter(nn.Module):
     """The MEFT adapter of one FFN. Owns a small device-side router; its big key/value rows live in ``store``.
 
@@ -127,8 +134,8 @@ class SparseKeyExpertAdapter(nn.Module):
 
     Attributes:
         router: ``nn.Linear(d, E, bias=False)`` on the device, trained by the dense optimizer.
-        store: the :class:`RowStore` (or a sharded / NVMe store, from ``store_factory(keys, layer_index)``) with
-            the fp32 master rows (not a parameter or buffer, so the DeepSpeed engine never sees, casts or partitions
+        store: the :class:`RowStore` (or the sharded or NVMe store ``config.store`` asks for) with the fp32 master
+            rows (not a parameter or buffer, so the DeepSpeed engine never sees, casts or partitions
             it). Keys start N(0, key_init_std) from a per-layer seed, identical on every rank.
         transfer: the :class:`RowTransfer` that moves this adapter's bytes (and holds its device cache, if any).
         traffic: this adapter's :class:`TrafficStats`.
@@ -144,7 +151,6 @@ class SparseKeyExpertAdapter(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         cache_bytes: int = 0,
-        store_factory: Callable[[torch.Tensor, int], RowStore] | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -155,8 +161,8 @@ class SparseKeyExpertAdapter(nn.Module):
         with torch.no_grad():
             expert_means = keys.view(config.num_experts, config.expert_size, dim).mean(dim=1)
             self.router.weight.copy_(config.router_init_scale * expert_means)
-        self.store = store_factory(keys, layer_index) if store_factory is not None else RowStore(keys)
         self.traffic = TrafficStats()
+        self.store = build_store(config, keys, self.traffic)
         self.transfer = RowTransfer(self.store, self.traffic, cache_bytes=cache_bytes)
         self.prefetch_target: SparseKeyExpertAdapter | None = None
         self.pending: PendingRouting | None = None  # set between the FFN's pre-hook and hook

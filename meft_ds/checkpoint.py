@@ -136,6 +136,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Export the trained adapters (keys, values, routers) as safetensors plus a JSON config into ``directory``.
 
     The export holds no optimizer state; :func:`load_adapter` loads it into a fresh base model for inference.
+    With sharded stores every rank must call it (the rows are gathered); rank 0 writes.
     """
     model_adapters = adapters(model)
     if not model_adapters:
@@ -156,6 +157,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "layers": [a.layer_index for a in model_adapters],
         "meft": {**config.to_dict(), "layers": [a.layer_index for a in model_adapters]},
     }
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return directory  # every rank helps gather sharded rows; rank 0 writes
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_file(directory / ADAPTER_WEIGHTS) as temporary:
         save_file(tensors, str(temporary))

@@ -1,9 +1,15 @@
-"""Keeping replicated row stores identical across data-parallel ranks.
+"""Row gradients across data-parallel ranks, and a check that replicated stores stay identical.
 
 The DeepSpeed engine all-reduces its own parameters' gradients, never the rows' (they live outside it). At each
-optimizer boundary :func:`allreduce_row_grads` averages the accumulated row gradients over the ranks, exchanging only
-touched rows: every rank learns the union of touched row ids (an all-gather of ids), lays its gradients out over that
-union and joins one all-reduce. Every rank then applies the same sparse Adam step to the same rows.
+optimizer boundary :func:`exchange_row_grads` averages the accumulated row gradients over the ranks, moving only
+touched rows, in one of two ways:
+
+* replicated stores: every rank learns the union of touched row ids (an all-gather of ids), lays its gradients out
+  over that union and joins one all-reduce; every rank then applies the same sparse Adam step to the same rows;
+* sharded stores: every row's gradient goes to the rank that owns it (all-to-all), which sums the ranks'
+  contributions and alone updates the row.
+
+All layers travel together, each layer's row ids offset by ``position * r``.
 """
 
 from __future__ import annotations
@@ -15,80 +21,105 @@ import torch
 from deepspeed import comm as dist
 
 from meft_ds.adapter import SparseKeyExpertAdapter
+from meft_ds.shard import ShardedRowStore, all_gather_rows, host_group
 
 
-def _all_gather_variable(tensor: torch.Tensor, group: Any, world_size: int) -> list[torch.Tensor]:
-    """Every rank's 1-D ``tensor`` (lengths may differ), via two fixed-size all-gathers."""
-    length = torch.tensor([tensor.numel()], dtype=torch.int64)
-    lengths = [torch.zeros_like(length) for _ in range(world_size)]
-    dist.all_gather(lengths, length, group=group)
-    longest = int(max(n.item() for n in lengths))
-    padded = torch.full((longest,), -1, dtype=tensor.dtype)
-    padded[: tensor.numel()] = tensor
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded, group=group)
-    return [g[: int(n.item())] for g, n in zip(gathered, lengths, strict=True)]
-
-
-def allreduce_row_grads(adapters: list[SparseKeyExpertAdapter], *, group: Any = None) -> int:
-    """Average every adapter's accumulated row gradients over the ranks of ``group``; returns the bytes sent.
-
-    All layers travel together: one all-gather of row ids (each layer's ids offset by ``layer * r``) and one
-    all-reduce of the gradients laid out over each layer's union of ids.
-    """
-    world_size = dist.get_world_size(group=group)
-    if world_size == 1:
-        return 0
-    local_ids, local_grads = [], []
+def _touched(adapters: list[SparseKeyExpertAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All layers' accumulated ``(ids offset by position * r, grads)``, concatenated."""
+    ids, grads = [torch.empty(0, dtype=torch.int64)], [torch.empty(0, 2, adapters[0].store.dim)]
     for position, adapter in enumerate(adapters):
         accumulated = adapter.store.accumulated_grads()
         if accumulated is not None:
-            local_ids.append(accumulated[0] + position * adapter.store.num_rows)
-            local_grads.append(accumulated)
-    mine = torch.cat(local_ids) if local_ids else torch.empty(0, dtype=torch.int64)
-    union = torch.cat(_all_gather_variable(mine, group, world_size)).unique(sorted=True)
+            ids.append(accumulated[0] + position * adapter.store.num_rows)
+            grads.append(accumulated[1])
+    return torch.cat(ids), torch.cat(grads)
 
-    offsets = torch.tensor([0] + [a.store.num_rows for a in adapters]).cumsum(0)
-    buffers, spans = [], []
+
+def _store_summed(adapters: list[SparseKeyExpertAdapter], ids: torch.Tensor, grads: torch.Tensor, scale: float) -> None:
+    """Replace every layer's accumulator with ``scale`` times the sum of ``grads`` per (offset) row id."""
+    num_rows = adapters[0].store.num_rows
+    unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    summed = grads.new_zeros(unique.numel(), 2, grads.shape[2]).index_add_(0, inverse, grads).mul_(scale)
     for position, adapter in enumerate(adapters):
-        lo, hi = torch.searchsorted(union, offsets[position : position + 2]).tolist()
-        ids = union[lo:hi] - offsets[position]
-        buffer = torch.zeros(ids.numel(), 2, adapter.store.dim)
-        accumulated = adapter.store.accumulated_grads()
-        if accumulated is not None:
-            buffer[torch.searchsorted(ids, accumulated[0])] = accumulated[1]
-        buffers.append(buffer)
-        spans.append(ids)
-    flat = torch.cat([b.flatten() for b in buffers])
-    dist.all_reduce(flat, group=group)
-    flat.div_(world_size)
-    start = 0
-    for adapter, ids, buffer in zip(adapters, spans, buffers, strict=True):
-        averaged = flat[start : start + buffer.numel()].view_as(buffer).clone()
-        start += buffer.numel()
-        own = adapter.store.num_touched
         adapter.store.drop_grads()
-        if ids.numel():
-            adapter.store.accumulate_grad(ids, averaged)
-        # what this rank puts into the collectives for this layer: its row ids, then the union's gradients
-        adapter.traffic.bytes_between_ranks += own * 8 + averaged.numel() * averaged.element_size()
-    return mine.numel() * mine.element_size() + flat.numel() * flat.element_size()
+        lo, hi = torch.searchsorted(unique, torch.tensor([position, position + 1]) * num_rows).tolist()
+        if hi > lo:
+            adapter.store.accumulate_grad(unique[lo:hi] - position * num_rows, summed[lo:hi].clone())
 
 
-def store_digest(adapters: list[SparseKeyExpertAdapter]) -> bytes:
-    """SHA-256 of every store's rows and moments, hashed in place (no copy of the store)."""
-    digest = hashlib.sha256()
+def _allreduce(adapters: list[SparseKeyExpertAdapter], group: Any, world_size: int) -> None:
+    mine, grads = _touched(adapters)
+    union = torch.cat(all_gather_rows(mine, group, world_size)).unique(sorted=True)
+    laid_out = grads.new_zeros(union.numel(), 2, grads.shape[2])
+    laid_out[torch.searchsorted(union, mine)] = grads
+    dist.all_reduce(laid_out, group=group)
+    _store_summed(adapters, union, laid_out, 1.0 / world_size)
+    share = (mine.numel() * 8 + laid_out.numel() * 4) // len(adapters)
+    for adapter in adapters:  # what this rank put into the collectives, spread over the layers
+        adapter.traffic.bytes_between_ranks += share
+
+
+def _send_to_owners(adapters: list[SparseKeyExpertAdapter], group: Any, world_size: int) -> None:
+    mine, grads = _touched(adapters)
+    num_rows = adapters[0].store.num_rows
+    owners = adapters[0].store.owners(mine % num_rows)  # every layer is sharded the same way
+    order = torch.argsort(owners, stable=True)
+    mine, grads = mine[order], grads[order]
+    counts = torch.bincount(owners, minlength=world_size)
+    incoming = torch.empty_like(counts)
+    dist.all_to_all_single(incoming, counts, group=group)
+    send, receive = counts.tolist(), incoming.tolist()
+    ids = torch.empty(sum(receive), dtype=torch.int64)
+    dist.all_to_all_single(ids, mine, receive, send, group=group)
+    width = 2 * grads.shape[2]
+    received = grads.new_empty(ids.numel(), 2, grads.shape[2])
+    dist.all_to_all_single(
+        received.view(-1), grads.reshape(-1), [n * width for n in receive], [n * width for n in send], group=group
+    )
+    _store_summed(adapters, ids, received, 1.0 / world_size)
+    share = (mine.numel() * 8 + grads.numel() * 4) // len(adapters)
     for adapter in adapters:
-        adapter.store.digest(digest)
-    return digest.digest()
+        adapter.traffic.bytes_between_ranks += share
+
+
+def exchange_row_grads(adapters: list[SparseKeyExpertAdapter], *, group: Any = None) -> None:
+    """Average the accumulated row gradients over the data-parallel ranks of ``group`` (see the module docstring).
+    Gradients are means over ranks, as the engine makes its own."""
+    if not adapters or dist.get_world_size(group=group) == 1:
+        return
+    if isinstance(adapters[0].store, ShardedRowStore):
+        store = adapters[0].store
+        _send_to_owners(adapters, store.group, store.world_size)
+    else:
+        group = host_group(group)
+        _allreduce(adapters, group, dist.get_world_size(group=group))
+
+
+def row_grad_squared_norm(adapters: list[SparseKeyExpertAdapter]) -> float:
+    """The squared norm of all rows' gradients, after :func:`exchange_row_grads`: with sharded stores each rank holds
+    its owned rows' gradients, so the parts are summed over the ranks."""
+    squared = torch.zeros((), dtype=torch.float64)
+    for adapter in adapters:
+        accumulated = adapter.store.accumulated_grads()
+        if accumulated is not None:
+            squared += accumulated[1].double().pow(2).sum()
+    if adapters and isinstance(adapters[0].store, ShardedRowStore):
+        dist.all_reduce(squared, group=adapters[0].store.group)
+    return float(squared)
 
 
 def check_replicas_identical(adapters: list[SparseKeyExpertAdapter], *, group: Any = None) -> bytes:
-    """Raise if the replicated stores differ between the ranks of ``group``; returns this rank's digest."""
-    mine = store_digest(adapters)
-    world_size = dist.get_world_size(group=group)
-    if world_size == 1:
+    """Raise if the replicated stores differ between the ranks of ``group``; returns this rank's digest of its
+    stores (sharded stores hold different rows on each rank by design and are only hashed)."""
+    digest = hashlib.sha256()
+    for adapter in adapters:
+        adapter.store.digest(digest)
+    mine = digest.digest()
+    replicated = not any(adapter.store.is_shard for adapter in adapters)
+    if not replicated or dist.get_world_size(group=group) == 1:
         return mine
+    group = host_group(group)
+    world_size = dist.get_world_size(group=group)
     gathered = [torch.empty(len(mine), dtype=torch.uint8) for _ in range(world_size)]
     dist.all_gather(gathered, torch.frombuffer(bytearray(mine), dtype=torch.uint8), group=group)
     digests = [bytes(t.tolist()) for t in gathered]

@@ -30,7 +30,7 @@ from torch import nn
 
 from meft_ds.checkpoint import atomic_file, load_stores, publish_directory, recover_directory, save_stores
 from meft_ds.config import MeftConfig, MeftConfigError
-from meft_ds.distributed import allreduce_row_grads
+from meft_ds.distributed import exchange_row_grads, row_grad_squared_norm
 from meft_ds.ds_config import (
     keep_cpu_runs_in_fp32,
     load_deepspeed_config,
@@ -92,7 +92,7 @@ class MeftPlugin:
         lr = self.sparse_lr()
         for adapter in self.adapters:
             adapter.collect_row_grads()
-        allreduce_row_grads(self.adapters, group=self.engine.data_parallel_group)
+        exchange_row_grads(self.adapters, group=self.engine.data_parallel_group)
         self._unscale_row_grads()
         max_norm = float(self.engine.gradient_clipping() or 0.0)
         if max_norm > 0:
@@ -132,10 +132,7 @@ class MeftPlugin:
         dense = [(p, safe_get_full_grad(p)) for p in self._dense_params()]
         dense = [(p, g) for p, g in dense if g is not None]
         squared = sum((g.double().pow(2).sum().item() for _, g in dense), 0.0) / scale**2
-        for adapter in self.adapters:
-            accumulated = adapter.store.accumulated_grads()
-            if accumulated is not None:
-                squared += accumulated[1].double().pow(2).sum().item()
+        squared += row_grad_squared_norm(self.adapters)
         norm = math.sqrt(squared)
         self.last_grad_norm = norm
         coefficient = max_norm / (norm + 1e-6)
@@ -230,6 +227,7 @@ def initialize(
     keep_cpu_runs_in_fp32(ds_config)
 
     if not adapters(model):
+        deepspeed.init_distributed()  # a sharded store partitions rows across the ranks as it is built
         inject(model, meft_config)
     if model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]

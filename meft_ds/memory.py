@@ -1,14 +1,16 @@
 """How much CPU memory the row stores will take, checked before a byte of them is allocated.
 
 Per adapter layer the store holds fp32 rows (keys and values: ``2 * r * d``), two Adam moments of the same size,
-and a gradient accumulator that holds at most every row once. A configuration that would not fit is refused with
-the largest ``num_neurons`` that would.
+and a gradient accumulator that holds at most every row once; a sharded store holds ``1/world`` of that per rank. A
+configuration that would not fit is refused with the largest ``num_neurons`` that would.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import torch.distributed
 
 from meft_ds.config import MeftConfig, MeftConfigError
 
@@ -38,12 +40,13 @@ def available_bytes() -> int:
 def check_store_fits(config: MeftConfig, num_layers: int, dim: int, *, available: int | None = None) -> None:
     """Raise :class:`MeftConfigError` (with a configuration that fits) when the stores would not fit in memory."""
     available = available_bytes() if available is None else available
-    needed = store_bytes(num_layers, config.num_neurons, dim)
+    shards = torch.distributed.get_world_size() if config.store.shard and torch.distributed.is_initialized() else 1
+    needed = store_bytes(num_layers, config.num_neurons, dim) // shards
     budget = int(available * HEADROOM)
     if needed <= budget:
         return
-    per_neuron = store_bytes(num_layers, 1, dim)
-    fitting = budget // per_neuron
+    per_neuron = store_bytes(num_layers, 1, dim) / shards
+    fitting = int(budget // per_neuron)
     step = config.top_k  # a multiple of K keeps a sensible expert split available
     fitting = (fitting // step) * step
     suggestion = (

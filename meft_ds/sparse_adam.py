@@ -23,9 +23,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from deepspeed import comm as dist
 
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.ops import cpu_kernels, kernel_threads
+from meft_ds.shard import ShardedRowStore
 
 BACKENDS = ("auto", "fused", "deepspeed", "torch")
 logger = logging.getLogger("meft_ds")
@@ -159,8 +161,17 @@ class SparseRowAdam(torch.optim.Optimizer):
         return loss
 
     def _row_grads_finite(self) -> bool:
-        sums = [acc[1].sum() for a in self.adapters if (acc := a.store.accumulated_grads()) is not None]
-        return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
+        """Whether every row gradient is finite; sharded stores hold different rows on each rank, so the ranks
+        agree on the answer (all of them skip, or none)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for adapter in self.adapters:
+            accumulated = adapter.store.accumulated_grads()
+            if accumulated is not None:
+                total += accumulated[1].sum()
+        store = self.adapters[0].store
+        if isinstance(store, ShardedRowStore):
+            dist.all_reduce(total, group=store.group)
+        return bool(torch.isfinite(total))
 
     def _skip_nonfinite_step(self) -> None:
         """A NaN/inf row gradient: leave every row and moment untouched, drop the gradients, count the step; too

@@ -117,7 +117,7 @@ def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path: Path, model
     common = ["--deepspeed", config, "--model", model_dirs["chat"], "--max_steps", "4", "--no_eval", *TINY_RUN]
     two = launch(*common, "--output_dir", tmp_path / "two", ranks=2)
     launch(*common, "--output_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
-    digests = {line.split("digest ")[1].split()[0] for line in two.stderr.splitlines() if "row store digest" in line}
+    digests = {line.split("digest ")[1].split()[0] for line in two.stderr.splitlines() if "digest" in line}
     assert len(digests) == 1, f"both ranks must log the same store digest, got {digests}"
     two_losses = [r["loss"] for r in metrics(tmp_path / "two")]
     one_losses = [r["loss"] for r in metrics(tmp_path / "one")]
@@ -127,6 +127,42 @@ def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path: Path, model
     b = meft_ds.load_adapter(tiny_model(), tmp_path / "one")
     for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
         torch.testing.assert_close(x.store.rows, y.store.rows, rtol=0, atol=1e-5)
+
+
+def store_bytes_per_rank(result: subprocess.CompletedProcess) -> list[int]:
+    return [int(line.split("holds ")[1].split()[0]) for line in result.stderr.splitlines() if "row store holds" in line]
+
+
+def test_sharded_store_trains_like_the_replicated_one_with_half_the_memory(
+    tmp_path: Path, model_dirs: dict[str, Path]
+) -> None:
+    config = write_config(tmp_path, total_steps=6)
+    common = ["--deepspeed", config, "--model", model_dirs["chat"], "--eval_limit", "4", "--max_new_tokens", "4",
+              *TINY_RUN]  # fmt: skip
+    replicated = launch(*common, "--output_dir", tmp_path / "replicated", "--max_steps", "6", ranks=2)
+    sharded = launch(*common, "--output_dir", tmp_path / "sharded", "--max_steps", "6", "--meft",
+                     'store={"shard": true}', ranks=2)  # fmt: skip
+    assert [r["loss"] for r in metrics(tmp_path / "sharded")] == pytest.approx(
+        [r["loss"] for r in metrics(tmp_path / "replicated")], rel=1e-5
+    )
+    full, halves = store_bytes_per_rank(replicated), store_bytes_per_rank(sharded)
+    assert len(full) == len(halves) == 2 and halves[0] + halves[1] == full[0] and halves[0] == halves[1]
+    a = meft_ds.load_adapter(tiny_model(), tmp_path / "replicated")
+    b = meft_ds.load_adapter(tiny_model(), tmp_path / "sharded")
+    for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
+        torch.testing.assert_close(x.store.rows, y.store.rows, rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "sharded" / "results.json").read_text())["after"]["n"] == 4
+
+    # a sharded run cut at step 3 and resumed: each rank reloads its own part of the store
+    shards = sorted(p.name for p in (tmp_path / "sharded" / "checkpoints" / "global_step6" / "meft").glob("*.safe*"))
+    assert shards == [f"layer_{i}.shard_{r}_of_2.safetensors" for i in range(2) for r in range(2)]
+    cut = ["--output_dir", tmp_path / "cut", "--meft", 'store={"shard": true}']
+    launch(*common, *cut, "--max_steps", "3", "--no_eval", ranks=2)
+    launch(*common, *cut, "--max_steps", "6", "--no_eval", "--resume", ranks=2)
+    assert [r["loss"] for r in metrics(tmp_path / "cut")] == [r["loss"] for r in metrics(tmp_path / "sharded")]
+    c = meft_ds.load_adapter(tiny_model(), tmp_path / "cut")
+    for x, y in zip(meft_ds.adapters(b), meft_ds.adapters(c), strict=True):
+        assert torch.equal(x.store.rows, y.store.rows)
 
 
 def test_resume_continues_the_same_run(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
