@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from meft_ds.routing import Routing, select_from_scores
 from meft_ds.shard import ShardedRowStore
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore, initial_keys
+from meft_ds.swap import NvmeRowStore
 from meft_ds.transfer import RowTransfer
 
 
@@ -118,8 +120,17 @@ class PrefetchedRows:
     rows: torch.Tensor
 
 
-def build_store(config: MeftConfig, keys: torch.Tensor, traffic: TrafficStats) -> RowStore:
+def build_store(
+    config: MeftConfig, keys: torch.Tensor, traffic: TrafficStats, *, layer_index: int, nvme_folder: Path | None,
+    ram_budget: int,
+) -> RowStore:  # fmt: skip
     """The row store ``config.store`` describes, starting from a layer's initial ``keys``."""
+    if config.store.device == "nvme":
+        assert nvme_folder is not None
+        return NvmeRowStore(
+            keys, expert_size=config.expert_size, folder=nvme_folder, layer_index=layer_index, ram_budget=ram_budget,
+            stats=traffic,
+        )  # fmt: skip
     if config.store.shard:
         return ShardedRowStore(keys, expert_size=config.expert_size, stats=traffic)
     return RowStore(keys)
@@ -151,6 +162,8 @@ class SparseKeyExpertAdapter(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         cache_bytes: int = 0,
+        nvme_folder: Path | None = None,
+        store_ram_bytes: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -162,7 +175,9 @@ class SparseKeyExpertAdapter(nn.Module):
             expert_means = keys.view(config.num_experts, config.expert_size, dim).mean(dim=1)
             self.router.weight.copy_(config.router_init_scale * expert_means)
         self.traffic = TrafficStats()
-        self.store = build_store(config, keys, self.traffic)
+        self.store = build_store(
+            config, keys, self.traffic, layer_index=layer_index, nvme_folder=nvme_folder, ram_budget=store_ram_bytes
+        )
         self.transfer = RowTransfer(self.store, self.traffic, cache_bytes=cache_bytes)
         self.prefetch_target: SparseKeyExpertAdapter | None = None
         self.pending: PendingRouting | None = None  # set between the FFN's pre-hook and hook

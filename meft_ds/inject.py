@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed
 from torch import nn
 
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.config import MeftConfig, MeftConfigError
-from meft_ds.memory import check_store_fits
+from meft_ds.memory import check_store_fits, store_bytes
+from meft_ds.swap import aio_handle, check_nvme_path
 
 ADAPTERS_ATTR = "meft_adapters"
 
@@ -102,6 +105,16 @@ def _add_adapter_output(
     return output + adapter.finish(hidden, pending if pending is not None else adapter.begin(hidden))
 
 
+def _nvme_folder(config: MeftConfig, num_layers: int, dim: int) -> Path | None:
+    """This rank's folder of the NVMe tier (checked writable, with room, and libaio present), or None."""
+    if config.store.device != "nvme":
+        return None
+    aio_handle()  # fails now, with the fix, if DeepSpeed's async I/O op cannot be built
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    needed = 3 * store_bytes(num_layers, config.num_neurons, dim) // 4  # rows and two moments
+    return check_nvme_path(str(Path(config.store.nvme_path) / f"rank_{rank}"), needed)
+
+
 def adapters(model: nn.Module) -> list[SparseKeyExpertAdapter]:
     """The model's adapters, in layer order."""
     found = [m for m in model.modules() if isinstance(m, SparseKeyExpertAdapter)]
@@ -139,6 +152,8 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
     for param in model.parameters():
         param.requires_grad_(False)
     cache_bytes = int(config.cache_mb * 2**20) // len(ffns)
+    nvme_folder = _nvme_folder(config, len(ffns), dim)
+    store_ram_bytes = int(config.store.ram_budget_mb * 2**20) // len(ffns)
     registered = nn.ModuleDict()
     for index, ffn in ffns.items():
         reference = next(ffn.parameters(), None)
@@ -149,6 +164,8 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
             device=reference.device if reference is not None else None,
             dtype=reference.dtype if reference is not None else None,
             cache_bytes=cache_bytes,
+            nvme_folder=nvme_folder,
+            store_ram_bytes=store_ram_bytes,
         )
         registered[str(index)] = adapter
         ffn.register_forward_pre_hook(functools.partial(_begin_adapter, adapter), with_kwargs=True)

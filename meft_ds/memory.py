@@ -40,6 +40,8 @@ def available_bytes() -> int:
 def check_store_fits(config: MeftConfig, num_layers: int, dim: int, *, available: int | None = None) -> None:
     """Raise :class:`MeftConfigError` (with a configuration that fits) when the stores would not fit in memory."""
     available = available_bytes() if available is None else available
+    if config.store.device == "nvme":  # rows and moments on NVMe; memory holds the cache of hot rows
+        return check_nvme_ram(config, available)
     shards = torch.distributed.get_world_size() if config.store.shard and torch.distributed.is_initialized() else 1
     needed = store_bytes(num_layers, config.num_neurons, dim) // shards
     budget = int(available * HEADROOM)
@@ -59,3 +61,13 @@ def check_store_fits(config: MeftConfig, num_layers: int, dim: int, *, available
         f"{needed / 2**30:.1f} GiB of CPU memory (fp32 rows, two Adam moments, gradient accumulator) but only "
         f"{available / 2**30:.1f} GiB is available to this process. Fix: use {suggestion}."
     )
+
+
+def check_nvme_ram(config: MeftConfig, available: int) -> None:
+    budget = int(config.store.ram_budget_mb * 2**20)
+    if budget > available * HEADROOM:
+        raise MeftConfigError(
+            f"meft.store.ram_budget_mb: {config.store.ram_budget_mb:.0f} MiB for the NVMe tier's cache, but only "
+            f"{available / 2**20:.0f} MiB is available to this process. Fix: set ram_budget_mb below "
+            f"{available * HEADROOM / 2**20:.0f}."
+        )

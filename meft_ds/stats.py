@@ -25,6 +25,8 @@ class TrafficStats:
     bytes_between_ranks: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    nvme_bytes_read: int = 0
+    nvme_bytes_written: int = 0
     forward_calls: int = 0
 
     def as_dict(self) -> dict[str, int]:
