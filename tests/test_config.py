@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from tiny_models import tiny_model
@@ -117,3 +118,16 @@ def test_auto_steps_without_max_steps_is_named() -> None:
 def test_huge_neuron_counts_validate_instantly() -> None:
     config = MeftConfig(num_neurons=2**40, top_k=64)  # divisors are found in O(sqrt(r)), not O(r)
     assert config.num_neurons % config.num_experts == 0
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "ds_configs").glob("*.json")), ids=lambda p: p.name
+)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    import json
+
+    from meft_ds.ds_config import resolve_auto, validate_deepspeed_config
+
+    config = json.loads(path.read_text())
+    validate_deepspeed_config(resolve_auto(config, max_steps=100))
+    assert MeftConfig.from_dict(config["meft"]).num_neurons > 0
