@@ -1,0 +1,114 @@
+"""Benchmarks of meft_ds (issue 5), all in one run; writes results JSON, PNG plots and BENCHMARKS.md.
+
+    python launch/bench.py                     # the full run, about 15 minutes on 2 CPU cores
+    python launch/bench.py --quick             # about 2 minutes, smaller sizes
+    python launch/bench.py --only a,c --out docs/bench --meft n_probe=16 --cache-mb 512
+
+Experiments: a. host<->device bytes per optimizer step, MEFT vs a dense adapter under ZeRO-Offload; b. sparse Adam
+GB/s vs DeepSpeed's dense CPU Adam vs copy_; c. step time vs LoRA and dense adapters; d. adapter bytes on the device
+as r grows; e. CPU routing cost vs the number of experts. Each module under launch/bench/ says how it measures.
+``--meft KEY=VALUE`` overrides go to every MEFT variant (through ``meft_ds.MeftConfig.from_dict``); a variant whose
+own key this meft_ds does not know (e.g. ``cache_mb``) is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# before torch/deepspeed are imported: the CPU accelerator, the shared JIT-op cache, no hub
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "meft_ds" / "torch_extensions"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import dataclasses
+import datetime
+import resource
+import shlex
+import sys
+import time
+from types import ModuleType
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from bench import adam, memory, routing_cost, steptime, traffic
+from bench.common import Context, Section, Settings
+from bench.report import load_results, machine, render_markdown, write_results
+
+from meft_ds.training import parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS: dict[str, tuple[ModuleType, str]] = {
+    "a": (traffic, "a_traffic.png"),
+    "b": (adam, "b_sparse_adam.png"),
+    "c": (steptime, "c_step_time.png"),
+    "d": (memory, "d_device_bytes.png"),
+    "e": (routing_cost, "e_routing_cost.png"),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (~2 min)")
+    parser.add_argument("--only", default=",".join(EXPERIMENTS), help="experiments to run, e.g. a,c")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="results.json and plots")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--meft", action="append", default=[], metavar="KEY=VALUE", help="MeftConfig override")
+    parser.add_argument(
+        "--cache-mb",
+        type=float,
+        default=None,
+        help="a.'s cache variant budget (MiB per model); default: the dense adapter's device bytes under ZeRO-Offload",
+    )
+    parser.add_argument("--micro-steps", type=int, default=None, help="a.'s measured cache window (default 16 / 4)")
+    args = parser.parse_args(argv)
+    args.only = [key.strip() for key in args.only.split(",") if key.strip()]
+    unknown = [key for key in args.only if key not in EXPERIMENTS]
+    if unknown:
+        parser.error(f"--only: unknown experiment(s) {unknown}; use some of {','.join(EXPERIMENTS)}")
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    settings = Settings.quick() if args.quick else Settings.full()
+    if args.micro_steps:
+        settings = dataclasses.replace(settings, traffic_window=args.micro_steps)
+    command = shlex.join(["python", "launch/bench.py", *argv])
+    context = Context(settings, command, parse_overrides(args.meft), args.cache_mb)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    stored = load_results(results_path)
+    keep_others = set(args.only) != set(EXPERIMENTS)
+    sections = {k: Section.from_json(v) for k, v in stored["sections"].items()} if keep_others else {}
+    meta = {"machine": machine(), "last_command": command}
+    started = time.perf_counter()
+    for key in args.only:
+        module, image = EXPERIMENTS[key]
+        print(f"[{key}] {module.__name__} ({time.perf_counter() - started:.0f} s into the run)", flush=True)
+        begin = time.perf_counter()
+        section = module.run(context)
+        section.command = command
+        section.mode = "quick" if args.quick else "full"
+        section.measured_at = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        section.seconds = time.perf_counter() - begin
+        section.plot = image
+        module.plot(section, str(args.out / image))
+        sections[key] = section
+        write_results(results_path, sections, meta)  # after each experiment, so a crash keeps the others
+        print(f"[{key}] {section.verdict} ({section.seconds:.0f} s)", flush=True)
+    meta["seconds"] = time.perf_counter() - started
+    meta["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: ru_maxrss in KiB
+    write_results(results_path, sections, meta)
+    images = {k: os.path.relpath(args.out / s.plot, args.markdown.parent) for k, s in sections.items() if s.plot}
+    results_link = os.path.relpath(results_path, args.markdown.parent)
+    args.markdown.write_text(render_markdown(dict(sorted(sections.items())), meta, images, results_link))
+    print(f"wrote {results_path}, {args.markdown} in {meta['seconds']:.0f} s, peak memory {meta['peak_rss_gb']:.1f} GB")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,157 @@
+"""b. Sparse Adam bandwidth on the touched rows vs DeepSpeed's dense CPU Adam vs a plain memory copy.
+
+Adam's useful traffic is 7 tensors of the rows it updates: param, grad, exp_avg, exp_avg_sq read; param, exp_avg,
+exp_avg_sq written. GB/s = that traffic / the median time of one step, for every backend alike (so the gather/scatter
+of the "deepspeed" and "torch" backends counts as overhead, not as traffic). The dense kernel updates a matrix of the
+same total size (every row touched); ``Tensor.copy_`` moves 2 tensors (read + write) of the same size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import meft_ds
+from bench.common import GB, Context, Section, figure_footer, fmt_ratio, free_memory, median_seconds
+
+BACKENDS = ("fused", "deepspeed", "torch")
+ADAM_TENSORS = 7
+
+
+def adam_traffic_bytes(num_rows: int, width: int, element_bytes: int = 4) -> int:
+    """Bytes Adam must move to update ``num_rows`` rows of ``width`` elements."""
+    return ADAM_TENSORS * num_rows * width * element_bytes
+
+
+def row_adapter(num_rows: int, width: int) -> meft_ds.SparseKeyExpertAdapter:
+    """An adapter whose row store holds ``num_rows`` rows of ``width`` = 2*d fp32 values (key and value)."""
+    config = meft_ds.MeftConfig(num_neurons=num_rows, top_k=64)
+    return meft_ds.SparseKeyExpertAdapter(width // 2, config, 0)
+
+
+def touched_rows(num_rows: int, fraction: float, seed: int = 0) -> torch.Tensor:
+    """A sorted random ``fraction`` of the rows (what a store's accumulator holds at an optimizer boundary)."""
+    generator = torch.Generator().manual_seed(seed)
+    count = max(1, round(fraction * num_rows))
+    return torch.randperm(num_rows, generator=generator)[:count].sort().values
+
+
+def sparse_step_seconds(adapter: Any, backend: str, fraction: float, repeats: int) -> float:
+    """Median time of ``SparseRowAdam.step()`` with ``fraction`` of the rows holding a gradient."""
+    optimizer = meft_ds.SparseRowAdam([adapter], lr=1e-4, backend=backend)
+    ids = touched_rows(adapter.store.num_rows, fraction)
+    grads = torch.randn(ids.numel(), 2, adapter.dim) * 1e-3
+
+    def step() -> None:
+        adapter.store.accumulate_grad(ids, grads)  # the store takes the tensor as its accumulator: no copy
+        optimizer.step()
+
+    seconds, _ = median_seconds(step, repeats=repeats)
+    return seconds
+
+
+def dense_step_seconds(num_rows: int, width: int, repeats: int) -> float:
+    """Median time of ``DeepSpeedCPUAdam.step()`` on one ``num_rows x width`` fp32 parameter."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    param = torch.nn.Parameter(torch.zeros(num_rows, width))
+    param.grad = torch.randn(num_rows, width) * 1e-3
+    optimizer = DeepSpeedCPUAdam([param], lr=1e-4, adamw_mode=True)
+    seconds, _ = median_seconds(optimizer.step, repeats=repeats)
+    return seconds
+
+
+def copy_seconds(num_rows: int, width: int, repeats: int) -> float:
+    source, target = torch.randn(num_rows, width), torch.empty(num_rows, width)
+    seconds, _ = median_seconds(lambda: target.copy_(source), repeats=repeats)
+    return seconds
+
+
+def run(context: Context) -> Section:
+    s = context.settings
+    rows, width = s.adam_rows, s.adam_width
+    matrix = rows * width * 4
+    print(f"  dense DeepSpeedCPUAdam on {rows} x {width} fp32, and copy_")
+    dense_gbs = adam_traffic_bytes(rows, width) / dense_step_seconds(rows, width, s.adam_repeats) / GB
+    copy_gbs = 2 * matrix / copy_seconds(rows, width, s.adam_repeats) / GB
+    free_memory()
+    adapter = row_adapter(rows, width)
+    measured = []
+    for fraction in s.adam_fractions:
+        for backend in BACKENDS:
+            try:
+                seconds = sparse_step_seconds(adapter, backend, fraction, s.adam_repeats)
+            except RuntimeError as error:  # a backend that cannot be built here
+                print(f"  note: backend {backend} skipped: {error}")
+                continue
+            touched = touched_rows(rows, fraction).numel()
+            gbs = adam_traffic_bytes(touched, width) / seconds / GB
+            measured.append({"backend": backend, "fraction": fraction, "rows": touched, "seconds": seconds, "gbs": gbs})
+            print(f"  {backend:9s} {fraction:4.0%} touched: {seconds * 1e3:7.1f} ms, {gbs:5.1f} GB/s")
+    del adapter
+    free_memory()
+    table = [
+        ["dense DeepSpeedCPUAdam.step()", "100%", "", f"{dense_gbs:.1f}", "1.00x", fmt_ratio(dense_gbs / copy_gbs)]
+    ]
+    table.append(
+        ["torch.Tensor.copy_ (2 tensors)", "100%", "", f"{copy_gbs:.1f}", fmt_ratio(copy_gbs / dense_gbs), "1.00x"]
+    )
+    for m in measured:
+        table.append([
+            f"SparseRowAdam {m['backend']}", f"{m['fraction']:.0%}", f"{m['seconds'] * 1e3:.1f}", f"{m['gbs']:.1f}",
+            fmt_ratio(m["gbs"] / dense_gbs), fmt_ratio(m["gbs"] / copy_gbs),
+        ])  # fmt: skip
+    fused = [m["gbs"] / dense_gbs for m in measured if m["backend"] == "fused"]
+    return Section(
+        key="b",
+        title="Sparse Adam bandwidth on the touched rows",
+        what=(
+            f"GB/s of meft_ds.SparseRowAdam (backends fused, deepspeed, torch) updating a random fraction of a "
+            f"{rows}-row store with rows of width {width} (key and value of d={width // 2}, fp32; the store's "
+            f"rows and moments take {3 * matrix / GB:.1f} GB), against deepspeed.ops.adam.DeepSpeedCPUAdam.step() "
+            f"on a dense {rows} x {width} fp32 matrix and a plain torch.Tensor.copy_ of the same size."
+        ),
+        how=(
+            f"Median of {s.adam_repeats} timed calls after 1 warm-up, torch threads = {torch.get_num_threads()}. "
+            "Adam traffic = 7 tensors of the rows updated (param, grad, exp_avg, exp_avg_sq read; param, exp_avg, "
+            "exp_avg_sq written), the same definition for every backend and for the dense kernel (all rows); "
+            "copy_ traffic = read + write. The sparse step is SparseRowAdam.step() with the gradients already in the "
+            "store's accumulator (what the optimizer boundary sees)."
+        ),
+        columns=["kernel", "rows touched", "ms / step", "GB/s", "÷ dense Adam", "÷ copy_"],
+        rows=table,
+        target="fused >= 0.8x the dense DeepSpeedCPUAdam's GB/s",
+        met=bool(fused) and min(fused) >= 0.8,
+        verdict=(
+            f"fused reaches {', '.join(fmt_ratio(x) for x in fused)} of the dense kernel's {dense_gbs:.1f} GB/s "
+            f"(at {', '.join(f'{f:.0%}' for f in s.adam_fractions)} touched); copy_ moves {copy_gbs:.1f} GB/s."
+            if fused
+            else "the fused backend could not be built on this machine."
+        ),
+        data={"dense_gbs": dense_gbs, "copy_gbs": copy_gbs, "sparse": measured, "rows": rows, "width": width},
+    )
+
+
+def plot(section: Section, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    data = section.data
+    fractions = sorted({m["fraction"] for m in data["sparse"]})
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    width = 0.8 / len(BACKENDS)
+    for i, backend in enumerate(BACKENDS):
+        values = {m["fraction"]: m["gbs"] for m in data["sparse"] if m["backend"] == backend}
+        xs = [j + (i - 1) * width for j in range(len(fractions))]
+        axes.bar(xs, [values.get(f, 0.0) for f in fractions], width, label=f"SparseRowAdam {backend}")
+    axes.axhline(data["dense_gbs"], color="black", linestyle="--", label="dense DeepSpeedCPUAdam")
+    axes.axhline(0.8 * data["dense_gbs"], color="gray", linestyle=":", label="target: 0.8 x dense")
+    axes.axhline(data["copy_gbs"], color="tab:red", linestyle="-.", label="torch copy_")
+    axes.set_xticks(range(len(fractions)), [f"{f:.0%} of {data['rows']} rows" for f in fractions])
+    axes.set_ylabel("GB/s (Adam: 7 tensors of the touched rows)")
+    axes.set_title(f"b. Sparse Adam on touched rows, rows of {data['width']} fp32")
+    axes.legend(fontsize=8)
+    figure.subplots_adjust(bottom=0.25)
+    figure_footer(figure, section.how, section.command)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

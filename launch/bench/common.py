@@ -1,0 +1,245 @@
+"""What every experiment shares: run settings (full and quick), the real model and text, timing, the result type."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import dataclasses
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from meft_ds.config import MeftConfig, MeftConfigError
+
+GB = 1e9
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and repetitions of one run. ``full()`` is the documented run (~15 min on 2 cores), ``quick()`` ~2 min."""
+
+    micro_batch: int = 2  # the paper's setting: micro-batch 2 x 256 tokens
+    seq_len: int = 256
+    top_k: int = 64
+    accum_steps: int = 32  # the paper's effective batch 64 = 2 x 32
+    # a. traffic
+    traffic_neurons: tuple[int, ...] = (4096, 16384)
+    traffic_plain_micro_steps: int = 3  # micro-steps measured without the cache (their bytes do not depend on G)
+    traffic_window: int = 16  # micro-steps of the optimizer step measured with the cache
+    train_steps: int = 8
+    train_lr: float = 1e-3
+    # b. sparse Adam
+    adam_rows: int = 16384
+    adam_width: int = 2 * 4096
+    adam_fractions: tuple[float, ...] = (0.1, 0.25, 0.4)
+    adam_repeats: int = 5
+    # c. step time
+    step_neurons: int = 16384
+    step_repeats: int = 3
+    lora_rank: int = 16
+    # d. device bytes
+    memory_neurons: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+    memory_layer: int = 15
+    # e. routing cost
+    routing_neurons: int = 16384
+    routing_tokens: int = 512
+    routing_dim: int = 576
+    routing_probe: int = 8
+    routing_experts: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
+    routing_repeats: int = 7
+
+    @classmethod
+    def full(cls) -> Settings:
+        return cls()
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            traffic_neurons=(4096,),
+            traffic_plain_micro_steps=1,
+            traffic_window=4,
+            train_steps=2,
+            adam_rows=4096,
+            adam_fractions=(0.1, 0.4),
+            adam_repeats=3,
+            step_neurons=4096,
+            step_repeats=2,
+            memory_neurons=(1024, 4096, 16384, 65536),
+            routing_experts=(16, 64, 256, 1024, 2048),
+            routing_repeats=3,
+        )
+
+
+@dataclass
+class Section:
+    """One experiment's result: what it measures, how, the table, the target verdict; rendered into BENCHMARKS.md."""
+
+    key: str
+    title: str
+    what: str
+    how: str
+    columns: list[str]
+    rows: list[list[Any]]
+    target: str
+    met: bool | None  # None: the target could not be judged in this run (e.g. a variant was skipped)
+    verdict: str
+    notes: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)  # the raw numbers behind the table and the plot
+    command: str = ""
+    mode: str = ""
+    measured_at: str = ""
+    seconds: float = 0.0
+    plot: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> Section:
+        return cls(**values)
+
+
+@dataclass
+class Context:
+    """Everything an experiment needs from the run: settings, the command line, ``--meft`` overrides, the model.
+
+    ``model``/``tokenizer`` default to the real pretrained SmolLM2-135M-Instruct (fp32, frozen), loaded on first use;
+    ``micro_batches`` to packed ``facts`` text. Tests pass a tiny model and tokenizer instead.
+    """
+
+    settings: Settings
+    command: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    cache_mb: float | None = None  # ``--cache-mb``: a.'s cache budget; None: the dense adapter's device bytes
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    micro_batches: list[dict[str, torch.Tensor]] | None = None
+
+    def base(self) -> nn.Module:
+        """The frozen base model (loaded once per run, ~20-40 s for SmolLM2)."""
+        if self.model is None:
+            from meft_ds.models import load_model_and_tokenizer
+
+            self.model, self.tokenizer = load_model_and_tokenizer(None)
+        self.model.requires_grad_(False)
+        return self.model
+
+    def fresh_model(self) -> nn.Module:
+        """A private copy of the frozen base model, for one variant (adapters cannot be removed once added)."""
+        return copy.deepcopy(self.base())
+
+    def batches(self) -> list[dict[str, torch.Tensor]]:
+        """Micro-batches of real text: the ``facts`` training examples tokenized with the chat template, packed."""
+        if self.micro_batches is None:
+            self.base()
+            self.micro_batches = packed_batches(self.tokenizer, self.settings.micro_batch, self.settings.seq_len)
+        return self.micro_batches
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        batches = self.batches()
+        return batches[index % len(batches)]
+
+
+def packed_batches(tokenizer: Any, micro_batch: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
+    """The ``facts`` examples (prompt and answer, labels only on the answer) concatenated and cut into
+    ``(micro_batch, seq_len)`` blocks, so every token is real text and no token is padding."""
+    from meft_ds.data import load_examples, tokenize_for_training
+
+    features = tokenize_for_training(load_examples("facts"), tokenizer, max_length=seq_len)
+    input_ids = torch.tensor([token for f in features for token in f["input_ids"]])
+    labels = torch.tensor([label for f in features for label in f["labels"]])
+    block = micro_batch * seq_len
+    count = input_ids.numel() // block
+    return [
+        {
+            "input_ids": input_ids[i * block : (i + 1) * block].view(micro_batch, seq_len),
+            "labels": labels[i * block : (i + 1) * block].view(micro_batch, seq_len),
+        }
+        for i in range(count)
+    ]
+
+
+def meft_settings(base: dict[str, Any], overrides: dict[str, Any], variant: dict[str, Any]) -> MeftConfig | None:
+    """``MeftConfig`` from the experiment's settings, the user's ``--meft`` overrides and the variant's own keys
+    (which win). ``None``, with a printed note, when the library does not know one of the variant's keys yet."""
+    values = {**base, **overrides, **variant}
+    try:
+        return MeftConfig.from_dict(values)
+    except MeftConfigError as error:
+        if any(f"meft.{key}: unknown setting" in str(error) for key in variant):
+            print(f"  note: skipping the variant {variant}: this meft_ds does not know it ({error})")
+            return None
+        raise
+
+
+def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones, and every timing."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def free_memory() -> None:
+    """Collect garbage and give freed heap memory back to the OS: glibc keeps freed blocks of a few MB in its arenas,
+    so without ``malloc_trim`` a freed 7 GB row store still counts against the next variant's memory."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def available_memory() -> int:
+    """``MemAvailable`` of /proc/meminfo (Linux); effectively unlimited where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def fits_in_memory(needed: float, what: str, notes: list[str]) -> bool:
+    """Whether ``needed`` bytes are available now; if not, a note (printed and kept) says ``what`` was skipped, so a
+    run on a busy or small machine degrades instead of being killed."""
+    free_memory()
+    available = available_memory()
+    if needed <= available:
+        return True
+    note = f"{what} skipped: it needs about {fmt_bytes(needed)} of memory, {fmt_bytes(available)} was available"
+    print(f"  note: {note}")
+    notes.append(note)
+    return False
+
+
+def fmt_bytes(value: float) -> str:
+    """Bytes in the largest unit that keeps a number >= 1 (decimal units: 1 GB = 1e9 B)."""
+    for unit, scale in (("GB", GB), ("MB", MB), ("kB", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+def fmt_ratio(value: float) -> str:
+    return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
+
+
+def figure_footer(figure: Any, how: str, command: str) -> None:
+    """Write how a figure was measured and the command that reproduces it at the bottom of the figure."""
+    import textwrap
+
+    text = textwrap.fill(how, 150) + f"\nReproduce: {command}"
+    figure.text(0.01, 0.01, text, fontsize=6.5, va="bottom", ha="left", family="monospace")

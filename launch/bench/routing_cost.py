@@ -1,0 +1,151 @@
+"""e. CPU routing cost vs the number of key-experts E at fixed r: measured, and the analytic T (E + n_probe r/E) d.
+
+Scoring the router costs ``T E d`` multiply-adds and scoring the probed experts' keys ``T n_probe (r/E) d``; their sum
+is smallest at ``E = sqrt(n_probe r)`` (SPEC.md: "minimal near E = sqrt(r)", up to the factor n_probe).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+import torch
+
+from bench.common import Context, Section, figure_footer, fmt_ratio, median_seconds
+from meft_ds.routing import select_rows
+
+ROUTER_INIT_SCALE = 50.0  # the library's default: router row e = 50 x the mean of expert e's keys
+
+
+def analytic_macs(tokens: int, experts: int, n_probe: int, neurons: int, dim: int) -> int:
+    """Multiply-adds of routing one micro-batch: router scores plus the probed experts' key scores."""
+    return tokens * (experts + n_probe * neurons // experts) * dim
+
+
+def expert_grid(neurons: int, top_k: int, n_probe: int, candidates: tuple[int, ...]) -> list[int]:
+    """The candidates that are valid expert counts: divide r, and the probed pool holds at least K neurons."""
+    return [e for e in candidates if neurons % e == 0 and n_probe <= e and n_probe * (neurons // e) >= top_k]
+
+
+def throughputs(
+    measured: list[dict[str, Any]], tokens: int, n_probe: int, neurons: int, dim: int
+) -> tuple[float, float]:
+    """Median GMAC/s of the router (``T E d``) and of the probed-key scoring (``T n_probe r/E d``) over the grid."""
+    router = [tokens * m["experts"] * dim / m["router"] / 1e9 for m in measured]
+    select = [tokens * n_probe * (neurons // m["experts"]) * dim / m["select"] / 1e9 for m in measured]
+    return statistics.median(router), statistics.median(select)
+
+
+def time_routing(
+    hidden: torch.Tensor, keys: torch.Tensor, experts: int, n_probe: int, top_k: int, repeats: int
+) -> tuple[float, float]:
+    """Median seconds of the router (scores + top n_probe) and of ``meft_ds.routing.select_rows``."""
+    neurons, dim = keys.shape
+    router = ROUTER_INIT_SCALE * keys.reshape(experts, neurons // experts, dim).mean(dim=1)
+
+    def route() -> tuple[torch.Tensor, torch.Tensor]:
+        return (hidden @ router.T).topk(n_probe, dim=1)
+
+    gates, probe_ids = route()
+    router_seconds, _ = median_seconds(route, repeats=repeats)
+    select_seconds, _ = median_seconds(
+        lambda: select_rows(hidden, probe_ids, gates, keys, expert_size=neurons // experts, top_k=top_k),
+        repeats=repeats,
+    )
+    return router_seconds, select_seconds
+
+
+def run(context: Context) -> Section:
+    s = context.settings
+    r, tokens, dim, n_probe, k = s.routing_neurons, s.routing_tokens, s.routing_dim, s.routing_probe, s.top_k
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.zeros(r, 2, dim)  # the store's layout: keys are a strided view
+    rows[:, 0] = torch.randn(r, dim, generator=generator) * 0.02
+    keys = rows[:, 0]
+    hidden = torch.randn(tokens, dim, generator=generator)
+    measured = []
+    for experts in expert_grid(r, k, n_probe, s.routing_experts):
+        router_s, select_s = time_routing(hidden, keys, experts, n_probe, k, s.routing_repeats)
+        macs = analytic_macs(tokens, experts, n_probe, r, dim)
+        measured.append({"experts": experts, "router": router_s, "select": select_s, "macs": macs})
+        print(f"  E={experts:5d}: router {router_s * 1e3:6.2f} ms, select_rows {select_s * 1e3:6.2f} ms")
+    optimum = math.sqrt(n_probe * r)
+    router_rate, select_rate = throughputs(measured, tokens, n_probe, r, dim)
+    weighted = optimum * math.sqrt(router_rate / select_rate)
+    best = min(measured, key=lambda m: m["router"] + m["select"])
+    best_analytic = min(measured, key=lambda m: m["macs"])
+    table = [
+        [
+            m["experts"], r // m["experts"], f"{m['router'] * 1e3:.2f}", f"{m['select'] * 1e3:.2f}",
+            f"{(m['router'] + m['select']) * 1e3:.2f}", f"{m['macs'] / 1e9:.3f}",
+            fmt_ratio((m["router"] + m["select"]) / (best["router"] + best["select"])),
+        ]
+        for m in measured
+    ]  # fmt: skip
+    met = optimum / 2 <= best["experts"] <= optimum * 2
+    return Section(
+        key="e",
+        title="CPU routing cost vs the number of experts E",
+        what=(
+            f"Time to route one micro-batch of T={tokens} tokens (d={dim}) to its top-K={k} rows among r={r} with "
+            f"n_probe={n_probe}, for E from {measured[0]['experts']} to {measured[-1]['experts']}: the router "
+            "(scores of E experts, top n_probe) and meft_ds.routing.select_rows (scores of the probed experts' keys, "
+            "gated by the router logits, per-token top-K, union), against the analytic T (E + n_probe r/E) d."
+        ),
+        how=(
+            f"Median of {s.routing_repeats} calls after 1 warm-up, torch threads = {torch.get_num_threads()}; keys "
+            "N(0, 0.02) in the store's (r, 2, d) layout, router rows = 50 x the mean of each expert's keys (the "
+            "library's init), Gaussian hidden states. In training the router runs on the device; here both run on the "
+            "CPU, so the sum is the whole routing cost of a CPU-only run."
+        ),
+        columns=["E", "r/E", "router ms", "select_rows ms", "total ms", "analytic GMAC", "÷ fastest"],
+        rows=table,
+        target=f"the minimum near E = sqrt(n_probe r) = {optimum:.0f} (SPEC: ~sqrt(r) = {math.sqrt(r):.0f})",
+        met=met,
+        verdict=(
+            f"Fastest measured at E={best['experts']}, analytic minimum on this grid at E={best_analytic['experts']} "
+            f"(continuous optimum {optimum:.0f}). The two parts do not cost the same per multiply-add: the router's "
+            f"dense GEMM runs at {router_rate:.0f} GMAC/s, the gathered key scoring at {select_rate:.0f} GMAC/s, which "
+            f"moves the optimum to sqrt(n_probe r x {router_rate / select_rate:.1f}) = {weighted:.0f}."
+        ),
+        data={
+            "measured": measured,
+            "optimum": optimum,
+            "weighted_optimum": weighted,
+            "router_gmacs": router_rate,
+            "select_gmacs": select_rate,
+            "neurons": r,
+            "tokens": tokens,
+            "dim": dim,
+        },
+    )
+
+
+def plot(section: Section, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    data: dict[str, Any] = section.data
+    measured = data["measured"]
+    experts = [m["experts"] for m in measured]
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    axes.plot(experts, [m["router"] * 1e3 for m in measured], "s--", label="router (T E d)")
+    axes.plot(experts, [m["select"] * 1e3 for m in measured], "^--", label="select_rows (T n_probe r/E d)")
+    axes.plot(experts, [(m["router"] + m["select"]) * 1e3 for m in measured], "o-", label="total (measured)")
+    axes.axvline(data["optimum"], color="gray", linestyle=":", label=f"sqrt(n_probe r) = {data['optimum']:.0f}")
+    label = f"optimum at measured GMAC/s = {data['weighted_optimum']:.0f}"
+    axes.axvline(data["weighted_optimum"], color="tab:green", linestyle=":", label=label)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("E (key-experts)")
+    axes.set_ylabel("ms per micro-batch")
+    twin = axes.twinx()
+    twin.plot(experts, [m["macs"] / 1e9 for m in measured], color="black", alpha=0.4, label="analytic (right axis)")
+    twin.set_ylabel("analytic GMAC: T (E + n_probe r/E) d")
+    lines = axes.get_legend_handles_labels()
+    twin_lines = twin.get_legend_handles_labels()
+    axes.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize=8)
+    axes.set_title(f"e. Routing cost vs E, r={data['neurons']}, T={data['tokens']}, d={data['dim']}")
+    figure.subplots_adjust(bottom=0.25)
+    figure_footer(figure, section.how, section.command)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

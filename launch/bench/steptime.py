@@ -1,0 +1,203 @@
+"""c. Training step time on this CPU: MEFT vs LoRA vs dense parallel adapters, same model, batch and precision.
+
+Each variant adds its trainable part to a fresh copy of the frozen SmolLM2 (fp32) and runs whole optimizer steps:
+forward, backward, optimizer step(s), zero_grad, on packed micro-batches of real text.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import meft_ds
+from bench.common import (
+    GB,
+    Context,
+    Section,
+    figure_footer,
+    fits_in_memory,
+    fmt_ratio,
+    free_memory,
+    median_seconds,
+    meft_settings,
+)
+from bench.traffic import build_meft
+
+LORA_TARGETS = {
+    "q,v": ["q_proj", "v_proj"],
+    "all linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+class DenseParallelAdapter(nn.Module):
+    """The dense parallel adapter MEFT sparsifies: ``ReLU(h K^T) V`` with trainable ``K, V`` of shape ``(r, d)``,
+    every neuron firing; ``V`` starts at zero (so the model starts at the base model), ``K`` at N(0, 0.02)."""
+
+    def __init__(self, dim: int, neurons: int, *, key_init_std: float = 0.02) -> None:
+        super().__init__()
+        self.keys = nn.Parameter(torch.randn(neurons, dim) * key_init_std)
+        self.values = nn.Parameter(torch.zeros(neurons, dim))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.relu(hidden @ self.keys.T) @ self.values
+
+
+def _add_output(adapter: DenseParallelAdapter, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output + adapter(args[0])
+
+
+def add_dense_adapters(model: nn.Module, neurons: int) -> list[nn.Parameter]:
+    """``y = FFN(h) + ReLU(h K^T) V`` on every decoder layer's MLP of a LLaMA-style model; the base stays frozen.
+    Returns the adapters' parameters."""
+    model.requires_grad_(False)
+    dim = model.config.hidden_size
+    adapters = nn.ModuleList(DenseParallelAdapter(dim, neurons) for _ in model.model.layers)
+    for layer, adapter in zip(model.model.layers, adapters, strict=True):
+        layer.mlp.register_forward_hook(functools.partial(_add_output, adapter))
+    model.add_module("dense_adapters", adapters)
+    return list(adapters.parameters())
+
+
+def add_lora(model: nn.Module, rank: int, targets: list[str]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
+    return get_peft_model(model, config)
+
+
+def step_function(model: nn.Module, optimizers: list[Any], batch_of: Callable[[int], dict]) -> Callable[[], None]:
+    """One training step per call, each on the next micro-batch."""
+    counter = iter(range(10**9))
+
+    def step() -> None:
+        model(**batch_of(next(counter))).loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+
+    return step
+
+
+def trainable_count(model: nn.Module, extra: int = 0) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) + extra
+
+
+Builder = Callable[[], tuple[nn.Module, list[Any], int]]
+
+
+def build_variants(context: Context) -> list[tuple[str, Builder, float]]:
+    """(label, builder, memory it needs) per variant; a builder returns the model, its optimizers and its trainable
+    element count."""
+    s = context.settings
+    r = s.step_neurons
+    config = context.base().config
+    layers, dim, tokens = config.num_hidden_layers, config.hidden_size, s.micro_batch * s.seq_len
+    overhead = 1.5 * GB  # a model copy, the base model's activations
+    store = 4 * 2 * r * dim * layers * 4  # MEFT: rows, two moments, at worst a full gradient accumulator (fp32)
+    dense = 4 * 2 * r * dim * layers * 4 + 3 * tokens * r * layers * 4  # K, V, grads, Adam moments; T x r activations
+
+    def lora(targets: str) -> tuple[nn.Module, list[Any], int]:
+        model = add_lora(context.fresh_model(), s.lora_rank, LORA_TARGETS[targets])
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, [torch.optim.AdamW(params, lr=1e-4)], trainable_count(model)
+
+    def meft() -> tuple[nn.Module, list[Any], int]:
+        config = meft_settings({"num_neurons": r, "top_k": s.top_k}, context.overrides, {})
+        assert config is not None  # no variant keys of its own, so never skipped
+        model, optimizers = build_meft(context.fresh_model(), config, 1e-4)
+        rows = sum(a.store.rows.numel() for a in meft_ds.adapters(model))
+        return model, optimizers, trainable_count(model, rows)
+
+    def dense_adapter(neurons: int) -> tuple[nn.Module, list[Any], int]:
+        model = context.fresh_model()
+        params = add_dense_adapters(model, neurons)
+        return model, [torch.optim.AdamW(params, lr=1e-4, fused=True)], trainable_count(model)
+
+    return [
+        (f"LoRA r={s.lora_rank} on q,v (peft)", functools.partial(lora, "q,v"), overhead),
+        (f"LoRA r={s.lora_rank} on all linear (peft)", functools.partial(lora, "all linear"), overhead),
+        (f"MEFT r={r}, K={s.top_k}", meft, store + overhead),
+        (f"dense adapter r={r}", functools.partial(dense_adapter, r), dense + overhead),
+        (f"dense adapter r={s.top_k} (= K)", functools.partial(dense_adapter, s.top_k), overhead),
+    ]
+
+
+def run(context: Context) -> Section:
+    s = context.settings
+    measured, skipped = [], []
+    for label, build, needed in build_variants(context):
+        if not fits_in_memory(needed, label, skipped):
+            continue
+        print(f"  {label}: 1 warm-up + {s.step_repeats} timed steps")
+        model, optimizers, trainable = build()
+        median, times = median_seconds(step_function(model, optimizers, context.batch), repeats=s.step_repeats)
+        measured.append({"variant": label, "seconds": median, "times": times, "trainable": trainable})
+        print(f"    median {median:.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
+        del model, optimizers
+        free_memory()
+    meft_time = next((m["seconds"] for m in measured if m["variant"].startswith("MEFT")), None)
+    lora_time = min((m["seconds"] for m in measured if m["variant"].startswith("LoRA")), default=None)
+    dense_time = next((m["seconds"] for m in measured if m["variant"] == f"dense adapter r={s.step_neurons}"), None)
+    table = [
+        [
+            m["variant"],
+            f"{m['trainable']:,}",
+            f"{m['seconds']:.2f}",
+            fmt_ratio(m["seconds"] / meft_time) if meft_time else "-",
+        ]
+        for m in measured
+    ]
+    if meft_time and lora_time and dense_time:
+        vs_lora, vs_dense = meft_time / lora_time, dense_time / meft_time
+        met: bool | None = vs_lora <= 1.3 and vs_dense >= 2
+        verdict = (
+            f"MEFT takes {fmt_ratio(vs_lora)} the time of the faster LoRA and is {fmt_ratio(vs_dense)} faster than "
+            f"the dense adapter with r={s.step_neurons}."
+        )
+    else:
+        met, verdict = None, "Not judged: a variant was skipped (see the notes)."
+    return Section(
+        key="c",
+        title="Step time on this CPU",
+        what=(
+            f"Wall time of one training step (forward, backward, optimizer step, zero_grad) of SmolLM2-135M-Instruct "
+            f"in fp32 on micro-batches of {s.micro_batch} x {s.seq_len} tokens of packed facts text, base model "
+            f"frozen, for MEFT (r={s.step_neurons}, K={s.top_k}, SparseRowAdam + AdamW on the routers), LoRA (peft, "
+            f"r={s.lora_rank}, alpha={2 * s.lora_rank}, on q,v and on all linear layers; AdamW), and a dense parallel "
+            f"adapter y = FFN(h) + ReLU(h K^T) V on every layer with r={s.step_neurons} and with r={s.top_k} (= K), "
+            "K and V dense trainable (torch AdamW, fused)."
+        ),
+        how=(
+            f"Median of {s.step_repeats} steps after 1 warm-up step, each step on the next micro-batch; torch threads "
+            f"= {torch.get_num_threads()}. MEFT's rows travel in fp32 on this CPU (its compute dtype)."
+        ),
+        columns=["variant", "trainable elements", "s / step (median)", "÷ MEFT"],
+        rows=table,
+        target=f"MEFT within 1.3x of LoRA, and >= 2x faster than the dense adapter at r={s.step_neurons}",
+        met=met,
+        verdict=verdict,
+        notes=skipped,
+        data={"measured": measured},
+    )
+
+
+def plot(section: Section, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    measured = section.data["measured"]
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    axes.barh([m["variant"] for m in measured], [m["seconds"] for m in measured], color="tab:blue")
+    for i, m in enumerate(measured):
+        axes.text(m["seconds"], i, f" {m['seconds']:.2f} s", va="center", fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel("seconds per training step (median)")
+    axes.set_title("c. Step time, SmolLM2-135M fp32, micro-batch 2 x 256, this CPU")
+    figure.subplots_adjust(left=0.3, bottom=0.25)
+    figure_footer(figure, section.how, section.command)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

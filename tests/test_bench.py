@@ -1,0 +1,269 @@
+"""Smoke test of the benchmark's plumbing (launch/bench.py, launch/bench/) at tiny sizes.
+
+Every assertion is on a computed quantity (byte formulas against hand counts, measured bytes against the library's
+counters, tables against their data); none is on a timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+
+from bench import adam, memory, report, routing_cost, steptime, traffic
+from bench.common import Context, Section, Settings, fits_in_memory, meft_settings, packed_batches
+from tiny_models import tiny_model, token_batch, word_tokenizer
+
+import meft_ds
+from meft_ds.config import MeftConfigError
+
+TINY = dataclasses.replace(
+    Settings.quick(),
+    micro_batch=2,
+    seq_len=16,
+    top_k=4,
+    accum_steps=5,
+    traffic_neurons=(64,),
+    traffic_plain_micro_steps=2,
+    traffic_window=3,
+    train_steps=1,
+    step_neurons=64,
+    step_repeats=1,
+    lora_rank=2,
+    memory_neurons=(16, 64, 256),
+    memory_layer=1,
+    routing_neurons=256,
+    routing_tokens=8,
+    routing_dim=16,
+    routing_probe=2,
+    routing_experts=(2, 3, 4, 16, 64, 128, 256),
+    routing_repeats=1,
+)
+
+
+@pytest.fixture
+def context() -> Context:
+    tokenizer = word_tokenizer(chat=True)
+    batches = packed_batches(tokenizer, TINY.micro_batch, TINY.seq_len)
+    return Context(
+        TINY, "python launch/bench.py --test", model=tiny_model(), tokenizer=tokenizer, micro_batches=batches
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a. traffic
+
+
+def test_dense_offload_bytes_match_a_hand_count() -> None:
+    # N = 1000 bf16 elements, G = 4 micro-steps (DeepSpeed 0.19.8 ZeRO-2 CPU offload as coded):
+    # micro-step 0: grads out (2000); micro-steps 1-3: accumulated grads in (2000) and out (2000) each;
+    # boundary: fp32 grads out (4000); step: bf16 params in (2000).
+    coded = traffic.zero_offload_bytes(1000, 4)
+    assert coded.to_host == 2000 + 3 * 2000 + 4000
+    assert coded.to_device == 3 * 2000 + 2000
+    assert coded.total == 20000
+    single = traffic.zero_offload_bytes(1000, 1)  # no accumulation: the fp32 copy out, the params in
+    assert (single.to_device, single.to_host) == (2000, 4000)
+    minimal = traffic.minimal_offload_bytes(1000, 4)
+    assert (minimal.to_device, minimal.to_host) == (2000, 4 * 2000)
+    assert traffic.dense_adapter_params(30, 4096, 576) == 30 * 2 * 4096 * 576
+    with pytest.raises(ValueError):
+        traffic.zero_offload_bytes(1000, 0)
+
+
+def test_packed_batches_are_full_blocks_of_real_text() -> None:
+    tokenizer = word_tokenizer(chat=True)
+    batches = packed_batches(tokenizer, 2, 16)
+    assert len(batches) > 10
+    for batch in batches:
+        assert batch["input_ids"].shape == batch["labels"].shape == (2, 16)
+    labels = torch.cat([b["labels"].flatten() for b in batches])
+    inputs = torch.cat([b["input_ids"].flatten() for b in batches])
+    learned = labels != -100
+    assert learned.any() and (~learned).any()  # answers learned, prompts not
+    assert torch.equal(labels[learned], inputs[learned])
+
+
+def _tiny_meft(cache_mb: float) -> tuple[torch.nn.Module, list]:
+    config = meft_ds.MeftConfig(num_neurons=64, top_k=4, row_dtype="bf16", cache_mb=cache_mb)
+    return traffic.build_meft(tiny_model(), config, lr=1e-3)
+
+
+def test_measured_meft_bytes_are_the_stats_counters() -> None:
+    model, optimizers = _tiny_meft(cache_mb=0)
+    batches = [{"input_ids": token_batch(2, 16, seed=i), "labels": token_batch(2, 16, seed=i)} for i in range(3)]
+    window = traffic.measure_window(model, optimizers, batches)
+    counters = meft_ds.stats(model)  # the model's counters started at zero
+    assert window.total() == counters
+    dim, layers = 64, 2
+    for delta in window.micro:
+        assert delta["forward_calls"] == layers
+        assert delta["row_bytes_to_device"] == delta["rows_fetched"] * 2 * dim * 2  # key + value rows, bf16
+        assert 0 < delta["row_bytes_to_host"] <= delta["row_bytes_to_device"]  # only rows with a gradient return
+    assert window.step["rows_updated"] == counters["rows_updated"] > 0
+    exact = window.plain_bytes_at(3)
+    assert (exact.to_device, exact.to_host) == (counters["bytes_to_device"], counters["bytes_to_host"])
+    doubled = window.plain_bytes_at(6)
+    assert doubled.to_device == 2 * counters["bytes_to_device"]
+
+
+def test_cached_window_is_exact_at_its_own_size_and_bounded_above() -> None:
+    model, optimizers = _tiny_meft(cache_mb=1)
+    batches = [{"input_ids": token_batch(2, 16, seed=i), "labels": token_batch(2, 16, seed=i)} for i in range(3)]
+    window = traffic.measure_window(model, optimizers, batches)
+    counters = meft_ds.stats(model)
+    assert window.total() == counters
+    assert counters["cache_hits"] > 0
+    assert window.step["row_bytes_to_host"] > 0  # the cache's gradients come back at the optimizer step
+    exact = window.cached_bytes_at(3, max_rows=2 * 64)
+    assert (exact.to_device, exact.to_host) == (counters["bytes_to_device"], counters["bytes_to_host"])
+    longer = window.cached_bytes_at(5, max_rows=2 * 64)
+    last = window.micro[-1]
+    assert longer.to_device == counters["bytes_to_device"] + 2 * last["bytes_to_device"]
+    assert longer.to_host >= counters["bytes_to_host"] + 2 * last["bytes_to_host"]
+    with pytest.raises(ValueError):
+        window.cached_bytes_at(2, max_rows=128)
+
+
+def test_traffic_experiment_reports_what_it_measured(context: Context) -> None:
+    section = traffic.run(context)
+    (result,) = section.data["results"]
+    assert result["dense_params"] == 2 * 64 * 64 * 2
+    by_g = {(e["state"], e["G"]): e for e in section.data["summaries"]}
+    for state in ("init", "trained"):
+        plain = traffic.Window(**result["windows"][state]["plain"])
+        entry = by_g[(state, TINY.accum_steps)]
+        router = traffic.zero_offload_bytes(result["router_params"], TINY.accum_steps)
+        assert entry["plain"]["meft_to_device"] == pytest.approx(
+            TINY.accum_steps * plain.micro_mean("bytes_to_device") + plain.step["bytes_to_device"]
+        )
+        assert entry["plain"]["to_device"] == pytest.approx(entry["plain"]["meft_to_device"] + router.to_device)
+        cached = traffic.Window(**result["windows"][state]["cache"])
+        at_window = by_g[(state, TINY.traffic_window)]["cache"]
+        assert at_window["meft_to_host"] == cached.total()["bytes_to_host"]
+        assert not at_window["extrapolated"] and entry["cache"]["extrapolated"]
+    # the table's ratio column is dense (as coded) / variant, from the same numbers
+    row = next(r for r in section.rows if r[1] == "init" and r[2].startswith("MEFT, no cache"))
+    entry = by_g[("init", TINY.accum_steps)]
+    ratio = traffic.OffloadBytes(**entry["dense_coded"]).total / (
+        entry["plain"]["to_device"] + entry["plain"]["to_host"]
+    )
+    assert row[7] == f"{ratio:.2f}x" or row[7] == f"{ratio:.1f}x"
+    assert len(section.rows) == 2 * 4  # two states x (two dense baselines + two MEFT variants)
+
+
+def test_what_does_not_fit_in_memory_is_skipped_with_a_note() -> None:
+    notes: list[str] = []
+    assert fits_in_memory(1, "tiny", notes) and notes == []
+    assert not fits_in_memory(1 << 70, "huge", notes)
+    assert len(notes) == 1 and notes[0].startswith("huge skipped")
+
+
+def test_a_variant_unknown_to_the_library_is_skipped_not_fatal(capsys: pytest.CaptureFixture) -> None:
+    assert meft_settings({"num_neurons": 64, "top_k": 4}, {}, {"cache_mb_v2": 1}) is None
+    assert "skipping the variant" in capsys.readouterr().out
+    with pytest.raises(MeftConfigError):  # a wrong value is still an error
+        meft_settings({"num_neurons": 64, "top_k": 128}, {}, {})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# b, c, d, e
+
+
+def test_sparse_adam_traffic_counts_touched_rows_only() -> None:
+    assert adam.adam_traffic_bytes(10, 8) == 7 * 10 * 8 * 4
+    ids = adam.touched_rows(100, 0.25)
+    assert ids.numel() == 25 and torch.equal(ids, ids.sort().values) and ids.unique().numel() == 25
+    adapter = adam.row_adapter(64, 2 * 8)
+    assert adapter.store.rows.shape == (64, 2, 8)
+    before = adapter.store.rows.clone()
+    adam.sparse_step_seconds(adapter, "torch", 0.25, repeats=2)  # 1 warm-up + 2 timed steps
+    assert adapter.traffic.rows_updated == 3 * 16
+    changed = (adapter.store.rows != before).flatten(1).any(dim=1)
+    assert torch.equal(changed.nonzero().flatten(), adam.touched_rows(64, 0.25))
+
+
+def test_dense_parallel_adapter_is_the_formula() -> None:
+    torch.manual_seed(0)
+    layer = steptime.DenseParallelAdapter(8, 32)
+    hidden = torch.randn(5, 8)
+    assert torch.equal(layer(hidden), torch.zeros(5, 8))  # values start at zero
+    with torch.no_grad():
+        layer.values.normal_()
+    expected = torch.relu(hidden @ layer.keys.T) @ layer.values
+    torch.testing.assert_close(layer(hidden), expected)
+    model = tiny_model()
+    tokens = token_batch(2, 16)
+    base_logits = model(tokens).logits
+    params = steptime.add_dense_adapters(model, 32)
+    assert sum(p.numel() for p in params) == 2 * (2 * 32 * 64)
+    assert [p for p in model.parameters() if p.requires_grad] == params
+    torch.testing.assert_close(model(tokens).logits, base_logits)  # V = 0: the base model's output
+
+
+def test_step_time_runs_every_variant(context: Context) -> None:
+    section = steptime.run(context)
+    labels = [row[0] for row in section.rows]
+    assert labels == [m["variant"] for m in section.data["measured"]]
+    assert any(label.startswith("MEFT") for label in labels) and sum("LoRA" in label for label in labels) == 2
+    dense = next(m for m in section.data["measured"] if m["variant"] == "dense adapter r=64")
+    assert dense["trainable"] == 2 * (2 * 64 * 64)
+
+
+def test_device_bytes_add_up(context: Context) -> None:
+    section = memory.run(context)
+    for m in section.data["measured"]:
+        assert m["row_bytes"] == m["rows"] * 2 * 64 * 2  # bf16 key + value rows of d=64
+        assert m["meft"] == m["router"] + m["fetched"] + m["cache"]
+        assert m["router"] == m["experts"] * 64 * 4
+        assert m["dense_offloaded"] == 4 * 2 * m["neurons"] * 64
+        assert m["fetched"] <= section.data["bound"]
+    assert section.data["bound"] == memory.fetch_bound(2 * 16, 4, 64)
+
+
+def test_routing_cost_grid_and_analytic_cost(context: Context) -> None:
+    assert routing_cost.analytic_macs(tokens=2, experts=4, n_probe=2, neurons=16, dim=3) == 2 * (4 + 2 * 4) * 3
+    assert routing_cost.expert_grid(16384, 64, 8, (16, 2048, 4096, 3000)) == [16, 2048]
+    section = routing_cost.run(context)
+    experts = [m["experts"] for m in section.data["measured"]]
+    assert experts == [2, 4, 16, 64, 128]  # 3 does not divide r; with 256 the probed pool (2 x 1) < K = 4
+    for m in section.data["measured"]:
+        assert m["macs"] == routing_cost.analytic_macs(8, m["experts"], 2, 256, 16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report and CLI
+
+
+def test_markdown_names_the_command_the_table_and_the_plot(tmp_path: Path) -> None:
+    section = Section(
+        key="z", title="A test", what="w", how="h", columns=["x", "y"], rows=[[1, "a|b"]], target="t", met=False,
+        verdict="v", notes=["n"], command="python launch/bench.py --only z", mode="quick", measured_at="now",
+        plot="z.png",
+    )  # fmt: skip
+    text = report.render_markdown({"z": section}, {"machine": {"cpu": "cpu"}}, {"z": "docs/bench/z.png"})
+    assert "`python launch/bench.py --only z`" in text
+    assert "| x | y |" in text and "| 1 | a\\|b |" in text
+    assert "![A test](docs/bench/z.png)" in text
+    assert "**NOT met.**" in text
+    report.write_results(tmp_path / "results.json", {"z": section}, {"seconds": 1})
+    stored = report.load_results(tmp_path / "results.json")
+    assert Section.from_json(stored["sections"]["z"]) == section
+
+
+def test_cli_checks_its_arguments() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "bench_cli", Path(__file__).resolve().parents[1] / "launch" / "bench.py"
+    )
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = cli.parse_args(["--quick", "--only", "a, e", "--meft", "n_probe=4"])
+    assert args.quick and args.only == ["a", "e"] and args.meft == ["n_probe=4"]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--only", "a,z"])
