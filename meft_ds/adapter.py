@@ -27,7 +27,7 @@ from meft_ds.shard import ShardedRowStore
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore, initial_keys
 from meft_ds.swap import NvmeRowStore
-from meft_ds.transfer import RowTransfer
+from meft_ds.transfer import RowTransfer, narrowest_index_dtype
 
 
 class MaskedAdapterFunction(torch.autograd.Function):
@@ -206,22 +206,29 @@ class SparseKeyExpertAdapter(nn.Module):
         return self._start_routing(x, logits)
 
     def _start_routing(self, x: torch.Tensor, logits: torch.Tensor) -> PendingRouting:
-        probe_logits, probe_ids = logits.detach().topk(self.config.n_probe, dim=1)
+        """Start the routing inputs' copies to the host. They only choose rows (the adapter's output and gradients
+        use ``x`` and ``logits`` themselves), so they travel like rows do: in the row dtype, expert ids in the
+        narrowest integer type."""
+        config = self.config
+        travel_dtype = config.row_torch_dtype(x.dtype)
+        probe_logits, probe_ids = logits.detach().topk(config.n_probe, dim=1)
+        probe_ids = probe_ids.to(narrowest_index_dtype(config.num_experts))
         # one stream, so the event after the last copy covers all three
-        hidden, _ = self.transfer.to_host_async(x.detach(), "hidden")
+        hidden, _ = self.transfer.to_host_async(x.detach().to(travel_dtype), "hidden")
         probe_ids, copied = self.transfer.to_host_async(probe_ids, "probe_ids")
         gates = None
-        if self.config.gated:
-            gates, copied = self.transfer.to_host_async(probe_logits, "probe_gates")
+        if config.gated:
+            gates, copied = self.transfer.to_host_async(probe_logits.to(travel_dtype), "probe_gates")
         return PendingRouting(logits, hidden, probe_ids, gates, copied)
 
     def _route(self, pending: PendingRouting) -> Routing:
         if pending.copied is not None:
             pending.copied.synchronize()
         config = self.config
-        scores = self.store.score_probed(pending.hidden.float(), pending.probe_ids, config.expert_size)
+        probe_ids = pending.probe_ids.long()
+        scores = self.store.score_probed(pending.hidden.float(), probe_ids, config.expert_size)
         gates = None if pending.probe_gates is None else pending.probe_gates.float()
-        return select_from_scores(scores, pending.probe_ids, gates, expert_size=config.expert_size, top_k=config.top_k)
+        return select_from_scores(scores, probe_ids, gates, expert_size=config.expert_size, top_k=config.top_k)
 
     def prefetch(self, hidden: torch.Tensor) -> None:
         """Pre-retrieval: choose this adapter's rows from an earlier layer's ``hidden`` states and start their copy,

@@ -27,6 +27,16 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def narrowest_index_dtype(index: torch.Tensor | int) -> torch.dtype:
+    """The smallest of int16/int32/int64 that holds the values of ``index`` (non-negative), or values below
+    ``index`` when it is a bound."""
+    bound = index if isinstance(index, int) else (int(index.max()) + 1 if index.numel() else 0)
+    for dtype in (torch.int16, torch.int32):
+        if bound <= torch.iinfo(dtype).max + 1:
+            return dtype
+    return torch.int64
+
+
 class RowTransfer:
     """Moves one adapter's routing inputs, rows and row gradients, reusing pinned buffers; optionally caches rows."""
 
@@ -71,10 +81,13 @@ class RowTransfer:
         self.stats.bytes_to_host += _nbytes(tensor)
         return tensor.to("cpu", copy=True)
 
-    def to_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A small host tensor (indices) on the device."""
-        self.stats.bytes_to_device += _nbytes(tensor)
-        return tensor.to(device)
+    def to_device(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A host index tensor on the device, as int64. It crosses in the narrowest integer type that holds its
+        values (int16 for the slots and positions of a micro-batch's union up to 32K rows), and is widened on the
+        device, where indexing wants int64: a quarter of the bytes for a few cheap passes."""
+        narrow = index.to(narrowest_index_dtype(index))
+        self.stats.bytes_to_device += _nbytes(narrow)
+        return narrow.to(device).long()
 
     # ------------------------------------------------------------------ rows to the device
     def _upload(self, row_ids: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -154,11 +167,17 @@ class RowTransfer:
         order = torch.argsort(row_ids)
         slots, row_ids = slots[order], row_ids[order]
         on_device = self.to_device(slots, self.cache.grads.device)
-        host = self.to_host(self.cache.grads[on_device])
+        host = self.to_host(self.cache.grads[on_device].to(self._grad_travel_dtype()))
         self.stats.row_bytes_to_host += _nbytes(host)
         self.cache.grads[on_device] = 0.0
         self.cache.pending[slots] = False
-        self.store.accumulate_grad(row_ids, host)
+        self.store.accumulate_grad(row_ids, host.float())
+
+    def _grad_travel_dtype(self) -> torch.dtype:
+        """Accumulated gradients go back in the dtype rows travel in (as every row gradient does without the cache),
+        except fp16: a sum over micro-steps of loss-scaled gradients may overflow fp16's range, so those stay fp32."""
+        dtype = self.cache.rows.dtype
+        return torch.float32 if dtype == torch.float16 else dtype
 
     def flush(self) -> None:
         """Move every gradient still accumulating in the device cache into the store (at an optimizer boundary)."""

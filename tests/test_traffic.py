@@ -10,15 +10,17 @@ import meft_ds
 from meft_ds import MeftConfig, SparseKeyExpertAdapter, SparseRowAdam
 from meft_ds.routing import select_rows
 
-DIM, TOKENS, INDEX = 32, 12, 8  # int64 indices
+DIM, TOKENS, INDEX = 32, 12, 2  # indices cross as int16 (their values fit)
 
 
 def routed(adapter: SparseKeyExpertAdapter, x: torch.Tensor):
     config = adapter.config
+    travel = config.row_torch_dtype(x.dtype)  # routing inputs reach the host in the row dtype
     with torch.no_grad():
         gates, probe = adapter.router(x).topk(config.n_probe, dim=1)
+        gates = gates.to(travel).float() if config.gated else None
         return select_rows(
-            x.detach(), probe, gates if config.gated else None, adapter.store.keys, expert_size=config.expert_size,
+            x.detach().to(travel).float(), probe, gates, adapter.store.keys, expert_size=config.expert_size,
             top_k=config.top_k,
         )  # fmt: skip
 
@@ -43,8 +45,8 @@ def test_counters_equal_analytic_bytes(row_dtype: str, row_bytes: int) -> None:
     assert 0 < touched <= union
     # + each token's K slots and each row's expert; + the positions of the returned rows
     assert traffic["bytes_to_device"] == fetched + TOKENS * 8 * INDEX + union * INDEX + touched * INDEX
-    # + hidden states, probe ids and gates; + one "nonzero" flag per fetched row
-    assert traffic["bytes_to_host"] == returned + TOKENS * DIM * 4 + TOKENS * 4 * (INDEX + 4) + union
+    # + hidden states, probe ids and gates (hidden states and gates in the row dtype); + a "nonzero" flag per row
+    assert traffic["bytes_to_host"] == returned + TOKENS * DIM * row_bytes + TOKENS * 4 * (INDEX + row_bytes) + union
     assert traffic["rows_fetched"] == union
     assert traffic["rows_updated"] == touched
 

@@ -34,7 +34,7 @@ class Settings:
     # a. traffic
     traffic_neurons: tuple[int, ...] = (4096, 16384)
     traffic_plain_micro_steps: int = 3  # micro-steps measured without the cache (their bytes do not depend on G)
-    traffic_window: int = 16  # micro-steps of the optimizer step measured with the cache
+    traffic_window: int = 32  # micro-steps of the optimizer step measured with the cache (all of G: exact)
     train_steps: int = 8
     train_lr: float = 1e-3
     # b. sparse Adam
