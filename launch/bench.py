@@ -6,7 +6,9 @@
 
 Experiments: a. host<->device bytes per optimizer step, MEFT vs a dense adapter under ZeRO-Offload; b. sparse Adam
 GB/s vs DeepSpeed's dense CPU Adam vs copy_; c. step time vs LoRA and dense adapters; d. adapter bytes on the device
-as r grows; e. CPU routing cost vs the number of experts. Each module under launch/bench/ says how it measures.
+as r grows; e. CPU routing cost vs the number of experts; f. scale out: bytes between 2 ranks per optimizer step
+(replicated vs sharded stores vs a dense adapter's all-reduce) and the NVMe tier's read/write GB/s. Each module under
+launch/bench/ says how it measures.
 ``--meft KEY=VALUE`` overrides go to every MEFT variant (through ``meft_ds.MeftConfig.from_dict``); a variant whose
 own key this meft_ds does not know (e.g. ``cache_mb``) is skipped with a note.
 """
@@ -35,7 +37,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from bench import adam, memory, routing_cost, steptime, traffic
+from bench import adam, memory, routing_cost, scaleout, steptime, traffic
 from bench.common import Context, Section, Settings
 from bench.report import load_results, machine, render_markdown, write_results
 
@@ -48,6 +50,7 @@ EXPERIMENTS: dict[str, tuple[ModuleType, str]] = {
     "c": (steptime, "c_step_time.png"),
     "d": (memory, "d_device_bytes.png"),
     "e": (routing_cost, "e_routing_cost.png"),
+    "f": (scaleout, "f_scaleout.png"),
 }
 
 
@@ -64,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="a.'s cache variant budget (MiB per model); default: the dense adapter's device bytes under ZeRO-Offload",
     )
-    parser.add_argument("--micro-steps", type=int, default=None, help="a.'s measured cache window (default 16 / 4)")
+    parser.add_argument("--micro-steps", type=int, default=None, help="a.'s measured cache window (default 32 / 4)")
     args = parser.parse_args(argv)
     args.only = [key.strip() for key in args.only.split(",") if key.strip()]
     unknown = [key for key in args.only if key not in EXPERIMENTS]

@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 
-from bench import adam, memory, report, routing_cost, steptime, traffic
-from bench.common import Context, Section, Settings, fits_in_memory, meft_settings, packed_batches
+from bench import adam, memory, report, routing_cost, scaleout, steptime, traffic
+from bench.common import Context, Section, Settings, fits_in_memory, fmt_bytes, meft_settings, packed_batches
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
@@ -267,3 +267,66 @@ def test_cli_checks_its_arguments() -> None:
     assert args.quick and args.only == ["a", "e"] and args.meft == ["n_probe=4"]
     with pytest.raises(SystemExit):
         cli.parse_args(["--only", "a,z"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# f. scale out
+
+
+def test_scale_out_byte_formulas_match_a_hand_count() -> None:
+    # a dense adapter of r=16384 on d=576: keys and values, fp32 gradients, 4 layers; bf16 halves it
+    assert scaleout.dense_allreduce_bytes(16384, 576, 4) == 4 * 2 * 16384 * 576 * 4
+    assert scaleout.dense_allreduce_bytes(16384, 576, 4, element_bytes=2) == 4 * 2 * 16384 * 576 * 2
+    # replicated: 10 own ids (int64) + the union's 15 rows of gradients (2 x d=8 fp32), spread over 2 layers
+    assert scaleout.replicated_exchange_bytes(10, 15, 8, 2) == 10 * 8 + 15 * 2 * 8 * 4
+    assert scaleout.replicated_exchange_bytes(1, 1, 8, 3) == 3 * ((8 + 64) // 3)  # each layer's share rounds down
+    # sharded: every touched row's id and gradient goes to its owner
+    assert scaleout.sharded_exchange_bytes(10, 8, 2) == 10 * (8 + 2 * 8 * 4)
+    assert scaleout.adapter_layers(30) == [26, 27, 28, 29] and scaleout.adapter_layers(2) == [0, 1]
+
+
+@pytest.mark.slow
+def test_scale_out_reports_the_counters_of_two_ranks_and_the_nvme_io(context: Context) -> None:
+    section = scaleout.run(context)
+    dim, layers, neurons = 64, 2, 64  # the tiny model: d=64, adapters on both of its layers, r = step_neurons
+    between = section.data["between_ranks"]
+    assert [v["variant"] for v in between["variants"]] == ["replicated", "sharded"]
+    for v in between["variants"]:
+        assert v["dense"] == scaleout.dense_allreduce_bytes(neurons, dim, layers) == 2 * 2 * 64 * 64 * 4
+        assert v["per_rank_counted"] == v["per_rank_final"]  # every counted byte is in some step's deltas
+        assert v["total"] == v["exchange"] + v["forward"] + v["routers"]
+        assert v["routers"] == layers * v["experts"] * dim * 4  # the routers' fp32 gradients
+    for rank in between["ranks"]:
+        replicated, sharded = rank["variants"]
+        assert sharded["rows_held"] * 2 == replicated["rows_held"] == layers * neurons
+        for step in replicated["steps"]:
+            assert step["micro"]["bytes_between_ranks"] == 0  # replicated stores exchange only at the step
+            union = step["step"]["rows_updated"]  # every rank updates the ranks' union
+            assert step["step"]["bytes_between_ranks"] == scaleout.replicated_exchange_bytes(
+                step["touched"], union, dim, layers
+            )
+            assert step["touched"] <= union and step["foreign"] == 0
+        for step in sharded["steps"]:
+            assert step["step"]["bytes_between_ranks"] == scaleout.sharded_exchange_bytes(step["touched"], dim, layers)
+            assert step["micro"]["bytes_between_ranks"] > 0  # routing all-gathers, rows fetched from their owners
+            assert 0 < step["foreign"] <= step["touched"]
+    # same model, data and init: in the first step the owners together update the union each replicated rank updates
+    replicated_union = between["ranks"][0]["variants"][0]["steps"][0]["step"]["rows_updated"]
+    owned = [rank["variants"][1]["steps"][0]["step"]["rows_updated"] for rank in between["ranks"]]
+    assert sum(owned) == replicated_union
+    nvme = section.data["nvme"]
+    if nvme is None:  # no libaio here: skipped with a note
+        assert any(note.startswith("NVMe tier skipped") for note in section.notes)
+    else:
+        store = nvme["store"]
+        block = (neurons // store["experts"]) * 2 * dim * 4
+        assert store["ram_bytes"] == layers * store["capacity"] * block < store["store_bytes"]
+        assert store["store_bytes"] == layers * 3 * neurons * 2 * dim * 4
+        assert store["bytes_written"] > 0 and store["bytes_written"] % (3 * block) == 0  # rows + 2 moments per block
+        assert store["bytes_read"] >= store["bytes_written"]  # the step reads what it writes back, plus cache misses
+        assert store["bytes_read"] == sum(s["nvme_bytes_read"] for s in store["steps"])
+        assert nvme["raw_aio"]["bytes"] == nvme["plain"]["bytes"] == scaleout.RAW_MIN
+    assert section.columns[:4] == ["part", "variant", "rows / step (per rank)", "bytes / step (per rank)"]
+    assert len(section.rows) == 3 + (3 if nvme is not None else 0)
+    assert section.rows[0][3] == fmt_bytes(between["variants"][0]["dense"])
+    assert section.rows[1][3] == fmt_bytes(between["variants"][0]["total"])
