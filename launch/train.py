@@ -28,7 +28,7 @@ from meft_ds.config import MeftConfigError
 from meft_ds.data import DATASETS, FORMATS, DatasetError, collate, load_examples, tokenize_for_training
 from meft_ds.distributed import check_replicas_identical
 from meft_ds.ds_config import load_deepspeed_config, resolve_auto, validate_deepspeed_config
-from meft_ds.evaluation import evaluate_generation
+from meft_ds.evaluation import evaluate_generation, format_scores
 from meft_ds.models import BUILTIN_MODEL, ModelLoadError, load_model_and_tokenizer
 from meft_ds.training import MetricsLog, MicroBatchStream, parse_overrides, progress_bar
 
@@ -37,7 +37,6 @@ logger = logging.getLogger("meft_ds.train")
 # The built-in demo's settings: tuned so that the 135M model memorises the synthetic facts within ~10 CPU minutes.
 # SPEC.md's paper settings (lr 1e-4, effective batch 64, 256 tokens) are for real tasks on a GPU; see README.
 DEMO_LR = 3e-3
-NEW_TOKENS = {"qa": 16, "toolbench": 64, "gsm8k": 256}  # GSM8K answers are whole worked solutions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_limit", type=int, help="use only the first N training examples")
     parser.add_argument("--eval_limit", type=int, default=200, help="evaluate the first N held-out examples (0: all)")
     parser.add_argument("--eval_batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task, see NEW_TOKENS)")
+    parser.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task)")
     parser.add_argument("--no_eval", action="store_true", help="skip the before/after evaluation")
     parser.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
@@ -127,12 +126,6 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, examples: list, args: argpa
         batch_size=args.eval_batch_size,
         show_progress=True,
     )
-
-
-def headline(result: dict[str, Any] | None) -> str:
-    if not result:
-        return "skipped"
-    return ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float))
 
 
 def train(
@@ -248,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         write_json_atomic(output_dir / "results.json", json.loads(json.dumps(summary, default=str)))
         print(f"\nloss: {log.first_loss:.4f} -> {log.last_loss:.4f} over {engine.global_steps} steps")
-        print(f"held-out before: {headline(before)}")
-        print(f"held-out after:  {headline(after)}")
+        print(f"held-out before: {format_scores(before)}")
+        print(f"held-out after:  {format_scores(after)}")
         print(f"adapter exported to {output_dir} (meft_ds.load_adapter(model, '{output_dir}'))")
     dist.barrier()
     return 0

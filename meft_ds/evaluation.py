@@ -14,6 +14,9 @@ from tqdm import tqdm
 from meft_ds.data import Example, format_prompt, has_chat_template
 from meft_ds.metrics import score
 
+# Generation budget per task when none is given: GSM8K answers are whole worked solutions, ToolBench a list of calls.
+NEW_TOKENS = {"qa": 16, "toolbench": 64, "gsm8k": 256}
+
 
 def extract_answer(task: str, generated: str) -> str:
     """The answer in the generated text: its first line for one-line answers (QA, ToolBench), since a model may go
@@ -65,12 +68,13 @@ def evaluate_generation(
     tokenizer: Any,
     examples: Sequence[Example],
     *,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     batch_size: int = 8,
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """Greedy-decode an answer to every example (prompts as in training, :func:`meft_ds.data.format_prompt`) and
-    score it with :func:`meft_ds.metrics.score`.
+    score it with :func:`meft_ds.metrics.score`. ``max_new_tokens`` defaults to the examples' task budget
+    (:data:`NEW_TOKENS`).
 
     Returns the mean of each metric (``exact_match`` and ``f1`` for QA, ``iou`` for ToolBench, ``accuracy`` for
     GSM8K), ``n`` and ``predictions`` (``{"prompt", "prediction", "answers"}`` per example). The model runs in
@@ -78,6 +82,8 @@ def evaluate_generation(
     """
     if not examples:
         raise ValueError("evaluate_generation needs at least one example")
+    if max_new_tokens is None:
+        max_new_tokens = max(NEW_TOKENS[example.task] for example in examples)
     totals: dict[str, list[float]] = defaultdict(list)
     predictions = []
     with _generation_mode(model, tokenizer), torch.no_grad():
@@ -91,3 +97,10 @@ def evaluate_generation(
                 predictions.append({"prompt": example.prompt, "prediction": prediction, "answers": example.answers})
     means = {metric: sum(values) / len(values) for metric, values in totals.items()}
     return {**means, "n": len(examples), "predictions": predictions}
+
+
+def format_scores(result: dict[str, Any] | None) -> str:
+    """One line of an evaluation's mean scores, e.g. ``exact_match 0.690, f1 0.742``."""
+    if not result:
+        return "skipped"
+    return ", ".join(f"{key} {value:.3f}" for key, value in result.items() if isinstance(value, float))

@@ -98,6 +98,19 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
         assert not torch.allclose(trained(batch).logits, tiny_model()(batch).logits)
     assert torch.count_nonzero(meft_ds.adapters(trained)[0].store.values) > 0
 
+    # launch/evaluate.py on the exported adapter scores exactly what the run scored before and after training
+    command = [
+        sys.executable, "launch/evaluate.py", "--model", str(model_dirs["chat"]), "--adapter", str(out),
+        "--limit", "8", "--max_new_tokens", "4", "--output", str(tmp_path / "eval.json"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    for phase in ("before", "after"):
+        assert evaluated[phase]["predictions"] == results[phase]["predictions"]
+        assert evaluated[phase]["exact_match"] == results[phase]["exact_match"]
+    assert "before (base model): exact_match" in result.stdout
+
 
 @pytest.mark.parametrize(("stage", "offload"), [(0, False), (1, True)])
 def test_zero_stages_0_and_1_with_a_model_without_chat_template(
@@ -219,6 +232,16 @@ def test_a_second_run_into_the_same_output_dir_needs_resume(tmp_path: Path, mode
     result = subprocess.run([sys.executable, "launch/train.py", *map(str, common)], cwd=ROOT, env=LAUNCH_ENV,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode != 0 and "already holds a run" in result.stderr and "--resume" in result.stderr
+
+
+def test_evaluate_refuses_a_folder_without_an_adapter_in_one_line(tmp_path: Path) -> None:
+    command = [sys.executable, "launch/evaluate.py", "--adapter", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}: no exported meft adapter here (expected adapter_config.json and adapter.safetensors)"
+        ". Fix: point at the --output_dir of a finished run, or a folder written by meft_ds.save_adapter."
+    )
 
 
 def test_bad_input_fails_fast_with_one_line(tmp_path: Path) -> None:
