@@ -95,6 +95,29 @@ class SlotAdapterFunction(torch.autograd.Function):
         )
 
 
+class SlotGateFunction(torch.autograd.Function):
+    """The gate of each slot, ``gate[t, k] = x_t . W[experts[t, k]]`` (the router logit of its expert), read from
+    ``logits`` computed without autograd. Its backward gives the router (and ``x``) their gradients on meft_ds's kernel
+    from the (token, expert) pairs in use, at most ``n_probe`` per token, instead of autograd's two dense
+    ``(T, E) x (E, d)`` products over a gradient that is zero for all other experts."""
+
+    @staticmethod
+    def forward(ctx, x, weight, logits, experts):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, experts)
+        return logits.gather(1, experts)
+
+    @staticmethod
+    def backward(ctx, grad_gate):  # type: ignore[override]
+        x, weight, experts = ctx.saved_tensors
+        grad_x, grad_weight = cpu_kernels().gate_backward(grad_gate.contiguous(), x, weight, experts, kernel_threads())
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_weight if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+        )
+
+
 def computes_over_slots(x: torch.Tensor) -> bool:
     """Whether the adapter for input ``x`` runs on the CPU kernel (fp32 on the CPU, kernel built)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels() is not None
@@ -198,7 +221,9 @@ class SparseKeyExpertAdapter(nn.Module):
     def begin(self, hidden: torch.Tensor) -> PendingRouting:
         """Router logits on the device, and (unless rows were pre-retrieved) the routing inputs on their way."""
         x = hidden.reshape(-1, self.dim)
-        logits = self.router(x)
+        # on the CPU kernel's path the router's gradient flows through SlotGateFunction instead of these logits
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not computes_over_slots(x)):
+            logits = self.router(x)
         prefetched = self._prefetched
         if prefetched is not None and prefetched.routing.slots.shape[0] == x.shape[0]:
             return PendingRouting(logits)
@@ -260,8 +285,9 @@ class SparseKeyExpertAdapter(nn.Module):
         self.traffic.forward_calls += 1
         logits = pending.logits
         if computes_over_slots(x):
-            gate = logits.gather(1, row_experts[slots]) if config.gated else None
-            out = SlotAdapterFunction.apply(x.contiguous(), gate, rows, slots, sink)
+            x = x.contiguous()
+            gate = SlotGateFunction.apply(x, self.router.weight, logits, row_experts[slots]) if config.gated else None
+            out = SlotAdapterFunction.apply(x, gate, rows, slots, sink)
         else:
             mask = torch.zeros(x.shape[0], rows.shape[0], dtype=torch.bool, device=x.device).scatter_(1, slots, True)
             gate = logits.index_select(1, row_experts) if config.gated else None

@@ -70,3 +70,25 @@ def test_score_probed_on_a_shard_scores_only_the_experts_it_holds(kernels) -> No
     assert torch.all(first[~held_by_first] == 0) and torch.all(second[held_by_first] == 0)
     reference = score_probed_keys_torch(hidden, probe, keys[40:], 8, first_expert=5)
     torch.testing.assert_close(second, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_backward_matches_autograd_through_the_dense_router(kernels) -> None:
+    torch.manual_seed(0)
+    tokens, dim, num_experts, top_k = 7, 12, 9, 5
+    x = torch.randn(tokens, dim, dtype=torch.float64)
+    weight = torch.randn(num_experts, dim, dtype=torch.float64)
+    experts = torch.randint(0, num_experts - 2, (tokens, top_k))  # repeats within a token; the last 2 unused
+    grad_gate = torch.randn(tokens, top_k, dtype=torch.float64)
+    grad_gate[0, 1] = 0.0  # an inactive slot
+
+    x_ref, weight_ref = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    (x_ref @ weight_ref.T).gather(1, experts).backward(grad_gate)
+    grad_x, grad_weight = kernels.gate_backward(grad_gate.float(), x.float(), weight.float(), experts, kernel_threads())
+    torch.testing.assert_close(grad_x, x_ref.grad.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_weight, weight_ref.grad.float(), rtol=1e-5, atol=1e-6)
+    assert not grad_weight[-2:].any(), "experts no slot uses get no gradient"
+
+
+def test_gate_backward_rejects_out_of_range_experts(kernels) -> None:
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.gate_backward(torch.ones(2, 1), torch.ones(2, 3), torch.ones(4, 3), torch.tensor([[0], [4]]), 1)

@@ -6,6 +6,7 @@
 //   score_probed   h_t . k_j for the keys of each token's probed experts, expert-major for cache reuse
 //   sparse_adapter_forward / _backward
 //                  the adapter over each token's own K rows, T*K*d work instead of T*|U|*d (CPU compute)
+//   gate_backward  the router's gradient through those slots' gates, ~T*n_probe*d work instead of T*E*d
 #include <torch/extension.h>
 #include <omp.h>
 
@@ -191,6 +192,21 @@ void check_adapter_inputs(const torch::Tensor& x, const torch::Tensor& rows, con
     }
 }
 
+// Entries grouped by id with a counting sort: the entries of id u are order[start[u]] .. order[start[u + 1] - 1].
+// Lets the gradient of each row (or expert) be summed by one thread, without atomics or races.
+struct EntryGroups {
+    std::vector<int64_t> start, order;
+};
+
+EntryGroups group_entries(const int64_t* id, int64_t entries, int64_t n) {
+    EntryGroups groups{std::vector<int64_t>(n + 1, 0), std::vector<int64_t>(entries)};
+    for (int64_t e = 0; e < entries; ++e) ++groups.start[id[e] + 1];
+    for (int64_t u = 0; u < n; ++u) groups.start[u + 1] += groups.start[u];
+    std::vector<int64_t> fill(groups.start.begin(), groups.start.end() - 1);
+    for (int64_t e = 0; e < entries; ++e) groups.order[fill[id[e]]++] = e;
+    return groups;
+}
+
 }  // namespace
 
 // returns (out (T, d), scores (T, K) = x . key per slot, kept for backward)
@@ -257,23 +273,73 @@ std::vector<torch::Tensor> sparse_adapter_backward(torch::Tensor grad_out, torch
             if (grad_score[e] != 0.0f) axpy(grad_score[e], key, dx + t * dim, dim);
         }
     }
-    // row-parallel over the entries of each row (counting sort by slot): d value_u, d key_u without races
-    std::vector<int64_t> start(n + 1, 0), order(entries);
-    for (int64_t e = 0; e < entries; ++e) ++start[slot[e] + 1];
-    for (int64_t u = 0; u < n; ++u) start[u + 1] += start[u];
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t e = 0; e < entries; ++e) order[fill[slot[e]]++] = e;
+    // row-parallel over the entries of each row: d value_u, d key_u without races
+    const EntryGroups by_row = group_entries(slot, entries, n);
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
     for (int64_t u = 0; u < n; ++u) {
         float* grad_key = dr + u * 2 * dim;
         float* grad_value = grad_key + dim;
-        for (int64_t q = start[u]; q < start[u + 1]; ++q) {
-            const int64_t e = order[q], t = e / top_k;
+        for (int64_t q = by_row.start[u]; q < by_row.start[u + 1]; ++q) {
+            const int64_t e = by_row.order[q], t = e / top_k;
             if (act[e] > 0.0f) axpy(act[e], dout + t * dim, grad_value, dim);
             if (grad_score[e] != 0.0f) axpy(grad_score[e], xs + t * dim, grad_key, dim);
         }
     }
     return {grad_x, grad_gate, grad_rows};
+}
+
+// The router's gradient through the gate of each slot, gate[t][k] = x_t . W[experts[t][k]] (the router logit of the
+// slot's expert). A token's K slots fall in its n_probe probed experts, so their gate gradients are first summed per
+// (token, expert) pair; then only those pairs contribute: about T*n_probe*d work for each of grad_x and grad_weight,
+// instead of autograd's two dense (T, E, d) products over a (T, E) gradient that is zero almost everywhere.
+// grad_gate: (T, K) fp32; x: (T, d); weight: (E, d); experts: (T, K) int64. Returns (grad_x (T, d), grad_weight (E, d)).
+std::vector<torch::Tensor> gate_backward(torch::Tensor grad_gate, torch::Tensor x, torch::Tensor weight,
+                                         torch::Tensor experts, int64_t threads) {
+    check_rows(grad_gate, "grad_gate");
+    check_rows(x, "x");
+    check_rows(weight, "weight");
+    TORCH_CHECK(experts.scalar_type() == torch::kInt64 && experts.is_contiguous() && experts.sizes() == grad_gate.sizes(),
+                "experts must be (T, K) int64 like grad_gate");
+    TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(0) == grad_gate.size(0),
+                "x must be (T, d) and weight (E, d)");
+    const int64_t tokens = x.size(0), dim = x.size(1), top_k = experts.size(1), num_experts = weight.size(0);
+    const int64_t entries = tokens * top_k;
+    const float* g = grad_gate.data_ptr<float>();
+    const float* xs = x.data_ptr<float>();
+    const float* w = weight.data_ptr<float>();
+    const int64_t* expert = experts.data_ptr<int64_t>();
+    for (int64_t e = 0; e < entries; ++e) {
+        TORCH_CHECK(expert[e] >= 0 && expert[e] < num_experts, "expert id ", expert[e], " out of range");
+    }
+    auto grad_x = torch::zeros_like(x);
+    auto grad_weight = torch::zeros_like(weight);
+    float* dx = grad_x.data_ptr<float>();
+    float* dw = grad_weight.data_ptr<float>();
+    // token t's distinct experts and summed gradients in pair_*[t*K .. t*K + count); unused entries keep the id E
+    std::vector<int64_t> pair_expert(entries, num_experts);
+    std::vector<float> pair_grad(entries, 0.0f);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t base = t * top_k;
+        int64_t count = 0;
+        for (int64_t k = 0; k < top_k; ++k) {
+            if (g[base + k] == 0.0f) continue;
+            int64_t i = 0;
+            while (i < count && pair_expert[base + i] != expert[base + k]) ++i;
+            if (i == count) pair_expert[base + count++] = expert[base + k];
+            pair_grad[base + i] += g[base + k];
+        }
+        for (int64_t i = 0; i < count; ++i) axpy(pair_grad[base + i], w + pair_expert[base + i] * dim, dx + t * dim, dim);
+    }
+    const EntryGroups by_expert = group_entries(pair_expert.data(), entries, num_experts + 1);
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+    for (int64_t u = 0; u < num_experts; ++u) {
+        for (int64_t q = by_expert.start[u]; q < by_expert.start[u + 1]; ++q) {
+            const int64_t e = by_expert.order[q];
+            axpy(pair_grad[e], xs + (e / top_k) * dim, dw + u * dim, dim);
+        }
+    }
+    return {grad_x, grad_weight};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -282,4 +348,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("score_probed", &score_probed, "scores of the probed experts' keys, grouped by expert");
     m.def("sparse_adapter_forward", &sparse_adapter_forward, "adapter output over each token's own K rows");
     m.def("sparse_adapter_backward", &sparse_adapter_backward, "gradients of x, gate and the fetched rows");
+    m.def("gate_backward", &gate_backward, "the router's gradient through the slots' gates, pairs in use only");
 }
