@@ -77,9 +77,9 @@ class RowTransfer:
         return host, event
 
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A device tensor on the host, now (a new tensor)."""
+        """``tensor`` (which the caller owns: a fresh result) on the host, now; on a CPU device, itself."""
         self.stats.bytes_to_host += _nbytes(tensor)
-        return tensor.to("cpu", copy=True)
+        return tensor.to("cpu")
 
     def to_device(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A host index tensor on the device, as int64. It crosses in the narrowest integer type that holds its
@@ -92,20 +92,26 @@ class RowTransfer:
     # ------------------------------------------------------------------ rows to the device
     def _upload(self, row_ids: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Rows ``row_ids`` of the store on ``device`` in ``dtype``: gathered into the staging buffer, then copied on
-        the side stream; the current stream waits for the copy before it uses the result."""
-        if self._upload_done is not None:
-            self._upload_done.synchronize()  # the previous copy may still be reading the staging buffer
-        staging = self._host_buffer("rows", (row_ids.numel(), 2, self.store.dim), dtype)
-        self.store.gather_into(row_ids, staging)
-        on_device = torch.empty(staging.shape, dtype=dtype, device=device)
-        with self._accelerator.stream(self._stream):
-            on_device.copy_(staging, non_blocking=True)
-        if self._stream is not None:
-            self._upload_done = self._accelerator.Event()
-            self._upload_done.record(self._stream)
-            self._accelerator.current_stream().wait_event(self._upload_done)
-        self.stats.row_bytes_to_device += _nbytes(staging)
-        self.stats.bytes_to_device += _nbytes(staging)
+        the side stream; the current stream waits for the copy before it uses the result. When the device is the
+        CPU itself, the rows are gathered straight into their own tensor (a staging copy would be a second pass)."""
+        shape = (row_ids.numel(), 2, self.store.dim)
+        if device.type == "cpu":
+            on_device = torch.empty(shape, dtype=dtype)
+            self.store.gather_into(row_ids, on_device)
+        else:
+            if self._upload_done is not None:
+                self._upload_done.synchronize()  # the previous copy may still be reading the staging buffer
+            staging = self._host_buffer("rows", shape, dtype)
+            self.store.gather_into(row_ids, staging)
+            on_device = torch.empty(shape, dtype=dtype, device=device)
+            with self._accelerator.stream(self._stream):
+                on_device.copy_(staging, non_blocking=True)
+            if self._stream is not None:
+                self._upload_done = self._accelerator.Event()
+                self._upload_done.record(self._stream)
+                self._accelerator.current_stream().wait_event(self._upload_done)
+        self.stats.row_bytes_to_device += _nbytes(on_device)
+        self.stats.bytes_to_device += _nbytes(on_device)
         self.stats.rows_fetched += row_ids.numel()
         return on_device
 
@@ -157,10 +163,14 @@ class RowTransfer:
                 cache.pending[slots[cached & nonzero]] = True
             nonzero &= ~cached
         selected = nonzero.nonzero().flatten()
-        if selected.numel():
+        if selected.numel() == row_ids.numel():  # every row has a gradient: no positions to send, no gather
+            host = self.to_host(grads)
+        elif selected.numel():
             host = self.to_host(grads[self.to_device(selected, grads.device)])
-            self.stats.row_bytes_to_host += _nbytes(host)
-            self.store.accumulate_grad(row_ids[selected], host.float())
+        else:
+            return
+        self.stats.row_bytes_to_host += _nbytes(host)
+        self.store.accumulate_grad(row_ids[selected], host.float())
 
     def _download_cached(self, slots: torch.Tensor, row_ids: torch.Tensor) -> None:
         """Move the cached gradients of ``slots`` (rows ``row_ids``) into the store, zeroing them on the device."""
