@@ -70,3 +70,22 @@ def test_score_probed_on_a_shard_scores_only_the_experts_it_holds(kernels) -> No
     assert torch.all(first[~held_by_first] == 0) and torch.all(second[held_by_first] == 0)
     reference = score_probed_keys_torch(hidden, probe, keys[40:], 8, first_expert=5)
     torch.testing.assert_close(second, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_value_anywhere(kernels, bad: float) -> None:
+    grads = torch.randn(37, 2, 1000)  # several 64 KB blocks and a ragged last one, split across the threads
+    assert kernels.all_finite(grads, kernel_threads())
+    for position in (0, 16383, 16384, 50_000, grads.numel() - 1):
+        poisoned = grads.clone()
+        poisoned.view(-1)[position] = bad
+        assert not kernels.all_finite(poisoned, kernel_threads()), position
+        assert not kernels.all_finite(poisoned, 1), position
+
+
+def test_all_finite_takes_extreme_finite_values(kernels) -> None:
+    # a sum of these overflows to inf; each of them is finite
+    extreme = torch.full((3, 2, 8), torch.finfo(torch.float32).max)
+    extreme[1] = -0.0
+    assert kernels.all_finite(extreme, kernel_threads())
+    assert kernels.all_finite(torch.empty(0, 2, 8), kernel_threads())
