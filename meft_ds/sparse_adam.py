@@ -182,6 +182,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         return finite
 
     def _accumulated(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The accumulated ``(ids, grads)`` of every adapter whose store holds row gradients."""
         for adapter in self.adapters:
             accumulated = adapter.store.accumulated_grads()
             if accumulated is not None:
