@@ -19,7 +19,7 @@ import itertools
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -66,6 +66,15 @@ def resolve_backend(backend: str) -> str:
     if backend in available and not available[backend]():
         raise RuntimeError(f"SparseRowAdam: backend {backend!r} could not be built. Fix: use backend='auto'.")
     return backend
+
+
+def _grads_finite(grads: torch.Tensor) -> bool:
+    """Whether ``grads`` holds no NaN or inf: one vectorized read pass that stops at the first bad block (the
+    compiled kernel), or ``torch.isfinite``. Element by element, so a sum that overflows cannot raise a false alarm."""
+    kernels = cpu_kernels()
+    if kernels is not None and grads.dtype == torch.float32 and grads.is_contiguous():
+        return bool(kernels.all_finite(grads, kernel_threads()))
+    return bool(torch.isfinite(grads).all())
 
 
 def adamw_torch_(
@@ -161,17 +170,23 @@ class SparseRowAdam(torch.optim.Optimizer):
         return loss
 
     def _row_grads_finite(self) -> bool:
-        """Whether every row gradient is finite; sharded stores hold different rows on each rank, so the ranks
-        agree on the answer (all of them skip, or none)."""
-        total = torch.zeros((), dtype=torch.float64)
+        """Whether every row gradient of every adapter is finite, checked before any row is updated (a skipped step
+        must leave all rows untouched). Sharded stores hold different rows on each rank, so the ranks agree on the
+        answer (all of them skip, or none)."""
+        finite = all(_grads_finite(accumulated[1]) for accumulated in self._accumulated())
+        store = self.adapters[0].store
+        if isinstance(store, ShardedRowStore):
+            nonfinite_ranks = torch.tensor(0.0 if finite else 1.0, dtype=torch.float64)
+            dist.all_reduce(nonfinite_ranks, group=store.group)
+            finite = nonfinite_ranks.item() == 0
+        return finite
+
+    def _accumulated(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The accumulated ``(ids, grads)`` of every adapter whose store holds row gradients."""
         for adapter in self.adapters:
             accumulated = adapter.store.accumulated_grads()
             if accumulated is not None:
-                total += accumulated[1].sum()
-        store = self.adapters[0].store
-        if isinstance(store, ShardedRowStore):
-            dist.all_reduce(total, group=store.group)
-        return bool(torch.isfinite(total))
+                yield accumulated
 
     def _skip_nonfinite_step(self) -> None:
         """A NaN/inf row gradient: leave every row and moment untouched, drop the gradients, count the step; too

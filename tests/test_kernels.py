@@ -92,3 +92,22 @@ def test_gate_backward_matches_autograd_through_the_dense_router(kernels) -> Non
 def test_gate_backward_rejects_out_of_range_experts(kernels) -> None:
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.gate_backward(torch.ones(2, 1), torch.ones(2, 3), torch.ones(4, 3), torch.tensor([[0], [4]]), 1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_value_anywhere(kernels, bad: float) -> None:
+    grads = torch.randn(37, 2, 1000)  # several 64 KB blocks and a ragged last one, split across the threads
+    assert kernels.all_finite(grads, kernel_threads())
+    for position in (0, 16383, 16384, 50_000, grads.numel() - 1):
+        poisoned = grads.clone()
+        poisoned.view(-1)[position] = bad
+        assert not kernels.all_finite(poisoned, kernel_threads()), position
+        assert not kernels.all_finite(poisoned, 1), position
+
+
+def test_all_finite_takes_extreme_finite_values(kernels) -> None:
+    # a sum of these overflows to inf; each of them is finite
+    extreme = torch.full((3, 2, 8), torch.finfo(torch.float32).max)
+    extreme[1] = -0.0
+    assert kernels.all_finite(extreme, kernel_threads())
+    assert kernels.all_finite(torch.empty(0, 2, 8), kernel_threads())

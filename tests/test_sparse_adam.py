@@ -169,3 +169,31 @@ def test_nonfinite_row_gradients_skip_the_step_and_abort_when_persistent() -> No
     store.accumulate_grad(torch.tensor([6]), torch.full((1, 2, DIM), float("inf")))
     with pytest.raises(meft_ds.NonFiniteGradientError, match="2 optimizer steps in a row"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_nonfinite_row_of_any_adapter_skips_the_step_for_all(backend: str, bad: float) -> None:
+    adapters = [make_adapter() for _ in range(3)]
+    optimizer = SparseRowAdam(adapters, **HYPER, backend=backend)
+    before = [[t.clone() for t in (a.store.rows, a.store.exp_avg, a.store.exp_avg_sq)] for a in adapters]
+    ids = torch.tensor([2, 9, 40])
+    for index, adapter in enumerate(adapters):
+        grads = torch.randn(3, 2, DIM)
+        if index == 1:
+            grads[2, 0, 5] = bad  # one element of one row of the middle adapter
+        adapter.store.accumulate_grad(ids, grads)
+    optimizer.step()
+    assert optimizer.nonfinite_steps == 1 and optimizer.global_step == 0
+    for adapter, then in zip(adapters, before, strict=True):
+        assert adapter.store.accumulated_grads() is None
+        for now, was in zip((adapter.store.rows, adapter.store.exp_avg, adapter.store.exp_avg_sq), then, strict=True):
+            assert torch.equal(now, was)
+
+
+def test_huge_finite_gradients_are_not_taken_for_nonfinite() -> None:
+    adapter = make_adapter()
+    optimizer = SparseRowAdam([adapter], **HYPER, backend="fused")
+    adapter.store.accumulate_grad(torch.tensor([3, 4]), torch.full((2, 2, DIM), 3e38))  # their sum overflows
+    optimizer.step()
+    assert optimizer.nonfinite_steps == 0 and optimizer.global_step == 1
