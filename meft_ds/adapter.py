@@ -82,10 +82,13 @@ class SlotAdapterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, gate, rows, slots, scores = ctx.saved_tensors
-        grad_x, grad_gate, grad_rows = cpu_kernels().sparse_adapter_backward(
+        grad_x, grad_gate, grad_rows, row_has_grad = cpu_kernels().sparse_adapter_backward(
             grad_out.contiguous(), x, rows, slots, gate, scores, kernel_threads()
         )
-        ctx.row_grad_sink(grad_rows.to(ctx.row_dtype))
+        if ctx.row_dtype == grad_rows.dtype:
+            ctx.row_grad_sink(grad_rows, row_has_grad)
+        else:  # the cast may round tiny gradients to zero: let the sink look at the values that travel
+            ctx.row_grad_sink(grad_rows.to(ctx.row_dtype))
         return (
             grad_x if ctx.needs_input_grad[0] else None,
             grad_gate if gate.numel() and ctx.needs_input_grad[1] else None,

@@ -149,10 +149,13 @@ class RowTransfer:
         return self.cache
 
     # ------------------------------------------------------------------ row gradients to the host
-    def accept_grads(self, row_ids: torch.Tensor, grads: torch.Tensor) -> None:
+    def accept_grads(self, row_ids: torch.Tensor, grads: torch.Tensor, nonzero: torch.Tensor | None = None) -> None:
         """Take the gradients ``(n, 2, d)`` (device, travel dtype) of rows ``row_ids`` from a backward pass: into the
-        device cache for cached rows, else to the store; rows whose gradient is all zero stay where they are."""
-        nonzero = self.to_host(grads.flatten(1).ne(0).any(dim=1))
+        device cache for cached rows, else to the store; rows whose gradient is all zero stay where they are.
+        ``nonzero``: which rows have a gradient, if the backward already knows (else it is computed here)."""
+        if nonzero is None:
+            nonzero = grads.flatten(1).ne(0).any(dim=1)
+        nonzero = self.to_host(nonzero)
         cache = self.cache
         if cache is not None:
             slots = cache.slot_of[row_ids]  # looked up now: a row may have been evicted since the forward

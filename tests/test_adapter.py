@@ -186,12 +186,18 @@ def test_slot_and_masked_functions_agree(gated: bool) -> None:
     for function in (SlotAdapterFunction, MaskedAdapterFunction):
         x.grad = logits.grad = None
         sunk = []
+
+        def sink(grads: torch.Tensor, nonzero: torch.Tensor | None = None, sunk: list = sunk) -> None:
+            if nonzero is not None:  # the kernel's flags must say which rows' gradients are not all zero
+                assert torch.equal(nonzero, grads.flatten(1).ne(0).any(dim=1))
+            sunk.append(grads)
+
         if function is SlotAdapterFunction:
             gate = logits.gather(1, slots) if gated else None
-            out = function.apply(x, gate, rows.clone().requires_grad_(), slots, sunk.append)
+            out = function.apply(x, gate, rows.clone().requires_grad_(), slots, sink)
         else:
             mask = torch.zeros(tokens, n, dtype=torch.bool).scatter_(1, slots, True)
-            out = function.apply(x, logits if gated else None, rows.clone().requires_grad_(), mask, sunk.append)
+            out = function.apply(x, logits if gated else None, rows.clone().requires_grad_(), mask, sink)
         out.backward(grad_out)
         results.append((out.detach(), x.grad.clone(), None if logits.grad is None else logits.grad.clone(), sunk[0]))
     for slot_result, masked_result in zip(*results, strict=True):

@@ -283,7 +283,8 @@ std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor
     return {out, scores};
 }
 
-// returns (grad_x (T, d), grad_gate (T, K) or empty, grad_rows (n, 2, d))
+// returns (grad_x (T, d), grad_gate (T, K) or empty, grad_rows (n, 2, d), row_has_grad (n,) bool: the row's gradient
+// is not all zero, found while the row is still in cache, so no second pass over grad_rows is needed)
 std::vector<torch::Tensor> sparse_adapter_backward(torch::Tensor grad_out, torch::Tensor x, torch::Tensor rows,
                                                    torch::Tensor slots, torch::Tensor gate, torch::Tensor scores,
                                                    int64_t threads) {
@@ -294,6 +295,7 @@ std::vector<torch::Tensor> sparse_adapter_backward(torch::Tensor grad_out, torch
     auto grad_x = torch::zeros_like(x);
     auto grad_gate = gate.numel() ? torch::empty_like(gate) : torch::empty({0}, x.options());
     auto grad_rows = torch::zeros_like(rows);
+    auto row_has_grad = torch::zeros({n}, x.options().dtype(torch::kBool));
     std::vector<float> act(entries), grad_score(entries);
     const float* xs = x.data_ptr<float>();
     const float* dout = grad_out.data_ptr<float>();
@@ -304,6 +306,7 @@ std::vector<torch::Tensor> sparse_adapter_backward(torch::Tensor grad_out, torch
     float* dx = grad_x.data_ptr<float>();
     float* dg = gate.numel() ? grad_gate.data_ptr<float>() : nullptr;
     float* dr = grad_rows.data_ptr<float>();
+    bool* has_grad = row_has_grad.data_ptr<bool>();
 
     // token-parallel: d pre = (d out . value) on active slots; gate and x gradients
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -330,8 +333,11 @@ std::vector<torch::Tensor> sparse_adapter_backward(torch::Tensor grad_out, torch
             if (act[e] > 0.0f) axpy(act[e], dout + t * dim, grad_value, dim);
             if (grad_score[e] != 0.0f) axpy(grad_score[e], xs + t * dim, grad_key, dim);
         }
+        bool nonzero = false;
+        for (int64_t j = 0; j < 2 * dim && !nonzero; ++j) nonzero = grad_key[j] != 0.0f;
+        has_grad[u] = nonzero;
     }
-    return {grad_x, grad_gate, grad_rows};
+    return {grad_x, grad_gate, grad_rows, row_has_grad};
 }
 
 // The router's gradient through the gate of each slot, gate[t][k] = x_t . W[experts[t][k]] (the router logit of the
@@ -394,6 +400,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("gather_rows", &gather_rows, "gather fp32 rows into a buffer of the travel dtype");
     m.def("score_probed", &score_probed, "scores of the probed experts' keys, grouped by expert");
     m.def("sparse_adapter_forward", &sparse_adapter_forward, "adapter output over each token's own K rows");
-    m.def("sparse_adapter_backward", &sparse_adapter_backward, "gradients of x, gate and the fetched rows");
+    m.def("sparse_adapter_backward", &sparse_adapter_backward, "gradients of x, gate and the fetched rows, and which rows have one");
     m.def("gate_backward", &gate_backward, "the router's gradient through the slots' gates, pairs in use only");
 }
