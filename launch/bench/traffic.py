@@ -18,8 +18,8 @@ So per optimizer step, with ``G >= 2``: host->device ``2N*G``, device->host ``2N
 as the most favourable case for the dense adapter.
 
 MEFT side: ``meft_ds.stats(model)`` counters over real micro-steps and optimizer steps on SmolLM2 with real text,
-rows travelling in bf16 (``row_dtype="bf16"``, as on a bf16 accelerator). Hidden states travel in the model's compute
-dtype, fp32 on this CPU, so their share is twice what a bf16 accelerator would see (an over-count, kept). The routers
+rows travelling in bf16 (``row_dtype="bf16"``, as on a bf16 accelerator); the routing inputs (hidden states, router
+logits) travel in the row dtype too and indices in the narrowest integer type, as meft_ds sends them. The routers
 are ordinary engine parameters: under the same ZeRO-Offload config they move like the dense adapter, so their bytes
 (same formula, ``N = L*E*d``) are added to MEFT's.
 """
@@ -308,7 +308,7 @@ def run(context: Context) -> Section:
             "variant",
             f"to device / micro-step (avg, G={s.accum_steps})",
             f"to host / micro-step (avg, G={s.accum_steps})",
-            f"per opt. step, G={s.traffic_window}",
+            *([f"per opt. step, G={s.traffic_window}"] if s.traffic_window != s.accum_steps else []),
             f"per opt. step, G={s.accum_steps}",
             f"dense (as coded) ÷ this, G={s.accum_steps}",
             f"dense (minimal) ÷ this, G={s.accum_steps}",
@@ -323,6 +323,16 @@ def run(context: Context) -> Section:
     )
 
 
+def _cache_window(s: Any) -> str:
+    if s.traffic_window >= s.accum_steps:
+        return f"one whole real optimizer step of {s.accum_steps} micro-steps, every byte measured"
+    return (
+        f"one real optimizer step of {s.traffic_window} micro-steps; for G={s.accum_steps} (*) each extra micro-step "
+        "is charged the bytes of the last measured one, plus the flushed gradients of the rows it fetched (an "
+        "over-estimate: a row travels at most once per optimizer step, so misses only fall)"
+    )
+
+
 def _how(s: Any) -> str:
     return (
         "Dense: analytic, from DeepSpeed 0.19.8 stage_1_and_2.py as coded (bf16 gradients round-trip through the CPU "
@@ -330,13 +340,11 @@ def _how(s: Any) -> str:
         "once per step; see launch/bench/traffic.py), and the minimal offload (one bf16 gradient copy per micro-step, "
         "one bf16 parameter copy per step). MEFT: meft_ds.stats(model) counters (bytes_to_device, bytes_to_host, "
         "which include row_bytes_*, indices and hidden states) over real forward+backward micro-steps and optimizer "
-        "steps (SparseRowAdam + AdamW on the routers) in a plain PyTorch loop, rows in bf16, hidden states in fp32 "
-        "(the CPU's compute dtype; half of that on a bf16 accelerator), plus the routers' own ZeRO-Offload bytes "
+        "steps (SparseRowAdam + AdamW on the routers) in a plain PyTorch loop, rows, hidden states and router logits "
+        "in bf16, indices in int16 where they fit, plus the routers' own ZeRO-Offload bytes "
         f"(analytic, N = L*E*d). Without the cache: mean of {s.traffic_plain_micro_steps} micro-steps times G (a "
-        "micro-step's bytes do not depend on the others). With the cache: one real optimizer step of "
-        f"{s.traffic_window} micro-steps; for G={s.accum_steps} (*) each extra micro-step is charged the bytes of the "
-        "last measured one, plus the flushed gradients of the rows it fetched (an over-estimate: a row travels at most "
-        "once per optimizer step, so misses only fall). Per micro-step = per optimizer step / G. 'trained': after "
+        f"micro-step's bytes do not depend on the others). With the cache: {_cache_window(s)}. Per micro-step = per "
+        "optimizer step / G. 'trained': after "
         f"{s.train_steps} optimizer steps (lr {s.train_lr}) "
         "on facts."
     )
@@ -369,7 +377,7 @@ def _variants(entry: dict[str, Any]) -> list[tuple[str, str, OffloadBytes, bool,
 
 def table_rows(summaries: list[dict[str, Any]], window: int, accum_steps: int) -> list[list[Any]]:
     """Per (r, state) and variant: the average bytes per micro-step and the bytes per optimizer step at G=32,
-    the bytes per optimizer step at the measured window, and the ratios of the dense baselines to it."""
+    the bytes per optimizer step at the measured window (when shorter), and the ratios of the dense baselines to it."""
     by_key: dict[tuple[int, str], dict[int, dict[str, Any]]] = {}
     for entry in summaries:
         by_key.setdefault((entry["r"], entry["state"]), {})[entry["G"]] = entry
@@ -380,9 +388,10 @@ def table_rows(summaries: list[dict[str, Any]], window: int, accum_steps: int) -
         coded, minimal = paper[0][2].total, paper[1][2].total
         for key, label, b, extrapolated, rows_note in paper:
             star = "*" if extrapolated else ""
+            window_column = [fmt_bytes(at_window[key].total)] if window != accum_steps else []
             rows.append([
                 neurons, phase, label, fmt_bytes(b.to_device / accum_steps), fmt_bytes(b.to_host / accum_steps),
-                fmt_bytes(at_window[key].total), fmt_bytes(b.total) + star, fmt_ratio(coded / b.total) + star,
+                *window_column, fmt_bytes(b.total) + star, fmt_ratio(coded / b.total) + star,
                 fmt_ratio(minimal / b.total) + star, rows_note,
             ])  # fmt: skip
     return rows
@@ -478,7 +487,8 @@ def _notes(results: list[dict[str, Any]], s: Any) -> list[str]:
                 f"{before:.3f} to {after:.3f}."
             )
         notes.extend(result.get("notes", []))
-    notes.append("* scaled from the measured window (see how it was measured).")
+    if s.traffic_window < s.accum_steps:
+        notes.append("* scaled from the measured window (see how it was measured).")
     return notes
 
 
