@@ -92,24 +92,20 @@ class RowTransfer:
     # ------------------------------------------------------------------ rows to the device
     def _upload(self, row_ids: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Rows ``row_ids`` of the store on ``device`` in ``dtype``: gathered into the staging buffer, then copied on
-        the side stream; the current stream waits for the copy before it uses the result. When the device is the
-        CPU itself, the rows are gathered straight into their own tensor (a staging copy would be a second pass)."""
+        the side stream; the current stream waits for the copy before it uses the result. (On a CPU-only machine the
+        copy is a plain memory copy: the same path, so the path users run on an accelerator is the one tested.)"""
+        if self._upload_done is not None:
+            self._upload_done.synchronize()  # the previous copy may still be reading the staging buffer
         shape = (row_ids.numel(), 2, self.store.dim)
-        if device.type == "cpu":
-            on_device = torch.empty(shape, dtype=dtype)
-            self.store.gather_into(row_ids, on_device)
-        else:
-            if self._upload_done is not None:
-                self._upload_done.synchronize()  # the previous copy may still be reading the staging buffer
-            staging = self._host_buffer("rows", shape, dtype)
-            self.store.gather_into(row_ids, staging)
-            on_device = torch.empty(shape, dtype=dtype, device=device)
-            with self._accelerator.stream(self._stream):
-                on_device.copy_(staging, non_blocking=True)
-            if self._stream is not None:
-                self._upload_done = self._accelerator.Event()
-                self._upload_done.record(self._stream)
-                self._accelerator.current_stream().wait_event(self._upload_done)
+        staging = self._host_buffer("rows", shape, dtype)
+        self.store.gather_into(row_ids, staging)
+        on_device = torch.empty(shape, dtype=dtype, device=device)
+        with self._accelerator.stream(self._stream):
+            on_device.copy_(staging, non_blocking=True)
+        if self._stream is not None:
+            self._upload_done = self._accelerator.Event()
+            self._upload_done.record(self._stream)
+            self._accelerator.current_stream().wait_event(self._upload_done)
         self.stats.row_bytes_to_device += _nbytes(on_device)
         self.stats.bytes_to_device += _nbytes(on_device)
         self.stats.rows_fetched += row_ids.numel()
