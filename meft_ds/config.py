@@ -133,8 +133,9 @@ class MeftConfig:
             count from the end.
         key_init_std: standard deviation of the N(0, std) key initialisation.
         router_init_scale: router row ``e`` starts at this scale times the mean of expert ``e``'s keys.
-        row_dtype: dtype the rows travel in: ``"auto"`` (the adapter input's dtype), ``"fp32"``, ``"bf16"``,
-            ``"fp16"``. Master rows and Adam moments always stay fp32 in CPU memory.
+        row_dtype: dtype the rows, their gradients and the routing inputs (hidden states, router logits) travel in:
+            ``"auto"`` (the adapter input's dtype), ``"fp32"``, ``"bf16"``, ``"fp16"`` (fp16 gradients accumulated on
+            the device travel in fp32). Master rows and Adam moments always stay fp32 in CPU memory.
         seed: seed of the key initialisation (layer ``i`` uses ``seed + i``), so every rank builds the same store.
         cache_mb: device memory (MiB, for the whole model, split evenly over the adapters) for the hot-row cache:
             cached rows travel to the device once per optimizer step and their gradients back once. 0 disables it.
