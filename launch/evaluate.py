@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from deepspeed.accelerator import get_accelerator
 
 import meft_ds
-from meft_ds.checkpoint import CheckpointError, read_adapter_config, write_json_atomic
-from meft_ds.config import MeftConfigError
-from meft_ds.data import DATASETS, FORMATS, DatasetError, load_examples
+from meft_ds.checkpoint import read_adapter_config, write_json_atomic
+from meft_ds.data import DATASETS, FORMATS, load_examples
 from meft_ds.evaluation import evaluate_generation, format_scores
-from meft_ds.models import BUILTIN_MODEL, ModelLoadError, load_model_and_tokenizer
+from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
+from meft_ds.training import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,10 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (MeftConfigError, DatasetError, ModelLoadError, CheckpointError) as error:  # bad input: one clear line
-        if os.environ.get("MEFT_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,13 @@ from deepspeed import comm as dist
 
 import meft_ds
 from meft_ds import NonFiniteGradientError
-from meft_ds.checkpoint import CheckpointError, write_json_atomic
-from meft_ds.config import MeftConfigError
-from meft_ds.data import DATASETS, FORMATS, DatasetError, collate, load_examples, tokenize_for_training
+from meft_ds.checkpoint import write_json_atomic
+from meft_ds.data import DATASETS, FORMATS, collate, load_examples, tokenize_for_training
 from meft_ds.distributed import check_replicas_identical
 from meft_ds.ds_config import load_deepspeed_config, resolve_auto, validate_deepspeed_config
 from meft_ds.evaluation import evaluate_generation, format_scores
-from meft_ds.models import BUILTIN_MODEL, ModelLoadError, load_model_and_tokenizer
-from meft_ds.training import MetricsLog, MicroBatchStream, parse_overrides, progress_bar
+from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
+from meft_ds.training import MetricsLog, MicroBatchStream, parse_overrides, progress_bar, run_cli
 
 logger = logging.getLogger("meft_ds.train")
 
@@ -249,10 +247,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (MeftConfigError, DatasetError, ModelLoadError, CheckpointError) as error:  # bad input: one clear line
-        if os.environ.get("MEFT_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from meft_ds.checkpoint import atomic_file
+from meft_ds.checkpoint import CheckpointError, atomic_file
 from meft_ds.config import MeftConfigError
+from meft_ds.data import DatasetError
 from meft_ds.inject import adapters
+from meft_ds.models import ModelLoadError
 
 MB = 1e6
+BAD_INPUT = (MeftConfigError, DatasetError, ModelLoadError, CheckpointError)
+
+
+def run_cli(main: Callable[[], int]) -> None:
+    """Run a launcher's ``main`` and exit with its code. Bad input (config, dataset, model, checkpoint) ends in one
+    ``error: ...`` line on stderr and exit code 2 rather than a traceback; ``MEFT_DEBUG=1`` shows the traceback."""
+    try:
+        sys.exit(main())
+    except BAD_INPUT as error:
+        if os.environ.get("MEFT_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
