@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from meft_ds.config import MeftConfig
@@ -27,7 +28,9 @@ from meft_ds.shard import ShardedRowStore
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore, initial_keys
 from meft_ds.swap import NvmeRowStore
-from meft_ds.transfer import RowTransfer, narrowest_index_dtype
+from meft_ds.transfer import RowsInFlight, RowTransfer, narrowest_index_dtype
+
+_DEVICE_TYPE = get_accelerator().device_name()
 
 
 class MaskedAdapterFunction(torch.autograd.Function):
@@ -36,9 +39,12 @@ class MaskedAdapterFunction(torch.autograd.Function):
     ``rows`` is ``(n, 2, d)`` (key and value of each row of ``U``); it enters with ``requires_grad`` so that
     backward always runs, but its gradient goes to ``row_grad_sink`` (the row store) instead of autograd.
     ``gate`` is ``(T, n)``: the router logit of each row's expert for each token, or ``None`` (ungated).
+    Under ``torch.autocast`` the hand-written backward runs in the forward's autocast state (``custom_bwd``), so its
+    matmuls take the same dtypes as the forward's.
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type=_DEVICE_TYPE)
     def forward(ctx, x, gate, rows, mask, row_grad_sink):  # type: ignore[override]
         keys = rows[:, 0].to(x.dtype)
         values = rows[:, 1].to(x.dtype)
@@ -52,6 +58,7 @@ class MaskedAdapterFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type=_DEVICE_TYPE)
     def backward(ctx, grad_out):  # type: ignore[override]
         x, gate, keys, values, scores, active = ctx.saved_tensors
         pre = scores if gate is None else scores * gate
@@ -122,8 +129,9 @@ class SlotGateFunction(torch.autograd.Function):
 
 
 def computes_over_slots(x: torch.Tensor) -> bool:
-    """Whether the adapter for input ``x`` runs on the CPU kernel (fp32 on the CPU, kernel built)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels() is not None
+    """Whether the adapter for input ``x`` runs on the CPU kernel (on the CPU, kernel built; it computes in fp32
+    whatever the input's dtype, as the paper keeps adapters in fp32 under bf16/fp16 autocast)."""
+    return x.device.type == "cpu" and cpu_kernels() is not None
 
 
 @dataclass
@@ -140,10 +148,10 @@ class PendingRouting:
 
 @dataclass
 class PrefetchedRows:
-    """Rows chosen for this adapter from an earlier layer's hidden states (pre-retrieval), already on the device."""
+    """Rows chosen for this adapter from an earlier layer's hidden states (pre-retrieval), on their way."""
 
     routing: Routing
-    rows: torch.Tensor
+    rows: RowsInFlight
 
 
 def build_store(
@@ -207,6 +215,7 @@ class SparseKeyExpertAdapter(nn.Module):
         self.transfer = RowTransfer(self.store, self.traffic, cache_bytes=cache_bytes)
         self.prefetch_target: SparseKeyExpertAdapter | None = None
         self.pending: PendingRouting | None = None  # set between the FFN's pre-hook and hook
+        self._prefetch_routing: PendingRouting | None = None  # started by the source layer's begin
         self._prefetched: PrefetchedRows | None = None
 
     def extra_repr(self) -> str:
@@ -222,11 +231,14 @@ class SparseKeyExpertAdapter(nn.Module):
         return self.finish(hidden, self.begin(hidden))
 
     def begin(self, hidden: torch.Tensor) -> PendingRouting:
-        """Router logits on the device, and (unless rows were pre-retrieved) the routing inputs on their way."""
+        """Router logits on the device, and (unless rows were pre-retrieved) the routing inputs on their way; also
+        the pre-retrieval target's routing inputs, so that both are waited for at once, before the FFN's kernels."""
         x = hidden.reshape(-1, self.dim)
         # on the CPU kernel's path the router's gradient flows through SlotGateFunction instead of these logits
         with torch.set_grad_enabled(torch.is_grad_enabled() and not computes_over_slots(x)):
             logits = self.router(x)
+        if self.prefetch_target is not None:
+            self.prefetch_target.start_prefetch(x)
         prefetched = self._prefetched
         if prefetched is not None and prefetched.routing.slots.shape[0] == x.shape[0]:
             return PendingRouting(logits)
@@ -258,13 +270,21 @@ class SparseKeyExpertAdapter(nn.Module):
         gates = None if pending.probe_gates is None else pending.probe_gates.float()
         return select_from_scores(scores, probe_ids, gates, expert_size=config.expert_size, top_k=config.top_k)
 
-    def prefetch(self, hidden: torch.Tensor) -> None:
-        """Pre-retrieval: choose this adapter's rows from an earlier layer's ``hidden`` states and start their copy,
-        so it overlaps the layers in between (exactness traded for overlap; SPEC.md, method step 6)."""
+    def start_prefetch(self, hidden: torch.Tensor) -> None:
+        """Pre-retrieval, first half: this adapter's router on an earlier layer's ``hidden`` states, and the routing
+        inputs on their way to the host (SPEC.md, method step 6; exactness traded for overlap)."""
         x = hidden.reshape(-1, self.dim).detach()
         with torch.no_grad():
-            routing = self._route(self._start_routing(x, self.router(x)))
-        rows = self.transfer.fetch(routing.row_ids, dtype=self.config.row_torch_dtype(x.dtype), device=x.device)
+            self._prefetch_routing = self._start_routing(x, self.router(x))
+
+    def finish_prefetch(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Pre-retrieval, second half: choose the rows and start their copy, which overlaps the layers in between;
+        this adapter's own forward waits for it where it uses the rows."""
+        pending, self._prefetch_routing = self._prefetch_routing, None
+        if pending is None:
+            return
+        routing = self._route(pending)
+        rows = self.transfer.fetch(routing.row_ids, dtype=self.config.row_torch_dtype(dtype), device=device)
         self._prefetched = PrefetchedRows(routing, rows)
 
     def finish(self, hidden: torch.Tensor, pending: PendingRouting) -> torch.Tensor:
@@ -273,29 +293,27 @@ class SparseKeyExpertAdapter(nn.Module):
         x = hidden.reshape(-1, self.dim)
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None and pending.hidden is None:
-            routing, rows = prefetched.routing, prefetched.rows
+            routing, in_flight = prefetched.routing, prefetched.rows
         else:
             routing = self._route(pending)
-            rows = None
+            in_flight = self.transfer.fetch(routing.row_ids, dtype=config.row_torch_dtype(x.dtype), device=x.device)
         if self.prefetch_target is not None:
-            self.prefetch_target.prefetch(x)
-        if rows is None:
-            rows = self.transfer.fetch(routing.row_ids, dtype=config.row_torch_dtype(x.dtype), device=x.device)
+            self.prefetch_target.finish_prefetch(x.device, x.dtype)
         slots = self.transfer.to_device(routing.slots, x.device)
         row_experts = self.transfer.to_device(routing.row_ids // config.expert_size, x.device) if config.gated else None
+        rows = in_flight.wait()
         rows.requires_grad_(torch.is_grad_enabled())  # so backward runs; the gradient goes to the store
         sink = functools.partial(self.transfer.accept_grads, routing.row_ids)
         self.traffic.forward_calls += 1
         logits = pending.logits
         if computes_over_slots(x):
-            x = x.contiguous()
-            gate = SlotGateFunction.apply(x, self.router.weight, logits, row_experts[slots]) if config.gated else None
-            out = SlotAdapterFunction.apply(x, gate, rows, slots, sink)
-        else:
-            mask = torch.zeros(x.shape[0], rows.shape[0], dtype=torch.bool, device=x.device).scatter_(1, slots, True)
-            gate = logits.index_select(1, row_experts) if config.gated else None
-            out = MaskedAdapterFunction.apply(x, gate, rows, mask, sink)
-        return out.view_as(hidden)
+            compute = x.float().contiguous()
+            weight = self.router.weight.float()
+            gate = SlotGateFunction.apply(compute, weight, logits.float(), row_experts[slots]) if config.gated else None
+            return SlotAdapterFunction.apply(compute, gate, rows, slots, sink).to(x.dtype).view_as(hidden)
+        mask = torch.zeros(x.shape[0], rows.shape[0], dtype=torch.bool, device=x.device).scatter_(1, slots, True)
+        gate = logits.index_select(1, row_experts) if config.gated else None
+        return MaskedAdapterFunction.apply(x, gate, rows, mask, sink).view_as(hidden)
 
     # ------------------------------------------------------------------ the row gradients' life cycle
     def collect_row_grads(self) -> None:

@@ -21,9 +21,12 @@ class DeviceRowCache:
     Attributes:
         rows: ``(capacity, 2, d)`` device copies (allocated on first use, in the travel dtype).
         grads: ``(capacity, 2, d)`` fp32 device gradient accumulators.
+        has_grad: ``(capacity,)`` device flags: the slot's accumulator holds a nonzero gradient (known on the device
+            only, so that the backward never waits for it; it travels with the gradients when they are flushed).
         slot_of: ``(num_rows,)`` host map row id -> slot, ``-1`` when not cached.
         row_of: ``(capacity,)`` host map slot -> row id, ``-1`` when free.
-        pending: ``(capacity,)`` host flags: the slot's accumulator holds gradient not yet flushed.
+        pending: ``(capacity,)`` host flags: the slot's accumulator received gradient not yet flushed (which may be
+            all zero: ``has_grad`` tells).
     """
 
     def __init__(self, num_rows: int, capacity: int) -> None:
@@ -34,6 +37,7 @@ class DeviceRowCache:
         self.pending = torch.zeros(capacity, dtype=torch.bool)
         self.rows: torch.Tensor | None = None
         self.grads: torch.Tensor | None = None
+        self.has_grad: torch.Tensor | None = None
         self._clock = 0
 
     def allocate(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -43,12 +47,13 @@ class DeviceRowCache:
             return
         self.rows = torch.empty(self.capacity, 2, dim, dtype=dtype, device=device)
         self.grads = torch.zeros(self.capacity, 2, dim, dtype=torch.float32, device=device)
+        self.has_grad = torch.zeros(self.capacity, dtype=torch.bool, device=device)
         self.clear()
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held (rows and gradient accumulators)."""
-        return sum(t.numel() * t.element_size() for t in (self.rows, self.grads) if t is not None)
+        """Device bytes held (rows, gradient accumulators and their flags)."""
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.grads, self.has_grad) if t is not None)
 
     def lookup(self, row_ids: torch.Tensor) -> torch.Tensor:
         """Slots of ``row_ids`` (``-1`` for misses), marking the hits as just used."""
@@ -99,3 +104,4 @@ class DeviceRowCache:
         self.last_used.zero_()
         if self.grads is not None:
             self.grads.zero_()
+            self.has_grad.fill_(False)

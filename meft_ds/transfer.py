@@ -1,19 +1,32 @@
 """Host<->device traffic of one adapter, through DeepSpeed's accelerator, with every byte counted.
 
-* Routing inputs (hidden states, router choices) go to the host asynchronously, into reusable pinned buffers, so an
-  adapter can start them before the base FFN is queued and wait for them only after (see ``adapter.begin``).
-* Rows go to the device from a reusable pinned staging buffer (gathered and cast in one pass by meft_ds's kernel),
-  on the accelerator's side stream; the compute stream waits on an event, not on the host.
-* Row gradients come back only for rows whose gradient is not all zero (a row selected but inactive for every token
-  that chose it has none, and is not "touched").
+On an accelerator every copy here is asynchronous, and the host waits only where it needs the data:
+
+* Routing inputs (hidden states, router choices) go to the host on the compute stream into reusable pinned buffers;
+  the adapter starts them before the base FFN is queued and waits for their event after (``adapter.begin``/``finish``).
+* Rows go to the device from a reusable pinned staging buffer (gathered and cast in one pass by meft_ds's kernel), on
+  a side stream, into memory allocated on that stream; the compute stream waits for the copy's event where it uses
+  the rows (:meth:`RowsInFlight.wait`), and ``record_stream`` keeps the allocator from reusing their block early.
+* Index tensors go to the device from pinned memory with ``non_blocking`` copies on the compute stream, which orders
+  them before the kernels that read them; the host never waits for them.
+* Row gradients go to the host on the side stream, after an event of the compute stream: all rows of the micro-batch's
+  union with a per-row "has a gradient" flag. The host completes the hand-over later, where it needs the buffer again
+  or the gradients themselves (the next micro-step, :meth:`RowTransfer.flush` at the optimizer boundary): the backward
+  never waits for the device. Rows whose gradient is all zero (selected, but inactive for every token that chose them)
+  travel but are not accumulated, so they are not "touched". Sending them costs little (nearly every fetched row has
+  a gradient) and saves a device->host round trip per layer to learn which rows to send.
 * With a :class:`~meft_ds.cache.DeviceRowCache`, rows stay on the device within an optimizer step and their gradients
   accumulate there until :meth:`RowTransfer.flush`; so a row travels at most once each way per optimizer step.
 
-The same code runs on a CPU-only machine: the accelerator has no streams or events there, pinning is a no-op and the
-copies are plain memory copies, counted the same way.
+Streams are created at the first copy, on the device of the tensors moved (DeepSpeed sets each rank's device after the
+adapters are injected). The same code runs on a CPU-only machine: the accelerator has no streams or events there,
+pinning is a no-op and the copies are plain memory copies, counted the same way.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -37,6 +50,32 @@ def narrowest_index_dtype(index: torch.Tensor | int) -> torch.dtype:
     return torch.int64
 
 
+@dataclass
+class RowsInFlight:
+    """Rows on their way to the device. :meth:`wait` orders the current stream after their copy and returns them."""
+
+    rows: torch.Tensor
+    copied: Any = None  # event of the copy on the side stream (None: usable on the current stream already)
+
+    def wait(self) -> torch.Tensor:
+        if self.copied is not None:
+            current = get_accelerator().current_stream()
+            current.wait_event(self.copied)
+            self.rows.record_stream(current)  # allocated on the side stream, used on this one
+            self.copied = None
+        return self.rows
+
+
+@dataclass
+class _IncomingGrads:
+    """Row gradients on their way to the host, in the pinned buffer ``buffer``."""
+
+    row_ids: torch.Tensor
+    grads: torch.Tensor
+    has_grad: torch.Tensor
+    buffer: str
+
+
 class RowTransfer:
     """Moves one adapter's routing inputs, rows and row gradients, reusing pinned buffers; optionally caches rows."""
 
@@ -46,13 +85,33 @@ class RowTransfer:
         self.cache_bytes = cache_bytes
         self.cache: DeviceRowCache | None = None  # created at the first fetch, when the travel dtype is known
         self._accelerator = get_accelerator()
-        self._stream = self._accelerator.Stream() if self._accelerator.Stream is not None else None
+        self._side_stream: Any = None  # created at the first copy, on that copy's device
         self._host_buffers: dict[str, torch.Tensor] = {}
-        self._upload_done = None  # event of the last copy out of the row staging buffer
+        self._in_use: dict[str, Any] = {}  # buffer name -> event after which its last copy is complete
+        self._incoming: list[_IncomingGrads] = []
 
-    # ------------------------------------------------------------------ pinned host buffers
+    # ------------------------------------------------------------------ streams, events, pinned host buffers
+    def _side(self, device: torch.device) -> Any:
+        """The side stream (``None`` without streams), created on ``device`` at first use."""
+        if self._side_stream is None and self._accelerator.Stream is not None:
+            self._side_stream = self._accelerator.Stream(device=device)
+        return self._side_stream
+
+    def _event(self, stream: Any = None) -> Any:
+        """An event recorded now on ``stream`` (the current stream if ``None``), or ``None`` without events."""
+        if self._accelerator.Event is None:
+            return None
+        event = self._accelerator.Event()
+        event.record(stream)
+        return event
+
     def _host_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A view of shape ``shape`` into the reusable pinned buffer ``name``, grown (to a power of two) as needed."""
+        """A view of shape ``shape`` into the reusable pinned buffer ``name``, grown (to a power of two) as needed,
+        once the last copy into or out of it is complete."""
+        self._receive_grads(name)
+        done = self._in_use.pop(name, None)
+        if done is not None:
+            done.synchronize()
         numel = 1
         for size in shape:
             numel *= size
@@ -64,55 +123,52 @@ class RowTransfer:
         return buffer[:numel].view(shape)
 
     # ------------------------------------------------------------------ small tensors
-    def to_host_async(self, tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, object | None]:
-        """Start copying ``tensor`` into the pinned buffer ``name``; returns the host view and an event to wait on
-        (``None`` when the copy is already complete)."""
+    def to_host_async(self, tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, Any]:
+        """Start copying ``tensor`` into the pinned buffer ``name`` on the current stream; returns the host view and
+        the event to synchronize before reading it (``None`` when the copy is already complete)."""
         host = self._host_buffer(name, tuple(tensor.shape), tensor.dtype)
         host.copy_(tensor, non_blocking=True)
         self.stats.bytes_to_host += _nbytes(tensor)
-        if self._accelerator.Event is None:
-            return host, None
-        event = self._accelerator.Event()
-        event.record()
-        return host, event
-
-    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` (which the caller owns: a fresh result) on the host, now; on a CPU device, itself."""
-        self.stats.bytes_to_host += _nbytes(tensor)
-        return tensor.to("cpu")
+        copied = self._event()
+        if copied is not None:
+            self._in_use[name] = copied
+        return host, copied
 
     def to_device(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A host index tensor on the device, as int64. It crosses in the narrowest integer type that holds its
-        values (int16 for the slots and positions of a micro-batch's union up to 32K rows), and is widened on the
-        device, where indexing wants int64: a quarter of the bytes for a few cheap passes."""
-        narrow = index.to(narrowest_index_dtype(index))
+        """A host index tensor on the device, as int64, ordered on the current stream before the kernels that read it;
+        the host does not wait. It crosses in the narrowest integer type that holds its values (int16 for the slots
+        and positions of a micro-batch's union up to 32K rows) from a fresh pinned copy (the caching host allocator
+        keeps its block until the copy is done), and is widened on the device, where indexing wants int64."""
+        narrow = self._accelerator.pin_memory(index.to(narrowest_index_dtype(index)))
+        on_device = torch.empty(narrow.shape, dtype=narrow.dtype, device=device)
+        on_device.copy_(narrow, non_blocking=True)
         self.stats.bytes_to_device += _nbytes(narrow)
-        return narrow.to(device).long()
+        return on_device.long()
 
     # ------------------------------------------------------------------ rows to the device
-    def _upload(self, row_ids: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Rows ``row_ids`` of the store on ``device`` in ``dtype``: gathered into the staging buffer, then copied on
-        the side stream; the current stream waits for the copy before it uses the result. (On a CPU-only machine the
-        copy is a plain memory copy: the same path, so the path users run on an accelerator is the one tested.)"""
-        if self._upload_done is not None:
-            self._upload_done.synchronize()  # the previous copy may still be reading the staging buffer
+    def _upload(self, row_ids: torch.Tensor, dtype: torch.dtype, device: torch.device) -> RowsInFlight:
+        """Rows ``row_ids`` of the store on their way to ``device`` in ``dtype``: gathered into the staging buffer,
+        copied on the side stream into memory allocated there (no kernel queued on the compute stream can still be
+        using that block). (On a CPU-only machine the copy is a plain memory copy: the same path, so the path users
+        run on an accelerator is the one tested.)"""
         shape = (row_ids.numel(), 2, self.store.dim)
         staging = self._host_buffer("rows", shape, dtype)
         self.store.gather_into(row_ids, staging)
-        on_device = torch.empty(shape, dtype=dtype, device=device)
-        with self._accelerator.stream(self._stream):
+        side = self._side(device)
+        with self._accelerator.stream(side):
+            on_device = torch.empty(shape, dtype=dtype, device=device)
             on_device.copy_(staging, non_blocking=True)
-        if self._stream is not None:
-            self._upload_done = self._accelerator.Event()
-            self._upload_done.record(self._stream)
-            self._accelerator.current_stream().wait_event(self._upload_done)
+        copied = self._event(side)
+        if copied is not None:
+            self._in_use["rows"] = copied
         self.stats.row_bytes_to_device += _nbytes(on_device)
         self.stats.bytes_to_device += _nbytes(on_device)
         self.stats.rows_fetched += row_ids.numel()
-        return on_device
+        return RowsInFlight(on_device, copied)
 
-    def fetch(self, row_ids: torch.Tensor, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The ``(n, 2, d)`` key/value rows ``row_ids`` (sorted, unique) on ``device`` in ``dtype``, a new tensor."""
+    def fetch(self, row_ids: torch.Tensor, *, dtype: torch.dtype, device: torch.device) -> RowsInFlight:
+        """The ``(n, 2, d)`` key/value rows ``row_ids`` (sorted, unique) on their way to ``device`` in ``dtype``.
+        With the cache, they are assembled from cached and fetched rows on the current stream right away."""
         cache = self._cache_for(dtype)
         if cache is None:
             return self._upload(row_ids, dtype, device)
@@ -122,17 +178,18 @@ class RowTransfer:
         miss_ids = row_ids[~hit]
         self.stats.cache_hits += int(hit.sum())
         self.stats.cache_misses += miss_ids.numel()
-        fetched = self._upload(miss_ids, dtype, device)
+        incoming = self._upload(miss_ids, dtype, device)
         new_slots, flush_slots, flush_rows = cache.admit(miss_ids, keep=slots[hit])
         if flush_slots.numel():
             self._download_cached(flush_slots, flush_rows)
+        fetched = incoming.wait()
         admitted = (new_slots >= 0).nonzero().flatten()
         if admitted.numel():
             cache.rows[self.to_device(new_slots[admitted], device)] = fetched[self.to_device(admitted, device)]
         rows = torch.empty(row_ids.numel(), 2, self.store.dim, dtype=dtype, device=device)
         rows[self.to_device(hit.nonzero().flatten(), device)] = cache.rows[self.to_device(slots[hit], device)]
         rows[self.to_device((~hit).nonzero().flatten(), device)] = fetched
-        return rows
+        return RowsInFlight(rows)
 
     def _cache_for(self, dtype: torch.dtype) -> DeviceRowCache | None:
         """The device cache, sized to the budget: a cached row costs ``2d`` values in ``dtype`` plus ``2d`` fp32
@@ -145,42 +202,80 @@ class RowTransfer:
         return self.cache
 
     # ------------------------------------------------------------------ row gradients to the host
-    def accept_grads(self, row_ids: torch.Tensor, grads: torch.Tensor, nonzero: torch.Tensor | None = None) -> None:
+    def accept_grads(self, row_ids: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor | None = None) -> None:
         """Take the gradients ``(n, 2, d)`` (device, travel dtype) of rows ``row_ids`` from a backward pass: into the
-        device cache for cached rows, else to the store; rows whose gradient is all zero stay where they are.
-        ``nonzero``: which rows have a gradient, if the backward already knows (else it is computed here)."""
-        if nonzero is None:
-            nonzero = grads.flatten(1).ne(0).any(dim=1)
-        nonzero = self.to_host(nonzero)
+        device cache for cached rows, else on their way to the store. ``has_grad``: ``(n,)`` device flags of the rows
+        whose gradient is not all zero, if the backward already knows (else they are computed here)."""
+        if has_grad is None:
+            has_grad = grads.flatten(1).ne(0).any(dim=1)
         cache = self.cache
         if cache is not None:
             slots = cache.slot_of[row_ids]  # looked up now: a row may have been evicted since the forward
             cached = slots >= 0
             if cached.any():
                 positions = self.to_device(cached.nonzero().flatten(), grads.device)
-                cache.grads.index_add_(0, self.to_device(slots[cached], grads.device), grads[positions].float())
-                cache.pending[slots[cached & nonzero]] = True
-            nonzero &= ~cached
-        selected = nonzero.nonzero().flatten()
-        if selected.numel() == row_ids.numel():  # every row has a gradient: no positions to send, no gather
-            host = self.to_host(grads)
-        elif selected.numel():
-            host = self.to_host(grads[self.to_device(selected, grads.device)])
-        else:
-            return
-        self.stats.row_bytes_to_host += _nbytes(host)
-        self.store.accumulate_grad(row_ids[selected], host.float())
+                on_device = self.to_device(slots[cached], grads.device)
+                cache.grads.index_add_(0, on_device, grads[positions].float())
+                cache.has_grad[on_device] |= has_grad[positions]
+                cache.pending[slots[cached]] = True
+                uncached = (~cached).nonzero().flatten()
+                if not uncached.numel():
+                    return
+                positions = self.to_device(uncached, grads.device)
+                row_ids, grads, has_grad = row_ids[uncached], grads[positions], has_grad[positions]
+        self._send_grads(row_ids, grads, has_grad, "grads")
+
+    def _send_grads(self, row_ids: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor, buffer: str) -> None:
+        """Start copying ``grads`` and ``has_grad`` (device) of rows ``row_ids`` into the pinned buffer ``buffer``
+        on the side stream, after the compute stream has produced them; the host completes the hand-over later."""
+        host_grads = self._host_buffer(buffer, tuple(grads.shape), grads.dtype)
+        host_flags = self._host_buffer(f"{buffer}.has_grad", tuple(has_grad.shape), torch.bool)
+        produced = self._event()
+        side = self._side(grads.device)
+        with self._accelerator.stream(side):
+            if side is not None:
+                side.wait_event(produced)
+                grads.record_stream(side)  # the compute stream may free them before the side stream has read them
+                has_grad.record_stream(side)
+            host_grads.copy_(grads, non_blocking=True)
+            host_flags.copy_(has_grad, non_blocking=True)
+        copied = self._event(side)
+        if copied is not None:
+            self._in_use[buffer] = self._in_use[f"{buffer}.has_grad"] = copied
+        self._incoming.append(_IncomingGrads(row_ids, host_grads, host_flags, buffer))
+        self.stats.row_bytes_to_host += _nbytes(grads)
+        self.stats.bytes_to_host += _nbytes(grads) + _nbytes(has_grad)
+
+    def _receive_grads(self, buffer: str | None = None) -> None:
+        """Complete the hand-overs in ``buffer`` (all if ``None``): wait for their copies and add the rows that have
+        a gradient to the store's accumulator."""
+        keep = []
+        for incoming in self._incoming:
+            if buffer is not None and incoming.buffer != buffer:
+                keep.append(incoming)
+                continue
+            done = self._in_use.pop(incoming.buffer, None)
+            self._in_use.pop(f"{incoming.buffer}.has_grad", None)
+            if done is not None:
+                done.synchronize()
+            selected = incoming.has_grad.nonzero().flatten()
+            if selected.numel():  # index_select copies: the store owns what it gets, the buffer is reused
+                grads = incoming.grads.index_select(0, selected).float()
+                self.store.accumulate_grad(incoming.row_ids[selected], grads)
+        self._incoming = keep
 
     def _download_cached(self, slots: torch.Tensor, row_ids: torch.Tensor) -> None:
-        """Move the cached gradients of ``slots`` (rows ``row_ids``) into the store, zeroing them on the device."""
+        """Send the cached gradients of ``slots`` (rows ``row_ids``) to the store, zeroing them on the device."""
+        cache = self.cache
         order = torch.argsort(row_ids)
         slots, row_ids = slots[order], row_ids[order]
-        on_device = self.to_device(slots, self.cache.grads.device)
-        host = self.to_host(self.cache.grads[on_device].to(self._grad_travel_dtype()))
-        self.stats.row_bytes_to_host += _nbytes(host)
-        self.cache.grads[on_device] = 0.0
-        self.cache.pending[slots] = False
-        self.store.accumulate_grad(row_ids, host.float())
+        on_device = self.to_device(slots, cache.grads.device)
+        grads = cache.grads[on_device].to(self._grad_travel_dtype())
+        has_grad = cache.has_grad[on_device]
+        cache.grads[on_device] = 0.0
+        cache.has_grad[on_device] = False
+        cache.pending[slots] = False
+        self._send_grads(row_ids, grads, has_grad, "cached")
 
     def _grad_travel_dtype(self) -> torch.dtype:
         """Accumulated gradients go back in the dtype rows travel in (as every row gradient does without the cache),
@@ -189,16 +284,21 @@ class RowTransfer:
         return torch.float32 if dtype == torch.float16 else dtype
 
     def flush(self) -> None:
-        """Move every gradient still accumulating in the device cache into the store (at an optimizer boundary)."""
+        """Bring every row gradient into the store: the device cache's, and those still on their way (at an
+        optimizer boundary)."""
         cache = self.cache
         if cache is not None and cache.pending.any():
             slots = cache.pending.nonzero().flatten()
             self._download_cached(slots, cache.row_of[slots])
+        self._receive_grads()
 
     def drop_grads(self) -> None:
-        """Forget the gradients accumulating in the device cache (a skipped optimizer step)."""
+        """Forget the gradients on their way to the host (their buffers are waited for when reused) and those
+        accumulating in the device cache (a skipped step)."""
+        self._incoming = []
         if self.cache is not None and self.cache.grads is not None:
             self.cache.grads.zero_()
+            self.cache.has_grad.fill_(False)
             self.cache.pending.fill_(False)
 
     def invalidate(self, row_ids: torch.Tensor | None = None) -> None:

@@ -55,6 +55,7 @@ def test_full_top_k_equals_dense_parallel_adapter(gate: str) -> None:
 
     out = adapter(x)
     out.backward(grad_out)
+    adapter.collect_row_grads()
     ids, row_grads = adapter.store.accumulated_grads()
 
     ref_out, keys, values, router = dense_reference(x_ref.view(-1, DIM), adapter)
@@ -165,10 +166,12 @@ def test_row_gradients_accumulate_across_micro_steps() -> None:
     adapter = make_adapter(num_neurons=256, top_k=8, num_experts=16, n_probe=4)
     x = torch.randn(8, DIM)
     adapter(x).pow(2).sum().backward()
+    adapter.collect_row_grads()
     ids_full, grads_full = (t.clone() for t in adapter.store.accumulated_grads())
-    adapter.store.drop_grads()
+    adapter.drop_row_grads()
     for half in (x[:4], x[4:]):
         adapter(half).pow(2).sum().backward()
+    adapter.collect_row_grads()
     ids, grads = adapter.store.accumulated_grads()
     assert torch.equal(ids, ids_full)
     torch.testing.assert_close(grads, grads_full, rtol=1e-5, atol=1e-7)
@@ -187,9 +190,9 @@ def test_slot_and_masked_functions_agree(gated: bool) -> None:
         x.grad = logits.grad = None
         sunk = []
 
-        def sink(grads: torch.Tensor, nonzero: torch.Tensor | None = None, sunk: list = sunk) -> None:
-            if nonzero is not None:  # the kernel's flags must say which rows' gradients are not all zero
-                assert torch.equal(nonzero, grads.flatten(1).ne(0).any(dim=1))
+        def sink(grads: torch.Tensor, has_grad: torch.Tensor | None = None, sunk: list = sunk) -> None:
+            if has_grad is not None:  # the kernel's flags must say which rows' gradients are not all zero
+                assert torch.equal(has_grad, grads.flatten(1).ne(0).any(dim=1))
             sunk.append(grads)
 
         if function is SlotAdapterFunction:
