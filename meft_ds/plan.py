@@ -1,0 +1,515 @@
+"""Memory plan of a meft_ds run: the bytes each tier holds (device, pinned host, host, NVMe), item by item, and a
+verdict on whether it fits a device of a given size, with computed changes that would make it fit.
+
+The base model is instantiated on the meta device (no weights, no memory) to count its parameters exactly, and one
+forward pass on meta tensors, loss included, measures what autograd saves for backward, through the same
+``saved_tensors_hooks`` accounting that tests apply to real forwards. Attention is measured as the accelerator runs
+it: SDPA's flash kernels keep ``q, k, v``, the output and a log-sum-exp, never the ``(S, S)`` scores (on meta, SDPA
+would take its math path and keep them). A model that does not run on meta falls back to
+:func:`analytic_saved_bytes`, the same accounting written out for LLaMA-style decoders.
+
+Everything else is arithmetic that mirrors the code: the fetched rows and ``(T, |U|)`` tensors the masked adapter
+path keeps for backward, the per-adapter pinned staging buffers (grown to powers of two), the device row cache, the
+routers and their optimizer where the ZeRO config puts them, DeepSpeed's gradient bucket, and the row stores
+(:func:`meft_ds.memory.store_bytes`). Plans are for an accelerator: the adapter's masked path, not the CPU's slot
+kernel. ``|U|``, the rows a micro-batch fetches per layer, is estimated as if every token chose its K rows uniformly
+at random; routing concentrates on fewer rows (about half as many on SmolLM2), so this is an upper estimate, and a
+union measured on the task's data can be given instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.ds_config import AUTO, load_deepspeed_config, section
+from meft_ds.inject import _decoder_layers, _locate
+from meft_ds.memory import HEADROOM, store_bytes
+from meft_ds.models import BUILTIN_MODEL, ModelLoadError, resolve_model
+from meft_ds.transfer import narrowest_index_dtype
+
+GiB = 2**30
+TIERS = ("device", "pinned", "host", "nvme")
+# What a device of N GiB leaves to the tensors planned here: the CUDA context, cuBLAS/cuDNN workspaces and NCCL's
+# buffers take 0.5-1 GiB outside them, and on long runs PyTorch's caching allocator reserves 5-10% more than it
+# hands out (split blocks, fragmentation). 1 GiB plus 8% of the device, i.e. 2.9 GiB of a 24 GiB card.
+CONTEXT_RESERVE = 1 * GiB
+FRAGMENTATION = 0.08
+TIGHT = 0.95  # a plan using more of the budget than this fits narrowly: the verdict lists what would free memory
+DEFAULT_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+
+# Known configurations, so that a plan needs no hub: LLaMA-2-7B's config.json, and the built-in SmolLM2 GGUF's.
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    BUILTIN_MODEL: dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                        rope_theta=100000.0, tie_word_embeddings=True),
+}  # fmt: skip
+
+
+def load_model_config(source: Any) -> Any:
+    """A ``PretrainedConfig`` from a built-in name, a config.json, a folder, a .gguf file or a hub id (no weights)."""
+    from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        return source
+    if source in BUILTIN_CONFIGS:
+        return LlamaConfig(**BUILTIN_CONFIGS[source])
+    if str(source).endswith(".json"):
+        if not Path(source).is_file():
+            raise ModelLoadError(f"--model {source}: no such file. Fix: pass an existing config.json or its folder.")
+        folder, gguf_file = str(source), None
+    else:
+        folder, gguf_file = resolve_model(str(source))
+    try:
+        return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"--model {source}: not a built-in name ({', '.join(BUILTIN_CONFIGS)}), a local config.json, folder or "
+            f".gguf file, nor a config on the hub ({type(error).__name__}: {str(error).splitlines()[0][:160]}). Fix: "
+            "pass a local config.json (e.g. from the model's hub page), or one of the built-in names."
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------- measuring activations
+@dataclass(frozen=True)
+class SavedBytes:
+    """Bytes autograd keeps for backward, per decoder layer and outside them (embedding, final norm, head, loss)."""
+
+    per_layer: tuple[int, ...]
+    outside: int
+
+    @property
+    def total(self) -> int:
+        return self.outside + sum(self.per_layer)
+
+
+class _AdapterStandIn(torch.autograd.Function):
+    """What an adapter adds to the base model's graph, besides its rows and ``(T, |U|)`` tensors (added by the
+    plan): it keeps the FFN input (router and adapter input) and makes the FFN output depend on trainable weights, so
+    every later layer saves its activations, as with real adapters. (Measuring graphs never run backward.)"""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return out.clone()
+
+
+class _FlashAttention(torch.autograd.Function):
+    """SDPA as flash kernels run it (output shape only): keeps ``q, k, v`` (GQA not repeated), the output, an fp32
+    log-sum-exp per head and token, and the mask if one is given, as ``torch``'s CPU and CUDA flash kernels do."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32), mask)
+        return out
+
+
+class _FlashOnMeta(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and args[0].device.type == "meta":
+            return _FlashAttention.apply(*args[:3], kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def saved_bytes_counter(model: nn.Module, adapted: Sequence[int] | None = None) -> Iterator[list[SavedBytes]]:
+    """Within the block, sum the storages autograd saves for backward, each once, excluding parameters and buffers,
+    per decoder layer of ``model``; the result is appended to the yielded list when the block ends. ``adapted``:
+    decoder layers whose FFN gets the adapter stand-in (``None``: the model carries real adapters, or none)."""
+    location = _locate(model)
+    layers = _decoder_layers(model, location)
+    excluded = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    seen: set[int] = set()
+    per_layer, outside, current = [0] * len(layers), [0], [-1]  # current layer, -1 outside: outside[-1]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in excluded and storage._cdata not in seen:
+            seen.add(storage._cdata)
+            (per_layer if current[0] >= 0 else outside)[current[0]] += storage.nbytes()
+        return tensor
+
+    weight = torch.zeros(1, device=next(model.parameters()).device, requires_grad=True)
+
+    def stand_in(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+        return _AdapterStandIn.apply(args[0] if args else next(iter(kwargs.values())), out, weight)
+
+    hooks = []
+    for index, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(lambda *_, i=index: current.__setitem__(0, i)))
+        hooks.append(layer.register_forward_hook(lambda *_: current.__setitem__(0, -1)))
+        if adapted is not None and index in adapted:
+            hooks.append(getattr(layer, location.ffn_attr).register_forward_hook(stand_in, with_kwargs=True))
+    result: list[SavedBytes] = []
+    try:
+        with _FlashOnMeta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield result
+    finally:
+        for hook in hooks:
+            hook.remove()
+    result.append(SavedBytes(tuple(per_layer), outside[0]))
+
+
+def measure_saved_bytes(model: nn.Module, input_ids: torch.Tensor, adapted: Sequence[int] | None = None) -> SavedBytes:
+    """What a training forward of ``model`` on ``input_ids`` (labels = inputs: the loss included) saves for backward,
+    counted by :func:`saved_bytes_counter`."""
+    with saved_bytes_counter(model, adapted) as result:
+        model(input_ids=input_ids, labels=input_ids)
+    return result[0]
+
+
+def analytic_saved_bytes(config: Any, dtype: torch.dtype, tokens: int, adapted: Sequence[int]) -> SavedBytes:
+    """The fallback when a model does not run on meta: what a LLaMA-style layer saves per token with frozen weights
+    (a frozen projection keeps no input). Two RMSNorms an fp32 input and rsqrt each; flash attention q, k, v, its
+    output and an fp32 log-sum-exp per head; SiLU and the gate*up product three ``ffn``-wide tensors; the adapter its
+    input. Layers before the first adapter save nothing but it. Outside: the final norm, the fp32 log-softmax, the
+    labels."""
+    d, c, heads = config.hidden_size, dtype.itemsize, config.num_attention_heads
+    kv = d // heads * (getattr(config, "num_key_value_heads", None) or heads)
+    ffn = getattr(config, "intermediate_size", None) or 4 * d
+    layer = tokens * (2 * (d * 4 + 4) + c * (2 * d + 2 * kv + 3 * ffn) + 4 * heads)
+    first = min(adapted, default=config.num_hidden_layers)
+    per_layer = [
+        (layer if i > first else 0) + (tokens * d * c if i in adapted else 0) for i in range(config.num_hidden_layers)
+    ]
+    return SavedBytes(tuple(per_layer), tokens * (d * 4 + 4 + config.vocab_size * 4 + 8))
+
+
+# ---------------------------------------------------------------------------------------------- the arithmetic
+@dataclass(frozen=True)
+class Item:
+    tier: str  # one of TIERS
+    name: str
+    nbytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan knows of the base model: counted and measured on meta (``measured=False``: estimated)."""
+
+    name: str
+    dim: int
+    num_layers: int
+    adapters: int
+    vocab: int
+    params: int
+    base_bytes: int
+    saved: SavedBytes
+    measured: bool
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the byte counts depend on besides the model: the meft settings, the shape, DeepSpeed's settings."""
+
+    meft: MeftConfig
+    batch_size: int
+    seq_len: int
+    compute: torch.dtype = torch.float32
+    zero_stage: int = 0
+    offload: str = "none"  # where ZeRO-Offload puts the routers' optimizer states: none, cpu, nvme
+    pin_offload: bool = False
+    bucket: int = 0  # elements of DeepSpeed's gradient bucket (0: none)
+    overlap_comm: bool = False  # a second bucket
+    world_size: int = 1
+    checkpointing: bool = False
+    union_fraction: float = 1.0  # a measured union over the uniform estimate at the same shape (1: the estimate)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def union(self) -> int:
+        """``|U|``, rows fetched per layer and micro-step: :func:`expected_union`, times ``union_fraction``."""
+        estimate = expected_union(self.meft.num_neurons, self.meft.top_k, self.tokens)
+        return max(1, min(self.meft.num_neurons, math.ceil(self.union_fraction * estimate)))
+
+    @property
+    def rows(self) -> torch.dtype:
+        return self.meft.row_torch_dtype(self.compute)
+
+
+def setup_from_ds_config(ds: dict[str, Any], meft: MeftConfig, *, dim: int, **shape: Any) -> Setup:
+    """Dtype and ZeRO settings of a DeepSpeed config. ``"auto"`` bf16/fp16 counts as enabled (plans are for the
+    target accelerator); an ``"auto"`` reduce_bucket_size is ``dim**2``, as the HF integration fills it in."""
+    enabled = [key for key in ("bf16", "fp16") if section(ds, key).get("enabled") in (True, AUTO)]
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}[enabled[0]] if enabled else torch.float32
+    zero = section(ds, "zero_optimization")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise MeftConfigError(f"zero_optimization.stage: {stage!r} is not a ZeRO stage. Fix: use 0, 1, 2 or 3.")
+    offload, overlap = section(zero, "offload_optimizer"), zero.get("overlap_comm", AUTO)
+    bucket = zero.get("reduce_bucket_size", DEFAULT_BUCKET)
+    contiguous = stage > 0 and zero.get("contiguous_gradients", True) is not False  # DeepSpeed's bucket, stages 1-3
+    return Setup(
+        meft, compute=compute, zero_stage=stage, offload=str(offload.get("device", "none")),
+        pin_offload=offload.get("pin_memory") is True, overlap_comm=stage == 3 if overlap == AUTO else bool(overlap),
+        bucket=int(dim**2 if bucket == AUTO else bucket) if contiguous else 0, **shape,
+    )  # fmt: skip
+
+
+def expected_union(num_rows: int, top_k: int, tokens: int) -> int:
+    """``E|U| = r (1 - (1 - K/r)^T)``, rounded up: the union when each token picks K distinct rows uniformly (a
+    little above ``T*K`` draws with replacement; at most ``min(r, T*K)``). Routing concentrates: real unions are
+    smaller, so this is an upper estimate."""
+    return min(num_rows, math.ceil(num_rows * (1.0 - (1.0 - top_k / num_rows) ** tokens)))
+
+
+def pinned_capacity(numel: int) -> int:
+    """Elements of a staging buffer grown to hold ``numel``: the next power of two (``RowTransfer._host_buffer``)."""
+    return 1 << max(numel - 1, 0).bit_length()
+
+
+def cache_rows(s: Setup, adapters: int, dim: int) -> int:
+    """Rows each adapter's device cache holds: its share of ``cache_mb``, a row costing ``2d`` values in the row
+    dtype and ``2d`` fp32 gradient accumulators (``RowTransfer._cache_for``)."""
+    per_row = 2 * dim * (s.rows.itemsize + 4)
+    return min(int(s.meft.cache_mb * 2**20) // adapters // per_row, s.meft.num_neurons)
+
+
+def staging_buffers(s: Setup, dim: int, union: int, cached: int) -> dict[str, int]:
+    """Bytes of one adapter's pinned staging buffers, by the names ``RowTransfer`` gives them."""
+    m, t, rb = s.meft, s.tokens, s.rows.itemsize
+    sizes = {
+        "rows": pinned_capacity(union * 2 * dim) * rb,
+        "hidden": pinned_capacity(t * dim) * rb,
+        "probe_ids": pinned_capacity(t * m.n_probe) * narrowest_index_dtype(m.num_experts).itemsize,
+    }
+    uncached = union - min(union, cached)  # cached rows' gradients accumulate in the device cache instead
+    if uncached:
+        sizes.update({"grads": pinned_capacity(uncached * 2 * dim) * rb, "grads.has_grad": pinned_capacity(uncached)})
+    if m.gated:
+        sizes["probe_gates"] = pinned_capacity(t * m.n_probe) * rb
+    if cached:  # the cache's accumulated gradients, flushed at the optimizer boundary (fp16 ones travel in fp32)
+        sizes["cached"] = pinned_capacity(cached * 2 * dim) * (4 if s.rows == torch.float16 else rb)
+        sizes["cached.has_grad"] = pinned_capacity(cached)
+    return sizes
+
+
+def masked_path_bytes(s: Setup, union: int) -> int:
+    """What :class:`meft_ds.adapter.MaskedAdapterFunction` keeps per layer besides the rows: ``(T, |U|)`` scores and
+    gates (compute dtype) and the active mask (bool), and the gate's ``(|U|,)`` int64 index."""
+    c = s.compute.itemsize
+    return s.tokens * union * (2 * c + 1) + union * 8 if s.meft.gated else s.tokens * union * (c + 1)
+
+
+def plan_items(s: Setup, model: ModelFacts) -> list[Item]:
+    """Every item of the plan, from the setup and the model's facts."""
+    m, d, c, t, layers, world = s.meft, model.dim, s.compute.itemsize, s.tokens, model.adapters, s.world_size
+    union, rb = s.union, s.rows.itemsize
+    row_bytes, masked = union * 2 * d * rb, masked_path_bytes(s, union)
+    kept = 1 if s.checkpointing else layers  # checkpointed, a layer's adapter is recomputed in its own backward
+    saved, working = model.saved, 0
+    activations = saved.total
+    if s.checkpointing:  # layer inputs stay; one layer's activations come back during its backward
+        activations = saved.outside + model.num_layers * t * d * c
+        working = max(saved.per_layer) + row_bytes + masked
+    # one step of backward at a time: the adapter's (4 (T,|U|) temporaries, key and value grads, stacked) or the loss's
+    working += max(4 * t * union * c + 2 * union * 2 * d * c, t * model.vocab * (8 + c))
+    routers = layers * m.num_experts * d
+    cached = cache_rows(s, layers, d) if m.cache_mb else 0
+    base = model.base_bytes // (world if s.zero_stage == 3 else 1)
+    items = [
+        Item("device", f"frozen base model ({str(s.compute)[6:]})", base, f"{model.params / 1e9:.2f}B parameters"),
+        Item("device", "activations saved for backward" + " (checkpointed)" * s.checkpointing, activations,
+             "measured on meta" if model.measured else "analytic: the model did not run on meta"),
+        Item("device", "fetched rows kept for backward", kept * row_bytes, f"|U| = {union} rows per layer"),
+        Item("device", "masked path: (T, |U|) scores, gates, masks", kept * masked),
+        Item("device", "backward working set", working, "largest single step"),
+        Item("device", "routers: weights + gradients", routers * c + routers * c // (world if s.zero_stage > 1 else 1)),
+    ]  # fmt: skip
+    if s.offload == "none":  # fp32 master unless computing in fp32 (stage 0: + fp32 grads), two Adam moments
+        state = routers * (8 + (0 if c == 4 else 8 if s.zero_stage == 0 else 4))
+        items.append(Item("device", "routers: optimizer states", state // (world if s.zero_stage else 1)))
+    else:
+        tier = "nvme" if s.offload == "nvme" else "pinned" if s.pin_offload else "host"
+        items.append(Item(tier, "routers: ZeRO-Offload fp32 master, grads, moments", routers * 16 // world))
+    if s.bucket and routers:
+        items.append(
+            Item("device", "ZeRO gradient bucket", s.bucket * c * (1 + s.overlap_comm), f"{s.bucket:,} elements")
+        )
+    if m.prefetch_layers:
+        items.append(Item("device", "pre-retrieved rows in flight", row_bytes))
+    if cached:
+        items.append(Item("device", "device row cache", layers * cached * (2 * d * (rb + 4) + 1), f"{cached} rows"))
+    staging = staging_buffers(s, d, union, cached)
+    items.append(
+        Item("pinned", "staging buffers, a set per adapter", layers * sum(staging.values()), ", ".join(staging))
+    )
+    shards = world if m.store.shard else 1
+    full = store_bytes(layers, m.num_neurons, d) // shards  # rows, two moments, a full-size accumulator
+    if m.store.device == "nvme":
+        block = m.expert_size * 2 * d * 4
+        ram = min(int(m.store.ram_budget_mb * 2**20) // layers // block, m.num_experts) * block
+        items += [
+            Item("nvme", "row stores: fp32 rows + 2 Adam moments", full * 3 // 4),
+            Item("pinned", "NVMe tier: RAM cache of expert blocks", layers * ram),
+            Item("pinned", "NVMe tier: optimizer-step buffers", 3 * m.num_neurons * 2 * d * 4, "one layer at a time"),
+        ]
+    else:
+        items.append(Item("host", "row stores: fp32 rows + 2 Adam moments", full * 3 // 4))
+    return [
+        *items,
+        Item("host", "row gradient accumulators", full // 4, "worst case: every row touched"),
+        Item("host", "row gradient hand-over", (union + m.num_neurons // shards) * 2 * d * 4, "one layer at a time"),
+        Item("host", "routing scores", t * (d + m.n_probe * m.expert_size) * 4, "one layer at a time"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The model, frozen and in training mode (dropout masks count), on the meta device: no weights, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.train().requires_grad_(False)
+
+
+def model_facts(model: nn.Module, meft: MeftConfig, batch: int, seq_len: int, name: str = "") -> ModelFacts:
+    """Count the meta ``model``'s parameters and measure its training forward at ``batch x seq_len``."""
+    config = model.config
+    adapted = meft.resolve_layers(config.num_hidden_layers)
+    ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+    try:
+        saved, measured = measure_saved_bytes(model, ids, adapted), True
+    except (NotImplementedError, RuntimeError, TypeError):
+        saved, measured = analytic_saved_bytes(config, model.dtype, batch * seq_len, adapted), False
+    tensors = [*model.parameters(), *model.buffers()]  # parameters() lists tied weights once
+    return ModelFacts(
+        name or config.name_or_path or config.model_type, config.hidden_size, config.num_hidden_layers, len(adapted),
+        config.vocab_size, sum(p.numel() for p in model.parameters()), sum(x.nbytes for x in tensors), saved, measured,
+    )  # fmt: skip
+
+
+@dataclass
+class Verdict:
+    fits: bool
+    need: int  # device bytes
+    budget: int  # device bytes left to the planned tensors
+    changes: list[str] = field(default_factory=list)  # computed: a change, and the device bytes it leads to
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per tier of one configuration, itemised; :meth:`verdict` says whether it fits a device."""
+
+    setup: Setup
+    model: ModelFacts
+    items: list[Item]
+    remeasure: Callable[[int], ModelFacts] = field(repr=False)  # the model's facts at another micro-batch size
+
+    @property
+    def union(self) -> int:
+        return self.setup.union
+
+    def total(self, tier: str) -> int:
+        return sum(item.nbytes for item in self.items if item.tier == tier)
+
+    def bytes_of(self, prefix: str) -> int:
+        """Bytes of the items whose name starts with ``prefix``."""
+        return sum(item.nbytes for item in self.items if item.name.startswith(prefix))
+
+    def _device(self, setup: Setup, model: ModelFacts | None = None) -> int:
+        return sum(item.nbytes for item in plan_items(setup, model or self.model) if item.tier == "device")
+
+    def verdict(self, device_gib: float = 24.0, host_gib: float | None = None) -> Verdict:
+        """Whether the device tier fits ``device_gib`` GiB less :data:`CONTEXT_RESERVE` and :data:`FRAGMENTATION`
+        (and CPU memory ``host_gib`` x ``meft_ds.memory.HEADROOM``, if given); if not, what to change."""
+        budget = int(device_gib * GiB * (1 - FRAGMENTATION)) - CONTEXT_RESERVE
+        verdict = Verdict(self.total("device") <= budget, self.total("device"), budget)
+        host = self.total("pinned") + self.total("host")
+        if host_gib is not None and host > host_gib * GiB * HEADROOM:
+            verdict.fits = False
+            verdict.changes.append(
+                f"CPU memory: needs {host / GiB:.1f} GiB of {host_gib:g} GiB: lower meft.num_neurons "
+                "or use meft.store.device=nvme"
+            )
+        if not verdict.fits:
+            verdict.changes += self._device_changes(budget, shrink=True)
+        elif verdict.need > TIGHT * budget:  # it fits, narrowly: what frees memory without shrinking the run
+            verdict.changes += self._device_changes(budget, shrink=False)
+        return verdict
+
+    def _device_changes(self, budget: int, *, shrink: bool) -> list[str]:
+        """Single changes, each with the device bytes it leads to; with ``shrink``, also the largest micro-batch and
+        num_neurons that fit."""
+        s, changes = self.setup, []
+
+        def add(text: str, setup: Setup, model: ModelFacts | None = None) -> None:
+            need = self._device(setup, model)
+            changes.append(f"{text}: device {need / GiB:.2f} GiB ({'fits' if need <= budget else 'not enough alone'})")
+
+        replace = dataclasses.replace
+        if not s.checkpointing:
+            text = "enable activation checkpointing (model.gradient_checkpointing_enable(); rows then travel twice)"
+            add(text, replace(s, checkpointing=True))
+        routers = self.model.adapters * s.meft.num_experts * self.model.dim
+        if s.bucket > routers > 0:
+            add(f"set zero_optimization.reduce_bucket_size={routers} (the routers' size)", replace(s, bucket=routers))
+        if s.meft.cache_mb:
+            add("set meft.cache_mb=0", replace(s, meft=_changed(s.meft, cache_mb=0.0)))
+        for batch in range(s.batch_size - 1, 0, -1) if shrink else ():
+            facts = self.remeasure(batch)
+            if self._device(replace(s, batch_size=batch), facts) <= budget:
+                text = f"use --micro_batch_size {batch} and {math.ceil(s.batch_size / batch)}x gradient accumulation"
+                add(text, replace(s, batch_size=batch), facts)
+                break
+        k, r = s.meft.top_k, s.meft.num_neurons
+        for neurons in range(r - k - (r % k), 0, -k) if shrink else ():
+            smaller = replace(s, meft=_changed(s.meft, num_neurons=neurons, num_experts=None))
+            if self._device(smaller) <= budget:
+                add(f"set meft.num_neurons={neurons}", smaller)
+                break
+        return changes
+
+
+def _changed(meft: MeftConfig, **changes: Any) -> MeftConfig:
+    return MeftConfig.from_dict({**meft.to_dict(), **changes})
+
+
+def plan(
+    model: Any, ds_config: str | Path | dict[str, Any], *, batch_size: int, seq_len: int, world_size: int = 1,
+    meft: dict[str, Any] | None = None, activation_checkpointing: bool = False, union: int | None = None,
+) -> MemoryPlan:  # fmt: skip
+    """The memory plan of training ``model`` (a ``PretrainedConfig`` or anything :func:`load_model_config` takes)
+    under ``ds_config`` (its ``"meft"`` section updated by ``meft``), ``batch_size x seq_len`` tokens per rank.
+    ``union``: rows a micro-step fetches per layer, measured on the task's data (``rows_fetched`` per adapter and
+    micro-step), in place of the uniform-routing upper estimate; changes the plan proposes scale it alike."""
+    ds = load_deepspeed_config(ds_config)
+    meft_config = MeftConfig.from_dict({**section(ds, "meft"), **(meft or {})})
+    config = load_model_config(model)
+    setup = setup_from_ds_config(
+        ds, meft_config, dim=config.hidden_size, batch_size=batch_size, seq_len=seq_len, world_size=world_size,
+        checkpointing=activation_checkpointing,
+    )  # fmt: skip
+    if union is not None:
+        if union < 1:
+            raise MeftConfigError(f"--union {union}: must be at least 1 row. Fix: pass rows fetched per layer.")
+        estimate = expected_union(meft_config.num_neurons, meft_config.top_k, batch_size * seq_len)
+        setup = dataclasses.replace(setup, union_fraction=union / estimate)
+    on_meta = meta_model(config, setup.compute)
+    name = model if isinstance(model, str) else ""
+
+    def remeasure(batch: int) -> ModelFacts:
+        return model_facts(on_meta, meft_config, batch, seq_len, name)
+
+    facts = remeasure(batch_size)
+    return MemoryPlan(setup, facts, plan_items(setup, facts), remeasure)
