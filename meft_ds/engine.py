@@ -32,7 +32,7 @@ from meft_ds.checkpoint import atomic_file, load_stores, publish_directory, reco
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.distributed import exchange_row_grads, row_grad_squared_norm
 from meft_ds.ds_config import (
-    keep_cpu_runs_in_fp32,
+    fit_precision_to_cpu,
     load_deepspeed_config,
     peak_lr,
     resolve_auto,
@@ -224,7 +224,7 @@ def initialize(
     meft_config = MeftConfig.from_dict(meft if meft is not None else ds_config.get("meft"))
     resolve_auto(ds_config)
     validate_deepspeed_config(ds_config)
-    keep_cpu_runs_in_fp32(ds_config)
+    fit_precision_to_cpu(ds_config)
 
     if not adapters(model):
         deepspeed.init_distributed()  # a sharded store partitions rows across the ranks as it is built

@@ -1,27 +1,31 @@
-"""meft_ds.initialize in-process (one rank): ZeRO stages agree with a plain-torch reference, the scheduler's
-learning rate reaches the store, clipping uses one global norm, skipped steps drop row gradients, checkpoints
-restore the store, exported adapters reload to identical logits."""
+"""meft_ds.initialize in-process (one rank): ZeRO stages agree with a plain-torch reference in fp32 and in bf16,
+the scheduler's learning rate reaches the store, clipping uses one global norm, skipped steps drop row gradients,
+checkpoints restore the store, exported adapters reload to identical logits."""
 
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import pytest
 import torch
+from deepspeed.utils import safe_get_full_fp32_param
 from tiny_models import tiny_model, token_batch
 
 import meft_ds
+import meft_ds.ds_config
 from meft_ds import SparseRowAdam
 
 MEFT = {"num_neurons": 64, "top_k": 4, "seed": 3}
 LR = 1e-2
+DIM = 64  # the tiny model's width
 
 
-def ds_config(stage: int, *, clip: float = 0.0, offload: bool = True, gas: int = 1) -> dict:
+def ds_config(stage: int, *, clip: float = 0.0, offload: bool = True, gas: int = 1, precision: str = "fp32") -> dict:
     zero = {"stage": stage}
     if stage and offload:
         zero["offload_optimizer"] = {"device": "cpu"}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": clip,
@@ -33,33 +37,58 @@ def ds_config(stage: int, *, clip: float = 0.0, offload: bool = True, gas: int =
         "zero_optimization": zero,
         "meft": MEFT,
     }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+@pytest.fixture
+def bf16_on_any_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 whatever this CPU is: a tiny model is fast in bf16 even where bf16 matmuls are emulated, and GPU users'
+    dtype handling (rows travelling in bf16, fp32 master rows, moments and row gradients) is what these tests check."""
+    monkeypatch.setattr(meft_ds.ds_config, "cpu_has_native_bf16", lambda: True)
 
 
 def batches(n: int) -> list[torch.Tensor]:
     return [token_batch(batch=2, length=12, seed=10 + i) for i in range(n)]
 
 
-def train_with_engine(config: dict, steps: int) -> tuple[torch.nn.Module, list[float], list[float]]:
+class Run(NamedTuple):
+    model: torch.nn.Module
+    engine: Any
+    losses: list[float]
+    lrs: list[float]
+    grad_norms: list[float | None]  # the global norm of each step (engine + rows), when clipping
+    row_grad_dtypes: set[torch.dtype]  # of the rows' accumulated gradients at the first boundary
+
+
+def train_with_engine(config: dict, steps: int) -> Run:
     model = tiny_model()
     engine, *_ = meft_ds.initialize(model=model, config=config)
-    losses, lrs = [], []
-    for batch in batches(steps * config["gradient_accumulation_steps"]):
+    losses, lrs, norms, grad_dtypes = [], [], [], set()
+    for i, batch in enumerate(batches(steps * config["gradient_accumulation_steps"])):
         loss = engine(batch, labels=batch).loss
         engine.backward(loss)
+        if i == 0:
+            for adapter in meft_ds.adapters(model):
+                adapter.collect_row_grads()
+                grad_dtypes.add(adapter.store.accumulated_grads()[1].dtype)
         engine.step()
         losses.append(loss.item())
         lrs.append(engine.meft.last_lr)
-    return model, losses, lrs
+        norms.append(engine.meft.last_grad_norm)
+    return Run(model, engine, losses, lrs, norms, grad_dtypes)
 
 
-def train_reference(steps: int, clip: float) -> tuple[torch.nn.Module, list[float]]:
-    """The same training written by hand: torch AdamW for routers, SparseRowAdam for rows, one global clip norm,
-    DeepSpeed's WarmupLR (linear over 4 steps; its first two steps both use warmup_min_lr: lr_t = LR * (t-1) / 4)."""
+def train_reference(steps: int, clip: float) -> tuple[torch.nn.Module, list[float], list[float]]:
+    """The same training written by hand in fp32: torch AdamW for routers, SparseRowAdam for rows, one global clip
+    norm, DeepSpeed's WarmupLR (linear over 4 steps; its first two steps both use warmup_min_lr: lr_t = LR * (t-1) / 4).
+    Returns the model, the losses and the global gradient norms."""
     model = meft_ds.inject(tiny_model(), MEFT)
     routers = [p for p in model.parameters() if p.requires_grad]
     dense = torch.optim.AdamW(routers, lr=LR, eps=1e-8, weight_decay=0.0)
     sparse = SparseRowAdam(meft_ds.adapters(model), lr=LR, backend="torch")
-    losses = []
+    losses, norms = [], []
     for t, batch in enumerate(batches(steps)):
         lr = LR * min(1.0, max(0, t - 1) / 4)
         loss = model(batch, labels=batch).loss
@@ -67,8 +96,11 @@ def train_reference(steps: int, clip: float) -> tuple[torch.nn.Module, list[floa
         losses.append(loss.item())
         if clip:
             squared = sum(p.grad.double().pow(2).sum().item() for p in routers if p.grad is not None)
+            for adapter in meft_ds.adapters(model):
+                adapter.collect_row_grads()  # row gradients may still be on their way to the store
             row_grads = [a.store.accumulated_grads()[1] for a in meft_ds.adapters(model)]
             squared += sum(g.double().pow(2).sum().item() for g in row_grads)
+            norms.append(math.sqrt(squared))
             coefficient = clip / (math.sqrt(squared) + 1e-6)
             if coefficient < 1:
                 for p in routers:
@@ -81,7 +113,7 @@ def train_reference(steps: int, clip: float) -> tuple[torch.nn.Module, list[floa
         sparse.step()
         dense.zero_grad()
         sparse.zero_grad()
-    return model, losses
+    return model, losses, norms
 
 
 def assert_same_training(model_a: torch.nn.Module, model_b: torch.nn.Module, atol: float = 2e-5) -> None:
@@ -90,20 +122,68 @@ def assert_same_training(model_a: torch.nn.Module, model_b: torch.nn.Module, ato
         torch.testing.assert_close(a.router.weight, b.router.weight, rtol=0, atol=atol)
 
 
+def relative_update_errors(run: Run, reference: torch.nn.Module) -> list[float]:
+    """Per adapter, ||update - reference update|| / ||reference update|| of its rows and of its router's fp32 master
+    weights (the engine keeps the routers' masters in its optimizer under bf16; the module holds bf16 copies)."""
+    start = meft_ds.inject(tiny_model(), MEFT)
+    errors = []
+    for ours, theirs, initial in zip(*(meft_ds.adapters(m) for m in (run.model, reference, start)), strict=True):
+        weight = ours.router.weight
+        master = safe_get_full_fp32_param(weight)  # None where the optimizer does not expose it (ZeRO stage 0)
+        router = (weight if master is None else master).detach().float()
+        # the engine starts from the router weights cast to its dtype, the reference from the fp32 ones
+        router_start = initial.router.weight.detach().to(weight.dtype).float()
+        for mine, mine_start, expected, expected_start in (
+            (ours.store.rows, initial.store.rows, theirs.store.rows, initial.store.rows),
+            (router, router_start, theirs.router.weight.detach(), initial.router.weight.detach()),
+        ):
+            expected_update = expected - expected_start
+            errors.append(float((mine - mine_start - expected_update).norm() / expected_update.norm()))
+    return errors
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize(("stage", "offload"), [(0, False), (1, True), (2, True), (2, False)])
-def test_zero_stages_match_plain_torch_reference_with_global_clipping(stage: int, offload: bool) -> None:
+def test_zero_stages_match_plain_torch_reference_with_global_clipping(
+    stage: int, offload: bool, precision: str, request: pytest.FixtureRequest
+) -> None:
     clip = 0.05  # far below the gradient norm, so clipping is active at every step
-    model, losses, _ = train_with_engine(ds_config(stage, clip=clip, offload=offload), steps=5)
-    reference, reference_losses = train_reference(steps=5, clip=clip)
-    assert max(abs(a - b) for a, b in zip(losses, reference_losses, strict=True)) < 1e-4
-    assert_same_training(model, reference)
-    assert meft_ds.stats(model)["rows_updated"] > 0
+    if precision == "bf16":
+        request.getfixturevalue("bf16_on_any_cpu")
+    run = train_with_engine(ds_config(stage, clip=clip, offload=offload, precision=precision), steps=5)
+    reference, reference_losses, reference_norms = train_reference(steps=5, clip=clip)
+    assert meft_ds.stats(run.model)["rows_updated"] > 0
+    adapters = meft_ds.adapters(run.model)
+    # the rows' master copies, moments and accumulated gradients are fp32 whatever the engine computes in
+    assert run.row_grad_dtypes == {torch.float32}
+    assert {a.store.rows.dtype for a in adapters} == {a.store.exp_avg_sq.dtype for a in adapters} == {torch.float32}
+    if precision == "fp32":
+        assert max(abs(a - b) for a, b in zip(run.losses, reference_losses, strict=True)) < 1e-4
+        assert run.grad_norms == pytest.approx(reference_norms, rel=1e-4)
+        assert_same_training(run.model, reference)
+        return
+    # bf16: the base model and the routers compute in bf16 and rows travel in bf16 (2 bytes per element)
+    stats = meft_ds.stats(run.model)
+    assert run.engine.bfloat16_enabled() and {a.router.weight.dtype for a in adapters} == {torch.bfloat16}
+    assert stats["row_bytes_to_device"] == stats["rows_fetched"] * 2 * DIM * 2
+    # Tolerances, against the fp32 reference. bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%) in every
+    # activation and matmul of the base model and the adapters. The loss, a mean over 24 tokens, moves by ~3e-3
+    # (measured, of ~6.9); the global gradient norm, a sum over all gradients, by <0.5% (measured). Both are tight
+    # checks: a lost loss scale or gradient-accumulation factor moves the norm by 2x or more. The weights' updates are
+    # looser by nature: Adam's first steps move each element by ~lr whatever its gradient's size, so every element
+    # whose gradient is within bf16's error of zero may step the other way. Measured on an Intel Xeon: rows 14-18%,
+    # routers 19-31% (their gradients pass through the near-zero values); an untrained adapter would score 100%.
+    assert max(abs(a - b) for a, b in zip(run.losses, reference_losses, strict=True)) < 1e-2
+    assert run.grad_norms == pytest.approx(reference_norms, rel=2e-2)
+    errors = relative_update_errors(run, reference)
+    assert max(errors[0::2]) < 0.35, f"rows' updates differ from the fp32 reference's by {errors[0::2]}"
+    assert max(errors[1::2]) < 0.6, f"routers' updates differ from the fp32 reference's by {errors[1::2]}"
 
 
 def test_clipping_changes_the_result() -> None:
     """Guards the test above: without clipping the same run ends elsewhere."""
-    clipped, _, _ = train_with_engine(ds_config(2, clip=0.05), steps=3)
-    unclipped, _, _ = train_with_engine(ds_config(2, clip=0.0), steps=3)
+    clipped = train_with_engine(ds_config(2, clip=0.05), steps=3).model
+    unclipped = train_with_engine(ds_config(2, clip=0.0), steps=3).model
     a, b = meft_ds.adapters(clipped)[0].store.values, meft_ds.adapters(unclipped)[0].store.values
     assert (a - b).abs().max() > 1e-4
 
@@ -137,11 +217,13 @@ def test_meft_lr_scales_with_the_schedule() -> None:
 def test_skipped_step_drops_row_gradients_and_leaves_store_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model()
     engine, *_ = meft_ds.initialize(model=model, config=ds_config(2))
-    store = meft_ds.adapters(model)[0].store
+    adapter = meft_ds.adapters(model)[0]
+    store = adapter.store
     before = store.rows.clone()
     monkeypatch.setattr(engine, "was_step_applied", lambda: False)
     batch = batches(1)[0]
     engine.backward(engine(batch, labels=batch).loss)
+    adapter.collect_row_grads()
     assert store.accumulated_grads() is not None
     engine.step()
     assert store.accumulated_grads() is None
@@ -149,9 +231,13 @@ def test_skipped_step_drops_row_gradients_and_leaves_store_untouched(monkeypatch
     assert engine.meft.skipped_steps == 1
 
 
-def test_gradient_accumulation_equals_the_sum_of_micro_batches() -> None:
-    """Two micro-steps with accumulation 2 move the store like one step over their summed (halved) gradients."""
-    model_gas, _, _ = train_with_engine(ds_config(2, gas=2), steps=1)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradient_accumulation_equals_the_sum_of_micro_batches(precision: str, request: pytest.FixtureRequest) -> None:
+    """Two micro-steps with accumulation 2 move the store like one step over their summed (halved) gradients; in
+    bf16 the micro-steps' row gradients arrive in bf16 and are summed in the store's fp32 accumulators."""
+    if precision == "bf16":
+        request.getfixturevalue("bf16_on_any_cpu")
+    model_gas = train_with_engine(ds_config(2, gas=2, precision=precision), steps=1).model
     model = meft_ds.inject(tiny_model(), MEFT)
     sparse = SparseRowAdam(meft_ds.adapters(model), lr=LR, backend="torch")
     for batch in batches(2):
@@ -160,12 +246,20 @@ def test_gradient_accumulation_equals_the_sum_of_micro_batches() -> None:
         group["lr"] = 0.0  # step 0 of the warmup: lr 0, so compare moments instead of rows
     sparse.step()
     for a, b in zip(meft_ds.adapters(model_gas), meft_ds.adapters(model), strict=True):
-        torch.testing.assert_close(a.store.exp_avg, b.store.exp_avg, rtol=0, atol=1e-7)
+        if precision == "fp32":
+            torch.testing.assert_close(a.store.exp_avg, b.store.exp_avg, rtol=0, atol=1e-7)
+        else:
+            # exp_avg = 0.1 * the accumulated gradient. Measured on an Intel Xeon: 7.4% and 4.6% (layers 0, 1) from
+            # the fp32 reference, as a norm: bf16's rounding (2^-9) of activations and upstream gradients, amplified
+            # by the cancellation in each row's sum over tokens (a plain-torch bf16 model is as far from fp32). A
+            # lost gradient-accumulation factor or micro-step would be 50-100% off.
+            error = float((a.store.exp_avg - b.store.exp_avg).norm() / b.store.exp_avg.norm())
+            assert error < 0.15, f"accumulated bf16 row gradients differ from the fp32 reference's by {error:.1%}"
 
 
 def test_checkpoint_round_trip_restores_store_and_continues_identically(tmp_path) -> None:
     config = ds_config(2)
-    straight, straight_losses, _ = train_with_engine(config, steps=6)
+    straight, _, straight_losses, *_ = train_with_engine(config, steps=6)
 
     model = tiny_model()
     engine, *_ = meft_ds.initialize(model=model, config=config)
@@ -194,7 +288,7 @@ def test_checkpoint_round_trip_restores_store_and_continues_identically(tmp_path
 
 
 def test_exported_adapter_reloads_into_a_fresh_base_model(tmp_path) -> None:
-    model, _, _ = train_with_engine(ds_config(2), steps=3)
+    model = train_with_engine(ds_config(2), steps=3).model
     batch = token_batch(batch=2, length=10, seed=99)
     model.eval()
     with torch.no_grad():
@@ -208,7 +302,7 @@ def test_exported_adapter_reloads_into_a_fresh_base_model(tmp_path) -> None:
 
 
 def test_load_adapter_rejects_a_mismatched_model(tmp_path) -> None:
-    model, _, _ = train_with_engine(ds_config(2), steps=1)
+    model = train_with_engine(ds_config(2), steps=1).model
     meft_ds.save_adapter(model, tmp_path)
     wrong_layers = meft_ds.inject(tiny_model(), {**MEFT, "layers": [0]})
     with pytest.raises(meft_ds.CheckpointError, match=r"covers layers \[0, 1\]"):
