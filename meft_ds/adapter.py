@@ -23,6 +23,7 @@ from torch import nn
 
 from meft_ds.config import MeftConfig
 from meft_ds.ops import cpu_kernels, kernel_threads
+from meft_ds.pinned import PinnedBuffers
 from meft_ds.routing import Routing, select_from_scores
 from meft_ds.shard import ShardedRowStore
 from meft_ds.stats import TrafficStats
@@ -182,7 +183,8 @@ class SparseKeyExpertAdapter(nn.Module):
         store: the :class:`RowStore` (or the sharded or NVMe store ``config.store`` asks for) with the fp32 master
             rows (not a parameter or buffer, so the DeepSpeed engine never sees, casts or partitions
             it). Keys start N(0, key_init_std) from a per-layer seed, identical on every rank.
-        transfer: the :class:`RowTransfer` that moves this adapter's bytes (and holds its device cache, if any).
+        transfer: the :class:`RowTransfer` that moves this adapter's bytes (and holds its device cache, if any),
+            through ``pinned_buffers`` (shared by a model's adapters; its own if ``None``).
         traffic: this adapter's :class:`TrafficStats`.
         prefetch_target: the adapter ``prefetch_layers`` layers later, whose rows this one pre-retrieves (or None).
     """
@@ -198,6 +200,7 @@ class SparseKeyExpertAdapter(nn.Module):
         cache_bytes: int = 0,
         nvme_folder: Path | None = None,
         store_ram_bytes: int = 0,
+        pinned_buffers: PinnedBuffers | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -212,7 +215,7 @@ class SparseKeyExpertAdapter(nn.Module):
         self.store = build_store(
             config, keys, self.traffic, layer_index=layer_index, nvme_folder=nvme_folder, ram_budget=store_ram_bytes
         )
-        self.transfer = RowTransfer(self.store, self.traffic, cache_bytes=cache_bytes)
+        self.transfer = RowTransfer(self.store, self.traffic, cache_bytes=cache_bytes, buffers=pinned_buffers)
         self.prefetch_target: SparseKeyExpertAdapter | None = None
         self.pending: PendingRouting | None = None  # set between the FFN's pre-hook and hook
         self._prefetch_routing: PendingRouting | None = None  # started by the source layer's begin

@@ -20,6 +20,7 @@ from torch import nn
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.memory import check_store_fits, store_bytes
+from meft_ds.pinned import PinnedBuffers
 from meft_ds.swap import aio_handle, check_nvme_path
 
 ADAPTERS_ATTR = "meft_adapters"
@@ -154,6 +155,7 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
     cache_bytes = int(config.cache_mb * 2**20) // len(ffns)
     nvme_folder = _nvme_folder(config, len(ffns), dim)
     store_ram_bytes = int(config.store.ram_budget_mb * 2**20) // len(ffns)
+    pinned_buffers = PinnedBuffers()  # the layers run one after the other: they share rings of staging buffers
     registered = nn.ModuleDict()
     for index, ffn in ffns.items():
         reference = next(ffn.parameters(), None)
@@ -166,6 +168,7 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
             cache_bytes=cache_bytes,
             nvme_folder=nvme_folder,
             store_ram_bytes=store_ram_bytes,
+            pinned_buffers=pinned_buffers,
         )
         registered[str(index)] = adapter
         ffn.register_forward_pre_hook(functools.partial(_begin_adapter, adapter), with_kwargs=True)

@@ -9,7 +9,8 @@ would take its math path and keep them). A model that does not run on meta falls
 :func:`analytic_saved_bytes`, the same accounting written out for LLaMA-style decoders.
 
 Everything else is arithmetic that mirrors the code: the fetched rows and ``(T, |U|)`` tensors the masked adapter
-path keeps for backward, the per-adapter pinned staging buffers (grown to powers of two), the device row cache, the
+path keeps for backward, the pinned staging buffers (rings shared by the adapters, grown to powers of two), the device
+row cache, the
 routers and their optimizer where the ZeRO config puts them, DeepSpeed's gradient bucket, and the row stores
 (:func:`meft_ds.memory.store_bytes`). Plans are for an accelerator: the adapter's masked path, not the CPU's slot
 kernel. ``|U|``, the rows a micro-batch fetches per layer, is estimated as if every token chose its K rows uniformly
@@ -37,6 +38,7 @@ from meft_ds.ds_config import AUTO, load_deepspeed_config, section
 from meft_ds.inject import _decoder_layers, _locate
 from meft_ds.memory import HEADROOM, store_bytes
 from meft_ds.models import BUILTIN_MODEL, ModelLoadError, resolve_model
+from meft_ds.pinned import RINGS
 from meft_ds.transfer import narrowest_index_dtype
 
 GiB = 2**30
@@ -273,7 +275,7 @@ def expected_union(num_rows: int, top_k: int, tokens: int) -> int:
 
 
 def pinned_capacity(numel: int) -> int:
-    """Elements of a staging buffer grown to hold ``numel``: the next power of two (``RowTransfer._host_buffer``)."""
+    """Elements of a staging buffer grown to hold ``numel``: the next power of two (``PinnedBuffers.take``)."""
     return 1 << max(numel - 1, 0).bit_length()
 
 
@@ -285,7 +287,8 @@ def cache_rows(s: Setup, adapters: int, dim: int) -> int:
 
 
 def staging_buffers(s: Setup, dim: int, union: int, cached: int) -> dict[str, int]:
-    """Bytes of one adapter's pinned staging buffers, by the names ``RowTransfer`` gives them."""
+    """Bytes of one slot of each ring of pinned staging buffers, by the purposes ``RowTransfer`` takes them for (the
+    rings are shared by all adapters of a model: :data:`meft_ds.pinned.RINGS` slots each)."""
     m, t, rb = s.meft, s.tokens, s.rows.itemsize
     sizes = {
         "rows": pinned_capacity(union * 2 * dim) * rb,
@@ -293,13 +296,13 @@ def staging_buffers(s: Setup, dim: int, union: int, cached: int) -> dict[str, in
         "probe_ids": pinned_capacity(t * m.n_probe) * narrowest_index_dtype(m.num_experts).itemsize,
     }
     uncached = union - min(union, cached)  # cached rows' gradients accumulate in the device cache instead
-    if uncached:
-        sizes.update({"grads": pinned_capacity(uncached * 2 * dim) * rb, "grads.has_grad": pinned_capacity(uncached)})
+    if uncached:  # gradients and their has-a-gradient flags
+        sizes["grads"] = pinned_capacity(uncached * 2 * dim) * rb + pinned_capacity(uncached)
     if m.gated:
         sizes["probe_gates"] = pinned_capacity(t * m.n_probe) * rb
     if cached:  # the cache's accumulated gradients, flushed at the optimizer boundary (fp16 ones travel in fp32)
         sizes["cached"] = pinned_capacity(cached * 2 * dim) * (4 if s.rows == torch.float16 else rb)
-        sizes["cached.has_grad"] = pinned_capacity(cached)
+        sizes["cached"] += pinned_capacity(cached)
     return sizes
 
 
@@ -350,9 +353,9 @@ def plan_items(s: Setup, model: ModelFacts) -> list[Item]:
     if cached:
         items.append(Item("device", "device row cache", layers * cached * (2 * d * (rb + 4) + 1), f"{cached} rows"))
     staging = staging_buffers(s, d, union, cached)
-    items.append(
-        Item("pinned", "staging buffers, a set per adapter", layers * sum(staging.values()), ", ".join(staging))
-    )
+    rings = ", ".join(f"{RINGS[name]} x {name}" for name in staging)
+    staged = sum(RINGS[name] * size for name, size in staging.items())
+    items.append(Item("pinned", "staging buffers, rings shared by the adapters", staged, rings))
     shards = world if m.store.shard else 1
     full = store_bytes(layers, m.num_neurons, d) // shards  # rows, two moments, a full-size accumulator
     if m.store.device == "nvme":

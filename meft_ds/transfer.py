@@ -2,19 +2,20 @@
 
 On an accelerator every copy here is asynchronous, and the host waits only where it needs the data:
 
-* Routing inputs (hidden states, router choices) go to the host on the compute stream into reusable pinned buffers;
-  the adapter starts them before the base FFN is queued and waits for their event after (``adapter.begin``/``finish``).
-* Rows go to the device from a reusable pinned staging buffer (gathered and cast in one pass by meft_ds's kernel), on
-  a side stream, into memory allocated on that stream; the compute stream waits for the copy's event where it uses
-  the rows (:meth:`RowsInFlight.wait`), and ``record_stream`` keeps the allocator from reusing their block early.
+* Routing inputs (hidden states, router choices) go to the host on the compute stream into pinned buffers (rings
+  shared by the model's adapters, :class:`~meft_ds.pinned.PinnedBuffers`); the adapter starts them before the base
+  FFN is queued and waits for their event after (``adapter.begin``/``finish``).
+* Rows go to the device from a pinned staging buffer (gathered and cast in one pass by meft_ds's kernel), on a side
+  stream, into memory allocated on that stream; the compute stream waits for the copy's event where it uses the rows
+  (:meth:`RowsInFlight.wait`), and ``record_stream`` keeps the allocator from reusing their block early.
 * Index tensors go to the device from pinned memory with ``non_blocking`` copies on the compute stream, which orders
   them before the kernels that read them; the host never waits for them.
 * Row gradients go to the host on the side stream, after an event of the compute stream: all rows of the micro-batch's
   union with a per-row "has a gradient" flag. The host completes the hand-over later, where it needs the buffer again
-  or the gradients themselves (the next micro-step, :meth:`RowTransfer.flush` at the optimizer boundary): the backward
-  never waits for the device. Rows whose gradient is all zero (selected, but inactive for every token that chose them)
-  travel but are not accumulated, so they are not "touched". Sending them costs little (nearly every fetched row has
-  a gradient) and saves a device->host round trip per layer to learn which rows to send.
+  (a few layers later) or the gradients themselves (:meth:`RowTransfer.flush` at the optimizer boundary): the backward
+  never waits for the copy it has just started. Rows whose gradient is all zero (selected, but inactive for every
+  token that chose them) travel but are not accumulated, so they are not "touched". Sending them costs little (nearly
+  every fetched row has a gradient) and saves a device->host round trip per layer to learn which rows to send.
 * With a :class:`~meft_ds.cache.DeviceRowCache`, rows stay on the device within an optimizer step and their gradients
   accumulate there until :meth:`RowTransfer.flush`; so a row travels at most once each way per optimizer step.
 
@@ -32,6 +33,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from meft_ds.cache import DeviceRowCache
+from meft_ds.pinned import PinnedBuffers
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore
 
@@ -66,31 +68,48 @@ class RowsInFlight:
         return self.rows
 
 
-@dataclass
-class _IncomingGrads:
-    """Row gradients on their way to the host, in the pinned buffer ``buffer``."""
+class _Handover:
+    """Row gradients on their way to the host, in pinned buffers; :meth:`complete` adds the rows that have a gradient
+    to the store (once), :meth:`discard` drops them (the buffers are still waited for before reuse)."""
 
-    row_ids: torch.Tensor
-    grads: torch.Tensor
-    has_grad: torch.Tensor
-    buffer: str
+    def __init__(self, store: RowStore, row_ids: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor) -> None:
+        self.store, self.row_ids, self.grads, self.has_grad = store, row_ids, grads, has_grad
+        self.copied: Any = None
+        self.done = self.discarded = False
+
+    def complete(self) -> None:
+        if self.done:
+            return
+        if self.copied is not None:
+            self.copied.synchronize()
+        self.done = True
+        if self.discarded:
+            return
+        selected = self.has_grad.nonzero().flatten()
+        if selected.numel():  # index_select copies: the store owns what it gets, the buffer is reused
+            self.store.accumulate_grad(self.row_ids[selected], self.grads.index_select(0, selected).float())
+
+    def discard(self) -> None:
+        self.discarded = True
 
 
 class RowTransfer:
-    """Moves one adapter's routing inputs, rows and row gradients, reusing pinned buffers; optionally caches rows."""
+    """Moves one adapter's routing inputs, rows and row gradients through pinned ``buffers`` (shared by a model's
+    adapters; its own if ``None``); optionally caches rows on the device."""
 
-    def __init__(self, store: RowStore, stats: TrafficStats, *, cache_bytes: int = 0) -> None:
+    def __init__(
+        self, store: RowStore, stats: TrafficStats, *, cache_bytes: int = 0, buffers: PinnedBuffers | None = None
+    ) -> None:
         self.store = store
         self.stats = stats
         self.cache_bytes = cache_bytes
         self.cache: DeviceRowCache | None = None  # created at the first fetch, when the travel dtype is known
+        self.buffers = buffers if buffers is not None else PinnedBuffers()
         self._accelerator = get_accelerator()
         self._side_stream: Any = None  # created at the first copy, on that copy's device
-        self._host_buffers: dict[str, torch.Tensor] = {}
-        self._in_use: dict[str, Any] = {}  # buffer name -> event after which its last copy is complete
-        self._incoming: list[_IncomingGrads] = []
+        self._handovers: list[_Handover] = []
 
-    # ------------------------------------------------------------------ streams, events, pinned host buffers
+    # ------------------------------------------------------------------ streams and events
     def _side(self, device: torch.device) -> Any:
         """The side stream (``None`` without streams), created on ``device`` at first use."""
         if self._side_stream is None and self._accelerator.Stream is not None:
@@ -105,33 +124,16 @@ class RowTransfer:
         event.record(stream)
         return event
 
-    def _host_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A view of shape ``shape`` into the reusable pinned buffer ``name``, grown (to a power of two) as needed,
-        once the last copy into or out of it is complete."""
-        self._receive_grads(name)
-        done = self._in_use.pop(name, None)
-        if done is not None:
-            done.synchronize()
-        numel = 1
-        for size in shape:
-            numel *= size
-        buffer = self._host_buffers.get(name)
-        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
-            capacity = 1 << max(numel - 1, 0).bit_length()
-            buffer = self._accelerator.pin_memory(torch.empty(capacity, dtype=dtype))
-            self._host_buffers[name] = buffer
-        return buffer[:numel].view(shape)
-
     # ------------------------------------------------------------------ small tensors
     def to_host_async(self, tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, Any]:
-        """Start copying ``tensor`` into the pinned buffer ``name`` on the current stream; returns the host view and
-        the event to synchronize before reading it (``None`` when the copy is already complete)."""
-        host = self._host_buffer(name, tuple(tensor.shape), tensor.dtype)
+        """Start copying ``tensor`` into a pinned buffer of ring ``name`` on the current stream; returns the host view
+        and the event to synchronize before reading it (``None`` when the copy is already complete)."""
+        slot, (host,) = self.buffers.take(name, (tuple(tensor.shape), tensor.dtype))
         host.copy_(tensor, non_blocking=True)
         self.stats.bytes_to_host += _nbytes(tensor)
         copied = self._event()
         if copied is not None:
-            self._in_use[name] = copied
+            self.buffers.hold(slot, copied.synchronize)
         return host, copied
 
     def to_device(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -152,7 +154,7 @@ class RowTransfer:
         using that block). (On a CPU-only machine the copy is a plain memory copy: the same path, so the path users
         run on an accelerator is the one tested.)"""
         shape = (row_ids.numel(), 2, self.store.dim)
-        staging = self._host_buffer("rows", shape, dtype)
+        slot, (staging,) = self.buffers.take("rows", (shape, dtype))
         self.store.gather_into(row_ids, staging)
         side = self._side(device)
         with self._accelerator.stream(side):
@@ -160,7 +162,7 @@ class RowTransfer:
             on_device.copy_(staging, non_blocking=True)
         copied = self._event(side)
         if copied is not None:
-            self._in_use["rows"] = copied
+            self.buffers.hold(slot, copied.synchronize)
         self.stats.row_bytes_to_device += _nbytes(on_device)
         self.stats.bytes_to_device += _nbytes(on_device)
         self.stats.rows_fetched += row_ids.numel()
@@ -225,11 +227,13 @@ class RowTransfer:
                 row_ids, grads, has_grad = row_ids[uncached], grads[positions], has_grad[positions]
         self._send_grads(row_ids, grads, has_grad, "grads")
 
-    def _send_grads(self, row_ids: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor, buffer: str) -> None:
-        """Start copying ``grads`` and ``has_grad`` (device) of rows ``row_ids`` into the pinned buffer ``buffer``
-        on the side stream, after the compute stream has produced them; the host completes the hand-over later."""
-        host_grads = self._host_buffer(buffer, tuple(grads.shape), grads.dtype)
-        host_flags = self._host_buffer(f"{buffer}.has_grad", tuple(has_grad.shape), torch.bool)
+    def _send_grads(self, row_ids: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor, purpose: str) -> None:
+        """Start copying ``grads`` and ``has_grad`` (device) of rows ``row_ids`` into pinned buffers of ring
+        ``purpose`` on the side stream, after the compute stream has produced them; the host completes the hand-over
+        when it needs the buffers again, or at :meth:`flush`."""
+        slot, (host_grads, host_flags) = self.buffers.take(
+            purpose, (tuple(grads.shape), grads.dtype), (tuple(has_grad.shape), torch.bool)
+        )
         produced = self._event()
         side = self._side(grads.device)
         with self._accelerator.stream(side):
@@ -239,30 +243,12 @@ class RowTransfer:
                 has_grad.record_stream(side)
             host_grads.copy_(grads, non_blocking=True)
             host_flags.copy_(has_grad, non_blocking=True)
-        copied = self._event(side)
-        if copied is not None:
-            self._in_use[buffer] = self._in_use[f"{buffer}.has_grad"] = copied
-        self._incoming.append(_IncomingGrads(row_ids, host_grads, host_flags, buffer))
+        handover = _Handover(self.store, row_ids, host_grads, host_flags)
+        handover.copied = self._event(side)
+        self._handovers.append(handover)
+        self.buffers.hold(slot, handover.complete)
         self.stats.row_bytes_to_host += _nbytes(grads)
         self.stats.bytes_to_host += _nbytes(grads) + _nbytes(has_grad)
-
-    def _receive_grads(self, buffer: str | None = None) -> None:
-        """Complete the hand-overs in ``buffer`` (all if ``None``): wait for their copies and add the rows that have
-        a gradient to the store's accumulator."""
-        keep = []
-        for incoming in self._incoming:
-            if buffer is not None and incoming.buffer != buffer:
-                keep.append(incoming)
-                continue
-            done = self._in_use.pop(incoming.buffer, None)
-            self._in_use.pop(f"{incoming.buffer}.has_grad", None)
-            if done is not None:
-                done.synchronize()
-            selected = incoming.has_grad.nonzero().flatten()
-            if selected.numel():  # index_select copies: the store owns what it gets, the buffer is reused
-                grads = incoming.grads.index_select(0, selected).float()
-                self.store.accumulate_grad(incoming.row_ids[selected], grads)
-        self._incoming = keep
 
     def _download_cached(self, slots: torch.Tensor, row_ids: torch.Tensor) -> None:
         """Send the cached gradients of ``slots`` (rows ``row_ids``) to the store, zeroing them on the device."""
@@ -290,12 +276,16 @@ class RowTransfer:
         if cache is not None and cache.pending.any():
             slots = cache.pending.nonzero().flatten()
             self._download_cached(slots, cache.row_of[slots])
-        self._receive_grads()
+        for handover in self._handovers:
+            handover.complete()
+        self._handovers = []
 
     def drop_grads(self) -> None:
         """Forget the gradients on their way to the host (their buffers are waited for when reused) and those
         accumulating in the device cache (a skipped step)."""
-        self._incoming = []
+        for handover in self._handovers:
+            handover.discard()
+        self._handovers = []
         if self.cache is not None and self.cache.grads is not None:
             self.cache.grads.zero_()
             self.cache.has_grad.fill_(False)

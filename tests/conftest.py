@@ -13,6 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -34,3 +36,22 @@ def _free_port() -> int:
 for _key, _value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--async-accelerator",
+        action="store_true",
+        help="run every test under tests/async_accelerator.py's CPU accelerator that enforces CUDA's asynchrony",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _async_accelerator(request: pytest.FixtureRequest) -> Iterator[object]:
+    if not request.config.getoption("--async-accelerator"):
+        yield None
+        return
+    from async_accelerator import async_accelerator
+
+    with async_accelerator() as harness:
+        yield harness

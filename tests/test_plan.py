@@ -19,6 +19,7 @@ import meft_ds
 import meft_ds.adapter
 from meft_ds.adapter import MaskedAdapterFunction
 from meft_ds.models import ModelLoadError
+from meft_ds.pinned import RINGS
 from meft_ds.plan import (
     GiB,
     MemoryPlan,
@@ -160,18 +161,20 @@ def test_union_estimate_is_an_upper_estimate_of_real_routing() -> None:
 def test_store_and_pinned_buffers_match_the_allocations(tiny_plan: MemoryPlan, trained_step: dict) -> None:
     adapters = meft_ds.adapters(trained_step["model"])
     assert tiny_plan.bytes_of("row stores") == sum(a.store.nbytes for a in adapters)
+    buffers = adapters[0].transfer.buffers
+    assert all(a.transfer.buffers is buffers for a in adapters), "one set of rings for the whole model"
     allocated: dict[str, int] = {}
-    for adapter in adapters:
-        for name, buffer in adapter.transfer._host_buffers.items():
-            allocated[name] = allocated.get(name, 0) + buffer.nbytes
+    for (purpose, _slot, _part), buffer in buffers._buffers.items():
+        allocated[purpose] = allocated.get(purpose, 0) + buffer.nbytes
     setup, dim = tiny_plan.setup, tiny_plan.model.dim
     cached = adapters[0].transfer.cache.capacity
-    planned = {
-        name: size * len(adapters) for name, size in staging_buffers(setup, dim, tiny_plan.union, cached).items()
-    }
-    assert set(planned) == set(allocated), "the plan must know every pinned buffer RowTransfer allocates"
-    assert all(within(planned[name], allocated[name]) for name in planned), (planned, allocated)
-    assert tiny_plan.bytes_of("staging buffers") == sum(planned.values())
+    per_slot = staging_buffers(setup, dim, tiny_plan.union, cached)
+    slots = {purpose: len({slot for (p, slot, _) in buffers._buffers if p == purpose}) for purpose in allocated}
+    assert set(per_slot) == set(allocated), "the plan must know every pinned buffer RowTransfer allocates"
+    for purpose, size in per_slot.items():  # the slots used so far, each the size the plan gives a slot
+        assert 0 < slots[purpose] <= RINGS[purpose]
+        assert within(size * slots[purpose], allocated[purpose]), (purpose, size, slots[purpose], allocated[purpose])
+    assert tiny_plan.bytes_of("staging buffers") == sum(RINGS[name] * size for name, size in per_slot.items())
 
 
 def test_cache_bytes_match_the_device_cache(tiny_plan: MemoryPlan, trained_step: dict) -> None:
