@@ -6,24 +6,32 @@
 elsewhere (the Hugging Face Trainer, Accelerate, an existing ``deepspeed.initialize`` call). The plugin wraps three
 of the engine's methods:
 
-* ``engine.step()``: at a gradient-accumulation boundary, average the rows' gradients over data-parallel ranks, clip
-  one global norm over the engine's gradients and the rows' gradients (the engine's own clipping, which sees only
-  its parameters, then finds nothing left to clip), let the engine step, then (only if the engine applied its
-  step) run the sparse Adam on the touched rows with the learning rate the engine's scheduler gave this step; a
-  skipped step drops the row gradients.
+* ``engine.backward()`` (and ``engine.scale()``): measure the factor the engine multiplies the loss by (the fp16
+  loss scale, whichever DeepSpeed optimizer or ``torch_autocast`` GradScaler applies it), so that the rows'
+  gradients, which carry it too, can be unscaled exactly as the engine unscales its own.
+* ``engine.step()``: at a gradient-accumulation boundary, average the rows' gradients over data-parallel ranks, unscale
+  them, clip one global norm over the engine's gradients and the rows' gradients (the engine's own clipping, which
+  sees only its parameters, then finds nothing left to clip), let the engine step, then (only if the engine applied
+  its step) run the sparse Adam on the touched rows with the learning rate the engine's scheduler gave this step; a
+  skipped step drops the row gradients. Under fp16 an overflow in the rows' gradients is an overflow of the step:
+  the engine is told so, skips its step and lowers its loss scale, as for an overflow of its own gradients.
 * ``engine.save_checkpoint()`` / ``engine.load_checkpoint()``: the row stores (rows, moments, step) travel with
   every checkpoint, and a checkpoint is published atomically (see :mod:`meft_ds.checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import shutil
 from argparse import Namespace
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import deepspeed
+import torch
 from deepspeed import comm as dist
 from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 from torch import nn
@@ -43,6 +51,39 @@ from meft_ds.inject import adapters, inject
 from meft_ds.sparse_adam import SparseRowAdam
 
 STORE_DIR = "meft"
+logger = logging.getLogger("meft_ds")
+# the methods by which DeepSpeed's fp16 optimizers decide that a step overflowed: ``has_overflow`` on ZeRO 1-3's
+# optimizers and on the ``overflow_checker`` of ZeRO stage 0's FP16_Optimizer / FP16_UnfusedOptimizer (which also
+# has ``check_using_norm`` for its legacy fused path)
+OVERFLOW_CHECKS = ("has_overflow", "check_using_norm")
+
+
+@contextlib.contextmanager
+def overflow_reported(optimizer: Any) -> Iterator[None]:
+    """While open, the fp16 ``optimizer``'s overflow checks answer True (after running as usual, so that their
+    collectives pair with the other ranks' and their trackers reset): its step is skipped and its dynamic loss scale
+    lowered, exactly as for an overflow of its own gradients. Every rank must open it for the same step."""
+    patched = []
+    for owner in (optimizer, getattr(optimizer, "overflow_checker", None)):
+        for name in OVERFLOW_CHECKS:
+            check = getattr(owner, name, None) if owner is not None else None
+            if not callable(check):
+                continue
+
+            def report_overflow(*args: Any, _check: Any = check, **kwargs: Any) -> bool:
+                _check(*args, **kwargs)
+                return True
+
+            patched.append((owner, name, vars(owner).get(name)))
+            setattr(owner, name, report_overflow)
+    try:
+        yield
+    finally:
+        for owner, name, own in reversed(patched):
+            if own is None:
+                delattr(owner, name)  # the class's method shows through again
+            else:
+                setattr(owner, name, own)
 
 
 class MeftPlugin:
@@ -52,6 +93,8 @@ class MeftPlugin:
         sparse_optimizer: the :class:`SparseRowAdam` over the model's adapters.
         last_grad_norm: the global gradient norm of the last boundary (engine + rows, unscaled), when clipping.
         last_lr: the learning rate the last sparse step used.
+        last_loss_scale: the loss scale the last boundary's gradients carried (1 unless fp16).
+        skipped_steps / row_overflow_steps: boundaries the engine skipped / of those, fp16 overflows of the rows.
     """
 
     def __init__(
@@ -67,18 +110,67 @@ class MeftPlugin:
         self.lr_scale = lr_scale
         self.last_grad_norm: float | None = None
         self.last_lr: float | None = None
-        self.skipped_steps = 0
+        self.last_loss_scale = 1.0  # the loss scale the last boundary's gradients carried (measured; 1 unless fp16)
+        self.skipped_steps = 0  # boundaries whose step the engine skipped (overflows, the rows' included)
+        self.row_overflow_steps = 0  # of those, fp16 boundaries skipped because the rows' gradients overflowed
+        # d(what the engine backpropagates) / d(the loss it was given), measured at the last backward, and what of it
+        # is the gradient-accumulation average rather than the loss scale
+        self._loss_grad: torch.Tensor | None = None
+        self._loss_grad_average = 1.0
         self._engine_step = engine.step
+        self._engine_backward = engine.backward
+        self._engine_scale = getattr(engine, "scale", None)  # DeepSpeed >= 0.18: engine.scale(loss).backward()
         self._engine_save = engine.save_checkpoint
         self._engine_load = engine.load_checkpoint
 
     def attach(self) -> MeftPlugin:
         engine = self.engine
         engine.step = self.step
+        engine.backward = self.backward
+        if self._engine_scale is not None:
+            engine.scale = self.scale
         engine.save_checkpoint = self.save_checkpoint
         engine.load_checkpoint = self.load_checkpoint
         engine.meft = self
         return self
+
+    # ------------------------------------------------------------------ the loss scale
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """``engine.backward``, measuring the factor the engine applies to ``loss`` (its third positional argument,
+        ``scale_wrt_gas``, says whether that factor includes the gradient-accumulation average)."""
+        scale_wrt_gas = kwargs.get("scale_wrt_gas", args[1] if len(args) > 1 else True)
+        average = 1.0 / self.engine.gradient_accumulation_steps() if scale_wrt_gas else 1.0
+        handle = self._measure_loss_grad(loss, average)
+        try:
+            return self._engine_backward(loss, *args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """``engine.scale``: the caller backpropagates the scaled loss itself; the factor is measured as it does."""
+        self._measure_loss_grad(loss, 1.0)
+        return self._engine_scale(loss)
+
+    def _measure_loss_grad(self, loss: torch.Tensor, average: float) -> Any:
+        if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
+            return None
+
+        def record(grad: torch.Tensor) -> None:
+            self._loss_grad, self._loss_grad_average = grad.detach(), average
+
+        return loss.register_hook(record)
+
+    def _loss_scale(self) -> float:
+        """The loss scale the gradients of this accumulation window carry, as measured at the loss: every backward's
+        gradient reaching the loss it was given is (loss scale) x (1 / gradient accumulation steps, unless
+        ``scale_wrt_gas=False``). Measuring it covers every path DeepSpeed has for it (the ZeRO optimizers'
+        ``loss_scale``, ZeRO stage 0's FP16 optimizers, which DeepSpeed 0.19 does not apply at all in
+        ``engine.backward``, a custom loss scaler, ``torch_autocast``'s GradScaler), in fp32 and bf16 it is 1."""
+        if self._loss_grad is None:
+            return 1.0
+        scale = float(self._loss_grad) / self._loss_grad_average
+        return float(torch.tensor(scale, dtype=torch.float32))  # the engine's fp32 scale, without 1/gas's rounding
 
     # ------------------------------------------------------------------ the step
     def sparse_lr(self) -> float:
@@ -93,27 +185,39 @@ class MeftPlugin:
         for adapter in self.adapters:
             adapter.collect_row_grads()
         exchange_row_grads(self.adapters, group=self.engine.data_parallel_group)
-        self._unscale_row_grads()
+        scale = self.last_loss_scale = self._loss_scale()
+        self._loss_grad = None
+        self._unscale_row_grads(scale)
+        # fp16: DeepSpeed skips a step whose gradients overflowed and lowers its loss scale; the rows' gradients are
+        # part of the step (identical on every rank after the exchange; sharded stores agree on the answer)
+        rows_overflowed = self.engine.fp16_enabled() and not self.sparse_optimizer._row_grads_finite()
         max_norm = float(self.engine.gradient_clipping() or 0.0)
         if max_norm > 0:
-            self._clip_global_norm(max_norm)
-        result = self._engine_step(lr_kwargs)
-        if self.engine.was_step_applied():
+            self._clip_global_norm(max_norm, scale)
+        with overflow_reported(self.engine.optimizer) if rows_overflowed else contextlib.nullcontext():
+            result = self._engine_step(lr_kwargs)
+        applied = self.engine.was_step_applied()
+        if rows_overflowed and not applied:
+            self.row_overflow_steps += 1
+            logger.warning(
+                "meft_ds: fp16 overflow in the row gradients: the step is skipped, as for an overflow of the engine's "
+                "own gradients (DeepSpeed's loss scale is now %s).",
+                getattr(self.engine.optimizer, "loss_scale", None),
+            )
+        if rows_overflowed and applied:  # this optimizer has no overflow check to tell: the rows count it themselves
+            logger.warning("meft_ds: the engine stepped despite the rows' fp16 overflow; only the row step is skipped.")
+        if applied:
             for group in self.sparse_optimizer.param_groups:
                 group["lr"] = lr
             self.last_lr = lr
-            self.sparse_optimizer.step()
+            self.sparse_optimizer.step()  # skips (and counts towards max_nonfinite_steps) non-finite row gradients
         else:
             self.skipped_steps += 1
         self.sparse_optimizer.zero_grad()
         return result
 
-    def _loss_scale(self) -> float:
-        return float(getattr(self.engine.optimizer, "cur_scale", 1.0)) if self.engine.fp16_enabled() else 1.0
-
-    def _unscale_row_grads(self) -> None:
-        """Under fp16 the rows' gradients carry the loss scale, as the engine's do until its step unscales them."""
-        scale = self._loss_scale()
+    def _unscale_row_grads(self, scale: float) -> None:
+        """The rows' gradients carry the loss scale, as the engine's do until its step unscales them."""
         if scale == 1.0:
             return
         for adapter in self.adapters:
@@ -124,11 +228,11 @@ class MeftPlugin:
     def _dense_params(self) -> list[nn.Parameter]:
         return [p for p in self.engine.module.parameters() if p.requires_grad]
 
-    def _clip_global_norm(self, max_norm: float) -> None:
-        """Clip the engine's gradients and the rows' gradients by one global norm. Dense gradients are read and
-        written through DeepSpeed's ``safe_get_full_grad`` / ``safe_set_full_grad``, which work at every ZeRO stage;
-        after this the engine's own clipping (dense norm <= global norm <= max_norm) has nothing left to do."""
-        scale = self._loss_scale()
+    def _clip_global_norm(self, max_norm: float, scale: float) -> None:
+        """Clip the engine's gradients (which carry the loss ``scale``) and the rows' (unscaled) gradients by one
+        global norm. Dense gradients are read and written through DeepSpeed's ``safe_get_full_grad`` /
+        ``safe_set_full_grad``, which work at every ZeRO stage; after this the engine's own clipping (dense norm <=
+        global norm <= max_norm) has nothing left to do."""
         dense = [(p, safe_get_full_grad(p)) for p in self._dense_params()]
         dense = [(p, g) for p, g in dense if g is not None]
         squared = sum((g.double().pow(2).sum().item() for _, g in dense), 0.0) / scale**2
