@@ -3,6 +3,7 @@
     python launch/bench.py                     # the full run, about 15 minutes on 2 CPU cores
     python launch/bench.py --quick             # about 2 minutes, smaller sizes
     python launch/bench.py --only a,c --out docs/bench --meft n_probe=16 --cache-mb 512
+    python launch/bench.py --render            # BENCHMARKS.md again from docs/bench (e.g. after a GPU check)
 
 Experiments: a. host<->device bytes per optimizer step, MEFT vs a dense adapter under ZeRO-Offload; b. sparse Adam
 GB/s vs DeepSpeed's dense CPU Adam vs copy_; c. step time vs LoRA and dense adapters; d. adapter bytes on the device
@@ -68,6 +69,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="a.'s cache variant budget (MiB per model); default: the dense adapter's device bytes under ZeRO-Offload",
     )
     parser.add_argument("--micro-steps", type=int, default=None, help="a.'s measured cache window (default 32 / 4)")
+    parser.add_argument("--render", action="store_true", help="only re-render BENCHMARKS.md from the stored results")
     args = parser.parse_args(argv)
     args.only = [key.strip() for key in args.only.split(",") if key.strip()]
     unknown = [key for key in args.only if key not in EXPERIMENTS]
@@ -86,9 +88,11 @@ def main(argv: list[str]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     stored = load_results(results_path)
+    if args.render:
+        args.only = []
     keep_others = set(args.only) != set(EXPERIMENTS)
     sections = {k: Section.from_json(v) for k, v in stored["sections"].items()} if keep_others else {}
-    meta = {"machine": machine(), "last_command": command}
+    meta = stored.get("meta", {}) if args.render else {"machine": machine(), "last_command": command}
     started = time.perf_counter()
     for key in args.only:
         module, image = EXPERIMENTS[key]
@@ -104,13 +108,19 @@ def main(argv: list[str]) -> None:
         sections[key] = section
         write_results(results_path, sections, meta)  # after each experiment, so a crash keeps the others
         print(f"[{key}] {section.verdict} ({section.seconds:.0f} s)", flush=True)
-    meta["seconds"] = time.perf_counter() - started
-    meta["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: ru_maxrss in KiB
-    write_results(results_path, sections, meta)
+    if not args.render:
+        meta["seconds"] = time.perf_counter() - started
+        meta["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+        write_results(results_path, sections, meta)
     images = {k: os.path.relpath(args.out / s.plot, args.markdown.parent) for k, s in sections.items() if s.plot}
     results_link = os.path.relpath(results_path, args.markdown.parent)
-    args.markdown.write_text(render_markdown(dict(sorted(sections.items())), meta, images, results_link))
-    print(f"wrote {results_path}, {args.markdown} in {meta['seconds']:.0f} s, peak memory {meta['peak_rss_gb']:.1f} GB")
+    gpu_table = args.out / "gpu_check.md"  # launch/gpu_check.sh's gpu_bench.md, copied here
+    gpu_check = gpu_table.read_text() if gpu_table.is_file() else None
+    args.markdown.write_text(render_markdown(dict(sorted(sections.items())), meta, images, results_link, gpu_check))
+    if args.render:
+        print(f"wrote {args.markdown}")
+    else:
+        print(f"wrote {results_path}, {args.markdown} in {meta['seconds']:.0f} s, peak {meta['peak_rss_gb']:.1f} GB")
 
 
 if __name__ == "__main__":

@@ -87,8 +87,25 @@ def render_section(section: Section, image: str | None) -> str:
     return "\n\n".join(parts)
 
 
+GPU_CHECK_NOT_RUN = (
+    "Not run yet: no session has had a GPU. `bash launch/gpu_check.sh` on a CUDA machine runs it (about 8 minutes on "
+    "one H200: the tests marked `gpu`, the same under PyTorch's CUDA sanitizer, and `launch/gpu_bench.py` on a "
+    "randomly initialised LLaMA-2-7B-shaped model in bf16, r = 8464, K = 64, micro-batch 2 x 256, ZeRO-2, against "
+    "LoRA r = 16 and no adapter). CI runs its `--dry-run` on the CPU at tiny sizes."
+)
+
+
+def render_gpu_check(table: str | None) -> str:
+    """The GPU check's section: its table (``gpu_bench.md`` of ``launch/gpu_check.sh``) or why there is none."""
+    return "## GPU check\n\n" + (table.strip() if table else GPU_CHECK_NOT_RUN)
+
+
 def render_markdown(
-    sections: dict[str, Section], meta: dict[str, Any], images: dict[str, str], results: str = "docs/bench/results.json"
+    sections: dict[str, Section],
+    meta: dict[str, Any],
+    images: dict[str, str],
+    results: str = "docs/bench/results.json",
+    gpu_check: str | None = None,
 ) -> str:
     m = meta.get("machine", {})
     modes = sorted({s.mode for s in sections.values()})
@@ -107,5 +124,5 @@ def render_markdown(
         "|---|---|---|",
     ]
     summary = [f"| {s.key}. {s.title} | {_cell(s.target)} | **{_status(s.met)}** |" for s in sections.values()]
-    body = [render_section(s, images.get(s.key)) for s in sections.values()]
+    body = [render_section(s, images.get(s.key)) for s in sections.values()] + [render_gpu_check(gpu_check)]
     return "\n\n".join(header[:3]) + "\n\n" + "\n".join(header[3:] + summary) + "\n\n" + "\n\n".join(body) + "\n"
