@@ -465,7 +465,7 @@ class MemoryPlan:
             text = "enable activation checkpointing (model.gradient_checkpointing_enable(); rows then travel twice)"
             add(text, replace(s, checkpointing=True))
         routers = self.model.adapters * s.meft.num_experts * self.model.dim
-        if s.bucket > routers > 0:
+        if s.bucket > 2 * routers > 0:  # a bucket about the routers' size already saves what it can
             add(f"set zero_optimization.reduce_bucket_size={routers} (the routers' size)", replace(s, bucket=routers))
         if s.meft.cache_mb:
             add("set meft.cache_mb=0", replace(s, meft=_changed(s.meft, cache_mb=0.0)))

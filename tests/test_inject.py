@@ -121,3 +121,26 @@ def test_wrong_registered_path_is_a_clear_error() -> None:
     meft_ds.register_ffn("toy_lm", "blocks", "mlp")
     with pytest.raises(UnsupportedModelError, match="no FFN module 'mlp'"):
         meft_ds.inject(ToyLM(), CONFIG)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_fetching_rows_twice() -> None:
+    # what launch/plan.py proposes when a run does not fit: the recomputed forward routes and fetches again
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(layers=2).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        meft_ds.inject(model, MeftConfig(num_neurons=128, top_k=8, seed=1))
+        for adapter in meft_ds.adapters(model):
+            adapter.store.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(adapter.layer_index))
+        batch = token_batch(batch=2, length=12)
+        model(batch, labels=batch).loss.backward()
+        layers = []
+        for adapter in meft_ds.adapters(model):
+            adapter.collect_row_grads()
+            ids, grads = adapter.store.accumulated_grads()
+            layers.append((ids, grads, adapter.router.weight.grad, adapter.traffic.rows_fetched))
+        results.append(layers)
+    for (ids, grads, router, fetched), (ids_c, grads_c, router_c, fetched_c) in zip(*results, strict=True):
+        assert torch.equal(ids, ids_c) and torch.equal(grads, grads_c) and torch.equal(router, router_c)
+        assert fetched_c == 2 * fetched
