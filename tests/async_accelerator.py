@@ -236,10 +236,12 @@ class AsyncAccelerator(CPU_Accelerator):
         for stream in list(self.streams.values()):
             self.host_wait(stream, now, {})
 
-    def pin_memory(self, tensor: torch.Tensor, align_bytes: int = 1) -> torch.Tensor:
-        """Pinned memory for meft_ds (a copy, as CUDA's is). DeepSpeed's own buffers stay ordinary memory with
-        synchronous copies: the harness checks meft_ds, not DeepSpeed (whose CPU paths assume synchronous copies)."""
-        return tensor if _caller(meft_only=True) is None else self.pinned_copy(tensor)
+    def pin_memory(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Pinned memory for meft_ds (a copy, as CUDA's is). DeepSpeed's own buffers stay what its CPU accelerator
+        makes them, with synchronous copies: the harness checks meft_ds, not DeepSpeed's CPU paths."""
+        if _caller(meft_only=True) is None:
+            return super().pin_memory(tensor, *args, **kwargs)
+        return self.pinned_copy(tensor)
 
     @staticmethod
     def peek(tensor: torch.Tensor) -> torch.Tensor:
