@@ -5,8 +5,9 @@
 
 Greedy decoding; exact match and F1 for QA (facts, nq, squad), IoU of the API calls for ToolBench, final-answer
 accuracy for GSM8K. Prints the base model's scores ("before") and, with ``--adapter``, the adapted model's ("after");
-``--output`` also writes them, with every prediction, as JSON. The model's name comes from the adapter's
-``results.json`` when ``--model`` is not given. No GPU needed; the model runs on DeepSpeed's accelerator.
+``--output`` also writes them, with every prediction, as JSON. The model's name and the dtype it computes in come
+from the adapter's ``results.json`` when ``--model`` / ``--dtype`` are not given, so the scores are the training
+run's. No GPU needed; the model runs on DeepSpeed's accelerator.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from deepspeed.accelerator import get_accelerator
 
 import meft_ds
 from meft_ds.checkpoint import read_adapter_config, write_json_atomic
 from meft_ds.data import DATASETS, FORMATS, load_examples
+from meft_ds.ds_config import DTYPE_NAMES, compute_dtype, fit_precision_to_cpu, resolve_auto
 from meft_ds.evaluation import evaluate_generation, format_scores
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
 from meft_ds.training import run_cli
@@ -29,6 +32,13 @@ from meft_ds.training import run_cli
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="hub id, local folder, .gguf file (default: the adapter's, else the built-in)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPE_NAMES.values()],
+        default="auto",
+        help="dtype the model computes in (auto: the adapter's training run's, else bf16 where this machine computes "
+        "bf16 natively, else fp32)",
+    )
     parser.add_argument("--adapter", type=Path, help="an exported adapter (the --output_dir of launch/train.py)")
     parser.add_argument("--dataset", default="facts", help=f"one of {', '.join(DATASETS)} (its eval split) or a file")
     parser.add_argument("--dataset_format", choices=FORMATS, help="schema of a local file's rows")
@@ -60,6 +70,21 @@ def model_name(args: argparse.Namespace) -> str:
     return BUILTIN_MODEL
 
 
+def model_dtype(args: argparse.Namespace) -> torch.dtype:
+    """--dtype, else the dtype the adapter's run trained in (its results.json), else what ds_configs/meft.json's
+    ``"bf16": {"enabled": "auto"}`` gives on this machine (bf16 on a GPU or a CPU with native bf16, else fp32)."""
+    by_name = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+    if args.dtype != "auto":
+        return by_name[args.dtype]
+    results = args.adapter / "results.json" if args.adapter else None
+    trained = json.loads(results.read_text()).get("dtype") if results is not None and results.is_file() else None
+    if trained in by_name:
+        return by_name[trained]
+    config = resolve_auto({"bf16": {"enabled": "auto"}})
+    fit_precision_to_cpu(config)
+    return compute_dtype(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # every input is checked before the model loads
@@ -68,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.adapter is not None:
         read_adapter_config(args.adapter)
     name = model_name(args)
-    model, tokenizer = load_model_and_tokenizer(name)
+    dtype = model_dtype(args)
+    model, tokenizer = load_model_and_tokenizer(name, dtype=dtype)
     model.to(get_accelerator().current_device_name())
+    print(f"model {name} in {DTYPE_NAMES[dtype]} on {get_accelerator().current_device_name()}")
 
     def run(label: str) -> dict[str, Any]:
         result = evaluate_generation(
@@ -79,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: {format_scores(result)} (n={result['n']})")
         return result
 
-    results: dict[str, Any] = {"model": name, "dataset": args.dataset, "adapter": str(args.adapter or "")}
+    results: dict[str, Any] = {
+        "model": name, "dtype": DTYPE_NAMES[dtype], "dataset": args.dataset, "adapter": str(args.adapter or "")
+    }  # fmt: skip
     if not args.no_base:
         results["before"] = run("before (base model)")
     if args.adapter is not None:

@@ -25,7 +25,14 @@ from meft_ds import NonFiniteGradientError
 from meft_ds.checkpoint import write_json_atomic
 from meft_ds.data import DATASETS, FORMATS, collate, load_examples, tokenize_for_training
 from meft_ds.distributed import check_replicas_identical
-from meft_ds.ds_config import load_deepspeed_config, resolve_auto, validate_deepspeed_config
+from meft_ds.ds_config import (
+    DTYPE_NAMES,
+    compute_dtype,
+    fit_precision_to_cpu,
+    load_deepspeed_config,
+    resolve_auto,
+    validate_deepspeed_config,
+)
 from meft_ds.evaluation import evaluate_generation, format_scores
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
 from meft_ds.training import MetricsLog, MicroBatchStream, parse_overrides, progress_bar, run_cli
@@ -101,6 +108,7 @@ def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
         max_grad_norm=args.max_grad_norm,
     )
     validate_deepspeed_config(ds_config)
+    fit_precision_to_cpu(ds_config)  # decided here, so that the model loads in the dtype the engine computes in
     if isinstance(ds_config.get("tensorboard"), dict):
         ds_config["tensorboard"]["output_path"] = str(output_dir / "tensorboard")
     return ds_config
@@ -116,13 +124,16 @@ def load_held_out(args: argparse.Namespace) -> list:
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, examples: list, args: argparse.Namespace) -> dict[str, Any]:
+    """Every rank generates a share of the answers on its device (no rank waits for another's whole evaluation);
+    every rank returns all of them, as one rank alone would have."""
     return evaluate_generation(
         model,
         tokenizer,
         examples,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.eval_batch_size,
-        show_progress=True,
+        show_progress=dist.get_rank() == 0,
+        across_ranks=True,
     )
 
 
@@ -199,12 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     eval_examples = None if args.no_eval else load_held_out(args)
     started = time.time()
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    dtype = compute_dtype(ds_config)  # a 7B model in bf16 takes 14 GB of host memory per rank, in fp32 28 GB
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
     features = tokenize_for_training(train_examples, tokenizer, args.max_length)
-    logger.info("model %s loaded in %.0f s; %d training examples", args.model, time.time() - started, len(features))
+    logger.info(
+        "model %s loaded in %s in %.0f s; %d training examples",
+        args.model, DTYPE_NAMES[dtype], time.time() - started, len(features),
+    )  # fmt: skip
 
-    before = evaluate(model, tokenizer, eval_examples, args) if eval_examples and rank == 0 else None
     engine, *_ = meft_ds.initialize(model=model, config=ds_config)
+    # on the engine's device, with the adapters in place: their values start at zero, so this is the base model
+    before = evaluate(model, tokenizer, eval_examples, args) if eval_examples else None
     if args.resume:
         engine.load_checkpoint(str(checkpoints))
         logger.info("resumed at step %d", engine.global_steps)
@@ -222,11 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
 
     meft_ds.save_adapter(model, output_dir)  # every rank: sharded rows are gathered, rank 0 writes
-    sharded = meft_ds.adapters(model)[0].store.is_shard  # then every rank runs the adapters' collectives
-    after = evaluate(model, tokenizer, eval_examples, args) if eval_examples and (rank == 0 or sharded) else None
+    after = evaluate(model, tokenizer, eval_examples, args) if eval_examples else None
     if rank == 0:
         summary = {
             "model": args.model,
+            "dtype": DTYPE_NAMES[dtype],
             "dataset": args.dataset,
             "steps": engine.global_steps,
             "first_loss": log.first_loss,

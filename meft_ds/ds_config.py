@@ -177,6 +177,7 @@ def cpu_has_native_bf16() -> bool:
 
 # DeepSpeed's sections for reduced precision ("bfloat16" is its older name for "bf16") and the dtype each computes in
 PRECISION_SECTIONS = (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp16", torch.float16))
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _enabled(ds_config: dict[str, Any], key: str) -> bool:

@@ -1,18 +1,28 @@
-"""Generation-based evaluation: greedy answers to held-out examples, scored per task (EM/F1, IoU, accuracy)."""
+"""Generation-based evaluation: greedy answers to held-out examples, scored per task (EM/F1, IoU, accuracy).
+
+With ``across_ranks=True`` every data-parallel rank generates a share of the batches and rank 0's result holds all
+answers, so that a many-rank run evaluates in 1/world_size of the time instead of keeping the other ranks waiting.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed
 from torch import nn
 from tqdm import tqdm
 
 from meft_ds.data import Example, format_prompt, has_chat_template
+from meft_ds.inject import adapters
 from meft_ds.metrics import score
+
+logger = logging.getLogger("meft_ds.evaluation")
 
 # Generation budget per task when none is given: GSM8K answers are whole worked solutions, ToolBench a list of calls.
 NEW_TOKENS = {"qa": 16, "toolbench": 64, "gsm8k": 256}
@@ -49,18 +59,47 @@ def _stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     return list(dict.fromkeys(i for i in [*ids, tokenizer.eos_token_id] if i is not None))
 
 
-def _generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+def _generate(
+    model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, *, synced: bool = False
+) -> list[str]:
     device = next(model.parameters()).device
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not has_chat_template(tokenizer))
     batch = {key: value.to(device) for key, value in batch.items()}
+    extra = {"synced_gpus": True} if synced else {}  # ranks that finish early keep running forwards for the others
     output = model.generate(
         **batch,
         do_sample=False,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=_stop_token_ids(model, tokenizer),
+        **extra,
     )
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def forwards_need_every_rank(model: nn.Module) -> bool:
+    """Whether the model's forward runs collectives, so that every rank must run as many forwards as the others:
+    under ZeRO-3 each layer gathers its parameters (they carry DeepSpeed's ``ds_id``), and adapters over a sharded row
+    store fetch rows from their owners."""
+    return any(hasattr(p, "ds_id") for p in model.parameters()) or any(a.store.is_shard for a in adapters(model))
+
+
+def batch_plan(num_examples: int, batch_size: int, rank: int, world_size: int, *, lockstep: bool) -> list[range | None]:
+    """The batches (ranges of example indices) that ``rank`` generates. Batch ``b`` of the one-rank order goes to rank
+    ``b % world_size``, so every batch holds the examples, and gets the padding, it would get on one rank: the answers
+    are the one-rank answers. In ``lockstep`` every rank runs as many batches as the busiest one; the extra ones are
+    ``None``, a batch run only for the collectives in its forwards, whose answers are dropped."""
+    batches = [range(start, min(start + batch_size, num_examples)) for start in range(0, num_examples, batch_size)]
+    mine: list[range | None] = list(batches[rank::world_size])
+    if lockstep:
+        mine += [None] * (math.ceil(len(batches) / world_size) - len(mine))
+    return mine
+
+
+def _ranks(across_ranks: bool) -> tuple[int, int]:
+    if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def evaluate_generation(
@@ -71,10 +110,16 @@ def evaluate_generation(
     max_new_tokens: int | None = None,
     batch_size: int = 8,
     show_progress: bool = False,
+    across_ranks: bool = False,
 ) -> dict[str, Any]:
     """Greedy-decode an answer to every example (prompts as in training, :func:`meft_ds.data.format_prompt`) and
     score it with :func:`meft_ds.metrics.score`. ``max_new_tokens`` defaults to the examples' task budget
     (:data:`NEW_TOKENS`).
+
+    ``across_ranks=True`` (every rank of the initialized process group calls it, with the same examples) shares the
+    batches out (:func:`batch_plan`) and gathers the answers: every rank returns the result one rank would have
+    computed alone. Where forwards run collectives (:func:`forwards_need_every_rank`: ZeRO-3, a sharded row store)
+    the ranks run equally many batches and generate with ``synced_gpus``.
 
     Returns the mean of each metric (``exact_match`` and ``f1`` for QA, ``iou`` for ToolBench, ``accuracy`` for
     GSM8K), ``n`` and ``predictions`` (``{"prompt", "prediction", "answers"}`` per example). The model runs in
@@ -84,17 +129,34 @@ def evaluate_generation(
         raise ValueError("evaluate_generation needs at least one example")
     if max_new_tokens is None:
         max_new_tokens = max(NEW_TOKENS[example.task] for example in examples)
+    rank, world_size = _ranks(across_ranks)
+    lockstep = world_size > 1 and forwards_need_every_rank(model)
+    plan = batch_plan(len(examples), batch_size, rank, world_size, lockstep=lockstep)
+    generated: dict[int, str] = {}
+    with _generation_mode(model, tokenizer), torch.no_grad():
+        for indices in tqdm(plan, desc="evaluate", disable=not show_progress):
+            batch = [examples[i] for i in (indices if indices is not None else range(min(batch_size, len(examples))))]
+            prompts = [format_prompt(tokenizer, example) for example in batch]
+            texts = _generate(model, tokenizer, prompts, max_new_tokens, synced=lockstep)
+            if indices is not None:
+                generated.update(zip(indices, texts, strict=True))
+    if world_size > 1:
+        fillers = sum(indices is None for indices in plan)
+        logger.info(
+            "rank %d of %d: generated %d of %d held-out answers%s",
+            rank, world_size, len(generated), len(examples),
+            f" (in lockstep; filler batches: {fillers})" if lockstep else "",
+        )  # fmt: skip
+        shares: list[dict[int, str]] = [{} for _ in range(world_size)]
+        torch.distributed.all_gather_object(shares, generated)
+        generated = {index: text for share in shares for index, text in share.items()}
     totals: dict[str, list[float]] = defaultdict(list)
     predictions = []
-    with _generation_mode(model, tokenizer), torch.no_grad():
-        for start in tqdm(range(0, len(examples), batch_size), desc="evaluate", disable=not show_progress):
-            batch = examples[start : start + batch_size]
-            prompts = [format_prompt(tokenizer, example) for example in batch]
-            for example, generated in zip(batch, _generate(model, tokenizer, prompts, max_new_tokens), strict=True):
-                prediction = extract_answer(example.task, generated)
-                for metric, value in score(example.task, prediction, example.answers).items():
-                    totals[metric].append(value)
-                predictions.append({"prompt": example.prompt, "prediction": prediction, "answers": example.answers})
+    for index, example in enumerate(examples):
+        prediction = extract_answer(example.task, generated[index])
+        for metric, value in score(example.task, prediction, example.answers).items():
+            totals[metric].append(value)
+        predictions.append({"prompt": example.prompt, "prediction": prediction, "answers": example.answers})
     means = {metric: sum(values) / len(values) for metric, values in totals.items()}
     return {**means, "n": len(examples), "predictions": predictions}
 

@@ -1,5 +1,5 @@
-"""evaluate_generation: greedy decoding on a tiny random model, and the extraction path with a model that answers
-with the references."""
+"""evaluate_generation: greedy decoding on a tiny random model, the extraction path with a model that answers with
+the references, and the evaluation shared out over ranks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from test_data import word_tokenizer
 from tiny_models import tiny_model
 from torch import nn
 
+import meft_ds
+from meft_ds import evaluation
 from meft_ds.data import Example, load_examples
-from meft_ds.evaluation import evaluate_generation, extract_answer
+from meft_ds.evaluation import batch_plan, evaluate_generation, extract_answer
 
 DATA = Path(__file__).parent / "data"
 
@@ -94,3 +96,77 @@ def test_example_with_context_is_scored_like_any_qa() -> None:
     example = Example("Who won?", ["Denver Broncos"], context="Denver Broncos won.")
     result = evaluate_generation(ReferenceAnswerer(tokenizer, ["the Denver Broncos"]), tokenizer, [example])
     assert result["exact_match"] == 1.0
+
+
+@pytest.mark.parametrize(("examples", "world_size"), [(7, 2), (7, 3), (2, 3), (8, 2)])
+def test_batch_plan_gives_every_one_rank_batch_to_one_rank(examples: int, world_size: int) -> None:
+    one_rank = batch_plan(examples, 2, 0, 1, lockstep=False)
+    for lockstep in (False, True):
+        plans = [batch_plan(examples, 2, rank, world_size, lockstep=lockstep) for rank in range(world_size)]
+        real = [batch for plan in plans for batch in plan if batch is not None]
+        assert sorted(real, key=lambda r: r.start) == one_rank  # the same batches, each once
+        lengths = {len(plan) for plan in plans}
+        assert len(lengths) == 1 if lockstep else max(lengths) - min(lengths) <= 1
+    assert batch_plan(7, 2, 1, 2, lockstep=True) == [range(2, 4), range(6, 7)]
+    assert batch_plan(5, 2, 1, 2, lockstep=True) == [range(2, 4), None]  # a filler batch keeps rank 1 in step
+
+
+class Recorder(nn.Module):
+    """A tiny model whose ``generate`` calls are recorded (``synced_gpus`` needs a process group: dropped here)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.generation_config = model.generation_config
+        self.calls: list[dict] = []
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        self.calls.append({"rows": input_ids.shape[0], "synced_gpus": kwargs.pop("synced_gpus", False)})
+        return self.model.generate(input_ids=input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_answers_shared_out_over_ranks_are_the_one_rank_answers(
+    monkeypatch: pytest.MonkeyPatch, lockstep: bool
+) -> None:
+    """Two ranks simulated in one process: each generates its share, the gather joins them; the result is the
+    one-rank result. In lockstep (ZeRO-3, sharded stores) both run equally many synced generate calls."""
+    tokenizer = word_tokenizer(chat=True)
+    examples = load_examples("facts", split="eval", limit=5)
+    alone = evaluate_generation(tiny_model("llama"), tokenizer, examples, max_new_tokens=4, batch_size=2)
+    monkeypatch.setattr(evaluation.torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(evaluation, "forwards_need_every_rank", lambda model: lockstep)
+    shares, calls = {}, {}
+
+    class Gathered(Exception):
+        """Rank 1 stops at the gather: its share is what rank 0 needs."""
+
+    def all_gather_object(out: list, mine: dict) -> None:
+        shares[evaluation.torch.distributed.get_rank()] = mine
+        if len(shares) < 2:
+            raise Gathered
+        out[:] = [shares[0], shares[1]]
+
+    monkeypatch.setattr(evaluation.torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(evaluation.torch.distributed, "all_gather_object", all_gather_object)
+    for rank in (1, 0):
+        monkeypatch.setattr(evaluation.torch.distributed, "get_rank", lambda rank=rank: rank)
+        model = calls[rank] = Recorder(tiny_model("llama"))
+        try:
+            result = evaluate_generation(model, tokenizer, examples, max_new_tokens=4, batch_size=2, across_ranks=True)
+        except Gathered:
+            assert rank == 1
+    calls = {rank: model.calls for rank, model in calls.items()}
+    assert result == alone
+    assert [c["rows"] for c in calls[0]] == [2, 1] and [c["rows"] for c in calls[1]] == [2] + [2] * lockstep
+    assert {c["synced_gpus"] for c in calls[0] + calls[1]} == {lockstep}
+
+
+def test_adapters_fresh_from_inject_answer_like_the_base_model() -> None:
+    """train.py's "before" evaluation runs with the adapters in place: their values start at zero."""
+    tokenizer = word_tokenizer(chat=True)
+    examples = load_examples("facts", split="eval", limit=4)
+    base = evaluate_generation(tiny_model("llama"), tokenizer, examples, max_new_tokens=6, batch_size=2)
+    adapted = meft_ds.inject(tiny_model("llama"), {"num_neurons": 64, "top_k": 4})
+    assert evaluate_generation(adapted, tokenizer, examples, max_new_tokens=6, batch_size=2) == base
+    assert meft_ds.stats(adapted)["rows_fetched"] > 0  # the adapters did run

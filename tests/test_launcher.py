@@ -1,4 +1,5 @@
-"""The real launcher: `deepspeed launch/train.py` on a tiny local model, 1 and 2 ranks, ZeRO 0/1/2, resume."""
+"""The real launcher: `deepspeed launch/train.py` on a tiny local model, 1 and 2 ranks, ZeRO 0/1/2, resume; the
+evaluation shared out over 2 ranks scores what one process scores."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ import torch
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
+from meft_ds.data import load_examples
+from meft_ds.ds_config import cpu_has_native_bf16
+from meft_ds.evaluation import evaluate_generation
+from meft_ds.models import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -79,6 +84,25 @@ def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# 5 held-out examples in batches of 2: over 2 ranks, rank 0 generates batches 0 and 2, rank 1 batch 1 (and, where
+# forwards run collectives, a filler batch)
+EVAL = ["--eval_limit", "5", "--eval_batch_size", "2", "--max_new_tokens", "4"]
+
+
+def results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def one_process_evaluation(model_dir: Path, adapter: Path | None = None) -> dict:
+    """What one process scores (train.py's held-out set and EVAL's settings, fp32): the base model, or with the
+    adapter a run exported."""
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    if adapter is not None:
+        meft_ds.load_adapter(model, adapter)
+    examples = load_examples("facts", "eval", limit=5, seed=0)
+    return evaluate_generation(model, tokenizer, examples, max_new_tokens=4, batch_size=2)
+
+
 def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
     out = tmp_path / "run"
     launch(
@@ -91,8 +115,10 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     assert all(r["rows_fetched"] > 0 and r["mb_moved"] > 0 for r in records)
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,lr")
     assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "DeepSpeed's TensorBoard monitor wrote nothing"
-    results = json.loads((out / "results.json").read_text())
-    assert 0.0 <= results["before"]["exact_match"] <= 1.0 and 0.0 <= results["after"]["exact_match"] <= 1.0
+    run = results(out)
+    assert 0.0 <= run["before"]["exact_match"] <= 1.0 and 0.0 <= run["after"]["exact_match"] <= 1.0
+    # the shipped config's bf16 "auto": bf16 where this CPU computes it natively, else fp32; the model loaded in it
+    assert run["dtype"] == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert (out / "checkpoints" / "latest").read_text() == "global_step8"
 
     trained = meft_ds.load_adapter(tiny_model(), out)
@@ -101,7 +127,8 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
         assert not torch.allclose(trained(batch).logits, tiny_model()(batch).logits)
     assert torch.count_nonzero(meft_ds.adapters(trained)[0].store.values) > 0
 
-    # launch/evaluate.py on the exported adapter scores exactly what the run scored before and after training
+    # launch/evaluate.py on the exported adapter scores exactly what the run scored before and after training (in the
+    # run's dtype; its "before" has no adapters: the run's, with adapters fresh from inject, is the base model's)
     command = [
         sys.executable, "launch/evaluate.py", "--model", str(model_dirs["chat"]), "--adapter", str(out),
         "--limit", "8", "--max_new_tokens", "4", "--output", str(tmp_path / "eval.json"),
@@ -109,9 +136,10 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     result = subprocess.run(command, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["dtype"] == run["dtype"]
     for phase in ("before", "after"):
-        assert evaluated[phase]["predictions"] == results[phase]["predictions"]
-        assert evaluated[phase]["exact_match"] == results[phase]["exact_match"]
+        assert evaluated[phase]["predictions"] == run[phase]["predictions"]
+        assert evaluated[phase]["exact_match"] == run[phase]["exact_match"]
     assert "before (base model): exact_match" in result.stdout
 
 
@@ -130,7 +158,7 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
 
 def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
     config = write_config(tmp_path)
-    common = ["--deepspeed", config, "--model", model_dirs["chat"], "--max_steps", "4", "--no_eval", *TINY_RUN]
+    common = ["--deepspeed", config, "--model", model_dirs["chat"], "--max_steps", "4", *EVAL, *TINY_RUN]
     two = launch(*common, "--output_dir", tmp_path / "two", ranks=2)
     launch(*common, "--output_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
     digests = {line.split("digest ")[1].split()[0] for line in two.stderr.splitlines() if "digest" in line}
@@ -143,6 +171,12 @@ def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path: Path, model
     b = meft_ds.load_adapter(tiny_model(), tmp_path / "one")
     for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
         torch.testing.assert_close(x.store.rows, y.store.rows, rtol=0, atol=1e-5)
+    # the 2 ranks shared the evaluation out (each generated its batches) and scored what one process scores
+    for rank, answers in ((0, 3), (1, 2)):
+        assert two.stderr.count(f"rank {rank} of 2: generated {answers} of 5 held-out answers\n") == 2  # before, after
+    assert results(tmp_path / "two")["before"] == results(tmp_path / "one")["before"]
+    assert results(tmp_path / "two")["before"] == one_process_evaluation(model_dirs["chat"])
+    assert results(tmp_path / "two")["after"] == one_process_evaluation(model_dirs["chat"], tmp_path / "two")
 
 
 def store_bytes_per_rank(result: subprocess.CompletedProcess) -> list[int]:
@@ -153,8 +187,7 @@ def test_sharded_store_trains_like_the_replicated_one_with_half_the_memory(
     tmp_path: Path, model_dirs: dict[str, Path]
 ) -> None:
     config = write_config(tmp_path, total_steps=6)
-    common = ["--deepspeed", config, "--model", model_dirs["chat"], "--eval_limit", "4", "--max_new_tokens", "4",
-              *TINY_RUN]  # fmt: skip
+    common = ["--deepspeed", config, "--model", model_dirs["chat"], *EVAL, *TINY_RUN]
     replicated = launch(*common, "--output_dir", tmp_path / "replicated", "--max_steps", "6", ranks=2)
     sharded = launch(*common, "--output_dir", tmp_path / "sharded", "--max_steps", "6", "--meft",
                      'store={"shard": true}', ranks=2)  # fmt: skip
@@ -167,7 +200,12 @@ def test_sharded_store_trains_like_the_replicated_one_with_half_the_memory(
     b = meft_ds.load_adapter(tiny_model(), tmp_path / "sharded")
     for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
         torch.testing.assert_close(x.store.rows, y.store.rows, rtol=0, atol=1e-5)
-    assert json.loads((tmp_path / "sharded" / "results.json").read_text())["after"]["n"] == 4
+    # the evaluation over 2 ranks in lockstep (a sharded store's forwards run collectives): one process's scores
+    assert sharded.stderr.count("rank 1 of 2: generated 2 of 5 held-out answers (in lockstep; filler batches: 1)") == 2
+    assert results(tmp_path / "sharded")["before"] == results(tmp_path / "replicated")["before"]
+    assert results(tmp_path / "sharded")["before"] == one_process_evaluation(model_dirs["chat"])
+    assert results(tmp_path / "sharded")["after"] == one_process_evaluation(model_dirs["chat"], tmp_path / "sharded")
+    assert results(tmp_path / "sharded")["after"]["n"] == 5
 
     # a sharded run cut at step 3 and resumed: each rank reloads its own part of the store
     shards = sorted(p.name for p in (tmp_path / "sharded" / "checkpoints" / "global_step6" / "meft").glob("*.safe*"))
