@@ -237,7 +237,9 @@ def test_gradient_accumulation_equals_the_sum_of_micro_batches(precision: str, r
     bf16 the micro-steps' row gradients arrive in bf16 and are summed in the store's fp32 accumulators."""
     if precision == "bf16":
         request.getfixturevalue("bf16_on_any_cpu")
-    model_gas = train_with_engine(ds_config(2, gas=2, precision=precision), steps=1).model
+    run = train_with_engine(ds_config(2, gas=2, precision=precision), steps=1)
+    assert run.engine.bfloat16_enabled() is (precision == "bf16") and run.row_grad_dtypes == {torch.float32}
+    model_gas = run.model
     model = meft_ds.inject(tiny_model(), MEFT)
     sparse = SparseRowAdam(meft_ds.adapters(model), lr=LR, backend="torch")
     for batch in batches(2):
