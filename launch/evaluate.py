@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         choices=["auto", *DTYPE_NAMES.values()],
         default="auto",
-        help="dtype the model computes in (auto: the adapter's training run's, else bf16 where this machine computes "
-        "bf16 natively, else fp32)",
+        help="dtype the model computes in (auto: the adapter's training run's, else bf16 on a GPU that supports it, "
+        "fp32 on a CPU)",
     )
     parser.add_argument("--adapter", type=Path, help="an exported adapter (the --output_dir of launch/train.py)")
     parser.add_argument("--dataset", default="facts", help=f"one of {', '.join(DATASETS)} (its eval split) or a file")
@@ -72,7 +72,7 @@ def model_name(args: argparse.Namespace) -> str:
 
 def model_dtype(args: argparse.Namespace) -> torch.dtype:
     """--dtype, else the dtype the adapter's run trained in (its results.json), else what ds_configs/meft.json's
-    ``"bf16": {"enabled": "auto"}`` gives on this machine (bf16 on a GPU or a CPU with native bf16, else fp32)."""
+    ``"bf16": {"enabled": "auto"}`` gives on this machine (bf16 on a GPU that supports it, fp32 on a CPU)."""
     by_name = {name: dtype for dtype, name in DTYPE_NAMES.items()}
     if args.dtype != "auto":
         return by_name[args.dtype]

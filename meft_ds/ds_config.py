@@ -79,7 +79,7 @@ def resolve_auto(
     _fill(ds_config, "gradient_clipping", max_grad_norm)
     if ds_config.get("train_batch_size") == AUTO:
         del ds_config["train_batch_size"]  # DeepSpeed derives it from the two above and the world size
-    for key, default in (("bf16", get_accelerator().is_bf16_supported()), ("fp16", False)):
+    for key, default in (("bf16", _bf16_by_default()), ("fp16", False)):
         _fill(section(ds_config, key), "enabled", default)
     optimizer_params = section(ds_config, "optimizer", "params")
     for key, value in (("lr", lr), ("betas", [0.9, 0.999]), ("eps", 1e-8), ("weight_decay", weight_decay)):
@@ -170,9 +170,18 @@ def _cpu_description() -> tuple[str, frozenset[str]]:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX-BF16). Without either, bf16 matmuls are
-    emulated: measured ~37x slower than fp32 on an AMD EPYC without them, while an Intel Xeon with AVX-512 BF16 ran a
-    (512 x 576) @ (576 x 1536) matmul at 64 GFLOP/s in bf16 vs 54 in fp32. Tests monkeypatch this function."""
+    emulated: measured ~37x slower than fp32 on an AMD EPYC without them. Tests monkeypatch this function."""
     return bool(_cpu_description()[1].intersection(NATIVE_BF16_FLAGS))
+
+
+def _bf16_by_default() -> bool:
+    """What ``"bf16": {"enabled": "auto"}`` means: on an accelerator, whether it supports bf16; on a CPU, no. Even
+    with AVX-512 BF16 (and no AMX) bf16 is the slower choice on the CPUs we measured: a (512 x 576) @ (576 x 1536)
+    matmul ran at 141 GFLOP/s in bf16 against 235 in fp32 on an Intel Xeon with avx512_bf16 (2 threads, torch 2.13),
+    and a training step of SmolLM2-135M took 1.3x as long. ``"enabled": true`` still gets bf16 on CPUs that have it
+    natively (:func:`fit_precision_to_cpu`)."""
+    accelerator = get_accelerator()
+    return accelerator.device_name() != "cpu" and bool(accelerator.is_bf16_supported())
 
 
 # DeepSpeed's sections for reduced precision ("bfloat16" is its older name for "bf16") and the dtype each computes in
@@ -188,7 +197,8 @@ def _enabled(ds_config: dict[str, Any], key: str) -> bool:
 def fit_precision_to_cpu(ds_config: dict[str, Any]) -> None:
     """Without an accelerator (DeepSpeed's CPU accelerator), keep the config's bf16 only on a CPU that computes bf16
     natively (:func:`cpu_has_native_bf16`) and its fp16 only where DeepSpeed's CPU accelerator supports fp16 (its
-    own check); what is switched off is said, with the reason. Values still ``"auto"`` count as on. Idempotent."""
+    own check); what is switched off is said, with the reason. Values still ``"auto"`` count as on (after
+    :func:`resolve_auto`, an ``"auto"`` bf16 is already off on a CPU). Idempotent."""
     if get_accelerator().device_name() != "cpu":
         return
     for key, dtype in PRECISION_SECTIONS:

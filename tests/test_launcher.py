@@ -18,7 +18,6 @@ from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
 from meft_ds.data import load_examples
-from meft_ds.ds_config import cpu_has_native_bf16
 from meft_ds.evaluation import evaluate_generation
 from meft_ds.models import load_model_and_tokenizer
 
@@ -117,8 +116,8 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "DeepSpeed's TensorBoard monitor wrote nothing"
     run = results(out)
     assert 0.0 <= run["before"]["exact_match"] <= 1.0 and 0.0 <= run["after"]["exact_match"] <= 1.0
-    # the shipped config's bf16 "auto": bf16 where this CPU computes it natively, else fp32; the model loaded in it
-    assert run["dtype"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+    # the shipped config's bf16 "auto" computes in fp32 on a CPU (the faster there), the model loaded in it
+    assert run["dtype"] == "fp32"
     assert (out / "checkpoints" / "latest").read_text() == "global_step8"
 
     trained = meft_ds.load_adapter(tiny_model(), out)

@@ -1,6 +1,7 @@
-"""Which precision a run computes in: bf16 stays on where the CPU has native bf16 and is switched off loudly where it
-has not; fp16 follows DeepSpeed's CPU check; a GPU's config is left alone; the detection agrees with the kernel's own
-flags; ``compute_dtype`` reads the final choice."""
+"""Which precision a run computes in: on a CPU, an "auto" bf16 means fp32 (the faster there), an explicit bf16 stays
+on where the CPU has native bf16 and is switched off loudly where it has not; fp16 follows DeepSpeed's CPU check; a
+GPU's config is left alone; the detection agrees with the kernel's own flags; ``compute_dtype`` reads the final
+choice."""
 
 from __future__ import annotations
 
@@ -21,12 +22,22 @@ def configs(enabled: object) -> dict:
     return {"bf16": {"enabled": enabled}, "fp16": {"enabled": False}}
 
 
-@pytest.mark.parametrize("enabled", [True, "auto"])
-def test_bf16_stays_on_a_cpu_with_native_bf16(monkeypatch: pytest.MonkeyPatch, enabled: object) -> None:
+def test_bf16_asked_for_stays_on_a_cpu_with_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(meft_ds.ds_config, "cpu_has_native_bf16", lambda: True)
-    config = resolve_auto(configs(enabled))
+    config = resolve_auto(configs(True))
     fit_precision_to_cpu(config)
     assert config["bf16"]["enabled"] is True and compute_dtype(config) == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_bf16_means_fp32_on_a_cpu_and_bf16_on_a_gpu(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(meft_ds.ds_config, "cpu_has_native_bf16", lambda: native)
+    config = resolve_auto(configs("auto"))
+    fit_precision_to_cpu(config)
+    assert config["bf16"]["enabled"] is False and compute_dtype(config) == torch.float32
+    monkeypatch.setattr(get_accelerator(), "device_name", lambda *args: "cuda")
+    monkeypatch.setattr(get_accelerator(), "is_bf16_supported", lambda: True)
+    assert resolve_auto(configs("auto"))["bf16"]["enabled"] is True
 
 
 @pytest.mark.parametrize("enabled", [True, "auto"])
@@ -92,7 +103,7 @@ def test_initialize_computes_in_the_precision_chosen_for_this_cpu(
         "train_micro_batch_size_per_gpu": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
         "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-        "bf16": {"enabled": "auto"},
+        "bf16": {"enabled": True},
         "meft": {"num_neurons": 64, "top_k": 4},
     }
     engine, *_ = meft_ds.initialize(model=tiny_model(), config=config)
