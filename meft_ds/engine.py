@@ -190,7 +190,7 @@ class MeftPlugin:
         self._unscale_row_grads(scale)
         # fp16: DeepSpeed skips a step whose gradients overflowed and lowers its loss scale; the rows' gradients are
         # part of the step (identical on every rank after the exchange; sharded stores agree on the answer)
-        rows_overflowed = self.engine.fp16_enabled() and not self.sparse_optimizer._row_grads_finite()
+        rows_overflowed = self.engine.fp16_enabled() and not self.sparse_optimizer.row_grads_finite()
         max_norm = float(self.engine.gradient_clipping() or 0.0)
         if max_norm > 0:
             self._clip_global_norm(max_norm, scale)

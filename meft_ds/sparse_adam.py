@@ -154,7 +154,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                 loss = closure()
         for adapter in self.adapters:
             adapter.collect_row_grads()
-        if not self._row_grads_finite():
+        if not self.row_grads_finite():
             self._skip_nonfinite_step()
             return loss
         self._nonfinite_streak = 0
@@ -169,7 +169,7 @@ class SparseRowAdam(torch.optim.Optimizer):
             adapter.store.drop_grads()
         return loss
 
-    def _row_grads_finite(self) -> bool:
+    def row_grads_finite(self) -> bool:
         """Whether every row gradient of every adapter is finite, checked before any row is updated (a skipped step
         must leave all rows untouched). Sharded stores hold different rows on each rank, so the ranks agree on the
         answer (all of them skip, or none)."""
