@@ -18,6 +18,7 @@ from tiny_models import tiny_config, tiny_model, token_batch
 import meft_ds
 import meft_ds.adapter
 from meft_ds.adapter import MaskedAdapterFunction
+from meft_ds.ds_config import load_deepspeed_config
 from meft_ds.models import ModelLoadError
 from meft_ds.pinned import RINGS
 from meft_ds.plan import (
@@ -259,3 +260,39 @@ def test_model_config_from_a_folder_and_a_file(tmp_path: Path) -> None:
     assert from_folder.model.params == from_file.model.params == tiny_model().num_parameters()
     with pytest.raises(ModelLoadError, match="not a built-in name"):
         plan("no-such-model", DS_CONFIG, batch_size=1, seq_len=8)
+
+
+@pytest.mark.slow
+def test_smollm2_plan_is_within_ten_percent_of_what_the_code_measures() -> None:
+    """The main job's model and shape (SmolLM2-135M, ds_configs/meft.json, micro-batch 8 x 64 of real facts text, no
+    padding), on the masked path the plan models: every figure within 10% of the code's own counters,
+    allocations and saved tensors, given the union the routing really made (the uniform estimate is an upper bound)."""
+    from meft_ds.data import load_examples
+    from meft_ds.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(None)  # fp32, as the main job computes on a CPU (bf16 is slower)
+    config = load_deepspeed_config(ROOT / "ds_configs" / "meft.json")
+    config["bf16"]["enabled"] = False
+    config["meft"]["cache_mb"] = 64
+    text = " ".join(f"{e.prompt} {e.answers[0]}" for e in load_examples("facts", "train")[:200])
+    ids = torch.tensor(tokenizer(text)["input_ids"][: 8 * 64]).view(8, 64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(meft_ds.adapter, "computes_over_slots", lambda x: False)
+        meft_ds.inject(model.train(), config["meft"])
+        with saved_bytes_counter(model) as saved:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    adapters = meft_ds.adapters(model)
+    stats = meft_ds.stats(model)
+    union = round(stats["rows_fetched"] / len(adapters))
+    estimate = plan(model.config, config, batch_size=8, seq_len=64)
+    given = plan(model.config, config, batch_size=8, seq_len=64, union=union)
+    assert union <= estimate.union, "the uniform estimate is an upper bound"
+    assert within(given.bytes_of("fetched rows"), stats["row_bytes_to_device"])
+    assert within(given.bytes_of("row stores"), sum(a.store.nbytes for a in adapters))
+    assert within(given.bytes_of("device row cache"), sum(a.transfer.device_bytes for a in adapters))
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    assert within(given.bytes_of("frozen base model"), params)
+    per_layer = (given.bytes_of("fetched rows") + given.bytes_of("masked path")) // len(adapters)
+    planned = given.model.saved.total + per_layer * len(adapters)
+    assert within(planned, saved[0].total), (planned, saved[0].total)
