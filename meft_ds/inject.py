@@ -64,7 +64,8 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _locate(model: nn.Module) -> FFNLocation:
+def locate_ffns(model: nn.Module) -> FFNLocation:
+    """Where the FFNs of ``model``'s architecture are (its registry entry), or a clear error."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _REGISTRY:
         raise UnsupportedModelError(
@@ -76,7 +77,8 @@ def _locate(model: nn.Module) -> FFNLocation:
     return _REGISTRY[model_type]
 
 
-def _decoder_layers(model: nn.Module, location: FFNLocation) -> nn.ModuleList:
+def decoder_layers(model: nn.Module, location: FFNLocation) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder layers at ``location``, or a clear error."""
     layers: object = model
     for name in location.layers_path.split("."):
         layers = getattr(layers, name, None)
@@ -131,8 +133,8 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
     config = MeftConfig.from_dict(config)
     if adapters(model):
         raise MeftConfigError("meft: this model already has meft adapters. Fix: inject once per model.")
-    location = _locate(model)
-    layers = _decoder_layers(model, location)
+    location = locate_ffns(model)
+    layers = decoder_layers(model, location)
     dim = model.config.hidden_size
     chosen = config.resolve_layers(len(layers))
     ffns = {}

@@ -1,17 +1,11 @@
 """Memory plan of a meft_ds run: the bytes each tier holds (device, pinned host, host, NVMe), item by item, and a
 verdict on whether it fits a device of a given size, with computed changes that would make it fit.
 
-The base model is instantiated on the meta device (no weights, no memory) to count its parameters exactly, and one
-forward pass on meta tensors, loss included, measures what autograd saves for backward, through the same
-``saved_tensors_hooks`` accounting that tests apply to real forwards. Attention is measured as the accelerator runs
-it: SDPA's flash kernels keep ``q, k, v``, the output and a log-sum-exp, never the ``(S, S)`` scores (on meta, SDPA
-would take its math path and keep them). A model that does not run on meta falls back to
-:func:`analytic_saved_bytes`, the same accounting written out for LLaMA-style decoders.
-
-Everything else is arithmetic that mirrors the code: the fetched rows and ``(T, |U|)`` tensors the masked adapter
-path keeps for backward, the pinned staging buffers (rings shared by the adapters, grown to powers of two), the device
-row cache, the
-routers and their optimizer where the ZeRO config puts them, DeepSpeed's gradient bucket, and the row stores
+The base model is instantiated on the meta device (no weights, no memory) to count its parameters exactly and to
+measure what its training forward keeps for backward (:mod:`meft_ds.activations`). Everything else is arithmetic that
+mirrors the code: the fetched rows and ``(T, |U|)`` tensors the masked adapter path keeps for backward, the pinned
+staging buffers (rings shared by the adapters, grown to powers of two), the device row cache, the routers and their
+optimizer where the ZeRO config puts them, DeepSpeed's gradient bucket, and the row stores
 (:func:`meft_ds.memory.store_bytes`). Plans are for an accelerator: the adapter's masked path, not the CPU's slot
 kernel. ``|U|``, the rows a micro-batch fetches per layer, is estimated as if every token chose its K rows uniformly
 at random; routing concentrates on fewer rows (about half as many on SmolLM2), so this is an upper estimate, and a
@@ -20,22 +14,19 @@ union measured on the task's data can be given instead.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from meft_ds.activations import SavedBytes, analytic_saved_bytes, measure_saved_bytes, meta_model
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.ds_config import AUTO, load_deepspeed_config, section
-from meft_ds.inject import _decoder_layers, _locate
 from meft_ds.memory import HEADROOM, store_bytes
 from meft_ds.models import BUILTIN_MODEL, ModelLoadError, resolve_model
 from meft_ds.pinned import RINGS
@@ -83,113 +74,6 @@ def load_model_config(source: Any) -> Any:
             f".gguf file, nor a config on the hub ({type(error).__name__}: {str(error).splitlines()[0][:160]}). Fix: "
             "pass a local config.json (e.g. from the model's hub page), or one of the built-in names."
         ) from error
-
-
-# ---------------------------------------------------------------------------------------------- measuring activations
-@dataclass(frozen=True)
-class SavedBytes:
-    """Bytes autograd keeps for backward, per decoder layer and outside them (embedding, final norm, head, loss)."""
-
-    per_layer: tuple[int, ...]
-    outside: int
-
-    @property
-    def total(self) -> int:
-        return self.outside + sum(self.per_layer)
-
-
-class _AdapterStandIn(torch.autograd.Function):
-    """What an adapter adds to the base model's graph, besides its rows and ``(T, |U|)`` tensors (added by the
-    plan): it keeps the FFN input (router and adapter input) and makes the FFN output depend on trainable weights, so
-    every later layer saves its activations, as with real adapters. (Measuring graphs never run backward.)"""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return out.clone()
-
-
-class _FlashAttention(torch.autograd.Function):
-    """SDPA as flash kernels run it (output shape only): keeps ``q, k, v`` (GQA not repeated), the output, an fp32
-    log-sum-exp per head and token, and the mask if one is given, as ``torch``'s CPU and CUDA flash kernels do."""
-
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32), mask)
-        return out
-
-
-class _FlashOnMeta(TorchFunctionMode):
-    def __torch_function__(self, func: Any, types: Any, args: Sequence = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and args[0].device.type == "meta":
-            return _FlashAttention.apply(*args[:3], kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def saved_bytes_counter(model: nn.Module, adapted: Sequence[int] | None = None) -> Iterator[list[SavedBytes]]:
-    """Within the block, sum the storages autograd saves for backward, each once, excluding parameters and buffers,
-    per decoder layer of ``model``; the result is appended to the yielded list when the block ends. ``adapted``:
-    decoder layers whose FFN gets the adapter stand-in (``None``: the model carries real adapters, or none)."""
-    location = _locate(model)
-    layers = _decoder_layers(model, location)
-    excluded = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    seen: set[int] = set()
-    per_layer, outside, current = [0] * len(layers), [0], [-1]  # current layer, -1 outside: outside[-1]
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage._cdata not in excluded and storage._cdata not in seen:
-            seen.add(storage._cdata)
-            (per_layer if current[0] >= 0 else outside)[current[0]] += storage.nbytes()
-        return tensor
-
-    weight = torch.zeros(1, device=next(model.parameters()).device, requires_grad=True)
-
-    def stand_in(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
-        return _AdapterStandIn.apply(args[0] if args else next(iter(kwargs.values())), out, weight)
-
-    hooks = []
-    for index, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(lambda *_, i=index: current.__setitem__(0, i)))
-        hooks.append(layer.register_forward_hook(lambda *_: current.__setitem__(0, -1)))
-        if adapted is not None and index in adapted:
-            hooks.append(getattr(layer, location.ffn_attr).register_forward_hook(stand_in, with_kwargs=True))
-    result: list[SavedBytes] = []
-    try:
-        with _FlashOnMeta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            yield result
-    finally:
-        for hook in hooks:
-            hook.remove()
-    result.append(SavedBytes(tuple(per_layer), outside[0]))
-
-
-def measure_saved_bytes(model: nn.Module, input_ids: torch.Tensor, adapted: Sequence[int] | None = None) -> SavedBytes:
-    """What a training forward of ``model`` on ``input_ids`` (labels = inputs: the loss included) saves for backward,
-    counted by :func:`saved_bytes_counter`."""
-    with saved_bytes_counter(model, adapted) as result:
-        model(input_ids=input_ids, labels=input_ids)
-    return result[0]
-
-
-def analytic_saved_bytes(config: Any, dtype: torch.dtype, tokens: int, adapted: Sequence[int]) -> SavedBytes:
-    """The fallback when a model does not run on meta: what a LLaMA-style layer saves per token with frozen weights
-    (a frozen projection keeps no input). Two RMSNorms an fp32 input and rsqrt each; flash attention q, k, v, its
-    output and an fp32 log-sum-exp per head; SiLU and the gate*up product three ``ffn``-wide tensors; the adapter its
-    input. Layers before the first adapter save nothing but it. Outside: the final norm, the fp32 log-softmax, the
-    labels."""
-    d, c, heads = config.hidden_size, dtype.itemsize, config.num_attention_heads
-    kv = d // heads * (getattr(config, "num_key_value_heads", None) or heads)
-    ffn = getattr(config, "intermediate_size", None) or 4 * d
-    layer = tokens * (2 * (d * 4 + 4) + c * (2 * d + 2 * kv + 3 * ffn) + 4 * heads)
-    first = min(adapted, default=config.num_hidden_layers)
-    per_layer = [
-        (layer if i > first else 0) + (tokens * d * c if i in adapted else 0) for i in range(config.num_hidden_layers)
-    ]
-    return SavedBytes(tuple(per_layer), tokens * (d * 4 + 4 + config.vocab_size * 4 + 8))
 
 
 # ---------------------------------------------------------------------------------------------- the arithmetic
@@ -377,15 +261,6 @@ def plan_items(s: Setup, model: ModelFacts) -> list[Item]:
 
 
 # ---------------------------------------------------------------------------------------------- the plan
-def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
-    """The model, frozen and in training mode (dropout masks count), on the meta device: no weights, no memory."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.train().requires_grad_(False)
-
-
 def model_facts(model: nn.Module, meft: MeftConfig, batch: int, seq_len: int, name: str = "") -> ModelFacts:
     """Count the meta ``model``'s parameters and measure its training forward at ``batch x seq_len``."""
     config = model.config

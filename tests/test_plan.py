@@ -17,23 +17,12 @@ from tiny_models import tiny_config, tiny_model, token_batch
 
 import meft_ds
 import meft_ds.adapter
+from meft_ds.activations import analytic_saved_bytes, measure_saved_bytes, meta_model, saved_bytes_counter
 from meft_ds.adapter import MaskedAdapterFunction
 from meft_ds.ds_config import load_deepspeed_config
 from meft_ds.models import ModelLoadError
 from meft_ds.pinned import RINGS
-from meft_ds.plan import (
-    GiB,
-    MemoryPlan,
-    Setup,
-    analytic_saved_bytes,
-    masked_path_bytes,
-    measure_saved_bytes,
-    meta_model,
-    plan,
-    plan_items,
-    saved_bytes_counter,
-    staging_buffers,
-)
+from meft_ds.plan import GiB, MemoryPlan, Setup, masked_path_bytes, plan, plan_items, staging_buffers
 from meft_ds.training import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
