@@ -19,9 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# before torch/deepspeed are imported: the CPU accelerator, the shared JIT-op cache, no hub
+# before torch/deepspeed are imported: the CPU accelerator, no hub (the JIT-built ops: torch's extension cache)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "meft_ds" / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

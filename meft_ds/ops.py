@@ -39,18 +39,51 @@ class MeftCPUBuilder(CPUOpBuilder):
         return [*super().cxx_args(), "-fno-math-errno"]
 
 
+TORCH_FALLBACK_ENV = "MEFT_DS_TORCH_FALLBACK"
+
+
+class KernelBuildError(RuntimeError):
+    """meft_ds's CPU kernels could not be built, and the slow pure-torch fallback was not asked for."""
+
+
 @functools.cache
-def cpu_kernels() -> Any | None:
-    """The compiled kernels, or ``None`` (warning once) when they cannot be built; callers then use torch code."""
+def _build() -> tuple[Any | None, Exception | None]:
+    """The compiled kernels, or why they could not be built (built once per process)."""
     try:
-        return MeftCPUBuilder().load(verbose=False)
-    except Exception as error:  # the JIT build needs ninja and a C++ compiler; any failure falls back to torch
-        warnings.warn(
-            f"meft_ds: its CPU kernels could not be built ({type(error).__name__}: {error}); falling back to slower "
-            "pure-torch code. Install ninja and a C++ compiler to fix.",
-            stacklevel=2,
-        )
+        if not SOURCE.is_file():
+            raise FileNotFoundError(f"{SOURCE} is missing from this installation")
+        return MeftCPUBuilder().load(verbose=False), None
+    except Exception as error:  # the JIT build needs ninja and a C++ compiler
+        return None, error
+
+
+def cpu_kernels() -> Any | None:
+    """The compiled kernels (``meft_ds/csrc/meft_cpu.cpp``, shipped with the package, JIT-built on first use).
+
+    When they cannot be built this raises :class:`KernelBuildError` with the fix: a run several times slower than it
+    should be is worse than a clear message. With ``MEFT_DS_TORCH_FALLBACK=1`` it returns ``None`` instead (warning
+    once) and callers run pure-torch code that computes the same."""
+    kernels, error = _build()
+    if error is None:
+        return kernels
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+    if os.environ.get(TORCH_FALLBACK_ENV) == "1":
+        _warn_fallback(reason)
         return None
+    raise KernelBuildError(
+        f"meft_ds: its CPU kernels could not be built ({reason}). Fix: install a C++ compiler and ninja (the kernels "
+        f"are JIT-built from {SOURCE} on first use, like DeepSpeed's CPU ops), or set {TORCH_FALLBACK_ENV}=1 to run "
+        "the pure-torch code instead (several times slower)."
+    ) from error
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(
+        f"meft_ds: its CPU kernels could not be built ({reason}); {TORCH_FALLBACK_ENV}=1, so the slower pure-torch "
+        "code runs instead.",
+        stacklevel=3,
+    )
 
 
 def kernel_threads() -> int:

@@ -18,14 +18,16 @@ from meft_ds.config import MeftConfigError
 from meft_ds.data import DatasetError
 from meft_ds.inject import adapters
 from meft_ds.models import ModelLoadError
+from meft_ds.ops import KernelBuildError
 
 MB = 1e6
-BAD_INPUT = (MeftConfigError, DatasetError, ModelLoadError, CheckpointError)
+BAD_INPUT = (MeftConfigError, DatasetError, ModelLoadError, CheckpointError, KernelBuildError)
 
 
 def run_cli(main: Callable[[], int]) -> None:
-    """Run a launcher's ``main`` and exit with its code. Bad input (config, dataset, model, checkpoint) ends in one
-    ``error: ...`` line on stderr and exit code 2 rather than a traceback; ``MEFT_DEBUG=1`` shows the traceback."""
+    """Run a launcher's ``main`` and exit with its code. Bad input (config, dataset, model, checkpoint, kernels that
+    cannot be built) ends in one ``error: ...`` line on stderr and exit code 2 rather than a traceback;
+    ``MEFT_DEBUG=1`` shows the traceback."""
     try:
         sys.exit(main())
     except BAD_INPUT as error:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 # Before anything imports deepspeed: the CPU accelerator (explicitly; auto-detection is slower and one 2-rank run in
-# four aborted at exit without it, ENVIRONMENT.md) and one fixed cache for the JIT-built ops, shared with .ci/run.
+# four aborted at exit without it, ENVIRONMENT.md). The JIT-built ops come from torch's extension cache, where
+# launch/setup.sh built them and every other entry point finds them too.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "meft_ds" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -1,0 +1,78 @@
+"""A regular install carries the CPU kernels' source, and the kernels build from it; without kernels, meft_ds stops
+with the fix unless the user asked for the pure-torch fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import meft_ds.ops as ops
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL = "meft_ds/csrc/meft_cpu.cpp"
+
+
+def build(kind: str, out: Path) -> Path:
+    """A wheel or an sdist of this checkout, built offline with the installed setuptools (as pip would)."""
+    code = f"from setuptools import build_meta; print(build_meta.build_{kind}({str(out)!r}))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out / result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_kernels_and_they_build_from_an_install(tmp_path: Path) -> None:
+    wheel = build("wheel", tmp_path)
+    assert KERNEL in zipfile.ZipFile(wheel).namelist()
+    with tarfile.open(build("sdist", tmp_path)) as sdist:
+        assert any(name.endswith(KERNEL) for name in sdist.getnames())
+
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    check = (
+        "import meft_ds.ops as ops, torch\n"
+        "kernels = ops.cpu_kernels()\n"
+        "rows = torch.randn(8, 2, 4)\n"
+        "out = torch.empty(3, 2, 4)\n"
+        "kernels.gather_rows(rows, torch.tensor([1, 5, 6]), out, 1)\n"
+        "assert torch.equal(out, rows[[1, 5, 6]])\n"
+        "print(ops.SOURCE)\n"
+    )
+    # a cache of its own: the same extension name built from another path would make the shared cache rebuild
+    env = {**os.environ, "PYTHONPATH": str(site), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    env.pop(ops.TORCH_FALLBACK_ENV, None)
+    result = subprocess.run(
+        [sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str(site / KERNEL), "the kernels must build from the install"
+
+
+def test_without_kernels_meft_ds_stops_with_the_fix_unless_the_fallback_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: object, verbose: bool = False) -> None:
+        raise RuntimeError("Error building extension 'meft_cpu': no compiler")
+
+    monkeypatch.setattr(ops.MeftCPUBuilder, "load", broken)
+    monkeypatch.delenv(ops.TORCH_FALLBACK_ENV, raising=False)
+    ops._build.cache_clear()
+    try:
+        with pytest.raises(ops.KernelBuildError, match=r"no compiler.*Fix: install a C\+\+ compiler and ninja"):
+            ops.cpu_kernels()
+        with pytest.raises(ops.KernelBuildError, match=ops.TORCH_FALLBACK_ENV):
+            ops.cpu_kernels()  # every call: nothing runs slowly behind the user's back
+        monkeypatch.setenv(ops.TORCH_FALLBACK_ENV, "1")
+        ops._warn_fallback.cache_clear()
+        with pytest.warns(UserWarning, match="slower pure-torch code runs instead"):
+            assert ops.cpu_kernels() is None
+    finally:
+        ops._build.cache_clear()
