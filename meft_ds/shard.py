@@ -122,6 +122,13 @@ class ShardedRowStore(RowStore):
         start = sum(sizes[: self.rank])
         return partial[start : start + hidden.shape[0]]
 
+    def rows_updated_anywhere(self, updated: torch.Tensor) -> torch.Tensor:
+        """Every rank's updated rows (their owners updated them): a rank's device cache may hold any of them. Every
+        rank calls it, for every adapter, at every optimizer step."""
+        everyone = torch.cat(all_gather_rows(updated, self.group, self.world_size))
+        self._count_bytes(updated)
+        return everyone.unique(sorted=True)
+
     def full_rows(self) -> torch.Tensor:
         rows = torch.cat(all_gather_rows(self.rows, self.group, self.world_size))
         self._count_bytes(self.rows)

@@ -162,10 +162,11 @@ class SparseRowAdam(torch.optim.Optimizer):
         group = self.param_groups[0]
         for adapter in self.adapters:
             accumulated = adapter.store.accumulated_grads()
-            if accumulated is None:
-                continue
-            self._update_rows(adapter, *accumulated, group)
-            adapter.rows_changed(accumulated[0])
+            updated = torch.empty(0, dtype=torch.int64) if accumulated is None else accumulated[0]
+            if accumulated is not None:
+                self._update_rows(adapter, *accumulated, group)
+            if adapter.transfer.cache_bytes:  # the same on every rank: a sharded store's gather pairs up
+                adapter.rows_changed(adapter.store.rows_updated_anywhere(updated))
             adapter.store.drop_grads()
         return loss
 

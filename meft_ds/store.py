@@ -123,6 +123,12 @@ class RowStore:
     def drop_grads(self) -> None:
         self._grad_ids = self._grads = None
 
+    def rows_updated_anywhere(self, updated: torch.Tensor) -> torch.Tensor:
+        """The rows an optimizer step changed in the whole store, given those it changed here (``updated``): the
+        same rows, since this store holds every row. (A sharded store's owners each update their own part: every
+        rank must call it, so that copies of rows held elsewhere are dropped too.)"""
+        return updated
+
     # ------------------------------------------------------------------ the optimizer's view
     @contextlib.contextmanager
     def rows_for_update(
