@@ -8,6 +8,7 @@ from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.checkpoint import CheckpointError, load_adapter, save_adapter
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.engine import MeftPlugin, attach, initialize
+from meft_ds.inference import InferenceOnlyError, for_inference, for_training
 from meft_ds.inject import UnsupportedModelError, adapters, inject, register_ffn, supported_model_types
 from meft_ds.sparse_adam import NonFiniteGradientError, SparseRowAdam
 from meft_ds.stats import sum_stats
@@ -21,6 +22,7 @@ def stats(model: nn.Module) -> dict[str, int]:
 
 __all__ = [
     "CheckpointError",
+    "InferenceOnlyError",
     "MeftConfig",
     "MeftConfigError",
     "MeftPlugin",
@@ -30,6 +32,8 @@ __all__ = [
     "UnsupportedModelError",
     "adapters",
     "attach",
+    "for_inference",
+    "for_training",
     "initialize",
     "inject",
     "load_adapter",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -30,6 +31,9 @@ from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore, initial_keys
 from meft_ds.swap import NvmeRowStore
 from meft_ds.transfer import RowsInFlight, RowTransfer, narrowest_index_dtype
+
+if TYPE_CHECKING:
+    from meft_ds.inference import DeviceRows
 
 _DEVICE_TYPE = get_accelerator().device_name()
 
@@ -187,6 +191,8 @@ class SparseKeyExpertAdapter(nn.Module):
             through ``pinned_buffers`` (shared by a model's adapters; its own if ``None``).
         traffic: this adapter's :class:`TrafficStats`.
         prefetch_target: the adapter ``prefetch_layers`` layers later, whose rows this one pre-retrieves (or None).
+        serving: set by :func:`meft_ds.for_inference`: all rows on the device, routed there (``meft_ds/inference.py``);
+            ``None`` (training, and the default) routes on the host as described above.
     """
 
     def __init__(
@@ -220,6 +226,7 @@ class SparseKeyExpertAdapter(nn.Module):
         self.pending: PendingRouting | None = None  # set between the FFN's pre-hook and hook
         self._prefetch_routing: PendingRouting | None = None  # started by the source layer's begin
         self._prefetched: PrefetchedRows | None = None
+        self.serving: DeviceRows | None = None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -237,6 +244,8 @@ class SparseKeyExpertAdapter(nn.Module):
         """Router logits on the device, and (unless rows were pre-retrieved) the routing inputs on their way; also
         the pre-retrieval target's routing inputs, so that both are waited for at once, before the FFN's kernels."""
         x = hidden.reshape(-1, self.dim)
+        if self.serving is not None:  # rows on the device (meft_ds.for_inference): nothing starts for the host
+            return PendingRouting(self.serving.router_logits(x))
         # on the CPU kernel's path the router's gradient flows through SlotGateFunction instead of these logits
         with torch.set_grad_enabled(torch.is_grad_enabled() and not computes_over_slots(x)):
             logits = self.router(x)
@@ -294,6 +303,8 @@ class SparseKeyExpertAdapter(nn.Module):
         """Route (or take the pre-retrieved rows), fetch the rows, compute the adapter over each token's own rows."""
         config = self.config
         x = hidden.reshape(-1, self.dim)
+        if self.serving is not None:
+            return self.serving.output(x, pending.logits).view_as(hidden)
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None and pending.hidden is None:
             routing, in_flight = prefetched.routing, prefetched.rows
@@ -331,3 +342,5 @@ class SparseKeyExpertAdapter(nn.Module):
     def rows_changed(self, row_ids: torch.Tensor | None = None) -> None:
         """The master rows ``row_ids`` (all if ``None``) were written: device copies of them are stale now."""
         self.transfer.invalidate(row_ids)
+        if self.serving is not None:
+            self.serving.place()

@@ -66,10 +66,11 @@ def score_probed_keys(
     )
 
 
-def select_from_scores(
+def top_k_rows(
     scores: torch.Tensor, probe_ids: torch.Tensor, probe_gates: torch.Tensor | None, *, expert_size: int, top_k: int
-) -> Routing:
-    """Each token's top-K neurons among its probed experts, and the union of rows over the micro-batch.
+) -> torch.Tensor:
+    """``(T, K)`` int64 global row ids of each token's top-K neurons among its probed experts, on the scores' device
+    (no host synchronisation, so the device path of :mod:`meft_ds.inference` uses it too).
 
     Args:
         scores: ``(T, n_probe * expert_size)`` from :func:`score_probed_keys` (or a sharded store's equivalent).
@@ -81,8 +82,15 @@ def select_from_scores(
         scores = (scores.view(*probe_ids.shape, expert_size) * probe_gates.unsqueeze(-1)).flatten(1)
     columns = scores.topk(top_k, dim=1, sorted=False).indices
     experts = probe_ids.gather(1, torch.div(columns, expert_size, rounding_mode="floor"))
-    rows = experts * expert_size + columns % expert_size
-    return union_of(rows)
+    return experts * expert_size + columns % expert_size
+
+
+def select_from_scores(
+    scores: torch.Tensor, probe_ids: torch.Tensor, probe_gates: torch.Tensor | None, *, expert_size: int, top_k: int
+) -> Routing:
+    """Each token's top-K neurons among its probed experts (:func:`top_k_rows`), and the union of rows over the
+    micro-batch."""
+    return union_of(top_k_rows(scores, probe_ids, probe_gates, expert_size=expert_size, top_k=top_k))
 
 
 def union_of(rows: torch.Tensor) -> Routing:

@@ -1,0 +1,225 @@
+"""meft_ds.for_inference: rows on the device, routed there. Greedy generation is the training path's, token for token;
+no byte crosses host<->device per generated token; the rows take the bytes of their dtype; training is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from async_accelerator import async_accelerator
+from tiny_models import tiny_model, token_batch
+
+import meft_ds
+import meft_ds.adapter
+import meft_ds.inference
+from meft_ds import InferenceOnlyError, SparseRowAdam
+from meft_ds.inference import DeviceRows
+from meft_ds.routing import union_of
+
+MEFT = {"num_neurons": 256, "num_experts": 16, "top_k": 8, "n_probe": 4, "seed": 3}  # K of 64 probed neurons
+LAYERS = 3
+NEW_TOKENS = 10
+TRAFFIC = ("bytes_to_device", "bytes_to_host", "row_bytes_to_device", "row_bytes_to_host", "rows_fetched")
+
+
+def adapted_model(dtype: torch.dtype = torch.float32, **meft: object) -> torch.nn.Module:
+    """A tiny LLaMA with adapters whose values look trained (large enough to change what the model generates)."""
+    model = meft_ds.inject(tiny_model(layers=LAYERS).to(dtype), {**MEFT, **meft})
+    generator = torch.Generator().manual_seed(5)
+    for adapter in meft_ds.adapters(model):
+        adapter.store.values.normal_(0.0, 1.0, generator=generator)
+    return model
+
+
+def generate(model: torch.nn.Module, batch: torch.Tensor | None = None) -> torch.Tensor:
+    batch = token_batch(batch=2, length=8) if batch is None else batch
+    return model.generate(batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(token_batch(batch=2, length=8)).logits
+
+
+def traffic(model: torch.nn.Module) -> dict[str, int]:
+    stats = meft_ds.stats(model)
+    return {key: stats[key] for key in TRAFFIC}
+
+
+@pytest.mark.parametrize(
+    ("dtype", "row_dtype"),
+    [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.float32, "bf16")],
+    ids=["fp32", "bf16", "fp32 with bf16 rows"],
+)
+@pytest.mark.parametrize("gate", ["logit", "none"])
+def test_greedy_generation_is_bit_identical_to_the_training_path(gate: str, dtype: torch.dtype, row_dtype: str) -> None:
+    # rows (and the hidden states routing scores) travel rounded to the row dtype; routing scores fp32 master keys
+    model = adapted_model(dtype, gate=gate, row_dtype=row_dtype)
+    expected, expected_logits = generate(model), logits(model)
+    assert meft_ds.stats(model)["rows_fetched"] > 0, "the reference ran the training path"
+    base = tiny_model(layers=LAYERS).to(dtype)
+    assert not torch.equal(generate(base), expected), "the adapter must change what is generated"
+
+    meft_ds.for_inference(model)
+    assert all(a.serving is not None and a.serving.keys.dtype == torch.float32 for a in meft_ds.adapters(model))
+    assert torch.equal(generate(model), expected)
+    assert torch.equal(logits(model), expected_logits)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "masked"),
+    [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)],
+    ids=["fp32 vs kernel", "fp32 vs masked", "bf16 vs masked"],
+)
+@pytest.mark.parametrize("gate", ["logit", "none"])
+def test_the_accelerator_routine_routes_like_the_training_path(
+    gate: str, dtype: torch.dtype, masked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the shape-static routine accelerators run, here on the CPU: its sums run in another order than the CPU
+    # kernel's (equal up to fp32 rounding), and it computes the output like the masked path accelerators run
+    if masked:
+        monkeypatch.setattr(meft_ds.adapter, "computes_over_slots", lambda x: False)
+    model = adapted_model(dtype, gate=gate)
+    expected, expected_logits = generate(model), logits(model)
+    meft_ds.for_inference(model)
+    for adapter in meft_ds.adapters(model):
+        adapter.serving.mirror_host = False
+    assert torch.equal(generate(model), expected)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(logits(model), expected_logits, rtol=tolerance, atol=tolerance)
+
+
+def test_prefill_in_chunks_computes_what_one_chunk_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = meft_ds.for_inference(adapted_model())
+    for adapter in meft_ds.adapters(model):
+        adapter.serving.mirror_host = False
+    whole = logits(model)
+    calls = []
+    over_rows = DeviceRows._over_rows
+    monkeypatch.setattr(DeviceRows, "_over_rows", lambda self, *a: calls.append(1) or over_rows(self, *a))
+    monkeypatch.setattr(meft_ds.inference, "CHUNK_BYTES", 1)  # one token per chunk
+    chunked = logits(model)
+    assert len(calls) == LAYERS * 2 * 8
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_rows_with_bf16_keys_take_two_bytes_and_still_route_on_the_device() -> None:
+    model = adapted_model(torch.bfloat16)
+    expected = logits(model)
+    meft_ds.for_inference(model, exact_routing=False)
+    for adapter in meft_ds.adapters(model):
+        assert adapter.serving.keys.dtype == adapter.serving.values.dtype == torch.bfloat16
+        assert adapter.serving.nbytes == 256 * 2 * 64 * 2
+    before = traffic(model)
+    got = logits(model)  # keys rounded to bf16 may swap near ties: close to the training path, not equal
+    assert traffic(model) == before
+    assert ((got.float() - expected.float()).abs().mean() / expected.float().abs().mean()).item() < 0.05
+
+
+@pytest.mark.parametrize(
+    ("dtype", "row_dtype", "key_bytes", "value_bytes"),
+    [(torch.float32, "auto", 4, 4), (torch.bfloat16, "auto", 4, 2), (torch.float32, "bf16", 4, 2)],
+)
+def test_device_bytes_are_the_rows_in_the_dtype_they_travel_in(
+    dtype: torch.dtype, row_dtype: str, key_bytes: int, value_bytes: int
+) -> None:
+    model = adapted_model(dtype, row_dtype=row_dtype)
+    before = meft_ds.stats(model)["bytes_to_device"]
+    meft_ds.for_inference(model)
+    adapters = meft_ds.adapters(model)
+    for adapter in adapters:
+        rows = adapter.serving
+        travel = adapter.config.row_torch_dtype(dtype)
+        assert rows.values.dtype == travel and rows.keys.dtype == torch.float32  # exact routing: fp32 master keys
+        assert rows.nbytes == 256 * 64 * (key_bytes + value_bytes)
+        assert rows.keys.device == rows.values.device == adapter.router.weight.device
+        assert torch.equal(rows.keys, adapter.store.keys)
+        assert torch.equal(rows.values, adapter.store.values.to(travel))
+    # placing them is counted once, as the bytes that travel to the device
+    assert meft_ds.stats(model)["bytes_to_device"] - before == sum(a.serving.nbytes for a in adapters)
+
+
+@pytest.mark.parametrize("mirror_host", [True, False], ids=["cpu routine", "accelerator routine"])
+def test_no_host_traffic_per_generated_token(mirror_host: bool) -> None:
+    with async_accelerator() as harness:
+        model = adapted_model()
+        generate(model)
+        assert harness.deferred_copies > 0 and meft_ds.stats(model)["bytes_to_host"] > 0, "the training path copies"
+        meft_ds.for_inference(model)
+        for adapter in meft_ds.adapters(model):
+            adapter.serving.mirror_host = mirror_host
+        copies, pinned, waits = harness.deferred_copies, len(harness.pinned), len(harness.host_waits)
+        harness.blocking_transfers.clear()  # placing the rows is one blocking copy per adapter
+        before, calls = traffic(model), meft_ds.stats(model)["forward_calls"]
+        generate(model)
+        assert traffic(model) == before
+        assert meft_ds.stats(model)["forward_calls"] - calls == LAYERS * NEW_TOKENS  # prefill + one per new token
+        assert harness.deferred_copies == copies and len(harness.pinned) == pinned and len(harness.host_waits) == waits
+        assert harness.blocking_transfers == []
+
+
+def test_the_accelerator_routine_never_synchronizes_with_the_host() -> None:
+    # on the meta device every value-dependent step (.item(), a data-dependent size, a copy to the host) raises
+    with pytest.raises(RuntimeError, match="meta"):
+        union_of(torch.empty(3, 4, dtype=torch.long, device="meta"))  # what the training path's union does
+    for gate in ("logit", "none"):
+        model = meft_ds.for_inference(adapted_model(gate=gate))
+        adapter = meft_ds.adapters(model)[0]
+        rows = adapter.serving
+        meta = torch.device("meta")
+        rows.keys, rows.values, rows.device = rows.keys.to(meta), rows.values.to(meta), meta
+        adapter.router.to(meta)
+        x = torch.empty(5, 64, device=meta)
+        with torch.no_grad():
+            out = adapter(x)
+        assert out.shape == (5, 64) and out.device == meta
+
+
+def test_training_is_refused_until_for_training() -> None:
+    model = meft_ds.for_inference(adapted_model())
+    batch = token_batch(batch=2, length=8)
+    with pytest.raises(InferenceOnlyError, match=r"torch.no_grad\(\).*meft_ds.for_training\(model\)"):
+        model(batch, labels=batch)
+    with torch.inference_mode():
+        model(batch)  # inference mode is fine
+
+    meft_ds.for_training(model)
+    assert all(a.serving is None for a in meft_ds.adapters(model))
+    before = [a.store.rows.clone() for a in meft_ds.adapters(model)]
+    model(batch, labels=batch).loss.backward()
+    SparseRowAdam(meft_ds.adapters(model), lr=1e-2).step()
+    assert all(not torch.equal(a.store.rows, b) for a, b in zip(meft_ds.adapters(model), before, strict=True))
+    assert meft_ds.stats(model)["row_bytes_to_host"] > 0, "the training path is back"
+
+
+def test_rows_written_after_for_inference_are_served() -> None:
+    model = adapted_model()
+    meft_ds.for_inference(model)
+    served = logits(model)
+    for adapter in meft_ds.adapters(model):  # what load_adapter does: write the rows, say so
+        adapter.store.values.mul_(-1.0)
+        adapter.rows_changed()
+    changed = logits(model)
+    assert not torch.allclose(changed, served)
+    meft_ds.for_training(model)
+    assert torch.equal(logits(model), changed)
+
+
+def test_a_cast_after_for_inference_places_the_rows_again() -> None:
+    model = meft_ds.for_inference(adapted_model())
+    model.to(torch.bfloat16)
+    got = generate(model)
+    assert all(a.serving.values.dtype == torch.bfloat16 for a in meft_ds.adapters(model))
+    meft_ds.for_training(model)
+    assert torch.equal(generate(model), got)
+
+
+def test_pre_retrieval_is_not_used_on_the_device() -> None:
+    # pre-retrieval trades exactness for overlapping host copies; on the device there is nothing to overlap
+    exact = generate(adapted_model())
+    model = meft_ds.for_inference(adapted_model(prefetch_layers=1))
+    assert torch.equal(generate(model), exact)
+
+
+def test_a_model_without_adapters_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"no meft adapters.*load_adapter"):
+        meft_ds.for_inference(tiny_model())
