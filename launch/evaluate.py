@@ -7,7 +7,9 @@ Greedy decoding; exact match and F1 for QA (facts, nq, squad), IoU of the API ca
 accuracy for GSM8K. Prints the base model's scores ("before") and, with ``--adapter``, the adapted model's ("after");
 ``--output`` also writes them, with every prediction, as JSON. The model's name and the dtype it computes in come
 from the adapter's ``results.json`` when ``--model`` / ``--dtype`` are not given, so the scores are the training
-run's. No GPU needed; the model runs on DeepSpeed's accelerator.
+run's. No GPU needed; the model runs on DeepSpeed's accelerator. The adapted model is served from the device
+(``meft_ds.for_inference``: rows on the device, routed there, no host copy per token and layer; the same greedy answers
+as the training path, which ``--host_routing`` uses instead).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_base", action="store_true", help="skip the base model's evaluation")
     parser.add_argument("--output", type=Path, help="write the scores and predictions to this JSON file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in facts set (must match training)")
+    parser.add_argument(
+        "--host_routing", action="store_true", help="route on the host as training does (slower; the same answers)"
+    )
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_new_tokens"):
         value = getattr(args, name)
@@ -107,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         return result
 
     results: dict[str, Any] = {
-        "model": name, "dtype": DTYPE_NAMES[dtype], "dataset": args.dataset, "adapter": str(args.adapter or "")
+        "model": name, "dtype": DTYPE_NAMES[dtype], "dataset": args.dataset, "adapter": str(args.adapter or ""),
+        "routing": "host" if args.host_routing else "device",
     }  # fmt: skip
     if not args.no_base:
         results["before"] = run("before (base model)")
     if args.adapter is not None:
         meft_ds.load_adapter(model, args.adapter)
+        if not args.host_routing:
+            meft_ds.for_inference(model)
         results["after"] = run(f"after  ({args.adapter})")
     if args.output is not None:
         write_json_atomic(args.output, results)

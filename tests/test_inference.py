@@ -3,10 +3,14 @@ no byte crosses host<->device per generated token; the rows take the bytes of th
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from async_accelerator import async_accelerator
-from tiny_models import tiny_model, token_batch
+from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
 import meft_ds.adapter
@@ -223,3 +227,29 @@ def test_pre_retrieval_is_not_used_on_the_device() -> None:
 def test_a_model_without_adapters_is_refused() -> None:
     with pytest.raises(ValueError, match=r"no meft adapters.*load_adapter"):
         meft_ds.for_inference(tiny_model())
+
+
+def test_evaluate_serves_from_the_device_with_the_training_paths_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny_model(layers=LAYERS).save_pretrained(tmp_path / "model")
+    word_tokenizer(chat=True).save_pretrained(tmp_path / "model")
+    meft_ds.save_adapter(adapted_model(), tmp_path / "adapter")
+    spec = importlib.util.spec_from_file_location("evaluate_cli", Path(__file__).parents[1] / "launch" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    served = []
+    for_inference = meft_ds.for_inference
+    monkeypatch.setattr(meft_ds, "for_inference", lambda model: served.append(model) or for_inference(model))
+    common = ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--no_base", "--limit", "6"]
+    results = {}
+    for routing, extra in (("device", []), ("host", ["--host_routing"])):
+        out = tmp_path / f"{routing}.json"
+        assert evaluate.main([*common, "--max_new_tokens", "8", "--output", str(out), *extra]) == 0
+        results[routing] = json.loads(out.read_text())
+        assert results[routing]["routing"] == routing
+    assert len(served) == 1, "only the default run serves from the device"
+    assert meft_ds.stats(served[0])["bytes_to_host"] == 0, "nothing went to the host while it generated"
+    predictions = [p["prediction"] for p in results["device"]["after"]["predictions"]]
+    assert all(predictions), "the tiny model answers something"
+    assert predictions == [p["prediction"] for p in results["host"]["after"]["predictions"]]
