@@ -8,7 +8,8 @@
 Experiments: a. host<->device bytes per optimizer step, MEFT vs a dense adapter under ZeRO-Offload; b. sparse Adam
 GB/s vs DeepSpeed's dense CPU Adam vs copy_; c. step time vs LoRA and dense adapters; d. adapter bytes on the device
 as r grows; e. CPU routing cost vs the number of experts; f. scale out: bytes between 2 ranks per optimizer step
-(replicated vs sharded stores vs a dense adapter's all-reduce) and the NVMe tier's read/write GB/s. Each module under
+(replicated vs sharded stores vs a dense adapter's all-reduce) and the NVMe tier's read/write GB/s; g. generate()
+tokens/s with routing on the host (the training path) vs on the device (meft_ds.for_inference). Each module under
 launch/bench/ says how it measures.
 ``--meft KEY=VALUE`` overrides go to every MEFT variant (through ``meft_ds.MeftConfig.from_dict``); a variant whose
 own key this meft_ds does not know (e.g. ``cache_mb``) is skipped with a note.
@@ -37,7 +38,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from bench import adam, memory, routing_cost, scaleout, steptime, traffic
+from bench import adam, inference, memory, routing_cost, scaleout, steptime, traffic
 from bench.common import Context, Section, Settings
 from bench.report import load_results, machine, render_markdown, write_results
 
@@ -51,6 +52,7 @@ EXPERIMENTS: dict[str, tuple[ModuleType, str]] = {
     "d": (memory, "d_device_bytes.png"),
     "e": (routing_cost, "e_routing_cost.png"),
     "f": (scaleout, "f_scaleout.png"),
+    "g": (inference, "g_generation.png"),
 }
 
 

@@ -12,7 +12,10 @@ end of the FFN's kernels (an event recorded on the compute stream as the adapter
 queued) to the moment its rows are usable (an event recorded after the compute stream waits for their copy), the
 median and the 90th percentile over layers and micro-steps. "No adapter" is the frozen model's forward and
 backward (inputs requiring gradient, so the backward runs through every layer), the floor any adapter adds to.
-Writes ``gpu_bench.json`` and ``gpu_bench.md`` (the table BENCHMARKS.md includes) into ``--out``.
+Then, on the trained MEFT model, greedy ``generate()`` tokens/s of 2 random prompts x 32 new tokens with routing on
+the host (the training path) and on the device (``meft_ds.for_inference``), whether their outputs are identical, and
+the bytes each moves per generated token. Writes ``gpu_bench.json`` and ``gpu_bench.md`` (the tables BENCHMARKS.md
+includes) into ``--out``.
 """
 
 from __future__ import annotations
@@ -162,6 +165,49 @@ def measure(label: str, step: Callable[[], None], tokens_per_step: int, steps: i
     return result
 
 
+def generation(model: torch.nn.Module, vocab: int, device: torch.device, dry_run: bool) -> dict[str, Any]:
+    """Greedy ``generate()`` of the trained MEFT model, routing on the host and then on the device: tokens/s (median of
+    2 calls after a warm-up), peak device memory, bytes per generated token, the device bytes of the rows."""
+    accelerator = get_accelerator()
+    prompts, prompt_length, new_tokens = 2, 8 if dry_run else 32, 8 if dry_run else 32
+    ids = torch.randint(0, vocab, (prompts, prompt_length), generator=torch.Generator().manual_seed(1)).to(device)
+    model.eval()
+    outputs, paths = {}, []
+    for path in ("host", "device"):
+        if path == "device":
+            meft_ds.for_inference(model)
+        accelerator.reset_peak_memory_stats()
+        before = meft_ds.stats(model)
+        seconds = []
+        for _ in range(3):  # a warm-up call, then two timed
+            started = time.perf_counter()
+            outputs[path] = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, pad_token_id=0,
+            )  # fmt: skip
+            accelerator.synchronize()
+            seconds.append(time.perf_counter() - started)
+        after = meft_ds.stats(model)
+        tokens = prompts * new_tokens
+        paths.append({
+            "path": path,
+            "tokens_per_s": tokens / statistics.median(seconds[1:]),
+            "peak_device_gib": accelerator.max_memory_allocated() / 2**30,
+            "bytes_to_device_per_token": (after["bytes_to_device"] - before["bytes_to_device"]) / (3 * tokens),
+            "bytes_to_host_per_token": (after["bytes_to_host"] - before["bytes_to_host"]) / (3 * tokens),
+            "row_device_bytes": sum(a.serving.nbytes for a in meft_ds.adapters(model) if a.serving is not None),
+        })  # fmt: skip
+        print(f"  generate, routing on the {path}: {paths[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+    meft_ds.for_training(model)
+    return {
+        "prompts": f"{prompts} x {prompt_length} random tokens",
+        "new_tokens": new_tokens,
+        "identical": torch.equal(outputs["host"], outputs["device"]),
+        "paths": paths,
+        "speedup": paths[1]["tokens_per_s"] / paths[0]["tokens_per_s"],
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import deepspeed
 
@@ -226,6 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "calls": len(waits),
         "what": "device idle, waiting for the host" if accelerator.Event is not None else "host seconds (no events)",
     }
+    generated = generation(model, vocab, device, args.dry_run)
     floor = results[0]["tokens_per_s"]
     for result in results:
         result["speed_vs_no_adapter"] = result["tokens_per_s"] / floor
@@ -239,6 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "timed_steps": steps,
         "command": "python launch/gpu_bench.py" + " --dry-run" * args.dry_run,
         "results": results,
+        "generation": generated,
     }
 
 
@@ -259,6 +307,24 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['speed_vs_no_adapter']:.2f} | {r['peak_device_gib']:.2f} "
             f"| {fmt_bytes(r.get('bytes_to_device_per_step', 0))} | {fmt_bytes(r.get('bytes_to_host_per_step', 0))} | "
             + (f"{wait['median']:.2f} / {wait['p90']:.2f} |" if wait else "- |")
+        )
+    generated = report["generation"]
+    lines += [
+        "",
+        f"Greedy generate() of the trained MEFT model, {generated['prompts']}, {generated['new_tokens']} new tokens; "
+        f"outputs of both paths identical: {'yes' if generated['identical'] else 'NO'}.",
+        "",
+        "| generate() | tokens/s | speed-up | peak device GiB | rows on the device | host->device / token "
+        "| device->host / token |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    first = generated["paths"][0]["tokens_per_s"]
+    for p in generated["paths"]:
+        label = {"host": "routing on the host (training path)", "device": "meft_ds.for_inference"}[p["path"]]
+        lines.append(
+            f"| {label} | {p['tokens_per_s']:.1f} | {p['tokens_per_s'] / first:.2f}x | {p['peak_device_gib']:.2f} "
+            f"| {fmt_bytes(p['row_device_bytes'])} | {fmt_bytes(p['bytes_to_device_per_token'])} "
+            f"| {fmt_bytes(p['bytes_to_host_per_token'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 
-from bench import adam, memory, report, routing_cost, scaleout, steptime, traffic
+from bench import adam, inference, memory, report, routing_cost, scaleout, steptime, traffic
 from bench.common import Context, Section, Settings, fits_in_memory, fmt_bytes, meft_settings, packed_batches
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
@@ -235,6 +235,22 @@ def test_routing_cost_grid_and_analytic_cost(context: Context) -> None:
     assert experts == [2, 4, 16, 64, 128]  # 3 does not divide r; with 256 the probed pool (2 x 1) < K = 4
     for m in section.data["measured"]:
         assert m["macs"] == routing_cost.analytic_macs(8, m["experts"], 2, 256, 16)
+
+
+def test_generation_speed_compares_both_paths_on_the_same_outputs(context: Context, tmp_path: Path) -> None:
+    section = inference.run(context)
+    data, measured = section.data, section.data["measured"]
+    assert data["identical"] and data["tokens"] == data["prompts"] * inference.NEW_TOKENS
+    assert data["changed_vs_base"] > 0, "the adapters' random values change what the model answers"
+    assert measured["device"]["to_device_per_token"] == measured["device"]["to_host_per_token"] == 0
+    assert measured["host"]["to_device_per_token"] > 0 and measured["host"]["to_host_per_token"] > 0
+    assert data["device_bytes"] == 2 * 2 * 4096 * 64 * 4  # two layers of fp32 keys and values, r = 4096, d = 64
+    for path, row in zip(inference.PATHS, section.rows, strict=True):
+        assert len(measured[path]["times"]) == 2 * TINY.step_repeats - 1
+        assert row[2] == f"{measured[path]['tokens_per_s']:.1f}"
+    assert section.met == (measured["device"]["seconds"] < measured["host"]["seconds"])
+    inference.plot(section, str(tmp_path / "g.png"))
+    assert (tmp_path / "g.png").stat().st_size > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

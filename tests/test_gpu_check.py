@@ -1,5 +1,6 @@
 """launch/gpu_check.sh --dry-run: the GPU check's whole script runs on the CPU at tiny sizes (as CI runs it), and its
-benchmark reports every variant with the figures BENCHMARKS.md takes from it."""
+benchmark reports every variant (and generate() with routing on the host and on the device) with the figures
+BENCHMARKS.md takes from it."""
 
 from __future__ import annotations
 
@@ -29,5 +30,11 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert meft["bytes_to_device_per_step"] > 0 and meft["bytes_to_host_per_step"] > 0
     assert meft["device_wait_ms_per_layer"]["calls"] == report["accumulation"] * 2 * (report["timed_steps"] + 1)
     assert all(r["tokens_per_s"] > 0 and r["peak_device_gib"] > 0 for r in report["results"])
+    generated = report["generation"]  # the trained MEFT model's generate(), routing on the host, then on the device
+    assert generated["identical"] and [p["path"] for p in generated["paths"]] == ["host", "device"]
+    host, device = generated["paths"]
+    assert host["bytes_to_host_per_token"] > 0 and device["bytes_to_host_per_token"] == 0
+    assert device["bytes_to_device_per_token"] == 0 and device["row_device_bytes"] > 0
+    assert generated["speedup"] == device["tokens_per_s"] / host["tokens_per_s"] > 0
     table = (tmp_path / "gpu_bench.md").read_text()
-    assert all(v in table for v in variants) and "dry run" in table
+    assert all(v in table for v in variants) and "dry run" in table and "meft_ds.for_inference" in table

@@ -1,0 +1,192 @@
+"""g. Generation speed: ``generate()`` tokens/s with routing on the host (the training path) vs on the device
+(``meft_ds.for_inference``), same model, prompts and adapter, greedy, outputs compared token for token.
+
+One model with MEFT adapters (the main job's settings from ``ds_configs/meft.json``, every layer) whose values are
+drawn at random, so that the adapters change what the model says. The two paths alternate, one ``generate()`` call
+each per repeat, after one warm-up call each; ``min_new_tokens = max_new_tokens`` so that both generate the same
+number of tokens. Host<->device bytes per generated token come from ``meft_ds.stats`` around the timed calls.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import meft_ds
+from bench.common import Context, Section, figure_footer, fmt_bytes, fmt_ratio, meft_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = 8  # one batch of held-out facts questions
+NEW_TOKENS = 32
+VALUE_STD = 0.02  # the adapters' values: large enough to change answers, small enough to keep them sentences
+PATHS = ("host", "device")
+LABELS = {"host": "routing on the host (training path)", "device": "routing on the device (for_inference)"}
+
+
+def adapted_model(context: Context) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A fresh copy of the base model with the main job's adapters (``--meft`` overrides applied), values random."""
+    main_job = json.loads((ROOT / "ds_configs" / "meft.json").read_text())["meft"]
+    config = meft_settings(main_job, context.overrides, {})
+    assert config is not None  # no variant keys of its own, so never skipped
+    model = meft_ds.inject(context.fresh_model(), config)
+    generator = torch.Generator().manual_seed(0)
+    for adapter in meft_ds.adapters(model):
+        adapter.store.values.normal_(0.0, VALUE_STD, generator=generator)
+    return model.eval(), config.to_dict()
+
+
+def prompt_batch(context: Context) -> dict[str, torch.Tensor]:
+    """The first held-out facts questions, formatted as in training, left-padded for batched generation."""
+    from meft_ds.data import format_prompt, has_chat_template, load_examples
+
+    tokenizer = context.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last column
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = [format_prompt(tokenizer, e) for e in load_examples("facts", "eval", limit=PROMPTS)]
+    special = not has_chat_template(tokenizer)
+    batch = dict(tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=special))
+    tokenizer.padding_side = side
+    return batch
+
+
+def timed_generate(model: torch.nn.Module, batch: dict[str, torch.Tensor], pad: int) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(
+            **batch, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=pad
+        )
+    return time.perf_counter() - start, output
+
+
+def use(model: torch.nn.Module, path: str) -> None:
+    if path == "device":
+        meft_ds.for_inference(model)
+    else:
+        meft_ds.for_training(model)
+
+
+def run(context: Context) -> Section:
+    repeats = 2 * context.settings.step_repeats - 1  # 5 in the full run
+    context.base()
+    model, meft = adapted_model(context)
+    batch = prompt_batch(context)
+    pad = context.tokenizer.pad_token_id
+    tokens = batch["input_ids"].shape[0] * NEW_TOKENS
+    seconds: dict[str, list[float]] = {path: [] for path in PATHS}
+    moved = {path: {"to_device": 0, "to_host": 0} for path in PATHS}
+    outputs: dict[str, list[torch.Tensor]] = {path: [] for path in PATHS}
+    for repeat in range(repeats + 1):  # the first round is the warm-up
+        for path in PATHS:
+            use(model, path)
+            before = meft_ds.stats(model)
+            elapsed, output = timed_generate(model, batch, pad)
+            after = meft_ds.stats(model)
+            outputs[path].append(output)
+            if repeat:
+                seconds[path].append(elapsed)
+                moved[path]["to_device"] += after["bytes_to_device"] - before["bytes_to_device"]
+                moved[path]["to_host"] += after["bytes_to_host"] - before["bytes_to_host"]
+            print(f"  {path}: {elapsed:.2f} s{'' if repeat else ' (warm-up)'}", flush=True)
+    device_bytes = sum(a.serving.nbytes for a in meft_ds.adapters(model) if a.serving is not None)
+    reference = outputs["host"][0]
+    identical = all(torch.equal(o, reference) for path in PATHS for o in outputs[path])
+    prompt_length = batch["input_ids"].shape[1]
+    base_output = timed_generate(context.base(), batch, pad)[1]
+    answers = zip(reference[:, prompt_length:], base_output[:, prompt_length:], strict=True)
+    changed = sum(not torch.equal(adapted, base) for adapted, base in answers)
+    measured = {}
+    for path in PATHS:
+        median = statistics.median(seconds[path])
+        measured[path] = {
+            "seconds": median,
+            "times": seconds[path],
+            "tokens_per_s": tokens / median,
+            "to_device_per_token": moved[path]["to_device"] / (tokens * repeats),
+            "to_host_per_token": moved[path]["to_host"] / (tokens * repeats),
+        }
+    speedup = measured["host"]["seconds"] / measured["device"]["seconds"]
+    silent = measured["device"]["to_device_per_token"] == measured["device"]["to_host_per_token"] == 0
+    table = [
+        [
+            LABELS[path], f"{measured[path]['seconds']:.2f}", f"{measured[path]['tokens_per_s']:.1f}",
+            fmt_ratio(measured["host"]["seconds"] / measured[path]["seconds"]),
+            fmt_bytes(measured[path]["to_device_per_token"]), fmt_bytes(measured[path]["to_host_per_token"]),
+        ]
+        for path in PATHS
+    ]  # fmt: skip
+    cpu = cpu_name()
+    size = f"{meft['num_neurons']} neurons, K={meft['top_k']}, n_probe={meft['n_probe']}, gate={meft['gate']}"
+    return Section(
+        key="g",
+        title="Generation speed: routing on the device vs on the host",
+        what=(
+            f"Tokens/s of greedy generate() on SmolLM2-135M-Instruct (fp32, this CPU: {cpu}) with MEFT adapters on "
+            f"every layer ({size}; values drawn N(0, {VALUE_STD}), so that they change answers: {changed} of "
+            f"{reference.shape[0]} differ from the base model's), for a batch of {reference.shape[0]} held-out facts "
+            f"questions with the chat template, {NEW_TOKENS} new tokens each: the training path (per layer and step "
+            "the hidden states go to the host, which scores the probed keys, picks each token's top-K and gathers the "
+            "union of rows for the device) against meft_ds.for_inference (rows on the device, routed there)."
+        ),
+        how=(
+            f"One model, the paths alternating: one warm-up generate() each, then {repeats} timed calls each, median; "
+            f"tokens/s = {tokens} new tokens / median seconds (prefill of {prompt_length} prompt tokens included; "
+            f"min_new_tokens = max_new_tokens = {NEW_TOKENS}). Bytes per generated token: meft_ds.stats around the "
+            f"timed calls. Every output of both paths compared token for token with the first. torch threads "
+            f"{torch.get_num_threads()}. On a CPU the 'device' is the host: the rows stay where they are "
+            f"({fmt_bytes(device_bytes)} of fp32 keys and values, views of the row store) and what the device path "
+            "saves is the staging and copying of hidden states and rows."
+        ),
+        columns=[
+            "path", "s / generate (median)", "tokens/s", "speed-up", "host->device / token", "device->host / token"
+        ],
+        rows=table,
+        target="identical greedy outputs, no host<->device bytes per generated token, and faster than the host path",
+        met=identical and silent and speedup > 1.0,
+        verdict=(
+            f"Outputs identical on both paths: {'yes' if identical else 'NO'}. The device path generates "
+            f"{measured['device']['tokens_per_s']:.1f} tokens/s against {measured['host']['tokens_per_s']:.1f} "
+            f"({fmt_ratio(speedup)}) and moves {fmt_bytes(measured['device']['to_device_per_token'])} per token to "
+            f"the device (the host path {fmt_bytes(measured['host']['to_device_per_token'])})."
+        ),
+        data={
+            "measured": measured, "identical": identical, "changed_vs_base": changed, "tokens": tokens,
+            "prompts": reference.shape[0], "new_tokens": NEW_TOKENS, "meft": meft, "device_bytes": device_bytes,
+            "cpu": cpu,
+        },
+    )  # fmt: skip
+
+
+def cpu_name() -> str:
+    try:
+        import cpuinfo
+
+        return cpuinfo.get_cpu_info().get("brand_raw", "?")
+    except Exception:  # py-cpuinfo is optional here
+        return "?"
+
+
+def plot(section: Section, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    measured = section.data["measured"]
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    labels = [LABELS[p] for p in PATHS]
+    speeds = [measured[p]["tokens_per_s"] for p in PATHS]
+    axes.barh(labels, speeds, color=["tab:gray", "tab:blue"])
+    for i, p in enumerate(PATHS):
+        axes.text(speeds[i], i, f" {speeds[i]:.1f} tokens/s ({fmt_bytes(measured[p]['to_device_per_token'])} "
+                  "to the device per token)", va="center", fontsize=8)  # fmt: skip
+    axes.invert_yaxis()
+    axes.set_xlabel("generated tokens per second (median)")
+    axes.set_title(f"g. generate() speed, SmolLM2-135M fp32, {section.data['prompts']} prompts, this CPU")
+    figure.subplots_adjust(left=0.32, right=0.97, bottom=0.3)
+    figure_footer(figure, section.how, section.command)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
