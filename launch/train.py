@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         rank, store_bytes, digest.hex()[:16], world,
     )  # fmt: skip
 
-    meft_ds.save_adapter(model, output_dir)  # every rank: sharded rows are gathered, rank 0 writes
+    # every rank: sharded rows are gathered; rank 0 writes adapter_config.json and adapter_model.safetensors
+    meft_ds.save_adapter(model, output_dir, base_model_name_or_path=args.model)
     after = evaluate(model, tokenizer, eval_examples, args) if eval_examples else None
     if rank == 0:
         summary = {

@@ -5,13 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from meft_ds.adapter import SparseKeyExpertAdapter
-from meft_ds.checkpoint import CheckpointError, load_adapter, save_adapter
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.engine import MeftPlugin, attach, initialize
+from meft_ds.export import save_adapter
+from meft_ds.export_load import load_adapter
 from meft_ds.inference import InferenceOnlyError, for_inference, for_training
 from meft_ds.inject import UnsupportedModelError, adapters, inject, register_ffn, supported_model_types
+from meft_ds.meft_model import MeftModel
 from meft_ds.sparse_adam import NonFiniteGradientError, SparseRowAdam
 from meft_ds.stats import sum_stats
+from meft_ds.store import CheckpointError
 
 
 def stats(model: nn.Module) -> dict[str, int]:
@@ -25,6 +28,7 @@ __all__ = [
     "InferenceOnlyError",
     "MeftConfig",
     "MeftConfigError",
+    "MeftModel",
     "MeftPlugin",
     "NonFiniteGradientError",
     "SparseKeyExpertAdapter",

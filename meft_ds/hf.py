@@ -13,20 +13,29 @@ Trainer's own calls do the work: ``accelerator.backward`` calls ``engine.step()`
 step, with the Trainer's learning-rate schedule), checkpoints call ``engine.save_checkpoint`` (the rows are saved in
 the same folder) and ``resume_from_checkpoint`` calls ``engine.load_checkpoint`` (the rows come back).
 
+``trainer.save_model(dir)`` (and the copy the Trainer saves into every ``checkpoint-N``) writes the trained adapter in
+PEFT's layout (:mod:`meft_ds.export`: ``adapter_config.json``, ``adapter_model.safetensors``), with the tokenizer and
+the training arguments, and not the frozen base model's weights; ``meft_ds.MeftModel.from_pretrained(base, dir)``
+loads it.
+
 This module imports ``transformers``; the core of meft_ds does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
+import torch
 from deepspeed import DeepSpeedEngine
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.ds_config import AUTO
 from meft_ds.engine import attach
+from meft_ds.export import save_adapter
 from meft_ds.inject import adapters, inject
 
 # meft keys whose default is "auto": in a "meft" section, "auto" there means "the default"
@@ -77,6 +86,26 @@ class MeftTrainer(Trainer):
         self._meft_model_wrapped = model
         if isinstance(model, DeepSpeedEngine):
             attach(model)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the trained adapter (:func:`meft_ds.save_adapter`), the tokenizer and the training arguments.
+
+        The Trainer calls this on every rank (for each ``checkpoint-N``, and scripts call ``trainer.save_model()`` at
+        the end): every rank takes part in gathering sharded stores' rows, the writing rank (``args.should_save``)
+        writes. The base model's weights are not written: they are frozen, and ``adapter_config.json`` names them
+        (``base_model_name_or_path``), as a PEFT adapter does. Resuming needs none of this: the DeepSpeed checkpoint
+        in ``checkpoint-N/global_stepN`` holds the routers and the row store.
+        """
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_adapter(self.model, output_dir, is_main_process=self.args.should_save)
+        if self.args.should_save:
+            tokenizer = getattr(self, "processing_class", None) or getattr(self.data_collator, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if self.args.push_to_hub and not _internal_call:
+            revision = getattr(self.args, "hub_revision", None)
+            self.push_to_hub(commit_message="Model save", **({"revision": revision} if revision else {}))
 
 
 def _drop_auto_defaults(section: dict[str, Any]) -> None:

@@ -1,9 +1,14 @@
-"""Run under `torchrun --nproc_per_node 2`: every operation of a sharded store equals the replicated store's, each
-rank holds about half of the rows, and data-parallel training with a sharded store and the device cache ends exactly
-where the replicated store without cache does (no rank serves a row another rank's owner updated). Exits non-zero
-(with the failed assertion) otherwise."""
+"""Run under `torchrun --nproc_per_node 2 shard_driver.py OUTPUT_DIR`: every operation of a sharded store equals the
+replicated store's, each rank holds about half of the rows, data-parallel training with a sharded store and the device
+cache ends exactly where the replicated store without cache does (no rank serves a row another rank's owner updated),
+and MeftTrainer's ``save_model`` gathers a sharded store's whole adapter, which one process reloads to the trained
+model's logits. Exits non-zero (with the failed assertion) otherwise."""
 
 from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -66,6 +71,7 @@ def main() -> None:
     cached_sharded_rows = train_data_parallel({"store": {"shard": True}, "cache_mb": 1})
     for expected, got in zip(replicated_rows, cached_sharded_rows, strict=True):
         assert torch.equal(expected, got), f"sharded + cache ends {(expected - got).abs().max():.3g} away"
+    trainer_saves_the_whole_sharded_adapter(Path(sys.argv[1]))
     print(f"rank {rank}: OK")
 
 
@@ -91,6 +97,44 @@ def train_data_parallel(meft: dict) -> list[torch.Tensor]:
             optimizer.step()
             optimizer.zero_grad()
     return [adapter.store.full_rows() for adapter in adapters]
+
+
+def trainer_saves_the_whole_sharded_adapter(output_dir: Path) -> None:
+    """``trainer.save_model`` on every rank (as the Trainer calls it) gathers both ranks' rows; rank 0 writes, and a
+    fresh base model in one process (rows in memory) reloads the folder to the trained model's logits."""
+    from accelerate import PartialState
+    from hf_support import MEFT, USE_DEEPSPEED, collator, features, meft_json
+    from tiny_models import word_tokenizer
+    from transformers import TrainingArguments
+
+    from meft_ds.hf import MeftTrainer
+
+    # Without a GPU, TrainingArguments(deepspeed=...) sets Accelerate up for one process whatever the launcher says;
+    # a distributed state configured beforehand (gloo, DeepSpeed) is used as it is
+    os.environ[USE_DEEPSPEED] = "true"
+    PartialState(backend="gloo")
+    tokenizer = word_tokenizer(chat=True)
+    args = TrainingArguments(
+        output_dir=str(output_dir), deepspeed=meft_json({**MEFT, "store": {"shard": True}}), max_steps=2,
+        learning_rate=1e-2, per_device_train_batch_size=2, save_strategy="no", report_to=[], disable_tqdm=True,
+        accelerator_config={"use_configured_state": True},
+    )  # fmt: skip
+    assert args.world_size == 2 and args.should_save == (dist.get_rank() == 0)
+    trainer = MeftTrainer(model=tiny_model(), args=args, train_dataset=features(tokenizer, 8),
+                          data_collator=collator(tokenizer))  # fmt: skip
+    trainer.train()
+    model = trainer.model.eval()
+    assert all(a.store.is_shard and a.store.rows.shape[0] == MEFT["num_neurons"] // 2 for a in meft_ds.adapters(model))
+    trainer.save_model(str(output_dir / "final"))
+    batch = collator(tokenizer)(features(tokenizer, 4))
+    with torch.no_grad():
+        trained = model(**batch).logits  # on both ranks: a sharded store's forward is collective
+    dist.barrier()  # rank 0 has written
+    if dist.get_rank() == 0:
+        fresh = meft_ds.MeftModel.from_pretrained(tiny_model(), output_dir / "final")
+        assert not meft_ds.adapters(fresh)[0].store.is_shard
+        with torch.no_grad():
+            assert torch.equal(fresh(**batch).logits, trained), "the export holds every rank's rows"
 
 
 if __name__ == "__main__":

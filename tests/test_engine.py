@@ -289,25 +289,23 @@ def test_checkpoint_round_trip_restores_store_and_continues_identically(tmp_path
     assert_same_training(resumed_model, straight, atol=1e-6)
 
 
-def test_exported_adapter_reloads_into_a_fresh_base_model(tmp_path) -> None:
-    model = train_with_engine(ds_config(2), steps=3).model
+@pytest.mark.parametrize("stage", [2, 3])
+def test_exported_adapter_reloads_into_a_fresh_base_model(tmp_path, stage: int) -> None:
+    """Trained by the engine, exported, reloaded: identical logits. At ZeRO-3 the routers are partitioned (no
+    persistence threshold here): the export gathers them. Refusals and formats: tests/test_export.py."""
+    config = ds_config(stage)
+    if stage == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    run = train_with_engine(config, steps=3)
+    if stage == 3:
+        assert all(a.router.weight.numel() == 0 for a in meft_ds.adapters(run.model)), "routers partitioned"
+    meft_ds.save_adapter(run.model, tmp_path)
     batch = token_batch(batch=2, length=10, seed=99)
-    model.eval()
+    run.engine.eval()
     with torch.no_grad():
-        trained_logits = model(batch).logits
+        trained_logits = run.engine(batch).logits
         base_logits = tiny_model()(batch).logits
     assert not torch.allclose(trained_logits, base_logits), "training must have moved the model"
-    meft_ds.save_adapter(model, tmp_path)
     fresh = meft_ds.load_adapter(tiny_model(), tmp_path)
     with torch.no_grad():
         assert torch.equal(fresh(batch).logits, trained_logits)
-
-
-def test_load_adapter_rejects_a_mismatched_model(tmp_path) -> None:
-    model = train_with_engine(ds_config(2), steps=1).model
-    meft_ds.save_adapter(model, tmp_path)
-    wrong_layers = meft_ds.inject(tiny_model(), {**MEFT, "layers": [0]})
-    with pytest.raises(meft_ds.CheckpointError, match=r"covers layers \[0, 1\]"):
-        meft_ds.load_adapter(wrong_layers, tmp_path)
-    with pytest.raises(meft_ds.CheckpointError, match="no exported meft adapter"):
-        meft_ds.load_adapter(tiny_model(), tmp_path / "missing")

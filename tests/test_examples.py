@@ -79,7 +79,7 @@ def test_example_learns_checkpoints_and_resumes_the_same_run(run_dir: Path, exam
     resumed = run(run_dir, example, f"{name}-resumed", "--resume_from_checkpoint", f"{name}-straight/checkpoint-3")
     assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3])
     assert resumed[-3:] == losses[3:]  # the HF Trainer's resumed history also holds steps 1-3, from the checkpoint
-    store = load_file(str(run_dir / f"{name}-straight" / "adapter.safetensors"))
+    store = load_file(str(run_dir / f"{name}-straight" / "adapter_model.safetensors"))
     assert all(torch.count_nonzero(values) for key, values in store.items() if key.endswith(".values"))  # from 0
-    for key, tensor in load_file(str(run_dir / f"{name}-resumed" / "adapter.safetensors")).items():
+    for key, tensor in load_file(str(run_dir / f"{name}-resumed" / "adapter_model.safetensors")).items():
         assert torch.equal(tensor, store[key]), key

@@ -1,9 +1,11 @@
 """meft_ds.hf.MeftTrainer in-process (one rank, ds_configs/meft.json: ZeRO-2 + CPU offload, "auto" values filled by
 the Trainer): the rows learn at every optimizer step with the Trainer's learning-rate schedule, the Trainer's
-checkpoints hold the store, and resuming from one continues the same run."""
+checkpoints hold the store, resuming from one continues the same run, and ``trainer.save_model`` (and the Trainer's
+export into each checkpoint) writes the whole adapter, which a fresh base model reloads to identical logits."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from tiny_models import tiny_model, word_tokenizer
 from transformers import TrainerCallback, TrainingArguments
 
 import meft_ds
+from meft_ds import adapters
 from meft_ds.hf import MeftTrainer
 
 STEPS, SAVE_EVERY, LR = 6, 3, 1e-2
@@ -40,6 +43,7 @@ class Recorder(TrainerCallback):
         self.dense_lr: list[float] = []
         self.row_lr: list[float] = []
         self.rows_at: dict[int, list[torch.Tensor]] = {}
+        self.routers_at: dict[int, list[torch.Tensor]] = {}
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.rows_at[state.global_step] = store_rows(self.trainer.model)
@@ -52,6 +56,7 @@ class Recorder(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.rows_at[state.global_step] = store_rows(self.trainer.model)
+        self.routers_at[state.global_step] = [a.router.weight.detach().clone() for a in adapters(self.trainer.model)]
 
 
 def make_trainer(tokenizer: Any, output_dir: Path, config: dict | None = None, **kwargs: Any) -> tuple[Any, Recorder]:
@@ -63,7 +68,7 @@ def make_trainer(tokenizer: Any, output_dir: Path, config: dict | None = None, *
     recorder = Recorder()
     trainer = MeftTrainer(
         model=kwargs.pop("model", None) or tiny_model(), args=args, train_dataset=features(tokenizer),
-        data_collator=collator(tokenizer), callbacks=[recorder], **kwargs,
+        data_collator=collator(tokenizer), processing_class=tokenizer, callbacks=[recorder], **kwargs,
     )  # fmt: skip
     recorder.trainer = trainer
     return trainer, recorder
@@ -73,7 +78,30 @@ def logged(trainer: MeftTrainer, key: str) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
-def test_trains_with_the_schedule_checkpoints_and_resumes_the_same_run(tmp_path: Path, tokenizer: Any) -> None:
+def check_saved_adapter(trainer: MeftTrainer, log: Recorder, final: Path, tokenizer: Any) -> None:
+    """``trainer.save_model(final)`` wrote the whole adapter (not the frozen base model), with the tokenizer and the
+    training arguments, and a fresh base model reloads it to identical logits; the Trainer's own export into
+    checkpoint-N is the adapter as it was at that step."""
+    trainer.save_model(str(final))
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_args.bin", "tokenizer.json"} <= {
+        p.name for p in final.iterdir()
+    }
+    assert not list(final.glob("model*.safetensors")), "the frozen base model is not saved"
+    assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == "MEFT"
+    batch = collator(tokenizer)(features(tokenizer, 4))
+    trained = trainer.model.eval()
+    fresh = meft_ds.MeftModel.from_pretrained(tiny_model().to(trained.dtype), final)
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, trained(**batch).logits)
+    at_save = meft_ds.load_adapter(tiny_model(), Path(trainer.args.output_dir) / f"checkpoint-{SAVE_EVERY}")
+    for adapter, rows, router in zip(
+        adapters(at_save), log.rows_at[SAVE_EVERY], log.routers_at[SAVE_EVERY], strict=True
+    ):
+        assert torch.equal(adapter.store.rows, rows)
+        assert torch.equal(adapter.router.weight, router.float())
+
+
+def test_trains_with_the_schedule_checkpoints_saves_and_resumes_the_same_run(tmp_path: Path, tokenizer: Any) -> None:
     straight, log = make_trainer(tokenizer, tmp_path / "straight")
     initial_rows = store_rows(straight.model)
     before = batch_loss(straight.model, tokenizer)
@@ -92,6 +120,7 @@ def test_trains_with_the_schedule_checkpoints_and_resumes_the_same_run(tmp_path:
     store = tmp_path / "straight" / f"checkpoint-{SAVE_EVERY}" / f"global_step{SAVE_EVERY}" / "meft"
     for adapter, saved in zip(meft_ds.adapters(straight.model), log.rows_at[SAVE_EVERY], strict=True):
         assert torch.equal(load_file(str(store / f"layer_{adapter.layer_index}.safetensors"))["rows"], saved)
+    check_saved_adapter(straight, log, tmp_path / "final", tokenizer)
 
     resumed, resumed_log = make_trainer(tokenizer, tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / f"checkpoint-{SAVE_EVERY}"))

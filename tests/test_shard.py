@@ -1,4 +1,4 @@
-"""The sharded row store, across 2 real processes (torchrun, gloo)."""
+"""The sharded row store, across 2 real processes (torchrun, gloo); MeftTrainer's save_model gathers it."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ HERE = Path(__file__).parent
 pytestmark = pytest.mark.slow
 
 
-def test_sharded_store_operations_equal_the_replicated_store() -> None:
+def test_sharded_store_operations_equal_the_replicated_store_and_the_trainer_saves_it_whole(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-        str(HERE / "shard_driver.py"),
+        str(HERE / "shard_driver.py"), str(tmp_path),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

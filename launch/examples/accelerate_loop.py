@@ -47,5 +47,6 @@ for step, batch in enumerate(itertools.islice(loader, start, args.max_steps), st
     accelerator.print(f"step {step} loss {loss.item():.4f}")
     if step % args.save_steps == 0:
         accelerator.save_state(f"{args.output_dir}/checkpoint-{step}")  # with the row store
-if accelerator.is_main_process:
-    meft_ds.save_adapter(accelerator.unwrap_model(model), args.output_dir)  # the trained adapter, for inference
+# the trained adapter, for inference (MeftModel.from_pretrained): every process calls it, so that a sharded row store
+# (ds_configs/meft_sharded.json) is gathered; the main process writes
+meft_ds.save_adapter(accelerator.unwrap_model(model), args.output_dir)

@@ -48,5 +48,6 @@ for step, batch in enumerate(itertools.islice(loader, start, args.max_steps), st
     print(f"step {step} loss {loss.item():.4f}")
     if step % args.save_steps == 0:
         engine.save_checkpoint(f"{args.output_dir}/checkpoint-{step}")  # with the row store
-if engine.global_rank == 0:
-    meft_ds.save_adapter(model, args.output_dir)  # the trained adapter, for inference
+# the trained adapter, for inference (MeftModel.from_pretrained): every rank calls it, so that a sharded row store
+# (ds_configs/meft_sharded.json) is gathered; rank 0 writes
+meft_ds.save_adapter(model, args.output_dir)

@@ -8,7 +8,6 @@ from functools import partial
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 
-import meft_ds
 from meft_ds.data import collate, facts_dataset, tokenize_for_training
 from meft_ds.hf import MeftTrainer
 
@@ -25,7 +24,7 @@ trainer = MeftTrainer(  # was: Trainer(...); the adapters come from the config's
     args=training_args,
     train_dataset=data,
     data_collator=partial(collate, pad_token_id=tokenizer.eos_token_id),
+    processing_class=tokenizer,  # saved with the adapter
 )
 trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # checkpoints hold the row store
-if trainer.is_world_process_zero():
-    meft_ds.save_adapter(model, training_args.output_dir)  # the trained adapter, for inference
+trainer.save_model()  # the trained adapter, for inference (meft_ds.MeftModel.from_pretrained), from every rank
