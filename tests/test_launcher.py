@@ -279,8 +279,10 @@ def test_evaluate_refuses_a_folder_without_an_adapter_in_one_line(tmp_path: Path
     result = subprocess.run(command, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path}: no exported meft adapter here (expected adapter_config.json and adapter.safetensors)"
-        ". Fix: point at the --output_dir of a finished run, or a folder written by meft_ds.save_adapter."
+        f"error: {tmp_path}: no exported meft adapter here (expected adapter_config.json and "
+        "adapter_model.safetensors, or adapter_model.safetensors.index.json and its files). Fix: point at the "
+        "--output_dir of a finished run, or a folder written by meft_ds.save_adapter, MeftModel.save_pretrained or "
+        "MeftTrainer.save_model."
     )
 
 
