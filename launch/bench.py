@@ -93,7 +93,12 @@ def main(argv: list[str]) -> None:
         args.only = []
     keep_others = set(args.only) != set(EXPERIMENTS)
     sections = {k: Section.from_json(v) for k, v in stored["sections"].items()} if keep_others else {}
-    meta = stored.get("meta", {}) if args.render else {"machine": machine(), "last_command": command}
+    previous = stored.get("meta", {})
+    meta = previous if args.render else {"machine": machine(), "last_command": command}
+    # each section's machine: kept sections keep theirs (results stored before this record: the stored run's)
+    machines = {k: v for k, v in previous.get("machines", {}).items() if k in sections}
+    machines |= {k: previous["machine"] for k in sections if k not in machines and "machine" in previous}
+    meta["machines"] = machines | {k: meta["machine"] for k in args.only}
     started = time.perf_counter()
     for key in args.only:
         module, image = EXPERIMENTS[key]

@@ -246,9 +246,10 @@ def test_generation_speed_compares_both_paths_on_the_same_outputs(context: Conte
     assert measured["host"]["to_device_per_token"] > 0 and measured["host"]["to_host_per_token"] > 0
     assert data["device_bytes"] == 2 * 2 * 4096 * 64 * 4  # two layers of fp32 keys and values, r = 4096, d = 64
     for path, row in zip(inference.PATHS, section.rows, strict=True):
-        assert len(measured[path]["times"]) == 2 * TINY.step_repeats - 1
+        assert len(measured[path]["times"]) == len(measured[path]["cpu_share"]) == 3 * TINY.step_repeats - 2
         assert row[2] == f"{measured[path]['tokens_per_s']:.1f}"
-    assert section.met == (measured["device"]["seconds"] < measured["host"]["seconds"])
+    (host,), (device,) = measured["host"]["times"], measured["device"]["times"]  # one timed pair at TINY's sizes
+    assert data["paired_speedup"] == data["speedup"] == host / device and section.met == (host > device)
     inference.plot(section, str(tmp_path / "g.png"))
     assert (tmp_path / "g.png").stat().st_size > 0
 
@@ -271,6 +272,20 @@ def test_markdown_names_the_command_the_table_and_the_plot(tmp_path: Path) -> No
     report.write_results(tmp_path / "results.json", {"z": section}, {"seconds": 1})
     stored = report.load_results(tmp_path / "results.json")
     assert Section.from_json(stored["sections"]["z"]) == section
+
+
+def test_sections_measured_on_other_machines_name_theirs() -> None:
+    def section(key: str) -> Section:
+        return Section(key=key, title=key, what="w", how="h", columns=["x"], rows=[[1]], target="t", met=True,
+                       verdict="v", command="c", mode="full")  # fmt: skip
+
+    sections = {"a": section("a"), "g": section("g")}
+    same = report.render_markdown(sections, {"machine": {"cpu": "EPYC"}}, {})
+    assert "Machine: EPYC, " in same and ", on EPYC)" not in same
+    meta = {"machine": {"cpu": "Xeon"}, "machines": {"a": {"cpu": "EPYC"}, "g": {"cpu": "Xeon"}}}
+    mixed = report.render_markdown(sections, meta, {})
+    assert "Machines: EPYC, " in mixed and "(a); Xeon, " in mixed
+    assert ", on EPYC)" in mixed.split("## a.")[1].split("## g.")[0] and ", on Xeon)" in mixed.split("## g.")[1]
 
 
 def test_cli_checks_its_arguments() -> None:

@@ -71,12 +71,22 @@ def _status(met: bool | None) -> str:
     return {True: "met", False: "NOT met", None: "not judged"}[met]
 
 
-def render_section(section: Section, image: str | None) -> str:
+def machine_text(m: dict[str, Any]) -> str:
+    return (
+        f"{m.get('cpu', '?')}, {m.get('cpus', '?')} cores, torch threads {m.get('threads', '?')}, torch "
+        f"{m.get('torch', '?')}, DeepSpeed {m.get('deepspeed', '?')}, transformers {m.get('transformers', '?')}, "
+        f"meft_ds at {m.get('commit', '?')}"
+    )
+
+
+def render_section(section: Section, image: str | None, cpu: str | None = None) -> str:
+    where = f", on {cpu}" if cpu else ""
     parts = [
         f"## {section.key}. {section.title}",
         f"**What.** {section.what}",
         f"**How it was measured.** {section.how}",
-        f"**Command.** `{section.command}` ({section.mode} mode, {section.measured_at}, {section.seconds:.0f} s)",
+        f"**Command.** `{section.command}` ({section.mode} mode, {section.measured_at}, "
+        f"{section.seconds:.0f} s{where})",
         markdown_table(section.columns, section.rows),
     ]
     if image:
@@ -109,6 +119,14 @@ def render_markdown(
     gpu_check: str | None = None,
 ) -> str:
     m = meta.get("machine", {})
+    machines = {key: meta.get("machines", {}).get(key, m) for key in sections}
+    by_machine: dict[str, list[str]] = {}
+    for key, used in machines.items():
+        by_machine.setdefault(machine_text(used), []).append(key)
+    if len(by_machine) > 1:  # some sections were measured by an earlier run (--only), on another machine
+        machine_line = "Machines: " + "; ".join(f"{text} ({', '.join(keys)})" for text, keys in by_machine.items())
+    else:
+        machine_line = f"Machine: {machine_text(m)}"
     modes = sorted({s.mode for s in sections.values()})
     header = [
         "# Benchmarks",
@@ -116,14 +134,14 @@ def render_markdown(
         "below comes from the run named in its section. Reproduce everything with "
         f"`{FULL_COMMAND}` (about 15 minutes on 2 cores; `{QUICK_COMMAND}` takes about 2 minutes at smaller sizes, "
         "`--only a,c` runs some experiments and keeps the others' last results).",
-        f"Machine: {m.get('cpu', '?')}, {m.get('cpus', '?')} cores, torch threads {m.get('threads', '?')}, torch "
-        f"{m.get('torch', '?')}, DeepSpeed {m.get('deepspeed', '?')}, transformers {m.get('transformers', '?')}, "
-        f"meft_ds at {m.get('commit', '?')}. Mode(s): {', '.join(modes)}. Last run: {meta.get('seconds', 0):.0f} s, "
+        f"{machine_line}. Mode(s): {', '.join(modes)}. Last run: {meta.get('seconds', 0):.0f} s, "
         f"peak memory {meta.get('peak_rss_gb', 0):.1f} GB."
         + (" Quick-mode numbers use smaller sizes; they are not the reference numbers." if "quick" in modes else ""),
         "| experiment | target | result |",
         "|---|---|---|",
     ]
     summary = [f"| {s.key}. {s.title} | {_cell(s.target)} | **{_status(s.met)}** |" for s in sections.values()]
-    body = [render_section(s, images.get(s.key)) for s in sections.values()] + [render_gpu_check(gpu_check)]
+    cpus = {key: used.get("cpu", "?") for key, used in machines.items()} if len(by_machine) > 1 else {}
+    body = [render_section(s, images.get(s.key), cpus.get(s.key)) for s in sections.values()]
+    body.append(render_gpu_check(gpu_check))
     return "\n\n".join(header[:3]) + "\n\n" + "\n".join(header[3:] + summary) + "\n\n" + "\n\n".join(body) + "\n"
