@@ -28,6 +28,7 @@ from meft_ds.data import DATASETS, FORMATS, load_examples
 from meft_ds.ds_config import DTYPE_NAMES, compute_dtype, fit_precision_to_cpu, resolve_auto
 from meft_ds.evaluation import evaluate_generation, format_scores
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
+from meft_ds.ops import cpu_kernels
 from meft_ds.training import run_cli
 
 
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         read_adapter_config(args.adapter)
     name = model_name(args)
     dtype = model_dtype(args)
+    cpu_kernels()  # built (or found in the extension cache) now, not after the model has loaded
     model, tokenizer = load_model_and_tokenizer(name, dtype=dtype)
     model.to(get_accelerator().current_device_name())
     print(f"model {name} in {DTYPE_NAMES[dtype]} on {get_accelerator().current_device_name()}")

@@ -35,6 +35,7 @@ from meft_ds.ds_config import (
 )
 from meft_ds.evaluation import evaluate_generation, format_scores
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
+from meft_ds.ops import cpu_kernels
 from meft_ds.training import MetricsLog, MicroBatchStream, parse_overrides, progress_bar, run_cli
 
 logger = logging.getLogger("meft_ds.train")
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dataset, "train", format=args.dataset_format, limit=args.train_limit, seed=args.seed
     )
     eval_examples = None if args.no_eval else load_held_out(args)
+    cpu_kernels()  # built (or found in the extension cache) now: without them the run would stop after loading
     started = time.time()
     torch.manual_seed(args.seed)
     dtype = compute_dtype(ds_config)  # a 7B model in bf16 takes 14 GB of host memory per rank, in fp32 28 GB

@@ -76,3 +76,21 @@ def test_without_kernels_meft_ds_stops_with_the_fix_unless_the_fallback_is_asked
             assert ops.cpu_kernels() is None
     finally:
         ops._build.cache_clear()
+
+
+def test_the_launcher_stops_in_one_line_before_loading_the_model_without_kernels(tmp_path: Path) -> None:
+    code = (
+        "import runpy, sys\n"
+        "import meft_ds.ops as ops\n"
+        "def broken(self, verbose=False):\n"
+        "    raise RuntimeError('no compiler')\n"
+        "ops.MeftCPUBuilder.load = broken\n"
+        f"sys.argv = ['launch/train.py', '--output_dir', {str(tmp_path)!r}]\n"
+        "runpy.run_path('launch/train.py', run_name='__main__')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != ops.TORCH_FALLBACK_ENV}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: meft_ds: its CPU kernels could not be built (RuntimeError: no compiler). Fix:")
+    assert "loaded in" not in result.stderr, "the model must not load first"
