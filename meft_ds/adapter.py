@@ -278,7 +278,7 @@ class SparseKeyExpertAdapter(nn.Module):
             pending.copied.synchronize()
         config = self.config
         probe_ids = pending.probe_ids.long()
-        scores = self.store.score_probed(pending.hidden.float(), probe_ids, config.expert_size)
+        scores = self.store.score_probed(pending.hidden, probe_ids, config.expert_size)  # in the travel dtype
         gates = None if pending.probe_gates is None else pending.probe_gates.float()
         return select_from_scores(scores, probe_ids, gates, expert_size=config.expert_size, top_k=config.top_k)
 

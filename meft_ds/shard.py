@@ -3,8 +3,11 @@
 Each rank holds about ``1/world`` of the rows and their moments, so adding ranks adds adapter capacity. Ranks work
 in lockstep through ``deepspeed.comm`` collectives on host tensors:
 
-* routing: every rank's hidden states and probes are all-gathered; each rank scores the pairs whose expert it owns
-  (zeros elsewhere) and one all-reduce sums the owners' scores, so every rank gets its tokens' scores;
+* routing: every rank's hidden states (in the dtype they travel in: bf16 where rows are bf16) and probed expert ids
+  (int16 where the experts fit) are all-gathered; each rank scores the (token, probed expert) pairs whose expert it
+  owns and sends each pair's scores to the token's rank (all-to-all), so every score crosses once, unsummed: a rank
+  gets exactly the scores a replicated store computes, in ``1/world`` of the bytes an all-reduce of the partial score
+  matrices would move;
 * rows: a rank asks each owner for the rows it needs (all-to-all of ids) and gets them back, already in the dtype
   rows travel in (all-to-all of rows);
 * gradients: at the optimizer boundary :func:`meft_ds.distributed.exchange_row_grads` sends every row's gradient to
@@ -27,6 +30,7 @@ from meft_ds.config import MeftConfigError
 from meft_ds.routing import score_probed_keys
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore
+from meft_ds.transfer import narrowest_index_dtype
 
 
 @functools.cache
@@ -48,17 +52,28 @@ def shard_bounds(num_rows: int, expert_size: int, world_size: int) -> list[int]:
     return [(w * num_experts // world_size) * expert_size for w in range(world_size + 1)]
 
 
+def gather_lengths(length: int, group: Any, world_size: int) -> list[int]:
+    """Every rank's ``length`` (one int64 all-gather)."""
+    mine = torch.tensor([length], dtype=torch.int64)
+    lengths = [torch.zeros_like(mine) for _ in range(world_size)]
+    dist.all_gather(lengths, mine, group=group)
+    return [int(n.item()) for n in lengths]
+
+
+def all_gather_padded(tensor: torch.Tensor, lengths: list[int], group: Any) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (``lengths[w]`` rows on rank ``w``, same trailing shape and dtype), padded to the
+    longest for the all-gather and trimmed after. It travels as raw bytes, in its own dtype whatever the backend
+    supports (gloo has no int16)."""
+    padded = tensor.new_zeros(max(lengths), *tensor.shape[1:])
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather([g.view(torch.uint8) for g in gathered], padded.view(torch.uint8), group=group)
+    return [g[:n] for g, n in zip(gathered, lengths, strict=True)]
+
+
 def all_gather_rows(tensor: torch.Tensor, group: Any, world_size: int) -> list[torch.Tensor]:
     """Every rank's ``tensor`` (same trailing shape, any number of rows), via two all-gathers."""
-    length = torch.tensor([tensor.shape[0]], dtype=torch.int64)
-    lengths = [torch.zeros_like(length) for _ in range(world_size)]
-    dist.all_gather(lengths, length, group=group)
-    longest = int(max(n.item() for n in lengths))
-    padded = tensor.new_zeros(longest, *tensor.shape[1:])
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded, group=group)
-    return [g[: int(n.item())] for g, n in zip(gathered, lengths, strict=True)]
+    return all_gather_padded(tensor, gather_lengths(tensor.shape[0], group, world_size), group)
 
 
 class ShardedRowStore(RowStore):
@@ -78,6 +93,7 @@ class ShardedRowStore(RowStore):
         self.rank = dist.get_rank(group=self.group)
         self.bounds = shard_bounds(keys.shape[0], expert_size, self.world_size)
         self.expert_size = expert_size
+        self.num_experts = keys.shape[0] // expert_size
         self.stats = stats
         start, stop = self.bounds[self.rank], self.bounds[self.rank + 1]
         super().__init__(keys[start:stop], row_start=start, num_rows=keys.shape[0])
@@ -85,6 +101,10 @@ class ShardedRowStore(RowStore):
     def owners(self, row_ids: torch.Tensor) -> torch.Tensor:
         """The rank owning each row."""
         return torch.bucketize(row_ids, torch.tensor(self.bounds[1:]), right=True)
+
+    def expert_owners(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The rank owning each expert (its rows)."""
+        return self.owners(expert_ids * self.expert_size)
 
     def _count_bytes(self, *tensors: torch.Tensor) -> None:
         self.stats.bytes_between_ranks += sum(t.numel() * t.element_size() for t in tensors)
@@ -107,20 +127,35 @@ class ShardedRowStore(RowStore):
         self._count_bytes(counts, row_ids, reply)
 
     def score_probed(self, hidden: torch.Tensor, probe_ids: torch.Tensor, expert_size: int) -> torch.Tensor:
-        everyone_hidden = all_gather_rows(hidden, self.group, self.world_size)
-        everyone_probes = all_gather_rows(probe_ids, self.group, self.world_size)
-        sizes = [h.shape[0] for h in everyone_hidden]
-        partial = score_probed_keys(
-            torch.cat(everyone_hidden),
-            torch.cat(everyone_probes),
-            self.keys,
-            expert_size,
-            self.row_start // expert_size,
+        """The replicated store's scores of this rank's tokens (see the module docstring). ``hidden`` may be in any
+        float dtype: it is exchanged in it and scored in fp32, as the replicated store scores it."""
+        lengths = gather_lengths(hidden.shape[0], self.group, self.world_size)
+        everyone_hidden = torch.cat(all_gather_padded(hidden, lengths, self.group))
+        narrow = probe_ids.to(narrowest_index_dtype(self.num_experts))
+        everyone_probes = torch.cat(all_gather_padded(narrow, lengths, self.group)).long()
+        first_expert = self.row_start // expert_size
+        owner = self.expert_owners(everyone_probes).flatten()  # of every rank's (token, probe) pair, token-major
+        owned = (owner == self.rank).nonzero().flatten()
+        scores = score_probed_keys(everyone_hidden.float(), everyone_probes, self.keys, expert_size, first_expert)
+        send = scores.view(-1, expert_size).index_select(0, owned)  # by token, so grouped by the token's rank
+        pair_rank = torch.repeat_interleave(torch.arange(self.world_size), torch.tensor(lengths) * probe_ids.shape[1])
+        send_counts = torch.bincount(pair_rank[owned], minlength=self.world_size).tolist()
+        start = sum(lengths[: self.rank]) * probe_ids.shape[1]
+        mine_owner = owner[start : start + probe_ids.numel()]
+        receive_counts = torch.bincount(mine_owner, minlength=self.world_size).tolist()
+        received = scores.new_empty(probe_ids.numel(), expert_size)
+        dist.all_to_all_single(
+            received.view(-1),
+            send.reshape(-1),
+            [n * expert_size for n in receive_counts],
+            [n * expert_size for n in send_counts],
+            group=self.group,
         )
-        dist.all_reduce(partial, group=self.group)  # each score comes from exactly one owner
-        self._count_bytes(hidden, probe_ids, partial)
-        start = sum(sizes[: self.rank])
-        return partial[start : start + hidden.shape[0]]
+        self._count_bytes(hidden, narrow, send)
+        self.stats.bytes_between_ranks += 8  # the token count
+        mine = torch.empty_like(received)
+        mine[torch.argsort(mine_owner, stable=True)] = received  # each owner's pairs arrive in token order
+        return mine.view(probe_ids.shape[0], -1)
 
     def rows_updated_anywhere(self, updated: torch.Tensor) -> torch.Tensor:
         """Every rank's updated rows (their owners updated them): a rank's device cache may hold any of them. Every

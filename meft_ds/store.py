@@ -85,8 +85,9 @@ class RowStore:
             kernels.gather_rows(self.rows, local, out, kernel_threads())
 
     def score_probed(self, hidden: torch.Tensor, probe_ids: torch.Tensor, expert_size: int) -> torch.Tensor:
-        """``(T, n_probe * expert_size)`` scores of ``hidden`` (fp32, CPU) against its probed experts' keys."""
-        return score_probed_keys(hidden, probe_ids, self.keys, expert_size, self.row_start // expert_size)
+        """``(T, n_probe * expert_size)`` fp32 scores of ``hidden`` (CPU, the dtype it travelled in: a sharded store
+        exchanges it so) against its probed experts' keys."""
+        return score_probed_keys(hidden.float(), probe_ids, self.keys, expert_size, self.row_start // expert_size)
 
     def full_rows(self) -> torch.Tensor:
         """All ``(num_rows, 2, d)`` rows of the layer (for exporting the adapter)."""

@@ -188,7 +188,7 @@ class NvmeRowStore(RowStore):
     def score_probed(self, hidden: torch.Tensor, probe_ids: torch.Tensor, expert_size: int) -> torch.Tensor:
         unique, inverse = torch.unique(probe_ids, return_inverse=True)
         slots = self._ensure_cached(unique)  # probed experts, as cache slots: the kernel scores slot "experts"
-        return score_probed_keys(hidden, slots[inverse], self._cache_rows[:, 0], expert_size)
+        return score_probed_keys(hidden.float(), slots[inverse], self._cache_rows[:, 0], expert_size)
 
     def _block(self, buffer: torch.Tensor, position: int, count: int = 1) -> torch.Tensor:
         return buffer[position * self.block_numel : (position + count) * self.block_numel]

@@ -19,6 +19,7 @@ import meft_ds
 from meft_ds import MeftConfig, SparseKeyExpertAdapter, SparseRowAdam
 from meft_ds.distributed import exchange_row_grads
 from meft_ds.routing import score_probed_keys
+from meft_ds.shard import all_gather_rows
 
 DIM = 16
 
@@ -49,8 +50,8 @@ def main() -> None:
     hidden = torch.randn(5 + rank, DIM, generator=generator)  # ranks may hold different numbers of tokens
     probe = torch.stack([torch.randperm(12, generator=generator)[:3] for _ in range(5 + rank)])
     scores = sharded[1].store.score_probed(hidden, probe, 8)
-    expected = score_probed_keys(hidden, probe, replicated[1].store.keys, 8)
-    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(scores, score_probed_keys(hidden, probe, replicated[1].store.keys, 8)), "the owners' scores"
+    routing_exchanges_bf16_hidden_states(sharded[1], replicated[1], hidden.bfloat16(), probe)
 
     for s, r in zip(sharded, replicated, strict=True):
         touched = torch.randperm(96, generator=generator)[:30].sort().values
@@ -73,6 +74,21 @@ def main() -> None:
         assert torch.equal(expected, got), f"sharded + cache ends {(expected - got).abs().max():.3g} away"
     trainer_saves_the_whole_sharded_adapter(Path(sys.argv[1]))
     print(f"rank {rank}: OK")
+
+
+def routing_exchanges_bf16_hidden_states(
+    sharded: SparseKeyExpertAdapter, replicated: SparseKeyExpertAdapter, hidden: torch.Tensor, probe: torch.Tensor
+) -> None:
+    """bf16 hidden states (rows travelling in bf16) are exchanged as bf16: the scores are bit-identical to the
+    replicated store's, and the bytes this rank puts into the routing collectives are its token count, its hidden
+    states in bf16 (2 bytes per value), its probes in int16 and the scores of the pairs it owns (fp32), nothing more."""
+    before = sharded.traffic.bytes_between_ranks
+    scores = sharded.store.score_probed(hidden, probe, 8)
+    assert torch.equal(scores, replicated.store.score_probed(hidden, probe, 8)), "bf16 exchange, fp32 scores"
+    every_probe = torch.cat(all_gather_rows(probe, sharded.store.group, dist.get_world_size()))
+    owned_pairs = int((sharded.store.expert_owners(every_probe) == dist.get_rank()).sum())
+    expected = 8 + hidden.numel() * 2 + probe.numel() * 2 + owned_pairs * 8 * 4
+    assert sharded.traffic.bytes_between_ranks - before == expected
 
 
 def train_data_parallel(meft: dict) -> list[torch.Tensor]:
