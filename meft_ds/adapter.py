@@ -26,7 +26,7 @@ from meft_ds.config import MeftConfig
 from meft_ds.ops import cpu_kernels, kernel_threads
 from meft_ds.pinned import PinnedBuffers
 from meft_ds.routing import Routing, select_from_scores
-from meft_ds.shard import ShardedRowStore
+from meft_ds.shard import ShardedRowStore, resolve_shard
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore, initial_keys
 from meft_ds.swap import NvmeRowStore
@@ -170,7 +170,7 @@ def build_store(
             keys, expert_size=config.expert_size, folder=nvme_folder, layer_index=layer_index, ram_budget=ram_budget,
             stats=traffic,
         )  # fmt: skip
-    if config.store.shard:
+    if resolve_shard(config).store.shard:  # "auto": sharded where several ranks share a node
         return ShardedRowStore(keys, expert_size=config.expert_size, stats=traffic)
     return RowStore(keys)
 

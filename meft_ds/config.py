@@ -72,20 +72,24 @@ class StoreConfig:
             written through DeepSpeed's async I/O, with a CPU-memory cache of hot rows of ``ram_budget_mb``.
         shard: partition every layer's rows (and moments) across the data-parallel ranks, in blocks of whole
             key-experts: each rank holds about ``1/world`` of the store. ``False`` replicates the store on every rank.
+            ``"auto"`` (default): sharded when several ranks of the run share a node (the launcher's
+            ``LOCAL_WORLD_SIZE``/``LOCAL_SIZE`` > 1), where replicas would fill its memory once per rank; replicated
+            otherwise (one rank per node, or the NVMe tier). Every rank must then run every forward (they are
+            collective), as data-parallel training and meft_ds's evaluation do.
         nvme_path: folder for the NVMe tier's files (required with ``device="nvme"``; must be writable).
         ram_budget_mb: CPU memory (MiB, whole model) for the NVMe tier's cache of hot rows.
     """
 
     device: str = "cpu"
-    shard: bool = False
+    shard: bool | str = "auto"
     nvme_path: str | None = None
     ram_budget_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or self.device not in STORE_DEVICES:
             _fail("store.device", f"unknown store device {self.device!r}", "use 'cpu' or 'nvme'")
-        if not isinstance(self.shard, bool):
-            _fail("store.shard", f"expected true or false, got {self.shard!r}", "write true or false")
+        if not isinstance(self.shard, bool) and self.shard != "auto":
+            _fail("store.shard", f"expected true, false or 'auto', got {self.shard!r}", "write true, false or \"auto\"")
         _check_float("store.ram_budget_mb", self.ram_budget_mb, 0.0, strict=True)
         if self.device == "nvme":
             if not isinstance(self.nvme_path, str) or not self.nvme_path:
@@ -94,7 +98,7 @@ class StoreConfig:
                     "the NVMe tier needs a folder for its files",
                     'set "nvme_path": "/local_nvme/meft"',
                 )
-            if self.shard:
+            if self.shard is True:
                 _fail("store.shard", "a sharded NVMe store is not supported yet", "use shard=false with the NVMe tier")
         elif self.nvme_path is not None:
             _fail("store.nvme_path", "only used with device='nvme'", 'remove it or set "device": "nvme"')

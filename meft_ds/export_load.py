@@ -117,7 +117,7 @@ def read_export(directory: str | os.PathLike) -> AdapterExport:
             "adapters with peft.PeftModel.from_pretrained; point meft_ds at a folder written by meft_ds.save_adapter."
         )
     try:
-        meft = MeftConfig.from_dict({**settings, "store": None})  # inference: a plain in-memory store
+        meft = MeftConfig.from_dict({**settings, "store": {"shard": False}})  # inference: a plain in-memory store
     except MeftConfigError as error:
         raise CheckpointError(
             f"{config_file}: {error} (written by meft_ds {config.get('meft_ds_version', '0.1')}, read by "

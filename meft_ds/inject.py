@@ -21,6 +21,7 @@ from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.memory import check_store_fits, store_bytes
 from meft_ds.pinned import PinnedBuffers
+from meft_ds.shard import resolve_shard
 from meft_ds.swap import aio_handle, check_nvme_path
 
 ADAPTERS_ATTR = "meft_adapters"
@@ -130,7 +131,7 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
     Returns the same model object. Only the adapters' routers are trainable parameters; the key/value rows live in
     each adapter's CPU row store and are trained by :class:`meft_ds.SparseRowAdam`.
     """
-    config = MeftConfig.from_dict(config)
+    config = resolve_shard(MeftConfig.from_dict(config))
     if adapters(model):
         raise MeftConfigError("meft: this model already has meft adapters. Fix: inject once per model.")
     location = locate_ffns(model)

@@ -33,8 +33,13 @@ def available_bytes() -> int:
                 available = int(line.split()[1]) * 1024
     if available is None:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    return available // max(1, local_ranks)
+    return available // local_world_size()
+
+
+def local_world_size() -> int:
+    """Ranks of this run on this node, as the launcher says (torchrun: ``LOCAL_WORLD_SIZE``, DeepSpeed's:
+    ``LOCAL_SIZE``); 1 without a launcher."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1))
 
 
 def check_store_fits(config: MeftConfig, num_layers: int, dim: int, *, available: int | None = None) -> None:
@@ -42,7 +47,8 @@ def check_store_fits(config: MeftConfig, num_layers: int, dim: int, *, available
     available = available_bytes() if available is None else available
     if config.store.device == "nvme":  # rows and moments on NVMe; memory holds the cache of hot rows
         return check_nvme_ram(config, available)
-    shards = torch.distributed.get_world_size() if config.store.shard and torch.distributed.is_initialized() else 1
+    sharded = config.store.shard is True and torch.distributed.is_initialized()  # after resolve_shard
+    shards = torch.distributed.get_world_size() if sharded else 1
     needed = store_bytes(num_layers, config.num_neurons, dim) // shards
     budget = int(available * HEADROOM)
     if needed <= budget:

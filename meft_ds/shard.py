@@ -19,18 +19,55 @@ every rank too).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 from typing import Any
 
 import torch
 import torch.distributed
 from deepspeed import comm as dist
 
-from meft_ds.config import MeftConfigError
+from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.memory import local_world_size
 from meft_ds.routing import score_probed_keys
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore
 from meft_ds.transfer import narrowest_index_dtype
+
+logger = logging.getLogger("meft_ds")
+
+
+def resolve_shard(config: MeftConfig) -> MeftConfig:
+    """``config`` with ``store.shard`` true or false for this run: ``"auto"`` shards the CPU store when several ranks
+    of the run share this node (each would otherwise hold a full replica), saying so once per process."""
+    store = config.store
+    if store.shard != "auto":
+        return config
+    per_node = local_world_size()
+    ready = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    shard = store.device == "cpu" and per_node > 1 and ready
+    if store.device == "cpu" and per_node > 1:
+        _announce(per_node, shard, torch.distributed.get_rank() if ready else 0)
+    return dataclasses.replace(config, store=dataclasses.replace(store, shard=shard))
+
+
+@functools.cache
+def _announce(per_node: int, shard: bool, rank: int) -> None:
+    if shard and rank == 0:
+        logger.info(
+            "meft_ds: %d ranks share this node, so each holds 1/%d of the row stores (meft.store.shard \"auto\"); "
+            "every rank runs every forward. Set \"store\": {\"shard\": false} to replicate them instead.",
+            per_node,
+            torch.distributed.get_world_size(),
+        )
+    elif not shard:
+        logger.warning(
+            "meft_ds: %d ranks share this node but torch.distributed is not initialized before the adapters are "
+            "injected: each rank holds a full replica of the row stores. Fix: call deepspeed.init_distributed() "
+            "first (meft_ds.initialize does), or set \"store\": {\"shard\": false} to keep replicas.",
+            per_node,
+        )
 
 
 @functools.cache

@@ -2,7 +2,7 @@
 replicated store's, each rank holds about half of the rows, data-parallel training with a sharded store and the device
 cache ends exactly where the replicated store without cache does (no rank serves a row another rank's owner updated),
 and MeftTrainer's ``save_model`` gathers a sharded store's whole adapter, which one process reloads to the trained
-model's logits. Exits non-zero (with the failed assertion) otherwise."""
+model's logits. Two ranks on one node shard the store by default ("auto"). Exits non-zero (with the failed assertion) otherwise."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     base = {"num_neurons": 96, "top_k": 4, "num_experts": 12, "n_probe": 3}
     sharded = [SparseKeyExpertAdapter(DIM, MeftConfig(**base, store={"shard": True}), i) for i in range(2)]
-    replicated = [SparseKeyExpertAdapter(DIM, MeftConfig(**base), i) for i in range(2)]
+    replicated = [SparseKeyExpertAdapter(DIM, MeftConfig(**base, store={"shard": False}), i) for i in range(2)]
     for s, r in zip(sharded, replicated, strict=True):
         r.store.values.normal_(generator=torch.Generator().manual_seed(7))
         s.store.assign_rows(r.store.rows)
@@ -68,8 +68,8 @@ def main() -> None:
         torch.testing.assert_close(s_grads, r_grads[owned], rtol=1e-6, atol=1e-7)
         assert s.traffic.bytes_between_ranks > 0
 
-    replicated_rows = train_data_parallel({})
-    cached_sharded_rows = train_data_parallel({"store": {"shard": True}, "cache_mb": 1})
+    replicated_rows = train_data_parallel({"store": {"shard": False}})
+    cached_sharded_rows = train_data_parallel({"cache_mb": 1})  # "auto": 2 ranks on this node shard the store
     for expected, got in zip(replicated_rows, cached_sharded_rows, strict=True):
         assert torch.equal(expected, got), f"sharded + cache ends {(expected - got).abs().max():.3g} away"
     trainer_saves_the_whole_sharded_adapter(Path(sys.argv[1]))
@@ -97,6 +97,7 @@ def train_data_parallel(meft: dict) -> list[torch.Tensor]:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = meft_ds.inject(tiny_model(layers=2), {"num_neurons": 128, "top_k": 8, "seed": 3, **meft})
     adapters = meft_ds.adapters(model)
+    assert all(a.store.is_shard == (meft.get("store") != {"shard": False}) for a in adapters)
     routers = [p for p in model.parameters() if p.requires_grad]
     sparse, dense = SparseRowAdam(adapters, lr=1e-2), torch.optim.AdamW(routers, lr=1e-2)
     for step in range(6):

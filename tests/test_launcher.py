@@ -158,7 +158,7 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
 def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
     config = write_config(tmp_path)
     common = ["--deepspeed", config, "--model", model_dirs["chat"], "--max_steps", "4", *EVAL, *TINY_RUN]
-    two = launch(*common, "--output_dir", tmp_path / "two", ranks=2)
+    two = launch(*common, "--output_dir", tmp_path / "two", "--meft", 'store={"shard": false}', ranks=2)
     launch(*common, "--output_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
     digests = {line.split("digest ")[1].split()[0] for line in two.stderr.splitlines() if "digest" in line}
     assert len(digests) == 1, f"both ranks must log the same store digest, got {digests}"
@@ -187,7 +187,8 @@ def test_sharded_store_trains_like_the_replicated_one_with_half_the_memory(
 ) -> None:
     config = write_config(tmp_path, total_steps=6)
     common = ["--deepspeed", config, "--model", model_dirs["chat"], *EVAL, *TINY_RUN]
-    replicated = launch(*common, "--output_dir", tmp_path / "replicated", "--max_steps", "6", ranks=2)
+    replicated = launch(*common, "--output_dir", tmp_path / "replicated", "--max_steps", "6", "--meft",
+                        'store={"shard": false}', ranks=2)  # fmt: skip
     sharded = launch(*common, "--output_dir", tmp_path / "sharded", "--max_steps", "6", "--meft",
                      'store={"shard": true}', ranks=2)  # fmt: skip
     assert [r["loss"] for r in metrics(tmp_path / "sharded")] == pytest.approx(
