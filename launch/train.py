@@ -1,9 +1,13 @@
 """The main job: fine-tune a causal LM with meft_ds sparse adapters under DeepSpeed, evaluate, export.
 
     deepspeed --num_gpus 1 launch/train.py --deepspeed ds_configs/meft.json
+    deepspeed --num_gpus 1 launch/train.py --method lora --lora_r 64    # the same run with LoRA (PEFT) instead
 
 Defaults need no hub and no GPU: the real pretrained SmolLM2-135M-Instruct (built in) learns the built-in
-synthetic ``facts`` set, and exact match on held-out paraphrased questions is printed before and after.
+synthetic ``facts`` set, and exact match on held-out paraphrased questions is printed before and after, with the
+fraction of the retention probe's general questions (meft_ds/probe.py) still answered right.
+``--method`` trains MEFT, LoRA on the FFNs (PEFT), the dense parallel adapter, or every weight, under the same
+DeepSpeed config, data, schedule and evaluation; every run reports its device-resident training bytes.
 Every input is checked before the long work starts; checkpoints are atomic and ``--resume`` continues a run exactly.
 """
 
@@ -17,13 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 from deepspeed import comm as dist
 
 import meft_ds
-from meft_ds import NonFiniteGradientError
+from meft_ds import NonFiniteGradientError, probe
+from meft_ds.baselines import METHODS, export_baseline, prepare_baseline, trainable_numel, training_bytes
 from meft_ds.checkpoint import write_json_atomic
-from meft_ds.data import DATASETS, FORMATS, collate, load_examples, tokenize_for_training
+from meft_ds.data import DATASETS, FORMATS, DatasetError, collate, facts_dataset, load_examples, tokenize_for_training
 from meft_ds.distributed import check_replicas_identical
 from meft_ds.ds_config import (
     DTYPE_NAMES,
@@ -51,9 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--deepspeed", default="ds_configs/meft.json", help="DeepSpeed JSON config with a 'meft' section"
     )
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    parser.add_argument("--method", choices=METHODS, default="meft", help="what to train (see the module doc)")
+    parser.add_argument("--lora_r", type=int, default=16, help="--method lora: rank on gate/up/down_proj")
+    parser.add_argument(
+        "--adapter_neurons", type=int, help="--method parallel_adapter: neurons r per FFN (default: meft.num_neurons)"
+    )
     parser.add_argument("--model", default=BUILTIN_MODEL, help="hub id, local folder, .gguf file, or the built-in")
     parser.add_argument("--dataset", default="facts", help=f"one of {', '.join(DATASETS)}, or a local .json/.jsonl")
     parser.add_argument("--dataset_format", choices=FORMATS, help="schema of a local dataset file's rows")
+    parser.add_argument("--facts", type=int, help="--dataset facts: how many facts (5 per person; default 150)")
     parser.add_argument(
         "--eval_dataset",
         help="held-out set: a built-in name (its eval split) or a local file (default: the eval "
@@ -72,6 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task)")
     parser.add_argument("--no_eval", action="store_true", help="skip the before/after evaluation")
+    parser.add_argument("--no_probe", action="store_true", help="skip the retention probe's general questions")
+    parser.add_argument(
+        "--no_eval_before",
+        action="store_true",
+        help="evaluate only after training (retention then counts every probe question as known before, as the "
+        "built-in model knows them all)",
+    )
+    parser.add_argument("--no_save", action="store_true", help="no checkpoints, no export (e.g. for a sweep)")
     parser.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=0)
@@ -83,12 +103,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override a key of the config's meft section, e.g. --meft num_neurons=8192 (repeatable)",
     )
     args = parser.parse_args(argv)
-    for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size"):
+    for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size",
+                 "lora_r"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.save_steps < 0:
         parser.error(f"--save_steps must be >= 0, got {args.save_steps}")
+    if args.facts is not None and (args.facts < 5 or args.facts % 5 or args.dataset != "facts"):
+        parser.error(f"--facts {args.facts}: needs --dataset facts and a multiple of 5 (5 facts per person)")
+    if args.resume and args.no_save:
+        parser.error("--resume with --no_save: a --no_save run leaves no checkpoint to resume")
     return args
+
+
+def load_split(args: argparse.Namespace, source: str, split: str, limit: int | None) -> list:
+    """Examples of ``source`` (``--facts`` sizes the built-in facts set); a local file's format is --dataset_format."""
+    if source == "facts" and args.facts:
+        return facts_dataset(split, num_entities=args.facts // 5, seed=args.seed)[:limit]
+    file_format = None if source in DATASETS else args.dataset_format
+    return load_examples(source, split, format=file_format, limit=limit, seed=args.seed)
 
 
 def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
@@ -120,22 +153,34 @@ def load_held_out(args: argparse.Namespace) -> list:
     of --dataset (load_examples refuses that for a local file, which has none)."""
     source = args.eval_dataset or args.dataset
     split = "train" if args.eval_dataset and source not in DATASETS else "eval"
-    file_format = None if source in DATASETS else args.dataset_format
-    return load_examples(source, split, format=file_format, limit=args.eval_limit or None, seed=args.seed)
+    return load_split(args, source, split, args.eval_limit or None)
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, examples: list, args: argparse.Namespace) -> dict[str, Any]:
-    """Every rank generates a share of the answers on its device (no rank waits for another's whole evaluation);
-    every rank returns all of them, as one rank alone would have."""
-    return evaluate_generation(
-        model,
-        tokenizer,
-        examples,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.eval_batch_size,
-        show_progress=dist.get_rank() == 0,
-        across_ranks=True,
+def evaluate(
+    model: torch.nn.Module, tokenizer: Any, examples: list | None, probe_examples: list | None, args: argparse.Namespace
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
+    """The held-out scores and the probe's answers. Every rank generates a share of the answers on its device (no
+    rank waits for another's whole evaluation); every rank returns all of them, as one rank alone would have."""
+    shared = dict(batch_size=args.eval_batch_size, show_progress=dist.get_rank() == 0, across_ranks=True)
+    scores = (
+        evaluate_generation(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, **shared)
+        if examples
+        else None
     )
+    answers = probe.answer_probe(model, tokenizer, probe_examples, **shared) if probe_examples else None
+    return scores, answers
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], args: argparse.Namespace) -> tuple[Any, Any]:
+    """The DeepSpeed engine of ``--method`` and the model it trains (LoRA: the PEFT model around ``model``)."""
+    if args.method == "meft":
+        engine, *_ = meft_ds.initialize(model=model, config=ds_config)
+        return engine, model
+    neurons = args.adapter_neurons or meft_ds.MeftConfig.from_dict(ds_config["meft"]).num_neurons
+    model = prepare_baseline(args.method, model, lora_r=args.lora_r, adapter_neurons=neurons)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    return engine, model
 
 
 def train(
@@ -176,10 +221,28 @@ def train(
             rows=record["rows_fetched"],
             MB=f"{record['mb_moved']:.1f}",
         )
-        if args.save_steps and engine.global_steps % args.save_steps == 0 and engine.global_steps < args.max_steps:
+        periodic = args.save_steps and not args.no_save
+        if periodic and engine.global_steps % args.save_steps == 0 and engine.global_steps < args.max_steps:
             engine.save_checkpoint(str(checkpoints))
     bar.close()
-    engine.save_checkpoint(str(checkpoints))
+    if not args.no_save:
+        engine.save_checkpoint(str(checkpoints))
+
+
+def run_training_bytes(
+    model: torch.nn.Module,
+    ds_config: dict[str, Any],
+    features: list,
+    args: argparse.Namespace,
+    micro_batch: int,
+    rows_fetched: float,
+) -> Any:
+    """:func:`meft_ds.baselines.training_bytes` of this run: its micro-batch at the longest example's length, and for
+    MEFT ``rows_fetched`` per adapter and training micro-step, as measured."""
+    return training_bytes(
+        args.method, model, ds_config, batch_size=micro_batch, seq_len=max(len(f["input_ids"]) for f in features),
+        world_size=dist.get_world_size(), rows_fetched_per_layer=rows_fetched or None,
+    )  # fmt: skip
 
 
 def resume_hint(checkpoints: Path) -> str:
@@ -205,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # everything that can be wrong with the inputs fails here, before the model loads
     ds_config = build_config(args, output_dir)
-    train_examples = load_examples(
-        args.dataset, "train", format=args.dataset_format, limit=args.train_limit, seed=args.seed
-    )
+    if args.dataset in DATASETS and args.dataset_format is not None:
+        raise DatasetError(f"--dataset_format applies to local files only; drop it for the built-in '{args.dataset}'")
+    train_examples = load_split(args, args.dataset, "train", args.train_limit)
     eval_examples = None if args.no_eval else load_held_out(args)
+    probe_examples = None if args.no_eval or args.no_probe else probe.probe_examples()
     cpu_kernels()  # built (or found in the extension cache) now: without them the run would stop after loading
     started = time.time()
     torch.manual_seed(args.seed)
@@ -220,47 +284,70 @@ def main(argv: list[str] | None = None) -> int:
         args.model, DTYPE_NAMES[dtype], time.time() - started, len(features),
     )  # fmt: skip
 
-    engine, *_ = meft_ds.initialize(model=model, config=ds_config)
-    # on the engine's device, with the adapters in place: their values start at zero, so this is the base model
-    before = evaluate(model, tokenizer, eval_examples, args) if eval_examples else None
+    engine, model = build_engine(model, ds_config, args)
+    # on the engine's device, with the adapters in place: every method starts at the base model (MEFT's and the
+    # parallel adapter's values and LoRA's B are zero)
+    before, probe_before = (
+        (None, None) if args.no_eval_before else evaluate(model, tokenizer, eval_examples, probe_examples, args)
+    )
     if args.resume:
         engine.load_checkpoint(str(checkpoints))
         logger.info("resumed at step %d", engine.global_steps)
 
     log = MetricsLog(output_dir, enabled=rank == 0, start_step=engine.global_steps, monitor=engine.monitor)
+    first_step, fetched_before = engine.global_steps, meft_ds.stats(model)["rows_fetched"]
     try:
         train(engine, model, tokenizer, features, log, args, checkpoints)
     except NonFiniteGradientError as error:
         raise SystemExit(f"error: {error}\n{resume_hint(checkpoints)}") from error
-    digest = check_replicas_identical(meft_ds.adapters(model), group=engine.data_parallel_group)
-    store_bytes = sum(adapter.store.nbytes for adapter in meft_ds.adapters(model))
-    logger.info(
-        "rank %d: row store holds %d bytes, digest %s (checked across %d ranks)",
-        rank, store_bytes, digest.hex()[:16], world,
-    )  # fmt: skip
-
-    # every rank: sharded rows are gathered; rank 0 writes adapter_config.json and adapter_model.safetensors
-    meft_ds.save_adapter(model, output_dir, base_model_name_or_path=args.model)
-    after = evaluate(model, tokenizer, eval_examples, args) if eval_examples else None
+    micro_steps = (engine.global_steps - first_step) * engine.gradient_accumulation_steps()
+    fetched = (meft_ds.stats(model)["rows_fetched"] - fetched_before) / max(
+        1, micro_steps * len(meft_ds.adapters(model))
+    )
+    device = run_training_bytes(model, ds_config, features, args, engine.train_micro_batch_size_per_gpu(), fetched)
+    if args.method == "meft":
+        digest = check_replicas_identical(meft_ds.adapters(model), group=engine.data_parallel_group)
+        store_bytes = sum(adapter.store.nbytes for adapter in meft_ds.adapters(model))
+        logger.info(
+            "rank %d: row store holds %d bytes, digest %s (checked across %d ranks)",
+            rank, store_bytes, digest.hex()[:16], world,
+        )  # fmt: skip
+    if args.no_save:
+        pass
+    elif args.method == "meft":  # every rank: sharded rows are gathered; rank 0 writes the PEFT-style adapter files
+        meft_ds.save_adapter(model, output_dir, base_model_name_or_path=args.model)
+    elif rank == 0:
+        export_baseline(args.method, model, output_dir)
+    after, probe_after = evaluate(model, tokenizer, eval_examples, probe_examples, args)
+    retention = probe.retained(probe_before, probe_after) if probe_examples else None
     if rank == 0:
         summary = {
             "model": args.model,
+            "method": args.method,
             "dtype": DTYPE_NAMES[dtype],
             "dataset": args.dataset,
+            "facts": args.facts,
             "steps": engine.global_steps,
             "first_loss": log.first_loss,
             "last_loss": log.last_loss,
             "before": before,
             "after": after,
+            "retention": retention and {**retention, "answers": probe_after},
+            "trainable_params": trainable_numel(model),
+            "device_training": device.as_dict(),
             "seconds": round(time.time() - started, 1),
-            "meft": ds_config["meft"],
+            "meft": ds_config["meft"] if args.method == "meft" else None,
             "stats": meft_ds.stats(model),
         }
         write_json_atomic(output_dir / "results.json", json.loads(json.dumps(summary, default=str)))
         print(f"\nloss: {log.first_loss:.4f} -> {log.last_loss:.4f} over {engine.global_steps} steps")
         print(f"held-out before: {format_scores(before)}")
         print(f"held-out after:  {format_scores(after)}")
-        print(f"adapter exported to {output_dir} (meft_ds.load_adapter(model, '{output_dir}'))")
+        if retention:
+            print(f"retention probe: {retention['still_right']} of {retention['known']} known answers still right")
+        print(f"device-resident training bytes ({args.method}): {device.device / 1e6:.1f} MB")
+        if args.method == "meft" and not args.no_save:
+            print(f"adapter exported to {output_dir} (meft_ds.load_adapter(model, '{output_dir}'))")
     dist.barrier()
     return 0
 

@@ -83,6 +83,7 @@ class Item:
     name: str
     nbytes: int
     note: str = ""
+    training: bool = False  # training state (see :func:`training_items`), not the base model or its activations
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,12 @@ def expected_union(num_rows: int, top_k: int, tokens: int) -> int:
     return min(num_rows, math.ceil(num_rows * (1.0 - (1.0 - top_k / num_rows) ** tokens)))
 
 
+def with_union(setup: Setup, union: float) -> Setup:
+    """``setup`` with a measured ``|U|`` (rows a micro-step fetches per layer) in place of the uniform estimate."""
+    estimate = expected_union(setup.meft.num_neurons, setup.meft.top_k, setup.tokens)
+    return dataclasses.replace(setup, union_fraction=union / estimate)
+
+
 def pinned_capacity(numel: int) -> int:
     """Elements of a staging buffer grown to hold ``numel``: the next power of two (``PinnedBuffers.take``)."""
     return 1 << max(numel - 1, 0).bit_length()
@@ -197,11 +204,58 @@ def masked_path_bytes(s: Setup, union: int) -> int:
     return s.tokens * union * (2 * c + 1) + union * 8 if s.meft.gated else s.tokens * union * (c + 1)
 
 
+def dense_trainable_items(label: str, numel: int, s: Setup) -> list[Item]:
+    """Where DeepSpeed keeps ``numel`` trainable dense parameters (MEFT's routers; LoRA's matrices, a dense adapter's
+    or every weight of the model for the baselines): weights and gradients on the device (ZeRO-2/3 partition the
+    gradients), the optimizer states on the device or, under ZeRO-Offload, in CPU memory or on NVMe, and DeepSpeed's
+    gradient bucket."""
+    c, world = s.compute.itemsize, s.world_size
+    grads = numel * c // (world if s.zero_stage > 1 else 1)
+    items = [Item("device", f"{label}: weights + gradients", numel * c + grads, training=True)]
+    if s.offload == "none":  # fp32 master unless computing in fp32 (stage 0: + fp32 grads), two Adam moments
+        state = numel * (8 + (0 if c == 4 else 8 if s.zero_stage == 0 else 4))
+        items.append(
+            Item("device", f"{label}: optimizer states", state // (world if s.zero_stage else 1), training=True)
+        )
+    else:
+        tier = "nvme" if s.offload == "nvme" else "pinned" if s.pin_offload else "host"
+        items.append(Item(tier, f"{label}: ZeRO-Offload fp32 master, grads, moments", numel * 16 // world))
+    if s.bucket and numel:
+        bucket = s.bucket * c * (1 + s.overlap_comm)
+        items.append(Item("device", "ZeRO gradient bucket", bucket, f"{s.bucket:,} elements", training=True))
+    return items
+
+
+def training_items(s: Setup, *, adapters: int, dim: int, checkpointing: bool = False) -> list[Item]:
+    """MEFT's training state: the routers (as DeepSpeed keeps them), the rows fetched and kept for backward (one
+    layer's when checkpointed), the pre-retrieved rows in flight and the device row cache. The device items of these
+    are the run's *device-resident training bytes*, which ``launch/train.py`` reports for every ``--method``."""
+    m, union, rb = s.meft, s.union, s.rows.itemsize
+    row_bytes = union * 2 * dim * rb
+    items = [
+        Item("device", "fetched rows kept for backward", (1 if checkpointing else adapters) * row_bytes,
+             f"|U| = {union} rows per layer", training=True),
+        *dense_trainable_items("routers", adapters * m.num_experts * dim, s),
+    ]  # fmt: skip
+    if m.prefetch_layers:
+        items.append(Item("device", "pre-retrieved rows in flight", row_bytes, training=True))
+    cached = cache_rows(s, adapters, dim) if m.cache_mb else 0
+    if cached:
+        cache = adapters * cached * (2 * dim * (rb + 4) + 1)
+        items.append(Item("device", "device row cache", cache, f"{cached} rows", training=True))
+    return items
+
+
+def device_training_bytes(items: list[Item]) -> int:
+    """The device bytes of the training-state items (not the frozen base model, its activations or working set)."""
+    return sum(item.nbytes for item in items if item.training and item.tier == "device")
+
+
 def plan_items(s: Setup, model: ModelFacts) -> list[Item]:
     """Every item of the plan, from the setup and the model's facts."""
     m, d, c, t, layers, world = s.meft, model.dim, s.compute.itemsize, s.tokens, model.adapters, s.world_size
-    union, rb = s.union, s.rows.itemsize
-    row_bytes, masked = union * 2 * d * rb, masked_path_bytes(s, union)
+    union = s.union
+    row_bytes, masked = union * 2 * d * s.rows.itemsize, masked_path_bytes(s, union)
     kept = 1 if s.checkpointing else layers  # checkpointed, a layer's adapter is recomputed in its own backward
     saved, working = model.saved, 0
     activations = saved.total
@@ -210,32 +264,16 @@ def plan_items(s: Setup, model: ModelFacts) -> list[Item]:
         working = max(saved.per_layer) + row_bytes + masked
     # one step of backward at a time: the adapter's (4 (T,|U|) temporaries, key and value grads, stacked) or the loss's
     working += max(4 * t * union * c + 2 * union * 2 * d * c, t * model.vocab * (8 + c))
-    routers = layers * m.num_experts * d
     cached = cache_rows(s, layers, d) if m.cache_mb else 0
     base = model.base_bytes // (world if s.zero_stage == 3 else 1)
     items = [
         Item("device", f"frozen base model ({str(s.compute)[6:]})", base, f"{model.params / 1e9:.2f}B parameters"),
         Item("device", "activations saved for backward" + " (checkpointed)" * s.checkpointing, activations,
              "measured on meta" if model.measured else "analytic: the model did not run on meta"),
-        Item("device", "fetched rows kept for backward", kept * row_bytes, f"|U| = {union} rows per layer"),
         Item("device", "masked path: (T, |U|) scores, gates, masks", kept * masked),
         Item("device", "backward working set", working, "largest single step"),
-        Item("device", "routers: weights + gradients", routers * c + routers * c // (world if s.zero_stage > 1 else 1)),
+        *training_items(s, adapters=layers, dim=d, checkpointing=s.checkpointing),
     ]  # fmt: skip
-    if s.offload == "none":  # fp32 master unless computing in fp32 (stage 0: + fp32 grads), two Adam moments
-        state = routers * (8 + (0 if c == 4 else 8 if s.zero_stage == 0 else 4))
-        items.append(Item("device", "routers: optimizer states", state // (world if s.zero_stage else 1)))
-    else:
-        tier = "nvme" if s.offload == "nvme" else "pinned" if s.pin_offload else "host"
-        items.append(Item(tier, "routers: ZeRO-Offload fp32 master, grads, moments", routers * 16 // world))
-    if s.bucket and routers:
-        items.append(
-            Item("device", "ZeRO gradient bucket", s.bucket * c * (1 + s.overlap_comm), f"{s.bucket:,} elements")
-        )
-    if m.prefetch_layers:
-        items.append(Item("device", "pre-retrieved rows in flight", row_bytes))
-    if cached:
-        items.append(Item("device", "device row cache", layers * cached * (2 * d * (rb + 4) + 1), f"{cached} rows"))
     staging = staging_buffers(s, d, union, cached)
     rings = ", ".join(f"{RINGS[name]} x {name}" for name in staging)
     staged = sum(RINGS[name] * size for name, size in staging.items())
@@ -381,8 +419,7 @@ def plan(
     if union is not None:
         if union < 1:
             raise MeftConfigError(f"--union {union}: must be at least 1 row. Fix: pass rows fetched per layer.")
-        estimate = expected_union(meft_config.num_neurons, meft_config.top_k, batch_size * seq_len)
-        setup = dataclasses.replace(setup, union_fraction=union / estimate)
+        setup = with_union(setup, union)
     on_meta = meta_model(config, setup.compute)
     name = model if isinstance(model, str) else ""
 

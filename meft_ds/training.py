@@ -117,21 +117,23 @@ class MetricsLog:
     def step_record(
         engine: Any, model: torch.nn.Module, traffic_before: dict[str, int], loss: float, seconds: float
     ) -> dict[str, Any]:
-        """The metrics of the optimizer step that just ended (traffic as the difference of the counters)."""
+        """The metrics of the optimizer step that just ended (traffic as the difference of the counters; zero for an
+        engine without meft adapters, whose gradient norm is DeepSpeed's own)."""
         after = {}
         for adapter in adapters(model):
             for key, value in adapter.traffic.as_dict().items():
                 after[key] = after.get(key, 0) + value
         delta = {key: after[key] - traffic_before.get(key, 0) for key in after}
         plugin = getattr(engine, "meft", None)
-        to_device, to_host = delta["bytes_to_device"] / MB, delta["bytes_to_host"] / MB
+        to_device, to_host = delta.get("bytes_to_device", 0) / MB, delta.get("bytes_to_host", 0) / MB
+        norm = plugin.last_grad_norm if plugin is not None else engine.get_global_grad_norm()
         return {
             "step": int(engine.global_steps),
             "loss": float(loss),
             "lr": float(plugin.last_lr if plugin is not None and plugin.last_lr is not None else engine.get_lr()[0]),
-            "grad_norm": None if plugin is None else plugin.last_grad_norm,
-            "rows_fetched": delta["rows_fetched"],
-            "rows_updated": delta["rows_updated"],
+            "grad_norm": None if norm is None else float(norm),
+            "rows_fetched": delta.get("rows_fetched", 0),
+            "rows_updated": delta.get("rows_updated", 0),
             "mb_to_device": round(to_device, 4),
             "mb_to_host": round(to_host, 4),
             "mb_moved": round(to_device + to_host, 4),

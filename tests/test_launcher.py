@@ -4,6 +4,7 @@ evaluation shared out over 2 ranks scores what one process scores."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
-from meft_ds.data import load_examples
+from meft_ds.data import facts_dataset, load_examples
 from meft_ds.evaluation import evaluate_generation
 from meft_ds.models import load_model_and_tokenizer
+from meft_ds.probe import probe_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -293,3 +296,58 @@ def test_bad_input_fails_fast_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: meft.top_k: 100000 is larger than num_neurons")
     assert "Traceback" not in result.stderr
+
+
+# --method: one short run of each on the tiny LLaMA (d=64, FFN 128, 2 layers), with trainable values and device
+# bytes counted by hand: LoRA r=4 on gate/up/down = 4 (64+128) per matrix, 3 per layer; the parallel adapter's keys and
+# values 2 x 16 x 64 per layer; MEFT's 256 rows of 2 x 64 per layer and its routers, 64 experts x 64 per layer
+METHODS = {
+    "meft": ([], 2 * 256 * 2 * 64 + 2 * 64 * 64, 2 * 64 * 64),
+    "lora": (["--lora_r", "4"], 2 * 3 * 4 * (64 + 128), 2 * 3 * 4 * (64 + 128)),
+    "parallel_adapter": (["--adapter_neurons", "16"], 2 * 2 * 16 * 64, 2 * 2 * 16 * 64),
+    "full": ([], None, None),  # every parameter of the model
+}
+BUCKET = 1000  # elements of DeepSpeed's gradient bucket: 4000 bytes in fp32
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_evaluates_reports_its_device_bytes_and_exports(
+    tmp_path: Path, model_dirs: dict[str, Path], method: str
+) -> None:
+    config = json.loads(write_config(tmp_path).read_text())
+    config["zero_optimization"]["reduce_bucket_size"] = BUCKET
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    extra, trainable, dense = METHODS[method]
+    full_count = sum(p.numel() for p in tiny_model().parameters())
+    trainable, dense = trainable or full_count, dense or full_count
+    out = tmp_path / "run"
+    launch(
+        "--deepspeed", tmp_path / "ds.json", "--model", model_dirs["chat"], "--output_dir", out, "--method", method,
+        *extra, "--max_steps", "3", "--facts", "20", "--no_eval_before", *EVAL, *TINY_RUN,
+    )  # fmt: skip
+    run, records = results(out), metrics(out)
+    assert run["method"] == method and len(records) == 3 and all(r["grad_norm"] is not None for r in records)
+    assert run["trainable_params"] == trainable
+    # fp32, ZeRO-2 with the optimizer offloaded: on the device the trainable dense weights and their gradients, the
+    # bucket, and for MEFT the rows fetched and kept for backward: |U| rows of 2 x 64 fp32 per layer, |U| the mean
+    # per adapter and micro-step over the run (rounded up)
+    device = run["device_training"]
+    expected = dense * 8 + BUCKET * 4
+    if method == "meft":
+        union = math.ceil(sum(r["rows_fetched"] for r in records) / (2 * 3))
+        expected += 2 * union * 2 * 64 * 4
+        assert device["items"][0]["name"] == "fetched rows kept for backward"
+    assert device["device_bytes"] == expected == sum(item["nbytes"] for item in device["items"])
+    # the held-out set is --facts' (20 facts: 4 people), the probe's questions all asked after training
+    held_out = {e.prompt for e in facts_dataset("eval", num_entities=4)}
+    assert {p["prompt"] for p in run["after"]["predictions"]} <= held_out
+    probe = run["retention"]
+    assert probe["known"] == len(probe_examples()) == len(probe["answers"])
+    assert probe["still_right"] == sum(answer["right"] for answer in probe["answers"])
+    exported = {
+        "meft": "adapter_model.safetensors", "lora": "adapter_model.safetensors",
+        "parallel_adapter": "parallel_adapter.safetensors", "full": "model.safetensors",
+    }[method]  # fmt: skip
+    tensors = load_file(out / exported)
+    trained = [name for name, t in tensors.items() if ("lora_B" in name or "values" in name) and t.abs().sum() > 0]
+    assert method == "full" or trained, f"{method}: the exported zero-initialised weights did not move"

@@ -26,47 +26,12 @@ from bench.common import (
     meft_settings,
 )
 from bench.traffic import build_meft
+from meft_ds.baselines import DenseParallelAdapter, add_dense_adapters, add_lora  # noqa: F401 - tests use the first
 
 LORA_TARGETS = {
     "q,v": ["q_proj", "v_proj"],
     "all linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-
-
-class DenseParallelAdapter(nn.Module):
-    """The dense parallel adapter MEFT sparsifies: ``ReLU(h K^T) V`` with trainable ``K, V`` of shape ``(r, d)``,
-    every neuron firing; ``V`` starts at zero (so the model starts at the base model), ``K`` at N(0, 0.02)."""
-
-    def __init__(self, dim: int, neurons: int, *, key_init_std: float = 0.02) -> None:
-        super().__init__()
-        self.keys = nn.Parameter(torch.randn(neurons, dim) * key_init_std)
-        self.values = nn.Parameter(torch.zeros(neurons, dim))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.relu(hidden @ self.keys.T) @ self.values
-
-
-def _add_output(adapter: DenseParallelAdapter, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output + adapter(args[0])
-
-
-def add_dense_adapters(model: nn.Module, neurons: int) -> list[nn.Parameter]:
-    """``y = FFN(h) + ReLU(h K^T) V`` on every decoder layer's MLP of a LLaMA-style model; the base stays frozen.
-    Returns the adapters' parameters."""
-    model.requires_grad_(False)
-    dim = model.config.hidden_size
-    adapters = nn.ModuleList(DenseParallelAdapter(dim, neurons) for _ in model.model.layers)
-    for layer, adapter in zip(model.model.layers, adapters, strict=True):
-        layer.mlp.register_forward_hook(functools.partial(_add_output, adapter))
-    model.add_module("dense_adapters", adapters)
-    return list(adapters.parameters())
-
-
-def add_lora(model: nn.Module, rank: int, targets: list[str]) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
-    return get_peft_model(model, config)
 
 
 def step_function(model: nn.Module, optimizers: list[Any], batch_of: Callable[[int], dict]) -> Callable[[], None]:

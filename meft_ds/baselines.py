@@ -1,0 +1,138 @@
+"""The methods MEFT is compared with, trained by the same launcher (``launch/train.py --method``): LoRA through PEFT,
+the dense parallel adapter MEFT sparsifies, and full fine-tuning; and each method's device-resident training bytes,
+from the memory plan's own accounting (:mod:`meft_ds.plan`).
+
+Every method trains the same FFNs of a LLaMA-style model (``gate_proj``, ``up_proj``, ``down_proj``; full
+fine-tuning: every weight) under the same DeepSpeed engine, optimizer, schedule and ZeRO-Offload settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from meft_ds.config import MeftConfig
+from meft_ds.inject import adapters
+from meft_ds.plan import (
+    Item,
+    Setup,
+    dense_trainable_items,
+    device_training_bytes,
+    setup_from_ds_config,
+    training_items,
+    with_union,
+)
+
+METHODS = ("meft", "lora", "parallel_adapter", "full")
+FFN_TARGETS = ["gate_proj", "up_proj", "down_proj"]
+
+
+class DenseParallelAdapter(nn.Module):
+    """The dense parallel adapter MEFT sparsifies: ``ReLU(h K^T) V`` with trainable ``K, V`` of shape ``(r, d)``,
+    every neuron firing; ``V`` starts at zero (so the model starts at the base model), ``K`` at N(0, 0.02)."""
+
+    def __init__(self, dim: int, neurons: int, *, key_init_std: float = 0.02) -> None:
+        super().__init__()
+        self.keys = nn.Parameter(torch.randn(neurons, dim) * key_init_std)
+        self.values = nn.Parameter(torch.zeros(neurons, dim))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.relu(hidden @ self.keys.T) @ self.values
+
+
+def _add_output(adapter: DenseParallelAdapter, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output + adapter(args[0])
+
+
+def add_dense_adapters(model: nn.Module, neurons: int) -> list[nn.Parameter]:
+    """``y = FFN(h) + ReLU(h K^T) V`` on every decoder layer's MLP of a LLaMA-style model; the base stays frozen.
+    Returns the adapters' parameters."""
+    model.requires_grad_(False)
+    dim = model.config.hidden_size
+    added = nn.ModuleList(DenseParallelAdapter(dim, neurons) for _ in model.model.layers)
+    for layer, adapter in zip(model.model.layers, added, strict=True):
+        layer.mlp.register_forward_hook(functools.partial(_add_output, adapter))
+    model.add_module("dense_adapters", added)
+    return list(added.parameters())
+
+
+def add_lora(model: nn.Module, rank: int, targets: list[str]) -> nn.Module:
+    """A PEFT ``LoraModel`` of ``model`` (alpha = 2 r, no dropout) on the ``targets`` linear layers."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
+    return get_peft_model(model, config)
+
+
+def prepare_baseline(method: str, model: nn.Module, *, lora_r: int, adapter_neurons: int) -> nn.Module:
+    """The model ``method`` (not "meft", which :func:`meft_ds.initialize` sets up) trains: only its trainable part
+    requires gradients."""
+    if method == "lora":
+        return add_lora(model, lora_r, FFN_TARGETS)
+    if method == "parallel_adapter":
+        add_dense_adapters(model, adapter_neurons)
+        return model
+    if method == "full":
+        return model.requires_grad_(True)
+    raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+
+
+def trainable_numel(model: nn.Module) -> int:
+    """Trainable values: the parameters that require gradients, and MEFT's rows (keys and values, every layer)."""
+    rows = sum(a.config.num_neurons * 2 * a.dim for a in adapters(model))
+    return rows + sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingBytes:
+    """A run's device-resident training bytes (see :func:`meft_ds.plan.training_items`), itemised."""
+
+    items: list[Item]
+
+    @property
+    def device(self) -> int:
+        return device_training_bytes(self.items)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device_bytes": self.device,
+            "items": [dataclasses.asdict(item) for item in self.items if item.training and item.tier == "device"],
+        }
+
+
+def training_bytes(
+    method: str, model: nn.Module, ds_config: dict[str, Any], *, batch_size: int, seq_len: int, world_size: int = 1,
+    rows_fetched_per_layer: float | None = None,
+) -> TrainingBytes:  # fmt: skip
+    """The device-resident training bytes of ``model`` trained by ``method`` under ``ds_config`` (resolved, as the
+    engine ran it): the memory plan's items for the trainable parameters, their gradients and optimizer states
+    where this ZeRO config keeps them, and for MEFT also the rows fetched and kept for backward (``|U|`` from
+    ``rows_fetched_per_layer``, measured per adapter and micro-step, else the plan's uniform estimate), rows in
+    flight and the device row cache."""
+    found = adapters(model)
+    meft = found[0].config if found else MeftConfig()
+    dim = model.config.hidden_size
+    shape = dict(batch_size=batch_size, seq_len=seq_len, world_size=world_size)
+    setup: Setup = setup_from_ds_config(ds_config, meft, dim=dim, **shape)
+    if method != "meft":
+        return TrainingBytes(dense_trainable_items(method, trainable_numel(model), setup))  # no rows here
+    if rows_fetched_per_layer:
+        setup = with_union(setup, rows_fetched_per_layer)
+    return TrainingBytes(training_items(setup, adapters=len(found), dim=dim))
+
+
+def export_baseline(method: str, model: nn.Module, output_dir: Path) -> None:
+    """Write what a baseline trained to ``output_dir``: LoRA as a PEFT adapter, the dense parallel adapters as
+    ``parallel_adapter.safetensors`` (``<layer>.keys``, ``<layer>.values``), full fine-tuning as a whole model."""
+    if method == "parallel_adapter":
+        from safetensors.torch import save_file
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_file(model.dense_adapters.state_dict(), str(output_dir / "parallel_adapter.safetensors"))
+    else:  # PeftModel.save_pretrained (adapter only) or PreTrainedModel.save_pretrained
+        model.save_pretrained(str(output_dir))
