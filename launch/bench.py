@@ -4,13 +4,15 @@
     python launch/bench.py --quick             # about 2 minutes, smaller sizes
     python launch/bench.py --only a,c --out docs/bench --meft n_probe=16 --cache-mb 512
     python launch/bench.py --render            # BENCHMARKS.md again from docs/bench (e.g. after a GPU check)
+    python launch/bench.py --only quality      # learning quality: about an hour, not part of the default run
 
 Experiments: a. host<->device bytes per optimizer step, MEFT vs a dense adapter under ZeRO-Offload; b. sparse Adam
 GB/s vs DeepSpeed's dense CPU Adam vs copy_; c. step time vs LoRA and dense adapters; d. adapter bytes on the device
 as r grows; e. CPU routing cost vs the number of experts; f. scale out: bytes between 2 ranks per optimizer step
 (replicated vs sharded stores vs a dense adapter's all-reduce) and the NVMe tier's read/write GB/s; g. generate()
-tokens/s with routing on the host (the training path) vs on the device (meft_ds.for_inference). Each module under
-launch/bench/ says how it measures.
+tokens/s with routing on the host (the training path) vs on the device (meft_ds.for_inference); quality. held-out EM
+and knowledge retained vs device bytes, MEFT vs LoRA vs the parallel adapter. Each module under launch/bench/ says
+how it measures.
 ``--meft KEY=VALUE`` overrides go to every MEFT variant (through ``meft_ds.MeftConfig.from_dict``); a variant whose
 own key this meft_ds does not know (e.g. ``cache_mb``) is skipped with a note.
 """
@@ -38,7 +40,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from bench import adam, inference, memory, routing_cost, scaleout, steptime, traffic
+from bench import adam, inference, memory, quality, routing_cost, scaleout, steptime, traffic
 from bench.common import Context, Section, Settings
 from bench.report import load_results, machine, render_markdown, write_results
 
@@ -53,13 +55,15 @@ EXPERIMENTS: dict[str, tuple[ModuleType, str]] = {
     "e": (routing_cost, "e_routing_cost.png"),
     "f": (scaleout, "f_scaleout.png"),
     "g": (inference, "g_generation.png"),
+    "quality": (quality, "quality.png"),
 }
+DEFAULT = [key for key in EXPERIMENTS if key != "quality"]  # quality trains ~10 models: run it on its own
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (~2 min)")
-    parser.add_argument("--only", default=",".join(EXPERIMENTS), help="experiments to run, e.g. a,c")
+    parser.add_argument("--only", default=",".join(DEFAULT), help="experiments to run, e.g. a,c or quality")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="results.json and plots")
     parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--meft", action="append", default=[], metavar="KEY=VALUE", help="MeftConfig override")

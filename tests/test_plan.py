@@ -22,7 +22,17 @@ from meft_ds.adapter import MaskedAdapterFunction
 from meft_ds.ds_config import load_deepspeed_config
 from meft_ds.models import ModelLoadError
 from meft_ds.pinned import RINGS
-from meft_ds.plan import GiB, MemoryPlan, Setup, masked_path_bytes, plan, plan_items, staging_buffers
+from meft_ds.plan import (
+    GiB,
+    MemoryPlan,
+    Setup,
+    dense_trainable_items,
+    device_training_bytes,
+    masked_path_bytes,
+    plan,
+    plan_items,
+    staging_buffers,
+)
 from meft_ds.training import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +205,23 @@ def test_llama_2_7b_figures(llama_plan: MemoryPlan) -> None:
     assert llama_plan.setup.compute == torch.bfloat16 and llama_plan.setup.meft.num_experts == 368
     assert 8000 < llama_plan.union <= 8464
     assert llama_plan.bytes_of("fetched rows") == 32 * llama_plan.union * 2 * 4096 * 2
+
+
+def test_training_bytes_are_the_trainable_state_on_the_device(llama_plan: MemoryPlan) -> None:
+    # what train.py reports as a run's device-resident training bytes: the rows fetched and kept for backward, the
+    # routers' bf16 weights and gradients and DeepSpeed's bucket (their optimizer states are offloaded to CPU memory)
+    routers = 32 * llama_plan.setup.meft.num_experts * 4096
+    expected = llama_plan.bytes_of("fetched rows") + routers * 2 * 2 + llama_plan.bytes_of("ZeRO gradient bucket")
+    assert device_training_bytes(llama_plan.items) == expected
+    # the same accounting for a dense trainable set (LoRA, a dense adapter, every weight): 12M parameters in bf16 at
+    # ZeRO-2 on 2 ranks, optimizer states on the device (fp32 master, fp32 gradient partition, 2 moments) or offloaded
+    # (to pinned CPU memory, as meft.json asks)
+    s = dataclasses.replace(llama_plan.setup, world_size=2, offload="none", bucket=0)
+    on_device = dense_trainable_items("lora", 12_000_000, s)
+    assert device_training_bytes(on_device) == 12_000_000 * (2 + 2 // 2) + 12_000_000 * (8 + 4) // 2
+    offloaded = dense_trainable_items("lora", 12_000_000, dataclasses.replace(s, offload="cpu"))
+    assert device_training_bytes(offloaded) == 12_000_000 * (2 + 2 // 2)
+    assert [i.tier for i in offloaded] == ["device", "pinned"] and offloaded[1].nbytes == 12_000_000 * 16 // 2
 
 
 def test_verdict_changes_are_computed_and_fit(llama_plan: MemoryPlan) -> None:

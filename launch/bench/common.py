@@ -56,6 +56,8 @@ class Settings:
     routing_probe: int = 8
     routing_experts: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
     routing_repeats: int = 7
+    # quality
+    quality_quick: bool = False  # launch/bench/quality.py's CI-sized grid
 
     @classmethod
     def full(cls) -> Settings:
@@ -76,6 +78,7 @@ class Settings:
             memory_neurons=(1024, 4096, 16384, 65536),
             routing_experts=(16, 64, 256, 1024, 2048),
             routing_repeats=3,
+            quality_quick=True,
         )
 
 

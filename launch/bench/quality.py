@@ -1,0 +1,358 @@
+"""quality. Learning quality at a device budget: held-out EM on new facts and knowledge retained, MEFT vs LoRA vs the
+dense parallel adapter (and full fine-tuning), every run a ``launch/train.py --method ...`` process.
+
+Every run trains the built-in SmolLM2-135M-Instruct on the ``facts`` task (``--facts`` facts) with the same data
+order, steps, micro-batch, DeepSpeed config (ZeRO-2 with the optimizer offloaded to CPU memory, AdamW, linear
+warm-up and decay, clipping at 1.0) and greedy evaluation on held-out phrasings; then asks the retention probe's
+general questions (meft_ds/probe.py). Device bytes are each run's device-resident training bytes as the launcher
+reports them (meft_ds/plan.py's accounting: trainable weights and gradients, DeepSpeed's bucket, for MEFT the rows
+fetched and kept for backward, with |U| measured in the run). Each configuration ("cell") runs a small learning-rate
+sweep; its best learning rate (by held-out EM, mean over seeds) is its result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import MB, Context, Section, figure_footer
+from meft_ds.config import MeftConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+BUCKET = 5_000_000  # elements of DeepSpeed's gradient bucket, the same for every method (its default is 5e8)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration: a method at one size, run at every learning rate of ``lrs`` and every seed of ``seeds``."""
+
+    label: str
+    method: str
+    args: tuple[str, ...]  # train.py arguments of this configuration besides --method
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class Grid:
+    facts: int
+    steps: int
+    micro_batch: int
+    eval_limit: int
+    cells: tuple[Cell, ...]
+    model: str | None = None  # None: the built-in model
+    name: str = "full"
+
+
+def meft(label: str, neurons: int, lrs: tuple[float, ...], *extra: str, seeds: tuple[int, ...] = (0,)) -> Cell:
+    return Cell(label, "meft", ("--meft", f"num_neurons={neurons}", *extra), lrs, seeds)
+
+
+def full_grid() -> Grid:
+    """What fits about an hour on 2 shared cores (see :data:`FULL_NOTES`), the most telling runs first. Budgets: MEFT
+    r=4096 keeps ~2000 fetched rows per layer for backward (~0.3 GB in fp32); LoRA r=256 and the parallel adapter
+    r=1024 are those methods' sizes just above and just below it."""
+    apart = ("--meft", "clip_rows=separate")
+    return Grid(
+        facts=200, steps=100, micro_batch=8, eval_limit=200,
+        cells=(
+            meft("MEFT r=4096, rows clipped apart", 4096, (3e-3,), *apart),
+            Cell("LoRA r=256", "lora", ("--lora_r", "256"), (3e-3,)),
+            Cell("parallel adapter r=1024", "parallel_adapter", ("--adapter_neurons", "1024"), (3e-3,)),
+            meft("MEFT r=4096, global clip", 4096, (3e-3,), "--meft", "clip_rows=global"),
+            meft("MEFT r=4096, apart, per-row Adam steps", 4096, (3e-3,), *apart, "--meft", "bias_correction=per_row"),
+            Cell("LoRA r=64", "lora", ("--lora_r", "64"), (3e-3,)),
+            meft("MEFT r=4096, rows not clipped", 4096, (3e-3,), "--meft", "clip_rows=none"),
+            Cell("LoRA r=256", "lora", ("--lora_r", "256"), (1e-3,)),
+            meft("MEFT r=1024, rows clipped apart", 1024, (3e-3,), *apart),
+            Cell("LoRA r=64", "lora", ("--lora_r", "64"), (6e-3,)),
+            meft("MEFT r=4096, rows clipped apart", 4096, (1e-3,), *apart),
+        ),
+    )  # fmt: skip
+
+
+FULL_NOTES = (
+    "Reduced grid: one seed, one or two learning rates per configuration, 100 steps on 2 CPU cores shared with "
+    "other jobs. The issue's full grid (two or three budgets per method, 3-4 learning rates each, two seeds for the "
+    "headline cells) is about 40 runs of ~8-10 min each here, 6-7 hours; it is one command on a faster machine "
+    "(edit full_grid in launch/bench/quality.py).",
+)
+
+
+def quick_grid(model: str | None = None) -> Grid:
+    """CI-sized: a few steps of each method, one learning rate."""
+    return Grid(
+        facts=25, steps=3, micro_batch=4, eval_limit=8, model=model, name="quick",
+        cells=(
+            meft("MEFT r=256", 256, (3e-3,), "--meft", "top_k=8"),
+            Cell("LoRA r=4", "lora", ("--lora_r", "4"), (3e-3,)),
+            Cell("parallel adapter r=16", "parallel_adapter", ("--adapter_neurons", "16"), (3e-3,)),
+        ),
+    )  # fmt: skip
+
+
+def ds_config_file(folder: Path) -> Path:
+    """The shipped config with one small gradient bucket for every method and no TensorBoard."""
+    config = json.loads((ROOT / "ds_configs" / "meft.json").read_text())
+    config["zero_optimization"].update(reduce_bucket_size=BUCKET, allgather_bucket_size=BUCKET)
+    config.pop("tensorboard", None)
+    path = folder / "ds_quality.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def train_command(
+    grid: Grid, cell: Cell, lr: float, seed: int, ds_config: Path, output_dir: Path, model: str | None = None
+) -> list[str]:
+    model = ["--model", model or grid.model] if model or grid.model else []
+    return [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+        str(ROOT / "launch" / "train.py"), "--deepspeed", str(ds_config), "--method", cell.method, *cell.args, *model,
+        "--dataset", "facts", "--facts", str(grid.facts), "--max_steps", str(grid.steps),
+        "--micro_batch_size", str(grid.micro_batch), "--eval_limit", str(grid.eval_limit), "--learning_rate", str(lr),
+        "--seed", str(seed), "--output_dir", str(output_dir), "--no_save", "--no_eval_before",
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(command: list[str], output_dir: Path) -> dict[str, Any]:
+    """Run one training process; its results.json."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def record_of(cell: Cell, lr: float, seed: int, results: dict[str, Any]) -> dict[str, Any]:
+    retention = results["retention"] or {}
+    return {
+        "label": cell.label, "method": cell.method, "lr": lr, "seed": seed,
+        "em": results["after"]["exact_match"], "f1": results["after"]["f1"],
+        "retained": retention.get("fraction"), "device_bytes": results["device_training"]["device_bytes"],
+        "trainable": results["trainable_params"], "last_loss": results["last_loss"], "seconds": results["seconds"],
+    }  # fmt: skip
+
+
+Runner = Callable[[list[str], Path], dict[str, Any]]
+
+
+def unknown_settings(cell: Cell) -> list[str]:
+    """The ``--meft`` keys of ``cell`` this meft_ds does not know (e.g. an option another change has not landed)."""
+    known = {f.name for f in dataclasses.fields(MeftConfig)}
+    keys = [value.split("=")[0] for flag, value in zip(cell.args, cell.args[1:], strict=False) if flag == "--meft"]
+    return [key for key in keys if key not in known]
+
+
+def run_grid(
+    grid: Grid, work: Path, runner: Runner = launch, notes: list[str] | None = None,
+    model: Callable[[], str] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every (cell, lr, seed) of ``grid``, one training process each, in ``work`` (``model()``: the --model to pass,
+    asked for before the first run, in place of ``grid.model``). Each record is appended to ``work/records.jsonl``
+    as its run ends; a run whose record is there already (same grid) is not run again, so an interrupted benchmark
+    continues where it stopped."""
+    ds_config, done_path = ds_config_file(work), work / "records.jsonl"
+    key = json.dumps(dataclasses.asdict(dataclasses.replace(grid, cells=())), sort_keys=True)
+    done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
+    done = [r for r in done if r.pop("grid", None) == key]
+    records: list[dict[str, Any]] = []
+    for cell in grid.cells:
+        if unknown_settings(cell):
+            if notes is not None:
+                notes.append(f"{cell.label}: skipped, this meft_ds has no setting {', '.join(unknown_settings(cell))}")
+            continue
+        for lr in cell.lrs:
+            for seed in cell.seeds:
+                found = [r for r in done if (r["label"], r["lr"], r["seed"]) == (cell.label, lr, seed)]
+                if found:
+                    records.append(found[0])
+                    continue
+                output_dir = work / f"{cell.label}-{lr:g}-{seed}".replace(" ", "_").replace(",", "").replace("=", "")
+                command = train_command(grid, cell, lr, seed, ds_config, output_dir, model() if model else None)
+                try:
+                    record = record_of(cell, lr, seed, runner(command, output_dir))
+                except RuntimeError as error:  # one failed run is a note, not the end of an hour's benchmark
+                    print(f"  {cell.label} lr {lr:g} seed {seed} failed: {error}", flush=True)
+                    if notes is not None:
+                        notes.append(f"{cell.label}, lr {lr:g}, seed {seed}: the run failed ({str(error)[-300:]})")
+                    continue
+                with done_path.open("a") as handle:
+                    handle.write(json.dumps({**record, "grid": key}) + "\n")
+                megabytes, seconds = record["device_bytes"] / MB, record["seconds"]
+                print(
+                    f"  {cell.label:40s} lr {lr:.0e} seed {seed}: EM {record['em']:.3f}, retained "
+                    f"{_fraction(record['retained'])}, device {megabytes:.1f} MB ({seconds:.0f} s)",
+                    flush=True,
+                )
+                records.append(record)
+    return records
+
+
+def best_per_cell(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each cell at its best learning rate (held-out EM, mean over seeds), with its sweep."""
+    best = []
+    for label in dict.fromkeys(r["label"] for r in records):
+        mine = [r for r in records if r["label"] == label]
+        by_lr: dict[float, list[dict[str, Any]]] = {}
+        for r in mine:
+            by_lr.setdefault(r["lr"], []).append(r)
+        means = {lr: _mean(runs, "em") for lr, runs in by_lr.items()}
+        lr = max(means, key=means.__getitem__)
+        runs = by_lr[lr]
+        best.append({
+            "label": label, "method": runs[0]["method"], "lr": lr, "em": means[lr], "seeds": len(runs),
+            "retained": _mean(runs, "retained"), "device_bytes": runs[0]["device_bytes"],
+            "trainable": runs[0]["trainable"], "sweep": {f"{k:g}": v for k, v in means.items()},
+        })  # fmt: skip
+    return best
+
+
+def _mean(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r[key] is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def judge(best: list[dict[str, Any]]) -> tuple[bool | None, str]:
+    """The targets: MEFT >= the best LoRA at equal or smaller device bytes + 0.05 EM, >= the parallel adapter at the
+    same budget, and >= 90% retained."""
+    meft = [b for b in best if b["method"] == "meft"]
+    if not meft:
+        return None, "no MEFT run"
+    top = max(meft, key=lambda b: b["em"])
+    lora = [b for b in best if b["method"] == "lora" and b["device_bytes"] >= top["device_bytes"]]
+    adapters = [b for b in best if b["method"] == "parallel_adapter" and b["device_bytes"] <= top["device_bytes"]]
+    parts, met = [f"best MEFT ({top['label']}, {top['device_bytes'] / MB:.0f} MB): EM {top['em']:.3f}"], True
+    if lora:
+        rival = max(lora, key=lambda b: b["em"])
+        ok = top["em"] >= rival["em"] + 0.05
+        parts.append(
+            f"{'>=' if ok else '<'} LoRA with as many or more device bytes + 0.05 ({rival['label']}: {rival['em']:.3f})"
+        )
+        met &= ok
+    else:
+        smaller = [b for b in best if b["method"] == "lora"]
+        parts.append(
+            "no LoRA in the grid uses as many device bytes (largest: "
+            + (f"{max(b['device_bytes'] for b in smaller) / MB:.0f} MB)" if smaller else "none)")
+        )
+    if adapters:
+        rival = max(adapters, key=lambda b: b["em"])
+        ok = top["em"] >= rival["em"]
+        parts.append(f"{'>=' if ok else '<'} parallel adapter within its budget ({rival['label']}: {rival['em']:.3f})")
+        met &= ok
+    retained = top["retained"]
+    ok = retained is not None and retained >= 0.9
+    parts.append(f"retains {_fraction(retained)} of the probe ({'>=' if ok else '<'} 90%)")
+    return bool(met and ok), "; ".join(parts)
+
+
+def section(grid: Grid, records: list[dict[str, Any]], notes: list[str]) -> Section:
+    best = best_per_cell(records)
+    met, verdict = judge(best)
+    rows = [
+        [b["label"], f"{b['trainable'] / 1e6:.1f}M", f"{b['device_bytes'] / MB:.1f}",
+         ", ".join(f"{lr}: {em:.3f}" for lr, em in b["sweep"].items()), b["lr"], f"{b['em']:.3f}", b["seeds"],
+         _fraction(b["retained"])]
+        for b in best
+    ]  # fmt: skip
+    return Section(
+        key="quality",
+        title="Learning quality at a device budget: held-out EM and knowledge retained",
+        what=(
+            f"Held-out exact match after {grid.steps} steps of {grid.micro_batch} on the built-in facts task with "
+            f"{grid.facts} facts (eval: the first {grid.eval_limit} held-out phrasings), and the fraction of the "
+            "retention probe's general questions still answered right, for MEFT, LoRA on gate/up/down_proj (PEFT) "
+            "and the dense parallel adapter on the same FFNs, each at its device-resident training bytes."
+        ),
+        how=(
+            "Each run is `launch/train.py --method M` (ZeRO-2, optimizer states offloaded to CPU memory, AdamW, linear "
+            f"warm-up/decay, clipping 1.0, a {BUCKET:,}-element gradient bucket for every method, fp32 on the CPU, "
+            "--no_eval_before: the base model scores 0 EM on invented facts and answers every probe question). "
+            "Device bytes: meft_ds.plan's training items (weights + gradients, bucket; MEFT: routers and the rows "
+            "fetched and kept for backward, |U| measured in the run). Best lr = highest mean EM over seeds."
+        ),
+        columns=["configuration", "trainable", "device MB", "EM by lr", "best lr", "EM", "seeds", "retained"],
+        rows=rows,
+        target=(
+            "MEFT >= the best LoRA at equal or smaller device bytes + 0.05 EM, >= the parallel adapter that fits the "
+            "same budget, and >= 90% of the probe retained"
+        ),
+        met=met,
+        verdict=verdict,
+        notes=notes,
+        data={"grid": dataclasses.asdict(grid), "records": records, "best": best},
+    )
+
+
+def unpacked_builtin_model(folder: Path) -> Path:
+    """The built-in model saved once as fp32 safetensors: loading its GGUF file dequantizes every weight (1-4 min on
+    2 busy cores), a saved folder loads in seconds. The same weights and tokenizer; one forward checks it."""
+    import torch
+
+    from meft_ds.models import load_model_and_tokenizer
+
+    if not (folder / "config.json").is_file():
+        model, tokenizer = load_model_and_tokenizer(None)
+        ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = model(ids).logits
+        model.hf_quantizer = None  # GGUF weights are dequantized on load: nothing quantized is left to refuse saving
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with torch.no_grad():
+            assert torch.equal(load_model_and_tokenizer(str(folder))[0](ids).logits, expected)
+    return folder
+
+
+def run(context: Context) -> Section:
+    grid = quick_grid() if context.settings.quality_quick else full_grid()
+    notes = [] if context.settings.quality_quick else list(FULL_NOTES)
+    work = ROOT / "outputs" / f"bench_quality_{grid.name}"  # kept: a rerun continues an interrupted benchmark
+    work.mkdir(parents=True, exist_ok=True)
+    builtin = functools.cache(lambda: str(unpacked_builtin_model(work / "base_model")))
+    records = run_grid(grid, work, notes=notes, model=None if grid.model else builtin)
+    return section(grid, records, notes)
+
+
+def plot(section: Section, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5))
+    colours = {"meft": "tab:blue", "lora": "tab:orange", "parallel_adapter": "tab:green", "full": "tab:red"}
+    for b in section.data["best"]:
+        x = b["device_bytes"] / MB
+        left.scatter(x, b["em"], color=colours[b["method"]], s=50)
+        left.annotate(b["label"], (x, b["em"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        right.bar(b["label"], b["retained"] or 0.0, color=colours[b["method"]])
+    left.set_xscale("log")
+    left.set_xlabel("device-resident training bytes (MB, log)")
+    left.set_ylabel("held-out EM (best lr)")
+    left.set_title("EM vs device bytes")
+    right.axhline(0.9, color="gray", linestyle=":", label="target 90%")
+    right.set_ylabel("probe questions still right")
+    right.set_title("knowledge retained")
+    right.tick_params(axis="x", labelrotation=60, labelsize=7)
+    right.legend(fontsize=8)
+    figure.subplots_adjust(bottom=0.38, wspace=0.3)
+    figure_footer(figure, section.how, section.command)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
