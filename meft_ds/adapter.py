@@ -13,7 +13,6 @@ over all of ``U`` with a ``(T, |U|)`` mask (what tensor cores are good at). When
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +29,7 @@ from meft_ds.shard import ShardedRowStore, resolve_shard
 from meft_ds.stats import TrafficStats
 from meft_ds.store import RowStore, initial_keys
 from meft_ds.swap import NvmeRowStore
-from meft_ds.transfer import RowsInFlight, RowTransfer, narrowest_index_dtype
+from meft_ds.transfer import RowGradSink, RowsInFlight, RowTransfer, by_position, narrowest_index_dtype
 
 if TYPE_CHECKING:
     from meft_ds.inference import DeviceRows
@@ -77,9 +76,14 @@ class MaskedAdapterFunction(torch.autograd.Function):
         return grad_x, grad_gate, None, None, None
 
 
+ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the CPU kernel's codes for the travel dtype
+
+
 class SlotAdapterFunction(torch.autograd.Function):
     """The same adapter over each token's own K rows (``slots``: ``(T, K)`` positions in ``rows``), on meft_ds's CPU
-    kernel. ``gate`` is ``(T, K)``: the router logit of each slot's expert, or ``None``."""
+    kernel. ``gate`` is ``(T, K)``: the router logit of each slot's expert, or ``None``. The backward writes the rows'
+    gradients, rounded to the dtype rows travel in, where a :class:`~meft_ds.transfer.RowGradSink` says (straight into
+    the store's accumulator); any other sink is called with all rows' gradients and their flags."""
 
     @staticmethod
     def forward(ctx, x, gate, rows, slots, row_grad_sink):  # type: ignore[override]
@@ -94,13 +98,18 @@ class SlotAdapterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, gate, rows, slots, scores = ctx.saved_tensors
-        grad_x, grad_gate, grad_rows, row_has_grad = cpu_kernels().sparse_adapter_backward(
-            grad_out.contiguous(), x, rows, slots, gate, scores, kernel_threads()
-        )
-        if ctx.row_dtype == grad_rows.dtype:
-            ctx.row_grad_sink(grad_rows, row_has_grad)
-        else:  # the cast may round tiny gradients to zero: let the sink look at the values that travel
-            ctx.row_grad_sink(grad_rows.to(ctx.row_dtype))
+        sink = ctx.row_grad_sink
+        if isinstance(sink, RowGradSink):
+            accumulator, ids, done = sink.destination(ctx.row_dtype)
+        else:
+            accumulator, ids, done = by_position(sink, rows.shape[0], rows.shape[2], ctx.row_dtype)
+        accumulator.reserve(ids.numel())
+        grad_x, grad_gate, count, finite = cpu_kernels().sparse_adapter_backward(
+            grad_out.contiguous(), x, rows, slots, gate, scores, ids, *accumulator.kernel_state(),
+            ROUNDING[ctx.row_dtype], kernel_threads(),
+        )  # fmt: skip
+        accumulator.committed(count, finite)
+        done()
         return (
             grad_x if ctx.needs_input_grad[0] else None,
             grad_gate if gate.numel() and ctx.needs_input_grad[1] else None,
@@ -317,7 +326,7 @@ class SparseKeyExpertAdapter(nn.Module):
         row_experts = self.transfer.to_device(routing.row_ids // config.expert_size, x.device) if config.gated else None
         rows = in_flight.wait()
         rows.requires_grad_(torch.is_grad_enabled())  # so backward runs; the gradient goes to the store
-        sink = functools.partial(self.transfer.accept_grads, routing.row_ids)
+        sink = RowGradSink(self.transfer, routing.row_ids)
         self.traffic.forward_calls += 1
         logits = pending.logits
         if computes_over_slots(x):

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 GATE_MODES = ("logit", "none")
+BIAS_CORRECTIONS = ("global", "per_row")
+CLIP_ROWS = ("global", "separate", "none")
 ROW_DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,  # rows travel in the dtype the adapter's input has (bf16 under DeepSpeed bf16, fp32 on CPU)
     "fp32": torch.float32,
@@ -147,6 +149,14 @@ class MeftConfig:
             adapter ``p`` layers earlier, so their copy overlaps the layers in between. 0 (default) is exact.
         max_nonfinite_steps: a row step whose gradients hold NaN or inf is skipped (rows and moments untouched);
             this many skipped in a row abort the run with :class:`meft_ds.NonFiniteGradientError`.
+        bias_correction: the sparse Adam's bias correction: ``"global"`` divides by ``1 - beta**t`` with the
+            optimizer's step count ``t``, as SPEC.md prescribes (a row first touched at a late step then takes a first
+            update of about ``(1 - beta1) / sqrt(1 - beta2)`` = 3.2x the learning rate); ``"per_row"`` counts each
+            row's own updates (4 bytes a row, saved with the store), so a row's first update is the one a fresh Adam
+            makes. Not with the NVMe store yet.
+        clip_rows: how DeepSpeed's ``gradient_clipping`` treats the rows' gradients: ``"global"``, one norm over the
+            engine's gradients and the rows' (as the paper's dense simulation clips); ``"separate"``, the rows clipped
+            by their own norm and the engine's gradients by theirs; ``"none"``, the rows not clipped at all.
         store: where the row stores live: a :class:`StoreConfig` or its dict (replicated CPU memory by default).
         lr, betas, eps, weight_decay: the sparse Adam's hyperparameters. ``None`` inherits them from the DeepSpeed
             config's optimizer (and its scheduler drives the learning rate), or the defaults of
@@ -166,6 +176,8 @@ class MeftConfig:
     cache_mb: float = 0.0
     prefetch_layers: int = 0
     max_nonfinite_steps: int = 3
+    bias_correction: str = "global"
+    clip_rows: str = "global"
     store: StoreConfig | dict | None = None
     lr: float | None = None
     betas: tuple[float, float] | None = None
@@ -289,6 +301,20 @@ class MeftConfig:
         self._validate_optimizer()
 
     def _validate_optimizer(self) -> None:
+        if not isinstance(self.clip_rows, str) or self.clip_rows not in CLIP_ROWS:
+            _fail("clip_rows", f"unknown mode {self.clip_rows!r}", f"use one of {', '.join(map(repr, CLIP_ROWS))}")
+        if not isinstance(self.bias_correction, str) or self.bias_correction not in BIAS_CORRECTIONS:
+            _fail(
+                "bias_correction",
+                f"unknown mode {self.bias_correction!r}",
+                f"use one of {', '.join(map(repr, BIAS_CORRECTIONS))}",
+            )
+        if self.bias_correction == "per_row" and self.store.device == "nvme":
+            _fail(
+                "bias_correction",
+                "'per_row' is not supported with the NVMe store yet (its per-row step counts are not on NVMe)",
+                "use 'global' with store.device='nvme', or the CPU store",
+            )
         if self.lr is not None:
             _check_float("lr", self.lr, 0.0, strict=False)
         if self.eps is not None:

@@ -10,11 +10,12 @@ of the engine's methods:
   loss scale, whichever DeepSpeed optimizer or ``torch_autocast`` GradScaler applies it), so that the rows'
   gradients, which carry it too, can be unscaled exactly as the engine unscales its own.
 * ``engine.step()``: at a gradient-accumulation boundary, average the rows' gradients over data-parallel ranks, unscale
-  them, clip one global norm over the engine's gradients and the rows' gradients (the engine's own clipping, which
-  sees only its parameters, then finds nothing left to clip), let the engine step, then (only if the engine applied
-  its step) run the sparse Adam on the touched rows with the learning rate the engine's scheduler gave this step; a
-  skipped step drops the row gradients. Under fp16 an overflow in the rows' gradients is an overflow of the step:
-  the engine is told so, skips its step and lowers its loss scale, as for an overflow of its own gradients.
+  them, clip them (``meft.clip_rows``; by default one global norm over the engine's gradients and the rows'
+  gradients, after which the engine's own clipping, which sees only its parameters, finds nothing left to clip), let
+  the engine step, then (only if the engine applied its step) run the sparse Adam on the touched rows with the
+  learning rate the engine's scheduler gave this step; a skipped step drops the row gradients. Under fp16 an
+  overflow in the rows' gradients is an overflow of the step: the engine is told so, skips its step and lowers its
+  loss scale, as for an overflow of its own gradients.
 * ``engine.save_checkpoint()`` / ``engine.load_checkpoint()``: the row stores (rows, moments, step) travel with
   every checkpoint, and a checkpoint is published atomically (see :mod:`meft_ds.checkpoint`).
 """
@@ -91,7 +92,8 @@ class MeftPlugin:
 
     Attributes:
         sparse_optimizer: the :class:`SparseRowAdam` over the model's adapters.
-        last_grad_norm: the global gradient norm of the last boundary (engine + rows, unscaled), when clipping.
+        last_grad_norm: the gradient norm of the last boundary when clipping (unscaled): engine + rows with
+            ``clip_rows="global"``, else the rows' alone.
         last_lr: the learning rate the last sparse step used.
         last_loss_scale: the loss scale the last boundary's gradients carried (1 unless fp16).
         skipped_steps / row_overflow_steps: boundaries the engine skipped / of those, fp16 overflows of the rows.
@@ -192,8 +194,10 @@ class MeftPlugin:
         # part of the step (identical on every rank after the exchange; sharded stores agree on the answer)
         rows_overflowed = self.engine.fp16_enabled() and not self.sparse_optimizer.row_grads_finite()
         max_norm = float(self.engine.gradient_clipping() or 0.0)
-        if max_norm > 0:
+        if max_norm > 0 and self.adapters[0].config.clip_rows == "global":
             self._clip_global_norm(max_norm, scale)
+        elif max_norm > 0:  # the engine clips its own gradients by their own norm
+            self._clip_rows_apart(max_norm if self.adapters[0].config.clip_rows == "separate" else math.inf)
         with overflow_reported(self.engine.optimizer) if rows_overflowed else contextlib.nullcontext():
             result = self._engine_step(lr_kwargs)
         applied = self.engine.was_step_applied()
@@ -244,6 +248,18 @@ class MeftPlugin:
             return  # non-finite: the engine detects the overflow and skips the step
         for param, grad in dense:
             safe_set_full_grad(param, grad * coefficient)
+        for adapter in self.adapters:
+            accumulated = adapter.store.accumulated_grads()
+            if accumulated is not None:
+                accumulated[1].mul_(coefficient)
+
+    def _clip_rows_apart(self, max_norm: float) -> None:
+        """Clip the rows' gradients by their own norm (``last_grad_norm``); ``max_norm=inf`` only measures it."""
+        norm = math.sqrt(row_grad_squared_norm(self.adapters))
+        self.last_grad_norm = norm
+        coefficient = max_norm / (norm + 1e-6)
+        if coefficient >= 1.0 or not math.isfinite(norm):
+            return
         for adapter in self.adapters:
             accumulated = adapter.store.accumulated_grads()
             if accumulated is not None:
@@ -377,4 +393,7 @@ def build_sparse_optimizer(model: nn.Module, meft_config: MeftConfig, ds_config:
             value = tuple(params[key]) if key == "betas" else params[key]
         if value is not None:
             settings[key] = value
-    return SparseRowAdam(adapters(model), **settings, max_nonfinite_steps=meft_config.max_nonfinite_steps)
+    return SparseRowAdam(
+        adapters(model), **settings, max_nonfinite_steps=meft_config.max_nonfinite_steps,
+        bias_correction=meft_config.bias_correction,
+    )  # fmt: skip

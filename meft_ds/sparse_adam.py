@@ -1,15 +1,21 @@
 """`SparseRowAdam`: AdamW on the rows that received gradients, and only on those (lazy/sparse Adam).
 
 Untouched rows and their moments are not read or written: they stay bit-for-bit unchanged, and their moments do
-not decay. Bias correction uses the optimizer's global step count, as SPEC.md prescribes. Three backends, one math:
+not decay. Bias correction uses the optimizer's global step count, as SPEC.md prescribes (``bias_correction="global"``),
+or each row's own count of updates (``"per_row"``: a row first touched at step t then gets the update a fresh Adam
+makes at its step 1, instead of one about 3.2x the learning rate). Three backends, one math:
 
 * ``"fused"``: meft_ds's row-indexed AdamW kernel updates the touched rows in place (no copies), at the memory
   bandwidth DeepSpeed's dense CPU Adam reaches (see ``launch/bench.py``).
 * ``"deepspeed"``: touched rows are gathered into contiguous buffers, updated by DeepSpeed's CPU Adam kernel
-  (``CPUAdamBuilder``; it calls ``.contiguous()`` internally, so it must never get a strided view) and scattered back.
+  (``CPUAdamBuilder``; it calls ``.contiguous()`` internally, so it must never get a strided view) and scattered back
+  (global bias correction only: the kernel takes one step count).
 * ``"torch"``: the same gather/scatter around plain torch operations (the reference; no compiler needed).
 
 ``"auto"`` takes the first that builds, in that order, warning once when it has to fall back.
+
+Whether the gradients are finite (a step with a NaN or inf is skipped, touching nothing) is known from their
+accumulation (:mod:`meft_ds.accumulator`): the step does not read them a second time to check.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from meft_ds.ops import cpu_kernels, kernel_threads
 from meft_ds.shard import ShardedRowStore
 
 BACKENDS = ("auto", "fused", "deepspeed", "torch")
+BIAS_CORRECTIONS = ("global", "per_row")
 logger = logging.getLogger("meft_ds")
 
 
@@ -68,32 +75,31 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def _grads_finite(grads: torch.Tensor) -> bool:
-    """Whether ``grads`` holds no NaN or inf: one vectorized read pass that stops at the first bad block (the
-    compiled kernel), or ``torch.isfinite``. Element by element, so a sum that overflows cannot raise a false alarm."""
-    kernels = cpu_kernels()
-    if kernels is not None and grads.dtype == torch.float32 and grads.is_contiguous():
-        return bool(kernels.all_finite(grads, kernel_threads()))
-    return bool(torch.isfinite(grads).all())
-
-
 def adamw_torch_(
     params: torch.Tensor,
     grads: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     *,
-    step: int,
+    step: int | torch.Tensor,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
 ) -> None:
-    """In-place AdamW, the same operations as ``torch.optim.AdamW``'s single-tensor path."""
+    """In-place AdamW, the same operations as ``torch.optim.AdamW``'s single-tensor path. ``step`` is the step count
+    of every row, or a tensor of one count per row (the leading dimension), for per-row bias correction."""
     params.mul_(1.0 - lr * weight_decay)
     exp_avg.lerp_(grads, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1.0 - beta2)
+    if isinstance(step, torch.Tensor):  # per row, in float64 as the scalar path computes its constants
+        per_row = (-1,) + (1,) * (params.dim() - 1)
+        step = step.double().view(per_row)
+        bias_correction2_sqrt = (1.0 - beta2**step).sqrt().float()
+        step_size = (lr / (1.0 - beta1**step)).float()
+        params.sub_(exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps) * step_size)
+        return
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
@@ -119,6 +125,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         *,
         backend: str = "auto",
         max_nonfinite_steps: int = 3,
+        bias_correction: str = "global",
     ) -> None:
         self.adapters = list(adapters)
         if not self.adapters:
@@ -127,6 +134,17 @@ class SparseRowAdam(torch.optim.Optimizer):
             raise ValueError(
                 f"SparseRowAdam: invalid hyperparameters lr={lr}, betas={betas}, eps={eps}, "
                 f"weight_decay={weight_decay}. Fix: lr >= 0, 0 <= betas < 1, eps > 0, weight_decay >= 0."
+            )
+        if bias_correction not in BIAS_CORRECTIONS:
+            raise ValueError(
+                f"SparseRowAdam: unknown bias_correction {bias_correction!r}. Fix: use one of "
+                f"{', '.join(map(repr, BIAS_CORRECTIONS))}."
+            )
+        self.per_row = bias_correction == "per_row"
+        if self.per_row and not all(hasattr(a.store, "row_steps") for a in self.adapters):
+            raise ValueError(
+                "SparseRowAdam: bias_correction='per_row' needs per-row step counts, which the NVMe store does not "
+                "keep yet. Fix: use bias_correction='global' with it."
             )
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         # torch.optim.Optimizer wants parameters to hang its param groups on (schedulers read and write the
@@ -137,6 +155,11 @@ class SparseRowAdam(torch.optim.Optimizer):
         self.nonfinite_steps = 0  # steps skipped because a row gradient was NaN or inf, in total
         self._nonfinite_streak = 0
         self.backend = resolve_backend(backend)
+        if self.per_row and self.backend == "deepspeed":
+            raise ValueError(
+                "SparseRowAdam: DeepSpeed's Adam kernel takes one step count, not one per row. Fix: use "
+                "backend='fused' or 'torch' with bias_correction='per_row'."
+            )
         self._deepspeed_id = None
         if self.backend == "deepspeed":
             self._deepspeed_id = next(_KERNEL_IDS)
@@ -174,7 +197,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         """Whether every row gradient of every adapter is finite, checked before any row is updated (a skipped step
         must leave all rows untouched). Sharded stores hold different rows on each rank, so the ranks agree on the
         answer (all of them skip, or none)."""
-        finite = all(_grads_finite(accumulated[1]) for accumulated in self._accumulated())
+        finite = all(adapter.store.grads_finite() for adapter in self.adapters)
         store = self.adapters[0].store
         if isinstance(store, ShardedRowStore):
             nonfinite_ranks = torch.tensor(0.0 if finite else 1.0, dtype=torch.float64)
@@ -214,9 +237,10 @@ class SparseRowAdam(torch.optim.Optimizer):
         eps, weight_decay = group["eps"], group["weight_decay"]
         grads = grads.contiguous()
         with store.rows_for_update(ids) as (*state, index):
+            row_steps = store.row_steps if self.per_row else torch.empty(0, dtype=torch.int32)
             if self.backend == "fused":
                 cpu_kernels().row_adamw_(
-                    *state, index, grads, step, lr, beta1, beta2, eps, weight_decay, kernel_threads()
+                    *state, index, grads, step, lr, beta1, beta2, eps, weight_decay, kernel_threads(), row_steps
                 )
             else:  # gather the touched rows into contiguous buffers, update them, scatter them back
                 params, exp_avg, exp_avg_sq = gathered = [t.index_select(0, index) for t in state]
@@ -236,12 +260,14 @@ class SparseRowAdam(torch.optim.Optimizer):
                         exp_avg_sq,
                     )
                 else:
+                    if self.per_row:
+                        row_steps[index] += 1
                     adamw_torch_(
                         params,
                         grads,
                         exp_avg,
                         exp_avg_sq,
-                        step=step,
+                        step=row_steps[index] if self.per_row else step,
                         lr=lr,
                         beta1=beta1,
                         beta2=beta2,

@@ -4,8 +4,8 @@ It is also the interface of every store tier. The rest of meft_ds reaches rows o
 
 * :meth:`RowStore.gather_into` fills a staging buffer with rows, cast to the dtype rows travel in;
 * :meth:`RowStore.score_probed` scores tokens against the keys of their probed experts (routing);
-* :meth:`RowStore.accumulate_grad` / :meth:`~RowStore.accumulated_grads` / :meth:`~RowStore.drop_grads` keep the
-  touched rows' gradients, by global row id;
+* :meth:`RowStore.accumulate_grad` / :meth:`~RowStore.accumulated_grads` / :meth:`~RowStore.grads_finite` /
+  :meth:`~RowStore.drop_grads` keep the touched rows' gradients, by global row id;
 * :meth:`RowStore.rows_for_update` hands the optimizer the rows it owns, to update in place;
 * :meth:`RowStore.save` / :meth:`~RowStore.load` write and read checkpoints, :meth:`~RowStore.full_rows` exports.
 
@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from meft_ds.accumulator import RowGradAccumulator
 from meft_ds.ops import cpu_kernels, kernel_threads
 from meft_ds.routing import score_probed_keys
 
@@ -43,7 +44,8 @@ class RowStore:
 
     Row ``i`` of ``rows`` holds ``(key_i, value_i)`` side by side, so the rows a micro-batch needs are one gather
     (one staging buffer, one copy each way) and one contiguous block for the optimizer. ``keys`` and ``values`` are
-    writable ``(rows held, d)`` views. Gradients are accumulated compactly (only touched rows, sorted global ids).
+    writable ``(rows held, d)`` views. Gradients are accumulated compactly (only touched rows, by global id) in a
+    :class:`~meft_ds.accumulator.RowGradAccumulator`; ``row_steps`` counts each row's updates (int32).
     """
 
     is_shard = False  # True where each rank holds (and saves) only its part
@@ -58,8 +60,9 @@ class RowStore:
         # values start at zero, so an injected model starts exactly at the base model
         self.exp_avg = torch.zeros_like(self.rows)
         self.exp_avg_sq = torch.zeros_like(self.rows)
-        self._grad_ids: torch.Tensor | None = None
-        self._grads: torch.Tensor | None = None
+        # updates of each row, for per-row bias correction (SparseRowAdam(bias_correction="per_row"))
+        self.row_steps = torch.zeros(held, dtype=torch.int32)
+        self._accumulator: RowGradAccumulator | None = None
 
     @property
     def keys(self) -> torch.Tensor:
@@ -95,34 +98,37 @@ class RowStore:
 
     # ------------------------------------------------------------------ gradients
     @property
+    def grad_accumulator(self) -> RowGradAccumulator:
+        """The touched rows' gradients, by global row id (created at the first gradient, with room for the rows held
+        here; a subclass that does not run this ``__init__`` gets one too)."""
+        accumulator = getattr(self, "_accumulator", None)
+        if accumulator is None:
+            capacity = self.row_stop - self.row_start
+            accumulator = self._accumulator = RowGradAccumulator(self.num_rows, self.dim, capacity=capacity)
+        return accumulator
+
+    @property
     def num_touched(self) -> int:
         """Rows holding an accumulated gradient."""
-        return 0 if self._grad_ids is None else self._grad_ids.numel()
+        return self.grad_accumulator.count
 
-    def accumulate_grad(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
-        """Add ``grads`` (``(n, 2, d)`` fp32, owned by the store from now on) to rows ``ids`` (sorted, unique)."""
-        if self._grad_ids is None:
-            self._grad_ids, self._grads = ids, grads
-            return
-        assert self._grads is not None
-        merged = torch.cat([self._grad_ids, ids]).unique(sorted=True)
-        if merged.numel() == self._grad_ids.numel():
-            self._grads.index_add_(0, torch.searchsorted(self._grad_ids, ids), grads)
-            return
-        grown = self._grads.new_zeros(merged.numel(), 2, self.dim)
-        grown.index_copy_(0, torch.searchsorted(merged, self._grad_ids), self._grads)
-        grown.index_add_(0, torch.searchsorted(merged, ids), grads)
-        self._grad_ids, self._grads = merged, grown
+    def accumulate_grad(self, ids: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor | None = None) -> None:
+        """Add ``grads`` (``(n, 2, d)``, any float dtype; copied) to rows ``ids`` (unique), only where ``has_grad``
+        (``(n,)`` bool) is true, if given."""
+        self.grad_accumulator.add(ids, grads, has_grad)
 
     def accumulated_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The accumulated ``(ids, grads)`` (ids sorted and unique), or ``None`` when no row has a gradient."""
-        if self._grad_ids is None:
-            return None
-        assert self._grads is not None
-        return self._grad_ids, self._grads
+        """The accumulated ``(ids, grads)`` (ids sorted and unique; grads ``(n, 2, d)`` fp32, a view of the
+        accumulator: in-place changes stay), or ``None`` when no row has a gradient."""
+        return self.grad_accumulator.view()
+
+    def grads_finite(self) -> bool:
+        """Whether every accumulated gradient value is finite (known from the accumulation itself, see
+        :mod:`meft_ds.accumulator`)."""
+        return self.grad_accumulator.all_finite()
 
     def drop_grads(self) -> None:
-        self._grad_ids = self._grads = None
+        self.grad_accumulator.clear()
 
     def rows_updated_anywhere(self, updated: torch.Tensor) -> torch.Tensor:
         """The rows an optimizer step changed in the whole store, given those it changed here (``updated``): the
@@ -145,7 +151,7 @@ class RowStore:
 
     def save(self, directory: Path, layer_index: int) -> None:
         tensors = {"rows": self.rows, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
-        save_file(tensors, str(directory / self.file_name(layer_index)))
+        save_file({**tensors, "row_steps": self.row_steps}, str(directory / self.file_name(layer_index)))
 
     def check_saved(self, directory: Path, layer_index: int) -> None:
         """Raise :class:`CheckpointError` unless ``directory`` holds this store's rows for ``layer_index`` in the
@@ -170,6 +176,8 @@ class RowStore:
         tensors = load_file(str(directory / self.file_name(layer_index)))
         for name, target in (("rows", self.rows), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
             target.copy_(tensors[name])
+        # checkpoints written before per-row bias correction have no step counts: their rows count from 0
+        self.row_steps.copy_(tensors.get("row_steps", torch.zeros_like(self.row_steps)))
         self.drop_grads()
 
     def assign_rows(self, rows: torch.Tensor) -> None:

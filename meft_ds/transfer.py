@@ -26,12 +26,15 @@ pinning is a no-op and the copies are plain memory copies, counted the same way.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from meft_ds.accumulator import RowGradAccumulator
 from meft_ds.cache import DeviceRowCache
 from meft_ds.pinned import PinnedBuffers
 from meft_ds.stats import TrafficStats
@@ -68,6 +71,43 @@ class RowsInFlight:
         return self.rows
 
 
+GradSink = Callable[[torch.Tensor, torch.Tensor], None]  # (grads (n, 2, d), has_grad (n,)) of a backward's rows
+
+
+def by_position(
+    sink: GradSink, num_rows: int, dim: int, dtype: torch.dtype
+) -> tuple[RowGradAccumulator, torch.Tensor, Callable[[], None]]:
+    """A destination for the gradients of ``num_rows`` rows, by position, whose ``done()`` hands all of them (zero
+    where a row has none) in ``dtype`` to ``sink`` with their flags (see :meth:`RowTransfer.grad_destination`)."""
+    positions = RowGradAccumulator(num_rows, dim)
+
+    def done() -> None:
+        grads = torch.zeros(num_rows, 2, dim, dtype=dtype)
+        has_grad = torch.zeros(num_rows, dtype=torch.bool)
+        touched = positions.view()
+        if touched is not None:
+            grads[touched[0]] = touched[1].to(dtype)
+            has_grad[touched[0]] = True
+        sink(grads, has_grad)
+
+    return positions, torch.arange(num_rows), done
+
+
+@dataclass
+class RowGradSink:
+    """Where the row gradients of one forward of an adapter go: called with all of the rows' gradients (an
+    accelerator's backward), or asked by meft_ds's CPU backward where to write them directly."""
+
+    transfer: RowTransfer
+    row_ids: torch.Tensor
+
+    def __call__(self, grads: torch.Tensor, has_grad: torch.Tensor | None = None) -> None:
+        self.transfer.accept_grads(self.row_ids, grads, has_grad)
+
+    def destination(self, dtype: torch.dtype) -> tuple[RowGradAccumulator, torch.Tensor, Callable[[], None]]:
+        return self.transfer.grad_destination(self.row_ids, dtype)
+
+
 class _Handover:
     """Row gradients on their way to the host, in pinned buffers; :meth:`complete` adds the rows that have a gradient
     to the store (once), :meth:`discard` drops them (the buffers are still waited for before reuse)."""
@@ -85,9 +125,7 @@ class _Handover:
         self.done = True
         if self.discarded:
             return
-        selected = self.has_grad.nonzero().flatten()
-        if selected.numel():  # index_select copies: the store owns what it gets, the buffer is reused
-            self.store.accumulate_grad(self.row_ids[selected], self.grads.index_select(0, selected).float())
+        self.store.accumulate_grad(self.row_ids, self.grads, self.has_grad)  # rows with a gradient, copied once
 
     def discard(self) -> None:
         self.discarded = True
@@ -151,21 +189,27 @@ class RowTransfer:
     def _upload(self, row_ids: torch.Tensor, dtype: torch.dtype, device: torch.device) -> RowsInFlight:
         """Rows ``row_ids`` of the store on their way to ``device`` in ``dtype``: gathered into the staging buffer,
         copied on the side stream into memory allocated there (no kernel queued on the compute stream can still be
-        using that block). (On a CPU-only machine the copy is a plain memory copy: the same path, so the path users
-        run on an accelerator is the one tested.)"""
+        using that block). On a CPU-only machine (no streams) the rows are gathered straight into the tensor the
+        adapter computes with, and counted as the copy an accelerator makes; the test accelerator with streams
+        (tests/async_accelerator.py) runs the staging path on the CPU."""
         shape = (row_ids.numel(), 2, self.store.dim)
+        side = self._side(device)
+        row_bytes = row_ids.numel() * 2 * self.store.dim * torch.empty(0, dtype=dtype).element_size()
+        self.stats.row_bytes_to_device += row_bytes
+        self.stats.bytes_to_device += row_bytes
+        self.stats.rows_fetched += row_ids.numel()
+        if side is None and device.type == "cpu":
+            rows = torch.empty(shape, dtype=dtype)
+            self.store.gather_into(row_ids, rows)
+            return RowsInFlight(rows)
         slot, (staging,) = self.buffers.take("rows", (shape, dtype))
         self.store.gather_into(row_ids, staging)
-        side = self._side(device)
         with self._accelerator.stream(side):
             on_device = torch.empty(shape, dtype=dtype, device=device)
             on_device.copy_(staging, non_blocking=True)
         copied = self._event(side)
         if copied is not None:
             self.buffers.hold(slot, copied.synchronize)
-        self.stats.row_bytes_to_device += _nbytes(on_device)
-        self.stats.bytes_to_device += _nbytes(on_device)
-        self.stats.rows_fetched += row_ids.numel()
         return RowsInFlight(on_device, copied)
 
     def fetch(self, row_ids: torch.Tensor, *, dtype: torch.dtype, device: torch.device) -> RowsInFlight:
@@ -204,6 +248,25 @@ class RowTransfer:
         return self.cache
 
     # ------------------------------------------------------------------ row gradients to the host
+    def grad_destination(
+        self, row_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[RowGradAccumulator, torch.Tensor, Callable[[], None]]:
+        """Where a backward that runs on the host (meft_ds's CPU kernel) writes the gradients of rows ``row_ids``,
+        rounded to ``dtype``: ``(accumulator, ids to write them under, done)``. Without a device cache that is the
+        store's own accumulator, by row id: the gradients are written once, where the optimizer reads them, and the
+        counters count what an accelerator would copy (every row of ``row_ids`` and its flag, in ``dtype``). With
+        one, or where the accelerator has streams (the asynchronous test accelerator runs this kernel on the host),
+        the rows go through :meth:`accept_grads`, as an accelerator's backward hands them over."""
+        if self.cache is not None or self._accelerator.Stream is not None:
+            return by_position(functools.partial(self.accept_grads, row_ids), row_ids.numel(), self.store.dim, dtype)
+        self._count_grads_to_host(row_ids.numel(), dtype)
+        return self.store.grad_accumulator, row_ids, lambda: None
+
+    def _count_grads_to_host(self, num_rows: int, dtype: torch.dtype) -> None:
+        row_bytes = num_rows * 2 * self.store.dim * torch.empty(0, dtype=dtype).element_size()
+        self.stats.row_bytes_to_host += row_bytes
+        self.stats.bytes_to_host += row_bytes + num_rows  # and a "has a gradient" flag per row
+
     def accept_grads(self, row_ids: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor | None = None) -> None:
         """Take the gradients ``(n, 2, d)`` (device, travel dtype) of rows ``row_ids`` from a backward pass: into the
         device cache for cached rows, else on their way to the store. ``has_grad``: ``(n,)`` device flags of the rows
@@ -247,8 +310,7 @@ class RowTransfer:
         handover.copied = self._event(side)
         self._handovers.append(handover)
         self.buffers.hold(slot, handover.complete)
-        self.stats.row_bytes_to_host += _nbytes(grads)
-        self.stats.bytes_to_host += _nbytes(grads) + _nbytes(has_grad)
+        self._count_grads_to_host(row_ids.numel(), grads.dtype)
 
     def _download_cached(self, slots: torch.Tensor, row_ids: torch.Tensor) -> None:
         """Send the cached gradients of ``slots`` (rows ``row_ids``) to the store, zeroing them on the device."""

@@ -1,8 +1,11 @@
 // CPU kernels of meft_ds, built by meft_ds.ops.MeftCPUBuilder like DeepSpeed's own CPU ops
 // (-O3 -march=native -fopenmp, the SIMD width chosen with py-cpuinfo).
 //
-//   row_adamw_     AdamW in place on the touched rows of a row store (no gather/scatter copies)
+//   row_adamw_     AdamW in place on the touched rows of a row store (no gather/scatter copies), bias correction
+//                  by the global step or by each row's own step count
 //   all_finite     whether a gradient tensor holds no NaN or inf (the optimizer's skip test), one read pass
+//   accumulate_rows_ / sort_accumulated_
+//                  row gradients into a packed accumulator (meft_ds/accumulator.py), finiteness checked on the way
 //   gather_rows    rows of the fp32 store into a staging buffer, cast to the dtype rows travel in
 //   score_probed   h_t . k_j for the keys of each token's probed experts, expert-major for cache reuse
 //   sparse_adapter_forward / _backward
@@ -13,6 +16,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
+#include <numeric>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -31,9 +36,11 @@ void check_rows(const torch::Tensor& t, const char* name) {
 // except that sqrt(v) / sqrt(bias_correction2) multiplies by the reciprocal instead (at most one rounding apart):
 // the kernel is memory bound, but the two divisions per element took about a third of the time a core has per
 // element at the dense kernel's bandwidth, and one of them is the step's constant.
+// row_steps: None or empty (bias correction by the global ``step``), or (num_rows,) int32 counts of each row's
+// updates, incremented here, each row then corrected by its own count (a row's first update is a fresh Adam's first).
 void row_adamw_(torch::Tensor params, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, torch::Tensor ids,
                 torch::Tensor grads, int64_t step, double lr, double beta1, double beta2, double eps,
-                double weight_decay, int64_t threads) {
+                double weight_decay, int64_t threads, const c10::optional<torch::Tensor>& steps_per_row) {
     check_rows(params, "params");
     check_rows(exp_avg, "exp_avg");
     check_rows(exp_avg_sq, "exp_avg_sq");
@@ -44,14 +51,24 @@ void row_adamw_(torch::Tensor params, torch::Tensor exp_avg, torch::Tensor exp_a
     TORCH_CHECK(grads.numel() == n * width, "grads must hold one row of ", width, " values per id");
     TORCH_CHECK(exp_avg.sizes() == params.sizes() && exp_avg_sq.sizes() == params.sizes(), "moment shapes differ");
     const int64_t num_rows = params.size(0);
+    const torch::Tensor row_steps = steps_per_row.value_or(torch::Tensor());
+    const bool per_row = row_steps.defined() && row_steps.numel() > 0;
+    TORCH_CHECK(!per_row || (row_steps.scalar_type() == torch::kInt32 && row_steps.is_contiguous() &&
+                             row_steps.numel() == num_rows), "row_steps must be (num_rows,) int32 or empty");
 
     const float decay = static_cast<float>(1.0 - lr * weight_decay);
     const float one_minus_beta1 = static_cast<float>(1.0 - beta1);
     const float b2 = static_cast<float>(beta2);
     const float one_minus_beta2 = static_cast<float>(1.0 - beta2);
-    const float step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step))));
-    const float inv_bias_correction2_sqrt =
-        static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+    auto step_size_at = [&](int64_t t) {
+        return static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(t))));
+    };
+    auto inv_bias_correction2_sqrt_at = [&](int64_t t) {
+        return static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, static_cast<double>(t))));
+    };
+    const float global_step_size = step_size_at(step);
+    const float global_inv_bias_correction2_sqrt = inv_bias_correction2_sqrt_at(step);
+    int32_t* steps = per_row ? row_steps.data_ptr<int32_t>() : nullptr;
     const float epsilon = static_cast<float>(eps);
 
     float* p_all = params.data_ptr<float>();
@@ -73,6 +90,12 @@ void row_adamw_(torch::Tensor params, torch::Tensor exp_avg, torch::Tensor exp_a
         float* m = m_all + id[i] * width;
         float* v = v_all + id[i] * width;
         const float* g = g_all + i * width;
+        float step_size = global_step_size, inv_bias_correction2_sqrt = global_inv_bias_correction2_sqrt;
+        if (per_row) {
+            const int64_t t = ++steps[id[i]];
+            step_size = step_size_at(t);
+            inv_bias_correction2_sqrt = inv_bias_correction2_sqrt_at(t);
+        }
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
             const float grad = g[j];
@@ -120,6 +143,149 @@ bool all_finite(torch::Tensor t, int64_t threads) {
     float zero = 0.0f;  // the tail past the streams, fewer than kStreams * kBlock elements
     for (int64_t j = kStreams * stream_size; j < n; ++j) zero += x[j] * 0.0f;
     return finite.load() && zero == 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The packed row-gradient accumulator of meft_ds/accumulator.py: acc (capacity, 2, d) fp32 holds the gradient of row
+// acc_ids[s] in slot s < count; slot_of (num_ids,) int64 maps a row id to its slot, -1 for none. A row's first
+// gradient is copied into the next free slot (no zero-fill), later ones are added in place; the finiteness of every
+// value written is checked on the way, while it is in a register (so the optimizer needs no read pass to check it).
+
+namespace {
+
+struct Accumulator {
+    float* rows;
+    int64_t* ids;
+    int64_t* slot_of;
+    int64_t count, capacity, num_ids, width;
+};
+
+Accumulator accumulator_of(torch::Tensor& acc, torch::Tensor& acc_ids, torch::Tensor& slot_of, int64_t count) {
+    check_rows(acc, "acc");
+    TORCH_CHECK(acc_ids.scalar_type() == torch::kInt64 && acc_ids.is_contiguous() && acc_ids.numel() == acc.size(0),
+                "acc_ids must be (capacity,) int64");
+    TORCH_CHECK(slot_of.scalar_type() == torch::kInt64 && slot_of.is_contiguous(), "slot_of must be int64");
+    TORCH_CHECK(count >= 0 && count <= acc.size(0), "count out of range");
+    return {acc.data_ptr<float>(), acc_ids.data_ptr<int64_t>(), slot_of.data_ptr<int64_t>(), count, acc.size(0),
+            slot_of.numel(), acc.numel() / std::max<int64_t>(1, acc.size(0))};
+}
+
+// The slot of row id (taking the next free one if it has none).
+int64_t slot_for(Accumulator& a, int64_t id) {
+    TORCH_CHECK(id >= 0 && id < a.num_ids, "row id ", id, " out of range [0, ", a.num_ids, ")");
+    int64_t& slot = a.slot_of[id];
+    if (slot < 0) {
+        TORCH_CHECK(a.count < a.capacity, "the gradient accumulator is full (", a.capacity, " rows)");
+        slot = a.count;
+        a.ids[a.count++] = id;
+    }
+    return slot;
+}
+
+// Row g (width values) into accumulator row dst: copied when fresh, else added. Whether every value written is
+// finite (x * 0 is 0 exactly for a finite x, NaN otherwise).
+template <typename in_t>
+bool commit_row(const in_t* g, float* dst, int64_t width, bool fresh) {
+    float zero = 0.0f;
+    if (fresh) {
+#pragma omp simd reduction(+ : zero)
+        for (int64_t j = 0; j < width; ++j) {
+            const float v = static_cast<float>(g[j]);
+            dst[j] = v;
+            zero += v * 0.0f;
+        }
+    } else {
+#pragma omp simd reduction(+ : zero)
+        for (int64_t j = 0; j < width; ++j) {
+            const float v = dst[j] + static_cast<float>(g[j]);
+            dst[j] = v;
+            zero += v * 0.0f;
+        }
+    }
+    return zero == 0.0f;
+}
+
+template <typename in_t>
+int64_t commit_rows(const in_t* g, const int64_t* slot, int64_t n, const Accumulator& a, int64_t first_new,
+                    int64_t threads) {
+    int64_t nonfinite = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : nonfinite)
+    for (int64_t i = 0; i < n; ++i) {
+        if (slot[i] < 0) continue;
+        if (!commit_row(g + i * a.width, a.rows + slot[i] * a.width, a.width, slot[i] >= first_new)) ++nonfinite;
+    }
+    return nonfinite;
+}
+
+// Give back the slots in ``released`` (taken in this call, rows that turned out to have no gradient): the last
+// slots move into the holes, so the used slots stay packed.
+void release_slots(Accumulator& a, std::vector<int64_t> released) {
+    std::sort(released.begin(), released.end(), std::greater<int64_t>());
+    for (const int64_t hole : released) {  // descending: every slot above the hole is in use
+        a.slot_of[a.ids[hole]] = -1;
+        const int64_t last = --a.count;
+        if (hole != last) {
+            std::copy(a.rows + last * a.width, a.rows + (last + 1) * a.width, a.rows + hole * a.width);
+            a.ids[hole] = a.ids[last];
+            a.slot_of[a.ids[hole]] = hole;
+        }
+    }
+}
+
+}  // namespace
+
+// Add grads (n, 2, d) of fp32/bf16/fp16 to rows ids (n,) (unique) of the accumulator, skipping rows whose has_grad
+// (n,) bool is false (has_grad empty: all rows). Slots are taken in the order of ids. Returns (count, finite).
+std::tuple<int64_t, bool> accumulate_rows_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor slot_of,
+                                           int64_t count, torch::Tensor ids, torch::Tensor grads,
+                                           torch::Tensor has_grad, int64_t threads) {
+    Accumulator a = accumulator_of(acc, acc_ids, slot_of, count);
+    TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.is_contiguous() && ids.dim() == 1, "ids must be int64 1-D");
+    const int64_t n = ids.size(0);
+    TORCH_CHECK(grads.is_contiguous() && grads.numel() == n * a.width, "grads must be (n, 2, d) and contiguous");
+    TORCH_CHECK(!has_grad.numel() || (has_grad.scalar_type() == torch::kBool && has_grad.numel() == n &&
+                                      has_grad.is_contiguous()), "has_grad must be (n,) bool or empty");
+    const int64_t* id = ids.data_ptr<int64_t>();
+    const bool* has = has_grad.numel() ? has_grad.data_ptr<bool>() : nullptr;
+    const int64_t first_new = a.count;
+    std::vector<int64_t> slot(n, -1);
+    for (int64_t i = 0; i < n; ++i) {
+        if (!has || has[i]) slot[i] = slot_for(a, id[i]);
+    }
+    int64_t nonfinite = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, grads.scalar_type(), "accumulate_rows_", [&] {
+        nonfinite = commit_rows(grads.data_ptr<scalar_t>(), slot.data(), n, a, first_new, threads);
+    });
+    return {a.count, nonfinite == 0};
+}
+
+// Reorder the first count slots by row id, in place (each cycle of the permutation with one row held aside).
+void sort_accumulated_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor slot_of, int64_t count) {
+    Accumulator a = accumulator_of(acc, acc_ids, slot_of, count);
+    std::vector<int64_t> order(count);
+    for (int64_t i = 0; i < count; ++i) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return a.ids[x] < a.ids[y]; });
+    std::vector<float> held(a.width);
+    std::vector<char> placed(count, 0);
+    auto row = [&](int64_t s) { return a.rows + s * a.width; };
+    for (int64_t start = 0; start < count; ++start) {
+        if (placed[start]) continue;
+        std::copy(row(start), row(start) + a.width, held.begin());
+        const int64_t held_id = a.ids[start];
+        for (int64_t j = start;;) {  // slot j takes the row in slot order[j]
+            const int64_t k = order[j];
+            placed[j] = 1;
+            if (k == start) {
+                std::copy(held.begin(), held.end(), row(j));
+                a.ids[j] = held_id;
+                break;
+            }
+            std::copy(row(k), row(k) + a.width, row(j));
+            a.ids[j] = a.ids[k];
+            j = k;
+        }
+    }
+    for (int64_t s = 0; s < count; ++s) a.slot_of[a.ids[s]] = s;
 }
 
 // One row at a time, cast element-wise (round to nearest even, as torch's .to(dtype)). A function of its own
@@ -283,61 +449,103 @@ std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor
     return {out, scores};
 }
 
-// returns (grad_x (T, d), grad_gate (T, K) or empty, grad_rows (n, 2, d), row_has_grad (n,) bool: the row's gradient
-// is not all zero, found while the row is still in cache, so no second pass over grad_rows is needed)
-std::vector<torch::Tensor> sparse_adapter_backward(torch::Tensor grad_out, torch::Tensor x, torch::Tensor rows,
-                                                   torch::Tensor slots, torch::Tensor gate, torch::Tensor scores,
-                                                   int64_t threads) {
+// Returns (grad_x (T, d), grad_gate (T, K) or empty, count, finite). The gradient of fetched row u (id row_ids[u])
+// goes straight into the accumulator (see accumulate_rows_), written once: each row's gradient is summed in a
+// thread's scratch row (in cache), rounded to the precision rows travel in (round_to: 0 fp32, 1 bf16, 2 fp16, as the
+// copy to the host would), then copied or added into its slot. Rows whose gradient is all zero (selected, but
+// inactive for every token that chose them) take no slot.
+std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
+    torch::Tensor grad_out, torch::Tensor x, torch::Tensor rows, torch::Tensor slots, torch::Tensor gate,
+    torch::Tensor scores, torch::Tensor row_ids, torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor slot_of,
+    int64_t count, int64_t round_to, int64_t threads) {
     check_adapter_inputs(x, rows, slots, gate);
     check_rows(grad_out, "grad_out");
+    Accumulator a = accumulator_of(acc, acc_ids, slot_of, count);
     const int64_t tokens = x.size(0), dim = x.size(1), top_k = slots.size(1), n = rows.size(0);
+    TORCH_CHECK(row_ids.scalar_type() == torch::kInt64 && row_ids.is_contiguous() && row_ids.numel() == n,
+                "row_ids must be (n,) int64");
+    TORCH_CHECK(a.width == 2 * dim, "the accumulator's rows must be (2, d)");
     const int64_t entries = tokens * top_k;
     auto grad_x = torch::zeros_like(x);
     auto grad_gate = gate.numel() ? torch::empty_like(gate) : torch::empty({0}, x.options());
-    auto grad_rows = torch::zeros_like(rows);
-    auto row_has_grad = torch::zeros({n}, x.options().dtype(torch::kBool));
     std::vector<float> act(entries), grad_score(entries);
+    std::vector<char> live(tokens);  // the token's output gradient is not all zero (a padding token's often is)
     const float* xs = x.data_ptr<float>();
     const float* dout = grad_out.data_ptr<float>();
     const float* r = rows.data_ptr<float>();
     const int64_t* slot = slots.data_ptr<int64_t>();
     const float* g = gate.numel() ? gate.data_ptr<float>() : nullptr;
     const float* sc = scores.data_ptr<float>();
+    const int64_t* row_id = row_ids.data_ptr<int64_t>();
     float* dx = grad_x.data_ptr<float>();
     float* dg = gate.numel() ? grad_gate.data_ptr<float>() : nullptr;
-    float* dr = grad_rows.data_ptr<float>();
-    bool* has_grad = row_has_grad.data_ptr<bool>();
 
     // token-parallel: d pre = (d out . value) on active slots; gate and x gradients
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tokens; ++t) {
+        bool nonzero = false;
+        for (int64_t c = 0; c < dim && !nonzero; ++c) nonzero = dout[t * dim + c] != 0.0f;
+        live[t] = nonzero;
         for (int64_t k = 0; k < top_k; ++k) {
             const int64_t e = t * top_k + k;
             const float* key = r + slot[e] * 2 * dim;
             const float pre = g ? g[e] * sc[e] : sc[e];
-            const float grad_pre = pre > 0.0f ? dot(dout + t * dim, key + dim, dim) : 0.0f;
+            const float grad_pre = pre > 0.0f && nonzero ? dot(dout + t * dim, key + dim, dim) : 0.0f;
             act[e] = pre > 0.0f ? pre : 0.0f;
             if (dg) dg[e] = grad_pre * sc[e];
             grad_score[e] = g ? grad_pre * g[e] : grad_pre;
             if (grad_score[e] != 0.0f) axpy(grad_score[e], key, dx + t * dim, dim);
         }
     }
-    // row-parallel over the entries of each row: d value_u, d key_u without races
+    // slots for the rows that get a gradient, taken in the order of U (serially: the layout is deterministic)
     const EntryGroups by_row = group_entries(slot, entries, n);
-#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+    const int64_t first_new = a.count;
+    std::vector<int64_t> target(n, -1);
     for (int64_t u = 0; u < n; ++u) {
-        float* grad_key = dr + u * 2 * dim;
-        float* grad_value = grad_key + dim;
-        for (int64_t q = by_row.start[u]; q < by_row.start[u + 1]; ++q) {
-            const int64_t e = by_row.order[q], t = e / top_k;
-            if (act[e] > 0.0f) axpy(act[e], dout + t * dim, grad_value, dim);
-            if (grad_score[e] != 0.0f) axpy(grad_score[e], xs + t * dim, grad_key, dim);
+        bool contributes = false;
+        for (int64_t q = by_row.start[u]; q < by_row.start[u + 1] && !contributes; ++q) {
+            const int64_t e = by_row.order[q];
+            contributes = (act[e] > 0.0f && live[e / top_k]) || grad_score[e] != 0.0f;
         }
-        bool nonzero = false;
-        for (int64_t j = 0; j < 2 * dim && !nonzero; ++j) nonzero = grad_key[j] != 0.0f;
-        has_grad[u] = nonzero;
+        if (contributes) target[u] = slot_for(a, row_id[u]);
     }
-    return {grad_x, grad_gate, grad_rows, row_has_grad};
+    // row-parallel over the entries of each row: d value_u, d key_u without races
+    std::vector<char> came_out_zero(n, 0);
+    int64_t nonfinite = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : nonfinite)
+    {
+        std::vector<float> scratch(2 * dim);
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t u = 0; u < n; ++u) {
+            if (target[u] < 0) continue;
+            float* grad_key = scratch.data();
+            float* grad_value = grad_key + dim;
+            std::fill(scratch.begin(), scratch.end(), 0.0f);
+            for (int64_t q = by_row.start[u]; q < by_row.start[u + 1]; ++q) {
+                const int64_t e = by_row.order[q], t = e / top_k;
+                if (act[e] > 0.0f) axpy(act[e], dout + t * dim, grad_value, dim);
+                if (grad_score[e] != 0.0f) axpy(grad_score[e], xs + t * dim, grad_key, dim);
+            }
+            if (round_to == 1) {
+                for (int64_t j = 0; j < 2 * dim; ++j) scratch[j] = static_cast<float>(c10::BFloat16(scratch[j]));
+            } else if (round_to == 2) {
+                for (int64_t j = 0; j < 2 * dim; ++j) scratch[j] = static_cast<float>(c10::Half(scratch[j]));
+            }
+            bool nonzero = false;
+            for (int64_t j = 0; j < 2 * dim && !nonzero; ++j) nonzero = scratch[j] != 0.0f;
+            if (!nonzero) {  // cancelled or underflowed to zero: not touched (a slot taken for it is given back)
+                came_out_zero[u] = target[u] >= first_new;
+                continue;
+            }
+            if (!commit_row(scratch.data(), a.rows + target[u] * a.width, a.width, target[u] >= first_new)) ++nonfinite;
+        }
+    }
+    std::vector<int64_t> released;
+    for (int64_t u = 0; u < n; ++u) {
+        if (came_out_zero[u]) released.push_back(target[u]);
+    }
+    release_slots(a, released);
+    return {grad_x, grad_gate, a.count, nonfinite == 0};
 }
 
 // The router's gradient through the gate of each slot, gate[t][k] = x_t . W[experts[t][k]] (the router logit of the
@@ -395,11 +603,16 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor grad_gate, torch::Tensor 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("row_adamw_", &row_adamw_, "AdamW in place on the rows ids of a row store");
+    m.def("row_adamw_", &row_adamw_, "AdamW in place on the rows ids of a row store", py::arg("params"),
+          py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("ids"), py::arg("grads"), py::arg("step"), py::arg("lr"),
+          py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("threads"),
+          py::arg("row_steps") = py::none());
     m.def("all_finite", &all_finite, "whether a float32 tensor holds no NaN or inf");
+    m.def("accumulate_rows_", &accumulate_rows_, "row gradients into the packed accumulator; (count, finite)");
+    m.def("sort_accumulated_", &sort_accumulated_, "the accumulator's used slots in row id order, in place");
     m.def("gather_rows", &gather_rows, "gather fp32 rows into a buffer of the travel dtype");
     m.def("score_probed", &score_probed, "scores of the probed experts' keys, grouped by expert");
     m.def("sparse_adapter_forward", &sparse_adapter_forward, "adapter output over each token's own K rows");
-    m.def("sparse_adapter_backward", &sparse_adapter_backward, "gradients of x, gate and the fetched rows, and which rows have one");
+    m.def("sparse_adapter_backward", &sparse_adapter_backward, "gradients of x and gate; the fetched rows' into the accumulator");
     m.def("gate_backward", &gate_backward, "the router's gradient through the slots' gates, pairs in use only");
 }
