@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 
-from bench import adam, inference, memory, report, routing_cost, scaleout, steptime, traffic
+from bench import adam, inference, memory, report, routing_cost, scaleout, steptime, timeline, traffic
 from bench.common import Context, Section, Settings, fits_in_memory, fmt_bytes, meft_settings, packed_batches
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
@@ -281,7 +281,7 @@ def test_sections_measured_on_other_machines_name_theirs() -> None:
 
     sections = {"a": section("a"), "g": section("g")}
     same = report.render_markdown(sections, {"machine": {"cpu": "EPYC"}}, {})
-    assert "Machine: EPYC, " in same and ", on EPYC)" not in same
+    assert "Machine: EPYC, " in same and ", on EPYC)" in same, "every section names its CPU"
     meta = {"machine": {"cpu": "Xeon"}, "machines": {"a": {"cpu": "EPYC"}, "g": {"cpu": "Xeon"}}}
     mixed = report.render_markdown(sections, meta, {})
     assert "Machines: EPYC, " in mixed and "(a); Xeon, " in mixed
@@ -361,3 +361,18 @@ def test_scale_out_reports_the_counters_of_two_ranks_and_the_nvme_io(context: Co
     assert len(section.rows) == 3 + (3 if nvme is not None else 0)
     assert section.rows[0][3] == fmt_bytes(between["variants"][0]["dense"])
     assert section.rows[1][3] == fmt_bytes(between["variants"][0]["total"])
+
+
+def test_host_timeline_times_each_phase_and_puts_everything_back(context: Context) -> None:
+    config = meft_ds.MeftConfig(num_neurons=64, top_k=4)
+    model, optimizers = traffic.build_meft(tiny_model(), config, lr=1e-3)
+    step = steptime.step_function(model, optimizers, context.batch)
+    original = meft_ds.SparseKeyExpertAdapter._route
+    record = {"seconds": timeline.timed_steps(step, 2), "steps": 2, "layers": 2}
+    assert meft_ds.SparseKeyExpertAdapter._route is original, "the timers are removed"
+    ms = timeline.per_layer_ms(record)
+    for phase in ("routing (score + top-K)", "gather + cast of rows", "backward kernel (+ router's)"):
+        assert ms[phase] > 0, phase
+    assert 0 < ms["host"] < ms["step"] / 2
+    rows = timeline.table(record, record)
+    assert rows[0][0] == "host phase" and all(row[3] in ("1.00x", "-") for row in rows[1:-1])

@@ -8,12 +8,15 @@ same total size (every row touched); ``Tensor.copy_`` moves 2 tensors (read + wr
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any
 
 import torch
 
 import meft_ds
 from bench.common import GB, Context, Section, figure_footer, fmt_ratio, free_memory, median_seconds
+from bench.report import cpu_brand
 
 BACKENDS = ("fused", "deepspeed", "torch")
 ADAM_TENSORS = 7
@@ -38,17 +41,19 @@ def touched_rows(num_rows: int, fraction: float, seed: int = 0) -> torch.Tensor:
 
 
 def sparse_step_seconds(adapter: Any, backend: str, fraction: float, repeats: int) -> float:
-    """Median time of ``SparseRowAdam.step()`` with ``fraction`` of the rows holding a gradient."""
+    """Median time of ``SparseRowAdam.step()`` with ``fraction`` of the rows holding a gradient (put into the store's
+    accumulator before each step, untimed: the backward does that during the micro-steps)."""
     optimizer = meft_ds.SparseRowAdam([adapter], lr=1e-4, backend=backend)
     ids = touched_rows(adapter.store.num_rows, fraction)
     grads = torch.randn(ids.numel(), 2, adapter.dim) * 1e-3
-
-    def step() -> None:
-        adapter.store.accumulate_grad(ids, grads)  # the store takes the tensor as its accumulator: no copy
+    times = []
+    for repeat in range(1 + repeats):  # the first is a warm-up
+        adapter.store.accumulate_grad(ids, grads)
+        start = time.perf_counter()
         optimizer.step()
-
-    seconds, _ = median_seconds(step, repeats=repeats)
-    return seconds
+        if repeat:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def dense_step_seconds(num_rows: int, width: int, repeats: int) -> float:
@@ -113,23 +118,32 @@ def run(context: Context) -> Section:
             f"on a dense {rows} x {width} fp32 matrix and a plain torch.Tensor.copy_ of the same size."
         ),
         how=(
-            f"Median of {s.adam_repeats} timed calls after 1 warm-up, torch threads = {torch.get_num_threads()}. "
+            f"Median of {s.adam_repeats} timed calls after 1 warm-up, torch threads = {torch.get_num_threads()}, on "
+            f"{cpu_brand()}. "
             "Adam traffic = 7 tensors of the rows updated (param, grad, exp_avg, exp_avg_sq read; param, exp_avg, "
             "exp_avg_sq written), the same definition for every backend and for the dense kernel (all rows); "
             "copy_ traffic = read + write. The sparse step is SparseRowAdam.step() with the gradients already in the "
-            "store's accumulator (what the optimizer boundary sees)."
+            "store's accumulator (what the optimizer boundary sees); whether they are finite is known from their "
+            "accumulation, so the step does not read them to check."
         ),
         columns=["kernel", "rows touched", "ms / step", "GB/s", "÷ dense Adam", "÷ copy_"],
         rows=table,
-        target="fused >= 0.8x the dense DeepSpeedCPUAdam's GB/s",
-        met=bool(fused) and min(fused) >= 0.8,
+        target="fused >= 0.9x the dense DeepSpeedCPUAdam's GB/s at 10-40% of the rows",
+        met=bool(fused) and min(fused) >= 0.9,
         verdict=(
             f"fused reaches {', '.join(fmt_ratio(x) for x in fused)} of the dense kernel's {dense_gbs:.1f} GB/s "
             f"(at {', '.join(f'{f:.0%}' for f in s.adam_fractions)} touched); copy_ moves {copy_gbs:.1f} GB/s."
             if fused
             else "the fused backend could not be built on this machine."
         ),
-        data={"dense_gbs": dense_gbs, "copy_gbs": copy_gbs, "sparse": measured, "rows": rows, "width": width},
+        data={
+            "dense_gbs": dense_gbs,
+            "copy_gbs": copy_gbs,
+            "sparse": measured,
+            "rows": rows,
+            "width": width,
+            "cpu": cpu_brand(),
+        },
     )
 
 
@@ -145,11 +159,11 @@ def plot(section: Section, path: str) -> None:
         xs = [j + (i - 1) * width for j in range(len(fractions))]
         axes.bar(xs, [values.get(f, 0.0) for f in fractions], width, label=f"SparseRowAdam {backend}")
     axes.axhline(data["dense_gbs"], color="black", linestyle="--", label="dense DeepSpeedCPUAdam")
-    axes.axhline(0.8 * data["dense_gbs"], color="gray", linestyle=":", label="target: 0.8 x dense")
+    axes.axhline(0.9 * data["dense_gbs"], color="gray", linestyle=":", label="target: 0.9 x dense")
     axes.axhline(data["copy_gbs"], color="tab:red", linestyle="-.", label="torch copy_")
     axes.set_xticks(range(len(fractions)), [f"{f:.0%} of {data['rows']} rows" for f in fractions])
     axes.set_ylabel("GB/s (Adam: 7 tensors of the touched rows)")
-    axes.set_title(f"b. Sparse Adam on touched rows, rows of {data['width']} fp32")
+    axes.set_title(f"b. Sparse Adam on touched rows, rows of {data['width']} fp32, {data.get('cpu', '?')}")
     axes.legend(fontsize=8)
     figure.subplots_adjust(bottom=0.25)
     figure_footer(figure, section.how, section.command)

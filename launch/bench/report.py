@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -12,6 +13,17 @@ from bench.common import Section
 
 FULL_COMMAND = "python launch/bench.py"
 QUICK_COMMAND = "python launch/bench.py --quick"
+
+
+@functools.cache
+def cpu_brand() -> str:
+    """The CPU's name as py-cpuinfo reads it (e.g. "AMD EPYC" or "Intel(R) Xeon(R) ..."), or "?"."""
+    try:
+        import cpuinfo
+
+        return cpuinfo.get_cpu_info().get("brand_raw", "?")
+    except Exception:  # py-cpuinfo is optional here
+        return "?"
 
 
 def machine() -> dict[str, Any]:
@@ -27,14 +39,13 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
+    info["cpu"] = cpu_brand()
     try:
         import cpuinfo
 
-        cpu = cpuinfo.get_cpu_info()
-        info["cpu"] = cpu.get("brand_raw", "?")
-        info["avx512"] = "avx512f" in cpu.get("flags", [])
+        info["avx512"] = "avx512f" in cpuinfo.get_cpu_info().get("flags", [])
     except Exception:  # py-cpuinfo is optional here
-        info["cpu"] = "?"
+        pass
     try:
         root = Path(__file__).resolve().parents[2]
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
@@ -89,6 +100,8 @@ def render_section(section: Section, image: str | None, cpu: str | None = None) 
         f"{section.seconds:.0f} s{where})",
         markdown_table(section.columns, section.rows),
     ]
+    for extra in section.data.get("extra_tables", []):  # further tables of the section, each with a title
+        parts.append(f"**{extra['title']}**\n\n{markdown_table(extra['columns'], extra['rows'])}")
     if image:
         parts.append(f"![{section.title}]({image})")
     parts.append(f"**Target:** {section.target}. **{_status(section.met)}.** {section.verdict}")
@@ -141,7 +154,7 @@ def render_markdown(
         "|---|---|---|",
     ]
     summary = [f"| {s.key}. {s.title} | {_cell(s.target)} | **{_status(s.met)}** |" for s in sections.values()]
-    cpus = {key: used.get("cpu", "?") for key, used in machines.items()} if len(by_machine) > 1 else {}
+    cpus = {key: used.get("cpu", "?") for key, used in machines.items()}  # beside every section's figures
     body = [render_section(s, images.get(s.key), cpus.get(s.key)) for s in sections.values()]
     body.append(render_gpu_check(gpu_check))
     return "\n\n".join(header[:3]) + "\n\n" + "\n".join(header[3:] + summary) + "\n\n" + "\n\n".join(body) + "\n"

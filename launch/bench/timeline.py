@@ -1,0 +1,157 @@
+"""Where a MEFT micro-step's host time goes, phase by phase: wall-clock timers around meft_ds's functions.
+
+Each phase is a list of functions (class attributes, or attributes of the compiled kernels' module); a timed call's
+own time is charged to its phase, minus the timed calls inside it (a gather inside an upload counts as gather). Only
+names that exist are timed, so the same timeline runs against older versions of meft_ds (to measure "before").
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from meft_ds import adapter, ops, sparse_adam, store, transfer
+
+# phase -> (owner, attribute name) of the functions whose own time it is
+PHASES: dict[str, list[tuple[Any, str]]] = {
+    "routing (score + top-K)": [(adapter.SparseKeyExpertAdapter, "_route")],
+    "gather + cast of rows": [(store.RowStore, "gather_into")],
+    "copies (rows, indices, routing inputs)": [
+        (transfer.RowTransfer, name) for name in ("_upload", "to_device", "to_host_async")
+    ],
+    "forward kernel": [("kernels", "sparse_adapter_forward")],
+    "backward kernel (+ router's)": [("kernels", "sparse_adapter_backward"), ("kernels", "gate_backward")],
+    "gradient hand-over": [
+        *((transfer.RowTransfer, name) for name in ("accept_grads", "grad_destination", "flush")),
+        (transfer._Handover, "complete"),
+    ],
+    "accumulation": [(store.RowStore, "accumulate_grad")],
+    "sparse step: finiteness check": [(sparse_adam.SparseRowAdam, "row_grads_finite")],
+    "sparse step: update": [(sparse_adam.SparseRowAdam, "step")],
+}
+
+
+class HostTimeline:
+    """``with HostTimeline() as timeline:`` times every phase's functions until the block ends."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self._children: list[float] = []  # time of timed calls inside each open timed call
+        self._restore: list[Callable[[], None]] = []
+
+    def _wrap(self, phase: str, function: Callable) -> Callable:
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._children.append(0.0)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                self.seconds[phase] += elapsed - self._children.pop()
+                if self._children:
+                    self._children[-1] += elapsed
+
+        return timed
+
+    def __enter__(self) -> HostTimeline:
+        kernels = ops.cpu_kernels()
+        for phase, functions in PHASES.items():
+            for owner, name in functions:
+                target = kernels if owner == "kernels" else owner
+                original = target.__dict__.get(name) if isinstance(target, type) else getattr(target, name, None)
+                if original is None:
+                    continue
+                setattr(target, name, self._wrap(phase, original))
+                self._restore.append(functools.partial(setattr, target, name, original))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for restore in reversed(self._restore):
+            restore()
+        self._restore.clear()
+
+
+def timed_steps(step: Callable[[], None], steps: int) -> dict[str, float]:
+    """``{phase: seconds}`` over ``steps`` calls of ``step``, plus ``"step"``: their total wall time."""
+    with HostTimeline() as timeline:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = time.perf_counter() - start
+    return {**timeline.seconds, "step": total}
+
+
+def per_layer_ms(measured: dict[str, Any]) -> dict[str, float]:
+    """``{phase: ms per layer and micro-step}`` of a :func:`timed_steps` record (``seconds``, ``steps``, ``layers``),
+    with ``"host"`` (all phases) and ``"step"`` (the whole step, per micro-step)."""
+    seconds, steps, layers = measured["seconds"], measured["steps"], measured["layers"]
+    ms = {phase: 1e3 * value / steps / layers for phase, value in seconds.items() if phase != "step"}
+    ms["host"] = sum(ms.values())
+    ms["step"] = 1e3 * seconds["step"] / steps
+    return ms
+
+
+def table(after: dict[str, Any], before: dict[str, Any] | None = None) -> list[list[str]]:
+    """Header and rows: each phase's ms per layer and micro-step (before, after, their ratio), and per micro-step."""
+    now = per_layer_ms(after)
+    then = per_layer_ms(before) if before is not None else None
+    header = ["host phase", "ms / layer, before", "ms / layer", "after ÷ before", "ms / micro-step"]
+    rows = [header]
+    for phase in [*PHASES, "host", "step"]:
+        label = {"host": "meft_ds host work, all phases", "step": "whole micro-step (per step, not per layer)"}
+        value = now.get(phase, 0.0)
+        old = then.get(phase) if then is not None else None
+        per_step = value if phase == "step" else value * after["layers"]
+        rows.append([
+            label.get(phase, phase),
+            "-" if old is None else f"{old:.2f}",
+            f"{value:.2f}",
+            "-" if not old else f"{value / old:.2f}x",
+            f"{per_step:.0f}",
+        ])  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    """Measure the timeline alone (e.g. on an older checkout, for the "before" column):
+    ``PYTHONPATH=<checkout>:launch python -m bench.timeline --out docs/bench/c_timeline_before.json``."""
+    import argparse
+    import json
+    import subprocess
+
+    import meft_ds
+    from bench.common import Context, Settings, meft_settings
+    from bench.report import cpu_brand
+    from bench.steptime import WARMUP, step_function
+    from bench.traffic import build_meft
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    settings = Settings.full()
+    context = Context(settings, "timeline")
+    config = meft_settings({"num_neurons": settings.step_neurons, "top_k": settings.top_k}, {}, {})
+    model, optimizers = build_meft(context.fresh_model(), config, 1e-4)
+    step = step_function(model, optimizers, context.batch)
+    for _ in range(WARMUP):
+        step()
+    seconds = timed_steps(step, args.steps)
+    root = Path(adapter.__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    record = {
+        "seconds": seconds, "steps": args.steps, "layers": len(meft_ds.adapters(model)),
+        "neurons": settings.step_neurons, "commit": commit.stdout.strip(), "cpu": cpu_brand(),
+        "command": "python -m bench.timeline",
+    }  # fmt: skip
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    for row in table(record):
+        print(" | ".join(row))
+
+
+if __name__ == "__main__":
+    main()
