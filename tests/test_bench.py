@@ -321,14 +321,14 @@ def test_scale_out_reports_the_counters_of_two_ranks_and_the_nvme_io(context: Co
     section = scaleout.run(context)
     dim, layers, neurons = 64, 2, 64  # the tiny model: d=64, adapters on both of its layers, r = step_neurons
     between = section.data["between_ranks"]
-    assert [v["variant"] for v in between["variants"]] == ["replicated", "sharded"]
+    assert [v["variant"] for v in between["variants"]] == ["replicated", "sharded", "sharded, bf16 rows"]
     for v in between["variants"]:
         assert v["dense"] == scaleout.dense_allreduce_bytes(neurons, dim, layers) == 2 * 2 * 64 * 64 * 4
         assert v["per_rank_counted"] == v["per_rank_final"]  # every counted byte is in some step's deltas
         assert v["total"] == v["exchange"] + v["forward"] + v["routers"]
         assert v["routers"] == layers * v["experts"] * dim * 4  # the routers' fp32 gradients
     for rank in between["ranks"]:
-        replicated, sharded = rank["variants"]
+        replicated, sharded, _ = rank["variants"]
         assert sharded["rows_held"] * 2 == replicated["rows_held"] == layers * neurons
         for step in replicated["steps"]:
             assert step["micro"]["bytes_between_ranks"] == 0  # replicated stores exchange only at the step
@@ -341,6 +341,11 @@ def test_scale_out_reports_the_counters_of_two_ranks_and_the_nvme_io(context: Co
             assert step["step"]["bytes_between_ranks"] == scaleout.sharded_exchange_bytes(step["touched"], dim, layers)
             assert step["micro"]["bytes_between_ranks"] > 0  # routing all-gathers, rows fetched from their owners
             assert 0 < step["foreign"] <= step["touched"]
+    replicated, sharded, bf16 = between["variants"]
+    for v in (sharded, bf16):  # the formula of the sharded forward's bytes, from the run's own quantities
+        assert v["forward_formula"] == pytest.approx(v["forward"], rel=1e-9)
+    assert bf16["forward"] < sharded["forward"] and replicated["shard_default"] is False and sharded["shard_default"]
+    assert replicated["store_bytes"] == 2 * sharded["store_bytes"] and all(v["node_pss"] > 0 for v in (sharded, bf16))
     # same model, data and init: in the first step the owners together update the union each replicated rank updates
     replicated_union = between["ranks"][0]["variants"][0]["steps"][0]["step"]["rows_updated"]
     owned = [rank["variants"][1]["steps"][0]["step"]["rows_updated"] for rank in between["ranks"]]
@@ -358,7 +363,7 @@ def test_scale_out_reports_the_counters_of_two_ranks_and_the_nvme_io(context: Co
         assert store["bytes_read"] == sum(s["nvme_bytes_read"] for s in store["steps"])
         assert nvme["raw_aio"]["bytes"] == nvme["plain"]["bytes"] == scaleout.RAW_MIN
     assert section.columns[:4] == ["part", "variant", "rows / step (per rank)", "bytes / step (per rank)"]
-    assert len(section.rows) == 3 + (3 if nvme is not None else 0)
+    assert len(section.rows) == 4 + 3 * 2 + 3 + (3 if nvme is not None else 0)  # + sent at 2/4/8 ranks, memory
     assert section.rows[0][3] == fmt_bytes(between["variants"][0]["dense"])
     assert section.rows[1][3] == fmt_bytes(between["variants"][0]["total"])
 

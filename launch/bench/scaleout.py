@@ -3,153 +3,69 @@
 Bytes between ranks. Two ranks on CPU (``torch.distributed.run --nproc_per_node 2``, gloo, one torch thread each) run
 ``launch/bench/scaleout_driver.py``: ``meft_ds.initialize`` (ZeRO stage 0, fp32) on the same frozen model, adapters on
 its last ``ADAPTER_LAYERS`` layers with ``r = Settings.step_neurons`` and ``K = Settings.top_k``, ``MICRO_STEPS``
-micro-batches of ``micro_batch x seq_len`` tokens per rank per optimizer step, once with replicated stores and once
-with sharded ones (``"store": {"shard": true}``). The bytes are the library's counter ``bytes_between_ranks`` of
+micro-batches of ``micro_batch x seq_len`` tokens per rank per optimizer step, in three variants (``VARIANTS``, each in
+processes of its own): replicated stores, sharded ones (the default of a node of several ranks) and sharded ones with
+rows travelling in bf16. The bytes are the library's counter ``bytes_between_ranks`` of
 ``meft_ds.stats`` (what this rank put into the collectives: row ids and gradients at the optimizer step; with sharded
 stores also the routing all-gathers and the row fetches from their owners during the forward), per rank per optimizer
 step, plus the routers' gradients that the DeepSpeed engine all-reduces (analytic: their fp32 bytes). A dense
 adapter of the same r all-reduces its whole gradient every optimizer step: ``2 r d`` fp32 values per layer (bf16
 would halve it). For an all-reduce "put in" is the tensor each rank contributes (a ring all-reduce over 2 ranks sends
-exactly that much per rank), the same definition for both sides.
+exactly that much per rank), the same definition for both sides. ``scaleout_bytes.py`` holds the formulas: the
+sharded forward's measured bytes are checked against them, and they give what a rank sends at 2, 4 and 8 ranks. Each
+variant also reports the node's host memory (the ranks' PSS added up).
 
 The model: the real SmolLM2-135M-Instruct in the full run (every rank loads it), a random model of SmolLM2's shape
 with 4 layers and random tokens in the quick run, the context's own model in tests.
 
-NVMe tier. In this process: a model with ``NvmeRowStore`` adapters (``E = r / EXPERT_ROWS`` experts, the unit of
-I/O) whose RAM budget holds only the expert blocks one micro-batch of ``NVME_TOKENS`` tokens can probe, smaller than
-the store, trains ``NVME_STEPS`` optimizer steps; each store's ``_io`` (submit) and ``_wait`` calls are timed, and
-read and write GB/s = the store's counters ``nvme_bytes_read`` / ``nvme_bytes_written`` over the time spent in them.
-In the same folder and run: one file of the store's size (16 to 256 MiB) written and read whole through the same
-DeepSpeed async I/O handle (O_DIRECT, like the store), and with plain buffered writes + fsync and a cold read (the
-file's pages dropped with posix_fadvise). The folder is a temporary one, or ``$MEFT_BENCH_NVME`` when set.
+NVMe tier: see ``scaleout_nvme.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import meft_ds
-from bench.common import GB, MB, Context, Section, Settings, figure_footer, fits_in_memory, fmt_bytes, fmt_ratio
-from bench.traffic import build_meft, optimizer_step, stats_delta
+from bench.common import GB, MB, Context, Section, figure_footer, fits_in_memory, fmt_bytes, fmt_ratio
+from bench.scaleout_bytes import (
+    GRAD_BYTES,
+    RankLoad,
+    dense_allreduce_bytes,
+    dense_sent,
+    replicated_exchange_bytes,
+    sharded_exchange_bytes,
+    sharded_forward_put_in,
+    sharded_sent,
+    sharded_sent_before,
+)
+from bench.scaleout_nvme import IO_REPEATS, RAW_MIN, measure_nvme
+from bench.scaleout_plan import ADAPTER_LAYERS, adapter_layers, model_plan, num_layers, plan_batches, plan_dim
+
+# what the tests reach through this module
+__all__ = ["RAW_MIN", "adapter_layers", "dense_allreduce_bytes", "replicated_exchange_bytes", "sharded_exchange_bytes"]
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("scaleout_driver.py")
 RANKS = 2
-ADAPTER_LAYERS = 4  # the last layers of the model
 MICRO_STEPS = 2  # micro-batches per optimizer step (per rank)
 MAX_STEPS = 2  # optimizer steps per variant (fewer if Settings.train_steps is smaller)
-ID_BYTES = 8  # row ids travel as int64
-GRAD_BYTES = 4  # row gradients travel in fp32
-EXPERT_ROWS = 16  # NVMe part: rows per key-expert block
-NVME_TOKENS = 16  # NVMe part: tokens per micro-batch (their probed experts bound the RAM budget)
-NVME_STEPS = 3
-RAW_MIN, RAW_MAX = 16 * 2**20, 256 * 2**20
-IO_REPEATS = 3
-# SmolLM2-135M's shape with 4 layers: the quick run's random model
-RANDOM_LLAMA = {
-    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 9,
-    "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 2048, "tie_word_embeddings": True,
-}  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# byte formulas
-
-
-def dense_allreduce_bytes(neurons: int, dim: int, layers: int, element_bytes: int = GRAD_BYTES) -> int:
-    """What a dense adapter of ``neurons`` rows (keys and values, ``2 r d`` values per layer) puts into the gradient
-    all-reduce of one optimizer step, per rank."""
-    return layers * 2 * neurons * dim * element_bytes
-
-
-def replicated_exchange_bytes(touched: int, union: int, dim: int, layers: int) -> int:
-    """``bytes_between_ranks`` of one replicated-store exchange: this rank's touched row ids (all-gather) and the
-    gradients laid out over the ranks' union (all-reduce), spread evenly over the layers' counters."""
-    return layers * ((touched * ID_BYTES + union * 2 * dim * GRAD_BYTES) // layers)
-
-
-def sharded_exchange_bytes(touched: int, dim: int, layers: int) -> int:
-    """``bytes_between_ranks`` of one sharded-store exchange: every touched row's id and gradient sent to its owner
-    (all-to-all; the part a rank owns itself goes through the collective too)."""
-    return layers * ((touched * (ID_BYTES + 2 * dim * GRAD_BYTES)) // layers)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the model both parts use
-
-
-def _is_builtin(model: torch.nn.Module) -> bool:
-    from meft_ds.models import ModelLoadError, resolve_model
-
-    try:
-        return getattr(model.config, "_name_or_path", None) == resolve_model(None)[0]
-    except ModelLoadError:
-        return False
-
-
-def model_plan(context: Context) -> dict[str, Any]:
-    """Which model and text: the context's own model (tests, or any model a caller put there), the real SmolLM2 in
-    the full run, a random model of SmolLM2's shape with random tokens in the quick run."""
-    s = context.settings
-    if context.model is not None and not _is_builtin(context.model):
-        return {"source": "context", "label": f"the context's model ({type(context.model).__name__})"}
-    if s.step_neurons >= Settings.full().step_neurons:
-        return {"source": "builtin", "label": "SmolLM2-135M-Instruct (real weights, real text)"}
-    return {
-        "source": {"random": RANDOM_LLAMA},
-        "label": "a random LLaMA of SmolLM2-135M's shape, 4 layers, random tokens",
-    }
-
-
-def plan_model(context: Context, plan: dict[str, Any]) -> torch.nn.Module:
-    if isinstance(plan["source"], dict):
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(LlamaConfig(**RANDOM_LLAMA)).eval().requires_grad_(False)
-    return context.fresh_model()
-
-
-def plan_batches(context: Context, plan: dict[str, Any], count: int) -> list[dict[str, torch.Tensor]]:
-    s = context.settings
-    if isinstance(plan["source"], dict):
-        generator = torch.Generator().manual_seed(0)
-        batches = []
-        for _ in range(count):
-            ids = torch.randint(0, RANDOM_LLAMA["vocab_size"], (s.micro_batch, s.seq_len), generator=generator)
-            batches.append({"input_ids": ids, "labels": ids.clone()})
-        return batches
-    return context.batches()
-
-
-def num_layers(context: Context, plan: dict[str, Any]) -> int:
-    if isinstance(plan["source"], dict):
-        return RANDOM_LLAMA["num_hidden_layers"]
-    return context.base().config.num_hidden_layers
-
-
-def plan_dim(context: Context, plan: dict[str, Any]) -> int:
-    if isinstance(plan["source"], dict):
-        return RANDOM_LLAMA["hidden_size"]
-    return context.base().config.hidden_size
-
-
-def adapter_layers(total: int) -> list[int]:
-    return list(range(max(0, total - ADAPTER_LAYERS), total))
+SIMULATED_RANKS = (2, 4, 8)  # the sharded store's bytes by formula, from the 2-rank measurement
+VARIANTS = [
+    {"name": "replicated", "store": {"shard": False}},
+    {"name": "sharded", "store": {}},  # the default on a node of several ranks ("auto")
+    {"name": "sharded, bf16 rows", "store": {}, "meft": {"row_dtype": "bf16"}},
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,9 +130,43 @@ def summarize_variant(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
             for r in per_rank
         ],
         "per_rank_final": [r["final"]["bytes_between_ranks"] for r in per_rank],
+        "fetched": mean([s["micro"]["rows_fetched"] for s in steps]) / MICRO_STEPS,
+        "row_dtype": first.get("row_dtype", "auto"),
+        "node_pss": sum(r["pss_bytes"] for r in per_rank),
+        "store_bytes": statistics.fmean(r["store_bytes"] for r in per_rank),
+        "shard_default": first.get("shard_default", False),
     }
     summary["total"] = summary["exchange"] + summary["forward"] + summary["routers"]
     return summary
+
+
+def rank_load(variant: dict[str, Any], *, tokens: int, config: meft_ds.MeftConfig) -> dict[str, Any]:
+    """A rank's measured quantities (:class:`RankLoad`) in one variant."""
+    travel = 2 if variant["row_dtype"] in ("bf16", "fp16") else 4  # the runs compute in fp32
+    return {
+        "tokens": tokens, "micro_steps": MICRO_STEPS, "layers": variant["layers"], "fetched": variant["fetched"],
+        "touched": variant["touched"], "dim": variant["dim"], "n_probe": config.n_probe,
+        "expert_size": config.expert_size, "hidden_bytes": travel, "row_bytes": travel,
+    }  # fmt: skip
+
+
+def simulate(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Bytes a rank sends per optimizer step at ``SIMULATED_RANKS`` ranks: the sharded variants by formula from
+    their 2-rank quantities, before and after issue 15, and the dense adapter's ring all-reduce (fp32 and bf16)."""
+    first = variants[0]
+    rows = []
+    for world in SIMULATED_RANKS:
+        dense = dense_sent(first["neurons"], first["dim"], first["layers"], world)
+        for v in variants:
+            if "load" not in v:
+                continue
+            load = RankLoad(**v["load"])
+            parts = sharded_sent(load, world)
+            rows.append({
+                "world": world, "variant": v["variant"], "parts": parts, "total": sum(parts.values()),
+                "before": sharded_sent_before(load, world), "dense": dense, "dense_bf16": dense / 2,
+            })  # fmt: skip
+    return rows
 
 
 def measure_between_ranks(context: Context, plan: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
@@ -253,16 +203,29 @@ def measure_between_ranks(context: Context, plan: dict[str, Any], notes: list[st
             "micro_steps": MICRO_STEPS,
             "lr": s.train_lr,
             "meft": meft,
-            "variants": [{"name": "replicated", "store": {}}, {"name": "sharded", "store": {"shard": True}}],
+            "variants": VARIANTS,
             "out": str(workdir / "out"),
         }
-        ranks = run_ranks(spec, workdir)
-    variants = [summarize_variant([rank["variants"][i] for rank in ranks]) for i in range(len(spec["variants"]))]
+        ranks = []  # each variant in processes of its own, so that each one's memory is its own
+        for index, variant in enumerate(VARIANTS):
+            out = workdir / f"out_{index}"
+            for rank in run_ranks({**spec, "variants": [variant], "out": str(out)}, workdir):
+                if index == 0:
+                    ranks.append(rank)
+                else:
+                    ranks[rank["rank"]]["variants"] += rank["variants"]
+    variants = [summarize_variant([rank["variants"][i] for rank in ranks]) for i in range(len(VARIANTS))]
+    config = meft_ds.MeftConfig.from_dict(meft)
+    for v in variants:
+        if v["forward"]:  # sharded: the formula of the forward's bytes, from this run's own quantities
+            v["load"] = rank_load(v, tokens=batches[0]["input_ids"].numel(), config=config)
+            v["forward_formula"] = sharded_forward_put_in(RankLoad(**v["load"]), RANKS)
     for v in variants:
         print(f"  {v['variant']}: {v['touched']:.0f} rows touched/step/rank, {fmt_bytes(v['total'])} between ranks "
               f"per step per rank (dense {fmt_bytes(v['dense'])})")  # fmt: skip
     return {
         "variants": variants,
+        "simulated": simulate(variants),
         "ranks": ranks,
         "steps": steps,
         "micro_steps": MICRO_STEPS,
@@ -274,232 +237,37 @@ def measure_between_ranks(context: Context, plan: dict[str, Any], notes: list[st
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# part 2: the NVMe tier
-
-
-def aio_available() -> str | None:
-    """None when DeepSpeed's async I/O op works here, else why not."""
-    try:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
-
-        if not AsyncIOBuilder().is_compatible(verbose=False):
-            return "DeepSpeed's async_io op is not compatible here (libaio missing?)"
-        import meft_ds.swap
-
-        meft_ds.swap.aio_handle()
-    except Exception as error:  # a missing libaio surfaces in several ways
-        return f"DeepSpeed's async_io op cannot be built or loaded ({error.__class__.__name__}: {error})"
-    return None
-
-
-def mount_of(folder: Path) -> str:
-    """``device (fs type) at mount point`` of the file system holding ``folder`` (Linux), or '?'."""
-    try:
-        mounts = [line.split()[:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return "?"
-    path = str(folder.resolve())
-    best = max((m for m in mounts if path == m[1] or path.startswith(m[1].rstrip("/") + "/")),
-               key=lambda m: len(m[1]), default=None)  # fmt: skip
-    return f"{best[0]} ({best[2]}) at {best[1]}" if best else "?"
-
-
-class IoTimer:
-    """Wraps a store's ``_io`` (submits) and ``_wait`` (completes): seconds spent in them, split into reads and
-    writes (a wait is charged to the kind of the I/Os it completes, in proportion to their bytes)."""
-
-    def __init__(self) -> None:
-        self.seconds = {"read": 0.0, "write": 0.0}
-        self._pending = {"read": 0, "write": 0}
-
-    def instrument(self, store: Any) -> None:
-        submit, wait = store._io, store._wait
-
-        def timed_io(write: bool, buffer: torch.Tensor, name: str, first_expert: int) -> None:
-            kind = "write" if write else "read"
-            start = time.perf_counter()
-            submit(write, buffer, name, first_expert)
-            self.seconds[kind] += time.perf_counter() - start
-            self._pending[kind] += buffer.numel() * buffer.element_size()
-
-        def timed_wait() -> None:
-            start = time.perf_counter()
-            wait()
-            elapsed = time.perf_counter() - start
-            pending = sum(self._pending.values())
-            for kind, count in self._pending.items():
-                if pending:
-                    self.seconds[kind] += elapsed * count / pending
-            self._pending = {"read": 0, "write": 0}
-
-        store._io, store._wait = timed_io, timed_wait
-
-
-def nvme_settings(context: Context, plan: dict[str, Any], folder: Path, dim: int) -> tuple[dict[str, Any], int]:
-    """The NVMe variant's meft settings: RAM for the expert blocks one micro-batch can probe (every token's
-    ``n_probe`` experts distinct, at most E) per layer, and the number of tokens per micro-batch."""
-    s = context.settings
-    layers = adapter_layers(num_layers(context, plan))
-    probe = meft_ds.MeftConfig.from_dict({"num_neurons": s.step_neurons, "top_k": s.top_k, **context.overrides}).n_probe
-    tokens = min(NVME_TOKENS, s.seq_len)
-    rows = EXPERT_ROWS  # fewer rows per expert where r is small, so that every token can probe n_probe experts
-    while rows > 1 and (s.step_neurons % rows or s.step_neurons // rows < probe):
-        rows //= 2
-    resolved = s.step_neurons // rows
-    block = (s.step_neurons // resolved) * 2 * dim * 4
-    capacity = min(resolved, tokens * probe)
-    ram_mb = len(layers) * (capacity * block + block // 2) / 2**20
-    store = {"device": "nvme", "nvme_path": str(folder / "store"), "ram_budget_mb": ram_mb}
-    values = {"num_neurons": s.step_neurons, "top_k": s.top_k, "num_experts": resolved, "layers": layers}
-    return {**values, **context.overrides, "store": store}, tokens
-
-
-def measure_store_io(context: Context, plan: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """A few optimizer steps of a model whose stores live in ``folder``; bytes and seconds of their I/O."""
-    model = plan_model(context, plan)
-    dim = model.config.hidden_size
-    values, tokens = nvme_settings(context, plan, folder, dim)
-    model, optimizers = build_meft(model, meft_ds.MeftConfig.from_dict(values), lr=context.settings.train_lr)
-    stores = [a.store for a in meft_ds.adapters(model)]
-    timer = IoTimer()
-    for store in stores:
-        timer.instrument(store)
-    batches = plan_batches(context, plan, NVME_STEPS)
-    before, started, steps = meft_ds.stats(model), time.perf_counter(), []
-    for step in range(NVME_STEPS):
-        batch = batches[step % len(batches)]
-        ids, labels = batch["input_ids"][:1, :tokens], batch["labels"][:1, :tokens]
-        start, counters = time.perf_counter(), meft_ds.stats(model)
-        model(input_ids=ids, labels=labels).loss.backward()
-        optimizer_step(optimizers)
-        steps.append({"seconds": time.perf_counter() - start, **stats_delta(counters, meft_ds.stats(model))})
-    elapsed = time.perf_counter() - started
-    counted = stats_delta(before, meft_ds.stats(model))
-    result = {
-        "steps": steps,
-        "seconds": elapsed,
-        "read_seconds": timer.seconds["read"],
-        "write_seconds": timer.seconds["write"],
-        "bytes_read": counted["nvme_bytes_read"],
-        "bytes_written": counted["nvme_bytes_written"],
-        "rows_updated": counted["rows_updated"],
-        "tokens": tokens,
-        "layers": len(stores),
-        "experts": stores[0].num_experts,
-        "capacity": stores[0].capacity,
-        "ram_bytes": sum(st.nbytes for st in stores),
-        "store_bytes": sum(3 * st.num_rows * 2 * st.dim * 4 for st in stores),  # rows and two moments, fp32
-        "dim": dim,
-        "neurons": stores[0].num_rows,
-    }
-    result["read_gbs"] = result["bytes_read"] / result["read_seconds"] / GB if result["read_seconds"] else 0.0
-    result["write_gbs"] = result["bytes_written"] / result["write_seconds"] / GB if result["write_seconds"] else 0.0
-    result["step_gbs"] = (result["bytes_read"] + result["bytes_written"]) / elapsed / GB
-    del model, optimizers, stores
-    shutil.rmtree(folder / "store", ignore_errors=True)
-    return result
-
-
-def raw_aio_io(folder: Path, size: int, repeats: int = IO_REPEATS) -> dict[str, Any]:
-    """Median GB/s of writing and reading one ``size``-byte file whole through the store's DeepSpeed aio handle."""
-    import meft_ds.swap
-
-    handle = meft_ds.swap.aio_handle()
-    path = str(folder / "raw_aio.bin")
-    source = handle.new_cpu_locked_tensor(size // 4, torch.empty(0))
-    target = handle.new_cpu_locked_tensor(size // 4, torch.empty(0))
-    writes, reads = [], []
-    try:
-        source.uniform_()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            handle.async_pwrite(source, path, 0)
-            handle.wait()
-            writes.append(time.perf_counter() - start)
-            target.zero_()
-            start = time.perf_counter()
-            handle.async_pread(target, path, 0)
-            handle.wait()
-            reads.append(time.perf_counter() - start)
-        if not torch.equal(source, target):
-            raise RuntimeError("raw aio: the file read back differs from what was written")
-    finally:
-        handle.free_cpu_locked_tensor(source)
-        handle.free_cpu_locked_tensor(target)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    return {"bytes": size, "write_gbs": size / statistics.median(writes) / GB,
-            "read_gbs": size / statistics.median(reads) / GB}  # fmt: skip
-
-
-def plain_file_io(folder: Path, size: int, repeats: int = IO_REPEATS) -> dict[str, Any]:
-    """Median GB/s of a plain buffered write + fsync of one ``size``-byte file, and of a cold read of it (its pages
-    dropped from the page cache with posix_fadvise first)."""
-    path = folder / "plain.bin"
-    source = torch.rand(size // 4).numpy()
-    target = torch.empty(size // 4).numpy()
-    writes, reads = [], []
-    try:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            with open(path, "wb") as file:
-                file.write(memoryview(source).cast("B"))
-                file.flush()
-                os.fsync(file.fileno())
-            writes.append(time.perf_counter() - start)
-            descriptor = os.open(path, os.O_RDONLY)
-            with contextlib.suppress(AttributeError, OSError):
-                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(descriptor)
-            view = memoryview(target).cast("B")
-            start = time.perf_counter()
-            with open(path, "rb", buffering=0) as file:
-                done = 0
-                while done < size:
-                    read = file.readinto(view[done:])
-                    if not read:
-                        break
-                    done += read
-            reads.append(time.perf_counter() - start)
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-    return {"bytes": size, "write_gbs": size / statistics.median(writes) / GB,
-            "read_gbs": size / statistics.median(reads) / GB}  # fmt: skip
-
-
-def measure_nvme(context: Context, plan: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
-    why = aio_available()
-    if why is not None:
-        note = f"NVMe tier skipped: {why}"
-        print(f"  note: {note}")
-        notes.append(note)
-        return None
-    parent = os.environ.get("MEFT_BENCH_NVME")
-    if parent:
-        Path(parent).mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="meft_bench_nvme_", dir=parent or None))
-    try:
-        store = measure_store_io(context, plan, folder)
-        size = min(RAW_MAX, max(RAW_MIN, store["store_bytes"])) // 2**20 * 2**20
-        raw = raw_aio_io(folder, size)
-        plain = plain_file_io(folder, size)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    print(f"  NVMe store: read {store['read_gbs']:.2f} GB/s, write {store['write_gbs']:.2f} GB/s; raw aio "
-          f"{raw['read_gbs']:.2f} / {raw['write_gbs']:.2f} GB/s; plain {plain['read_gbs']:.2f} / "
-          f"{plain['write_gbs']:.2f} GB/s")  # fmt: skip
-    return {
-        "store": store,
-        "raw_aio": raw,
-        "plain": plain,
-        "folder": str(folder.parent),
-        "mount": mount_of(folder.parent),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the section
+
+
+def simulated_rows(between: dict[str, Any]) -> list[list[Any]]:
+    """Bytes sent per rank at 2, 4 and 8 ranks (formula), against the dense adapter's ring all-reduce."""
+    rows = []
+    for row in between["simulated"]:
+        parts = " + ".join(f"{name} {fmt_bytes(value)}" for name, value in row["parts"].items())
+        rows.append([
+            f"sent, {row['world']} ranks (formula)", f"MEFT {row['variant']}", "",
+            fmt_bytes(row["total"]), f"{parts}; before issue 15 {fmt_bytes(row['before'])}; dense all-reduce "
+            f"{fmt_bytes(row['dense'])} fp32, {fmt_bytes(row['dense_bf16'])} bf16", "",
+            fmt_ratio(row["dense"] / row["total"]),
+        ])  # fmt: skip
+    return rows
+
+
+def memory_rows(between: dict[str, Any]) -> list[list[Any]]:
+    """Host memory of the node: the ranks' proportional set sizes added up, per variant."""
+    return [
+        [
+            f"memory per node ({RANKS} ranks)",
+            f"MEFT {v['variant']}" + (" (the default)" if v["shard_default"] else ""),
+            "",
+            fmt_bytes(v["node_pss"]),
+            f"stores {fmt_bytes(v['store_bytes'])} per rank (rows, moments)",
+            "",
+            "",
+        ]
+        for v in between["variants"]
+    ]
 
 
 def table_rows(between: dict[str, Any] | None, nvme: dict[str, Any] | None) -> list[list[Any]]:
@@ -525,6 +293,7 @@ def table_rows(between: dict[str, Any] | None, nvme: dict[str, Any] | None) -> l
                 f"{v['touched']:.0f} touched, {v['updated']:.0f} updated", fmt_bytes(v["total"]), breakdown, "",
                 fmt_ratio(dense / v["total"]),
             ])  # fmt: skip
+        rows += simulated_rows(between) + memory_rows(between)
     if nvme is not None:
         store, raw, plain = nvme["store"], nvme["raw_aio"], nvme["plain"]
         per_step = (store["bytes_read"] + store["bytes_written"]) / len(store["steps"])
@@ -582,6 +351,24 @@ def run(context: Context) -> Section:
             "would be half), what each rank puts into its gradient all-reduce (a ring all-reduce over 2 ranks sends "
             "exactly that per rank)."
         )
+    if between is not None:
+        how_parts.append(
+            f'Variants: replicated = "store": {{"shard": false}}; sharded = the default on a node of '
+            f'{RANKS} ranks ("auto"); sharded, bf16 rows = the same with "row_dtype": "bf16" (rows, '
+            "hidden states and scores' inputs travel in bf16). Each variant runs in processes of its own; memory per "
+            "node = the ranks' proportional set sizes (/proc/self/smaps_rollup Pss, a shared page split between its "
+            "users) added up, after the last step. Sent at 2, 4 and 8 ranks: launch/bench/scaleout_bytes.py's "
+            "formulas (its docstring states them), evaluated with each rank's own tokens, rows fetched and rows "
+            "touched as measured at 2 ranks (a rank keeps its micro-batch; only the owners change with W): ring "
+            "all-gathers send (W-1) x a rank's part, all-to-alls (W-1)/W of it, a ring all-reduce 2(W-1)/W of the "
+            "tensor; the 'put in' formula reproduces the measured forward bytes (checked: "
+            + ", ".join(
+                f"{v['variant']} {fmt_bytes(v['forward'])} measured vs {fmt_bytes(v['forward_formula'])}"
+                for v in between["variants"]
+                if "forward_formula" in v
+            )
+            + ")."
+        )
     if nvme is not None:
         st = nvme["store"]
         how_parts.append(
@@ -613,6 +400,18 @@ def run(context: Context) -> Section:
             for v in sizes
             if v["forward"]
         ]
+        at_most = [row for row in between["simulated"] if row["world"] == max(SIMULATED_RANKS)]
+        verdict_parts += [
+            f"At {row['world']} ranks a rank sends {fmt_bytes(row['total'])} per step with {row['variant']} stores "
+            f"({fmt_bytes(row['before'])} before issue 15) vs {fmt_bytes(row['dense'])} for the dense adapter's fp32 "
+            f"all-reduce ({fmt_bytes(row['dense_bf16'])} in bf16)."
+            for row in at_most
+        ]
+        verdict_parts.append(
+            f"Host memory of the {RANKS}-rank node: "
+            + ", ".join(f"{v['variant']} {fmt_bytes(v['node_pss'])}" for v in sizes)
+            + "."
+        )
     else:
         verdict_parts.append("The 2-rank run was skipped.")
     if nvme is not None:

@@ -10,7 +10,10 @@ each; rank ``w`` of ``W`` takes micro-batch ``(step * micro_steps + m) * W + w``
 every part it records the deltas of ``meft_ds.stats(model)``: the micro-steps (forward + backward: with a sharded
 store, routing and row fetches from the owners) and ``engine.step()`` at the boundary (the plugin's exchange of row
 gradients, then the sparse Adam). Before the step it also counts the rows holding a gradient on this rank (over all
-adapter layers) and how many of them another rank owns. Writes ``rank_<w>.json`` into the spec's ``out`` folder.
+adapter layers) and how many of them another rank owns; after the last step, the process's proportional set size
+(PSS, its share of every page it maps: the ranks' PSS add up to what the node holds for them) and its stores' bytes.
+A variant may carry meft overrides of its own (``"meft": {"row_dtype": "bf16"}``). Writes ``rank_<w>.json`` into the
+spec's ``out`` folder.
 """
 
 from __future__ import annotations
@@ -65,6 +68,17 @@ def rows_with_grads(model: torch.nn.Module) -> tuple[int, int]:
     return touched, foreign
 
 
+def pss_bytes() -> int:
+    """This process's proportional set size (Linux ``smaps_rollup``; its RSS where that is missing)."""
+    rollup = Path("/proc/self/smaps_rollup")
+    field = "Pss:" if rollup.exists() else "VmRSS:"
+    source = rollup if rollup.exists() else Path("/proc/self/status")
+    for line in source.read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def run_variant(base: torch.nn.Module, spec: dict[str, Any], variant: dict[str, Any], batches: list) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     config = {
@@ -75,7 +89,7 @@ def run_variant(base: torch.nn.Module, spec: dict[str, Any], variant: dict[str, 
         "optimizer": {"type": "AdamW", "params": {"lr": spec["lr"]}},
         "zero_optimization": {"stage": 0},
     }
-    meft = {**spec["meft"], "store": variant["store"]}
+    meft = {**spec["meft"], **variant.get("meft", {}), "store": variant["store"]}
     model = copy.deepcopy(base)
     engine, *_ = meft_ds.initialize(model=model, config=config, meft=meft)
     layers = meft_ds.adapters(model)
@@ -107,6 +121,10 @@ def run_variant(base: torch.nn.Module, spec: dict[str, Any], variant: dict[str, 
         "num_neurons": layers[0].store.num_rows,
         "num_experts": layers[0].config.num_experts,
         "rows_held": sum(a.store.rows.shape[0] for a in layers),
+        "store_bytes": sum(a.store.nbytes for a in layers),
+        "pss_bytes": pss_bytes(),
+        "row_dtype": meft.get("row_dtype", "auto"),
+        "shard_default": bool(layers[0].store.is_shard and "shard" not in variant["store"]),
         "router_params": router_params,
         "steps": steps,
         "final": meft_ds.stats(model),
