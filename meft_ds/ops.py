@@ -16,6 +16,7 @@ import torch
 from deepspeed.ops.op_builder.cpu.builder import CPUOpBuilder
 
 SOURCE = Path(__file__).parent / "csrc" / "meft_cpu.cpp"
+SOURCES = [SOURCE, SOURCE.with_name("adapter.cpp")]  # csrc/common.h is what they share
 
 
 class MeftCPUBuilder(CPUOpBuilder):
@@ -29,7 +30,7 @@ class MeftCPUBuilder(CPUOpBuilder):
         return f"meft_ds.ops.{self.NAME}_op"
 
     def sources(self) -> list[str]:
-        return [str(SOURCE)]
+        return [str(source) for source in SOURCES]
 
     def include_paths(self) -> list[str]:
         return []
@@ -50,8 +51,9 @@ class KernelBuildError(RuntimeError):
 def _build() -> tuple[Any | None, Exception | None]:
     """The compiled kernels, or why they could not be built (built once per process)."""
     try:
-        if not SOURCE.is_file():
-            raise FileNotFoundError(f"{SOURCE} is missing from this installation")
+        missing = [str(source) for source in (*SOURCES, SOURCE.with_name("common.h")) if not source.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{', '.join(missing)} missing from this installation")
         return MeftCPUBuilder().load(verbose=False), None
     except Exception as error:  # the JIT build needs ninja and a C++ compiler
         return None, error
