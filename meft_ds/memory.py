@@ -45,8 +45,8 @@ def local_world_size() -> int:
 def check_store_fits(config: MeftConfig, num_layers: int, dim: int, *, available: int | None = None) -> None:
     """Raise :class:`MeftConfigError` (with a configuration that fits) when the stores would not fit in memory."""
     available = available_bytes() if available is None else available
-    if config.store.device == "nvme":  # rows and moments on NVMe; memory holds the cache of hot rows
-        return check_nvme_ram(config, available)
+    if config.store.device == "nvme":  # values and moments on NVMe; memory holds the keys and read buffers
+        return check_nvme_ram(config, num_layers, dim, available)
     sharded = config.store.shard is True and torch.distributed.is_initialized()  # after resolve_shard
     shards = torch.distributed.get_world_size() if sharded else 1
     needed = store_bytes(num_layers, config.num_neurons, dim) // shards
@@ -69,8 +69,19 @@ def check_store_fits(config: MeftConfig, num_layers: int, dim: int, *, available
     )
 
 
-def check_nvme_ram(config: MeftConfig, available: int) -> None:
+def check_nvme_ram(config: MeftConfig, num_layers: int, dim: int, available: int) -> None:
+    """The NVMe tier's RAM budget holds every layer's keys and read buffers, and fits in memory."""
+    from meft_ds.swap import nvme_ram_needed  # the tier's own arithmetic (and only needed with it)
+
     budget = int(config.store.ram_budget_mb * 2**20)
+    needed = num_layers * nvme_ram_needed(config.num_neurons, dim)
+    if budget < needed:
+        raise MeftConfigError(
+            f"meft.store.ram_budget_mb: {config.store.ram_budget_mb:g} MiB, but the NVMe tier keeps every layer's "
+            f"keys in RAM ({num_layers} layers x {config.num_neurons} x d={dim} x 4 bytes) with read buffers: at "
+            f"least {needed / 2**20:.2f} MiB. Fix: raise ram_budget_mb to at least {needed / 2**20:.2f} (more makes "
+            "larger reads), or use fewer neurons or layers."
+        )
     if budget > available * HEADROOM:
         raise MeftConfigError(
             f"meft.store.ram_budget_mb: {config.store.ram_budget_mb:.0f} MiB for the NVMe tier's cache, but only "

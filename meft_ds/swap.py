@@ -1,15 +1,22 @@
-"""`NvmeRowStore`: a layer's rows and Adam moments in files on NVMe, read and written through DeepSpeed's async I/O.
+"""`NvmeRowStore`: a layer's values and Adam moments in files on NVMe, its keys in RAM, read through DeepSpeed's aio.
 
-For stores larger than CPU memory. The unit of I/O is a key-expert's block of ``r/E`` contiguous rows (tens of KB to
-a few MB): routing needs whole experts' keys anyway, and the rows a token fires lie inside its probed experts.
+For stores larger than CPU memory. Routing scores every token against the keys of its probed experts, and at real
+batch sizes (512 tokens x 8 probes) nearly every expert of a layer is probed: so the keys (``r x d`` fp32, a sixth
+of what the store holds) stay in RAM, and routing reads nothing from NVMe. What lives on NVMe is what a micro-batch
+needs only for the rows it selected: their values, and at the optimizer step the touched rows' values and moments.
 
-* Rows (keys and values) of recently used experts stay in a RAM cache of ``ram_budget`` bytes (LRU over blocks); a
-  micro-batch's probed experts are read into it (if missing) before they are scored, and rows are gathered from it.
-* At the optimizer step the touched experts' rows and moments are read into compact buffers, updated in place, and
-  written back (the cached copies refreshed), so files always hold the current state.
+* The unit of I/O is a block of ``block_rows`` consecutive rows (the fewest whose values fill 4 KiB, or one row where
+  one row is larger): a micro-batch reads the blocks holding the rows it selected, each run of consecutive blocks in
+  one request. Reads go through two aio handles in turns, in chunks of the read buffer (``ram_budget`` minus the
+  keys, halved): while one chunk is read, the other is copied out into the staging buffer, and the first chunk is
+  read while the keys are gathered.
+* At the optimizer step the touched rows' blocks (values and both moments) are read into compact buffers, updated
+  in place (the keys in RAM directly), and written back; the writes complete behind the next store's reads.
 
-Files live under ``nvme_path``: ``layer_<i>.{rows,exp_avg,exp_avg_sq}.bin``, raw fp32, ``r x 2 x d`` each. The buffers
-handed to the I/O op are flat page-locked tensors (DeepSpeed's op raises on 2-D buffers and then hangs on wait()).
+Files live under the NVMe folder: ``layer_<i>.{values,exp_avg,exp_avg_sq}.bin``, raw fp32, ``r x d`` values and
+``r x 2 x d`` moments (rounded up to whole blocks), created sparse (all zeros) without writing. Checkpoints hold
+``rows.bin`` (keys and values side by side, ``r x 2 x d``) and the two moments, as before. The buffers handed to the
+I/O op are flat page-locked tensors (DeepSpeed's op raises on 2-D buffers and then hangs on wait()).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,20 +32,40 @@ from typing import Any
 
 import torch
 
+from meft_ds.accumulator import RowGradAccumulator
 from meft_ds.config import MeftConfigError
-from meft_ds.ops import cpu_kernels, kernel_threads
 from meft_ds.routing import score_probed_keys
 from meft_ds.stats import TrafficStats
 from meft_ds.store import CheckpointError, RowStore
 
 FP32 = 4
-TENSORS = ("rows", "exp_avg", "exp_avg_sq")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+FILES = ("values", *MOMENTS)
 ALIGNMENT = 512  # O_DIRECT: offsets and sizes must be multiples of the logical block size
+BLOCK_BYTES = 4096  # values per block: at least this many bytes (one NVMe page)
+
+
+class AioQueue:
+    """A DeepSpeed async I/O handle and the number of its requests not yet waited for: its ``wait()`` waits for all
+    of them, and must not be called with none (DeepSpeed's op aborts)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.pending = handle, 0
+
+    def submit(self, write: bool, buffer: torch.Tensor, path: str, offset: int) -> None:
+        (self.handle.async_pwrite if write else self.handle.async_pread)(buffer, path, offset)
+        self.pending += 1
+
+    def wait(self) -> None:
+        if self.pending:
+            self.handle.wait()
+            self.pending = 0
 
 
 @functools.cache
-def aio_handle() -> Any:
-    """One DeepSpeed async I/O handle per process (built on first use; needs libaio)."""
+def aio_queues() -> tuple[AioQueue, AioQueue]:
+    """Two async I/O queues per process (built on first use; needs libaio): reads alternate between them, so that
+    one chunk can be waited for while the next is in flight."""
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     builder = AsyncIOBuilder()
@@ -46,7 +74,30 @@ def aio_handle() -> Any:
             "meft.store.device: the NVMe tier needs DeepSpeed's async I/O op, which needs libaio. Fix: "
             "apt-get install libaio-dev (launch/setup.sh does it), or use the CPU store."
         )
-    return builder.load(verbose=False).aio_handle(1024 * 1024, 32, False, False, 1)
+    op = builder.load(verbose=False)
+    return AioQueue(op.aio_handle(1024 * 1024, 32, False, False, 1)), AioQueue(
+        op.aio_handle(1024 * 1024, 32, False, False, 1)
+    )
+
+
+def aio_handle() -> Any:
+    """The first queue's DeepSpeed handle (the benchmark compares the store with it; nothing of the store's may be
+    pending when it is used directly)."""
+    return aio_queues()[0].handle
+
+
+def block_rows(dim: int) -> int:
+    """Rows per block of I/O: the fewest whose fp32 values fill ``BLOCK_BYTES`` and are a multiple of ``ALIGNMENT``."""
+    row = dim * FP32
+    rows = max(1, -(-BLOCK_BYTES // row))
+    while (rows * row) % ALIGNMENT:
+        rows += 1
+    return rows
+
+
+def nvme_ram_needed(num_rows: int, dim: int) -> int:
+    """Bytes of RAM one layer's NVMe store needs at least: its keys and a read buffer of two blocks of values."""
+    return num_rows * dim * FP32 + 2 * block_rows(dim) * dim * FP32
 
 
 def check_nvme_path(path: str, needed_bytes: int) -> Path:
@@ -71,203 +122,219 @@ def check_nvme_path(path: str, needed_bytes: int) -> Path:
     return folder
 
 
+def _runs(blocks: list[int], longest: int) -> list[tuple[int, int, int]]:
+    """``(position, first block, count)`` of each run of consecutive ``blocks`` (sorted), at most ``longest`` long."""
+    runs, start = [], 0
+    while start < len(blocks):
+        end = start + 1
+        while end < len(blocks) and blocks[end] == blocks[end - 1] + 1 and end - start < longest:
+            end += 1
+        runs.append((start, blocks[start], end - start))
+        start = end
+    return runs
+
+
 class NvmeRowStore(RowStore):
-    """The rows of one layer on NVMe, with a RAM cache of hot expert blocks (see the module docstring)."""
+    """The rows of one layer: keys in RAM, values and moments on NVMe (see the module docstring)."""
 
     def __init__(
         self, keys: torch.Tensor, *, expert_size: int, folder: Path, layer_index: int, ram_budget: int,
         stats: TrafficStats,
     ) -> None:  # fmt: skip
         self.num_rows, self.dim = keys.shape
+        self.expert_size = expert_size  # routing's unit; I/O goes by blocks of rows instead
         self.row_start, self.row_stop = 0, self.num_rows
-        self.expert_size = expert_size
-        self.num_experts = self.num_rows // expert_size
-        self.block_numel = expert_size * 2 * self.dim
-        if (self.block_numel * FP32) % ALIGNMENT:
+        self.block_rows = block_rows(self.dim)
+        self.num_blocks = -(-self.num_rows // self.block_rows)
+        self.value_numel = self.block_rows * self.dim  # one block of values; a block of moments is twice that
+        needed = nvme_ram_needed(self.num_rows, self.dim)
+        if ram_budget < needed:  # checked for the whole model at injection (meft_ds.memory); kept for direct use
             raise MeftConfigError(
-                f"meft.store.device: an expert block of {expert_size} rows x 2 x d={self.dim} fp32 is "
-                f"{self.block_numel * FP32} bytes, not a multiple of {ALIGNMENT} as direct I/O needs. Fix: choose "
-                "num_experts so that num_neurons / num_experts * hidden_size is a multiple of 64."
+                f"meft.store.ram_budget_mb: {ram_budget / 2**20:.2f} MiB for this layer, but its keys stay in RAM "
+                f"({self.num_rows} x {self.dim} x 4 bytes) with a read buffer: at least {needed / 2**20:.2f} MiB. "
+                "Fix: raise ram_budget_mb to the number of layers x that."
             )
-        self.files = {name: folder / f"layer_{layer_index}.{name}.bin" for name in TENSORS}
+        self.files = {name: folder / f"layer_{layer_index}.{name}.bin" for name in FILES}
         self.stats = stats
-        self.handle = aio_handle()
-        capacity = min(ram_budget // (self.block_numel * FP32), self.num_experts)
-        if capacity < 1:
-            raise MeftConfigError(
-                f"meft.store.ram_budget_mb: too small to hold one expert block ({self.block_numel * FP32} bytes) "
-                "per layer. Fix: raise it."
-            )
-        self.capacity = capacity
-        self._cache = self.handle.new_cpu_locked_tensor(capacity * self.block_numel, torch.empty(0))
-        self._cache_rows = self._cache.view(capacity * expert_size, 2, self.dim)
-        self.slot_of = torch.full((self.num_experts,), -1, dtype=torch.int64)
-        self.expert_of = torch.full((capacity,), -1, dtype=torch.int64)
-        self.last_used = torch.zeros(capacity, dtype=torch.int64)
-        self._clock = 0
-        self._grad_ids: torch.Tensor | None = None
-        self._grads: torch.Tensor | None = None
-        self._write_initial(keys)
+        self.queues = aio_queues()
+        self.handle = self.queues[0].handle  # allocates the page-locked buffers
+        self.keys_ram = keys.clone()
+        chunk_blocks = (ram_budget - self.num_rows * self.dim * FP32) // (2 * self.value_numel * FP32)
+        self.chunk_blocks = int(min(chunk_blocks, self.num_blocks))
+        self._read_buffers = [
+            self.handle.new_cpu_locked_tensor(self.chunk_blocks * self.value_numel, torch.empty(0)) for _ in range(2)
+        ]
+        self._writing: list[torch.Tensor] = []  # buffers whose writes may still be in flight
+        # touched rows' gradients: room for a chunk's rows at first, growing with them (RowStore's room for every
+        # row would be twice the keys)
+        self._accumulator = RowGradAccumulator(self.num_rows, self.dim, capacity=self.chunk_blocks * self.block_rows)
+        self._create_files()
 
     # ------------------------------------------------------------------ I/O
-    def _io(self, write: bool, buffer: torch.Tensor, name: str, first_expert: int) -> None:
-        """Start reading or writing the flat ``buffer`` at expert block ``first_expert`` of file ``name``."""
-        offset = first_expert * self.block_numel * FP32
+    def _io(self, write: bool, buffer: torch.Tensor, name: str, first_block: int, handle: int = 0) -> None:
+        """Start reading or writing the flat ``buffer`` at block ``first_block`` of file ``name``."""
+        offset = first_block * self.value_numel * FP32 * (1 if name == "values" else 2)
+        self.queues[handle].submit(write, buffer, str(self.files[name]), offset)
         if write:
-            self.handle.async_pwrite(buffer, str(self.files[name]), offset)
             self.stats.nvme_bytes_written += buffer.numel() * FP32
         else:
-            self.handle.async_pread(buffer, str(self.files[name]), offset)
             self.stats.nvme_bytes_read += buffer.numel() * FP32
 
-    def _wait(self) -> None:
-        self.handle.wait()
+    def _wait(self, handle: int = 0) -> None:
+        self.queues[handle].wait()
 
-    def _write_initial(self, keys: torch.Tensor) -> None:
-        """Keys with zero values, and zero moments (one layer's files at a time pass through memory)."""
-        rows = torch.zeros(self.num_rows, 2, self.dim)
-        self._write_file("exp_avg", rows)
-        self._write_file("exp_avg_sq", rows)
-        rows[:, 0] = keys
-        self._write_file("rows", rows)
+    def _finish_writes(self) -> None:
+        """Wait for the last optimizer step's writes and free their buffers."""
+        if self._writing:
+            self._wait(0)
+            for buffer in self._writing:
+                self.handle.free_cpu_locked_tensor(buffer)
+            self._writing = []
 
-    # ------------------------------------------------------------------ the RAM cache of expert blocks
-    def _ensure_cached(self, experts: torch.Tensor) -> torch.Tensor:
-        """Slots holding ``experts`` (unique), reading the missing ones; raises if they cannot all fit at once."""
-        if experts.numel() > self.capacity:
-            raise MeftConfigError(
-                f"meft.store.ram_budget_mb: a micro-batch probes {experts.numel()} experts of a layer but the cache "
-                f"holds {self.capacity}. Fix: raise ram_budget_mb to at least "
-                f"{experts.numel() * self.block_numel * FP32 * 2 / 2**20:.0f} x the number of layers / 2**20 MiB."
-            )
-        self._clock += 1
-        slots = self.slot_of[experts]
-        missing = experts[slots < 0]
-        if missing.numel():
-            free = torch.ones(self.capacity, dtype=torch.bool)
-            free[slots[slots >= 0]] = False
-            candidates = free.nonzero().flatten()
-            occupied = (self.expert_of[candidates] >= 0).long()
-            order = torch.argsort(occupied * (self._clock + 1) + self.last_used[candidates], stable=True)
-            chosen = candidates[order[: missing.numel()]]
-            evicted = self.expert_of[chosen]
-            self.slot_of[evicted[evicted >= 0]] = -1
-            self.expert_of[chosen] = missing
-            self.slot_of[missing] = chosen
-            for expert, slot in zip(missing.tolist(), chosen.tolist(), strict=True):
-                self._io(False, self._block(self._cache, slot), "rows", expert)
-            self._wait()
-            slots = self.slot_of[experts]
-        self.last_used[slots] = self._clock
-        return slots
+    def _create_files(self) -> None:
+        """Zero values and moments: sparse files of the right size (reading a hole gives zeros)."""
+        for name in FILES:
+            with open(self.files[name], "wb") as file:
+                file.truncate(self.num_blocks * self.value_numel * FP32 * (1 if name == "values" else 2))
 
-    def _cached_row_positions(self, row_ids: torch.Tensor) -> torch.Tensor:
-        experts = torch.div(row_ids, self.expert_size, rounding_mode="floor")
-        unique, inverse = torch.unique(experts, return_inverse=True)
-        slots = self._ensure_cached(unique)
-        return slots[inverse] * self.expert_size + row_ids % self.expert_size
+    def _block_positions(self, row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sorted unique blocks holding ``row_ids``, and each row's position in those blocks laid end to end."""
+        blocks = torch.div(row_ids, self.block_rows, rounding_mode="floor")
+        unique = torch.unique(blocks)
+        return unique, torch.searchsorted(unique, blocks) * self.block_rows + row_ids % self.block_rows
 
     # ------------------------------------------------------------------ the store interface
     @property
     def keys(self) -> torch.Tensor:
-        raise AttributeError("an NVMe store holds no full key matrix in memory; use full_rows() to export")
+        return self.keys_ram
+
+    @property
+    def values(self) -> torch.Tensor:
+        raise AttributeError("an NVMe store holds its values on NVMe; use full_rows() to export")
 
     @property
     def nbytes(self) -> int:
-        """CPU bytes held: the RAM cache (the rows and moments themselves are on NVMe)."""
-        return self._cache.numel() * FP32
-
-    def gather_into(self, row_ids: torch.Tensor, out: torch.Tensor) -> None:
-        positions = self._cached_row_positions(row_ids)
-        kernels = cpu_kernels()
-        if kernels is None:
-            out[: row_ids.numel()].copy_(self._cache_rows.index_select(0, positions))
-        else:
-            kernels.gather_rows(self._cache_rows, positions, out, kernel_threads())
+        """CPU bytes held: the keys and the read buffers (values and moments are on NVMe)."""
+        return self.keys_ram.numel() * FP32 + sum(b.numel() for b in self._read_buffers) * FP32
 
     def score_probed(self, hidden: torch.Tensor, probe_ids: torch.Tensor, expert_size: int) -> torch.Tensor:
-        unique, inverse = torch.unique(probe_ids, return_inverse=True)
-        slots = self._ensure_cached(unique)  # probed experts, as cache slots: the kernel scores slot "experts"
-        return score_probed_keys(hidden.float(), slots[inverse], self._cache_rows[:, 0], expert_size)
+        return score_probed_keys(hidden.float(), probe_ids, self.keys_ram, expert_size)
 
-    def _block(self, buffer: torch.Tensor, position: int, count: int = 1) -> torch.Tensor:
-        return buffer[position * self.block_numel : (position + count) * self.block_numel]
+    def gather_into(self, row_ids: torch.Tensor, out: torch.Tensor) -> None:
+        """Keys from RAM, values from the blocks holding ``row_ids``: chunk ``c + 1`` is read (on the other handle)
+        while chunk ``c`` is copied out, cast to ``out``'s dtype."""
+        n = row_ids.numel()
+        self._finish_writes()
+        blocks, positions = self._block_positions(row_ids)
+        block_list = blocks.tolist()
+        chunks = [block_list[i : i + self.chunk_blocks] for i in range(0, len(block_list), self.chunk_blocks)]
 
-    def _compact_io(self, write: bool, buffers: dict[str, torch.Tensor], experts: list[int]) -> None:
-        """Read or write the blocks of ``experts`` (sorted) at consecutive positions of ``buffers``, one I/O per
-        run of consecutive experts, and wait."""
-        start = 0
-        while start < len(experts):
-            end = start + 1
-            while end < len(experts) and experts[end] == experts[end - 1] + 1:
-                end += 1
-            for name, buffer in buffers.items():
-                self._io(write, self._block(buffer, start, end - start), name, experts[start])
-            start = end
-        self._wait()
+        def start(index: int) -> None:
+            handle = index % 2
+            for position, first, count in _runs(chunks[index], self.chunk_blocks):
+                part = self._read_buffers[handle][position * self.value_numel : (position + count) * self.value_numel]
+                self._io(False, part, "values", first, handle)
+
+        if chunks:
+            start(0)
+        out[:n, 0].copy_(self.keys_ram.index_select(0, row_ids))  # while the first chunk is read
+        for index, chunk in enumerate(chunks):
+            if index + 1 < len(chunks):
+                start(index + 1)
+            self._wait(index % 2)
+            lo = index * self.chunk_blocks * self.block_rows
+            in_chunk = ((positions >= lo) & (positions < lo + len(chunk) * self.block_rows)).nonzero().flatten()
+            values = self._read_buffers[index % 2].view(-1, self.dim)
+            out[:n, 1].index_copy_(0, in_chunk, values.index_select(0, positions[in_chunk] - lo).to(out.dtype))
 
     @contextlib.contextmanager
     def rows_for_update(
         self, row_ids: torch.Tensor
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        experts = torch.unique(torch.div(row_ids, self.expert_size, rounding_mode="floor"))
-        count, numel = experts.numel(), experts.numel() * self.block_numel
-        buffers = {name: self.handle.new_cpu_locked_tensor(numel, torch.empty(0)) for name in TENSORS}
+        """The touched rows' blocks in compact buffers (keys from RAM, values and moments read), updated in place
+        by the caller, then written back; the writes complete behind the next read."""
+        self._finish_writes()
+        blocks, index = self._block_positions(row_ids)
+        block_list, rows = blocks.tolist(), blocks.numel() * self.block_rows
+        handle = self.handle
+        buffers = {
+            name: handle.new_cpu_locked_tensor(blocks.numel() * self.value_numel * (1 if name == "values" else 2),
+                                               torch.empty(0))
+            for name in FILES
+        }  # fmt: skip
         try:
-            self._compact_io(False, buffers, experts.tolist())
-            views = [buffers[name].view(count * self.expert_size, 2, self.dim) for name in TENSORS]
-            index = torch.searchsorted(experts, row_ids // self.expert_size) * self.expert_size
-            index += row_ids % self.expert_size
-            yield (*views, index)
-            self._compact_io(True, buffers, experts.tolist())
-            cached = self.slot_of[experts]
-            for position in (cached >= 0).nonzero().flatten().tolist():  # refresh the cached copies
-                self._block(self._cache, int(cached[position])).copy_(self._block(buffers["rows"], position))
+            for position, first, count in _runs(block_list, len(block_list)):
+                for name, buffer in buffers.items():
+                    width = self.value_numel * (1 if name == "values" else 2)
+                    self._io(False, buffer[position * width : (position + count) * width], name, first)
+            row_blocks = torch.arange(rows).view(-1, self.block_rows)
+            global_rows = (blocks.unsqueeze(1) * self.block_rows + row_blocks % self.block_rows).flatten()
+            valid = global_rows < self.num_rows  # the last block may reach past the layer's rows
+            compact = torch.zeros(rows, 2, self.dim)
+            compact[valid, 0] = self.keys_ram[global_rows[valid]]
+            self._wait(0)
+            compact[:, 1] = buffers["values"].view(rows, self.dim)
+            moments = [buffers[name].view(rows, 2, self.dim) for name in MOMENTS]
+            yield compact, *moments, index
+            self.keys_ram[global_rows[valid]] = compact[valid, 0]
+            buffers["values"].view(rows, self.dim).copy_(compact[:, 1])
+            for position, first, count in _runs(block_list, len(block_list)):
+                for name, buffer in buffers.items():
+                    width = self.value_numel * (1 if name == "values" else 2)
+                    self._io(True, buffer[position * width : (position + count) * width], name, first)
+            self._writing, buffers = list(buffers.values()), {}
         finally:
             for buffer in buffers.values():
-                self.handle.free_cpu_locked_tensor(buffer)
+                handle.free_cpu_locked_tensor(buffer)
 
-    def _read_file(self, name: str) -> torch.Tensor:
-        """A whole file as an ``(r, 2, d)`` tensor (export and checkpoint helpers)."""
-        buffer = self.handle.new_cpu_locked_tensor(self.num_experts * self.block_numel, torch.empty(0))
+    # ------------------------------------------------------------------ whole files (export, checkpoints)
+    def _read_whole(self, name: str) -> torch.Tensor:
+        """A whole file as an ``(r, d)`` (values) or ``(r, 2, d)`` (moments) tensor."""
+        self._finish_writes()
+        width = self.value_numel * (1 if name == "values" else 2)
+        buffer = self.handle.new_cpu_locked_tensor(self.num_blocks * width, torch.empty(0))
         self._io(False, buffer, name, 0)
-        self._wait()
-        out = buffer.view(self.num_rows, 2, self.dim).clone()
+        self._wait(0)
+        shape = (self.num_rows, self.dim) if name == "values" else (self.num_rows, 2, self.dim)
+        out = buffer[: self.num_rows * width // self.block_rows].view(shape).clone()
         self.handle.free_cpu_locked_tensor(buffer)
         return out
 
-    def _write_file(self, name: str, rows: torch.Tensor) -> None:
-        buffer = self.handle.new_cpu_locked_tensor(self.num_experts * self.block_numel, torch.empty(0))
-        buffer.copy_(rows.reshape(-1))
+    def _write_whole(self, name: str, tensor: torch.Tensor) -> None:
+        self._finish_writes()
+        width = self.value_numel * (1 if name == "values" else 2)
+        buffer = self.handle.new_cpu_locked_tensor(self.num_blocks * width, torch.empty(0))
+        buffer.zero_()
+        buffer[: tensor.numel()].copy_(tensor.reshape(-1))
         self._io(True, buffer, name, 0)
-        self._wait()
+        self._wait(0)
         self.handle.free_cpu_locked_tensor(buffer)
-        self._forget_cache()
-
-    def _forget_cache(self) -> None:
-        self.slot_of.fill_(-1)
-        self.expert_of.fill_(-1)
 
     def full_rows(self) -> torch.Tensor:
-        return self._read_file("rows")
+        return torch.stack([self.keys_ram, self._read_whole("values")], dim=1)
 
     def assign_rows(self, rows: torch.Tensor) -> None:
-        self._write_file("rows", rows)
+        self.keys_ram.copy_(rows[:, 0])
+        self._write_whole("values", rows[:, 1])
 
-    # ------------------------------------------------------------------ checkpoints: the files, copied
+    # ------------------------------------------------------------------ checkpoints: rows and moments, whole
     def file_name(self, layer_index: int) -> str:
         return f"layer_{layer_index}.nvme"
 
     def save(self, directory: Path, layer_index: int) -> None:
+        self._finish_writes()
         target = directory / self.file_name(layer_index)
         target.mkdir(parents=True, exist_ok=True)
-        for name, file in self.files.items():
-            shutil.copyfile(file, target / f"{name}.bin")
+        self.full_rows().numpy().tofile(target / "rows.bin")
+        size = self.num_rows * 2 * self.dim * FP32
+        for name in MOMENTS:
+            shutil.copyfile(self.files[name], target / f"{name}.bin")
+            os.truncate(target / f"{name}.bin", size)
 
     def check_saved(self, directory: Path, layer_index: int) -> None:
         saved = directory / self.file_name(layer_index)
         expected = self.num_rows * 2 * self.dim * FP32
-        for name in TENSORS:
+        for name in ("rows", *MOMENTS):
             file = saved / f"{name}.bin"
             if not file.is_file() or file.stat().st_size != expected:
                 raise CheckpointError(
@@ -277,13 +344,17 @@ class NvmeRowStore(RowStore):
 
     def load(self, directory: Path, layer_index: int) -> None:
         saved = directory / self.file_name(layer_index)
-        for name, file in self.files.items():
-            shutil.copyfile(saved / f"{name}.bin", file)
-        self._forget_cache()
+        shape = (self.num_rows, 2, self.dim)
+        self.assign_rows(torch.from_file(str(saved / "rows.bin"), size=shape[0] * 2 * self.dim).view(shape))
+        for name in MOMENTS:
+            shutil.copyfile(saved / f"{name}.bin", self.files[name])
+            os.truncate(self.files[name], self.num_blocks * self.value_numel * 2 * FP32)
         self.drop_grads()
 
     def digest(self, into: hashlib._Hash) -> None:
-        for name in TENSORS:
+        self._finish_writes()
+        into.update(memoryview(self.keys_ram.numpy()))
+        for name in FILES:
             with open(self.files[name], "rb") as handle:
                 for chunk in iter(lambda: handle.read(1 << 24), b""):
                     into.update(chunk)
