@@ -4,7 +4,8 @@ Slot ``s < count`` holds the fp32 gradient of row ``ids[s]``; ``slot_of[id]`` is
 gradient). A row's first gradient is copied into the next free slot, later ones are added to it in place: no
 zero-fill, and nothing already accumulated is ever copied again. The buffer is allocated once, at the first gradient,
 with room for every row the store holds, and kept across optimizer steps (a sharded store's rank also holds
-gradients of rows that others own until they are exchanged: for those it grows, doubling). The backward's CPU kernel
+gradients of rows that others own until they are exchanged, and the NVMe tier starts small: for those it grows,
+doubling). The backward's CPU kernel
 writes into it directly (:class:`meft_ds.adapter.SlotAdapterFunction`).
 
 Every value written is checked for NaN/inf on the way (in the kernel, while it is in a register), so the optimizer's
@@ -20,7 +21,8 @@ from meft_ds.ops import cpu_kernels, kernel_threads
 
 
 class RowGradAccumulator:
-    """Row gradients of ids in ``[0, num_ids)``, rows of ``(2, dim)``; room for ``capacity`` rows at first."""
+    """Row gradients of ids in ``[0, num_ids)``, rows of ``(2, dim)``; room for ``capacity`` rows (all if ``None``)
+    at first."""
 
     def __init__(self, num_ids: int, dim: int, *, capacity: int | None = None) -> None:
         self.num_ids, self.dim = num_ids, dim

@@ -87,6 +87,11 @@ class RowStore:
         else:  # gather and cast in one pass
             kernels.gather_rows(self.rows, local, out, kernel_threads())
 
+    def routing_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states (on the device, in the dtype they travel in) that go to the host for routing: these
+        (a sharded store gathers every rank's there first, over the accelerator's backend)."""
+        return hidden
+
     def score_probed(self, hidden: torch.Tensor, probe_ids: torch.Tensor, expert_size: int) -> torch.Tensor:
         """``(T, n_probe * expert_size)`` fp32 scores of ``hidden`` (CPU, the dtype it travelled in: a sharded store
         exchanges it so) against its probed experts' keys."""
@@ -99,11 +104,12 @@ class RowStore:
     # ------------------------------------------------------------------ gradients
     @property
     def grad_accumulator(self) -> RowGradAccumulator:
-        """The touched rows' gradients, by global row id (created at the first gradient, with room for the rows held
-        here; a subclass that does not run this ``__init__`` gets one too)."""
+        """The touched rows' gradients, by global row id (created at the first gradient). A store holding its rows in
+        memory makes room for all of them at once (as :mod:`meft_ds.memory` budgets); one that does not (the NVMe
+        tier, which does not run this ``__init__``) lets it grow with the rows touched."""
         accumulator = getattr(self, "_accumulator", None)
         if accumulator is None:
-            capacity = self.row_stop - self.row_start
+            capacity = self.row_stop - self.row_start if hasattr(self, "rows") else 0
             accumulator = self._accumulator = RowGradAccumulator(self.num_rows, self.dim, capacity=capacity)
         return accumulator
 

@@ -38,6 +38,17 @@ def test_rows_are_summed_by_id_in_one_buffer_and_read_sorted() -> None:
     assert torch.equal(accumulator.view()[1], grads)
 
 
+def test_a_buffer_without_room_for_every_row_grows_keeping_what_it_holds() -> None:
+    accumulator = RowGradAccumulator(100, DIM, capacity=0)  # as the NVMe tier's
+    first, second = torch.randn(2, 2, DIM), torch.randn(14, 2, DIM)
+    accumulator.add(torch.tensor([50, 60]), first)
+    accumulator.add(torch.arange(10, 24), second)
+    assert accumulator.grads.shape[0] < 100
+    ids, grads = accumulator.view()
+    assert torch.equal(ids, torch.cat([torch.arange(10, 24), torch.tensor([50, 60])]))
+    assert torch.equal(grads, torch.cat([second, first]))
+
+
 def test_flags_select_rows_and_low_precision_grads_are_widened_exactly() -> None:
     accumulator = RowGradAccumulator(10, DIM)
     grads = torch.randn(3, 2, DIM).bfloat16()
