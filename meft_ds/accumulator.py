@@ -65,8 +65,8 @@ class RowGradAccumulator:
         """A kernel wrote into :meth:`kernel_state`: slots ``[old count, count)`` are new, and its values were
         ``finite`` or not."""
         first = self.count
-        if count > first and first > 0 and self._sorted:
-            new = self.ids[first - 1 : count]
+        if count > first and self._sorted:  # the new ids, and the last one before them, still ascending?
+            new = self.ids[max(first - 1, 0) : count]
             self._sorted = bool((new[1:] > new[:-1]).all())
         self.count = count
         self._note_outside_writes()

@@ -38,6 +38,14 @@ def test_rows_are_summed_by_id_in_one_buffer_and_read_sorted() -> None:
     assert torch.equal(accumulator.view()[1], grads)
 
 
+def test_ids_given_out_of_order_at_first_are_read_sorted() -> None:
+    accumulator = RowGradAccumulator(10, DIM)
+    grads = torch.randn(3, 2, DIM)
+    accumulator.add(torch.tensor([7, 2, 5]), grads)
+    ids, got = accumulator.view()
+    assert torch.equal(ids, torch.tensor([2, 5, 7])) and torch.equal(got, grads[[1, 2, 0]])
+
+
 def test_a_buffer_without_room_for_every_row_grows_keeping_what_it_holds() -> None:
     accumulator = RowGradAccumulator(100, DIM, capacity=0)  # as the NVMe tier's
     first, second = torch.randn(2, 2, DIM), torch.randn(14, 2, DIM)
