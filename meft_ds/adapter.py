@@ -275,7 +275,7 @@ class SparseKeyExpertAdapter(nn.Module):
         probe_logits, probe_ids = logits.detach().topk(config.n_probe, dim=1)
         probe_ids = probe_ids.to(narrowest_index_dtype(config.num_experts))
         # one stream, so the event after the last copy covers all three
-        hidden, _ = self.transfer.to_host_async(x.detach().to(travel_dtype), "hidden")
+        hidden, _ = self.transfer.to_host_async(self.store.routing_hidden(x.detach().to(travel_dtype)), "hidden")
         probe_ids, copied = self.transfer.to_host_async(probe_ids, "probe_ids")
         gates = None
         if config.gated:

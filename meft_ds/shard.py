@@ -1,13 +1,14 @@
 """`ShardedRowStore`: a layer's rows partitioned across the data-parallel ranks, in blocks of whole key-experts.
 
 Each rank holds about ``1/world`` of the rows and their moments, so adding ranks adds adapter capacity. Ranks work
-in lockstep through ``deepspeed.comm`` collectives on host tensors:
+in lockstep through ``deepspeed.comm`` collectives, on host tensors over gloo except where noted:
 
 * routing: every rank's hidden states (in the dtype they travel in: bf16 where rows are bf16) and probed expert ids
-  (int16 where the experts fit) are all-gathered; each rank scores the (token, probed expert) pairs whose expert it
-  owns and sends each pair's scores to the token's rank (all-to-all), so every score crosses once, unsummed: a rank
-  gets exactly the scores a replicated store computes, in ``1/world`` of the bytes an all-reduce of the partial score
-  matrices would move;
+  (int16 where the experts fit) are all-gathered (the hidden states, on an accelerator, on the device over its
+  backend, NCCL, before they go to the host; on the CPU over gloo); each rank scores the (token, probed expert)
+  pairs whose expert it owns and sends each pair's scores to the token's rank (all-to-all), so every score crosses
+  once, unsummed: a rank gets exactly the scores a replicated store computes, in ``1/world`` of the bytes an
+  all-reduce of the partial score matrices would move;
 * rows: a rank asks each owner for the rows it needs (all-to-all of ids) and gets them back, already in the dtype
   rows travel in (all-to-all of rows);
 * gradients: at the optimizer boundary :func:`meft_ds.distributed.exchange_row_grads` sends every row's gradient to
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed
 from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
 
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.memory import local_world_size
@@ -126,6 +128,10 @@ class ShardedRowStore(RowStore):
                 "before meft_ds.inject."
             )
         self.group = host_group(group)
+        # hidden states are gathered where they are: on an accelerator over its backend (NCCL), before they go to
+        # the host (routing_hidden); on the CPU over gloo, on the host (score_probed)
+        on_device = get_accelerator().device_name() != "cpu" and torch.distributed.get_backend(group) != "gloo"
+        self.device_group = (torch.distributed.group.WORLD if group is None else group) if on_device else None
         self.world_size = dist.get_world_size(group=self.group)
         self.rank = dist.get_rank(group=self.group)
         self.bounds = shard_bounds(keys.shape[0], expert_size, self.world_size)
@@ -163,11 +169,26 @@ class ShardedRowStore(RowStore):
         )
         self._count_bytes(counts, row_ids, reply)
 
+    def routing_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``hidden`` states, gathered over the device group, where there is one (the host learns the
+        token counts over gloo: no device synchronisation); else this rank's."""
+        if self.device_group is None:
+            return hidden
+        lengths = gather_lengths(hidden.shape[0], self.group, self.world_size)
+        self._count_bytes(hidden)
+        self.stats.bytes_between_ranks += 8  # the token count
+        return torch.cat(all_gather_padded(hidden, lengths, self.device_group))
+
     def score_probed(self, hidden: torch.Tensor, probe_ids: torch.Tensor, expert_size: int) -> torch.Tensor:
         """The replicated store's scores of this rank's tokens (see the module docstring). ``hidden`` may be in any
-        float dtype: it is exchanged in it and scored in fp32, as the replicated store scores it."""
-        lengths = gather_lengths(hidden.shape[0], self.group, self.world_size)
-        everyone_hidden = torch.cat(all_gather_padded(hidden, lengths, self.group))
+        float dtype: it is exchanged in it and scored in fp32, as the replicated store scores it. It holds every
+        rank's tokens where :meth:`routing_hidden` gathered them on the device (else they are gathered here; where
+        only this rank has tokens, both are the same)."""
+        lengths = gather_lengths(probe_ids.shape[0], self.group, self.world_size)
+        everyone_hidden = hidden
+        if hidden.shape[0] != sum(lengths):
+            everyone_hidden = torch.cat(all_gather_padded(hidden, lengths, self.group))
+            self._count_bytes(hidden)
         narrow = probe_ids.to(narrowest_index_dtype(self.num_experts))
         everyone_probes = torch.cat(all_gather_padded(narrow, lengths, self.group)).long()
         first_expert = self.row_start // expert_size
@@ -188,7 +209,7 @@ class ShardedRowStore(RowStore):
             [n * expert_size for n in send_counts],
             group=self.group,
         )
-        self._count_bytes(hidden, narrow, send)
+        self._count_bytes(narrow, send)
         self.stats.bytes_between_ranks += 8  # the token count
         mine = torch.empty_like(received)
         mine[torch.argsort(mine_owner, stable=True)] = received  # each owner's pairs arrive in token order

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from meft_ds.accumulator import RowGradAccumulator
 from meft_ds.config import MeftConfigError
 from meft_ds.routing import score_probed_keys
 from meft_ds.stats import TrafficStats
@@ -165,9 +164,6 @@ class NvmeRowStore(RowStore):
             self.handle.new_cpu_locked_tensor(self.chunk_blocks * self.value_numel, torch.empty(0)) for _ in range(2)
         ]
         self._writing: list[torch.Tensor] = []  # buffers whose writes may still be in flight
-        # touched rows' gradients: room for a chunk's rows at first, growing with them (RowStore's room for every
-        # row would be twice the keys)
-        self._accumulator = RowGradAccumulator(self.num_rows, self.dim, capacity=self.chunk_blocks * self.block_rows)
         self._create_files()
 
     # ------------------------------------------------------------------ I/O

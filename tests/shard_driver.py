@@ -2,7 +2,8 @@
 replicated store's, each rank holds about half of the rows, data-parallel training with a sharded store and the device
 cache ends exactly where the replicated store without cache does (no rank serves a row another rank's owner updated),
 and MeftTrainer's ``save_model`` gathers a sharded store's whole adapter, which one process reloads to the trained
-model's logits. Two ranks on one node shard the store by default ("auto"). Exits non-zero (with the failed assertion) otherwise."""
+model's logits. Two ranks on one node shard the store by default ("auto"). Exits non-zero (with the failed assertion)
+otherwise."""
 
 from __future__ import annotations
 
@@ -52,6 +53,14 @@ def main() -> None:
     scores = sharded[1].store.score_probed(hidden, probe, 8)
     assert torch.equal(scores, score_probed_keys(hidden, probe, replicated[1].store.keys, 8)), "the owners' scores"
     routing_exchanges_bf16_hidden_states(sharded[1], replicated[1], hidden.bfloat16(), probe)
+    store = sharded[1].store
+    assert store.device_group is None  # on the CPU the hidden states are gathered on the host
+    store.device_group = torch.distributed.group.WORLD  # the accelerator's route (over NCCL there), gloo here
+    everyone = store.routing_hidden(hidden.bfloat16())
+    assert everyone.shape[0] == sum(5 + w for w in range(world)), f"every rank's tokens, not {everyone.shape}"
+    scores = store.score_probed(everyone, probe, 8)
+    assert torch.equal(scores, replicated[1].store.score_probed(hidden.bfloat16(), probe, 8))
+    store.device_group = None
 
     for s, r in zip(sharded, replicated, strict=True):
         touched = torch.randperm(96, generator=generator)[:30].sort().values

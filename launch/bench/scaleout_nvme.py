@@ -1,12 +1,15 @@
 """f. Scale out, part 2: the NVMe tier's read/write GB/s against the raw DeepSpeed aio handle and a plain file.
 
-NVMe tier. In this process: a model with ``NvmeRowStore`` adapters (``E = r / EXPERT_ROWS`` experts, the unit of
-I/O) whose RAM budget holds only the expert blocks one micro-batch of ``NVME_TOKENS`` tokens can probe, smaller than
-the store, trains ``NVME_STEPS`` optimizer steps; each store's ``_io`` (submit) and ``_wait`` calls are timed, and
-read and write GB/s = the store's counters ``nvme_bytes_read`` / ``nvme_bytes_written`` over the time spent in them.
-In the same folder and run: one file of the store's size (16 to 256 MiB) written and read whole through the same
-DeepSpeed async I/O handle (O_DIRECT, like the store), and with plain buffered writes + fsync and a cold read (the
-file's pages dropped with posix_fadvise). The folder is a temporary one, or ``$MEFT_BENCH_NVME`` when set.
+NVMe tier. In this process: a model with ``NvmeRowStore`` adapters (keys in RAM; values and moments on NVMe, read
+by blocks of rows) whose RAM budget is a quarter of the store (the keys and read buffers of half their size), trains
+``NVME_STEPS`` optimizer steps of one whole micro-batch (``micro_batch x seq_len`` tokens: 2 x 256 in the full run).
+Read GB/s = bytes read over the time reads cost the training: the whole of every ``gather_into`` (its reads overlap
+the keys' gather and the copy-out of the chunk before, which are counted too) and, at the optimizer step, the
+submits and waits of the store's ``_io``/``_wait``; write GB/s = bytes written over their submits and the waits
+that complete them (a wait is charged to reads and writes in proportion to their bytes). In the same folder and
+run: one file of the store's size (16 to 256 MiB) written and read whole through the store's DeepSpeed async I/O
+handle (O_DIRECT, like the store), and with plain buffered writes + fsync and a cold read (the file's pages dropped
+with posix_fadvise). The folder is a temporary one, or ``$MEFT_BENCH_NVME`` when set.
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ from bench.common import GB, Context
 from bench.scaleout_plan import adapter_layers, num_layers, plan_batches, plan_model
 from bench.traffic import build_meft, optimizer_step, stats_delta
 
-EXPERT_ROWS = 16  # NVMe part: rows per key-expert block
-NVME_TOKENS = 16  # NVMe part: tokens per micro-batch (their probed experts bound the RAM budget)
+STORE_PER_RAM = 4  # the store (values, keys and two moments) over the RAM budget (keys and read buffers)
 NVME_STEPS = 3
 RAW_MIN, RAW_MAX = 16 * 2**20, 256 * 2**20
 IO_REPEATS = 3
@@ -62,60 +64,68 @@ def mount_of(folder: Path) -> str:
 
 
 class IoTimer:
-    """Wraps a store's ``_io`` (submits) and ``_wait`` (completes): seconds spent in them, split into reads and
-    writes (a wait is charged to the kind of the I/Os it completes, in proportion to their bytes)."""
+    """Wraps a store's ``gather_into`` (whole calls: reads) and its ``_io`` (submits) and ``_wait`` (completes)
+    outside of it (the optimizer step's reads and writes): seconds spent, split into reads and writes."""
 
     def __init__(self) -> None:
-        self.seconds = {"read": 0.0, "write": 0.0}
+        self.seconds = {"read": 0.0, "write": 0.0, "forward_read": 0.0}
+        self.forward_bytes = 0
         self._pending = {"read": 0, "write": 0}
+        self._in_gather = False
 
     def instrument(self, store: Any) -> None:
-        submit, wait = store._io, store._wait
+        submit, wait, gather = store._io, store._wait, store.gather_into
 
-        def timed_io(write: bool, buffer: torch.Tensor, name: str, first_expert: int) -> None:
-            kind = "write" if write else "read"
-            start = time.perf_counter()
-            submit(write, buffer, name, first_expert)
-            self.seconds[kind] += time.perf_counter() - start
-            self._pending[kind] += buffer.numel() * buffer.element_size()
-
-        def timed_wait() -> None:
-            start = time.perf_counter()
-            wait()
+        def timed_gather(row_ids: torch.Tensor, out: torch.Tensor) -> None:
+            store._finish_writes()  # the writes it would wait for first: timed as writes
+            before, start = store.stats.nvme_bytes_read, time.perf_counter()
+            self._in_gather = True
+            try:
+                gather(row_ids, out)
+            finally:
+                self._in_gather = False
             elapsed = time.perf_counter() - start
-            pending = sum(self._pending.values())
+            self.seconds["read"] += elapsed
+            self.seconds["forward_read"] += elapsed
+            self.forward_bytes += store.stats.nvme_bytes_read - before
+
+        def timed_io(write: bool, buffer: torch.Tensor, *args: Any) -> None:
+            start = time.perf_counter()
+            submit(write, buffer, *args)
+            if not self._in_gather:
+                kind = "write" if write else "read"
+                self.seconds[kind] += time.perf_counter() - start
+                self._pending[kind] += buffer.numel() * buffer.element_size()
+
+        def timed_wait(*args: Any) -> None:
+            start = time.perf_counter()
+            wait(*args)
+            elapsed, pending = time.perf_counter() - start, sum(self._pending.values())
+            if self._in_gather or not pending:
+                return
             for kind, count in self._pending.items():
-                if pending:
-                    self.seconds[kind] += elapsed * count / pending
+                self.seconds[kind] += elapsed * count / pending
             self._pending = {"read": 0, "write": 0}
 
-        store._io, store._wait = timed_io, timed_wait
+        store._io, store._wait, store.gather_into = timed_io, timed_wait, timed_gather
 
 
-def nvme_settings(context: Context, plan: dict[str, Any], folder: Path, dim: int) -> tuple[dict[str, Any], int]:
-    """The NVMe variant's meft settings: RAM for the expert blocks one micro-batch can probe (every token's
-    ``n_probe`` experts distinct, at most E) per layer, and the number of tokens per micro-batch."""
+def nvme_settings(context: Context, plan: dict[str, Any], folder: Path, dim: int) -> dict[str, Any]:
+    """The NVMe variant's meft settings: a RAM budget of 1/``STORE_PER_RAM`` of the store (rows and two moments)."""
     s = context.settings
     layers = adapter_layers(num_layers(context, plan))
-    probe = meft_ds.MeftConfig.from_dict({"num_neurons": s.step_neurons, "top_k": s.top_k, **context.overrides}).n_probe
-    tokens = min(NVME_TOKENS, s.seq_len)
-    rows = EXPERT_ROWS  # fewer rows per expert where r is small, so that every token can probe n_probe experts
-    while rows > 1 and (s.step_neurons % rows or s.step_neurons // rows < probe):
-        rows //= 2
-    resolved = s.step_neurons // rows
-    block = (s.step_neurons // resolved) * 2 * dim * 4
-    capacity = min(resolved, tokens * probe)
-    ram_mb = len(layers) * (capacity * block + block // 2) / 2**20
+    store_bytes = len(layers) * 3 * s.step_neurons * 2 * dim * 4
+    ram_mb = store_bytes / STORE_PER_RAM / 2**20
     store = {"device": "nvme", "nvme_path": str(folder / "store"), "ram_budget_mb": ram_mb}
-    values = {"num_neurons": s.step_neurons, "top_k": s.top_k, "num_experts": resolved, "layers": layers}
-    return {**values, **context.overrides, "store": store}, tokens
+    values = {"num_neurons": s.step_neurons, "top_k": s.top_k, "layers": layers}
+    return {**values, **context.overrides, "store": store}
 
 
 def measure_store_io(context: Context, plan: dict[str, Any], folder: Path) -> dict[str, Any]:
     """A few optimizer steps of a model whose stores live in ``folder``; bytes and seconds of their I/O."""
     model = plan_model(context, plan)
     dim = model.config.hidden_size
-    values, tokens = nvme_settings(context, plan, folder, dim)
+    values = nvme_settings(context, plan, folder, dim)
     model, optimizers = build_meft(model, meft_ds.MeftConfig.from_dict(values), lr=context.settings.train_lr)
     stores = [a.store for a in meft_ds.adapters(model)]
     timer = IoTimer()
@@ -125,11 +135,12 @@ def measure_store_io(context: Context, plan: dict[str, Any], folder: Path) -> di
     before, started, steps = meft_ds.stats(model), time.perf_counter(), []
     for step in range(NVME_STEPS):
         batch = batches[step % len(batches)]
-        ids, labels = batch["input_ids"][:1, :tokens], batch["labels"][:1, :tokens]
         start, counters = time.perf_counter(), meft_ds.stats(model)
-        model(input_ids=ids, labels=labels).loss.backward()
+        model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
         optimizer_step(optimizers)
         steps.append({"seconds": time.perf_counter() - start, **stats_delta(counters, meft_ds.stats(model))})
+    for store in stores:
+        store._finish_writes()  # the last step's writes, counted and timed
     elapsed = time.perf_counter() - started
     counted = stats_delta(before, meft_ds.stats(model))
     result = {
@@ -137,13 +148,16 @@ def measure_store_io(context: Context, plan: dict[str, Any], folder: Path) -> di
         "seconds": elapsed,
         "read_seconds": timer.seconds["read"],
         "write_seconds": timer.seconds["write"],
+        "forward_read_seconds": timer.seconds["forward_read"],
+        "forward_bytes_read": timer.forward_bytes,
         "bytes_read": counted["nvme_bytes_read"],
         "bytes_written": counted["nvme_bytes_written"],
         "rows_updated": counted["rows_updated"],
-        "tokens": tokens,
+        "rows_fetched": counted["rows_fetched"],
+        "tokens": batches[0]["input_ids"].numel(),
         "layers": len(stores),
-        "experts": stores[0].num_experts,
-        "capacity": stores[0].capacity,
+        "block_rows": stores[0].block_rows,
+        "chunk_blocks": stores[0].chunk_blocks,
         "ram_bytes": sum(st.nbytes for st in stores),
         "store_bytes": sum(3 * st.num_rows * 2 * st.dim * 4 for st in stores),  # rows and two moments, fp32
         "dim": dim,
@@ -151,6 +165,8 @@ def measure_store_io(context: Context, plan: dict[str, Any], folder: Path) -> di
     }
     result["read_gbs"] = result["bytes_read"] / result["read_seconds"] / GB if result["read_seconds"] else 0.0
     result["write_gbs"] = result["bytes_written"] / result["write_seconds"] / GB if result["write_seconds"] else 0.0
+    forward = result["forward_read_seconds"]
+    result["forward_read_gbs"] = result["forward_bytes_read"] / forward / GB if forward else 0.0
     result["step_gbs"] = (result["bytes_read"] + result["bytes_written"]) / elapsed / GB
     del model, optimizers, stores
     shutil.rmtree(folder / "store", ignore_errors=True)
