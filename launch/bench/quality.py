@@ -58,33 +58,27 @@ def meft(label: str, neurons: int, lrs: tuple[float, ...], *extra: str, seeds: t
 
 
 def full_grid() -> Grid:
-    """What fits about an hour on 2 shared cores (see :data:`FULL_NOTES`), the most telling runs first. Budgets: MEFT
-    r=4096 keeps ~2000 fetched rows per layer for backward (~0.3 GB in fp32); LoRA r=256 and the parallel adapter
-    r=1024 are those methods' sizes just above and just below it."""
-    apart = ("--meft", "clip_rows=separate")
+    """What ran on 2026-12-02 in the hour our 2 shared cores had (see :data:`FULL_NOTES`): MEFT with the rows clipped
+    apart, and LoRA at a device budget just above MEFT's (r=256: ~0.41 GB against ~0.31 GB)."""
     return Grid(
-        facts=200, steps=100, micro_batch=8, eval_limit=200,
+        facts=50, steps=30, micro_batch=8, eval_limit=100,
         cells=(
-            meft("MEFT r=4096, rows clipped apart", 4096, (3e-3,), *apart),
+            meft("MEFT r=4096, rows clipped apart", 4096, (3e-3,), "--meft", "clip_rows=separate"),
             Cell("LoRA r=256", "lora", ("--lora_r", "256"), (3e-3,)),
-            Cell("parallel adapter r=1024", "parallel_adapter", ("--adapter_neurons", "1024"), (3e-3,)),
-            meft("MEFT r=4096, global clip", 4096, (3e-3,), "--meft", "clip_rows=global"),
-            meft("MEFT r=4096, apart, per-row Adam steps", 4096, (3e-3,), *apart, "--meft", "bias_correction=per_row"),
-            Cell("LoRA r=64", "lora", ("--lora_r", "64"), (3e-3,)),
-            meft("MEFT r=4096, rows not clipped", 4096, (3e-3,), "--meft", "clip_rows=none"),
-            Cell("LoRA r=256", "lora", ("--lora_r", "256"), (1e-3,)),
-            meft("MEFT r=1024, rows clipped apart", 1024, (3e-3,), *apart),
-            Cell("LoRA r=64", "lora", ("--lora_r", "64"), (6e-3,)),
-            meft("MEFT r=4096, rows clipped apart", 4096, (1e-3,), *apart),
         ),
     )  # fmt: skip
 
 
 FULL_NOTES = (
-    "Reduced grid: one seed, one or two learning rates per configuration, 100 steps on 2 CPU cores shared with "
-    "other jobs. The issue's full grid (two or three budgets per method, 3-4 learning rates each, two seeds for the "
-    "headline cells) is about 40 runs of ~8-10 min each here, 6-7 hours; it is one command on a faster machine "
-    "(edit full_grid in launch/bench/quality.py).",
+    "A minimal grid, not the issue's: 50 facts, 30 steps of 8, one learning rate (3e-3, the best of the issue's "
+    "sweeps for both MEFT and LoRA), one seed, two configurations. On 2026-12-02 a step of the built-in model took "
+    "14-44 s on our 2 cores (AMD EPYC, shared with other helpers' tests and kernel builds), not the ~2.5 s the issue "
+    "measured, so each run took ~25 min. Planned and not run (the benchmark lock was needed by two other timed "
+    "benchmarks before 16:05): MEFT with the global clip (the clipping comparison) and the parallel adapter r=1024 "
+    "(~0.28 GB, the size just below MEFT's budget); nor per-row bias correction, LoRA at other ranks, lr sweeps or "
+    "second seeds. The issue's grid (several hundred facts, 100+ steps, 2-3 budgets per method, 3-4 learning rates "
+    "each, two seeds for the headline cells: ~40 runs) needs ~40 x 100 steps x 2.5 s = ~3 h at the issue's step "
+    "time, ~30 h at today's; it is one edit of full_grid() in launch/bench/quality.py on a faster machine.",
 )
 
 
@@ -232,37 +226,38 @@ def _fraction(value: float | None) -> str:
 
 
 def judge(best: list[dict[str, Any]]) -> tuple[bool | None, str]:
-    """The targets: MEFT >= the best LoRA at equal or smaller device bytes + 0.05 EM, >= the parallel adapter at the
-    same budget, and >= 90% retained."""
+    """The targets: MEFT >= the best LoRA at equal or larger device bytes than MEFT's + 0.05 EM, >= the best parallel
+    adapter within MEFT's device bytes, and >= 90% retained. ``None`` when no part fails but one has no rival here."""
     meft = [b for b in best if b["method"] == "meft"]
     if not meft:
         return None, "no MEFT run"
     top = max(meft, key=lambda b: b["em"])
-    lora = [b for b in best if b["method"] == "lora" and b["device_bytes"] >= top["device_bytes"]]
-    adapters = [b for b in best if b["method"] == "parallel_adapter" and b["device_bytes"] <= top["device_bytes"]]
-    parts, met = [f"best MEFT ({top['label']}, {top['device_bytes'] / MB:.0f} MB): EM {top['em']:.3f}"], True
-    if lora:
-        rival = max(lora, key=lambda b: b["em"])
-        ok = top["em"] >= rival["em"] + 0.05
+    parts, results = [f"best MEFT ({top['label']}, {top['device_bytes'] / MB:.0f} MB): EM {top['em']:.3f}"], []
+    for method, name, margin, fits in (
+        ("lora", "LoRA with as many device bytes or more", 0.05, lambda b: b["device_bytes"] >= top["device_bytes"]),
+        (
+            "parallel_adapter",
+            "parallel adapter within MEFT's bytes",
+            0.0,
+            lambda b: b["device_bytes"] <= top["device_bytes"],
+        ),
+    ):
+        rivals = [b for b in best if b["method"] == method and fits(b)]
+        if not rivals:
+            parts.append(f"no {name} in this grid")
+            results.append(None)
+            continue
+        rival = max(rivals, key=lambda b: b["em"])
+        ok = top["em"] >= rival["em"] + margin
         parts.append(
-            f"{'>=' if ok else '<'} LoRA with as many or more device bytes + 0.05 ({rival['label']}: {rival['em']:.3f})"
+            f"{'>=' if ok else '<'} {name}{f' + {margin}' if margin else ''} ({rival['label']}: {rival['em']:.3f})"
         )
-        met &= ok
-    else:
-        smaller = [b for b in best if b["method"] == "lora"]
-        parts.append(
-            "no LoRA in the grid uses as many device bytes (largest: "
-            + (f"{max(b['device_bytes'] for b in smaller) / MB:.0f} MB)" if smaller else "none)")
-        )
-    if adapters:
-        rival = max(adapters, key=lambda b: b["em"])
-        ok = top["em"] >= rival["em"]
-        parts.append(f"{'>=' if ok else '<'} parallel adapter within its budget ({rival['label']}: {rival['em']:.3f})")
-        met &= ok
+        results.append(ok)
     retained = top["retained"]
-    ok = retained is not None and retained >= 0.9
-    parts.append(f"retains {_fraction(retained)} of the probe ({'>=' if ok else '<'} 90%)")
-    return bool(met and ok), "; ".join(parts)
+    results.append(retained is not None and retained >= 0.9)
+    parts.append(f"retains {_fraction(retained)} of the probe ({'>=' if results[-1] else '<'} 90%)")
+    met = False if False in results else None if None in results else True
+    return met, "; ".join(parts)
 
 
 def section(grid: Grid, records: list[dict[str, Any]], notes: list[str]) -> Section:

@@ -1,0 +1,200 @@
+"""Issue 14's pieces below the launcher: the retention probe (its stored list, its rule, the built-in model knowing
+every kept question), the rows' clipping modes against a hand-written reference, and the quality benchmark's
+bookkeeping (commands, resume, best learning rate, targets) with a stand-in for the training processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_engine import LR, MEFT, batches, ds_config, train_with_engine
+from tiny_models import tiny_model
+
+import meft_ds
+from meft_ds import SparseRowAdam, probe
+from meft_ds.config import MeftConfigError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+
+from bench import quality
+from bench.common import Section
+
+# ----------------------------------------------------------------------------------------------------------------
+# the retention probe
+
+
+def test_probe_answers_count_as_whole_words_after_normalisation() -> None:
+    assert probe.is_right("The capital of France is Paris.", ["Paris"])
+    assert probe.is_right("new delhi", ["New Delhi", "Delhi"])
+    assert not probe.is_right("Parisian", ["Paris"])  # a whole word, not a prefix
+    assert not probe.is_right("Tellarby", ["Paris"])
+
+
+def test_the_stored_probe_is_the_candidates_the_base_model_got_right() -> None:
+    stored = json.loads(probe.PROBE_FILE.read_text())
+    candidates = {question: list(answers) for question, answers in probe.CANDIDATES}
+    assert stored["candidates"] == len(probe.CANDIDATES) and stored["max_new_tokens"] == probe.NEW_TOKENS
+    assert 30 <= len(stored["questions"]) <= len(candidates)
+    for kept in stored["questions"]:
+        assert candidates[kept["question"]] == kept["answers"]
+        assert probe.is_right(kept["base_answer"], kept["answers"])  # what the model answered at build time
+    assert [e.prompt for e in probe.probe_examples()] == [q["question"] for q in stored["questions"]]
+
+
+def test_retained_counts_what_was_known_before() -> None:
+    before = [{"right": r} for r in (True, True, False, True)]
+    after = [{"right": r} for r in (True, False, True, True)]
+    assert probe.retained(before, after) == {"known": 3, "still_right": 2, "fraction": 2 / 3}
+    assert probe.retained(None, after) == {"known": 4, "still_right": 3, "fraction": 3 / 4}  # all known before
+
+
+@pytest.mark.slow
+def test_the_builtin_model_answers_every_kept_question() -> None:
+    from meft_ds.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(None)  # fp32, greedy: the build's settings
+    answers = probe.answer_probe(model, tokenizer, probe.probe_examples(), batch_size=16)
+    wrong = [(a["prompt"], a["prediction"]) for a in answers if not a["right"]]
+    assert not wrong, f"the built-in model no longer answers: {wrong}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# clipping the rows: global, separate, none
+
+
+def clipped_reference(steps: int, clip: float, mode: str) -> torch.nn.Module:
+    """Routers by torch AdamW, rows by SparseRowAdam, DeepSpeed's WarmupLR; ``mode`` "separate": the routers'
+    gradients clipped by their norm and the rows' by theirs; "none": only the routers' clipped."""
+    model = meft_ds.inject(tiny_model(), MEFT)
+    routers = [p for p in model.parameters() if p.requires_grad]
+    dense = torch.optim.AdamW(routers, lr=LR, eps=1e-8, weight_decay=0.0)
+    sparse = SparseRowAdam(meft_ds.adapters(model), lr=LR, backend="torch")
+    for t, batch in enumerate(batches(steps)):
+        model(batch, labels=batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(routers, clip)
+        for adapter in meft_ds.adapters(model):
+            adapter.collect_row_grads()
+        row_grads = [a.store.accumulated_grads()[1] for a in meft_ds.adapters(model)]
+        coefficient = clip / (math.sqrt(sum(g.double().pow(2).sum().item() for g in row_grads)) + 1e-6)
+        if mode == "separate" and coefficient < 1:
+            for g in row_grads:
+                g.mul_(coefficient)
+        for group in dense.param_groups + sparse.param_groups:
+            group["lr"] = LR * min(1.0, max(0, t - 1) / 4)
+        dense.step()
+        sparse.step()
+        dense.zero_grad()
+        sparse.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("mode", ["separate", "none"])
+def test_rows_clipped_apart_or_not_at_all_match_a_reference(mode: str) -> None:
+    clip = 0.05  # far below both norms: clipping is active at every step
+    config = ds_config(2, clip=clip)
+    config["meft"] = {**MEFT, "clip_rows": mode}
+    run = train_with_engine(config, steps=4)
+    reference = clipped_reference(steps=4, clip=clip, mode=mode)
+    for ours, theirs in zip(meft_ds.adapters(run.model), meft_ds.adapters(reference), strict=True):
+        torch.testing.assert_close(ours.store.rows, theirs.store.rows, rtol=0, atol=2e-5)
+        torch.testing.assert_close(ours.router.weight, theirs.router.weight, rtol=0, atol=2e-5)
+    assert all(norm > clip for norm in run.grad_norms)  # the rows' own norm, measured in both modes
+
+
+def test_clip_rows_is_validated() -> None:
+    with pytest.raises(MeftConfigError, match=r"meft\.clip_rows: unknown mode 'rows'.*'global', 'separate', 'none'"):
+        meft_ds.MeftConfig(clip_rows="rows")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the quality benchmark's bookkeeping
+
+
+def fake_results(em: float, device_bytes: int, retained: float | None = 1.0) -> dict[str, Any]:
+    return {
+        "after": {"exact_match": em, "f1": em}, "retention": {"fraction": retained}, "trainable_params": 10,
+        "device_training": {"device_bytes": device_bytes}, "last_loss": 0.1, "seconds": 1.0,
+    }  # fmt: skip
+
+
+GRID = quality.Grid(
+    facts=25, steps=2, micro_batch=4, eval_limit=8, model="/tiny", name="test",
+    cells=(
+        quality.meft("MEFT", 256, (1e-3, 3e-3)),
+        quality.Cell("LoRA", "lora", ("--lora_r", "4"), (3e-3,), seeds=(0, 1)),
+        quality.Cell("PA", "parallel_adapter", ("--adapter_neurons", "8"), (3e-3,)),
+        quality.meft("MEFT later option", 256, (3e-3,), "--meft", "no_such_option=1"),
+    ),
+)  # fmt: skip
+SCORES = {  # (method, lr): (EM, device bytes)
+    ("meft", 1e-3): (0.5, 300), ("meft", 3e-3): (0.7, 300), ("lora", 3e-3): (0.6, 400),
+    ("parallel_adapter", 3e-3): (0.8, 200),
+}  # fmt: skip
+
+
+def test_grid_runs_every_cell_lr_and_seed_once_and_resumes(tmp_path: Path) -> None:
+    commands: list[list[str]] = []
+
+    def runner(command: list[str], output_dir: Path) -> dict[str, Any]:
+        commands.append(command)
+        method, lr = command[command.index("--method") + 1], float(command[command.index("--learning_rate") + 1])
+        return fake_results(*SCORES[method, lr])
+
+    notes: list[str] = []
+    records = quality.run_grid(GRID, tmp_path, runner, notes)
+    assert len(commands) == len(records) == 5  # MEFT x 2 lrs, LoRA x 2 seeds, PA; the unknown option skipped
+    assert notes == ["MEFT later option: skipped, this meft_ds has no setting no_such_option"]
+    for command in commands:
+        for flag, value in (("--facts", "25"), ("--max_steps", "2"), ("--model", "/tiny"), ("--micro_batch_size", "4")):
+            assert command[command.index(flag) + 1] == value
+        assert "--no_save" in command and "--no_eval_before" in command
+    config = json.loads((tmp_path / "ds_quality.json").read_text())
+    assert config["zero_optimization"]["reduce_bucket_size"] == quality.BUCKET
+    # a second run finds every record and trains nothing
+    assert quality.run_grid(GRID, tmp_path, runner, []) == records and len(commands) == 5
+
+    best = {b["label"]: b for b in quality.best_per_cell(records)}
+    assert (
+        best["MEFT"]["lr"] == 3e-3
+        and best["MEFT"]["em"] == 0.7
+        and best["MEFT"]["sweep"] == {"0.001": 0.5, "0.003": 0.7}
+    )
+    assert best["LoRA"]["seeds"] == 2
+    met, verdict = quality.judge(list(best.values()))
+    # MEFT 0.7 < LoRA (400 bytes >= MEFT's 300) 0.6 + 0.05? no: 0.7 >= 0.65; but < the parallel adapter's 0.8
+    assert met is False
+    assert ">= LoRA" in verdict and "< parallel adapter" in verdict and "retains 100%" in verdict
+    met, verdict = quality.judge([b for b in best.values() if b["method"] != "parallel_adapter"])
+    assert met is None and "no parallel adapter within MEFT's bytes in this grid" in verdict  # passes, not judged
+
+    section = quality.section(GRID, records, notes)
+    assert isinstance(section, Section) and section.met is False and len(section.rows) == 3
+    section.command = "python launch/bench.py --only quality"
+    quality.plot(section, str(tmp_path / "quality.png"))
+    assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_quick_grid_trains_each_method_through_the_launcher(tmp_path: Path) -> None:
+    """``launch/bench.py --quick --only quality``'s grid, end to end on the tiny LLaMA: one run per method."""
+    from tiny_models import word_tokenizer
+
+    folder = tmp_path / "tiny"
+    tiny_model().save_pretrained(folder)
+    word_tokenizer(chat=True).save_pretrained(folder)
+    grid = quality.quick_grid(str(folder))
+    records = quality.run_grid(grid, tmp_path / "work")
+    assert [r["method"] for r in records] == ["meft", "lora", "parallel_adapter"]
+    by_method = {r["method"]: r for r in records}
+    bucket = quality.BUCKET * 4  # fp32
+    # d=64, FFN 128, 2 layers: LoRA r=4 on 3 matrices, the parallel adapter's 2 x 16 x 64, weights + gradients fp32
+    assert by_method["lora"]["device_bytes"] == 2 * 3 * 4 * (64 + 128) * 8 + bucket
+    assert by_method["parallel_adapter"]["device_bytes"] == 2 * 2 * 16 * 64 * 8 + bucket
+    assert by_method["meft"]["device_bytes"] > 2 * 64 * 64 * 8 + bucket  # routers, bucket and the fetched rows
+    assert all(0.0 <= r["em"] <= 1.0 and 0.0 <= r["retained"] <= 1.0 for r in records)
+    assert len(quality.section(grid, records, []).rows) == 3
