@@ -79,6 +79,17 @@ FULL_NOTES = (
     "second seeds. The issue's grid (several hundred facts, 100+ steps, 2-3 budgets per method, 3-4 learning rates "
     "each, two seeds for the headline cells: ~40 runs) needs ~40 x 100 steps x 2.5 s = ~3 h at the issue's step "
     "time, ~30 h at today's; it is one edit of full_grid() in launch/bench/quality.py on a faster machine.",
+    "Measured 14:51-15:44 UTC (the two runs: 1417 s and 1484 s); the section's own time is its render from the "
+    "stored records (outputs/bench_quality_full/records.jsonl). Overlaps: other helpers' pytest runs, 2-rank shard "
+    "tests and DeepSpeed op builds ran on the same 2 cores throughout (load average 3-7); EM does not depend on it.",
+    "Retention: after both runs the probe's questions are answered with the facts task's vocabulary (MEFT: 'What is "
+    "the capital of Germany?' -> 'Brisquay', a fictional birthplace; 3 of 43 still right: Paris, Moscow, 1492; LoRA: "
+    "0 of 43: it answers 'Quessaly' to nearly every probe question). Both learn 'a question -> a short made-up "
+    "name' for every question, not only for the new facts. Not measured here: a lower learning rate, per-row bias "
+    "correction, mixing general data in.",
+    "The LoRA comparison is at one learning rate: LoRA r=256 (alpha 2r) at 3e-3 may be past its best (it collapses "
+    "towards one answer); the issue's sweeps at 150 facts found LoRA sensitive to it (r=16: 0.18-0.60 over 1e-3 to "
+    "1e-2). The +0.23 EM here is not a tuned comparison.",
 )
 
 
@@ -160,6 +171,7 @@ def run_grid(
     asked for before the first run, in place of ``grid.model``). Each record is appended to ``work/records.jsonl``
     as its run ends; a run whose record is there already (same grid) is not run again, so an interrupted benchmark
     continues where it stopped."""
+    work.mkdir(parents=True, exist_ok=True)
     ds_config, done_path = ds_config_file(work), work / "records.jsonl"
     key = json.dumps(dataclasses.asdict(dataclasses.replace(grid, cells=())), sort_keys=True)
     done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
@@ -322,7 +334,6 @@ def run(context: Context) -> Section:
     grid = quick_grid() if context.settings.quality_quick else full_grid()
     notes = [] if context.settings.quality_quick else list(FULL_NOTES)
     work = ROOT / "outputs" / f"bench_quality_{grid.name}"  # kept: a rerun continues an interrupted benchmark
-    work.mkdir(parents=True, exist_ok=True)
     builtin = functools.cache(lambda: str(unpacked_builtin_model(work / "base_model")))
     records = run_grid(grid, work, notes=notes, model=None if grid.model else builtin)
     return section(grid, records, notes)
