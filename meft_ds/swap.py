@@ -167,9 +167,13 @@ class NvmeRowStore(RowStore):
         self._create_files()
 
     # ------------------------------------------------------------------ I/O
+    def _block_numel(self, name: str) -> int:
+        """fp32 values of one block in file ``name``: ``block_rows x d`` values, twice that for a moment."""
+        return self.value_numel * (1 if name == "values" else 2)
+
     def _io(self, write: bool, buffer: torch.Tensor, name: str, first_block: int, handle: int = 0) -> None:
         """Start reading or writing the flat ``buffer`` at block ``first_block`` of file ``name``."""
-        offset = first_block * self.value_numel * FP32 * (1 if name == "values" else 2)
+        offset = first_block * self._block_numel(name) * FP32
         self.queues[handle].submit(write, buffer, str(self.files[name]), offset)
         if write:
             self.stats.nvme_bytes_written += buffer.numel() * FP32
@@ -191,7 +195,7 @@ class NvmeRowStore(RowStore):
         """Zero values and moments: sparse files of the right size (reading a hole gives zeros)."""
         for name in FILES:
             with open(self.files[name], "wb") as file:
-                file.truncate(self.num_blocks * self.value_numel * FP32 * (1 if name == "values" else 2))
+                file.truncate(self.num_blocks * self._block_numel(name) * FP32)
 
     def _block_positions(self, row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The sorted unique blocks holding ``row_ids``, and each row's position in those blocks laid end to end."""
@@ -254,14 +258,13 @@ class NvmeRowStore(RowStore):
         block_list, rows = blocks.tolist(), blocks.numel() * self.block_rows
         handle = self.handle
         buffers = {
-            name: handle.new_cpu_locked_tensor(blocks.numel() * self.value_numel * (1 if name == "values" else 2),
-                                               torch.empty(0))
+            name: handle.new_cpu_locked_tensor(blocks.numel() * self._block_numel(name), torch.empty(0))
             for name in FILES
         }  # fmt: skip
         try:
             for position, first, count in _runs(block_list, len(block_list)):
                 for name, buffer in buffers.items():
-                    width = self.value_numel * (1 if name == "values" else 2)
+                    width = self._block_numel(name)
                     self._io(False, buffer[position * width : (position + count) * width], name, first)
             row_blocks = torch.arange(rows).view(-1, self.block_rows)
             global_rows = (blocks.unsqueeze(1) * self.block_rows + row_blocks % self.block_rows).flatten()
@@ -276,7 +279,7 @@ class NvmeRowStore(RowStore):
             buffers["values"].view(rows, self.dim).copy_(compact[:, 1])
             for position, first, count in _runs(block_list, len(block_list)):
                 for name, buffer in buffers.items():
-                    width = self.value_numel * (1 if name == "values" else 2)
+                    width = self._block_numel(name)
                     self._io(True, buffer[position * width : (position + count) * width], name, first)
             self._writing, buffers = list(buffers.values()), {}
         finally:
@@ -287,7 +290,7 @@ class NvmeRowStore(RowStore):
     def _read_whole(self, name: str) -> torch.Tensor:
         """A whole file as an ``(r, d)`` (values) or ``(r, 2, d)`` (moments) tensor."""
         self._finish_writes()
-        width = self.value_numel * (1 if name == "values" else 2)
+        width = self._block_numel(name)
         buffer = self.handle.new_cpu_locked_tensor(self.num_blocks * width, torch.empty(0))
         self._io(False, buffer, name, 0)
         self._wait(0)
@@ -298,7 +301,7 @@ class NvmeRowStore(RowStore):
 
     def _write_whole(self, name: str, tensor: torch.Tensor) -> None:
         self._finish_writes()
-        width = self.value_numel * (1 if name == "values" else 2)
+        width = self._block_numel(name)
         buffer = self.handle.new_cpu_locked_tensor(self.num_blocks * width, torch.empty(0))
         buffer.zero_()
         buffer[: tensor.numel()].copy_(tensor.reshape(-1))
