@@ -91,7 +91,7 @@ class StoreConfig:
         if not isinstance(self.device, str) or self.device not in STORE_DEVICES:
             _fail("store.device", f"unknown store device {self.device!r}", "use 'cpu' or 'nvme'")
         if not isinstance(self.shard, bool) and self.shard != "auto":
-            _fail("store.shard", f"expected true, false or 'auto', got {self.shard!r}", "write true, false or \"auto\"")
+            _fail("store.shard", f"expected true, false or 'auto', got {self.shard!r}", 'write true, false or "auto"')
         _check_float("store.ram_budget_mb", self.ram_budget_mb, 0.0, strict=True)
         if self.device == "nvme":
             if not isinstance(self.nvme_path, str) or not self.nvme_path:

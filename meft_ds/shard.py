@@ -58,8 +58,8 @@ def resolve_shard(config: MeftConfig) -> MeftConfig:
 def _announce(per_node: int, shard: bool, rank: int) -> None:
     if shard and rank == 0:
         logger.info(
-            "meft_ds: %d ranks share this node, so each holds 1/%d of the row stores (meft.store.shard \"auto\"); "
-            "every rank runs every forward. Set \"store\": {\"shard\": false} to replicate them instead.",
+            'meft_ds: %d ranks share this node, so each holds 1/%d of the row stores (meft.store.shard "auto"); '
+            'every rank runs every forward. Set "store": {"shard": false} to replicate them instead.',
             per_node,
             torch.distributed.get_world_size(),
         )
@@ -67,7 +67,7 @@ def _announce(per_node: int, shard: bool, rank: int) -> None:
         logger.warning(
             "meft_ds: %d ranks share this node but torch.distributed is not initialized before the adapters are "
             "injected: each rank holds a full replica of the row stores. Fix: call deepspeed.init_distributed() "
-            "first (meft_ds.initialize does), or set \"store\": {\"shard\": false} to keep replicas.",
+            'first (meft_ds.initialize does), or set "store": {"shard": false} to keep replicas.',
             per_node,
         )
 
