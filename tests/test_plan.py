@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from async_accelerator import async_accelerator
 from tiny_models import tiny_config, tiny_model, token_batch
 
 import meft_ds
@@ -60,8 +61,9 @@ def tiny_plan() -> MemoryPlan:
 @pytest.fixture(scope="module")
 def trained_step() -> dict[str, Any]:
     """One real forward (saved tensors counted) + backward + gradient collection of the injected tiny model in bf16,
-    on the masked path the plan models."""
-    with pytest.MonkeyPatch.context() as patch:
+    on the masked path the plan models, through an accelerator with streams (tests/async_accelerator.py): the pinned
+    staging a GPU run allocates (a CPU-only run gathers rows straight into the tensors it computes with)."""
+    with pytest.MonkeyPatch.context() as patch, async_accelerator():
         patch.setattr(meft_ds.adapter, "computes_over_slots", lambda x: False)
         torch.manual_seed(0)
         model = meft_ds.inject(tiny_model().to(torch.bfloat16).train(), MEFT)
