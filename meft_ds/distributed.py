@@ -44,7 +44,7 @@ def _store_summed(adapters: list[SparseKeyExpertAdapter], ids: torch.Tensor, gra
         adapter.store.drop_grads()
         lo, hi = torch.searchsorted(unique, torch.tensor([position, position + 1]) * num_rows).tolist()
         if hi > lo:
-            adapter.store.accumulate_grad(unique[lo:hi] - position * num_rows, summed[lo:hi].clone())
+            adapter.store.accumulate_grad(unique[lo:hi] - position * num_rows, summed[lo:hi])  # copied in
 
 
 def _allreduce(adapters: list[SparseKeyExpertAdapter], group: Any, world_size: int) -> None:
