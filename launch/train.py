@@ -26,7 +26,7 @@ import torch
 from deepspeed import comm as dist
 
 import meft_ds
-from meft_ds import NonFiniteGradientError, probe
+from meft_ds import NonFiniteGradientError, probe, rehearsal
 from meft_ds.baselines import METHODS, export_baseline, prepare_baseline, trainable_numel, training_bytes
 from meft_ds.checkpoint import write_json_atomic
 from meft_ds.data import DATASETS, FORMATS, DatasetError, collate, facts_dataset, load_examples, tokenize_for_training
@@ -86,6 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_eval", action="store_true", help="skip the before/after evaluation")
     parser.add_argument("--no_probe", action="store_true", help="skip the retention probe's general questions")
     parser.add_argument(
+        "--rehearsal",
+        type=int,
+        default=0,
+        help=f"mix N general questions (1..{len(rehearsal.QUESTIONS)}), answered by the untrained model itself, into "
+        "the training data, to keep what it knew (meft_ds/rehearsal.py)",
+    )
+    parser.add_argument(
         "--no_eval_before",
         action="store_true",
         help="evaluate only after training (retention then counts every probe question as known before, as the "
@@ -107,6 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "lora_r"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.rehearsal <= len(rehearsal.QUESTIONS):
+        parser.error(
+            f"--rehearsal {args.rehearsal}: use 0 (off) to {len(rehearsal.QUESTIONS)} (every built-in question)"
+        )
     if args.save_steps < 0:
         parser.error(f"--save_steps must be >= 0, got {args.save_steps}")
     if args.facts is not None and (args.facts < 5 or args.facts % 5 or args.dataset != "facts"):
@@ -285,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
 
     engine, model = build_engine(model, ds_config, args)
+    if args.rehearsal:  # answered by the untrained model, before a resumed run loads its checkpoint
+        shared = dict(batch_size=args.eval_batch_size, across_ranks=True)
+        general = rehearsal.rehearsal_examples(model, tokenizer, args.rehearsal, **shared)
+        features += tokenize_for_training(general, tokenizer, args.max_length)
+        logger.info(
+            "rehearsal: %d general questions answered by the base model added to the training data", len(general)
+        )
     # on the engine's device, with the adapters in place: every method starts at the base model (MEFT's and the
     # parallel adapter's values and LoRA's B are zero)
     before, probe_before = (

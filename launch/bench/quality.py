@@ -58,13 +58,24 @@ def meft(label: str, neurons: int, lrs: tuple[float, ...], *extra: str, seeds: t
 
 
 def full_grid() -> Grid:
-    """What ran on 2026-12-02 in the hour our 2 shared cores had (see :data:`FULL_NOTES`): MEFT with the rows clipped
-    apart, and LoRA at a device budget just above MEFT's (r=256: ~0.41 GB against ~0.31 GB)."""
+    """The grid that fits about an hour of our 2 cores (see :data:`FULL_NOTES`): the issue's task size (150 facts, 100
+    steps of 8); MEFT with the rows clipped apart at two learning rates and two seeds, and its variants at 3e-3 (the
+    global clip, per-row bias correction, self-rehearsal); LoRA below (r=64) and above (r=256) MEFT's device bytes;
+    the parallel adapter just below them (r=1024). A second cell with the same label adds seeds to it."""
+    separate = ("--meft", "clip_rows=separate")
     return Grid(
-        facts=50, steps=30, micro_batch=8, eval_limit=100,
+        facts=150, steps=100, micro_batch=8, eval_limit=100,
         cells=(
-            meft("MEFT r=4096, rows clipped apart", 4096, (3e-3,), "--meft", "clip_rows=separate"),
-            Cell("LoRA r=256", "lora", ("--lora_r", "256"), (3e-3,)),
+            meft("MEFT r=4096", 4096, (3e-3, 1e-3), *separate),
+            Cell("LoRA r=64", "lora", ("--lora_r", "64"), (3e-3, 1e-3)),
+            meft("MEFT r=4096, global clip", 4096, (3e-3,)),
+            meft("MEFT r=4096, per-row bias correction", 4096, (3e-3,), *separate, "--meft", "bias_correction=per_row"),
+            meft("MEFT r=4096, rehearsal 80", 4096, (3e-3,), *separate, "--rehearsal", "80"),
+            Cell("LoRA r=64, rehearsal 80", "lora", ("--lora_r", "64", "--rehearsal", "80"), (3e-3,)),
+            Cell("parallel adapter r=1024", "parallel_adapter", ("--adapter_neurons", "1024"), (3e-3,)),
+            Cell("LoRA r=256", "lora", ("--lora_r", "256"), (1e-3,)),
+            meft("MEFT r=4096", 4096, (3e-3,), *separate, seeds=(1,)),
+            Cell("LoRA r=64", "lora", ("--lora_r", "64"), (3e-3,), seeds=(1,)),
         ),
     )  # fmt: skip
 
