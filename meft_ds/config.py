@@ -33,6 +33,15 @@ def _fail(field_name: str, problem: str, fix: str) -> None:
     raise MeftConfigError(f"meft.{field_name}: {problem}. Fix: {fix}.")
 
 
+def _reject_unknown_keys(prefix: str, values: dict[str, Any], known: list[str]) -> None:
+    """Raise for the first key of ``values`` not in ``known``, suggesting the closest known key (or listing them)."""
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            _fail(f"{prefix}{key}", "unknown setting", f"remove it ({hint})")
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         _fail(name, f"expected an integer, got {value!r} ({type(value).__name__})", f"set {name} to an integer")
@@ -113,12 +122,7 @@ class StoreConfig:
             return cls()
         if not isinstance(values, dict):
             _fail("store", f"expected a JSON object, got {values!r}", 'write e.g. "store": {"shard": true}')
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-                _fail(f"store.{key}", "unknown setting", f"remove it ({hint})")
+        _reject_unknown_keys("store.", values, [f.name for f in dataclasses.fields(cls)])
         return cls(**values)
 
 
@@ -200,12 +204,7 @@ class MeftConfig:
                 f"meft: expected a JSON object (dict) of settings, got {type(values).__name__}. "
                 'Fix: write the section as {"num_neurons": 4096, "top_k": 64, ...}.'
             )
-        known = [f.name for f in dataclasses.fields(cls) if f.init]
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-                raise MeftConfigError(f"meft.{key}: unknown setting. Fix: remove it ({hint}).")
+        _reject_unknown_keys("", values, [f.name for f in dataclasses.fields(cls) if f.init])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
