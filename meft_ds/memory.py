@@ -13,6 +13,7 @@ from pathlib import Path
 import torch.distributed
 
 from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.ops import local_world_size
 
 FP32 = 4
 HEADROOM = 0.9  # leave a tenth of what is available to the model, the activations and everything else
@@ -34,12 +35,6 @@ def available_bytes() -> int:
     if available is None:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return available // local_world_size()
-
-
-def local_world_size() -> int:
-    """Ranks of this run on this node, as the launcher says (torchrun: ``LOCAL_WORLD_SIZE``, DeepSpeed's:
-    ``LOCAL_SIZE``); 1 without a launcher."""
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1))
 
 
 def check_store_fits(config: MeftConfig, num_layers: int, dim: int, *, available: int | None = None) -> None:

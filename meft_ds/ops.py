@@ -92,5 +92,10 @@ def kernel_threads() -> int:
     """Threads for our kernels: torch's intra-op count, capped by this process's share of the cores it may run on
     (the cores in its affinity mask divided among the ranks of this node), so ranks never oversubscribe."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    return max(1, min(torch.get_num_threads(), cores // max(1, local_ranks)))
+    return max(1, min(torch.get_num_threads(), cores // local_world_size()))
+
+
+def local_world_size() -> int:
+    """Ranks of this run on this node, as the launcher says (torchrun: ``LOCAL_WORLD_SIZE``, DeepSpeed's:
+    ``LOCAL_SIZE``); 1 without a launcher."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1))
