@@ -20,9 +20,9 @@ from meft_ds.data import (
     facts_dataset,
     format_prompt,
     load_examples,
-    make_facts,
     tokenize_for_training,
 )
+from meft_ds.facts import make_facts
 from meft_ds.models import builtin_model_file
 
 DATA = Path(__file__).parent / "data"
