@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from meft_ds.adapter import SparseKeyExpertAdapter
-from meft_ds.checkpoint import fsync_dir, fsync_tree
+from meft_ds.files import fsync_dir, fsync_tree
 from meft_ds.inject import adapters, decoder_layers, locate_ffns
 from meft_ds.store import CheckpointError
 

@@ -11,8 +11,8 @@ import torch
 from tiny_models import tiny_model, token_batch
 
 import meft_ds
-import meft_ds.checkpoint
 import meft_ds.engine
+import meft_ds.files
 import meft_ds.store
 
 CONFIG = {
@@ -70,9 +70,9 @@ def main(directory: str, point: str, reference: str) -> None:
         kill_on_call(meft_ds.engine, "publish_directory", call=0)
     elif point == "between_renames":  # re-saving a tag: the old version moved aside, the new one not yet in place
         tag = "global_step2"
-        kill_on_call(meft_ds.checkpoint.os, "replace", call=1, when=lambda src, dst: str(dst).endswith(".old"))
+        kill_on_call(meft_ds.files.os, "replace", call=1, when=lambda src, dst: str(dst).endswith(".old"))
     elif point == "latest":  # the new tag published, the pointer not yet moved
-        kill_on_call(meft_ds.checkpoint.os, "replace", call=0, when=lambda src, dst: str(dst).endswith("latest"))
+        kill_on_call(meft_ds.files.os, "replace", call=0, when=lambda src, dst: str(dst).endswith("latest"))
     else:
         raise SystemExit(f"unknown point {point}")
     engine.save_checkpoint(directory, tag=tag)
