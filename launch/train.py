@@ -296,13 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
 
     engine, model = build_engine(model, ds_config, args)
-    if args.rehearsal:  # answered by the untrained model, before a resumed run loads its checkpoint
+    general = []  # --rehearsal: answered by the untrained model, before a resumed run loads its checkpoint
+    if args.rehearsal:
         shared = dict(batch_size=args.eval_batch_size, across_ranks=True)
         general = rehearsal.rehearsal_examples(model, tokenizer, args.rehearsal, **shared)
         features += tokenize_for_training(general, tokenizer, args.max_length)
-        logger.info(
-            "rehearsal: %d general questions answered by the base model added to the training data", len(general)
-        )
+        logger.info("rehearsal: %d general questions, answered by the base model, added to training", len(general))
     # on the engine's device, with the adapters in place: every method starts at the base model (MEFT's and the
     # parallel adapter's values and LoRA's B are zero)
     before, probe_before = (
@@ -345,12 +344,14 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": DTYPE_NAMES[dtype],
             "dataset": args.dataset,
             "facts": args.facts,
+            "train_examples": len(features),
             "steps": engine.global_steps,
             "first_loss": log.first_loss,
             "last_loss": log.last_loss,
             "before": before,
             "after": after,
             "retention": retention and {**retention, "answers": probe_after},
+            "rehearsal": [{"question": e.prompt, "answer": e.answers[0]} for e in general],
             "trainable_params": trainable_numel(model),
             "device_training": device.as_dict(),
             "seconds": round(time.time() - started, 1),

@@ -23,6 +23,7 @@ from meft_ds.data import facts_dataset, load_examples
 from meft_ds.evaluation import evaluate_generation
 from meft_ds.models import load_model_and_tokenizer
 from meft_ds.probe import probe_examples
+from meft_ds.rehearsal import QUESTIONS as REHEARSAL
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -303,7 +304,7 @@ def test_bad_input_fails_fast_with_one_line(tmp_path: Path) -> None:
 # values 2 x 16 x 64 per layer; MEFT's 256 rows of 2 x 64 per layer and its routers, 64 experts x 64 per layer
 METHODS = {
     "meft": ([], 2 * 256 * 2 * 64 + 2 * 64 * 64, 2 * 64 * 64),
-    "lora": (["--lora_r", "4"], 2 * 3 * 4 * (64 + 128), 2 * 3 * 4 * (64 + 128)),
+    "lora": (["--lora_r", "4", "--rehearsal", "3"], 2 * 3 * 4 * (64 + 128), 2 * 3 * 4 * (64 + 128)),
     "parallel_adapter": (["--adapter_neurons", "16"], 2 * 2 * 16 * 64, 2 * 2 * 16 * 64),
     "full": ([], None, None),  # every parameter of the model
 }
@@ -327,6 +328,11 @@ def test_every_method_trains_evaluates_reports_its_device_bytes_and_exports(
     )  # fmt: skip
     run, records = results(out), metrics(out)
     assert run["method"] == method and len(records) == 3 and all(r["grad_norm"] is not None for r in records)
+    # --rehearsal 3 (LoRA's run): the first 3 general questions with the base model's answers (the tiny model's
+    # are non-empty) added to the 32 training examples
+    rehearsed = [(r["question"], bool(r["answer"])) for r in run["rehearsal"]]
+    assert rehearsed == [(q, True) for q in REHEARSAL[: 3 if method == "lora" else 0]]
+    assert run["train_examples"] == 32 + len(rehearsed)
     assert run["trainable_params"] == trainable
     # fp32, ZeRO-2 with the optimizer offloaded: on the device the trainable dense weights and their gradients, the
     # bucket, and for MEFT the rows fetched and kept for backward: |U| rows of 2 x 64 fp32 per layer, |U| the mean

@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import torch
 from test_engine import LR, MEFT, batches, ds_config, train_with_engine
-from tiny_models import tiny_model
+from test_evaluation import ReferenceAnswerer
+from tiny_models import tiny_model, word_tokenizer
 
 import meft_ds
-from meft_ds import SparseRowAdam, probe
+from meft_ds import SparseRowAdam, probe, rehearsal
 from meft_ds.config import MeftConfigError
+from meft_ds.metrics import normalize_answer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 
@@ -62,6 +64,30 @@ def test_the_builtin_model_answers_every_kept_question() -> None:
     answers = probe.answer_probe(model, tokenizer, probe.probe_examples(), batch_size=16)
     wrong = [(a["prompt"], a["prediction"]) for a in answers if not a["right"]]
     assert not wrong, f"the built-in model no longer answers: {wrong}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# self-rehearsal
+
+
+def test_rehearsal_questions_are_not_the_probe_questions() -> None:
+    asked = {normalize_answer(question) for question, _ in probe.CANDIDATES}
+    rehearsed = [normalize_answer(question) for question in rehearsal.QUESTIONS]
+    assert len(set(rehearsed)) == len(rehearsed) >= 60
+    assert not asked & set(rehearsed), "a probe question in the rehearsal set would score the training data"
+
+
+def test_rehearsal_targets_are_the_models_own_first_lines() -> None:
+    tokenizer = word_tokenizer(chat=True)
+    replies = ["Lima is the capital.\nAnd more.", "", "Mexico City"]  # the empty answer is left out
+    model = ReferenceAnswerer(tokenizer, replies)
+    examples = rehearsal.rehearsal_examples(model, tokenizer, 3, batch_size=2)
+    assert [(e.prompt, e.answers) for e in examples] == [
+        (rehearsal.QUESTIONS[0], ["Lima is the capital."]),
+        (rehearsal.QUESTIONS[2], ["Mexico City"]),
+    ]
+    with pytest.raises(ValueError, match=r"rehearsal count must be 1\.\.80"):
+        rehearsal.rehearsal_examples(model, tokenizer, 81)
 
 
 # ----------------------------------------------------------------------------------------------------------------
