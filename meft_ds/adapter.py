@@ -27,9 +27,9 @@ from meft_ds.pinned import PinnedBuffers
 from meft_ds.routing import Routing, select_from_scores
 from meft_ds.shard import ShardedRowStore, resolve_shard
 from meft_ds.stats import TrafficStats
-from meft_ds.store import RowStore, initial_keys
+from meft_ds.store import CpuRowStore, RowStore, initial_keys
 from meft_ds.swap import NvmeRowStore
-from meft_ds.transfer import RowGradSink, RowsInFlight, RowTransfer, by_position, narrowest_index_dtype
+from meft_ds.transfer import RowGradSink, RowsInFlight, RowTransfer, by_union_pos, narrowest_index_dtype
 
 if TYPE_CHECKING:
     from meft_ds.inference import DeviceRows
@@ -80,32 +80,33 @@ ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the CPU ke
 
 
 class SlotAdapterFunction(torch.autograd.Function):
-    """The same adapter over each token's own K rows (``slots``: ``(T, K)`` positions in ``rows``), on meft_ds's CPU
-    kernel. ``gate`` is ``(T, K)``: the router logit of each slot's expert, or ``None``. The backward writes the rows'
-    gradients, rounded to the dtype rows travel in, where a :class:`~meft_ds.transfer.RowGradSink` says (straight into
-    the store's accumulator); any other sink is called with all rows' gradients and their flags."""
+    """The same adapter over each token's own K rows (its K slots: ``union_pos``, ``(T, K)`` positions in ``rows``, the
+    micro-batch's union), on meft_ds's CPU kernel. ``gate`` is ``(T, K)``: the router logit of each slot's expert, or
+    ``None``. The backward writes the rows' gradients, rounded to the dtype rows travel in, where a
+    :class:`~meft_ds.transfer.RowGradSink` says (straight into the store's accumulator); any other sink is called with
+    all rows' gradients and their flags."""
 
     @staticmethod
-    def forward(ctx, x, gate, rows, slots, row_grad_sink):  # type: ignore[override]
+    def forward(ctx, x, gate, rows, union_pos, row_grad_sink):  # type: ignore[override]
         compute_rows = rows.to(x.dtype).contiguous()
         gate_or_empty = x.new_empty(0) if gate is None else gate.contiguous()
-        out, scores = cpu_kernels().sparse_adapter_forward(x, compute_rows, slots, gate_or_empty, kernel_threads())
-        ctx.save_for_backward(x, gate_or_empty, compute_rows, slots, scores)
+        out, scores = cpu_kernels().sparse_adapter_forward(x, compute_rows, union_pos, gate_or_empty, kernel_threads())
+        ctx.save_for_backward(x, gate_or_empty, compute_rows, union_pos, scores)
         ctx.row_grad_sink = row_grad_sink
         ctx.row_dtype = rows.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, gate, rows, slots, scores = ctx.saved_tensors
+        x, gate, rows, union_pos, scores = ctx.saved_tensors
         sink = ctx.row_grad_sink
         if isinstance(sink, RowGradSink):
             accumulator, ids, done = sink.destination(ctx.row_dtype)
         else:
-            accumulator, ids, done = by_position(sink, rows.shape[0], rows.shape[2], ctx.row_dtype)
+            accumulator, ids, done = by_union_pos(sink, rows.shape[0], rows.shape[2], ctx.row_dtype)
         accumulator.reserve(ids.numel())
         grad_x, grad_gate, count, finite = cpu_kernels().sparse_adapter_backward(
-            grad_out.contiguous(), x, rows, slots, gate, scores, ids, *accumulator.kernel_state(),
+            grad_out.contiguous(), x, rows, union_pos, gate, scores, ids, *accumulator.kernel_state(),
             ROUNDING[ctx.row_dtype], kernel_threads(),
         )  # fmt: skip
         accumulator.committed(count, finite)
@@ -181,7 +182,7 @@ def build_store(
         )  # fmt: skip
     if resolve_shard(config).store.shard:  # "auto": sharded where several ranks share a node
         return ShardedRowStore(keys, expert_size=config.expert_size, stats=traffic)
-    return RowStore(keys)
+    return CpuRowStore(keys)
 
 
 class SparseKeyExpertAdapter(nn.Module):
@@ -193,9 +194,9 @@ class SparseKeyExpertAdapter(nn.Module):
 
     Attributes:
         router: ``nn.Linear(d, E, bias=False)`` on the device, trained by the dense optimizer.
-        store: the :class:`RowStore` (or the sharded or NVMe store ``config.store`` asks for) with the fp32 master
-            rows (not a parameter or buffer, so the DeepSpeed engine never sees, casts or partitions
-            it). Keys start N(0, key_init_std) from a per-layer seed, identical on every rank.
+        store: the :class:`~meft_ds.store.RowStore` ``config.store`` asks for (in CPU memory, sharded or on NVMe)
+            with the fp32 master rows (not a parameter or buffer, so the DeepSpeed engine never sees, casts or
+            partitions it). Keys start N(0, key_init_std) from a per-layer seed, identical on every rank.
         transfer: the :class:`RowTransfer` that moves this adapter's bytes (and holds its device cache, if any),
             through ``pinned_buffers`` (shared by a model's adapters; its own if ``None``).
         traffic: this adapter's :class:`TrafficStats`.
@@ -322,8 +323,10 @@ class SparseKeyExpertAdapter(nn.Module):
             in_flight = self.transfer.fetch(routing.row_ids, dtype=config.row_torch_dtype(x.dtype), device=x.device)
         if self.prefetch_target is not None:
             self.prefetch_target.finish_prefetch(x.device, x.dtype)
-        slots = self.transfer.to_device(routing.slots, x.device)
-        row_experts = self.transfer.to_device(routing.row_ids // config.expert_size, x.device) if config.gated else None
+        union_pos = self.transfer.indices_to_device(routing.slots, x.device)  # (T, K) positions in the union
+        row_experts = (
+            self.transfer.indices_to_device(routing.row_ids // config.expert_size, x.device) if config.gated else None
+        )
         rows = in_flight.wait()
         rows.requires_grad_(torch.is_grad_enabled())  # so backward runs; the gradient goes to the store
         sink = RowGradSink(self.transfer, routing.row_ids)
@@ -332,9 +335,11 @@ class SparseKeyExpertAdapter(nn.Module):
         if computes_over_slots(x):
             compute = x.float().contiguous()
             weight = self.router.weight.float()
-            gate = SlotGateFunction.apply(compute, weight, logits.float(), row_experts[slots]) if config.gated else None
-            return SlotAdapterFunction.apply(compute, gate, rows, slots, sink).to(x.dtype).view_as(hidden)
-        mask = torch.zeros(x.shape[0], rows.shape[0], dtype=torch.bool, device=x.device).scatter_(1, slots, True)
+            gate = None
+            if config.gated:
+                gate = SlotGateFunction.apply(compute, weight, logits.float(), row_experts[union_pos])
+            return SlotAdapterFunction.apply(compute, gate, rows, union_pos, sink).to(x.dtype).view_as(hidden)
+        mask = torch.zeros(x.shape[0], rows.shape[0], dtype=torch.bool, device=x.device).scatter_(1, union_pos, True)
         gate = logits.index_select(1, row_experts) if config.gated else None
         return MaskedAdapterFunction.apply(x, gate, rows, mask, sink).view_as(hidden)
 
@@ -347,6 +352,14 @@ class SparseKeyExpertAdapter(nn.Module):
         """Forget this step's row gradients, in the store and in the device cache."""
         self.store.drop_grads()
         self.transfer.drop_grads()
+
+    def rows_updated(self, row_ids: torch.Tensor) -> None:
+        """The optimizer updated rows ``row_ids`` of the store (those this rank owns; maybe none): count them, and
+        drop the device cache's copies of the rows updated on any rank. Every rank calls it for every adapter at every
+        step (a sharded store's collectives pair up; caching is the same on every rank)."""
+        self.traffic.rows_updated += row_ids.numel()
+        if self.transfer.cache_bytes:
+            self.rows_changed(self.store.row_ids_updated_anywhere(row_ids))
 
     def rows_changed(self, row_ids: torch.Tensor | None = None) -> None:
         """The master rows ``row_ids`` (all if ``None``) were written: device copies of them are stale now."""

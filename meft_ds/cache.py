@@ -3,8 +3,9 @@
 Rows do not change within an optimizer step, so a row needed by several micro-steps need travel to the device once,
 and its gradient back once: the cache keeps fetched rows (in the dtype rows travel in) and accumulates their
 gradients on the device (fp32, like the store's accumulator) until the optimizer boundary flushes them. After the
-sparse optimizer updates rows, their cached copies are dropped, so a stale row is never used. Eviction is LRU; a
-slot holding unflushed gradient is flushed before it is reused.
+sparse optimizer updates rows, their cached copies are dropped, so a stale row is never used. Each cached row has a
+*cache slot* (its index in the device tensors). Eviction is LRU; a cache slot holding unflushed gradient is flushed
+before it is reused.
 
 This class only keeps the books (host-side maps, the device tensors); :class:`meft_ds.transfer.RowTransfer` moves
 the bytes.
@@ -18,21 +19,22 @@ import torch
 class DeviceRowCache:
     """Up to ``capacity`` rows of a ``num_rows``-row store, resident on the device.
 
-    Attributes:
+    Attributes (all indexed by cache slot, except ``cache_slot_of``):
         rows: ``(capacity, 2, d)`` device copies (allocated on first use, in the travel dtype).
         grads: ``(capacity, 2, d)`` fp32 device gradient accumulators.
-        has_grad: ``(capacity,)`` device flags: the slot's accumulator holds a nonzero gradient (known on the device
-            only, so that the backward never waits for it; it travels with the gradients when they are flushed).
-        slot_of: ``(num_rows,)`` host map row id -> slot, ``-1`` when not cached.
-        row_of: ``(capacity,)`` host map slot -> row id, ``-1`` when free.
-        pending: ``(capacity,)`` host flags: the slot's accumulator received gradient not yet flushed (which may be
-            all zero: ``has_grad`` tells).
+        has_grad: ``(capacity,)`` device flags: the cache slot's accumulator holds a nonzero gradient (known on the
+            device only, so that the backward never waits for it; it travels with the gradients when they are
+            flushed).
+        cache_slot_of: ``(num_rows,)`` host map row id -> cache slot, ``-1`` when not cached.
+        row_id_of: ``(capacity,)`` host map cache slot -> row id, ``-1`` when free.
+        pending: ``(capacity,)`` host flags: the cache slot's accumulator received gradient not yet flushed (which
+            may be all zero: ``has_grad`` tells).
     """
 
     def __init__(self, num_rows: int, capacity: int) -> None:
         self.capacity = capacity
-        self.slot_of = torch.full((num_rows,), -1, dtype=torch.int64)
-        self.row_of = torch.full((capacity,), -1, dtype=torch.int64)
+        self.cache_slot_of = torch.full((num_rows,), -1, dtype=torch.int64)
+        self.row_id_of = torch.full((capacity,), -1, dtype=torch.int64)
         self.last_used = torch.zeros(capacity, dtype=torch.int64)
         self.pending = torch.zeros(capacity, dtype=torch.bool)
         self.rows: torch.Tensor | None = None
@@ -56,50 +58,50 @@ class DeviceRowCache:
         return sum(t.numel() * t.element_size() for t in (self.rows, self.grads, self.has_grad) if t is not None)
 
     def lookup(self, row_ids: torch.Tensor) -> torch.Tensor:
-        """Slots of ``row_ids`` (``-1`` for misses), marking the hits as just used."""
-        slots = self.slot_of[row_ids]
+        """Cache slots of ``row_ids`` (``-1`` for misses), marking the hits as just used."""
+        cache_slots = self.cache_slot_of[row_ids]
         self._clock += 1
-        self.last_used[slots[slots >= 0]] = self._clock
-        return slots
+        self.last_used[cache_slots[cache_slots >= 0]] = self._clock
+        return cache_slots
 
     def admit(self, row_ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Assign slots to ``row_ids`` (not cached), never evicting the slots in ``keep``.
+        """Assign cache slots to ``row_ids`` (not cached), never evicting the cache slots in ``keep``.
 
-        Returns ``(slots, flush_slots, flush_rows)``: a slot per row (``-1`` where the cache is too small), and the
-        slots (with their previous row ids) that held unflushed gradient: the caller must move those gradients to
-        the store, and zero them, before the new rows accumulate into the slots.
+        Returns ``(cache_slots, flush_cache_slots, flush_row_ids)``: a cache slot per row (``-1`` where the cache is
+        too small), and the cache slots (with their previous row ids) that held unflushed gradient: the caller must
+        move those gradients to the store, and zero them, before the new rows accumulate into the cache slots.
         """
         available = torch.ones(self.capacity, dtype=torch.bool)
         available[keep] = False
         candidates = available.nonzero().flatten()
-        # free slots first, then the least recently used
-        occupied = (self.row_of[candidates] >= 0).long()
+        # free cache slots first, then the least recently used
+        occupied = (self.row_id_of[candidates] >= 0).long()
         order = torch.argsort(occupied * (self._clock + 1) + self.last_used[candidates], stable=True)
         chosen = candidates[order[: row_ids.numel()]]
-        slots = torch.full_like(row_ids, -1)
-        slots[: chosen.numel()] = chosen
+        cache_slots = torch.full_like(row_ids, -1)
+        cache_slots[: chosen.numel()] = chosen
         flushing = self.pending[chosen]
-        flush_slots, flush_rows = chosen[flushing], self.row_of[chosen][flushing]
+        flush_cache_slots, flush_row_ids = chosen[flushing], self.row_id_of[chosen][flushing]
         self.pending[chosen] = False
-        previous = self.row_of[chosen]
-        self.slot_of[previous[previous >= 0]] = -1
+        previous = self.row_id_of[chosen]
+        self.cache_slot_of[previous[previous >= 0]] = -1
         admitted = row_ids[: chosen.numel()]
-        self.row_of[chosen] = admitted
-        self.slot_of[admitted] = chosen
+        self.row_id_of[chosen] = admitted
+        self.cache_slot_of[admitted] = chosen
         self.last_used[chosen] = self._clock
-        return slots, flush_slots, flush_rows
+        return cache_slots, flush_cache_slots, flush_row_ids
 
     def invalidate(self, row_ids: torch.Tensor) -> None:
         """Forget rows whose master copies changed (their gradients must have been flushed)."""
-        slots = self.slot_of[row_ids]
-        slots = slots[slots >= 0]
-        self.row_of[slots] = -1
-        self.slot_of[row_ids] = -1
-        self.pending[slots] = False
+        cache_slots = self.cache_slot_of[row_ids]
+        cache_slots = cache_slots[cache_slots >= 0]
+        self.row_id_of[cache_slots] = -1
+        self.cache_slot_of[row_ids] = -1
+        self.pending[cache_slots] = False
 
     def clear(self) -> None:
-        self.slot_of.fill_(-1)
-        self.row_of.fill_(-1)
+        self.cache_slot_of.fill_(-1)
+        self.row_id_of.fill_(-1)
         self.pending.fill_(False)
         self.last_used.zero_()
         if self.grads is not None:

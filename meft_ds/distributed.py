@@ -21,7 +21,7 @@ import torch
 from deepspeed import comm as dist
 
 from meft_ds.adapter import SparseKeyExpertAdapter
-from meft_ds.shard import ShardedRowStore, all_gather_rows, host_group
+from meft_ds.shard import OwnerExchange, all_gather_rows, host_group
 
 
 def _touched(adapters: list[SparseKeyExpertAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,18 +65,8 @@ def _send_to_owners(adapters: list[SparseKeyExpertAdapter], group: Any, world_si
     owners = adapters[0].store.owners(mine % num_rows)  # every layer is sharded the same way
     order = torch.argsort(owners, stable=True)
     mine, grads = mine[order], grads[order]
-    counts = torch.bincount(owners, minlength=world_size)
-    incoming = torch.empty_like(counts)
-    dist.all_to_all_single(incoming, counts, group=group)
-    send, receive = counts.tolist(), incoming.tolist()
-    ids = torch.empty(sum(receive), dtype=torch.int64)
-    dist.all_to_all_single(ids, mine, receive, send, group=group)
-    width = 2 * grads.shape[2]
-    received = grads.new_empty(ids.numel(), 2, grads.shape[2])
-    dist.all_to_all_single(
-        received.view(-1), grads.reshape(-1), [n * width for n in receive], [n * width for n in send], group=group
-    )
-    _store_summed(adapters, ids, received, 1.0 / world_size)
+    exchange = OwnerExchange.to_ranks(owners[order], world_size, group)
+    _store_summed(adapters, exchange.request(mine), exchange.request(grads), 1.0 / world_size)
     share = (mine.numel() * 8 + grads.numel() * 4) // len(adapters)
     for adapter in adapters:
         adapter.traffic.bytes_between_ranks += share
@@ -87,8 +77,8 @@ def exchange_row_grads(adapters: list[SparseKeyExpertAdapter], *, group: Any = N
     Gradients are means over ranks, as the engine makes its own."""
     if not adapters or dist.get_world_size(group=group) == 1:
         return
-    if isinstance(adapters[0].store, ShardedRowStore):
-        store = adapters[0].store
+    store = adapters[0].store
+    if store.is_shard:
         _send_to_owners(adapters, store.group, store.world_size)
     else:
         group = host_group(group)
@@ -103,8 +93,8 @@ def row_grad_squared_norm(adapters: list[SparseKeyExpertAdapter]) -> float:
         accumulated = adapter.store.accumulated_grads()
         if accumulated is not None:
             squared += accumulated[1].double().pow(2).sum()
-    if adapters and isinstance(adapters[0].store, ShardedRowStore):
-        dist.all_reduce(squared, group=adapters[0].store.group)
+    if adapters:
+        squared = adapters[0].store.sum_over_shards(squared)
     return float(squared)
 
 

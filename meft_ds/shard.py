@@ -14,6 +14,9 @@ in lockstep through ``deepspeed.comm`` collectives, on host tensors over gloo ex
 * gradients: at the optimizer boundary :func:`meft_ds.distributed.exchange_row_grads` sends every row's gradient to
   its owner, who alone updates it.
 
+Both go through :class:`OwnerExchange`: the counts cross first, then the rows bound for each owner, then (for rows)
+the owners' replies.
+
 Every rank must therefore run the same adapters in the same order (data parallel training does; evaluation runs on
 every rank too).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from typing import Any
 
 import torch
@@ -34,7 +38,7 @@ from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.memory import local_world_size
 from meft_ds.routing import score_probed_keys
 from meft_ds.stats import TrafficStats
-from meft_ds.store import RowStore
+from meft_ds.store import CpuRowStore
 from meft_ds.transfer import narrowest_index_dtype
 
 logger = logging.getLogger("meft_ds")
@@ -115,8 +119,51 @@ def all_gather_rows(tensor: torch.Tensor, group: Any, world_size: int) -> list[t
     return all_gather_padded(tensor, gather_lengths(tensor.shape[0], group, world_size), group)
 
 
-class ShardedRowStore(RowStore):
-    """The rows ``[row_start, row_stop)`` of a layer that this rank owns (see the module docstring)."""
+@dataclasses.dataclass
+class OwnerExchange:
+    """One all-to-all between the ranks of ``group``: this rank sends ``send[w]`` rows to rank ``w`` (rows grouped by
+    destination, in rank order) and receives ``receive[w]`` from it; a reply travels the other way."""
+
+    send: list[int]
+    receive: list[int]
+    group: Any
+    counts: torch.Tensor  # ``send`` as the int64 tensor that crossed (counted as traffic by the callers)
+
+    @classmethod
+    def to_ranks(cls, destinations: torch.Tensor, world_size: int, group: Any) -> OwnerExchange:
+        """The exchange of rows bound for ranks ``destinations`` (one per row, ascending): every rank learns how many
+        rows it receives from each (one all-to-all of counts)."""
+        counts = torch.bincount(destinations, minlength=world_size)
+        incoming = torch.empty_like(counts)
+        dist.all_to_all_single(incoming, counts, group=group)
+        return cls(counts.tolist(), incoming.tolist(), group, counts)
+
+    def request(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows (any trailing shape and dtype) the other ranks send this one, by source rank."""
+        return all_to_all(rows, self.send, self.receive, self.group)
+
+    def reply(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Each rank's answer to what :meth:`request` brought it (one row per row received, in that order), back to
+        the rank that sent it: into ``out`` (contiguous) if given."""
+        return all_to_all(rows, self.receive, self.send, self.group, out)
+
+
+def all_to_all(
+    rows: torch.Tensor, send: list[int], receive: list[int], group: Any, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows (any trailing shape and dtype) exchanged between the ranks of ``group``: ``send[w]`` of ``rows`` (grouped
+    by destination, in rank order) to rank ``w``, ``receive[w]`` from it (into ``out`` if given, contiguous)."""
+    width = math.prod(rows.shape[1:])
+    if out is None:
+        out = rows.new_empty(sum(receive), *rows.shape[1:])
+    dist.all_to_all_single(
+        out.view(-1), rows.reshape(-1), [n * width for n in receive], [n * width for n in send], group=group
+    )
+    return out
+
+
+class ShardedRowStore(CpuRowStore):
+    """The rows ``[row_start, row_stop)`` of a layer that this rank owns, in CPU memory (see the module docstring)."""
 
     is_shard = True
 
@@ -154,20 +201,12 @@ class ShardedRowStore(RowStore):
 
     # ------------------------------------------------------------------ reading rows from their owners
     def gather_into(self, row_ids: torch.Tensor, out: torch.Tensor) -> None:
-        counts = torch.bincount(self.owners(row_ids), minlength=self.world_size)
-        incoming = torch.empty_like(counts)
-        dist.all_to_all_single(incoming, counts, group=self.group)
-        send, receive = counts.tolist(), incoming.tolist()
-        requested = torch.empty(sum(receive), dtype=torch.int64)
-        dist.all_to_all_single(requested, row_ids, receive, send, group=self.group)
+        exchange = OwnerExchange.to_ranks(self.owners(row_ids), self.world_size, self.group)
+        requested = exchange.request(row_ids)
         reply = torch.empty(requested.numel(), 2, self.dim, dtype=out.dtype)
         super().gather_into(requested, reply)
-        width = 2 * self.dim
-        rows = out[: row_ids.numel()]
-        dist.all_to_all_single(
-            rows.view(-1), reply.view(-1), [n * width for n in send], [n * width for n in receive], group=self.group
-        )
-        self._count_bytes(counts, row_ids, reply)
+        exchange.reply(reply, out=out[: row_ids.numel()])
+        self._count_bytes(exchange.counts, row_ids, reply)
 
     def routing_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every rank's ``hidden`` states, gathered over the device group, where there is one (the host learns the
@@ -201,21 +240,18 @@ class ShardedRowStore(RowStore):
         start = sum(lengths[: self.rank]) * probe_ids.shape[1]
         mine_owner = owner[start : start + probe_ids.numel()]
         receive_counts = torch.bincount(mine_owner, minlength=self.world_size).tolist()
-        received = scores.new_empty(probe_ids.numel(), expert_size)
-        dist.all_to_all_single(
-            received.view(-1),
-            send.reshape(-1),
-            [n * expert_size for n in receive_counts],
-            [n * expert_size for n in send_counts],
-            group=self.group,
-        )
+        received = all_to_all(send, send_counts, receive_counts, self.group)  # (my pairs, expert_size)
         self._count_bytes(narrow, send)
         self.stats.bytes_between_ranks += 8  # the token count
         mine = torch.empty_like(received)
         mine[torch.argsort(mine_owner, stable=True)] = received  # each owner's pairs arrive in token order
         return mine.view(probe_ids.shape[0], -1)
 
-    def rows_updated_anywhere(self, updated: torch.Tensor) -> torch.Tensor:
+    def sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(value, group=self.group)
+        return value
+
+    def row_ids_updated_anywhere(self, updated: torch.Tensor) -> torch.Tensor:
         """Every rank's updated rows (their owners updated them): a rank's device cache may hold any of them. Every
         rank calls it, for every adapter, at every optimizer step."""
         everyone = torch.cat(all_gather_rows(updated, self.group, self.world_size))

@@ -16,6 +16,9 @@ makes at its step 1, instead of one about 3.2x the learning rate). Three backend
 
 Whether the gradients are finite (a step with a NaN or inf is skipped, touching nothing) is known from their
 accumulation (:mod:`meft_ds.accumulator`): the step does not read them a second time to check.
+
+The optimizer sits below the adapters and their stores: it knows them only as :class:`AdapterRows` and
+:class:`StoreRows`, the part of :class:`meft_ds.store.RowStore` it uses (every store tier has it).
 """
 
 from __future__ import annotations
@@ -26,18 +29,40 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
-from deepspeed import comm as dist
 
-from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.ops import cpu_kernels, kernel_threads
-from meft_ds.shard import ShardedRowStore
 
 BACKENDS = ("auto", "fused", "deepspeed", "torch")
 BIAS_CORRECTIONS = ("global", "per_row")
 logger = logging.getLogger("meft_ds")
+
+
+class StoreRows(Protocol):
+    """What the optimizer needs of a row store (see :class:`meft_ds.store.RowStore`, which documents each)."""
+
+    row_steps: torch.Tensor | None
+
+    def accumulated_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+    def grads_finite(self) -> bool: ...
+    def sum_over_shards(self, value: torch.Tensor) -> torch.Tensor: ...
+    def rows_for_update(
+        self, row_ids: torch.Tensor
+    ) -> AbstractContextManager[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+    def drop_grads(self) -> None: ...
+
+
+class AdapterRows(Protocol):
+    """What the optimizer needs of an adapter (:class:`meft_ds.adapter.SparseKeyExpertAdapter` is one)."""
+
+    @property
+    def store(self) -> StoreRows: ...
+    def collect_row_grads(self) -> None: ...
+    def drop_row_grads(self) -> None: ...
+    def rows_updated(self, row_ids: torch.Tensor) -> None: ...
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -117,7 +142,7 @@ class SparseRowAdam(torch.optim.Optimizer):
 
     def __init__(
         self,
-        adapters: Iterable[SparseKeyExpertAdapter],
+        adapters: Iterable[AdapterRows],
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -141,7 +166,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                 f"{', '.join(map(repr, BIAS_CORRECTIONS))}."
             )
         self.per_row = bias_correction == "per_row"
-        if self.per_row and not all(hasattr(a.store, "row_steps") for a in self.adapters):
+        if self.per_row and any(a.store.row_steps is None for a in self.adapters):
             raise ValueError(
                 "SparseRowAdam: bias_correction='per_row' needs per-row step counts, which the NVMe store does not "
                 "keep yet. Fix: use bias_correction='global' with it."
@@ -187,9 +212,8 @@ class SparseRowAdam(torch.optim.Optimizer):
             accumulated = adapter.store.accumulated_grads()
             updated = torch.empty(0, dtype=torch.int64) if accumulated is None else accumulated[0]
             if accumulated is not None:
-                self._update_rows(adapter, *accumulated, group)
-            if adapter.transfer.cache_bytes:  # the same on every rank: a sharded store's gather pairs up
-                adapter.rows_changed(adapter.store.rows_updated_anywhere(updated))
+                self._update_rows(adapter.store, *accumulated, group)
+            adapter.rows_updated(updated)  # every rank, every adapter (a sharded store's collectives pair up)
             adapter.store.drop_grads()
         return loss
 
@@ -198,12 +222,8 @@ class SparseRowAdam(torch.optim.Optimizer):
         must leave all rows untouched). Sharded stores hold different rows on each rank, so the ranks agree on the
         answer (all of them skip, or none)."""
         finite = all(adapter.store.grads_finite() for adapter in self.adapters)
-        store = self.adapters[0].store
-        if isinstance(store, ShardedRowStore):
-            nonfinite_ranks = torch.tensor(0.0 if finite else 1.0, dtype=torch.float64)
-            dist.all_reduce(nonfinite_ranks, group=store.group)
-            finite = nonfinite_ranks.item() == 0
-        return finite
+        nonfinite_ranks = torch.tensor(0.0 if finite else 1.0, dtype=torch.float64)
+        return self.adapters[0].store.sum_over_shards(nonfinite_ranks).item() == 0
 
     def _accumulated(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The accumulated ``(ids, grads)`` of every adapter whose store holds row gradients."""
@@ -229,14 +249,11 @@ class SparseRowAdam(torch.optim.Optimizer):
                 "gradient_clipping (the store was left untouched by the skipped steps)."
             )
 
-    def _update_rows(
-        self, adapter: SparseKeyExpertAdapter, ids: torch.Tensor, grads: torch.Tensor, group: dict[str, Any]
-    ) -> None:
-        store = adapter.store
+    def _update_rows(self, store: StoreRows, row_ids: torch.Tensor, grads: torch.Tensor, group: dict[str, Any]) -> None:
         step, lr, (beta1, beta2) = self.global_step, group["lr"], group["betas"]
         eps, weight_decay = group["eps"], group["weight_decay"]
         grads = grads.contiguous()
-        with store.rows_for_update(ids) as (*state, index):
+        with store.rows_for_update(row_ids) as (*state, index):
             row_steps = store.row_steps if self.per_row else torch.empty(0, dtype=torch.int32)
             if self.backend == "fused":
                 cpu_kernels().row_adamw_(
@@ -276,7 +293,6 @@ class SparseRowAdam(torch.optim.Optimizer):
                     )
                 for target, buffer in zip(state, gathered, strict=True):
                     target.index_copy_(0, index, buffer)
-        adapter.traffic.rows_updated += ids.numel()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the rows' accumulated gradients (the stores and device caches hold them, not ``.grad``)."""

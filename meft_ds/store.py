@@ -1,23 +1,26 @@
-"""`RowStore`: one adapter's key and value rows, their Adam moments and gradient accumulator, in CPU memory.
-
-It is also the interface of every store tier. The rest of meft_ds reaches rows only through it:
+"""The row store: one adapter's key and value rows, their Adam moments and gradients. :class:`RowStore` is the
+interface of every tier; the rest of meft_ds reaches rows only through it:
 
 * :meth:`RowStore.gather_into` fills a staging buffer with rows, cast to the dtype rows travel in;
 * :meth:`RowStore.score_probed` scores tokens against the keys of their probed experts (routing);
 * :meth:`RowStore.accumulate_grad` / :meth:`~RowStore.accumulated_grads` / :meth:`~RowStore.grads_finite` /
   :meth:`~RowStore.drop_grads` keep the touched rows' gradients, by global row id;
-* :meth:`RowStore.rows_for_update` hands the optimizer the rows it owns, to update in place;
+* :meth:`RowStore.rows_for_update` hands the optimizer the rows it owns, to update in place, and
+  :meth:`~RowStore.sum_over_shards` / :meth:`~RowStore.row_ids_updated_anywhere` tell it what the other ranks hold;
 * :meth:`RowStore.save` / :meth:`~RowStore.load` write and read checkpoints, :meth:`~RowStore.full_rows` exports.
 
-:class:`meft_ds.shard.ShardedRowStore` (rows partitioned across ranks) and :class:`meft_ds.swap.NvmeRowStore` (rows
-on NVMe) implement the same methods.
+Three tiers implement it side by side: :class:`CpuRowStore` (here: every row in CPU memory),
+:class:`meft_ds.shard.ShardedRowStore` (a CPU store of this rank's part of the rows, the rest on the other ranks) and
+:class:`meft_ds.swap.NvmeRowStore` (keys in RAM, values and moments on NVMe).
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from meft_ds.accumulator import RowGradAccumulator
 from meft_ds.ops import cpu_kernels, kernel_threads
 from meft_ds.routing import score_probed_keys
+
+RowsForUpdate = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (rows, exp_avg, exp_avg_sq, index)
 
 
 class CheckpointError(ValueError):
@@ -38,23 +43,146 @@ def initial_keys(num_rows: int, dim: int, *, std: float, seed: int) -> torch.Ten
     return torch.empty(num_rows, dim).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
 
 
-class RowStore:
-    """Owns the fp32 master rows ``[row_start, row_stop)`` of one adapter (all ``num_rows`` unless a subclass shards
-    them); the adapter only borrows fetched copies for one micro-step.
+class RowStore(abc.ABC):
+    """The interface of every store tier (see the module docstring). It holds no rows: the tiers do. What every tier
+    does the same way, it implements once: the touched rows' gradients, kept by global row id in a
+    :class:`~meft_ds.accumulator.RowGradAccumulator`, whatever holds the rows themselves.
+
+    Attributes every tier sets: ``dim`` (d), ``num_rows`` (rows of the whole layer), ``[row_start, row_stop)`` (the
+    rows this rank holds and updates), ``is_shard`` (each rank holds, and saves, only its part) and ``row_steps``
+    (each held row's count of updates, int32, for per-row bias correction; ``None`` where the tier keeps none).
+    """
+
+    dim: int
+    num_rows: int
+    row_start: int
+    row_stop: int
+    is_shard = False
+    row_steps: torch.Tensor | None = None
+    initial_grad_rows = 0  # rows the gradient buffer makes room for when it is created (it grows past them)
+    _accumulator: RowGradAccumulator | None = None
+
+    @property
+    @abc.abstractmethod
+    def keys(self) -> torch.Tensor:
+        """The ``(rows held, d)`` fp32 keys, in RAM in every tier (routing reads them)."""
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """CPU bytes held for the rows (the gradient accumulator aside)."""
+
+    # ------------------------------------------------------------------ reading rows
+    @abc.abstractmethod
+    def gather_into(self, row_ids: torch.Tensor, out: torch.Tensor) -> None:
+        """Rows ``row_ids`` (global ids, sorted) into ``out[:n]`` (``(>= n, 2, d)``, any float dtype)."""
+
+    def routing_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states (on the device, in the dtype they travel in) that go to the host for routing: these
+        (a sharded store gathers every rank's there first, over the accelerator's backend)."""
+        return hidden
+
+    @abc.abstractmethod
+    def score_probed(self, hidden: torch.Tensor, probe_ids: torch.Tensor, expert_size: int) -> torch.Tensor:
+        """``(T, n_probe * expert_size)`` fp32 scores of ``hidden`` (CPU, the dtype it travelled in: a sharded store
+        exchanges it so) against its probed experts' keys."""
+
+    @abc.abstractmethod
+    def full_rows(self) -> torch.Tensor:
+        """All ``(num_rows, 2, d)`` rows of the layer (for exporting the adapter)."""
+
+    @abc.abstractmethod
+    def assign_rows(self, rows: torch.Tensor) -> None:
+        """Set the rows held here from all ``(num_rows, 2, d)`` rows of the layer (loading an exported adapter)."""
+
+    # ------------------------------------------------------------------ gradients
+    @property
+    def grad_accumulator(self) -> RowGradAccumulator:
+        """The touched rows' gradients, by global row id (created at the first gradient, with room for
+        ``initial_grad_rows``: a tier holding its rows in memory makes room for all of them at once, as
+        :mod:`meft_ds.memory` budgets; the NVMe tier lets it grow with the rows touched)."""
+        if self._accumulator is None:
+            self._accumulator = RowGradAccumulator(self.num_rows, self.dim, capacity=self.initial_grad_rows)
+        return self._accumulator
+
+    @property
+    def num_touched(self) -> int:
+        """Rows holding an accumulated gradient."""
+        return self.grad_accumulator.count
+
+    def accumulate_grad(self, row_ids: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor | None = None) -> None:
+        """Add ``grads`` (``(n, 2, d)``, any float dtype; copied) to rows ``row_ids`` (unique), only where
+        ``has_grad`` (``(n,)`` bool) is true, if given."""
+        self.grad_accumulator.add(row_ids, grads, has_grad)
+
+    def accumulated_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The accumulated ``(row_ids, grads)`` (ids sorted and unique; grads ``(n, 2, d)`` fp32, a view of the
+        accumulator: in-place changes stay), or ``None`` when no row has a gradient."""
+        return self.grad_accumulator.view()
+
+    def grads_finite(self) -> bool:
+        """Whether every accumulated gradient value is finite (known from the accumulation itself, see
+        :mod:`meft_ds.accumulator`)."""
+        return self.grad_accumulator.all_finite()
+
+    def drop_grads(self) -> None:
+        self.grad_accumulator.clear()
+
+    # ------------------------------------------------------------------ the optimizer's view
+    @abc.abstractmethod
+    def rows_for_update(self, row_ids: torch.Tensor) -> AbstractContextManager[RowsForUpdate]:
+        """``(rows, exp_avg, exp_avg_sq, index)``: tensors holding rows ``row_ids`` (owned here) at positions
+        ``index``, to update in place; written back (where they are copies) when the block ends."""
+
+    def sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the ranks that hold parts of this store: ``value`` itself where this rank holds
+        every row (a sharded store all-reduces it in place; every rank must call it)."""
+        return value
+
+    def row_ids_updated_anywhere(self, updated: torch.Tensor) -> torch.Tensor:
+        """The rows an optimizer step changed in the whole store, given those it changed here (``updated``): the
+        same rows where this rank holds every row. (A sharded store's owners each update their own part: every
+        rank must call it, so that copies of rows held elsewhere are dropped too.)"""
+        return updated
+
+    # ------------------------------------------------------------------ files
+    @abc.abstractmethod
+    def file_name(self, layer_index: int) -> str:
+        """The file (or folder) of ``layer_index``'s rows in a checkpoint directory."""
+
+    @abc.abstractmethod
+    def save(self, directory: Path, layer_index: int) -> None:
+        """Write the rows and moments held here into a checkpoint directory."""
+
+    @abc.abstractmethod
+    def check_saved(self, directory: Path, layer_index: int) -> None:
+        """Raise :class:`CheckpointError` unless ``directory`` holds this store's rows for ``layer_index`` in the
+        right shape (nothing is loaded)."""
+
+    @abc.abstractmethod
+    def load(self, directory: Path, layer_index: int) -> None:
+        """Restore what :meth:`save` wrote (call :meth:`check_saved` first, for every layer); drops the gradients."""
+
+    @abc.abstractmethod
+    def digest(self, into: hashlib._Hash) -> None:
+        """Feed the rows and moments held here to a hash."""
+
+
+class CpuRowStore(RowStore):
+    """Owns the fp32 master rows ``[row_start, row_stop)`` of one adapter in CPU memory (all ``num_rows`` unless a
+    subclass shards them); the adapter only borrows fetched copies for one micro-step.
 
     Row ``i`` of ``rows`` holds ``(key_i, value_i)`` side by side, so the rows a micro-batch needs are one gather
     (one staging buffer, one copy each way) and one contiguous block for the optimizer. ``keys`` and ``values`` are
-    writable ``(rows held, d)`` views. Gradients are accumulated compactly (only touched rows, by global id) in a
-    :class:`~meft_ds.accumulator.RowGradAccumulator`; ``row_steps`` counts each row's updates (int32).
+    writable ``(rows held, d)`` views.
     """
-
-    is_shard = False  # True where each rank holds (and saves) only its part
 
     def __init__(self, keys: torch.Tensor, *, row_start: int = 0, num_rows: int | None = None) -> None:
         held, self.dim = keys.shape
         self.row_start = row_start
         self.row_stop = row_start + held
         self.num_rows = held if num_rows is None else num_rows
+        self.initial_grad_rows = held
         self.rows = torch.zeros(held, 2, self.dim)
         self.rows[:, 0] = keys
         # values start at zero, so an injected model starts exactly at the base model
@@ -62,7 +190,6 @@ class RowStore:
         self.exp_avg_sq = torch.zeros_like(self.rows)
         # updates of each row, for per-row bias correction (SparseRowAdam(bias_correction="per_row"))
         self.row_steps = torch.zeros(held, dtype=torch.int32)
-        self._accumulator: RowGradAccumulator | None = None
 
     @property
     def keys(self) -> torch.Tensor:
@@ -79,7 +206,6 @@ class RowStore:
 
     # ------------------------------------------------------------------ reading rows
     def gather_into(self, row_ids: torch.Tensor, out: torch.Tensor) -> None:
-        """Rows ``row_ids`` (global ids, sorted) into ``out[:n]`` (``(>= n, 2, d)``, any float dtype)."""
         local = row_ids - self.row_start
         kernels = cpu_kernels()
         if kernels is None:
@@ -87,68 +213,18 @@ class RowStore:
         else:  # gather and cast in one pass
             kernels.gather_rows(self.rows, local, out, kernel_threads())
 
-    def routing_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The hidden states (on the device, in the dtype they travel in) that go to the host for routing: these
-        (a sharded store gathers every rank's there first, over the accelerator's backend)."""
-        return hidden
-
     def score_probed(self, hidden: torch.Tensor, probe_ids: torch.Tensor, expert_size: int) -> torch.Tensor:
-        """``(T, n_probe * expert_size)`` fp32 scores of ``hidden`` (CPU, the dtype it travelled in: a sharded store
-        exchanges it so) against its probed experts' keys."""
         return score_probed_keys(hidden.float(), probe_ids, self.keys, expert_size, self.row_start // expert_size)
 
     def full_rows(self) -> torch.Tensor:
-        """All ``(num_rows, 2, d)`` rows of the layer (for exporting the adapter)."""
         return self.rows
 
-    # ------------------------------------------------------------------ gradients
-    @property
-    def grad_accumulator(self) -> RowGradAccumulator:
-        """The touched rows' gradients, by global row id (created at the first gradient). A store holding its rows in
-        memory makes room for all of them at once (as :mod:`meft_ds.memory` budgets); one that does not (the NVMe
-        tier, which does not run this ``__init__``) lets it grow with the rows touched."""
-        accumulator = getattr(self, "_accumulator", None)
-        if accumulator is None:
-            capacity = self.row_stop - self.row_start if hasattr(self, "rows") else 0
-            accumulator = self._accumulator = RowGradAccumulator(self.num_rows, self.dim, capacity=capacity)
-        return accumulator
-
-    @property
-    def num_touched(self) -> int:
-        """Rows holding an accumulated gradient."""
-        return self.grad_accumulator.count
-
-    def accumulate_grad(self, ids: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor | None = None) -> None:
-        """Add ``grads`` (``(n, 2, d)``, any float dtype; copied) to rows ``ids`` (unique), only where ``has_grad``
-        (``(n,)`` bool) is true, if given."""
-        self.grad_accumulator.add(ids, grads, has_grad)
-
-    def accumulated_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The accumulated ``(ids, grads)`` (ids sorted and unique; grads ``(n, 2, d)`` fp32, a view of the
-        accumulator: in-place changes stay), or ``None`` when no row has a gradient."""
-        return self.grad_accumulator.view()
-
-    def grads_finite(self) -> bool:
-        """Whether every accumulated gradient value is finite (known from the accumulation itself, see
-        :mod:`meft_ds.accumulator`)."""
-        return self.grad_accumulator.all_finite()
-
-    def drop_grads(self) -> None:
-        self.grad_accumulator.clear()
-
-    def rows_updated_anywhere(self, updated: torch.Tensor) -> torch.Tensor:
-        """The rows an optimizer step changed in the whole store, given those it changed here (``updated``): the
-        same rows, since this store holds every row. (A sharded store's owners each update their own part: every
-        rank must call it, so that copies of rows held elsewhere are dropped too.)"""
-        return updated
+    def assign_rows(self, rows: torch.Tensor) -> None:
+        self.rows.copy_(rows[self.row_start : self.row_stop])
 
     # ------------------------------------------------------------------ the optimizer's view
     @contextlib.contextmanager
-    def rows_for_update(
-        self, row_ids: torch.Tensor
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(rows, exp_avg, exp_avg_sq, index)``: tensors holding rows ``row_ids`` (owned here) at positions
-        ``index``, to update in place; written back (where they are copies) when the block ends."""
+    def rows_for_update(self, row_ids: torch.Tensor) -> Iterator[RowsForUpdate]:
         yield self.rows, self.exp_avg, self.exp_avg_sq, row_ids - self.row_start
 
     # ------------------------------------------------------------------ files
@@ -160,8 +236,6 @@ class RowStore:
         save_file({**tensors, "row_steps": self.row_steps}, str(directory / self.file_name(layer_index)))
 
     def check_saved(self, directory: Path, layer_index: int) -> None:
-        """Raise :class:`CheckpointError` unless ``directory`` holds this store's rows for ``layer_index`` in the
-        right shape (read from the file header; nothing is loaded)."""
         file = directory / self.file_name(layer_index)
         if not file.exists():
             raise CheckpointError(
@@ -178,7 +252,6 @@ class RowStore:
             )
 
     def load(self, directory: Path, layer_index: int) -> None:
-        """Restore what :meth:`save` wrote (call :meth:`check_saved` first, for every layer)."""
         tensors = load_file(str(directory / self.file_name(layer_index)))
         for name, target in (("rows", self.rows), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
             target.copy_(tensors[name])
@@ -186,11 +259,6 @@ class RowStore:
         self.row_steps.copy_(tensors.get("row_steps", torch.zeros_like(self.row_steps)))
         self.drop_grads()
 
-    def assign_rows(self, rows: torch.Tensor) -> None:
-        """Set the rows held here from all ``(num_rows, 2, d)`` rows of the layer (loading an exported adapter)."""
-        self.rows.copy_(rows[self.row_start : self.row_stop])
-
     def digest(self, into: hashlib._Hash) -> None:
-        """Feed the rows and moments held here to a hash (without copying them)."""
         for tensor in (self.rows, self.exp_avg, self.exp_avg_sq):
             into.update(memoryview(tensor.contiguous().numpy()))

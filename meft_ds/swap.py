@@ -35,7 +35,7 @@ import torch
 from meft_ds.config import MeftConfigError
 from meft_ds.routing import score_probed_keys
 from meft_ds.stats import TrafficStats
-from meft_ds.store import CheckpointError, RowStore
+from meft_ds.store import CheckpointError, RowsForUpdate, RowStore
 
 FP32 = 4
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -134,7 +134,8 @@ def _runs(blocks: list[int], longest: int) -> list[tuple[int, int, int]]:
 
 
 class NvmeRowStore(RowStore):
-    """The rows of one layer: keys in RAM, values and moments on NVMe (see the module docstring)."""
+    """The rows of one layer: keys in RAM, values and moments on NVMe (see the module docstring). It keeps no per-row
+    step counts (``row_steps`` is ``None``); its gradient accumulator grows with the rows touched."""
 
     def __init__(
         self, keys: torch.Tensor, *, expert_size: int, folder: Path, layer_index: int, ram_budget: int,
@@ -209,10 +210,6 @@ class NvmeRowStore(RowStore):
         return self.keys_ram
 
     @property
-    def values(self) -> torch.Tensor:
-        raise AttributeError("an NVMe store holds its values on NVMe; use full_rows() to export")
-
-    @property
     def nbytes(self) -> int:
         """CPU bytes held: the keys and the read buffers (values and moments are on NVMe)."""
         return self.keys_ram.numel() * FP32 + sum(b.numel() for b in self._read_buffers) * FP32
@@ -248,14 +245,12 @@ class NvmeRowStore(RowStore):
             out[:n, 1].index_copy_(0, in_chunk, values.index_select(0, positions[in_chunk] - lo).to(out.dtype))
 
     @contextlib.contextmanager
-    def rows_for_update(
-        self, row_ids: torch.Tensor
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def rows_for_update(self, row_ids: torch.Tensor) -> Iterator[RowsForUpdate]:
         """The touched rows' blocks in compact buffers (keys from RAM, values and moments read), updated in place
         by the caller, then written back; the writes complete behind the next read."""
         self._finish_writes()
         blocks, index = self._block_positions(row_ids)
-        block_list, rows = blocks.tolist(), blocks.numel() * self.block_rows
+        block_list, num_compact = blocks.tolist(), blocks.numel() * self.block_rows
         handle = self.handle
         buffers = {
             name: handle.new_cpu_locked_tensor(blocks.numel() * self._block_numel(name), torch.empty(0))
@@ -266,17 +261,17 @@ class NvmeRowStore(RowStore):
                 for name, buffer in buffers.items():
                     width = self._block_numel(name)
                     self._io(False, buffer[position * width : (position + count) * width], name, first)
-            row_blocks = torch.arange(rows).view(-1, self.block_rows)
-            global_rows = (blocks.unsqueeze(1) * self.block_rows + row_blocks % self.block_rows).flatten()
-            valid = global_rows < self.num_rows  # the last block may reach past the layer's rows
-            compact = torch.zeros(rows, 2, self.dim)
-            compact[valid, 0] = self.keys_ram[global_rows[valid]]
+            row_blocks = torch.arange(num_compact).view(-1, self.block_rows)
+            global_row_ids = (blocks.unsqueeze(1) * self.block_rows + row_blocks % self.block_rows).flatten()
+            valid = global_row_ids < self.num_rows  # the last block may reach past the layer's rows
+            compact = torch.zeros(num_compact, 2, self.dim)
+            compact[valid, 0] = self.keys_ram[global_row_ids[valid]]
             self._wait(0)
-            compact[:, 1] = buffers["values"].view(rows, self.dim)
-            moments = [buffers[name].view(rows, 2, self.dim) for name in MOMENTS]
+            compact[:, 1] = buffers["values"].view(num_compact, self.dim)
+            moments = [buffers[name].view(num_compact, 2, self.dim) for name in MOMENTS]
             yield compact, *moments, index
-            self.keys_ram[global_rows[valid]] = compact[valid, 0]
-            buffers["values"].view(rows, self.dim).copy_(compact[:, 1])
+            self.keys_ram[global_row_ids[valid]] = compact[valid, 0]
+            buffers["values"].view(num_compact, self.dim).copy_(compact[:, 1])
             for position, first, count in _runs(block_list, len(block_list)):
                 for name, buffer in buffers.items():
                     width = self._block_numel(name)

@@ -74,23 +74,24 @@ class RowsInFlight:
 GradSink = Callable[[torch.Tensor, torch.Tensor], None]  # (grads (n, 2, d), has_grad (n,)) of a backward's rows
 
 
-def by_position(
+def by_union_pos(
     sink: GradSink, num_rows: int, dim: int, dtype: torch.dtype
 ) -> tuple[RowGradAccumulator, torch.Tensor, Callable[[], None]]:
-    """A destination for the gradients of ``num_rows`` rows, by position, whose ``done()`` hands all of them (zero
-    where a row has none) in ``dtype`` to ``sink`` with their flags (see :meth:`RowTransfer.grad_destination`)."""
-    positions = RowGradAccumulator(num_rows, dim)
+    """A destination for the gradients of a micro-batch's union of ``num_rows`` rows, by position in the union, whose
+    ``done()`` hands all of them (zero where a row has none) in ``dtype`` to ``sink`` with their flags (see
+    :meth:`RowTransfer.grad_destination`)."""
+    by_pos = RowGradAccumulator(num_rows, dim)
 
     def done() -> None:
         grads = torch.zeros(num_rows, 2, dim, dtype=dtype)
         has_grad = torch.zeros(num_rows, dtype=torch.bool)
-        touched = positions.view()
+        touched = by_pos.view()
         if touched is not None:
             grads[touched[0]] = touched[1].to(dtype)
             has_grad[touched[0]] = True
         sink(grads, has_grad)
 
-    return positions, torch.arange(num_rows), done
+    return by_pos, torch.arange(num_rows), done
 
 
 @dataclass
@@ -166,19 +167,20 @@ class RowTransfer:
     def to_host_async(self, tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, Any]:
         """Start copying ``tensor`` into a pinned buffer of ring ``name`` on the current stream; returns the host view
         and the event to synchronize before reading it (``None`` when the copy is already complete)."""
-        slot, (host,) = self.buffers.take(name, (tuple(tensor.shape), tensor.dtype))
+        ring_slot, (host,) = self.buffers.take(name, (tuple(tensor.shape), tensor.dtype))
         host.copy_(tensor, non_blocking=True)
         self.stats.bytes_to_host += _nbytes(tensor)
         copied = self._event()
         if copied is not None:
-            self.buffers.hold(slot, copied.synchronize)
+            self.buffers.hold(ring_slot, copied.synchronize)
         return host, copied
 
-    def to_device(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def indices_to_device(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A host index tensor on the device, as int64, ordered on the current stream before the kernels that read it;
-        the host does not wait. It crosses in the narrowest integer type that holds its values (int16 for the slots
-        and positions of a micro-batch's union up to 32K rows) from a fresh pinned copy (the caching host allocator
-        keeps its block until the copy is done), and is widened on the device, where indexing wants int64."""
+        the host does not wait. It crosses in the narrowest integer type that holds its values (int16 for the cache
+        slots and the positions in a micro-batch's union up to 32K rows) from a fresh pinned copy (the caching host
+        allocator keeps its block until the copy is done), and is widened on the device, where indexing wants int64.
+        (Rows travel by :meth:`fetch`, routing inputs by :meth:`to_host_async`.)"""
         narrow = self._accelerator.pin_memory(index.to(narrowest_index_dtype(index)))
         on_device = torch.empty(narrow.shape, dtype=narrow.dtype, device=device)
         on_device.copy_(narrow, non_blocking=True)
@@ -202,14 +204,14 @@ class RowTransfer:
             rows = torch.empty(shape, dtype=dtype)
             self.store.gather_into(row_ids, rows)
             return RowsInFlight(rows)
-        slot, (staging,) = self.buffers.take("rows", (shape, dtype))
+        ring_slot, (staging,) = self.buffers.take("rows", (shape, dtype))
         self.store.gather_into(row_ids, staging)
         with self._accelerator.stream(side):
             on_device = torch.empty(shape, dtype=dtype, device=device)
             on_device.copy_(staging, non_blocking=True)
         copied = self._event(side)
         if copied is not None:
-            self.buffers.hold(slot, copied.synchronize)
+            self.buffers.hold(ring_slot, copied.synchronize)
         return RowsInFlight(on_device, copied)
 
     def fetch(self, row_ids: torch.Tensor, *, dtype: torch.dtype, device: torch.device) -> RowsInFlight:
@@ -219,22 +221,24 @@ class RowTransfer:
         if cache is None:
             return self._upload(row_ids, dtype, device)
         cache.allocate(self.store.dim, dtype, device)
-        slots = cache.lookup(row_ids)
-        hit = slots >= 0
+        cache_slots = cache.lookup(row_ids)
+        hit = cache_slots >= 0
         miss_ids = row_ids[~hit]
         self.stats.cache_hits += int(hit.sum())
         self.stats.cache_misses += miss_ids.numel()
         incoming = self._upload(miss_ids, dtype, device)
-        new_slots, flush_slots, flush_rows = cache.admit(miss_ids, keep=slots[hit])
-        if flush_slots.numel():
-            self._download_cached(flush_slots, flush_rows)
+        new_cache_slots, flush_cache_slots, flush_row_ids = cache.admit(miss_ids, keep=cache_slots[hit])
+        if flush_cache_slots.numel():
+            self._download_cached(flush_cache_slots, flush_row_ids)
         fetched = incoming.wait()
-        admitted = (new_slots >= 0).nonzero().flatten()
+        admitted = (new_cache_slots >= 0).nonzero().flatten()
         if admitted.numel():
-            cache.rows[self.to_device(new_slots[admitted], device)] = fetched[self.to_device(admitted, device)]
+            admitted_rows = fetched[self.indices_to_device(admitted, device)]
+            cache.rows[self.indices_to_device(new_cache_slots[admitted], device)] = admitted_rows
         rows = torch.empty(row_ids.numel(), 2, self.store.dim, dtype=dtype, device=device)
-        rows[self.to_device(hit.nonzero().flatten(), device)] = cache.rows[self.to_device(slots[hit], device)]
-        rows[self.to_device((~hit).nonzero().flatten(), device)] = fetched
+        hit_on_device = self.indices_to_device(cache_slots[hit], device)
+        rows[self.indices_to_device(hit.nonzero().flatten(), device)] = cache.rows[hit_on_device]
+        rows[self.indices_to_device((~hit).nonzero().flatten(), device)] = fetched
         return RowsInFlight(rows)
 
     def _cache_for(self, dtype: torch.dtype) -> DeviceRowCache | None:
@@ -258,7 +262,7 @@ class RowTransfer:
         one, or where the accelerator has streams (the asynchronous test accelerator runs this kernel on the host),
         the rows go through :meth:`accept_grads`, as an accelerator's backward hands them over."""
         if self.cache is not None or self._accelerator.Stream is not None:
-            return by_position(functools.partial(self.accept_grads, row_ids), row_ids.numel(), self.store.dim, dtype)
+            return by_union_pos(functools.partial(self.accept_grads, row_ids), row_ids.numel(), self.store.dim, dtype)
         self._count_grads_to_host(row_ids.numel(), dtype)
         return self.store.grad_accumulator, row_ids, lambda: None
 
@@ -275,26 +279,26 @@ class RowTransfer:
             has_grad = grads.flatten(1).ne(0).any(dim=1)
         cache = self.cache
         if cache is not None:
-            slots = cache.slot_of[row_ids]  # looked up now: a row may have been evicted since the forward
-            cached = slots >= 0
+            cache_slots = cache.cache_slot_of[row_ids]  # looked up now: a row may have been evicted since the forward
+            cached = cache_slots >= 0
             if cached.any():
-                positions = self.to_device(cached.nonzero().flatten(), grads.device)
-                on_device = self.to_device(slots[cached], grads.device)
-                cache.grads.index_add_(0, on_device, grads[positions].float())
-                cache.has_grad[on_device] |= has_grad[positions]
-                cache.pending[slots[cached]] = True
+                union_pos = self.indices_to_device(cached.nonzero().flatten(), grads.device)
+                on_device = self.indices_to_device(cache_slots[cached], grads.device)
+                cache.grads.index_add_(0, on_device, grads[union_pos].float())
+                cache.has_grad[on_device] |= has_grad[union_pos]
+                cache.pending[cache_slots[cached]] = True
                 uncached = (~cached).nonzero().flatten()
                 if not uncached.numel():
                     return
-                positions = self.to_device(uncached, grads.device)
-                row_ids, grads, has_grad = row_ids[uncached], grads[positions], has_grad[positions]
+                union_pos = self.indices_to_device(uncached, grads.device)
+                row_ids, grads, has_grad = row_ids[uncached], grads[union_pos], has_grad[union_pos]
         self._send_grads(row_ids, grads, has_grad, "grads")
 
     def _send_grads(self, row_ids: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor, purpose: str) -> None:
         """Start copying ``grads`` and ``has_grad`` (device) of rows ``row_ids`` into pinned buffers of ring
         ``purpose`` on the side stream, after the compute stream has produced them; the host completes the hand-over
         when it needs the buffers again, or at :meth:`flush`."""
-        slot, (host_grads, host_flags) = self.buffers.take(
+        ring_slot, (host_grads, host_flags) = self.buffers.take(
             purpose, (tuple(grads.shape), grads.dtype), (tuple(has_grad.shape), torch.bool)
         )
         produced = self._event()
@@ -309,20 +313,20 @@ class RowTransfer:
         handover = _Handover(self.store, row_ids, host_grads, host_flags)
         handover.copied = self._event(side)
         self._handovers.append(handover)
-        self.buffers.hold(slot, handover.complete)
+        self.buffers.hold(ring_slot, handover.complete)
         self._count_grads_to_host(row_ids.numel(), grads.dtype)
 
-    def _download_cached(self, slots: torch.Tensor, row_ids: torch.Tensor) -> None:
-        """Send the cached gradients of ``slots`` (rows ``row_ids``) to the store, zeroing them on the device."""
+    def _download_cached(self, cache_slots: torch.Tensor, row_ids: torch.Tensor) -> None:
+        """Send the cached gradients of ``cache_slots`` (rows ``row_ids``) to the store, zeroing them on the device."""
         cache = self.cache
         order = torch.argsort(row_ids)
-        slots, row_ids = slots[order], row_ids[order]
-        on_device = self.to_device(slots, cache.grads.device)
+        cache_slots, row_ids = cache_slots[order], row_ids[order]
+        on_device = self.indices_to_device(cache_slots, cache.grads.device)
         grads = cache.grads[on_device].to(self._grad_travel_dtype())
         has_grad = cache.has_grad[on_device]
         cache.grads[on_device] = 0.0
         cache.has_grad[on_device] = False
-        cache.pending[slots] = False
+        cache.pending[cache_slots] = False
         self._send_grads(row_ids, grads, has_grad, "cached")
 
     def _grad_travel_dtype(self) -> torch.dtype:
@@ -336,8 +340,8 @@ class RowTransfer:
         optimizer boundary)."""
         cache = self.cache
         if cache is not None and cache.pending.any():
-            slots = cache.pending.nonzero().flatten()
-            self._download_cached(slots, cache.row_of[slots])
+            cache_slots = cache.pending.nonzero().flatten()
+            self._download_cached(cache_slots, cache.row_id_of[cache_slots])
         for handover in self._handovers:
             handover.complete()
         self._handovers = []

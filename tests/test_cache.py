@@ -72,13 +72,13 @@ def test_small_cache_evicts_and_flushes_pending_gradients() -> None:
     assert traffic[0]["cache_misses"] > 0
 
 
-def test_admit_prefers_free_slots_then_least_recently_used() -> None:
+def test_admit_prefers_free_cache_slots_then_least_recently_used() -> None:
     cache = DeviceRowCache(num_rows=10, capacity=3)
-    slots, flush_slots, _ = cache.admit(torch.tensor([1, 2, 3]), keep=torch.tensor([], dtype=torch.int64))
-    assert sorted(slots.tolist()) == [0, 1, 2] and flush_slots.numel() == 0
+    cache_slots, flush_cache_slots, _ = cache.admit(torch.tensor([1, 2, 3]), keep=torch.tensor([], dtype=torch.int64))
+    assert sorted(cache_slots.tolist()) == [0, 1, 2] and flush_cache_slots.numel() == 0
     cache.lookup(torch.tensor([1, 3]))  # row 2 becomes the least recently used
-    cache.pending[cache.slot_of[2]] = True
-    slots, flush_slots, flush_rows = cache.admit(torch.tensor([7]), keep=torch.tensor([], dtype=torch.int64))
-    assert flush_rows.tolist() == [2] and cache.slot_of[2] == -1 and cache.slot_of[7] == slots[0]
-    slots, _, _ = cache.admit(torch.tensor([8, 9]), keep=cache.slot_of[torch.tensor([1, 3, 7])])
-    assert slots.tolist() == [-1, -1], "kept slots are never evicted"
+    cache.pending[cache.cache_slot_of[2]] = True
+    cache_slots, _, flush_row_ids = cache.admit(torch.tensor([7]), keep=torch.tensor([], dtype=torch.int64))
+    assert flush_row_ids.tolist() == [2] and cache.cache_slot_of[2] == -1 and cache.cache_slot_of[7] == cache_slots[0]
+    cache_slots, _, _ = cache.admit(torch.tensor([8, 9]), keep=cache.cache_slot_of[torch.tensor([1, 3, 7])])
+    assert cache_slots.tolist() == [-1, -1], "kept cache slots are never evicted"

@@ -18,9 +18,9 @@ from meft_ds import adapter, ops, sparse_adam, store, transfer
 # phase -> (owner, attribute name) of the functions whose own time it is
 PHASES: dict[str, list[tuple[Any, str]]] = {
     "routing (score + top-K)": [(adapter.SparseKeyExpertAdapter, "_route")],
-    "gather + cast of rows": [(store.RowStore, "gather_into")],
+    "gather + cast of rows": [(store.CpuRowStore, "gather_into")],
     "copies (rows, indices, routing inputs)": [
-        (transfer.RowTransfer, name) for name in ("_upload", "to_device", "to_host_async")
+        (transfer.RowTransfer, name) for name in ("_upload", "indices_to_device", "to_host_async")
     ],
     "forward kernel": [("kernels", "sparse_adapter_forward")],
     "backward kernel (+ router's)": [("kernels", "sparse_adapter_backward"), ("kernels", "gate_backward")],
@@ -28,7 +28,7 @@ PHASES: dict[str, list[tuple[Any, str]]] = {
         *((transfer.RowTransfer, name) for name in ("accept_grads", "grad_destination", "flush")),
         (transfer._Handover, "complete"),
     ],
-    "accumulation": [(store.RowStore, "accumulate_grad")],
+    "accumulation": [(store.CpuRowStore, "accumulate_grad")],
     "sparse step: finiteness check": [(sparse_adam.SparseRowAdam, "row_grads_finite")],
     "sparse step: update": [(sparse_adam.SparseRowAdam, "step")],
 }
