@@ -1,7 +1,7 @@
 """`RowGradAccumulator`: the gradients of one store's touched rows, summed over micro-steps, packed in one buffer.
 
-Slot ``s < count`` holds the fp32 gradient of row ``ids[s]``; ``slot_of[id]`` is that slot (``-1``: the row has no
-gradient). A row's first gradient is copied into the next free slot, later ones are added to it in place: no
+Entry ``e < count`` holds the fp32 gradient of row ``ids[e]``; ``entry_of[id]`` is that entry (``-1``: the row has no
+gradient). A row's first gradient is copied into the next free entry, later ones are added to it in place: no
 zero-fill, and nothing already accumulated is ever copied again. The buffer is allocated once, at the first gradient,
 with room for every row the store holds, and kept across optimizer steps (a sharded store's rank also holds
 gradients of rows that others own until they are exchanged, and the NVMe tier starts small: for those it grows,
@@ -27,7 +27,7 @@ class RowGradAccumulator:
     def __init__(self, num_ids: int, dim: int, *, capacity: int | None = None) -> None:
         self.num_ids, self.dim = num_ids, dim
         self.initial_capacity = num_ids if capacity is None else min(capacity, num_ids)
-        self.slot_of = torch.full((num_ids,), -1, dtype=torch.int64)
+        self.entry_of = torch.full((num_ids,), -1, dtype=torch.int64)
         self.grads = torch.empty(0, 2, dim)
         self.ids = torch.empty(0, dtype=torch.int64)
         self.count = 0
@@ -57,12 +57,12 @@ class RowGradAccumulator:
         self._version = grads._version
 
     def kernel_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """``(grads, ids, slot_of, count)`` for a kernel that adds rows (call :meth:`reserve` first, and
+        """``(grads, ids, entry_of, count)`` for a kernel that adds rows (call :meth:`reserve` first, and
         :meth:`committed` with what the kernel returns)."""
-        return self.grads, self.ids, self.slot_of, self.count
+        return self.grads, self.ids, self.entry_of, self.count
 
     def committed(self, count: int, finite: bool) -> None:
-        """A kernel wrote into :meth:`kernel_state`: slots ``[old count, count)`` are new, and its values were
+        """A kernel wrote into :meth:`kernel_state`: entries ``[old count, count)`` are new, and its values were
         ``finite`` or not."""
         first = self.count
         if count > first and self._sorted:  # the new ids, and the last one before them, still ascending?
@@ -89,15 +89,15 @@ class RowGradAccumulator:
             ids, grads = ids[has_grad], grads[has_grad]
         grads = grads.float()
         self._note_outside_writes()
-        slots = self.slot_of[ids]
-        new = slots < 0
+        entries = self.entry_of[ids]
+        new = entries < 0
         first, added = self.count, int(new.sum())
-        new_slots = torch.arange(first, first + added)
-        self.slot_of[ids[new]] = new_slots
-        self.ids[new_slots] = ids[new]
-        self.grads[new_slots] = grads[new]
-        self.grads.index_add_(0, slots[~new], grads[~new])
-        finite = bool(torch.isfinite(self.grads[slots[~new]]).all() and torch.isfinite(grads[new]).all())
+        new_entries = torch.arange(first, first + added)
+        self.entry_of[ids[new]] = new_entries
+        self.ids[new_entries] = ids[new]
+        self.grads[new_entries] = grads[new]
+        self.grads.index_add_(0, entries[~new], grads[~new])
+        finite = bool(torch.isfinite(self.grads[entries[~new]]).all() and torch.isfinite(grads[new]).all())
         self._version = self.grads._version  # these writes are ours
         self.committed(first + added, finite)
 
@@ -122,7 +122,7 @@ class RowGradAccumulator:
             self.grads[:n] = self.grads[:n][order]
             self._version = self.grads._version
             self.ids[:n] = self.ids[:n][order]
-            self.slot_of[self.ids[:n]] = torch.arange(n)
+            self.entry_of[self.ids[:n]] = torch.arange(n)
         self._sorted = True
 
     def all_finite(self) -> bool:
@@ -140,7 +140,7 @@ class RowGradAccumulator:
 
     def clear(self) -> None:
         """Forget every gradient (the buffer is kept)."""
-        self.slot_of[self.ids[: self.count]] = -1
+        self.entry_of[self.ids[: self.count]] = -1
         self.count = 0
         self._sorted = True
         self._finite, self._version = True, self.grads._version
