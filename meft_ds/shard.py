@@ -121,8 +121,9 @@ def all_gather_rows(tensor: torch.Tensor, group: Any, world_size: int) -> list[t
 
 @dataclasses.dataclass
 class OwnerExchange:
-    """One all-to-all between the ranks of ``group``: this rank sends ``send[w]`` rows to rank ``w`` (rows grouped by
-    destination, in rank order) and receives ``receive[w]`` from it; a reply travels the other way."""
+    """One all-to-all between the ranks of ``group``, item by item (an item: a row id, a row, a row's gradient, a
+    (token, expert) pair's scores): this rank sends ``send[w]`` items to rank ``w`` (grouped by destination, in rank
+    order) and receives ``receive[w]`` from it; a reply travels the other way."""
 
     send: list[int]
     receive: list[int]
@@ -131,33 +132,34 @@ class OwnerExchange:
 
     @classmethod
     def to_ranks(cls, destinations: torch.Tensor, world_size: int, group: Any) -> OwnerExchange:
-        """The exchange of rows bound for ranks ``destinations`` (one per row, ascending): every rank learns how many
-        rows it receives from each (one all-to-all of counts)."""
+        """The exchange of items bound for ranks ``destinations`` (one per item, ascending): every rank learns how
+        many items it receives from each (one all-to-all of counts)."""
         counts = torch.bincount(destinations, minlength=world_size)
         incoming = torch.empty_like(counts)
         dist.all_to_all_single(incoming, counts, group=group)
         return cls(counts.tolist(), incoming.tolist(), group, counts)
 
-    def request(self, rows: torch.Tensor) -> torch.Tensor:
-        """The rows (any trailing shape and dtype) the other ranks send this one, by source rank."""
-        return all_to_all(rows, self.send, self.receive, self.group)
+    def request(self, items: torch.Tensor) -> torch.Tensor:
+        """The items (``items[i]``: any shape and dtype) the other ranks send this one, by source rank."""
+        return all_to_all(items, self.send, self.receive, self.group)
 
-    def reply(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Each rank's answer to what :meth:`request` brought it (one row per row received, in that order), back to
+    def reply(self, items: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Each rank's answer to what :meth:`request` brought it (one item per item received, in that order), back to
         the rank that sent it: into ``out`` (contiguous) if given."""
-        return all_to_all(rows, self.receive, self.send, self.group, out)
+        return all_to_all(items, self.receive, self.send, self.group, out)
 
 
 def all_to_all(
-    rows: torch.Tensor, send: list[int], receive: list[int], group: Any, out: torch.Tensor | None = None
+    items: torch.Tensor, send: list[int], receive: list[int], group: Any, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Rows (any trailing shape and dtype) exchanged between the ranks of ``group``: ``send[w]`` of ``rows`` (grouped
-    by destination, in rank order) to rank ``w``, ``receive[w]`` from it (into ``out`` if given, contiguous)."""
-    width = math.prod(rows.shape[1:])
+    """``items`` (``items[i]``: any shape and dtype) exchanged between the ranks of ``group``: ``send[w]`` of them
+    (grouped by destination, in rank order) to rank ``w``, ``receive[w]`` from it (into ``out``, contiguous, if
+    given)."""
+    width = math.prod(items.shape[1:])
     if out is None:
-        out = rows.new_empty(sum(receive), *rows.shape[1:])
+        out = items.new_empty(sum(receive), *items.shape[1:])
     dist.all_to_all_single(
-        out.view(-1), rows.reshape(-1), [n * width for n in receive], [n * width for n in send], group=group
+        out.view(-1), items.reshape(-1), [n * width for n in receive], [n * width for n in send], group=group
     )
     return out
 
