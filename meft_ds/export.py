@@ -95,12 +95,17 @@ def tensor_names(ffn_path: str) -> dict[str, str]:
     return {"keys": f"{stem}.keys", "values": f"{stem}.values", "router": f"{stem}.router.weight"}
 
 
+class BaseModelWrapper(nn.Module):
+    """A module that holds the adapted model as ``base_model`` (:class:`meft_ds.MeftModel`): :func:`unwrap` sees
+    through it. Defined here, not in :mod:`meft_ds.meft_model`, because that module imports this one."""
+
+    base_model: nn.Module
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside a :class:`meft_ds.MeftModel`, a DeepSpeed engine or a DDP wrapper."""
-    from meft_ds.meft_model import MeftModel  # it imports this module
-
     while True:
-        if isinstance(model, MeftModel):
+        if isinstance(model, BaseModelWrapper):
             model = model.base_model
         elif isinstance(getattr(model, "module", None), nn.Module):
             model = model.module

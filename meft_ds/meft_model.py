@@ -21,12 +21,12 @@ from typing import Any
 from torch import nn
 
 from meft_ds.config import MeftConfig
-from meft_ds.export import DEFAULT_MAX_SHARD_SIZE, save_adapter
+from meft_ds.export import DEFAULT_MAX_SHARD_SIZE, BaseModelWrapper, save_adapter
 from meft_ds.export_load import load_adapter
 from meft_ds.inject import adapters, inject
 
 
-class MeftModel(nn.Module):
+class MeftModel(BaseModelWrapper):
     """``MeftModel(base_model)`` wraps a model that has adapters (:func:`meft_ds.inject`); ``MeftModel(base_model,
     meft)`` injects them first with the settings ``meft`` (a dict or :class:`meft_ds.MeftConfig`). Attributes the
     wrapper does not have are the base model's."""

@@ -20,7 +20,6 @@ ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 KNOWN: dict[tuple[str, str], str] = {
     ("adapter", "inference"): "under TYPE_CHECKING, for the type of SparseKeyExpertAdapter.serving (DeviceRows)",
     ("distributed", "adapter"): "type hints: the row-gradient exchange takes the adapters, not their stores",
-    ("export", "meft_model"): "unwrap() sees through a MeftModel, and meft_model imports export (a cycle)",
 }
 
 
