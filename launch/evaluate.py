@@ -23,10 +23,11 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 import meft_ds
-from meft_ds.checkpoint import read_adapter_config, write_json_atomic
 from meft_ds.data import DATASETS, FORMATS, load_examples
 from meft_ds.ds_config import DTYPE_NAMES, compute_dtype, fit_precision_to_cpu, resolve_auto
 from meft_ds.evaluation import evaluate_generation, format_scores
+from meft_ds.export_load import read_adapter_config
+from meft_ds.files import write_json_atomic
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
 from meft_ds.ops import cpu_kernels
 from meft_ds.training import run_cli

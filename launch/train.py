@@ -28,7 +28,6 @@ from deepspeed import comm as dist
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
 from meft_ds.baselines import METHODS, export_baseline, prepare_baseline, trainable_numel, training_bytes
-from meft_ds.checkpoint import write_json_atomic
 from meft_ds.data import DATASETS, FORMATS, DatasetError, collate, facts_dataset, load_examples, tokenize_for_training
 from meft_ds.distributed import check_replicas_identical
 from meft_ds.ds_config import (
@@ -40,6 +39,7 @@ from meft_ds.ds_config import (
     validate_deepspeed_config,
 )
 from meft_ds.evaluation import evaluate_generation, format_scores
+from meft_ds.files import write_json_atomic
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
 from meft_ds.ops import cpu_kernels
 from meft_ds.training import MetricsLog, MicroBatchStream, parse_overrides, progress_bar, run_cli

@@ -8,15 +8,7 @@ import json
 from pathlib import Path
 
 from meft_ds.adapter import SparseKeyExpertAdapter
-from meft_ds.export_load import read_adapter_config  # noqa: F401 (imported from here by launch/evaluate.py)
-from meft_ds.files import (  # noqa: F401 (imported from here by meft_ds.engine, meft_ds.training and launch/)
-    atomic_file,
-    publish_directory,
-    recover_directory,
-    write_json_atomic,
-)
 from meft_ds.sparse_adam import SparseRowAdam
-from meft_ds.store import CheckpointError  # noqa: F401 (imported from here by meft_ds.training)
 
 STORE_OPTIMIZER = "optimizer.json"
 
@@ -38,7 +30,8 @@ def save_stores(
 
 
 def load_stores(directory: Path, model_adapters: list[SparseKeyExpertAdapter], optimizer: SparseRowAdam) -> None:
-    """Restore what :func:`save_stores` wrote; every mismatch is a :class:`CheckpointError` before any copy."""
+    """Restore what :func:`save_stores` wrote; every mismatch is a :class:`meft_ds.store.CheckpointError` before any
+    copy."""
     for adapter in model_adapters:
         adapter.store.check_saved(directory, adapter.layer_index)
     state = json.loads((directory / STORE_OPTIMIZER).read_text())

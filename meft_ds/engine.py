@@ -17,7 +17,7 @@ of the engine's methods:
   overflow in the rows' gradients is an overflow of the step: the engine is told so, skips its step and lowers its
   loss scale, as for an overflow of its own gradients.
 * ``engine.save_checkpoint()`` / ``engine.load_checkpoint()``: the row stores (rows, moments, step) travel with
-  every checkpoint, and a checkpoint is published atomically (see :mod:`meft_ds.checkpoint`).
+  every checkpoint, and a checkpoint is published atomically (see :mod:`meft_ds.files`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from deepspeed import comm as dist
 from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 from torch import nn
 
-from meft_ds.checkpoint import atomic_file, load_stores, publish_directory, recover_directory, save_stores
+from meft_ds.checkpoint import load_stores, save_stores
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.distributed import exchange_row_grads, row_grad_squared_norm
 from meft_ds.ds_config import (
@@ -48,6 +48,7 @@ from meft_ds.ds_config import (
     section,
     validate_deepspeed_config,
 )
+from meft_ds.files import atomic_file, publish_directory, recover_directory
 from meft_ds.inject import adapters, inject
 from meft_ds.sparse_adam import SparseRowAdam
 

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from meft_ds.checkpoint import CheckpointError, atomic_file
 from meft_ds.config import MeftConfigError
 from meft_ds.data import DatasetError
+from meft_ds.files import atomic_file
 from meft_ds.inject import adapters
 from meft_ds.models import ModelLoadError
 from meft_ds.ops import KernelBuildError
+from meft_ds.store import CheckpointError
 
 MB = 1e6
 BAD_INPUT = (MeftConfigError, DatasetError, ModelLoadError, CheckpointError, KernelBuildError)
