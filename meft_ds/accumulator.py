@@ -6,7 +6,7 @@ zero-fill, and nothing already accumulated is ever copied again. The buffer is a
 with room for every row the store holds, and kept across optimizer steps (a sharded store's rank also holds
 gradients of rows that others own until they are exchanged, and the NVMe tier starts small: for those it grows,
 doubling). The backward's CPU kernel
-writes into it directly (:class:`meft_ds.adapter.SlotAdapterFunction`).
+writes into it directly (:class:`meft_ds.adapter.TopKAdapterFunction`).
 
 Every value written is checked for NaN/inf on the way (in the kernel, while it is in a register), so the optimizer's
 skip test reads nothing; a write from outside (an unscale, a clip, a test's poke) shows in the buffer's version

@@ -7,7 +7,7 @@ rows go back to the row store, which accumulates them until the sparse optimizer
 
 Two autograd Functions compute the same thing. On an accelerator, :class:`MaskedAdapterFunction` runs dense GEMMs
 over all of ``U`` with a ``(T, |U|)`` mask (what tensor cores are good at). When the adapter computes on the CPU (fp32),
-:class:`SlotAdapterFunction` runs meft_ds's kernel over each token's own K rows: ``T*K*d`` work instead of
+:class:`TopKAdapterFunction` runs meft_ds's kernel over each token's own K rows: ``T*K*d`` work instead of
 ``T*|U|*d``, 25-50x less at the sizes MEFT uses. Tests hold the two equal.
 """
 
@@ -79,10 +79,10 @@ class MaskedAdapterFunction(torch.autograd.Function):
 ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the CPU kernel's codes for the travel dtype
 
 
-class SlotAdapterFunction(torch.autograd.Function):
-    """The same adapter over each token's own K rows (its K slots: ``union_pos``, ``(T, K)`` positions in ``rows``, the
-    micro-batch's union), on meft_ds's CPU kernel. ``gate`` is ``(T, K)``: the router logit of each slot's expert, or
-    ``None``. The backward writes the rows' gradients, rounded to the dtype rows travel in, where a
+class TopKAdapterFunction(torch.autograd.Function):
+    """The same adapter over each token's own K rows (``union_pos``: ``(T, K)``, their positions in ``rows``, the
+    micro-batch's union), on meft_ds's CPU kernel. ``gate`` is ``(T, K)``: the router logit of each of those rows'
+    expert, or ``None``. The backward writes the rows' gradients, rounded to the dtype rows travel in, where a
     :class:`~meft_ds.transfer.RowGradSink` says (straight into the store's accumulator); any other sink is called with
     all rows' gradients and their flags."""
 
@@ -120,11 +120,11 @@ class SlotAdapterFunction(torch.autograd.Function):
         )
 
 
-class SlotGateFunction(torch.autograd.Function):
-    """The gate of each slot, ``gate[t, k] = x_t . W[experts[t, k]]`` (the router logit of its expert), read from
-    ``logits`` computed without autograd. Its backward gives the router (and ``x``) their gradients on meft_ds's kernel
-    from the (token, expert) pairs in use, at most ``n_probe`` per token, instead of autograd's two dense
-    ``(T, E) x (E, d)`` products over a gradient that is zero for all other experts."""
+class TopKGateFunction(torch.autograd.Function):
+    """The gate of each of a token's top-K rows, ``gate[t, k] = x_t . W[experts[t, k]]`` (the router logit of its
+    expert), read from ``logits`` computed without autograd. Its backward gives the router (and ``x``) their
+    gradients on meft_ds's kernel from the (token, expert) pairs in use, at most ``n_probe`` per token, instead of
+    autograd's two dense ``(T, E) x (E, d)`` products over a gradient that is zero for all other experts."""
 
     @staticmethod
     def forward(ctx, x, weight, logits, experts):  # type: ignore[override]
@@ -143,7 +143,7 @@ class SlotGateFunction(torch.autograd.Function):
         )
 
 
-def computes_over_slots(x: torch.Tensor) -> bool:
+def computes_over_top_k(x: torch.Tensor) -> bool:
     """Whether the adapter for input ``x`` runs on the CPU kernel (on the CPU, kernel built; it computes in fp32
     whatever the input's dtype, as the paper keeps adapters in fp32 under bf16/fp16 autocast)."""
     return x.device.type == "cpu" and cpu_kernels() is not None
@@ -256,13 +256,13 @@ class SparseKeyExpertAdapter(nn.Module):
         x = hidden.reshape(-1, self.dim)
         if self.serving is not None:  # rows on the device (meft_ds.for_inference): nothing starts for the host
             return PendingRouting(self.serving.router_logits(x))
-        # on the CPU kernel's path the router's gradient flows through SlotGateFunction instead of these logits
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not computes_over_slots(x)):
+        # on the CPU kernel's path the router's gradient flows through TopKGateFunction instead of these logits
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not computes_over_top_k(x)):
             logits = self.router(x)
         if self.prefetch_target is not None:
             self.prefetch_target.start_prefetch(x)
         prefetched = self._prefetched
-        if prefetched is not None and prefetched.routing.slots.shape[0] == x.shape[0]:
+        if prefetched is not None and prefetched.routing.union_pos.shape[0] == x.shape[0]:
             return PendingRouting(logits)
         self._prefetched = None  # stale (another batch shape): route from this layer's own hidden states
         return self._start_routing(x, logits)
@@ -323,7 +323,7 @@ class SparseKeyExpertAdapter(nn.Module):
             in_flight = self.transfer.fetch(routing.row_ids, dtype=config.row_torch_dtype(x.dtype), device=x.device)
         if self.prefetch_target is not None:
             self.prefetch_target.finish_prefetch(x.device, x.dtype)
-        union_pos = self.transfer.indices_to_device(routing.slots, x.device)  # (T, K) positions in the union
+        union_pos = self.transfer.indices_to_device(routing.union_pos, x.device)  # (T, K) positions in the union
         row_experts = (
             self.transfer.indices_to_device(routing.row_ids // config.expert_size, x.device) if config.gated else None
         )
@@ -332,13 +332,13 @@ class SparseKeyExpertAdapter(nn.Module):
         sink = RowGradSink(self.transfer, routing.row_ids)
         self.traffic.forward_calls += 1
         logits = pending.logits
-        if computes_over_slots(x):
+        if computes_over_top_k(x):
             compute = x.float().contiguous()
             weight = self.router.weight.float()
             gate = None
             if config.gated:
-                gate = SlotGateFunction.apply(compute, weight, logits.float(), row_experts[union_pos])
-            return SlotAdapterFunction.apply(compute, gate, rows, union_pos, sink).to(x.dtype).view_as(hidden)
+                gate = TopKGateFunction.apply(compute, weight, logits.float(), row_experts[union_pos])
+            return TopKAdapterFunction.apply(compute, gate, rows, union_pos, sink).to(x.dtype).view_as(hidden)
         mask = torch.zeros(x.shape[0], rows.shape[0], dtype=torch.bool, device=x.device).scatter_(1, union_pos, True)
         gate = logits.index_select(1, row_experts) if config.gated else None
         return MaskedAdapterFunction.apply(x, gate, rows, mask, sink).view_as(hidden)

@@ -33,7 +33,7 @@ import contextlib
 import torch
 from torch import nn
 
-from meft_ds.adapter import MaskedAdapterFunction, SlotAdapterFunction, SparseKeyExpertAdapter, computes_over_slots
+from meft_ds.adapter import MaskedAdapterFunction, SparseKeyExpertAdapter, TopKAdapterFunction, computes_over_top_k
 from meft_ds.inject import adapters
 from meft_ds.routing import score_probed_keys, select_from_scores, top_k_rows
 
@@ -121,13 +121,13 @@ class DeviceRows:
         config = self.config
         scores = score_probed_keys(hidden, probe_ids, self.keys, config.expert_size)
         routing = select_from_scores(scores, probe_ids, gates, expert_size=config.expert_size, top_k=config.top_k)
-        ids, slots = routing.row_ids, routing.slots
+        ids, union_pos = routing.row_ids, routing.union_pos
         rows = torch.stack((self.keys.index_select(0, ids).to(self.row_dtype), self.values.index_select(0, ids)), 1)
         row_experts = ids // config.expert_size
-        if computes_over_slots(x):
-            gate = logits.float().gather(1, row_experts[slots]) if config.gated else None
-            return SlotAdapterFunction.apply(x.float().contiguous(), gate, rows, slots, None).to(x.dtype)
-        mask = torch.zeros(x.shape[0], ids.numel(), dtype=torch.bool, device=x.device).scatter_(1, slots, True)
+        if computes_over_top_k(x):
+            gate = logits.float().gather(1, row_experts[union_pos]) if config.gated else None
+            return TopKAdapterFunction.apply(x.float().contiguous(), gate, rows, union_pos, None).to(x.dtype)
+        mask = torch.zeros(x.shape[0], ids.numel(), dtype=torch.bool, device=x.device).scatter_(1, union_pos, True)
         gate = logits.index_select(1, row_experts) if config.gated else None
         return MaskedAdapterFunction.apply(x, gate, rows, mask, None)
 

@@ -6,7 +6,7 @@ measure what its training forward keeps for backward (:mod:`meft_ds.activations`
 mirrors the code: the fetched rows and ``(T, |U|)`` tensors the masked adapter path keeps for backward, the pinned
 staging buffers (rings shared by the adapters, grown to powers of two), the device row cache, the routers and their
 optimizer where the ZeRO config puts them, DeepSpeed's gradient bucket, and the row stores
-(:func:`meft_ds.memory.store_bytes`). Plans are for an accelerator: the adapter's masked path, not the CPU's slot
+(:func:`meft_ds.memory.store_bytes`). Plans are for an accelerator: the adapter's masked path, not the CPU's top-K
 kernel. ``|U|``, the rows a micro-batch fetches per layer, is estimated as if every token chose its K rows uniformly
 at random; routing concentrates on fewer rows (about half as many on SmolLM2), so this is an upper estimate, and a
 union measured on the task's data can be given instead.

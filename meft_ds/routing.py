@@ -20,11 +20,11 @@ class Routing:
 
     Attributes:
         row_ids: ``(n,)`` int64, sorted and unique: the union ``U`` of the rows any token selected.
-        slots: ``(T, K)`` int64: for each token, the positions in ``row_ids`` of its own top-K rows.
+        union_pos: ``(T, K)`` int64: for each token, the positions in ``row_ids`` (the union) of its own top-K rows.
     """
 
     row_ids: torch.Tensor
-    slots: torch.Tensor
+    union_pos: torch.Tensor
 
 
 def score_probed_keys_torch(
@@ -104,7 +104,7 @@ def union_of(rows: torch.Tensor) -> Routing:
     row_ids = present.nonzero().flatten()
     position = torch.empty(bound, dtype=torch.int64)
     position[row_ids] = torch.arange(row_ids.numel())
-    return Routing(row_ids=row_ids, slots=position[rows])
+    return Routing(row_ids=row_ids, union_pos=position[rows])
 
 
 def select_rows(

@@ -98,7 +98,7 @@ def test_the_backward_writes_each_touched_row_once_into_the_store() -> None:
     reference.router.load_state_dict(adapter.router.state_dict())
     routing = reference._route(reference._start_routing(x, reference.router(x)))
     rows = store.rows[routing.row_ids].clone().requires_grad_()
-    mask = torch.zeros(12, rows.shape[0], dtype=torch.bool).scatter_(1, routing.slots, True)
+    mask = torch.zeros(12, rows.shape[0], dtype=torch.bool).scatter_(1, routing.union_pos, True)
     gate = (x @ reference.router.weight.T).index_select(1, routing.row_ids // adapter.config.expert_size)
     handed = []
     from meft_ds.adapter import MaskedAdapterFunction

@@ -7,20 +7,20 @@ import torch
 
 import meft_ds.adapter
 from meft_ds import MeftConfig, SparseKeyExpertAdapter
-from meft_ds.adapter import MaskedAdapterFunction, SlotAdapterFunction
+from meft_ds.adapter import MaskedAdapterFunction, TopKAdapterFunction
 from meft_ds.routing import select_rows
 
 DIM = 32
 
 
-@pytest.fixture(params=["slots", "masked"], autouse=True)
+@pytest.fixture(params=["top_k", "masked"], autouse=True)
 def compute_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on both implementations: the CPU kernel over each token's K slots, and the masked dense
+    """Every test here runs on both implementations: the CPU kernel over each token's K rows, and the masked dense
     form over U that accelerators run (forced here on the CPU)."""
     if request.param == "masked":
-        monkeypatch.setattr(meft_ds.adapter, "computes_over_slots", lambda x: False)
+        monkeypatch.setattr(meft_ds.adapter, "computes_over_top_k", lambda x: False)
     else:
-        assert meft_ds.adapter.computes_over_slots(torch.zeros(1)), "fp32 CPU input must take the kernel path"
+        assert meft_ds.adapter.computes_over_top_k(torch.zeros(1)), "fp32 CPU input must take the kernel path"
     return request.param
 
 
@@ -108,7 +108,7 @@ def test_each_token_uses_only_its_own_top_k_rows(gate: str) -> None:
         batch_out = adapter(x)
         routing, probe, logits = routing_of(adapter, x)
         for t in range(x.shape[0]):
-            own_rows = routing.row_ids[routing.slots[t]]
+            own_rows = routing.row_ids[routing.union_pos[t]]
             assert own_rows.unique().numel() == 8
             assert set((own_rows // 16).tolist()) <= set(probe[t].tolist()), "rows come from probed experts"
             # explicit per-token sum over its own K rows
@@ -128,7 +128,7 @@ def test_changing_rows_outside_a_tokens_top_k_changes_nothing_for_it() -> None:
         before = adapter(x)
         routing, probe, _ = routing_of(adapter, x)
         token = 0
-        own = set(routing.row_ids[routing.slots[token]].tolist())
+        own = set(routing.row_ids[routing.union_pos[token]].tolist())
         probed = set(probe[token].tolist())
         others = [j for j in range(256) if j not in own]
         adapter.store.values[others] += 1.0  # any value row it did not select
@@ -150,8 +150,8 @@ def test_routing_matches_brute_force_top_k_over_probed_experts() -> None:
         candidates = torch.cat([torch.arange(e * 8, e * 8 + 8) for e in probe[t].tolist()])
         scores = (keys[candidates] @ x[t]) * gates[t].repeat_interleave(8)
         expected = candidates[scores.topk(5).indices].sort().values
-        assert torch.equal(routing.row_ids[routing.slots[t]].sort().values, expected)
-    selected = routing.row_ids[routing.slots].unique()
+        assert torch.equal(routing.row_ids[routing.union_pos[t]].sort().values, expected)
+    selected = routing.row_ids[routing.union_pos].unique()
     assert torch.equal(routing.row_ids, selected), "U is exactly the union of the tokens' rows, sorted"
 
 
@@ -178,15 +178,15 @@ def test_row_gradients_accumulate_across_micro_steps() -> None:
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_slot_and_masked_functions_agree(gated: bool) -> None:
+def test_top_k_and_masked_functions_agree(gated: bool) -> None:
     tokens, n, top_k = 9, 20, 5
     x = torch.randn(tokens, DIM, requires_grad=True)
     rows = torch.randn(n, 2, DIM) * 0.3
-    slots = torch.stack([torch.randperm(n)[:top_k] for _ in range(tokens)])
+    union_pos = torch.stack([torch.randperm(n)[:top_k] for _ in range(tokens)])
     logits = torch.randn(tokens, n, requires_grad=True)  # one "expert" per row, for simplicity
     grad_out = torch.randn(tokens, DIM)
     results = []
-    for function in (SlotAdapterFunction, MaskedAdapterFunction):
+    for function in (TopKAdapterFunction, MaskedAdapterFunction):
         x.grad = logits.grad = None
         sunk = []
 
@@ -195,16 +195,16 @@ def test_slot_and_masked_functions_agree(gated: bool) -> None:
                 assert torch.equal(has_grad, grads.flatten(1).ne(0).any(dim=1))
             sunk.append(grads)
 
-        if function is SlotAdapterFunction:
-            gate = logits.gather(1, slots) if gated else None
-            out = function.apply(x, gate, rows.clone().requires_grad_(), slots, sink)
+        if function is TopKAdapterFunction:
+            gate = logits.gather(1, union_pos) if gated else None
+            out = function.apply(x, gate, rows.clone().requires_grad_(), union_pos, sink)
         else:
-            mask = torch.zeros(tokens, n, dtype=torch.bool).scatter_(1, slots, True)
+            mask = torch.zeros(tokens, n, dtype=torch.bool).scatter_(1, union_pos, True)
             out = function.apply(x, logits if gated else None, rows.clone().requires_grad_(), mask, sink)
         out.backward(grad_out)
         results.append((out.detach(), x.grad.clone(), None if logits.grad is None else logits.grad.clone(), sunk[0]))
-    for slot_result, masked_result in zip(*results, strict=True):
+    for top_k_result, masked_result in zip(*results, strict=True):
         if masked_result is None:
-            assert slot_result is None
+            assert top_k_result is None
         else:
-            torch.testing.assert_close(slot_result, masked_result, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(top_k_result, masked_result, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ from tiny_models import tiny_model, token_batch
 
 import meft_ds
 from meft_ds import SparseRowAdam
-from meft_ds.adapter import MaskedAdapterFunction, SlotAdapterFunction
+from meft_ds.adapter import MaskedAdapterFunction, TopKAdapterFunction
 
 pytestmark = pytest.mark.gpu
 DEVICE = torch.device(get_accelerator().current_device_name())
@@ -24,12 +24,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_masked_path_in_bf16_on_the_device_equals_the_slot_kernel_in_fp32() -> None:
+def test_masked_path_in_bf16_on_the_device_equals_the_top_k_kernel_in_fp32() -> None:
     tokens, n, top_k, dim = 64, 200, 8, 64
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, dim, generator=generator)
     rows = torch.randn(n, 2, dim, generator=generator) * 0.2
-    slots = torch.stack([torch.randperm(n, generator=generator)[:top_k] for _ in range(tokens)])
+    union_pos = torch.stack([torch.randperm(n, generator=generator)[:top_k] for _ in range(tokens)])
     logits = torch.randn(tokens, n, generator=generator)
     grad_out = torch.randn(tokens, dim, generator=generator)
     results = []
@@ -40,11 +40,11 @@ def test_masked_path_in_bf16_on_the_device_equals_the_slot_kernel_in_fp32() -> N
         sink = sunk.append
         on_rows = rows.to(device, dtype).detach().requires_grad_(True)
         if dtype == torch.float32:
-            out = SlotAdapterFunction.apply(
-                xs, gates.gather(1, slots), on_rows, slots, lambda g, *_, sink=sink: sink(g)
+            out = TopKAdapterFunction.apply(
+                xs, gates.gather(1, union_pos), on_rows, union_pos, lambda g, *_, sink=sink: sink(g)
             )
         else:
-            mask = torch.zeros(tokens, n, dtype=torch.bool).scatter_(1, slots, True).to(device)
+            mask = torch.zeros(tokens, n, dtype=torch.bool).scatter_(1, union_pos, True).to(device)
             out = MaskedAdapterFunction.apply(xs, gates, on_rows, mask, sink)
         out.backward(grad_out.to(device, dtype))
         results.append((out, xs.grad, sunk[0]))

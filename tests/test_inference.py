@@ -81,7 +81,7 @@ def test_the_accelerator_routine_routes_like_the_training_path(
     # the shape-static routine accelerators run, here on the CPU: its sums run in another order than the CPU
     # kernel's (equal up to fp32 rounding), and it computes the output like the masked path accelerators run
     if masked:
-        monkeypatch.setattr(meft_ds.adapter, "computes_over_slots", lambda x: False)
+        monkeypatch.setattr(meft_ds.adapter, "computes_over_top_k", lambda x: False)
     model = adapted_model(dtype, gate=gate)
     expected, expected_logits = generate(model), logits(model)
     meft_ds.for_inference(model)

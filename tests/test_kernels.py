@@ -79,14 +79,14 @@ def test_gate_backward_matches_autograd_through_the_dense_router(kernels) -> Non
     weight = torch.randn(num_experts, dim, dtype=torch.float64)
     experts = torch.randint(0, num_experts - 2, (tokens, top_k))  # repeats within a token; the last 2 unused
     grad_gate = torch.randn(tokens, top_k, dtype=torch.float64)
-    grad_gate[0, 1] = 0.0  # an inactive slot
+    grad_gate[0, 1] = 0.0  # an inactive (token, expert) pair
 
     x_ref, weight_ref = x.clone().requires_grad_(), weight.clone().requires_grad_()
     (x_ref @ weight_ref.T).gather(1, experts).backward(grad_gate)
     grad_x, grad_weight = kernels.gate_backward(grad_gate.float(), x.float(), weight.float(), experts, kernel_threads())
     torch.testing.assert_close(grad_x, x_ref.grad.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_weight, weight_ref.grad.float(), rtol=1e-5, atol=1e-6)
-    assert not grad_weight[-2:].any(), "experts no slot uses get no gradient"
+    assert not grad_weight[-2:].any(), "experts no token uses get no gradient"
 
 
 def test_gate_backward_rejects_out_of_range_experts(kernels) -> None:

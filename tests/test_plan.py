@@ -1,7 +1,7 @@
 """meft_ds.plan's figures against what the code itself allocates, moves and saves on small models, and its CLI.
 
 The plan models the accelerator's path: the masked adapter (dense GEMMs over ``U`` with ``(T, |U|)`` masks). On the CPU
-the adapter takes meft_ds's slot kernel instead, so the tests that compare saved tensors force the masked path.
+the adapter takes meft_ds's top-K kernel instead, so the tests that compare saved tensors force the masked path.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def trained_step() -> dict[str, Any]:
     on the masked path the plan models, through an accelerator with streams (tests/async_accelerator.py): the pinned
     staging a GPU run allocates (a CPU-only run gathers rows straight into the tensors it computes with)."""
     with pytest.MonkeyPatch.context() as patch, async_accelerator():
-        patch.setattr(meft_ds.adapter, "computes_over_slots", lambda x: False)
+        patch.setattr(meft_ds.adapter, "computes_over_top_k", lambda x: False)
         torch.manual_seed(0)
         model = meft_ds.inject(tiny_model().to(torch.bfloat16).train(), MEFT)
         ids = token_batch(BATCH, SEQ)
@@ -295,7 +295,7 @@ def test_smollm2_plan_is_within_ten_percent_of_what_the_code_measures() -> None:
     text = " ".join(f"{e.prompt} {e.answers[0]}" for e in load_examples("facts", "train")[:200])
     ids = torch.tensor(tokenizer(text)["input_ids"][: 8 * 64]).view(8, 64)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(meft_ds.adapter, "computes_over_slots", lambda x: False)
+        patch.setattr(meft_ds.adapter, "computes_over_top_k", lambda x: False)
         meft_ds.inject(model.train(), config["meft"])
         with saved_bytes_counter(model) as saved:
             loss = model(input_ids=ids, labels=ids).loss

@@ -43,7 +43,7 @@ def test_counters_equal_analytic_bytes(row_dtype: str, row_bytes: int) -> None:
     assert traffic["row_bytes_to_device"] == fetched
     assert traffic["row_bytes_to_host"] == fetched  # every row's gradient returns, with a flag...
     assert 0 < touched <= union  # ...and only rows with a nonzero gradient are touched
-    # + each token's K slots and each row's expert
+    # + each token's K union positions and each row's expert
     assert traffic["bytes_to_device"] == fetched + TOKENS * 8 * INDEX + union * INDEX
     # + hidden states, probe ids and gates (hidden states and gates in the row dtype); + a "has a gradient" flag per row
     assert traffic["bytes_to_host"] == fetched + TOKENS * DIM * row_bytes + TOKENS * 4 * (INDEX + row_bytes) + union
@@ -59,7 +59,7 @@ def test_rows_selected_but_inactive_for_every_token_are_not_touched() -> None:
     x = torch.randn(3, DIM)
     routing = routed(adapter, x)
     scores = x @ adapter.store.keys[routing.row_ids].T  # (T, |U|)
-    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, routing.slots, True)
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, routing.union_pos, True)
     active_rows = routing.row_ids[(chosen & (scores > 0)).any(0)]
     assert 0 < active_rows.numel() < routing.row_ids.numel(), "the case must have inactive rows to prove anything"
 

@@ -1,7 +1,7 @@
 """d. Adapter bytes resident on the device as r grows, at fixed K: MEFT (measured) vs a dense adapter (analytic).
 
 MEFT keeps on the device its router (``E x d``), what it copies there for one micro-batch (the union ``U`` of the
-selected rows, ``|U| x 2 x d`` in the travel dtype, and the per-token slot indices), which autograd holds from the
+selected rows, ``|U| x 2 x d`` in the travel dtype, and the per-token ``union_pos``), which autograd holds from the
 forward until the backward, and the cache budget if one is configured. Measured on one adapter layer of the real model
 with real text: ``bytes_to_device`` of ``meft_ds.stats`` during one forward (everything copied to the device for that
 micro-batch; a little of it, the expert index of each row, is freed before the backward, so this is an upper bound),
@@ -37,7 +37,7 @@ ON_DEVICE_BYTES = 16  # Adam on the device, mixed precision: bf16 weights + grad
 
 def fetch_bound(tokens: int, top_k: int, dim: int, row_bytes: int = 2) -> int:
     """The most one micro-batch can fetch whatever r: every token's K rows distinct (key and value, ``row_bytes``
-    each element), with a slot index per token and row and an expert index per row (int64)."""
+    each element), with a position in ``U`` per token and row and an expert index per row (int64)."""
     rows = tokens * top_k
     return rows * 2 * dim * row_bytes + rows * 8 + rows * 8
 
@@ -113,7 +113,7 @@ def run(context: Context) -> Section:
         ),
         how=(
             "MEFT: measured. meft_ds.stats(model)['bytes_to_device'] during one forward = everything meft_ds copies to "
-            "the device for that micro-batch (the union U of selected rows, |U| x 2 x d bf16, and the slot indices; "
+            "the device for that micro-batch (the union U of selected rows, |U| x 2 x d bf16, and union_pos; "
             "autograd keeps them until the backward), plus the router weight's bytes (E x d, fp32 here), plus the "
             "device cache's allocated bytes (0 unless --meft cache_mb=... is given; the whole budget goes to the one "
             "layer). Dense: analytic, 2 r d x 4 or 16 bytes. The dense adapter also keeps T x r activations for its "
