@@ -81,26 +81,43 @@ def full_grid() -> Grid:
 
 
 FULL_NOTES = (
-    "A minimal grid, not the issue's: 50 facts, 30 steps of 8, one learning rate (3e-3, the best of the issue's "
-    "sweeps for both MEFT and LoRA), one seed, two configurations. On 2026-12-02 a step of the built-in model took "
-    "14-44 s on our 2 cores (AMD EPYC, shared with other helpers' tests and kernel builds), not the ~2.5 s the issue "
-    "measured, so each run took ~25 min. Planned and not run (the benchmark lock was needed by two other timed "
-    "benchmarks before 16:05): MEFT with the global clip (the clipping comparison) and the parallel adapter r=1024 "
-    "(~0.28 GB, the size just below MEFT's budget); nor per-row bias correction, LoRA at other ranks, lr sweeps or "
-    "second seeds. The issue's grid (several hundred facts, 100+ steps, 2-3 budgets per method, 3-4 learning rates "
-    "each, two seeds for the headline cells: ~40 runs) needs ~40 x 100 steps x 2.5 s = ~3 h at the issue's step "
-    "time, ~30 h at today's; it is one edit of full_grid() in launch/bench/quality.py on a faster machine.",
-    "Measured 14:51-15:44 UTC (the two runs: 1417 s and 1484 s); the section's own time is its render from the "
-    "stored records (outputs/bench_quality_full/records.jsonl). Overlaps: other helpers' pytest runs, 2-rank shard "
-    "tests and DeepSpeed op builds ran on the same 2 cores throughout (load average 3-7); EM does not depend on it.",
-    "Retention: after both runs the probe's questions are answered with the facts task's vocabulary (MEFT: 'What is "
-    "the capital of Germany?' -> 'Brisquay', a fictional birthplace; 3 of 43 still right: Paris, Moscow, 1492; LoRA: "
-    "0 of 43: it answers 'Quessaly' to nearly every probe question). Both learn 'a question -> a short made-up "
-    "name' for every question, not only for the new facts. Not measured here: a lower learning rate, per-row bias "
-    "correction, mixing general data in.",
-    "The LoRA comparison is at one learning rate: LoRA r=256 (alpha 2r) at 3e-3 may be past its best (it collapses "
-    "towards one answer); the issue's sweeps at 150 facts found LoRA sensitive to it (r=16: 0.18-0.60 over 1e-3 to "
-    "1e-2). The +0.23 EM here is not a tuned comparison.",
+    "Ran 2026-12-03 02:17-04:03 UTC on an Intel Xeon (2 cores): 10 runs, ~3.5 s a MEFT step and ~2 s a LoRA step "
+    "once the benchmark had CPU priority (autogroup nice -10 from 02:50; the first run, before, took 1574 s). "
+    "Overlaps: helper sessions' unit tests and kernel builds ran on the same 2 cores throughout at lower priority; "
+    "EM and retention do not depend on it, the runs' seconds do. The planned second seeds (MEFT r=4096 and LoRA r=64 "
+    "at 3e-3) did not fit the session: every cell has one seed.",
+    "Smaller than the issue's grid: one task size (150 facts, the launcher's default), MEFT at one size (r=4096, "
+    "~0.31 GB of device bytes), LoRA at two (r=64 below that budget, r=256 above it), the parallel adapter at one "
+    "(r=1024, just below it), two learning rates only for MEFT and LoRA r=64; no full fine-tuning, no 'none' "
+    "clipping. The issue's grid (2-3 budgets per method, 3-4 learning rates, 2 seeds: ~40 runs) is ~4.5 h of our "
+    "2 cores with nothing else running.",
+    "Noise: EM is measured on 100 held-out phrasings, so one run's EM has a binomial standard error of ~0.045: "
+    "differences below ~0.1 between single runs are not significant.",
+    "MEFT against LoRA: NOT met. LoRA r=256 at lr 1e-3 (409 MB, 1.3x MEFT's bytes) reached 0.78, above MEFT's best "
+    "0.72; at fewer bytes LoRA r=64 reached 0.61 (3e-3), and with rehearsal only 0.41. LoRA r=256 was run at 1e-3 "
+    "only (at 3e-3 it collapsed in an earlier, shorter grid), MEFT at 1e-3 and 3e-3; MEFT's best is at the top of "
+    "its sweep, so a higher rate may do better. On this task MEFT is not ahead of a well-tuned LoRA of similar "
+    "bytes; it is ahead of the parallel adapter that fits its budget (r=1024: 0.30).",
+    "Clipping (meft.clip_rows): one global norm over routers and rows 0.72, rows clipped apart 0.68 (3e-3, one "
+    "seed each): no gain from clipping apart here, so the default stays 'global'. The issue's 0.80 with the rows "
+    "left unclipped came from a plain loop, not the launcher, and was not reproduced.",
+    "Bias correction (meft.bias_correction): per-row step counts 0.72 EM and 16% retained against 0.68 and 2% "
+    "with the global step (rows clipped apart, 3e-3, one seed): better on both, but within noise for EM and 7 "
+    "against 1 of 43 probe questions. The default stays 'global' until a second seed confirms it, and because the "
+    "NVMe tier keeps no per-row step counts (a per-row default would refuse every store.device='nvme' config).",
+    "Retention, why it is lost: every method answers the probe's general questions with names from the new facts "
+    "('What is the capital of France?' -> 'Tellarby' after MEFT, 'Halvinor' after LoRA r=256): training on 450 "
+    "questions whose answers are all short invented names teaches 'a question -> such a name'. The learning rate "
+    "sets how far: 3e-3 keeps 2% (MEFT) and 5% (LoRA r=64), 1e-3 keeps 33% and 28%. Sparsity does not isolate "
+    "the new facts at this batch: every optimizer step updates 41% of MEFT's 122,880 rows (50.7k on average), so "
+    "the rows that general questions route to are trained too; the 3.2x first step of newly touched rows (per-row "
+    "correction above) accounts for a small part.",
+    "Retention, what keeps it: self-rehearsal (--rehearsal 80: 80 general questions, none in the probe, answered "
+    "by the untrained model and mixed into the training data) kept 74% of the probe with MEFT at the same EM (0.69 "
+    "against 0.68), but only 40% with LoRA r=64, whose EM fell from 0.61 to 0.41: MEFT's 146M trainable parameters "
+    "hold both sets of answers, LoRA's 12M do not. Still below the 90% target; the remaining misses answer "
+    "in a sentence cut at 24 tokens before the name ('The story of Hamlet is a timeless tale ...'). Not tried: "
+    "freezing the rows that general text routes to (Lin et al.'s TF-IDF idea), rehearsal at 1e-3.",
 )
 
 
