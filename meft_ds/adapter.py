@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -31,10 +31,18 @@ from meft_ds.store import CpuRowStore, RowStore, initial_keys
 from meft_ds.swap import NvmeRowStore
 from meft_ds.transfer import RowGradSink, RowsInFlight, RowTransfer, by_union_pos, narrowest_index_dtype
 
-if TYPE_CHECKING:
-    from meft_ds.inference import DeviceRows
-
 _DEVICE_TYPE = get_accelerator().device_name()
+
+
+class ServingRows(Protocol):
+    """What a serving adapter asks of its rows on the device (:class:`meft_ds.inference.DeviceRows`, set by
+    :func:`meft_ds.for_inference`), named here so that the adapter does not import the layer above it."""
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def output(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def place(self, device: torch.device | None = None, compute_dtype: torch.dtype | None = None) -> None: ...
 
 
 class MaskedAdapterFunction(torch.autograd.Function):
@@ -236,7 +244,7 @@ class SparseKeyExpertAdapter(nn.Module):
         self.pending: PendingRouting | None = None  # set between the FFN's pre-hook and hook
         self._prefetch_routing: PendingRouting | None = None  # started by the source layer's begin
         self._prefetched: PrefetchedRows | None = None
-        self.serving: DeviceRows | None = None
+        self.serving: ServingRows | None = None
 
     def extra_repr(self) -> str:
         c = self.config

@@ -15,13 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "meft_ds"
 ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 
-# Imports that break the order today, each with the reason it is still there. The test fails on any other, and on an
-# entry here that no longer occurs, so the list only shrinks. (importer, imported) -> why
-KNOWN: dict[tuple[str, str], str] = {
-    ("adapter", "inference"): "under TYPE_CHECKING, for the type of SparseKeyExpertAdapter.serving (DeviceRows)",
-    ("distributed", "adapter"): "type hints: the row-gradient exchange takes the adapters, not their stores",
-}
-
 
 def layers() -> list[tuple[str, list[str]]]:
     """``(layer, modules)`` from the table under "## Layers" in docs/ARCHITECTURE.md, lowest layer first."""
@@ -81,26 +74,16 @@ def test_every_module_has_one_layer() -> None:
 def test_no_module_imports_a_higher_layer() -> None:
     level = {module: rank for rank, (_, modules) in enumerate(layers()) for module in modules}
     name = [layer for layer, _ in layers()]
-    upward = {
-        (importer, imported): f"{importer} ({name[level[importer]]}) imports {imported} ({name[level[imported]]})"
+    upward = sorted(
+        f"{importer} ({name[level[importer]]}) imports {imported} ({name[level[imported]]})"
         for importer, targets in import_graph().items()
         for imported in targets
         if level[imported] > level[importer]
-    }
-    unexpected = [why for edge, why in sorted(upward.items()) if edge not in KNOWN]
-    assert unexpected == [], "imports against the dependency order:\n" + "\n".join(unexpected)
+    )
+    assert upward == [], "imports against the dependency order:\n" + "\n".join(upward)
 
 
 def test_no_import_cycles() -> None:
     graph = import_graph()
-    for importer, imported in KNOWN:
-        graph[importer].discard(imported)
     cyclic = sorted((a, b) for a, targets in graph.items() for b in targets if a in reachable(graph, b))
     assert cyclic == [], f"imports on a cycle (importer, imported): {cyclic}"
-
-
-def test_known_exceptions_still_occur() -> None:
-    """A fixed exception leaves :data:`KNOWN`, so that it cannot come back unnoticed."""
-    graph = import_graph()
-    gone = [edge for edge in KNOWN if edge[1] not in graph[edge[0]]]
-    assert gone == [], f"no longer imported: remove {gone} from KNOWN"
