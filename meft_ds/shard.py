@@ -35,7 +35,7 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 
 from meft_ds.config import MeftConfig, MeftConfigError
-from meft_ds.memory import local_world_size
+from meft_ds.ops import local_world_size
 from meft_ds.routing import score_probed_keys
 from meft_ds.stats import TrafficStats
 from meft_ds.store import CpuRowStore
