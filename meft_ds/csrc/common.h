@@ -2,7 +2,9 @@
 // entries by id, and the functions adapter.cpp defines for meft_cpu.cpp's Python module.
 #pragma once
 
-#include <torch/extension.h>
+// torch/types.h, not torch/extension.h: the Python bindings (pybind11, the whole C++ API: ~3x the compile time)
+// are meft_cpu.cpp's alone
+#include <torch/types.h>
 #include <omp.h>
 
 #include <cstdint>

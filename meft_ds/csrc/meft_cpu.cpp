@@ -10,6 +10,8 @@
 //   gate_backward  the router's gradient through those slots' gates, ~T*n_probe*d work instead of T*E*d
 #include "common.h"
 
+#include <torch/extension.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
