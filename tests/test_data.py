@@ -8,9 +8,10 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from tiny_models import word_tokenizer
+from tiny_models import tiny_model, word_tokenizer
 from transformers import AutoTokenizer
 
+from meft_ds import models
 from meft_ds.data import (
     DATASETS,
     IGNORE_INDEX,
@@ -23,7 +24,6 @@ from meft_ds.data import (
     tokenize_for_training,
 )
 from meft_ds.facts import make_facts
-from meft_ds.models import builtin_model_file
 
 DATA = Path(__file__).parent / "data"
 
@@ -305,10 +305,37 @@ def test_collate_right_pads() -> None:
         collate(features, pad_token_id=None)
 
 
+def test_the_builtin_model_is_converted_once_into_the_cache_and_loaded_from_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conversion's bookkeeping, with a tiny model standing in for the GGUF file's (the real one is converted by
+    the first test that loads the built-in model, e.g. test_smollm2_chat_template_masks_its_prompt)."""
+    monkeypatch.setenv("MEFT_DS_CACHE", str(tmp_path))
+    real, ggufs_loaded = models._from_pretrained, []
+
+    def from_pretrained(source: str, gguf_file: str | None, dtype: torch.dtype, name: str) -> tuple:
+        if gguf_file is None:
+            return real(source, gguf_file, dtype, name)
+        ggufs_loaded.append(gguf_file)
+        return tiny_model(), word_tokenizer(chat=True)
+
+    monkeypatch.setattr(models, "_from_pretrained", from_pretrained)
+    model, tokenizer = models.load_model_and_tokenizer(None)
+    again, _ = models.load_model_and_tokenizer(models.BUILTIN_MODEL, dtype=torch.bfloat16)
+    assert ggufs_loaded == [models.builtin_model_file().name], "converted once, then loaded from the cache"
+    (folder,) = tmp_path.iterdir()  # published; no staging folder left behind
+    assert folder.name == f"{models.BUILTIN_MODEL}-{models.builtin_model_file().stat().st_size}"
+    assert (
+        models.is_builtin_model(model) and models.is_builtin_model(again) and not models.is_builtin_model(tiny_model())
+    )
+    assert again.dtype == torch.bfloat16 and tokenizer.pad_token == word_tokenizer(chat=True).eos_token
+    for name, weight in tiny_model().state_dict().items():
+        assert torch.equal(model.state_dict()[name], weight)
+
+
 @pytest.mark.slow
 def test_smollm2_chat_template_masks_its_prompt() -> None:
-    gguf = builtin_model_file()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(models.builtin_model_folder())  # what every entry point loads
     (example,) = load_examples("facts", limit=1)
     (feature,) = tokenize_for_training([example], tokenizer, max_length=256)
     learned = [token for token, label in zip(feature["input_ids"], feature["labels"], strict=True) if label != -100]
