@@ -158,27 +158,38 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
 
 
-def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
-    config = write_config(tmp_path)
-    common = ["--deepspeed", config, "--model", model_dirs["chat"], "--max_steps", "4", *EVAL, *TINY_RUN]
-    two = launch(*common, "--output_dir", tmp_path / "two", "--meft", 'store={"shard": false}', ranks=2)
-    launch(*common, "--output_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, Path]) -> dict:
+    """A 2-rank run with replicated stores (6 steps, the held-out evaluation shared out): what the 1-rank run with
+    double accumulation and the sharded run are compared with. Its arguments, output folder and launcher result."""
+    tmp_path = tmp_path_factory.mktemp("two_ranks")
+    config = write_config(tmp_path, total_steps=6)
+    common = ["--deepspeed", config, "--model", model_dirs["chat"], "--max_steps", "6", *EVAL, *TINY_RUN]
+    out = tmp_path / "replicated"
+    result = launch(*common, "--output_dir", out, "--meft", 'store={"shard": false}', ranks=2)
+    return {"common": common, "out": out, "result": result}
+
+
+def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path: Path, model_dirs: dict[str, Path],
+                                                           two_ranks: dict) -> None:  # fmt: skip
+    two_dir, two = two_ranks["out"], two_ranks["result"]
+    launch(*two_ranks["common"], "--output_dir", tmp_path / "one", "--gradient_accumulation_steps", "2")
     digests = {line.split("digest ")[1].split()[0] for line in two.stderr.splitlines() if "digest" in line}
     assert len(digests) == 1, f"both ranks must log the same store digest, got {digests}"
-    two_losses = [r["loss"] for r in metrics(tmp_path / "two")]
+    two_losses = [r["loss"] for r in metrics(two_dir)]
     one_losses = [r["loss"] for r in metrics(tmp_path / "one")]
     assert two_losses == pytest.approx(one_losses, rel=1e-4)
-    assert all(r["rows_fetched"] > 0 for r in metrics(tmp_path / "two"))
-    a = meft_ds.load_adapter(tiny_model(), tmp_path / "two")
+    assert all(r["rows_fetched"] > 0 for r in metrics(two_dir))
+    a = meft_ds.load_adapter(tiny_model(), two_dir)
     b = meft_ds.load_adapter(tiny_model(), tmp_path / "one")
     for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
         torch.testing.assert_close(x.store.rows, y.store.rows, rtol=0, atol=1e-5)
     # the 2 ranks shared the evaluation out (each generated its batches) and scored what one process scores
     for rank, answers in ((0, 3), (1, 2)):
         assert two.stderr.count(f"rank {rank} of 2: generated {answers} of 5 held-out answers\n") == 2  # before, after
-    assert results(tmp_path / "two")["before"] == results(tmp_path / "one")["before"]
-    assert results(tmp_path / "two")["before"] == one_process_evaluation(model_dirs["chat"])
-    assert results(tmp_path / "two")["after"] == one_process_evaluation(model_dirs["chat"], tmp_path / "two")
+    assert results(two_dir)["before"] == results(tmp_path / "one")["before"]
+    assert results(two_dir)["before"] == one_process_evaluation(model_dirs["chat"])
+    assert results(two_dir)["after"] == one_process_evaluation(model_dirs["chat"], two_dir)
 
 
 def store_bytes_per_rank(result: subprocess.CompletedProcess) -> list[int]:
@@ -186,26 +197,22 @@ def store_bytes_per_rank(result: subprocess.CompletedProcess) -> list[int]:
 
 
 def test_sharded_store_trains_like_the_replicated_one_with_half_the_memory(
-    tmp_path: Path, model_dirs: dict[str, Path]
+    tmp_path: Path, model_dirs: dict[str, Path], two_ranks: dict
 ) -> None:
-    config = write_config(tmp_path, total_steps=6)
-    common = ["--deepspeed", config, "--model", model_dirs["chat"], *EVAL, *TINY_RUN]
-    replicated = launch(*common, "--output_dir", tmp_path / "replicated", "--max_steps", "6", "--meft",
-                        'store={"shard": false}', ranks=2)  # fmt: skip
-    sharded = launch(*common, "--output_dir", tmp_path / "sharded", "--max_steps", "6", "--meft",
-                     'store={"shard": true}', ranks=2)  # fmt: skip
+    common, replicated_dir = two_ranks["common"], two_ranks["out"]
+    sharded = launch(*common, "--output_dir", tmp_path / "sharded", "--meft", 'store={"shard": true}', ranks=2)
     assert [r["loss"] for r in metrics(tmp_path / "sharded")] == pytest.approx(
-        [r["loss"] for r in metrics(tmp_path / "replicated")], rel=1e-5
+        [r["loss"] for r in metrics(replicated_dir)], rel=1e-5
     )
-    full, halves = store_bytes_per_rank(replicated), store_bytes_per_rank(sharded)
+    full, halves = store_bytes_per_rank(two_ranks["result"]), store_bytes_per_rank(sharded)
     assert len(full) == len(halves) == 2 and halves[0] + halves[1] == full[0] and halves[0] == halves[1]
-    a = meft_ds.load_adapter(tiny_model(), tmp_path / "replicated")
+    a = meft_ds.load_adapter(tiny_model(), replicated_dir)
     b = meft_ds.load_adapter(tiny_model(), tmp_path / "sharded")
     for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
         torch.testing.assert_close(x.store.rows, y.store.rows, rtol=0, atol=1e-5)
     # the evaluation over 2 ranks in lockstep (a sharded store's forwards run collectives): one process's scores
     assert sharded.stderr.count("rank 1 of 2: generated 2 of 5 held-out answers (in lockstep; filler batches: 1)") == 2
-    assert results(tmp_path / "sharded")["before"] == results(tmp_path / "replicated")["before"]
+    assert results(tmp_path / "sharded")["before"] == results(replicated_dir)["before"]
     assert results(tmp_path / "sharded")["before"] == one_process_evaluation(model_dirs["chat"])
     assert results(tmp_path / "sharded")["after"] == one_process_evaluation(model_dirs["chat"], tmp_path / "sharded")
     assert results(tmp_path / "sharded")["after"]["n"] == 5
@@ -214,7 +221,7 @@ def test_sharded_store_trains_like_the_replicated_one_with_half_the_memory(
     shards = sorted(p.name for p in (tmp_path / "sharded" / "checkpoints" / "global_step6" / "meft").glob("*.safe*"))
     assert shards == [f"layer_{i}.shard_{r}_of_2.safetensors" for i in range(2) for r in range(2)]
     cut = ["--output_dir", tmp_path / "cut", "--meft", 'store={"shard": true}']
-    launch(*common, *cut, "--max_steps", "3", "--no_eval", ranks=2)
+    launch(*common, *cut, "--max_steps", "3", "--no_eval", ranks=2)  # the later --max_steps wins
     launch(*common, *cut, "--max_steps", "6", "--no_eval", "--resume", ranks=2)
     assert [r["loss"] for r in metrics(tmp_path / "cut")] == [r["loss"] for r in metrics(tmp_path / "sharded")]
     c = meft_ds.load_adapter(tiny_model(), tmp_path / "cut")
@@ -222,26 +229,12 @@ def test_sharded_store_trains_like_the_replicated_one_with_half_the_memory(
         assert torch.equal(x.store.rows, y.store.rows)
 
 
-def test_resume_continues_the_same_run(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
-    config = write_config(tmp_path, total_steps=6)  # one schedule for the whole run, however it is cut
-    common = ["--deepspeed", config, "--model", model_dirs["chat"], "--no_eval", *TINY_RUN]
-    launch(*common, "--output_dir", tmp_path / "straight", "--max_steps", "6")
-    launch(*common, "--output_dir", tmp_path / "cut", "--max_steps", "3")
-    launch(*common, "--output_dir", tmp_path / "cut", "--max_steps", "6", "--resume")
-    straight, cut = metrics(tmp_path / "straight"), metrics(tmp_path / "cut")
-    assert [r["step"] for r in cut] == list(range(1, 7))
-    assert [r["loss"] for r in cut] == [r["loss"] for r in straight]
-    a = meft_ds.load_adapter(tiny_model(), tmp_path / "straight")
-    b = meft_ds.load_adapter(tiny_model(), tmp_path / "cut")
-    for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
-        assert torch.equal(x.store.rows, y.store.rows)
-        assert torch.equal(x.router.weight, y.router.weight)
-
-
-def test_a_run_killed_mid_training_resumes_to_the_same_losses_and_store(
+def test_a_run_killed_mid_training_resumes_to_the_same_losses_store_and_routers(
     tmp_path: Path, model_dirs: dict[str, Path]
 ) -> None:
-    config = write_config(tmp_path, total_steps=12)
+    """Killed between two checkpoints and resumed to step 10, then the finished run continued to step 12: every
+    loss, row and router weight of the run that went straight to 12."""
+    config = write_config(tmp_path, total_steps=12)  # one schedule for the whole run, however it is cut
     common = ["--deepspeed", config, "--model", model_dirs["chat"], "--no_eval", "--save_steps", "4", *TINY_RUN]
     launch(*common, "--output_dir", tmp_path / "straight", "--max_steps", "12")
 
@@ -260,13 +253,16 @@ def test_a_run_killed_mid_training_resumes_to_the_same_losses_and_store(
     assert 6 <= written[-1]["step"] < 12, "the kill must land between the step-4 checkpoint and the end"
     assert (cut / "checkpoints" / "latest").read_text() in ("global_step4", "global_step8")
 
+    launch(*common, "--output_dir", cut, "--max_steps", "10", "--resume")
+    assert (cut / "checkpoints" / "latest").read_text() == "global_step10", "a run saves its last step"
     launch(*common, "--output_dir", cut, "--max_steps", "12", "--resume")
-    assert [r["step"] for r in metrics(cut)] == list(range(1, 13)), "each step logged once after the resume"
+    assert [r["step"] for r in metrics(cut)] == list(range(1, 13)), "each step logged once after the resumes"
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(tmp_path / "straight")]
     a = meft_ds.load_adapter(tiny_model(), tmp_path / "straight")
     b = meft_ds.load_adapter(tiny_model(), cut)
     for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
         assert torch.equal(x.store.rows, y.store.rows)
+        assert torch.equal(x.router.weight, y.router.weight)
 
 
 def test_a_second_run_into_the_same_output_dir_needs_resume(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
