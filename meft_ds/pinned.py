@@ -31,12 +31,13 @@ class PinnedBuffers:
         self._turn: dict[str, int] = {}
 
     def take(self, purpose: str, *parts: tuple[tuple[int, ...], torch.dtype]) -> tuple[tuple[str, int], list]:
-        """The next slot of ``purpose``'s ring, released (see the module docstring), and a view of each requested
-        ``(shape, dtype)`` part in it; give the slot back to :meth:`hold` with what releases it."""
+        """The next ring slot of ``purpose`` (its ring's next position, released: see the module docstring), and a
+        view of each requested ``(shape, dtype)`` part in it; give the ring slot back to :meth:`hold` with what
+        releases it."""
         turn = self._turn.get(purpose, 0)
         self._turn[purpose] = turn + 1
-        slot = (purpose, turn % RINGS[purpose])
-        release = self._release.pop(slot, None)
+        ring_slot = (purpose, turn % RINGS[purpose])
+        release = self._release.pop(ring_slot, None)
         if release is not None:
             release()
         views = []
@@ -44,18 +45,18 @@ class PinnedBuffers:
             numel = 1
             for size in shape:
                 numel *= size
-            key = (*slot, index)
+            key = (*ring_slot, index)
             buffer = self._buffers.get(key)
             if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
                 capacity = 1 << max(numel - 1, 0).bit_length()
                 buffer = self._accelerator.pin_memory(torch.empty(capacity, dtype=dtype))
                 self._buffers[key] = buffer
             views.append(buffer[:numel].view(shape))
-        return slot, views
+        return ring_slot, views
 
-    def hold(self, slot: tuple[str, int], release: Callable[[], None]) -> None:
-        """``slot`` is in use until ``release()`` has run: it runs before the slot is handed out again."""
-        self._release[slot] = release
+    def hold(self, ring_slot: tuple[str, int], release: Callable[[], None]) -> None:
+        """``ring_slot`` is in use until ``release()`` has run: it runs before it is handed out again."""
+        self._release[ring_slot] = release
 
     @property
     def nbytes(self) -> int:

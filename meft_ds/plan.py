@@ -178,8 +178,8 @@ def cache_rows(s: Setup, adapters: int, dim: int) -> int:
 
 
 def staging_buffers(s: Setup, dim: int, union: int, cached: int) -> dict[str, int]:
-    """Bytes of one slot of each ring of pinned staging buffers, by the purposes ``RowTransfer`` takes them for (the
-    rings are shared by all adapters of a model: :data:`meft_ds.pinned.RINGS` slots each)."""
+    """Bytes of one ring slot of each ring of pinned staging buffers, by the purposes ``RowTransfer`` takes them for
+    (the rings are shared by all adapters of a model: :data:`meft_ds.pinned.RINGS` ring slots each)."""
     m, t, rb = s.meft, s.tokens, s.rows.itemsize
     sizes = {
         "rows": pinned_capacity(union * 2 * dim) * rb,

@@ -19,8 +19,8 @@ using meft::group_entries;
 
 // ---------------------------------------------------------------------------------------------------------------
 // The packed row-gradient accumulator of meft_ds/accumulator.py: acc (capacity, 2, d) fp32 holds the gradient of row
-// acc_ids[s] in slot s < count; slot_of (num_ids,) int64 maps a row id to its slot, -1 for none. A row's first
-// gradient is copied into the next free slot (no zero-fill), later ones are added in place; the finiteness of every
+// acc_ids[e] in entry e < count; entry_of (num_ids,) int64 maps a row id to its entry, -1 for none. A row's first
+// gradient is copied into the next free entry (no zero-fill), later ones are added in place; the finiteness of every
 // value written is checked on the way, while it is in a register (so the optimizer needs no read pass to check it).
 
 namespace {
@@ -28,30 +28,30 @@ namespace {
 struct Accumulator {
     float* rows;
     int64_t* ids;
-    int64_t* slot_of;
+    int64_t* entry_of;
     int64_t count, capacity, num_ids, width;
 };
 
-Accumulator accumulator_of(torch::Tensor& acc, torch::Tensor& acc_ids, torch::Tensor& slot_of, int64_t count) {
+Accumulator accumulator_of(torch::Tensor& acc, torch::Tensor& acc_ids, torch::Tensor& entry_of, int64_t count) {
     check_rows(acc, "acc");
     TORCH_CHECK(acc_ids.scalar_type() == torch::kInt64 && acc_ids.is_contiguous() && acc_ids.numel() == acc.size(0),
                 "acc_ids must be (capacity,) int64");
-    TORCH_CHECK(slot_of.scalar_type() == torch::kInt64 && slot_of.is_contiguous(), "slot_of must be int64");
+    TORCH_CHECK(entry_of.scalar_type() == torch::kInt64 && entry_of.is_contiguous(), "entry_of must be int64");
     TORCH_CHECK(count >= 0 && count <= acc.size(0), "count out of range");
-    return {acc.data_ptr<float>(), acc_ids.data_ptr<int64_t>(), slot_of.data_ptr<int64_t>(), count, acc.size(0),
-            slot_of.numel(), acc.numel() / std::max<int64_t>(1, acc.size(0))};
+    return {acc.data_ptr<float>(), acc_ids.data_ptr<int64_t>(), entry_of.data_ptr<int64_t>(), count, acc.size(0),
+            entry_of.numel(), acc.numel() / std::max<int64_t>(1, acc.size(0))};
 }
 
-// The slot of row id (taking the next free one if it has none).
-int64_t slot_for(Accumulator& a, int64_t id) {
+// The entry of row id (taking the next free one if it has none).
+int64_t entry_for(Accumulator& a, int64_t id) {
     TORCH_CHECK(id >= 0 && id < a.num_ids, "row id ", id, " out of range [0, ", a.num_ids, ")");
-    int64_t& slot = a.slot_of[id];
-    if (slot < 0) {
+    int64_t& entry = a.entry_of[id];
+    if (entry < 0) {
         TORCH_CHECK(a.count < a.capacity, "the gradient accumulator is full (", a.capacity, " rows)");
-        slot = a.count;
+        entry = a.count;
         a.ids[a.count++] = id;
     }
-    return slot;
+    return entry;
 }
 
 // Row g (width values) into accumulator row dst: copied when fresh, else added. Whether every value written is
@@ -78,28 +78,28 @@ bool commit_row(const in_t* g, float* dst, int64_t width, bool fresh) {
 }
 
 template <typename in_t>
-int64_t commit_rows(const in_t* g, const int64_t* slot, int64_t n, const Accumulator& a, int64_t first_new,
+int64_t commit_rows(const in_t* g, const int64_t* entry, int64_t n, const Accumulator& a, int64_t first_new,
                     int64_t threads) {
     int64_t nonfinite = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : nonfinite)
     for (int64_t i = 0; i < n; ++i) {
-        if (slot[i] < 0) continue;
-        if (!commit_row(g + i * a.width, a.rows + slot[i] * a.width, a.width, slot[i] >= first_new)) ++nonfinite;
+        if (entry[i] < 0) continue;
+        if (!commit_row(g + i * a.width, a.rows + entry[i] * a.width, a.width, entry[i] >= first_new)) ++nonfinite;
     }
     return nonfinite;
 }
 
-// Give back the slots in ``released`` (taken in this call, rows that turned out to have no gradient): the last
-// slots move into the holes, so the used slots stay packed.
-void release_slots(Accumulator& a, std::vector<int64_t> released) {
+// Give back the entries in ``released`` (taken in this call, rows that turned out to have no gradient): the last
+// entries move into the holes, so the used entries stay packed.
+void release_entries(Accumulator& a, std::vector<int64_t> released) {
     std::sort(released.begin(), released.end(), std::greater<int64_t>());
-    for (const int64_t hole : released) {  // descending: every slot above the hole is in use
-        a.slot_of[a.ids[hole]] = -1;
+    for (const int64_t hole : released) {  // descending: every entry above the hole is in use
+        a.entry_of[a.ids[hole]] = -1;
         const int64_t last = --a.count;
         if (hole != last) {
             std::copy(a.rows + last * a.width, a.rows + (last + 1) * a.width, a.rows + hole * a.width);
             a.ids[hole] = a.ids[last];
-            a.slot_of[a.ids[hole]] = hole;
+            a.entry_of[a.ids[hole]] = hole;
         }
     }
 }
@@ -108,10 +108,10 @@ void release_slots(Accumulator& a, std::vector<int64_t> released) {
 
 // Add grads (n, 2, d) of fp32/bf16/fp16 to rows ids (n,) (unique) of the accumulator, skipping rows whose has_grad
 // (n,) bool is false (has_grad empty: all rows). Slots are taken in the order of ids. Returns (count, finite).
-std::tuple<int64_t, bool> accumulate_rows_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor slot_of,
+std::tuple<int64_t, bool> accumulate_rows_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor entry_of,
                                            int64_t count, torch::Tensor ids, torch::Tensor grads,
                                            torch::Tensor has_grad, int64_t threads) {
-    Accumulator a = accumulator_of(acc, acc_ids, slot_of, count);
+    Accumulator a = accumulator_of(acc, acc_ids, entry_of, count);
     TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.is_contiguous() && ids.dim() == 1, "ids must be int64 1-D");
     const int64_t n = ids.size(0);
     TORCH_CHECK(grads.is_contiguous() && grads.numel() == n * a.width, "grads must be (n, 2, d) and contiguous");
@@ -120,20 +120,20 @@ std::tuple<int64_t, bool> accumulate_rows_(torch::Tensor acc, torch::Tensor acc_
     const int64_t* id = ids.data_ptr<int64_t>();
     const bool* has = has_grad.numel() ? has_grad.data_ptr<bool>() : nullptr;
     const int64_t first_new = a.count;
-    std::vector<int64_t> slot(n, -1);
+    std::vector<int64_t> entry(n, -1);
     for (int64_t i = 0; i < n; ++i) {
-        if (!has || has[i]) slot[i] = slot_for(a, id[i]);
+        if (!has || has[i]) entry[i] = entry_for(a, id[i]);
     }
     int64_t nonfinite = 0;
     AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, grads.scalar_type(), "accumulate_rows_", [&] {
-        nonfinite = commit_rows(grads.data_ptr<scalar_t>(), slot.data(), n, a, first_new, threads);
+        nonfinite = commit_rows(grads.data_ptr<scalar_t>(), entry.data(), n, a, first_new, threads);
     });
     return {a.count, nonfinite == 0};
 }
 
-// Reorder the first count slots by row id, in place (each cycle of the permutation with one row held aside).
-void sort_accumulated_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor slot_of, int64_t count) {
-    Accumulator a = accumulator_of(acc, acc_ids, slot_of, count);
+// Reorder the first count entries by row id, in place (each cycle of the permutation with one row held aside).
+void sort_accumulated_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor entry_of, int64_t count) {
+    Accumulator a = accumulator_of(acc, acc_ids, entry_of, count);
     std::vector<int64_t> order(count);
     for (int64_t i = 0; i < count; ++i) order[i] = i;
     std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return a.ids[x] < a.ids[y]; });
@@ -144,7 +144,7 @@ void sort_accumulated_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor s
         if (placed[start]) continue;
         std::copy(row(start), row(start) + a.width, held.begin());
         const int64_t held_id = a.ids[start];
-        for (int64_t j = start;;) {  // slot j takes the row in slot order[j]
+        for (int64_t j = start;;) {  // entry j takes the row in entry order[j]
             const int64_t k = order[j];
             placed[j] = 1;
             if (k == start) {
@@ -157,34 +157,35 @@ void sort_accumulated_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor s
             j = k;
         }
     }
-    for (int64_t s = 0; s < count; ++s) a.slot_of[a.ids[s]] = s;
+    for (int64_t s = 0; s < count; ++s) a.entry_of[a.ids[s]] = s;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // The sparse adapter on the CPU. x: (T, d) fp32; rows: (n, 2, d) fp32 (key, value of each fetched row);
-// slots: (T, K) int64 positions in rows; gate: (T, K) fp32 router logit of each slot's expert, or an empty tensor
+// union_pos: (T, K) int64 positions in rows of each token's K picks; gate: (T, K) fp32 router logit of each pick's
+// expert, or an empty tensor
 // (ungated). Per token: pre_k = gate_k * (x . key_k), out = sum_k ReLU(pre_k) * value_k.
 
 
-// returns (out (T, d), scores (T, K) = x . key per slot, kept for backward)
-std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor rows, torch::Tensor slots,
+// returns (out (T, d), scores (T, K) = x . key per pick, kept for backward)
+std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor rows, torch::Tensor union_pos,
                                                   torch::Tensor gate, int64_t threads) {
-    check_adapter_inputs(x, rows, slots, gate);
-    const int64_t tokens = x.size(0), dim = x.size(1), top_k = slots.size(1), n = rows.size(0);
+    check_adapter_inputs(x, rows, union_pos, gate);
+    const int64_t tokens = x.size(0), dim = x.size(1), top_k = union_pos.size(1), n = rows.size(0);
     auto out = torch::zeros_like(x);
     auto scores = torch::empty({tokens, top_k}, x.options());
     const float* xs = x.data_ptr<float>();
     const float* r = rows.data_ptr<float>();
-    const int64_t* slot = slots.data_ptr<int64_t>();
+    const int64_t* pos = union_pos.data_ptr<int64_t>();
     const float* g = gate.numel() ? gate.data_ptr<float>() : nullptr;
     float* o = out.data_ptr<float>();
     float* sc = scores.data_ptr<float>();
-    for (int64_t e = 0; e < tokens * top_k; ++e) TORCH_CHECK(slot[e] >= 0 && slot[e] < n, "slot out of range");
+    for (int64_t e = 0; e < tokens * top_k; ++e) TORCH_CHECK(pos[e] >= 0 && pos[e] < n, "union_pos out of range");
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tokens; ++t) {
         for (int64_t k = 0; k < top_k; ++k) {
             const int64_t e = t * top_k + k;
-            const float* key = r + slot[e] * 2 * dim;
+            const float* key = r + pos[e] * 2 * dim;
             const float score = dot(xs + t * dim, key, dim);
             sc[e] = score;
             const float pre = g ? g[e] * score : score;
@@ -197,16 +198,16 @@ std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor
 // Returns (grad_x (T, d), grad_gate (T, K) or empty, count, finite). The gradient of fetched row u (id row_ids[u])
 // goes straight into the accumulator (see accumulate_rows_), written once: each row's gradient is summed in a
 // thread's scratch row (in cache), rounded to the precision rows travel in (round_to: 0 fp32, 1 bf16, 2 fp16, as the
-// copy to the host would), then copied or added into its slot. Rows whose gradient is all zero (selected, but
-// inactive for every token that chose them) take no slot.
+// copy to the host would), then copied or added into its entry. Rows whose gradient is all zero (selected, but
+// inactive for every token that chose them) take no entry.
 std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
-    torch::Tensor grad_out, torch::Tensor x, torch::Tensor rows, torch::Tensor slots, torch::Tensor gate,
-    torch::Tensor scores, torch::Tensor row_ids, torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor slot_of,
+    torch::Tensor grad_out, torch::Tensor x, torch::Tensor rows, torch::Tensor union_pos, torch::Tensor gate,
+    torch::Tensor scores, torch::Tensor row_ids, torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor entry_of,
     int64_t count, int64_t round_to, int64_t threads) {
-    check_adapter_inputs(x, rows, slots, gate);
+    check_adapter_inputs(x, rows, union_pos, gate);
     check_rows(grad_out, "grad_out");
-    Accumulator a = accumulator_of(acc, acc_ids, slot_of, count);
-    const int64_t tokens = x.size(0), dim = x.size(1), top_k = slots.size(1), n = rows.size(0);
+    Accumulator a = accumulator_of(acc, acc_ids, entry_of, count);
+    const int64_t tokens = x.size(0), dim = x.size(1), top_k = union_pos.size(1), n = rows.size(0);
     TORCH_CHECK(row_ids.scalar_type() == torch::kInt64 && row_ids.is_contiguous() && row_ids.numel() == n,
                 "row_ids must be (n,) int64");
     TORCH_CHECK(a.width == 2 * dim, "the accumulator's rows must be (2, d)");
@@ -218,14 +219,14 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
     const float* xs = x.data_ptr<float>();
     const float* dout = grad_out.data_ptr<float>();
     const float* r = rows.data_ptr<float>();
-    const int64_t* slot = slots.data_ptr<int64_t>();
+    const int64_t* pos = union_pos.data_ptr<int64_t>();
     const float* g = gate.numel() ? gate.data_ptr<float>() : nullptr;
     const float* sc = scores.data_ptr<float>();
     const int64_t* row_id = row_ids.data_ptr<int64_t>();
     float* dx = grad_x.data_ptr<float>();
     float* dg = gate.numel() ? grad_gate.data_ptr<float>() : nullptr;
 
-    // token-parallel: d pre = (d out . value) on active slots; gate and x gradients
+    // token-parallel: d pre = (d out . value) on active picks; gate and x gradients
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tokens; ++t) {
         bool nonzero = false;
@@ -233,7 +234,7 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
         live[t] = nonzero;
         for (int64_t k = 0; k < top_k; ++k) {
             const int64_t e = t * top_k + k;
-            const float* key = r + slot[e] * 2 * dim;
+            const float* key = r + pos[e] * 2 * dim;
             const float pre = g ? g[e] * sc[e] : sc[e];
             const float grad_pre = pre > 0.0f && nonzero ? dot(dout + t * dim, key + dim, dim) : 0.0f;
             act[e] = pre > 0.0f ? pre : 0.0f;
@@ -242,8 +243,8 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
             if (grad_score[e] != 0.0f) axpy(grad_score[e], key, dx + t * dim, dim);
         }
     }
-    // slots for the rows that get a gradient, taken in the order of U (serially: the layout is deterministic)
-    const EntryGroups by_row = group_entries(slot, entries, n);
+    // entries for the rows that get a gradient, taken in the order of U (serially: the layout is deterministic)
+    const EntryGroups by_row = group_entries(pos, entries, n);
     const int64_t first_new = a.count;
     std::vector<int64_t> target(n, -1);
     for (int64_t u = 0; u < n; ++u) {
@@ -252,7 +253,7 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
             const int64_t e = by_row.order[q];
             contributes = (act[e] > 0.0f && live[e / top_k]) || grad_score[e] != 0.0f;
         }
-        if (contributes) target[u] = slot_for(a, row_id[u]);
+        if (contributes) target[u] = entry_for(a, row_id[u]);
     }
     // row-parallel over the entries of each row: d value_u, d key_u without races
     std::vector<char> came_out_zero(n, 0);
@@ -278,7 +279,7 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
             }
             bool nonzero = false;
             for (int64_t j = 0; j < 2 * dim && !nonzero; ++j) nonzero = scratch[j] != 0.0f;
-            if (!nonzero) {  // cancelled or underflowed to zero: not touched (a slot taken for it is given back)
+            if (!nonzero) {  // cancelled or underflowed to zero: not touched (an entry taken for it is given back)
                 came_out_zero[u] = target[u] >= first_new;
                 continue;
             }
@@ -289,6 +290,6 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
     for (int64_t u = 0; u < n; ++u) {
         if (came_out_zero[u]) released.push_back(target[u]);
     }
-    release_slots(a, released);
+    release_entries(a, released);
     return {grad_x, grad_gate, a.count, nonfinite == 0};
 }

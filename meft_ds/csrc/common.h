@@ -31,16 +31,16 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {
     for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
 }
 
-inline void check_adapter_inputs(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& slots,
+inline void check_adapter_inputs(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& union_pos,
                           const torch::Tensor& gate) {
     check_rows(x, "x");
     check_rows(rows, "rows");
     TORCH_CHECK(rows.dim() == 3 && rows.size(1) == 2 && rows.size(2) == x.size(1), "rows must be (n, 2, d)");
-    TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.dim() == 2 &&
-                    slots.size(0) == x.size(0), "slots must be (T, K) int64");
+    TORCH_CHECK(union_pos.scalar_type() == torch::kInt64 && union_pos.is_contiguous() && union_pos.dim() == 2 &&
+                    union_pos.size(0) == x.size(0), "union_pos must be (T, K) int64");
     if (gate.numel()) {
         check_rows(gate, "gate");
-        TORCH_CHECK(gate.sizes() == slots.sizes(), "gate must be (T, K) like slots");
+        TORCH_CHECK(gate.sizes() == union_pos.sizes(), "gate must be (T, K) like union_pos");
     }
 }
 
@@ -63,13 +63,13 @@ inline EntryGroups group_entries(const int64_t* id, int64_t entries, int64_t n) 
 }  // namespace meft
 
 // adapter.cpp
-std::tuple<int64_t, bool> accumulate_rows_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor slot_of,
+std::tuple<int64_t, bool> accumulate_rows_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor entry_of,
                                            int64_t count, torch::Tensor ids, torch::Tensor grads,
                                            torch::Tensor has_grad, int64_t threads);
-void sort_accumulated_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor slot_of, int64_t count);
-std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor rows, torch::Tensor slots,
+void sort_accumulated_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor entry_of, int64_t count);
+std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor rows, torch::Tensor union_pos,
                                                   torch::Tensor gate, int64_t threads);
 std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
-    torch::Tensor grad_out, torch::Tensor x, torch::Tensor rows, torch::Tensor slots, torch::Tensor gate,
-    torch::Tensor scores, torch::Tensor row_ids, torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor slot_of,
+    torch::Tensor grad_out, torch::Tensor x, torch::Tensor rows, torch::Tensor union_pos, torch::Tensor gate,
+    torch::Tensor scores, torch::Tensor row_ids, torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor entry_of,
     int64_t count, int64_t round_to, int64_t threads);

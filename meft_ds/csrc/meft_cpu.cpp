@@ -7,7 +7,7 @@
 //   all_finite     whether a gradient tensor holds no NaN or inf (the optimizer's skip test), one read pass
 //   gather_rows    rows of the fp32 store into a staging buffer, cast to the dtype rows travel in
 //   score_probed   h_t . k_j for the keys of each token's probed experts, expert-major for cache reuse
-//   gate_backward  the router's gradient through those slots' gates, ~T*n_probe*d work instead of T*E*d
+//   gate_backward  the router's gradient through the picks' gates, ~T*n_probe*d work instead of T*E*d
 #include "common.h"
 
 #include <torch/extension.h>
@@ -184,7 +184,7 @@ torch::Tensor score_probed(torch::Tensor hidden, torch::Tensor probe_ids, torch:
     const int64_t num_experts = keys.size(0) / expert_size;  // the experts these keys hold
     const int64_t* probe = probe_ids.data_ptr<int64_t>();
 
-    // pairs (token, probe slot) of the experts held here, bucketed by expert: counting sort
+    // pairs (token, probe) of the experts held here, bucketed by expert: counting sort
     std::vector<int64_t> start(num_experts + 1, 0);
     auto held = [&](int64_t k) { return probe[k] >= first_expert && probe[k] < first_expert + num_experts; };
     for (int64_t k = 0; k < tokens * probes; ++k) {
@@ -206,9 +206,9 @@ torch::Tensor score_probed(torch::Tensor hidden, torch::Tensor probe_ids, torch:
     for (int64_t e = 0; e < num_experts; ++e) {
         for (int64_t q = start[e]; q < start[e + 1]; ++q) {
             const int64_t pair = pairs[q];
-            const int64_t token = pair / probes, slot = pair % probes;
+            const int64_t token = pair / probes, nth = pair % probes;
             const float* x = h + token * dim;
-            float* target = out + token * probes * expert_size + slot * expert_size;
+            float* target = out + token * probes * expert_size + nth * expert_size;
             for (int64_t j = 0; j < expert_size; ++j) {
                 const float* key = key_base + (e * expert_size + j) * key_stride;
                 float dot = 0.0f;
@@ -221,8 +221,8 @@ torch::Tensor score_probed(torch::Tensor hidden, torch::Tensor probe_ids, torch:
     return scores;
 }
 
-// The router's gradient through the gate of each slot, gate[t][k] = x_t . W[experts[t][k]] (the router logit of the
-// slot's expert). A token's K slots fall in its n_probe probed experts, so their gate gradients are first summed per
+// The router's gradient through the gate of each pick, gate[t][k] = x_t . W[experts[t][k]] (the router logit of the
+// pick's expert). A token's K picks fall in its n_probe probed experts, so their gate gradients are first summed per
 // (token, expert) pair; then only those pairs contribute: about T*n_probe*d work for each of grad_x and grad_weight,
 // instead of autograd's two dense (T, E, d) products over a (T, E) gradient that is zero almost everywhere.
 // grad_gate: (T, K) fp32; x: (T, d); weight: (E, d); experts: (T, K) int64. Returns (grad_x (T, d), grad_weight (E, d)).
@@ -282,10 +282,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("row_steps") = py::none());
     m.def("all_finite", &all_finite, "whether a float32 tensor holds no NaN or inf");
     m.def("accumulate_rows_", &accumulate_rows_, "row gradients into the packed accumulator; (count, finite)");
-    m.def("sort_accumulated_", &sort_accumulated_, "the accumulator's used slots in row id order, in place");
+    m.def("sort_accumulated_", &sort_accumulated_, "the accumulator's used entries in row id order, in place");
     m.def("gather_rows", &gather_rows, "gather fp32 rows into a buffer of the travel dtype");
     m.def("score_probed", &score_probed, "scores of the probed experts' keys, grouped by expert");
     m.def("sparse_adapter_forward", &sparse_adapter_forward, "adapter output over each token's own K rows");
     m.def("sparse_adapter_backward", &sparse_adapter_backward, "gradients of x and gate; the fetched rows' into the accumulator");
-    m.def("gate_backward", &gate_backward, "the router's gradient through the slots' gates, pairs in use only");
+    m.def("gate_backward", &gate_backward, "the router's gradient through the picks' gates, pairs in use only");
 }
