@@ -13,8 +13,7 @@ as r grows; e. CPU routing cost vs the number of experts; f. scale out: bytes be
 tokens/s with routing on the host (the training path) vs on the device (meft_ds.for_inference); quality. held-out EM
 and knowledge retained vs device bytes, MEFT vs LoRA vs the parallel adapter. Each module under launch/bench/ says
 how it measures.
-``--meft KEY=VALUE`` overrides go to every MEFT variant (through ``meft_ds.MeftConfig.from_dict``); a variant whose
-own key this meft_ds does not know (e.g. ``cache_mb``) is skipped with a note.
+``--meft KEY=VALUE`` overrides go to every MEFT variant (through ``meft_ds.MeftConfig.from_dict``).
 """
 
 from __future__ import annotations

@@ -16,8 +16,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 
-from bench import adam, inference, memory, report, routing_cost, scaleout, steptime, timeline, traffic
-from bench.common import Context, Section, Settings, fits_in_memory, fmt_bytes, meft_settings, packed_batches
+from bench import adam, formulas, inference, memory, report, routing_cost, scaleout, steptime, timeline, traffic
+from bench.common import (
+    Context,
+    Section,
+    Settings,
+    build_meft,
+    fits_in_memory,
+    fmt_bytes,
+    packed_batches,
+    step_function,
+)
+from bench.scaleout_nvme import RAW_MIN
+from bench.scaleout_plan import adapter_layers
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
@@ -44,6 +55,7 @@ TINY = dataclasses.replace(
     routing_probe=2,
     routing_experts=(2, 3, 4, 16, 64, 128, 256),
     routing_repeats=1,
+    scaleout_launch_per_variant=False,
 )
 
 
@@ -64,17 +76,17 @@ def test_dense_offload_bytes_match_a_hand_count() -> None:
     # N = 1000 bf16 elements, G = 4 micro-steps (DeepSpeed 0.19.8 ZeRO-2 CPU offload as coded):
     # micro-step 0: grads out (2000); micro-steps 1-3: accumulated grads in (2000) and out (2000) each;
     # boundary: fp32 grads out (4000); step: bf16 params in (2000).
-    coded = traffic.zero_offload_bytes(1000, 4)
+    coded = formulas.zero_offload_bytes(1000, 4)
     assert coded.to_host == 2000 + 3 * 2000 + 4000
     assert coded.to_device == 3 * 2000 + 2000
     assert coded.total == 20000
-    single = traffic.zero_offload_bytes(1000, 1)  # no accumulation: the fp32 copy out, the params in
+    single = formulas.zero_offload_bytes(1000, 1)  # no accumulation: the fp32 copy out, the params in
     assert (single.to_device, single.to_host) == (2000, 4000)
-    minimal = traffic.minimal_offload_bytes(1000, 4)
+    minimal = formulas.minimal_offload_bytes(1000, 4)
     assert (minimal.to_device, minimal.to_host) == (2000, 4 * 2000)
-    assert traffic.dense_adapter_params(30, 4096, 576) == 30 * 2 * 4096 * 576
+    assert formulas.dense_adapter_params(30, 4096, 576) == 30 * 2 * 4096 * 576
     with pytest.raises(ValueError):
-        traffic.zero_offload_bytes(1000, 0)
+        formulas.zero_offload_bytes(1000, 0)
 
 
 def test_packed_batches_are_full_blocks_of_real_text() -> None:
@@ -92,7 +104,7 @@ def test_packed_batches_are_full_blocks_of_real_text() -> None:
 
 def _tiny_meft(cache_mb: float) -> tuple[torch.nn.Module, list]:
     config = meft_ds.MeftConfig(num_neurons=64, top_k=4, row_dtype="bf16", cache_mb=cache_mb)
-    return traffic.build_meft(tiny_model(), config, lr=1e-3)
+    return build_meft(tiny_model(), config, lr=1e-3)
 
 
 def test_measured_meft_bytes_are_the_stats_counters() -> None:
@@ -139,7 +151,7 @@ def test_traffic_experiment_reports_what_it_measured(context: Context) -> None:
     for state in ("init", "trained"):
         plain = traffic.Window(**result["windows"][state]["plain"])
         entry = by_g[(state, TINY.accum_steps)]
-        router = traffic.zero_offload_bytes(result["router_params"], TINY.accum_steps)
+        router = formulas.zero_offload_bytes(result["router_params"], TINY.accum_steps)
         assert entry["plain"]["meft_to_device"] == pytest.approx(
             TINY.accum_steps * plain.micro_mean("bytes_to_device") + plain.step["bytes_to_device"]
         )
@@ -151,7 +163,7 @@ def test_traffic_experiment_reports_what_it_measured(context: Context) -> None:
     # the table's ratio column is dense (as coded) / variant, from the same numbers
     row = next(r for r in section.rows if r[1] == "init" and r[2].startswith("MEFT, no cache"))
     entry = by_g[("init", TINY.accum_steps)]
-    ratio = traffic.OffloadBytes(**entry["dense_coded"]).total / (
+    ratio = formulas.OffloadBytes(**entry["dense_coded"]).total / (
         entry["plain"]["to_device"] + entry["plain"]["to_host"]
     )
     assert row[7] == f"{ratio:.2f}x" or row[7] == f"{ratio:.1f}x"
@@ -165,11 +177,12 @@ def test_what_does_not_fit_in_memory_is_skipped_with_a_note() -> None:
     assert len(notes) == 1 and notes[0].startswith("huge skipped")
 
 
-def test_a_variant_unknown_to_the_library_is_skipped_not_fatal(capsys: pytest.CaptureFixture) -> None:
-    assert meft_settings({"num_neurons": 64, "top_k": 4}, {}, {"cache_mb_v2": 1}) is None
-    assert "skipping the variant" in capsys.readouterr().out
-    with pytest.raises(MeftConfigError):  # a wrong value is still an error
-        meft_settings({"num_neurons": 64, "top_k": 128}, {}, {})
+def test_meft_settings_layer_the_overrides_between_the_experiment_and_its_variant(context: Context) -> None:
+    context.overrides = {"n_probe": 2, "top_k": 8}
+    config = context.meft({"num_neurons": 64, "top_k": 4, "n_probe": 4}, {"cache_mb": 1})
+    assert (config.top_k, config.n_probe, config.cache_mb) == (8, 2, 1)  # --meft beats the experiment, the variant both
+    with pytest.raises(MeftConfigError):  # a wrong or unknown setting is an error, never skipped
+        context.meft({"num_neurons": 64, "top_k": 4}, {"cache_mb_v2": 1})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,14 +319,14 @@ def test_cli_checks_its_arguments() -> None:
 
 def test_scale_out_byte_formulas_match_a_hand_count() -> None:
     # a dense adapter of r=16384 on d=576: keys and values, fp32 gradients, 4 layers; bf16 halves it
-    assert scaleout.dense_allreduce_bytes(16384, 576, 4) == 4 * 2 * 16384 * 576 * 4
-    assert scaleout.dense_allreduce_bytes(16384, 576, 4, element_bytes=2) == 4 * 2 * 16384 * 576 * 2
+    assert formulas.dense_allreduce_bytes(16384, 576, 4) == 4 * 2 * 16384 * 576 * 4
+    assert formulas.dense_allreduce_bytes(16384, 576, 4, element_bytes=2) == 4 * 2 * 16384 * 576 * 2
     # replicated: 10 own ids (int64) + the union's 15 rows of gradients (2 x d=8 fp32), spread over 2 layers
-    assert scaleout.replicated_exchange_bytes(10, 15, 8, 2) == 10 * 8 + 15 * 2 * 8 * 4
-    assert scaleout.replicated_exchange_bytes(1, 1, 8, 3) == 3 * ((8 + 64) // 3)  # each layer's share rounds down
+    assert formulas.replicated_exchange_bytes(10, 15, 8, 2) == 10 * 8 + 15 * 2 * 8 * 4
+    assert formulas.replicated_exchange_bytes(1, 1, 8, 3) == 3 * ((8 + 64) // 3)  # each layer's share rounds down
     # sharded: every touched row's id and gradient goes to its owner
-    assert scaleout.sharded_exchange_bytes(10, 8, 2) == 10 * (8 + 2 * 8 * 4)
-    assert scaleout.adapter_layers(30) == [26, 27, 28, 29] and scaleout.adapter_layers(2) == [0, 1]
+    assert formulas.sharded_exchange_bytes(10, 8, 2) == 10 * (8 + 2 * 8 * 4)
+    assert adapter_layers(30) == [26, 27, 28, 29] and adapter_layers(2) == [0, 1]
 
 
 @pytest.mark.slow
@@ -323,7 +336,7 @@ def test_scale_out_reports_the_counters_of_two_ranks_and_the_nvme_io(context: Co
     between = section.data["between_ranks"]
     assert [v["variant"] for v in between["variants"]] == ["replicated", "sharded", "sharded, bf16 rows"]
     for v in between["variants"]:
-        assert v["dense"] == scaleout.dense_allreduce_bytes(neurons, dim, layers) == 2 * 2 * 64 * 64 * 4
+        assert v["dense"] == formulas.dense_allreduce_bytes(neurons, dim, layers) == 2 * 2 * 64 * 64 * 4
         assert v["per_rank_counted"] == v["per_rank_final"]  # every counted byte is in some step's deltas
         assert v["total"] == v["exchange"] + v["forward"] + v["routers"]
         assert v["routers"] == layers * v["experts"] * dim * 4  # the routers' fp32 gradients
@@ -333,12 +346,12 @@ def test_scale_out_reports_the_counters_of_two_ranks_and_the_nvme_io(context: Co
         for step in replicated["steps"]:
             assert step["micro"]["bytes_between_ranks"] == 0  # replicated stores exchange only at the step
             union = step["step"]["rows_updated"]  # every rank updates the ranks' union
-            assert step["step"]["bytes_between_ranks"] == scaleout.replicated_exchange_bytes(
+            assert step["step"]["bytes_between_ranks"] == formulas.replicated_exchange_bytes(
                 step["touched"], union, dim, layers
             )
             assert step["touched"] <= union and step["foreign"] == 0
         for step in sharded["steps"]:
-            assert step["step"]["bytes_between_ranks"] == scaleout.sharded_exchange_bytes(step["touched"], dim, layers)
+            assert step["step"]["bytes_between_ranks"] == formulas.sharded_exchange_bytes(step["touched"], dim, layers)
             assert step["micro"]["bytes_between_ranks"] > 0  # routing all-gathers, rows fetched from their owners
             assert 0 < step["foreign"] <= step["touched"]
     replicated, sharded, bf16 = between["variants"]
@@ -361,7 +374,7 @@ def test_scale_out_reports_the_counters_of_two_ranks_and_the_nvme_io(context: Co
         assert 0 < store["forward_bytes_read"] < store["bytes_read"]
         assert store["bytes_read"] >= store["bytes_written"]  # the step reads what it writes back, plus cache misses
         assert store["bytes_read"] == sum(s["nvme_bytes_read"] for s in store["steps"])
-        assert nvme["raw_aio"]["bytes"] == nvme["plain"]["bytes"] == scaleout.RAW_MIN
+        assert nvme["raw_aio"]["bytes"] == nvme["plain"]["bytes"] == RAW_MIN
     assert section.columns[:4] == ["part", "variant", "rows / step (per rank)", "bytes / step (per rank)"]
     assert len(section.rows) == 4 + 3 * 2 + 3 + (3 if nvme is not None else 0)  # + sent at 2/4/8 ranks, memory
     assert section.rows[0][3] == fmt_bytes(between["variants"][0]["dense"])
@@ -370,8 +383,8 @@ def test_scale_out_reports_the_counters_of_two_ranks_and_the_nvme_io(context: Co
 
 def test_host_timeline_times_each_phase_and_puts_everything_back(context: Context) -> None:
     config = meft_ds.MeftConfig(num_neurons=64, top_k=4)
-    model, optimizers = traffic.build_meft(tiny_model(), config, lr=1e-3)
-    step = steptime.step_function(model, optimizers, context.batch)
+    model, optimizers = build_meft(tiny_model(), config, lr=1e-3)
+    step = step_function(model, optimizers, context.batch)
     original = meft_ds.SparseKeyExpertAdapter._route
     record = {"seconds": timeline.timed_steps(step, 2), "steps": 2, "layers": 2}
     assert meft_ds.SparseKeyExpertAdapter._route is original, "the timers are removed"

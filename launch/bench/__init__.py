@@ -1,4 +1,4 @@
-"""The pieces of ``launch/bench.py``: one module per experiment of issue 5, plus shared helpers and the report.
-
-Each experiment module has ``run(context) -> Section`` (measure, and say how) and ``plot(section, path)``.
+"""The pieces of ``launch/bench.py``: one module per experiment of issue 5 (``run(context) -> Section``: measure, and
+say how; ``plot(section, path)``), the shared harness (``common``), the analytic byte counts (``formulas``), the
+figures' helpers (``plots``) and the report.
 """

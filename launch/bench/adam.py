@@ -1,21 +1,19 @@
 """b. Sparse Adam bandwidth on the touched rows vs DeepSpeed's dense CPU Adam vs a plain memory copy.
 
-Adam's useful traffic is 7 tensors of the rows it updates: param, grad, exp_avg, exp_avg_sq read; param, exp_avg,
-exp_avg_sq written. GB/s = that traffic / the median time of one step, for every backend alike (so the gather/scatter
-of the "deepspeed" and "torch" backends counts as overhead, not as traffic). The dense kernel updates a matrix of the
-same total size (every row touched); ``Tensor.copy_`` moves 2 tensors (read + write) of the same size.
+GB/s = Adam's useful traffic (7 tensors of the rows it updates) / the median time of one step, for every backend and
+the dense kernel alike (a backend's gather/scatter counts as overhead, not traffic); ``copy_`` moves 2 tensors.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import functools
 from typing import Any
 
 import torch
 
 import meft_ds
-from bench.common import GB, Context, Section, figure_footer, fmt_ratio, free_memory, median_seconds
+from bench import plots
+from bench.common import GB, Context, Section, fmt_ratio, free_memory, median_seconds
 from bench.report import cpu_brand
 
 BACKENDS = ("fused", "deepspeed", "torch")
@@ -46,14 +44,8 @@ def sparse_step_seconds(adapter: Any, backend: str, fraction: float, repeats: in
     optimizer = meft_ds.SparseRowAdam([adapter], lr=1e-4, backend=backend)
     ids = touched_rows(adapter.store.num_rows, fraction)
     grads = torch.randn(ids.numel(), 2, adapter.dim) * 1e-3
-    times = []
-    for repeat in range(1 + repeats):  # the first is a warm-up
-        adapter.store.accumulate_grad(ids, grads)
-        start = time.perf_counter()
-        optimizer.step()
-        if repeat:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    refill = functools.partial(adapter.store.accumulate_grad, ids, grads)
+    return median_seconds(optimizer.step, repeats=repeats, setup=refill)[0]
 
 
 def dense_step_seconds(num_rows: int, width: int, repeats: int) -> float:
@@ -148,24 +140,21 @@ def run(context: Context) -> Section:
 
 
 def plot(section: Section, path: str) -> None:
-    import matplotlib.pyplot as plt
-
     data = section.data
     fractions = sorted({m["fraction"] for m in data["sparse"]})
-    figure, axes = plt.subplots(figsize=(9, 5.5))
-    width = 0.8 / len(BACKENDS)
-    for i, backend in enumerate(BACKENDS):
-        values = {m["fraction"]: m["gbs"] for m in data["sparse"] if m["backend"] == backend}
-        xs = [j + (i - 1) * width for j in range(len(fractions))]
-        axes.bar(xs, [values.get(f, 0.0) for f in fractions], width, label=f"SparseRowAdam {backend}")
+    figure, axes = plots.figure()
+    series = {
+        f"SparseRowAdam {backend}": [
+            next((m["gbs"] for m in data["sparse"] if (m["backend"], m["fraction"]) == (backend, f)), 0.0)
+            for f in fractions
+        ]
+        for backend in BACKENDS
+    }
+    plots.grouped_bars(axes, [f"{f:.0%} of {data['rows']} rows" for f in fractions], series)
     axes.axhline(data["dense_gbs"], color="black", linestyle="--", label="dense DeepSpeedCPUAdam")
     axes.axhline(0.9 * data["dense_gbs"], color="gray", linestyle=":", label="target: 0.9 x dense")
     axes.axhline(data["copy_gbs"], color="tab:red", linestyle="-.", label="torch copy_")
-    axes.set_xticks(range(len(fractions)), [f"{f:.0%} of {data['rows']} rows" for f in fractions])
     axes.set_ylabel("GB/s (Adam: 7 tensors of the touched rows)")
     axes.set_title(f"b. Sparse Adam on touched rows, rows of {data['width']} fp32, {data.get('cpu', '?')}")
     axes.legend(fontsize=8)
-    figure.subplots_adjust(bottom=0.25)
-    figure_footer(figure, section.how, section.command)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save(figure, section, path)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.config import MeftConfig
 
 GB = 1e9
 MB = 1e6
@@ -56,6 +56,8 @@ class Settings:
     routing_probe: int = 8
     routing_experts: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
     routing_repeats: int = 7
+    # f. scale out: each variant in processes of its own (its memory its own), or all in one launch (tests: faster)
+    scaleout_launch_per_variant: bool = True
     # quality
     quality_quick: bool = False  # launch/bench/quality.py's CI-sized grid
 
@@ -151,6 +153,11 @@ class Context:
         batches = self.batches()
         return batches[index % len(batches)]
 
+    def meft(self, values: dict[str, Any], variant: dict[str, Any] | None = None) -> MeftConfig:
+        """``MeftConfig`` from the experiment's values, the user's ``--meft`` overrides and the variant's own keys
+        (which win)."""
+        return MeftConfig.from_dict({**values, **self.overrides, **(variant or {})})
+
 
 def packed_batches(tokenizer: Any, micro_batch: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
     """The ``facts`` examples (prompt and answer, labels only on the answer) concatenated and cut into
@@ -171,25 +178,50 @@ def packed_batches(tokenizer: Any, micro_batch: int, seq_len: int) -> list[dict[
     ]
 
 
-def meft_settings(base: dict[str, Any], overrides: dict[str, Any], variant: dict[str, Any]) -> MeftConfig | None:
-    """``MeftConfig`` from the experiment's settings, the user's ``--meft`` overrides and the variant's own keys
-    (which win). ``None``, with a printed note, when the library does not know one of the variant's keys yet."""
-    values = {**base, **overrides, **variant}
-    try:
-        return MeftConfig.from_dict(values)
-    except MeftConfigError as error:
-        if any(f"meft.{key}: unknown setting" in str(error) for key in variant):
-            print(f"  note: skipping the variant {variant}: this meft_ds does not know it ({error})")
-            return None
-        raise
+def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The ``meft_ds.stats`` counters that moved between two readings."""
+    return {key: after[key] - before.get(key, 0) for key in after}
 
 
-def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones, and every timing."""
+def build_meft(model: nn.Module, config: MeftConfig, lr: float) -> tuple[nn.Module, list[Any]]:
+    """Inject MEFT adapters into ``model``; the sparse Adam for the rows and an AdamW for the routers."""
+    import meft_ds
+
+    meft_ds.inject(model, config)
+    sparse = meft_ds.SparseRowAdam(meft_ds.adapters(model), lr=lr)
+    dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return model, [sparse, dense]
+
+
+def optimizer_step(optimizers: list[Any]) -> None:
+    for optimizer in optimizers:
+        optimizer.step()
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+
+
+def step_function(model: nn.Module, optimizers: list[Any], batch_of: Callable[[int], dict]) -> Callable[[], None]:
+    """One training step (forward, backward, optimizer step, zero_grad) per call, each on the next micro-batch."""
+    counter = iter(range(10**9))
+
+    def step() -> None:
+        model(**batch_of(next(counter))).loss.backward()
+        optimizer_step(optimizers)
+
+    return step
+
+
+def median_seconds(
+    fn: Callable[[], Any], *, repeats: int, warmup: int = 1, setup: Callable[[], Any] = lambda: None
+) -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones, and every timing;
+    ``setup()`` runs untimed before each call."""
     for _ in range(warmup):
+        setup()
         fn()
     times = []
     for _ in range(repeats):
+        setup()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -238,11 +270,3 @@ def fmt_bytes(value: float) -> str:
 
 def fmt_ratio(value: float) -> str:
     return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
-
-
-def figure_footer(figure: Any, how: str, command: str) -> None:
-    """Write how a figure was measured and the command that reproduces it at the bottom of the figure."""
-    import textwrap
-
-    text = textwrap.fill(how, 150) + f"\nReproduce: {command}"
-    figure.text(0.01, 0.01, text, fontsize=6.5, va="bottom", ha="left", family="monospace")

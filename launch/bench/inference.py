@@ -1,11 +1,5 @@
 """g. Generation speed: ``generate()`` tokens/s with routing on the host (the training path) vs on the device
-(``meft_ds.for_inference``), same model, prompts and adapter, greedy, outputs compared token for token.
-
-One model with MEFT adapters (the main job's settings from ``ds_configs/meft.json``, every layer) whose values are
-drawn at random, so that the adapters change what the model says. The two paths alternate, one ``generate()`` call
-each per repeat, after one warm-up call each; ``min_new_tokens = max_new_tokens`` so that both generate the same
-number of tokens. Host<->device bytes per generated token come from ``meft_ds.stats`` around the timed calls.
-"""
+(``meft_ds.for_inference``), same model, prompts and random adapter values, outputs compared token for token."""
 
 from __future__ import annotations
 
@@ -18,7 +12,9 @@ from typing import Any
 import torch
 
 import meft_ds
-from bench.common import Context, Section, figure_footer, fmt_bytes, fmt_ratio, meft_settings
+from bench import plots
+from bench.common import Context, Section, fmt_bytes, fmt_ratio
+from bench.report import cpu_brand
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = 8  # one batch of held-out facts questions
@@ -32,8 +28,7 @@ LABELS = {"host": "routing on the host (training path)", "device": "routing on t
 def adapted_model(context: Context) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A fresh copy of the base model with the main job's adapters (``--meft`` overrides applied), values random."""
     main_job = json.loads((ROOT / "ds_configs" / "meft.json").read_text())["meft"]
-    config = meft_settings(main_job, context.overrides, {})
-    assert config is not None  # no variant keys of its own, so never skipped
+    config = context.meft(main_job)
     model = meft_ds.inject(context.fresh_model(), config)
     generator = torch.Generator().manual_seed(0)
     for adapter in meft_ds.adapters(model):
@@ -140,7 +135,7 @@ def run(context: Context) -> Section:
         ]
         for path in PATHS
     ]  # fmt: skip
-    cpu = cpu_name()
+    cpu = cpu_brand()
     size = f"{meft['num_neurons']} neurons, K={meft['top_k']}, n_probe={meft['n_probe']}, gate={meft['gate']}"
     return Section(
         key="g",
@@ -185,31 +180,17 @@ def run(context: Context) -> Section:
     )  # fmt: skip
 
 
-def cpu_name() -> str:
-    try:
-        import cpuinfo
-
-        return cpuinfo.get_cpu_info().get("brand_raw", "?")
-    except Exception:  # py-cpuinfo is optional here
-        return "?"
-
-
 def plot(section: Section, path: str) -> None:
-    import matplotlib.pyplot as plt
-
     measured = section.data["measured"]
-    figure, axes = plt.subplots(figsize=(9, 4.5))
-    labels = [LABELS[p] for p in PATHS]
+    figure, axes = plots.figure(9, 4.5)
     speeds = [measured[p]["tokens_per_s"] for p in PATHS]
-    axes.barh(labels, speeds, color=["tab:gray", "tab:blue"])
-    for i, p in enumerate(PATHS):
-        axes.text(speeds[i], i, f" {speeds[i]:.1f} tokens/s ({fmt_bytes(measured[p]['to_device_per_token'])} "
-                  "to the device per token)", va="center", fontsize=8)  # fmt: skip
+    texts = [
+        f" {measured[p]['tokens_per_s']:.1f} tokens/s ({fmt_bytes(measured[p]['to_device_per_token'])} "
+        "to the device per token)"
+        for p in PATHS
+    ]
+    plots.labelled_barh(axes, [LABELS[p] for p in PATHS], speeds, texts, color=["tab:gray", "tab:blue"])
     axes.set_xlim(0, 1.8 * max(speeds))  # room for the labels
-    axes.invert_yaxis()
     axes.set_xlabel("generated tokens per second (median)")
     axes.set_title(f"g. generate() speed, SmolLM2-135M fp32, {section.data['prompts']} prompts, this CPU")
-    figure.subplots_adjust(left=0.32, right=0.97, bottom=0.3)
-    figure_footer(figure, section.how, section.command)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save(figure, section, path, left=0.32, right=0.97, bottom=0.3)

@@ -1,13 +1,7 @@
 """d. Adapter bytes resident on the device as r grows, at fixed K: MEFT (measured) vs a dense adapter (analytic).
 
-MEFT keeps on the device its router (``E x d``), what it copies there for one micro-batch (the union ``U`` of the
-selected rows, ``|U| x 2 x d`` in the travel dtype, and the per-token ``union_pos``), which autograd holds from the
-forward until the backward, and the cache budget if one is configured. Measured on one adapter layer of the real model
-with real text: ``bytes_to_device`` of ``meft_ds.stats`` during one forward (everything copied to the device for that
-micro-batch; a little of it, the expert index of each row, is freed before the backward, so this is an upper bound),
-plus the router's parameter bytes, plus the cache's allocated bytes (``transfer.device_bytes``). The forward runs
-under ``torch.no_grad()`` to save time: the copies are the same. A model with ``L``
-adapter layers holds ``L`` times the per-layer fetch at the end of its forward.
+MEFT: router + what one micro-batch copies to the device (``meft_ds.stats``; autograd holds it until the backward,
+an upper bound since the rows' expert indices are freed earlier) + the cache's allocated bytes, on one adapter layer.
 """
 
 from __future__ import annotations
@@ -17,20 +11,14 @@ from typing import Any
 import torch
 
 import meft_ds
-from bench.common import (
-    GB,
-    MB,
-    Context,
-    Section,
-    figure_footer,
-    fits_in_memory,
-    fmt_bytes,
-    fmt_ratio,
-    free_memory,
-    meft_settings,
-)
-from bench.traffic import device_cache_bytes, stats_delta
+from bench import plots
+from bench.common import GB, MB, Context, Section, fits_in_memory, fmt_bytes, fmt_ratio, free_memory, stats_delta
+from bench.traffic import device_cache_bytes
 
+COLUMNS = [
+    "r", "E", "|U| rows", "router", "fetched rows + indices", "cache", "MEFT total", "dense, optimizer offloaded",
+    "dense, optimizer on device", "dense (offloaded) ÷ MEFT",
+]  # fmt: skip
 OFFLOADED_BYTES = 4  # ZeRO-Offload: bf16 weights + bf16 gradients on the device, Adam state on the host
 ON_DEVICE_BYTES = 16  # Adam on the device, mixed precision: bf16 weights + grads, fp32 master, exp_avg, exp_avg_sq
 
@@ -46,8 +34,7 @@ def meft_device_bytes(context: Context, neurons: int) -> dict[str, Any]:
     """One forward of one micro-batch through a model with one MEFT layer of ``neurons`` rows; its device bytes."""
     s = context.settings
     base = {"num_neurons": neurons, "top_k": s.top_k, "row_dtype": "bf16", "layers": [s.memory_layer]}
-    config = meft_settings(base, context.overrides, {})
-    assert config is not None  # no variant keys of its own, so never skipped
+    config = context.meft(base)
     model = meft_ds.inject(context.fresh_model(), config)
     (adapter,) = meft_ds.adapters(model)
     router = adapter.router.weight
@@ -119,18 +106,7 @@ def run(context: Context) -> Section:
             "layer). Dense: analytic, 2 r d x 4 or 16 bytes. The dense adapter also keeps T x r activations for its "
             "backward, not counted."
         ),
-        columns=[
-            "r",
-            "E",
-            "|U| rows",
-            "router",
-            "fetched rows + indices",
-            "cache",
-            "MEFT total",
-            "dense, optimizer offloaded",
-            "dense, optimizer on device",
-            "dense (offloaded) ÷ MEFT",
-        ],
+        columns=COLUMNS,
         rows=table,
         target=(
             f"MEFT stays flat: bounded by the micro-batch (T K = {tokens * s.top_k} rows and their indices, "
@@ -151,24 +127,17 @@ def run(context: Context) -> Section:
 
 
 def plot(section: Section, path: str) -> None:
-    import matplotlib.pyplot as plt
-
     measured = section.data["measured"]
-    neurons = [m["neurons"] for m in measured]
-    figure, axes = plt.subplots(figsize=(9, 5.5))
-    axes.plot(neurons, [m["meft"] / MB for m in measured], "o-", label="MEFT (measured: router + fetched rows + cache)")
-    axes.plot(
-        neurons, [m["dense_offloaded"] / MB for m in measured], "s--", label="dense, optimizer offloaded (4 B/elem)"
-    )
-    axes.plot(neurons, [m["dense_on_device"] / MB for m in measured], "^--", label="dense, Adam on device (16 B/elem)")
+    figure, axes = plots.figure()
+    plots.lines(axes, [m["neurons"] for m in measured], [
+        ([m["meft"] / MB for m in measured], "o-", "MEFT (measured: router + fetched rows + cache)"),
+        ([m["dense_offloaded"] / MB for m in measured], "s--", "dense, optimizer offloaded (4 B/elem)"),
+        ([m["dense_on_device"] / MB for m in measured], "^--", "dense, Adam on device (16 B/elem)"),
+    ])  # fmt: skip
     axes.axhline(section.data["bound"] / MB, color="gray", linestyle=":", label="bound: T x K rows + indices (bf16)")
-    axes.set_xscale("log", base=2)
     axes.set_yscale("log")
     axes.set_xlabel("r (adapter neurons per layer)")
     axes.set_ylabel("MB on the device, one layer")
     axes.set_title("d. Adapter bytes resident on the device, per layer, K=64, micro-batch 2 x 256")
     axes.legend(fontsize=8)
-    figure.subplots_adjust(bottom=0.25)
-    figure_footer(figure, section.how, section.command)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save(figure, section, path)

@@ -1,19 +1,12 @@
 """quality. Learning quality at a device budget: held-out EM on new facts and knowledge retained, MEFT vs LoRA vs the
-dense parallel adapter (and full fine-tuning), every run a ``launch/train.py --method ...`` process.
-
-Every run trains the built-in SmolLM2-135M-Instruct on the ``facts`` task (``--facts`` facts) with the same data
-order, steps, micro-batch, DeepSpeed config (ZeRO-2 with the optimizer offloaded to CPU memory, AdamW, linear
-warm-up and decay, clipping at 1.0) and greedy evaluation on held-out phrasings; then asks the retention probe's
-general questions (meft_ds/probe.py). Device bytes are each run's device-resident training bytes as the launcher
-reports them (meft_ds/plan.py's accounting: trainable weights and gradients, DeepSpeed's bucket, for MEFT the rows
-fetched and kept for backward, with |U| measured in the run). Each configuration ("cell") runs a small learning-rate
-sweep; its best learning rate (by held-out EM, mean over seeds) is its result.
+dense parallel adapter, every run a ``launch/train.py --method ...`` process with the same data, steps and DeepSpeed
+config; device bytes as the launcher reports them (meft_ds/plan.py). Each configuration ("cell") runs a small
+learning-rate sweep; its best learning rate (by held-out EM, mean over seeds) is its result.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import socket
@@ -24,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import MB, Context, Section, figure_footer
+from bench import plots
+from bench.common import MB, Context, Section
 from meft_ds.config import MeftConfig
+from meft_ds.models import builtin_model_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = 5_000_000  # elements of DeepSpeed's gradient bucket, the same for every method (its default is 5e8)
@@ -338,40 +333,18 @@ def section(grid: Grid, records: list[dict[str, Any]], notes: list[str]) -> Sect
     )
 
 
-def unpacked_builtin_model(folder: Path) -> Path:
-    """The built-in model saved once as fp32 safetensors: loading its GGUF file dequantizes every weight (1-4 min on
-    2 busy cores), a saved folder loads in seconds. The same weights and tokenizer; one forward checks it."""
-    import torch
-
-    from meft_ds.models import load_model_and_tokenizer
-
-    if not (folder / "config.json").is_file():
-        model, tokenizer = load_model_and_tokenizer(None)
-        ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
-        with torch.no_grad():
-            expected = model(ids).logits
-        model.hf_quantizer = None  # GGUF weights are dequantized on load: nothing quantized is left to refuse saving
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        with torch.no_grad():
-            assert torch.equal(load_model_and_tokenizer(str(folder))[0](ids).logits, expected)
-    return folder
-
-
 def run(context: Context) -> Section:
     grid = quick_grid() if context.settings.quality_quick else full_grid()
     notes = [] if context.settings.quality_quick else list(FULL_NOTES)
     work = ROOT / "outputs" / f"bench_quality_{grid.name}"  # kept: a rerun continues an interrupted benchmark
-    builtin = functools.cache(lambda: str(unpacked_builtin_model(work / "base_model")))
-    records = run_grid(grid, work, notes=notes, model=None if grid.model else builtin)
+    # the built-in model as fp32 safetensors, which a training process loads in seconds (its GGUF file: minutes)
+    records = run_grid(grid, work, notes=notes, model=None if grid.model else lambda: str(builtin_model_folder()))
     return section(grid, records, notes)
 
 
 def plot(section: Section, path: str) -> None:
     """EM against device bytes (points numbered) beside the fraction of the probe retained (bars named by number)."""
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 1.2]})
+    figure, (left, right) = plots.figure(13, 5.5, ncols=2, gridspec_kw={"width_ratios": [1, 1.2]})
     colours = {"meft": "tab:blue", "lora": "tab:orange", "parallel_adapter": "tab:green", "full": "tab:red"}
     best = section.data["best"]
     for number, b in enumerate(best, 1):
@@ -390,7 +363,4 @@ def plot(section: Section, path: str) -> None:
     right.set_title("knowledge retained")
     right.tick_params(axis="y", labelsize=8)
     right.legend(fontsize=8)
-    figure.subplots_adjust(left=0.06, right=0.98, bottom=0.25, wspace=0.75)
-    figure_footer(figure, section.how, section.command)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save(figure, section, path, left=0.06, right=0.98, wspace=0.75)

@@ -1,8 +1,5 @@
-"""e. CPU routing cost vs the number of key-experts E at fixed r: measured, and the analytic T (E + n_probe r/E) d.
-
-Scoring the router costs ``T E d`` multiply-adds and scoring the probed experts' keys ``T n_probe (r/E) d``; their sum
-is smallest at ``E = sqrt(n_probe r)`` (SPEC.md: "minimal near E = sqrt(r)", up to the factor n_probe).
-"""
+"""e. CPU routing cost vs the number of key-experts E at fixed r: measured, and the analytic T (E + n_probe r/E) d,
+smallest at ``E = sqrt(n_probe r)`` (SPEC.md: "minimal near E = sqrt(r)", up to the factor n_probe)."""
 
 from __future__ import annotations
 
@@ -12,7 +9,8 @@ from typing import Any
 
 import torch
 
-from bench.common import Context, Section, figure_footer, fmt_ratio, median_seconds
+from bench import plots
+from bench.common import Context, Section, fmt_ratio, median_seconds
 from meft_ds.routing import select_rows
 
 ROUTER_INIT_SCALE = 50.0  # the library's default: router row e = 50 x the mean of expert e's keys
@@ -123,29 +121,24 @@ def run(context: Context) -> Section:
 
 
 def plot(section: Section, path: str) -> None:
-    import matplotlib.pyplot as plt
-
     data: dict[str, Any] = section.data
     measured = data["measured"]
     experts = [m["experts"] for m in measured]
-    figure, axes = plt.subplots(figsize=(9, 5.5))
-    axes.plot(experts, [m["router"] * 1e3 for m in measured], "s--", label="router (T E d)")
-    axes.plot(experts, [m["select"] * 1e3 for m in measured], "^--", label="select_rows (T n_probe r/E d)")
-    axes.plot(experts, [(m["router"] + m["select"]) * 1e3 for m in measured], "o-", label="total (measured)")
+    figure, axes = plots.figure()
+    plots.lines(axes, experts, [
+        ([m["router"] * 1e3 for m in measured], "s--", "router (T E d)"),
+        ([m["select"] * 1e3 for m in measured], "^--", "select_rows (T n_probe r/E d)"),
+        ([(m["router"] + m["select"]) * 1e3 for m in measured], "o-", "total (measured)"),
+    ])  # fmt: skip
     axes.axvline(data["optimum"], color="gray", linestyle=":", label=f"sqrt(n_probe r) = {data['optimum']:.0f}")
     label = f"optimum at measured GMAC/s = {data['weighted_optimum']:.0f}"
     axes.axvline(data["weighted_optimum"], color="tab:green", linestyle=":", label=label)
-    axes.set_xscale("log", base=2)
     axes.set_xlabel("E (key-experts)")
     axes.set_ylabel("ms per micro-batch")
     twin = axes.twinx()
     twin.plot(experts, [m["macs"] / 1e9 for m in measured], color="black", alpha=0.4, label="analytic (right axis)")
     twin.set_ylabel("analytic GMAC: T (E + n_probe r/E) d")
-    lines = axes.get_legend_handles_labels()
-    twin_lines = twin.get_legend_handles_labels()
+    lines, twin_lines = axes.get_legend_handles_labels(), twin.get_legend_handles_labels()
     axes.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize=8)
     axes.set_title(f"e. Routing cost vs E, r={data['neurons']}, T={data['tokens']}, d={data['dim']}")
-    figure.subplots_adjust(bottom=0.25)
-    figure_footer(figure, section.how, section.command)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save(figure, section, path)

@@ -1,24 +1,9 @@
-"""f. Scale out: bytes exchanged between data-parallel ranks per optimizer step, and the NVMe tier's read/write GB/s.
+"""f. Scale out: bytes exchanged between data-parallel ranks per optimizer step (replicated vs sharded stores vs a
+dense adapter's all-reduce), and the NVMe tier's read/write GB/s (``scaleout_nvme.py``).
 
-Bytes between ranks. Two ranks on CPU (``torch.distributed.run --nproc_per_node 2``, gloo, one torch thread each) run
-``launch/bench/scaleout_driver.py``: ``meft_ds.initialize`` (ZeRO stage 0, fp32) on the same frozen model, adapters on
-its last ``ADAPTER_LAYERS`` layers with ``r = Settings.step_neurons`` and ``K = Settings.top_k``, ``MICRO_STEPS``
-micro-batches of ``micro_batch x seq_len`` tokens per rank per optimizer step, in three variants (``VARIANTS``, each in
-processes of its own): replicated stores, sharded ones (the default of a node of several ranks) and sharded ones with
-rows travelling in bf16. The bytes are the library's counter ``bytes_between_ranks`` of
-``meft_ds.stats`` (what this rank put into the collectives: row ids and gradients at the optimizer step; with sharded
-stores also the routing all-gathers and the row fetches from their owners during the forward), per rank per optimizer
-step, plus the routers' gradients that the DeepSpeed engine all-reduces (analytic: their fp32 bytes). A dense
-adapter of the same r all-reduces its whole gradient every optimizer step: ``2 r d`` fp32 values per layer (bf16
-would halve it). For an all-reduce "put in" is the tensor each rank contributes (a ring all-reduce over 2 ranks sends
-exactly that much per rank), the same definition for both sides. ``scaleout_bytes.py`` holds the formulas: the
-sharded forward's measured bytes are checked against them, and they give what a rank sends at 2, 4 and 8 ranks. Each
-variant also reports the node's host memory (the ranks' PSS added up).
-
-The model: the real SmolLM2-135M-Instruct in the full run (every rank loads it), a random model of SmolLM2's shape
-with 4 layers and random tokens in the quick run, the context's own model in tests.
-
-NVMe tier: see ``scaleout_nvme.py``.
+Two ranks on CPU (``torch.distributed.run``, gloo) run ``scaleout_driver.py`` once per variant (``VARIANTS``) and
+report ``meft_ds.stats``' ``bytes_between_ranks``; ``formulas.py`` gives the dense side, checks the sharded forward's
+measured bytes and extrapolates to 4 and 8 ranks. The model: ``scaleout_plan.py``.
 """
 
 from __future__ import annotations
@@ -37,29 +22,29 @@ from typing import Any
 import torch
 
 import meft_ds
-from bench.common import GB, MB, Context, Section, figure_footer, fits_in_memory, fmt_bytes, fmt_ratio
-from bench.scaleout_bytes import (
+from bench import plots
+from bench.common import GB, MB, Context, Section, fits_in_memory, fmt_bytes, fmt_ratio
+from bench.formulas import (
     GRAD_BYTES,
     RankLoad,
     dense_allreduce_bytes,
     dense_sent,
-    replicated_exchange_bytes,
-    sharded_exchange_bytes,
     sharded_forward_put_in,
     sharded_sent,
     sharded_sent_before,
 )
-from bench.scaleout_nvme import IO_REPEATS, RAW_MIN, measure_nvme
+from bench.scaleout_nvme import measure_nvme, nvme_how, nvme_plot, nvme_rows, nvme_verdict
 from bench.scaleout_plan import ADAPTER_LAYERS, adapter_layers, model_plan, num_layers, plan_batches, plan_dim
-
-# what the tests reach through this module
-__all__ = ["RAW_MIN", "adapter_layers", "dense_allreduce_bytes", "replicated_exchange_bytes", "sharded_exchange_bytes"]
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("scaleout_driver.py")
 RANKS = 2
 MICRO_STEPS = 2  # micro-batches per optimizer step (per rank)
 MAX_STEPS = 2  # optimizer steps per variant (fewer if Settings.train_steps is smaller)
+COLUMNS = [
+    "part", "variant", "rows / step (per rank)", "bytes / step (per rank)", "breakdown", "GB/s read / write",
+    "dense ÷ this, or this ÷ raw aio",
+]  # fmt: skip
 SIMULATED_RANKS = (2, 4, 8)  # the sharded store's bytes by formula, from the 2-rank measurement
 VARIANTS = [
     {"name": "replicated", "store": {"shard": False}},
@@ -106,10 +91,7 @@ def summarize_variant(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     layers, dim, neurons = len(first["layers"]), first["dim"], first["num_neurons"]
     steps = [step for rank in per_rank for step in rank["steps"]]
     routers = first["router_params"] * GRAD_BYTES  # the engine all-reduces the routers' fp32 gradients
-
-    def mean(values: list[float]) -> float:
-        return statistics.fmean(values)
-
+    mean = statistics.fmean
     summary = {
         "variant": first["variant"],
         "layers": layers,
@@ -206,10 +188,11 @@ def measure_between_ranks(context: Context, plan: dict[str, Any], notes: list[st
             "variants": VARIANTS,
             "out": str(workdir / "out"),
         }
-        ranks = []  # each variant in processes of its own, so that each one's memory is its own
-        for index, variant in enumerate(VARIANTS):
-            out = workdir / f"out_{index}"
-            for rank in run_ranks({**spec, "variants": [variant], "out": str(out)}, workdir):
+        # each variant in processes of its own, so that each one's memory is its own; or all in one launch (tests)
+        launches = [[variant] for variant in VARIANTS] if s.scaleout_launch_per_variant else [VARIANTS]
+        ranks = []
+        for index, variants in enumerate(launches):
+            for rank in run_ranks({**spec, "variants": variants, "out": str(workdir / f"out_{index}")}, workdir):
                 if index == 0:
                     ranks.append(rank)
                 else:
@@ -259,15 +242,11 @@ def memory_rows(between: dict[str, Any]) -> list[list[Any]]:
     return [
         [
             f"memory per node ({RANKS} ranks)",
-            f"MEFT {v['variant']}" + (" (the default)" if v["shard_default"] else ""),
-            "",
-            fmt_bytes(v["node_pss"]),
-            f"stores {fmt_bytes(v['store_bytes'])} per rank (rows, moments)",
-            "",
-            "",
+            f"MEFT {v['variant']}" + (" (the default)" if v["shard_default"] else ""), "", fmt_bytes(v["node_pss"]),
+            f"stores {fmt_bytes(v['store_bytes'])} per rank (rows, moments)", "", "",
         ]
         for v in between["variants"]
-    ]
+    ]  # fmt: skip
 
 
 def table_rows(between: dict[str, Any] | None, nvme: dict[str, Any] | None) -> list[list[Any]]:
@@ -295,26 +274,7 @@ def table_rows(between: dict[str, Any] | None, nvme: dict[str, Any] | None) -> l
             ])  # fmt: skip
         rows += simulated_rows(between) + memory_rows(between)
     if nvme is not None:
-        store, raw, plain = nvme["store"], nvme["raw_aio"], nvme["plain"]
-        per_step = (store["bytes_read"] + store["bytes_written"]) / len(store["steps"])
-        io_ms = (store["read_seconds"] + store["write_seconds"]) / len(store["steps"]) * 1e3
-        rows.append([
-            "NVMe tier", f"NvmeRowStore (measured; RAM {fmt_bytes(store['ram_bytes'])} of a "
-            f"{fmt_bytes(store['store_bytes'])} store)", f"{store['rows_updated'] / len(store['steps']):.0f} updated",
-            fmt_bytes(per_step), f"I/O {io_ms:.0f} ms of a {store['seconds'] / len(store['steps']) * 1e3:.0f} ms step; "
-            f"whole step {store['step_gbs']:.2f} GB/s", f"{store['read_gbs']:.2f} / {store['write_gbs']:.2f}",
-            f"{fmt_ratio(store['read_gbs'] / raw['read_gbs'])} / {fmt_ratio(store['write_gbs'] / raw['write_gbs'])}",
-        ])  # fmt: skip
-        rows.append([
-            "NVMe tier", f"DeepSpeed aio handle, one {fmt_bytes(raw['bytes'])} file (O_DIRECT)", "",
-            fmt_bytes(raw["bytes"]),
-            "same handle and folder as the store", f"{raw['read_gbs']:.2f} / {raw['write_gbs']:.2f}", "1.00x / 1.00x",
-        ])  # fmt: skip
-        rows.append([
-            "NVMe tier", "plain file: buffered write + fsync, cold read", "", fmt_bytes(plain["bytes"]),
-            "same folder", f"{plain['read_gbs']:.2f} / {plain['write_gbs']:.2f}",
-            f"{fmt_ratio(plain['read_gbs'] / raw['read_gbs'])} / {fmt_ratio(plain['write_gbs'] / raw['write_gbs'])}",
-        ])  # fmt: skip
+        rows += nvme_rows(nvme)
     return rows
 
 
@@ -357,7 +317,7 @@ def run(context: Context) -> Section:
             f'{RANKS} ranks ("auto"); sharded, bf16 rows = the same with "row_dtype": "bf16" (rows, '
             "hidden states and scores' inputs travel in bf16). Each variant runs in processes of its own; memory per "
             "node = the ranks' proportional set sizes (/proc/self/smaps_rollup Pss, a shared page split between its "
-            "users) added up, after the last step. Sent at 2, 4 and 8 ranks: launch/bench/scaleout_bytes.py's "
+            "users) added up, after the last step. Sent at 2, 4 and 8 ranks: launch/bench/formulas.py's "
             "formulas (its docstring states them), evaluated with each rank's own tokens, rows fetched and rows "
             "touched as measured at 2 ranks (a rank keeps its micro-batch; only the owners change with W): ring "
             "all-gathers send (W-1) x a rank's part, all-to-alls (W-1)/W of it, a ring all-reduce 2(W-1)/W of the "
@@ -370,22 +330,8 @@ def run(context: Context) -> Section:
             + ")."
         )
     if nvme is not None:
-        st = nvme["store"]
-        how_parts.append(
-            f'NVMe: in the benchmark\'s process, adapters with "store": {{"device": "nvme"}} (keys in RAM; values '
-            f"and moments on NVMe, read by blocks of {st['block_rows']} rows, in chunks of up to "
-            f"{st['chunk_blocks']} blocks through two aio handles in turns; RAM {fmt_bytes(st['ram_bytes'])} for a "
-            f"{fmt_bytes(st['store_bytes'])} store) train {len(st['steps'])} optimizer steps of {st['tokens']} "
-            "tokens (SparseRowAdam; AdamW for the routers). Read GB/s = bytes read over the time reads cost: every "
-            "gather_into whole (its reads overlap the keys' gather and the copy-out of the chunk before, counted "
-            "too), and the optimizer step's submits and waits; write GB/s = bytes written over their submits and "
-            "the waits that complete them (a wait charged to reads and writes by their bytes). Baselines in the "
-            f"same folder ({nvme['mount']}), median of {IO_REPEATS}: one file written and read whole through the "
-            "same DeepSpeed "
-            "aio handle (1 MiB blocks, queue depth 32, O_DIRECT), and a plain buffered write + fsync and a cold "
-            "buffered read (pages dropped with posix_fadvise DONTNEED first)."
-        )
-    sizes = [v for v in between["variants"]] if between is not None else []
+        how_parts.append(nvme_how(nvme))
+    sizes = between["variants"] if between is not None else []
     met = bool(sizes) and all(v["total"] < v["dense"] for v in sizes)
     verdict_parts = []
     if sizes:
@@ -418,27 +364,13 @@ def run(context: Context) -> Section:
     else:
         verdict_parts.append("The 2-rank run was skipped.")
     if nvme is not None:
-        st, raw = nvme["store"], nvme["raw_aio"]
-        verdict_parts.append(
-            f"NVMe store I/O read {st['read_gbs']:.2f} GB/s ({st['read_gbs'] / raw['read_gbs']:.0%} of the raw "
-            f"handle's; the forward's reads alone {st['forward_read_gbs']:.2f} GB/s), write {st['write_gbs']:.2f} "
-            f"GB/s vs raw aio {raw['read_gbs']:.2f} / {raw['write_gbs']:.2f} GB/s on the same folder, with the "
-            f"store {st['store_bytes'] / st['ram_bytes']:.1f}x its RAM at {st['tokens']} tokens per micro-batch."
-        )
+        verdict_parts.append(nvme_verdict(nvme))
     return Section(
         key="f",
         title="Scale out: bytes between ranks, NVMe tier GB/s",
         what=what,
         how=" ".join(how_parts) or "Nothing could be measured on this machine (see the notes).",
-        columns=[
-            "part",
-            "variant",
-            "rows / step (per rank)",
-            "bytes / step (per rank)",
-            "breakdown",
-            "GB/s read / write",
-            "dense ÷ this, or this ÷ raw aio",
-        ],
+        columns=COLUMNS,
         rows=rows,
         target=(
             "MEFT's bytes between ranks per optimizer step (replicated and sharded, all counted) below a dense "
@@ -453,10 +385,8 @@ def run(context: Context) -> Section:
 
 
 def plot(section: Section, path: str) -> None:
-    import matplotlib.pyplot as plt
-
     between, nvme = section.data["between_ranks"], section.data["nvme"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 8))
+    figure, (left, right) = plots.figure(12, 8, ncols=2)
     if between is not None:
         variants = between["variants"]
         labels = ["dense (analytic)"] + [f"MEFT {v['variant']}" for v in variants]
@@ -472,19 +402,6 @@ def plot(section: Section, path: str) -> None:
     else:
         left.text(0.5, 0.5, "2-rank run skipped", ha="center")
     left.set_title("f. Bytes between ranks per optimizer step")
-    if nvme is not None:
-        names = ["NvmeRowStore", "raw aio", "plain file"]
-        parts = [nvme["store"], nvme["raw_aio"], nvme["plain"]]
-        xs = range(len(names))
-        right.bar([x - 0.2 for x in xs], [p["read_gbs"] for p in parts], 0.4, label="read")
-        right.bar([x + 0.2 for x in xs], [p["write_gbs"] for p in parts], 0.4, label="write")
-        right.set_xticks(list(xs), names)
-        right.set_ylabel("GB/s")
-        right.legend(fontsize=8)
-    else:
-        right.text(0.5, 0.5, "NVMe tier skipped (no async I/O)", ha="center")
+    nvme_plot(right, nvme)
     right.set_title("f. NVMe tier read / write GB/s")
-    figure.subplots_adjust(bottom=0.33)
-    figure_footer(figure, section.how, section.command)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save(figure, section, path, bottom=0.33)

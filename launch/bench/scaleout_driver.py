@@ -31,6 +31,7 @@ import torch
 from deepspeed import comm as dist
 
 import meft_ds
+from bench.common import stats_delta
 
 
 def load_base(source: Any) -> torch.nn.Module:
@@ -46,10 +47,6 @@ def load_base(source: Any) -> torch.nn.Module:
     else:
         model = AutoModelForCausalLM.from_pretrained(source)
     return model.eval().requires_grad_(False)
-
-
-def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {key: after[key] - before.get(key, 0) for key in after}
 
 
 def rows_with_grads(model: torch.nn.Module) -> tuple[int, int]:
@@ -109,8 +106,8 @@ def run_variant(base: torch.nn.Module, spec: dict[str, Any], variant: dict[str, 
         engine.step()  # the boundary: exchange of row gradients, engine step, sparse Adam
         after = meft_ds.stats(model)
         steps.append({
-            "micro": delta(before, middle), "step": delta(middle, after), "touched": touched, "foreign": foreign,
-            "seconds": time.perf_counter() - start, "loss": float(loss.detach()),
+            "micro": stats_delta(before, middle), "step": stats_delta(middle, after), "touched": touched,
+            "foreign": foreign, "seconds": time.perf_counter() - start, "loss": float(loss.detach()),
         })  # fmt: skip
         print(f"rank {rank} {variant['name']} step {step}: {steps[-1]['seconds']:.1f} s, {touched} rows", flush=True)
     result = {

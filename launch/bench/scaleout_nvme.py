@@ -1,15 +1,8 @@
 """f. Scale out, part 2: the NVMe tier's read/write GB/s against the raw DeepSpeed aio handle and a plain file.
 
-NVMe tier. In this process: a model with ``NvmeRowStore`` adapters (keys in RAM; values and moments on NVMe, read
-by blocks of rows) whose RAM budget is a quarter of the store (the keys and read buffers of half their size), trains
-``NVME_STEPS`` optimizer steps of one whole micro-batch (``micro_batch x seq_len`` tokens: 2 x 256 in the full run).
-Read GB/s = bytes read over the time reads cost the training: the whole of every ``gather_into`` (its reads overlap
-the keys' gather and the copy-out of the chunk before, which are counted too) and, at the optimizer step, the
-submits and waits of the store's ``_io``/``_wait``; write GB/s = bytes written over their submits and the waits
-that complete them (a wait is charged to reads and writes in proportion to their bytes). In the same folder and
-run: one file of the store's size (16 to 256 MiB) written and read whole through the store's DeepSpeed async I/O
-handle (O_DIRECT, like the store), and with plain buffered writes + fsync and a cold read (the file's pages dropped
-with posix_fadvise). The folder is a temporary one, or ``$MEFT_BENCH_NVME`` when set.
+A model whose ``NvmeRowStore`` adapters get a quarter of the store in RAM trains ``NVME_STEPS`` optimizer steps;
+``IoTimer`` charges the store's reads and writes their own time (``nvme_how`` says how). The baselines write and read
+one file of the store's size (16 to 256 MiB) in the same folder: a temporary one, or ``$MEFT_BENCH_NVME`` when set.
 """
 
 from __future__ import annotations
@@ -20,15 +13,16 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import meft_ds
-from bench.common import GB, Context
+from bench import plots
+from bench.common import GB, Context, build_meft, fmt_bytes, fmt_ratio, median_seconds, optimizer_step, stats_delta
 from bench.scaleout_plan import adapter_layers, num_layers, plan_batches, plan_model
-from bench.traffic import build_meft, optimizer_step, stats_delta
 
 STORE_PER_RAM = 4  # the store (values, keys and two moments) over the RAM budget (keys and read buffers)
 NVME_STEPS = 3
@@ -173,27 +167,34 @@ def measure_store_io(context: Context, plan: dict[str, Any], folder: Path) -> di
     return result
 
 
-def raw_aio_io(folder: Path, size: int, repeats: int = IO_REPEATS) -> dict[str, Any]:
-    """Median GB/s of writing and reading one ``size``-byte file whole through the store's DeepSpeed aio handle."""
+def file_gbs(size: int, write: Callable[[], Any], read: Callable[[], Any], before_read: Callable[[], Any]) -> dict:
+    """Median GB/s of ``IO_REPEATS`` rounds of ``write()`` then ``read()`` of one ``size``-byte file (``before_read()``
+    untimed in between)."""
+    writes, reads = [], []
+    for _ in range(IO_REPEATS):
+        writes.append(median_seconds(write, repeats=1, warmup=0)[0])
+        before_read()
+        reads.append(median_seconds(read, repeats=1, warmup=0)[0])
+    return {"bytes": size, "write_gbs": size / statistics.median(writes) / GB,
+            "read_gbs": size / statistics.median(reads) / GB}  # fmt: skip
+
+
+def raw_aio_io(folder: Path, size: int) -> dict[str, Any]:
+    """Writing and reading one ``size``-byte file whole through the store's DeepSpeed aio handle."""
     import meft_ds.swap
 
     handle = meft_ds.swap.aio_handle()
     path = str(folder / "raw_aio.bin")
     source = handle.new_cpu_locked_tensor(size // 4, torch.empty(0))
     target = handle.new_cpu_locked_tensor(size // 4, torch.empty(0))
-    writes, reads = [], []
     try:
         source.uniform_()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            handle.async_pwrite(source, path, 0)
-            handle.wait()
-            writes.append(time.perf_counter() - start)
-            target.zero_()
-            start = time.perf_counter()
-            handle.async_pread(target, path, 0)
-            handle.wait()
-            reads.append(time.perf_counter() - start)
+        result = file_gbs(
+            size,
+            lambda: (handle.async_pwrite(source, path, 0), handle.wait()),
+            lambda: (handle.async_pread(target, path, 0), handle.wait()),
+            target.zero_,
+        )
         if not torch.equal(source, target):
             raise RuntimeError("raw aio: the file read back differs from what was written")
     finally:
@@ -201,44 +202,39 @@ def raw_aio_io(folder: Path, size: int, repeats: int = IO_REPEATS) -> dict[str, 
         handle.free_cpu_locked_tensor(target)
         with contextlib.suppress(OSError):
             os.unlink(path)
-    return {"bytes": size, "write_gbs": size / statistics.median(writes) / GB,
-            "read_gbs": size / statistics.median(reads) / GB}  # fmt: skip
+    return result
 
 
-def plain_file_io(folder: Path, size: int, repeats: int = IO_REPEATS) -> dict[str, Any]:
-    """Median GB/s of a plain buffered write + fsync of one ``size``-byte file, and of a cold read of it (its pages
-    dropped from the page cache with posix_fadvise first)."""
+def plain_file_io(folder: Path, size: int) -> dict[str, Any]:
+    """A plain buffered write + fsync of one ``size``-byte file, and a cold read of it (its pages dropped from the
+    page cache with posix_fadvise first)."""
     path = folder / "plain.bin"
     source = torch.rand(size // 4).numpy()
-    target = torch.empty(size // 4).numpy()
-    writes, reads = [], []
+    view = memoryview(torch.empty(size // 4).numpy()).cast("B")
+
+    def write() -> None:
+        with open(path, "wb") as file:
+            file.write(memoryview(source).cast("B"))
+            file.flush()
+            os.fsync(file.fileno())
+
+    def drop_pages() -> None:
+        descriptor = os.open(path, os.O_RDONLY)
+        with contextlib.suppress(AttributeError, OSError):
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(descriptor)
+
+    def read() -> None:
+        with open(path, "rb", buffering=0) as file:
+            done = 0
+            while done < size and (count := file.readinto(view[done:])):
+                done += count
+
     try:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            with open(path, "wb") as file:
-                file.write(memoryview(source).cast("B"))
-                file.flush()
-                os.fsync(file.fileno())
-            writes.append(time.perf_counter() - start)
-            descriptor = os.open(path, os.O_RDONLY)
-            with contextlib.suppress(AttributeError, OSError):
-                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(descriptor)
-            view = memoryview(target).cast("B")
-            start = time.perf_counter()
-            with open(path, "rb", buffering=0) as file:
-                done = 0
-                while done < size:
-                    read = file.readinto(view[done:])
-                    if not read:
-                        break
-                    done += read
-            reads.append(time.perf_counter() - start)
+        return file_gbs(size, write, read, drop_pages)
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
-    return {"bytes": size, "write_gbs": size / statistics.median(writes) / GB,
-            "read_gbs": size / statistics.median(reads) / GB}  # fmt: skip
 
 
 def measure_nvme(context: Context, plan: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
@@ -269,3 +265,73 @@ def measure_nvme(context: Context, plan: dict[str, Any], notes: list[str]) -> di
         "folder": str(folder.parent),
         "mount": mount_of(folder.parent),
     }
+
+
+def nvme_rows(nvme: dict[str, Any]) -> list[list[Any]]:
+    """The table rows of the NVMe part (experiment f's columns): the store, the raw aio handle, a plain file."""
+    store, raw, plain = nvme["store"], nvme["raw_aio"], nvme["plain"]
+    steps = len(store["steps"])
+    per_step = (store["bytes_read"] + store["bytes_written"]) / steps
+    io_ms = (store["read_seconds"] + store["write_seconds"]) / steps * 1e3
+
+    def gbs(part: dict[str, Any]) -> str:
+        return f"{part['read_gbs']:.2f} / {part['write_gbs']:.2f}"
+
+    def vs_raw(part: dict[str, Any]) -> str:
+        return f"{fmt_ratio(part['read_gbs'] / raw['read_gbs'])} / {fmt_ratio(part['write_gbs'] / raw['write_gbs'])}"
+
+    return [
+        [
+            "NVMe tier", f"NvmeRowStore (measured; RAM {fmt_bytes(store['ram_bytes'])} of a "
+            f"{fmt_bytes(store['store_bytes'])} store)", f"{store['rows_updated'] / steps:.0f} updated",
+            fmt_bytes(per_step), f"I/O {io_ms:.0f} ms of a {store['seconds'] / steps * 1e3:.0f} ms step; "
+            f"whole step {store['step_gbs']:.2f} GB/s", gbs(store), vs_raw(store),
+        ],
+        [
+            "NVMe tier", f"DeepSpeed aio handle, one {fmt_bytes(raw['bytes'])} file (O_DIRECT)", "",
+            fmt_bytes(raw["bytes"]), "same handle and folder as the store", gbs(raw), "1.00x / 1.00x",
+        ],
+        [
+            "NVMe tier", "plain file: buffered write + fsync, cold read", "", fmt_bytes(plain["bytes"]),
+            "same folder", gbs(plain), vs_raw(plain),
+        ],
+    ]  # fmt: skip
+
+
+def nvme_how(nvme: dict[str, Any]) -> str:
+    st = nvme["store"]
+    return (
+        f'NVMe: in the benchmark\'s process, adapters with "store": {{"device": "nvme"}} (keys in RAM; values '
+        f"and moments on NVMe, read by blocks of {st['block_rows']} rows, in chunks of up to "
+        f"{st['chunk_blocks']} blocks through two aio handles in turns; RAM {fmt_bytes(st['ram_bytes'])} for a "
+        f"{fmt_bytes(st['store_bytes'])} store) train {len(st['steps'])} optimizer steps of {st['tokens']} "
+        "tokens (SparseRowAdam; AdamW for the routers). Read GB/s = bytes read over the time reads cost: every "
+        "gather_into whole (its reads overlap the keys' gather and the copy-out of the chunk before, counted "
+        "too), and the optimizer step's submits and waits; write GB/s = bytes written over their submits and "
+        "the waits that complete them (a wait charged to reads and writes by their bytes). Baselines in the "
+        f"same folder ({nvme['mount']}), median of {IO_REPEATS}: one file written and read whole through the "
+        "same DeepSpeed aio handle (1 MiB blocks, queue depth 32, O_DIRECT), and a plain buffered write + fsync and "
+        "a cold buffered read (pages dropped with posix_fadvise DONTNEED first)."
+    )
+
+
+def nvme_verdict(nvme: dict[str, Any]) -> str:
+    st, raw = nvme["store"], nvme["raw_aio"]
+    return (
+        f"NVMe store I/O read {st['read_gbs']:.2f} GB/s ({st['read_gbs'] / raw['read_gbs']:.0%} of the raw "
+        f"handle's; the forward's reads alone {st['forward_read_gbs']:.2f} GB/s), write {st['write_gbs']:.2f} "
+        f"GB/s vs raw aio {raw['read_gbs']:.2f} / {raw['write_gbs']:.2f} GB/s on the same folder, with the "
+        f"store {st['store_bytes'] / st['ram_bytes']:.1f}x its RAM at {st['tokens']} tokens per micro-batch."
+    )
+
+
+def nvme_plot(axes: Any, nvme: dict[str, Any] | None) -> None:
+    """Read and write GB/s of the store, the raw aio handle and the plain file, side by side."""
+    if nvme is None:
+        axes.text(0.5, 0.5, "NVMe tier skipped (no async I/O)", ha="center")
+        return
+    parts = [nvme["store"], nvme["raw_aio"], nvme["plain"]]
+    series = {kind: [p[f"{kind}_gbs"] for p in parts] for kind in ("read", "write")}
+    plots.grouped_bars(axes, ["NvmeRowStore", "raw aio", "plain file"], series)
+    axes.set_ylabel("GB/s")
+    axes.legend(fontsize=8)

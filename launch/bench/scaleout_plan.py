@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from bench.common import Context, Settings
+from meft_ds.models import is_builtin_model
 
 ADAPTER_LAYERS = 4  # the last layers of the model
 # SmolLM2-135M's shape with 4 layers: the quick run's random model
@@ -16,20 +17,11 @@ RANDOM_LLAMA = {
 }  # fmt: skip
 
 
-def _is_builtin(model: torch.nn.Module) -> bool:
-    from meft_ds.models import ModelLoadError, resolve_model
-
-    try:
-        return getattr(model.config, "_name_or_path", None) == resolve_model(None)[0]
-    except ModelLoadError:
-        return False
-
-
 def model_plan(context: Context) -> dict[str, Any]:
     """Which model and text: the context's own model (tests, or any model a caller put there), the real SmolLM2 in
     the full run, a random model of SmolLM2's shape with random tokens in the quick run."""
     s = context.settings
-    if context.model is not None and not _is_builtin(context.model):
+    if context.model is not None and not is_builtin_model(context.model):
         return {"source": "context", "label": f"the context's model ({type(context.model).__name__})"}
     if s.step_neurons >= Settings.full().step_neurons:
         return {"source": "builtin", "label": "SmolLM2-135M-Instruct (real weights, real text)"}

@@ -1,11 +1,6 @@
-"""c. Training step time on this CPU: MEFT vs LoRA vs dense parallel adapters, same model, batch and precision.
-
-Each variant adds its trainable part to a fresh copy of the frozen SmolLM2 (fp32) and runs whole optimizer steps:
-forward, backward, optimizer step(s), zero_grad, on packed micro-batches of real text. MEFT and LoRA on q,v (the
-target's pair) are timed side by side: warm-up steps each (MEFT's store is first touched there), then rounds that
-time one step of each in turn, medians; the other variants one after the other. Then a host timeline of MEFT's
-micro-steps (``bench/timeline.py``), beside the one measured before issue 16's changes (``c_timeline_before.json``).
-"""
+"""c. Training step time on this CPU: MEFT vs LoRA vs dense parallel adapters, same model, batch and precision; then
+a host timeline of MEFT's micro-steps (``bench/timeline.py``) beside the one measured before issue 16's changes
+(``docs/bench/c_timeline_before.json``)."""
 
 from __future__ import annotations
 
@@ -21,20 +16,19 @@ import torch
 from torch import nn
 
 import meft_ds
-from bench import timeline
+from bench import plots, timeline
 from bench.common import (
     GB,
     Context,
     Section,
-    figure_footer,
+    build_meft,
     fits_in_memory,
     fmt_ratio,
     free_memory,
     median_seconds,
-    meft_settings,
+    step_function,
 )
 from bench.report import cpu_brand
-from bench.traffic import build_meft
 from meft_ds.baselines import DenseParallelAdapter, add_dense_adapters, add_lora  # noqa: F401 - tests use the first
 
 WARMUP = 2  # steps before timing; a MEFT step is slower while its store is first touched
@@ -45,20 +39,6 @@ LORA_TARGETS = {
     "q,v": ["q_proj", "v_proj"],
     "all linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-
-
-def step_function(model: nn.Module, optimizers: list[Any], batch_of: Callable[[int], dict]) -> Callable[[], None]:
-    """One training step per call, each on the next micro-batch."""
-    counter = iter(range(10**9))
-
-    def step() -> None:
-        model(**batch_of(next(counter))).loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-        for optimizer in optimizers:
-            optimizer.zero_grad()
-
-    return step
 
 
 def trainable_count(model: nn.Module, extra: int = 0) -> int:
@@ -85,9 +65,7 @@ def build_variants(context: Context) -> list[tuple[str, Builder, float]]:
         return model, [torch.optim.AdamW(params, lr=1e-4)], trainable_count(model)
 
     def meft() -> tuple[nn.Module, list[Any], int]:
-        config = meft_settings({"num_neurons": r, "top_k": s.top_k}, context.overrides, {})
-        assert config is not None  # no variant keys of its own, so never skipped
-        model, optimizers = build_meft(context.fresh_model(), config, 1e-4)
+        model, optimizers = build_meft(context.fresh_model(), context.meft({"num_neurons": r, "top_k": s.top_k}), 1e-4)
         rows = sum(a.store.rows.numel() for a in meft_ds.adapters(model))
         return model, optimizers, trainable_count(model, rows)
 
@@ -231,17 +209,11 @@ def host_tables(host: dict[str, Any] | None, neurons: int) -> list[dict[str, Any
 
 
 def plot(section: Section, path: str) -> None:
-    import matplotlib.pyplot as plt
-
     measured = section.data["measured"]
-    figure, axes = plt.subplots(figsize=(9, 5.5))
-    axes.barh([m["variant"] for m in measured], [m["seconds"] for m in measured], color="tab:blue")
-    for i, m in enumerate(measured):
-        axes.text(m["seconds"], i, f" {m['seconds']:.2f} s", va="center", fontsize=8)
-    axes.invert_yaxis()
+    figure, axes = plots.figure()
+    seconds = [m["seconds"] for m in measured]
+    labels = [m["variant"] for m in measured]
+    plots.labelled_barh(axes, labels, seconds, [f" {s:.2f} s" for s in seconds], color="tab:blue")
     axes.set_xlabel("seconds per training step (median)")
     axes.set_title(f"c. Step time, SmolLM2-135M fp32, micro-batch 2 x 256, {section.data.get('cpu', '?')}")
-    figure.subplots_adjust(left=0.3, bottom=0.25)
-    figure_footer(figure, section.how, section.command)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save(figure, section, path, left=0.3)

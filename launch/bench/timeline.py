@@ -1,8 +1,8 @@
 """Where a MEFT micro-step's host time goes, phase by phase: wall-clock timers around meft_ds's functions.
 
 Each phase is a list of functions (class attributes, or attributes of the compiled kernels' module); a timed call's
-own time is charged to its phase, minus the timed calls inside it (a gather inside an upload counts as gather). Only
-names that exist are timed, so the same timeline runs against older versions of meft_ds (to measure "before").
+own time is charged to its phase, minus the timed calls inside it (a gather inside an upload counts as gather). The
+"before" column (``docs/bench/c_timeline_before.json``) was measured with the harness of that older checkout.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from meft_ds import adapter, ops, sparse_adam, store, transfer
@@ -28,7 +27,7 @@ PHASES: dict[str, list[tuple[Any, str]]] = {
         *((transfer.RowTransfer, name) for name in ("accept_grads", "grad_destination", "flush")),
         (transfer._Handover, "complete"),
     ],
-    "accumulation": [(store.CpuRowStore, "accumulate_grad")],
+    "accumulation": [(store.RowStore, "accumulate_grad")],  # every tier's, the interface's own
     "sparse step: finiteness check": [(sparse_adam.SparseRowAdam, "row_grads_finite")],
     "sparse step: update": [(sparse_adam.SparseRowAdam, "step")],
 }
@@ -62,9 +61,7 @@ class HostTimeline:
         for phase, functions in PHASES.items():
             for owner, name in functions:
                 target = kernels if owner == "kernels" else owner
-                original = target.__dict__.get(name) if isinstance(target, type) else getattr(target, name, None)
-                if original is None:
-                    continue
+                original = target.__dict__[name] if isinstance(target, type) else getattr(target, name)
                 setattr(target, name, self._wrap(phase, original))
                 self._restore.append(functools.partial(setattr, target, name, original))
         return self
@@ -114,44 +111,3 @@ def table(after: dict[str, Any], before: dict[str, Any] | None = None) -> list[l
             f"{per_step:.0f}",
         ])  # fmt: skip
     return rows
-
-
-def main() -> None:
-    """Measure the timeline alone (e.g. on an older checkout, for the "before" column):
-    ``PYTHONPATH=<checkout>:launch python -m bench.timeline --out docs/bench/c_timeline_before.json``."""
-    import argparse
-    import json
-    import subprocess
-
-    import meft_ds
-    from bench.common import Context, Settings, meft_settings
-    from bench.report import cpu_brand
-    from bench.steptime import WARMUP, step_function
-    from bench.traffic import build_meft
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-    settings = Settings.full()
-    context = Context(settings, "timeline")
-    config = meft_settings({"num_neurons": settings.step_neurons, "top_k": settings.top_k}, {}, {})
-    model, optimizers = build_meft(context.fresh_model(), config, 1e-4)
-    step = step_function(model, optimizers, context.batch)
-    for _ in range(WARMUP):
-        step()
-    seconds = timed_steps(step, args.steps)
-    root = Path(adapter.__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    record = {
-        "seconds": seconds, "steps": args.steps, "layers": len(meft_ds.adapters(model)),
-        "neurons": settings.step_neurons, "commit": commit.stdout.strip(), "cpu": cpu_brand(),
-        "command": "python -m bench.timeline",
-    }  # fmt: skip
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    for row in table(record):
-        print(" | ".join(row))
-
-
-if __name__ == "__main__":
-    main()

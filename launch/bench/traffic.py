@@ -1,27 +1,9 @@
 """a. Host<->device bytes per optimizer step: MEFT (measured) vs a dense parallel adapter under ZeRO-Offload (analytic).
 
-Dense side: what DeepSpeed 0.19.8's ZeRO-2 with ``offload_optimizer: cpu`` moves for a dense trainable tensor of
-``N`` elements, read from ``deepspeed/runtime/zero/stage_1_and_2.py`` (bf16 compute, default fp32 master weights,
-``grad_accum_dtype`` unset, so it equals the compute dtype and the "compact" fp32 device buffer is not used):
+Dense side: ``bench/formulas.py`` (DeepSpeed ZeRO-2 CPU offload as coded, and the minimal offload).
 
-* ``copy_grads_in_partition`` at every micro-step of an accumulation window with ``G > 1`` calls
-  ``async_accumulate_grad_in_cpu_via_gpu``: from the second micro-step on, it first copies the CPU accumulation buffer
-  to the device (``accumulate_gradients``: host->device ``2N`` bytes) and adds, then always copies the sum back
-  (``copy_gradients_to_cpu``: device->host ``2N``).
-* at the boundary micro-step, ``async_inplace_copy_grad_to_fp32_buffer_from_gpu`` casts the gradient to fp32 on the
-  device and copies it into the CPU fp32 partition (device->host ``4N``).
-* ``step`` runs the CPU Adam, then copies the bf16 parameters back (``bit16_partitions[...].copy_``: host->device
-  ``2N``).
-
-So per optimizer step, with ``G >= 2``: host->device ``2N*G``, device->host ``2N*G + 4N``; with ``G = 1``: ``2N`` and
-``4N``. The "minimal" offload (one bf16 gradient copy per micro-step, one bf16 parameter copy per step) is shown too,
-as the most favourable case for the dense adapter.
-
-MEFT side: ``meft_ds.stats(model)`` counters over real micro-steps and optimizer steps on SmolLM2 with real text,
-rows travelling in bf16 (``row_dtype="bf16"``, as on a bf16 accelerator); the routing inputs (hidden states, router
-logits) travel in the row dtype too and indices in the narrowest integer type, as meft_ds sends them. The routers
-are ordinary engine parameters: under the same ZeRO-Offload config they move like the dense adapter, so their bytes
-(same formula, ``N = L*E*d``) are added to MEFT's.
+MEFT side: ``meft_ds.stats(model)`` counters over real micro-steps and optimizer steps (``_how`` says which); the
+routers are engine parameters that move like the dense adapter under ZeRO-Offload, so their bytes are added.
 """
 
 from __future__ import annotations
@@ -35,47 +17,27 @@ import torch
 from torch import nn
 
 import meft_ds
-from bench.common import GB, Context, Section, fits_in_memory, fmt_bytes, fmt_ratio, free_memory, meft_settings
-
-BF16 = 2
-FP32 = 4
-
-
-@dataclass(frozen=True)
-class OffloadBytes:
-    """Bytes one optimizer step moves each way."""
-
-    to_device: float
-    to_host: float
-
-    @property
-    def total(self) -> float:
-        return self.to_device + self.to_host
-
-
-def zero_offload_bytes(
-    num_params: int, accum_steps: int, *, compute_bytes: int = BF16, master_bytes: int = FP32
-) -> OffloadBytes:
-    """Per optimizer step, DeepSpeed 0.19.8 ZeRO-2 CPU offload as coded (see the module docstring)."""
-    if accum_steps < 1:
-        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-    params_back = compute_bytes * num_params
-    if accum_steps == 1:
-        return OffloadBytes(to_device=params_back, to_host=master_bytes * num_params)
-    grads_in = compute_bytes * num_params * (accum_steps - 1)  # every micro-step after the first
-    grads_out = compute_bytes * num_params * accum_steps + master_bytes * num_params
-    return OffloadBytes(to_device=grads_in + params_back, to_host=grads_out)
-
-
-def minimal_offload_bytes(num_params: int, accum_steps: int, *, compute_bytes: int = BF16) -> OffloadBytes:
-    """Per optimizer step, the least any gradient offload can move: each micro-step's gradient out once, the
-    updated parameters back once."""
-    return OffloadBytes(to_device=compute_bytes * num_params, to_host=compute_bytes * num_params * accum_steps)
-
-
-def dense_adapter_params(num_layers: int, neurons: int, dim: int) -> int:
-    """Elements of a dense parallel adapter: keys and values, ``r x d`` each, per layer."""
-    return 2 * neurons * dim * num_layers
+from bench import plots
+from bench.common import (
+    GB,
+    Context,
+    Section,
+    build_meft,
+    fits_in_memory,
+    fmt_bytes,
+    fmt_ratio,
+    free_memory,
+    optimizer_step,
+    stats_delta,
+)
+from bench.formulas import (
+    BF16,
+    FP32,
+    OffloadBytes,
+    dense_adapter_params,
+    minimal_offload_bytes,
+    zero_offload_bytes,
+)
 
 
 def router_params(model: nn.Module) -> int:
@@ -84,10 +46,6 @@ def router_params(model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # measuring MEFT
-
-
-def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {key: after[key] - before.get(key, 0) for key in after}
 
 
 @dataclass
@@ -135,21 +93,6 @@ class Window:
         )
 
 
-def build_meft(model: nn.Module, config: meft_ds.MeftConfig, lr: float) -> tuple[nn.Module, list[Any]]:
-    """Inject MEFT adapters into ``model``; the sparse Adam for the rows and an AdamW for the routers."""
-    meft_ds.inject(model, config)
-    sparse = meft_ds.SparseRowAdam(meft_ds.adapters(model), lr=lr)
-    dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    return model, [sparse, dense]
-
-
-def optimizer_step(optimizers: list[Any]) -> None:
-    for optimizer in optimizers:
-        optimizer.step()
-    for optimizer in optimizers:
-        optimizer.zero_grad()
-
-
 def measure_window(model: nn.Module, optimizers: list[Any], batches: list[dict[str, torch.Tensor]]) -> Window:
     """One optimizer step accumulated over ``batches``, with the ``meft_ds.stats`` deltas of each part."""
     micro = []
@@ -179,15 +122,11 @@ def fixed_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
 
 
 def device_cache_bytes(model: nn.Module) -> int:
-    return sum(getattr(a.transfer, "device_bytes", 0) for a in meft_ds.adapters(model))
+    return sum(a.transfer.device_bytes for a in meft_ds.adapters(model))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the experiment
-
-
-def known_setting(name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(meft_ds.MeftConfig)}
 
 
 def measure_neurons(context: Context, neurons: int, notes: list[str]) -> dict[str, Any] | None:
@@ -198,54 +137,42 @@ def measure_neurons(context: Context, neurons: int, notes: list[str]) -> dict[st
     measures at initialisation (the same seeded init), loads the trained adapter and measures again."""
     s = context.settings
     base = {"num_neurons": neurons, "top_k": s.top_k, "row_dtype": "bf16"}
-    plain_variant = {"cache_mb": 0} if known_setting("cache_mb") else {}
     config = context.base().config
     num_layers, dim = config.num_hidden_layers, config.hidden_size
     dense_n = dense_adapter_params(num_layers, neurons, dim)
     cache_mb = context.cache_mb if context.cache_mb is not None else 2 * BF16 * dense_n / 2**20
     # one store (rows, two moments, at worst a full gradient accumulator) + the cache + a model copy and activations
-    needed = 4 * dense_n * FP32 + cache_mb * 2**20 + 2 * GB
-    if not fits_in_memory(needed, f"r={neurons}", notes):
+    if not fits_in_memory(4 * dense_n * FP32 + cache_mb * 2**20 + 2 * GB, f"r={neurons}", notes):
         return None
+    plain = context.meft(base, {"cache_mb": 0})
     result: dict[str, Any] = {"neurons": neurons, "layers": num_layers, "dim": dim, "dense_params": dense_n}
-    plain = meft_settings(base, context.overrides, plain_variant)
-    cached = meft_settings(base, context.overrides, {"cache_mb": cache_mb})
-    result["config"] = (plain or cached).to_dict() if (plain or cached) else None
+    result |= {"config": plain.to_dict(), "cache_mb": cache_mb}
     windows: dict[str, dict[str, Window]] = {"init": {}, "trained": {}}
+    plain_steps, window = s.traffic_plain_micro_steps, s.traffic_window
     with tempfile.TemporaryDirectory(prefix="meft_bench_") as trained_dir:
-        trained = False
-        if plain is not None:
-            print(f"  r={neurons}: MEFT without cache, {s.traffic_plain_micro_steps} micro-steps at init")
-            model, optimizers = build_meft(context.fresh_model(), plain, s.train_lr)
-            result["router_params"] = router_params(model)
-            plain_batches = [context.batch(i) for i in range(s.traffic_plain_micro_steps)]
-            windows["init"]["plain"] = measure_window(model, optimizers, plain_batches)
-            print(f"  r={neurons}: training {s.train_steps} steps on facts (lr {s.train_lr})")
-            result["fixed_batch_loss"] = [fixed_batch_loss(model, context.batch(0))]
-            result["train_losses"] = train(model, optimizers, [context.batch(100 + i) for i in range(s.train_steps)])
-            result["fixed_batch_loss"].append(fixed_batch_loss(model, context.batch(0)))
-            trained_batches = [context.batch(200 + i) for i in range(s.traffic_plain_micro_steps)]
-            windows["trained"]["plain"] = measure_window(model, optimizers, trained_batches)
-            meft_ds.save_adapter(model, trained_dir)
-            trained = True
-            del model, optimizers  # the optimizers hold the adapters, hence the row store
-            free_memory()
-        if cached is not None:
-            print(f"  r={neurons}: MEFT with a {cache_mb:.0f} MiB cache, one step of {s.traffic_window} micro-steps x2")
-            model, optimizers = build_meft(context.fresh_model(), cached, s.train_lr)
-            result.setdefault("router_params", router_params(model))
-            result["cache_mb"] = cache_mb
-            init_batches = [context.batch(i) for i in range(s.traffic_window)]
-            windows["init"]["cache"] = measure_window(model, optimizers, init_batches)
-            result["cache_device_bytes"] = device_cache_bytes(model)
-            if trained:
-                meft_ds.load_adapter(model, trained_dir)
-                trained_batches = [context.batch(200 + i) for i in range(s.traffic_window)]
-                windows["trained"]["cache"] = measure_window(model, optimizers, trained_batches)
-            del model, optimizers
-            free_memory()
-        else:
-            result["notes"] = ["the cache variant was skipped: this meft_ds has no cache_mb setting"]
+        print(f"  r={neurons}: MEFT without cache, {plain_steps} micro-steps at init")
+        model, optimizers = build_meft(context.fresh_model(), plain, s.train_lr)
+        result["router_params"] = router_params(model)
+        windows["init"]["plain"] = measure_window(model, optimizers, [context.batch(i) for i in range(plain_steps)])
+        print(f"  r={neurons}: training {s.train_steps} steps on facts (lr {s.train_lr})")
+        result["fixed_batch_loss"] = [fixed_batch_loss(model, context.batch(0))]
+        result["train_losses"] = train(model, optimizers, [context.batch(100 + i) for i in range(s.train_steps)])
+        result["fixed_batch_loss"].append(fixed_batch_loss(model, context.batch(0)))
+        trained_batches = [context.batch(200 + i) for i in range(plain_steps)]
+        windows["trained"]["plain"] = measure_window(model, optimizers, trained_batches)
+        meft_ds.save_adapter(model, trained_dir)
+        del model, optimizers  # the optimizers hold the adapters, hence the row store
+        free_memory()
+        print(f"  r={neurons}: MEFT with a {cache_mb:.0f} MiB cache, one step of {window} micro-steps x2")
+        cached = context.meft(base, {"cache_mb": cache_mb})
+        model, optimizers = build_meft(context.fresh_model(), cached, s.train_lr)
+        windows["init"]["cache"] = measure_window(model, optimizers, [context.batch(i) for i in range(window)])
+        result["cache_device_bytes"] = device_cache_bytes(model)
+        meft_ds.load_adapter(model, trained_dir)
+        trained_batches = [context.batch(200 + i) for i in range(window)]
+        windows["trained"]["cache"] = measure_window(model, optimizers, trained_batches)
+        del model, optimizers
+        free_memory()
     result["windows"] = {
         phase: {name: dataclasses.asdict(window) for name, window in by_variant.items()}
         for phase, by_variant in windows.items()
@@ -255,14 +182,14 @@ def measure_neurons(context: Context, neurons: int, notes: list[str]) -> dict[st
 
 def summarize(result: dict[str, Any], accum_steps: int, window: int) -> list[dict[str, Any]]:
     """Rows of the table for one ``r``: per state, the dense baselines and each MEFT variant measured."""
-    dense_n, router_n = result["dense_params"], result.get("router_params", 0)
+    dense_n, router_n = result["dense_params"], result["router_params"]
     rows = []
     for phase, by_variant in result["windows"].items():
         for g in sorted({window, accum_steps}):
             coded = zero_offload_bytes(dense_n, g)
             minimal = minimal_offload_bytes(dense_n, g)
             router = zero_offload_bytes(router_n, g)
-            entry: dict[str, Any] = {"r": result["neurons"], "state": phase, "G": g, "cache_mb": result.get("cache_mb")}
+            entry: dict[str, Any] = {"r": result["neurons"], "state": phase, "G": g, "cache_mb": result["cache_mb"]}
             entry["dense_coded"], entry["dense_minimal"] = dataclasses.asdict(coded), dataclasses.asdict(minimal)
             entry["router"] = dataclasses.asdict(router)
             for name, raw in by_variant.items():
@@ -291,6 +218,12 @@ def run(context: Context) -> Section:
     measured = [measure_neurons(context, neurons, skipped) for neurons in s.traffic_neurons]
     results = [result for result in measured if result is not None]
     summaries = [row for result in results for row in summarize(result, s.accum_steps, s.traffic_window)]
+    g = f"G={s.accum_steps}"
+    columns = [
+        "r", "state", "variant", f"to device / micro-step (avg, {g})", f"to host / micro-step (avg, {g})",
+        *([f"per opt. step, G={s.traffic_window}"] if s.traffic_window != s.accum_steps else []),
+        f"per opt. step, {g}", f"dense (as coded) ÷ this, {g}", f"dense (minimal) ÷ this, {g}", "rows / layer",
+    ]  # fmt: skip
     return Section(
         key="a",
         title="Host<->device bytes per optimizer step: MEFT vs a dense parallel adapter under ZeRO-Offload",
@@ -302,18 +235,7 @@ def run(context: Context) -> Section:
             "ZeRO-2 CPU offload, at initialisation and after brief training on facts."
         ),
         how=_how(s),
-        columns=[
-            "r",
-            "state",
-            "variant",
-            f"to device / micro-step (avg, G={s.accum_steps})",
-            f"to host / micro-step (avg, G={s.accum_steps})",
-            *([f"per opt. step, G={s.traffic_window}"] if s.traffic_window != s.accum_steps else []),
-            f"per opt. step, G={s.accum_steps}",
-            f"dense (as coded) ÷ this, G={s.accum_steps}",
-            f"dense (minimal) ÷ this, G={s.accum_steps}",
-            "rows / layer",
-        ],
+        columns=columns,
         rows=table_rows(summaries, s.traffic_window, s.accum_steps),
         target=">= 10x fewer bytes per optimizer step than the dense adapter under ZeRO-Offload (paper: 3.57x)",
         met=_met(summaries, s.accum_steps, complete=not skipped),
@@ -337,7 +259,7 @@ def _how(s: Any) -> str:
     return (
         "Dense: analytic, from DeepSpeed 0.19.8 stage_1_and_2.py as coded (bf16 gradients round-trip through the CPU "
         "accumulation buffer at every micro-step after the first, an fp32 copy at the boundary, bf16 parameters back "
-        "once per step; see launch/bench/traffic.py), and the minimal offload (one bf16 gradient copy per micro-step, "
+        "once per step; see launch/bench/formulas.py), and the minimal offload (one bf16 gradient copy per micro-step, "
         "one bf16 parameter copy per step). MEFT: meft_ds.stats(model) counters (bytes_to_device, bytes_to_host, "
         "which include row_bytes_*, indices and hidden states) over real forward+backward micro-steps and optimizer "
         "steps (SparseRowAdam + AdamW on the routers) in a plain PyTorch loop, rows, hidden states and router logits "
@@ -350,28 +272,20 @@ def _how(s: Any) -> str:
     )
 
 
-def _variant_label(name: str, cache_mb: float | None) -> str:
-    if name == "plain" or cache_mb is None:
-        return "MEFT, no cache (+ routers)"
-    return f"MEFT, cache {cache_mb / 1024:.2f} GiB (+ routers)"
-
-
 def _variants(entry: dict[str, Any]) -> list[tuple[str, str, OffloadBytes, bool, str]]:
     """(key, label, bytes per optimizer step, extrapolated?, rows note) of every variant of one summary entry."""
     out = [
         ("dense_coded", "dense adapter, ZeRO-Offload as coded", OffloadBytes(**entry["dense_coded"]), False, "all r"),
         ("dense_minimal", "dense adapter, minimal offload", OffloadBytes(**entry["dense_minimal"]), False, "all r"),
     ]
-    for name in ("plain", "cache"):
-        if name in entry:
-            v = entry[name]
-            rows = (
-                f"{v['rows_per_layer_micro']:.0f} fetched / micro-step"
-                if name == "plain"
-                else f"{v['rows_updated_per_layer']:.0f} updated / step"
-            )
-            label = _variant_label(name, entry["cache_mb"])
-            out.append((name, label, OffloadBytes(v["to_device"], v["to_host"]), v["extrapolated"], rows))
+    plain, cache = entry["plain"], entry["cache"]
+    out.append(("plain", "MEFT, no cache (+ routers)", OffloadBytes(plain["to_device"], plain["to_host"]),
+                plain["extrapolated"], f"{plain['rows_per_layer_micro']:.0f} fetched / micro-step"))  # fmt: skip
+    out.append((
+        "cache", f"MEFT, cache {entry['cache_mb'] / 1024:.2f} GiB (+ routers)",
+        OffloadBytes(cache["to_device"], cache["to_host"]), cache["extrapolated"],
+        f"{cache['rows_updated_per_layer']:.0f} updated / step",
+    ))  # fmt: skip
     return out
 
 
@@ -403,19 +317,16 @@ def _best_ratios(summaries: list[dict[str, Any]], accum_steps: int) -> list[tupl
     for entry in summaries:
         if entry["G"] != accum_steps:
             continue
-        variants = [
-            (name, entry[name]["to_device"] + entry[name]["to_host"]) for name in ("plain", "cache") if name in entry
-        ]
-        if variants:
-            name, total = min(variants, key=lambda item: item[1])
-            best.append((entry["r"], entry["state"], name, OffloadBytes(**entry["dense_coded"]).total / total))
+        variants = [(name, entry[name]["to_device"] + entry[name]["to_host"]) for name in ("plain", "cache")]
+        name, total = min(variants, key=lambda item: item[1])
+        best.append((entry["r"], entry["state"], name, OffloadBytes(**entry["dense_coded"]).total / total))
     return best
 
 
 def _met(summaries: list[dict[str, Any]], accum_steps: int, complete: bool) -> bool | None:
-    """Judged only when every r was measured, with the cache variant (the one the target is about)."""
+    """Judged only when every r was measured."""
     best = _best_ratios(summaries, accum_steps)
-    if not complete or not best or not all("cache" in entry for entry in summaries):
+    if not complete or not best:
         return None
     return all(ratio >= 10 for *_, ratio in best)
 
@@ -449,10 +360,8 @@ def paper_comparison(result: dict[str, Any]) -> str:
     dense = minimal_offload_bytes(result["dense_params"], 1).total
     parts = []
     for phase, by_variant in result["windows"].items():
-        if "plain" in by_variant:
-            window = Window(**by_variant["plain"])
-            meft = window.plain_bytes_at(1).total + zero_offload_bytes(result["router_params"], 1).total
-            parts.append(f"{phase} {fmt_ratio(dense / meft)}")
+        meft = Window(**by_variant["plain"]).plain_bytes_at(1).total
+        parts.append(f"{phase} {fmt_ratio(dense / (meft + zero_offload_bytes(result['router_params'], 1).total))}")
     return (
         f"r={result['neurons']}, the paper's per-iteration comparison (no accumulation; the dense adapter moves "
         f"2|theta| = {fmt_bytes(dense)}, MEFT one micro-step without the cache, routers included): "
@@ -465,65 +374,49 @@ def _notes(results: list[dict[str, Any]], s: Any) -> list[str]:
     notes = []
     for result in results:
         r = result["neurons"]
-        router = zero_offload_bytes(result.get("router_params", 0), s.accum_steps).total
+        router = zero_offload_bytes(result["router_params"], s.accum_steps).total
         notes.append(
             f"r={r}: the routers ({result.get('router_params', 0):,} parameters) add {fmt_bytes(router)} per optimizer "
             f"step at G={s.accum_steps} under ZeRO-Offload (included above); kept on the device with a device "
             "optimizer they would add nothing."
         )
-        if "plain" in result["windows"]["init"]:
-            notes.append(paper_comparison(result))
-        notes.extend(breakdown(result, name) for name in ("plain", "cache") if name in result["windows"]["trained"])
-        if "cache_mb" in result:
-            notes.append(
-                f"r={r}: cache budget {result['cache_mb']:.0f} MiB for the model (cache_mb; default: the dense "
-                f"adapter's device bytes under ZeRO-Offload, bf16 weights + bf16 gradients = 4 bytes x "
-                f"{result['dense_params']:,}); {fmt_bytes(result.get('cache_device_bytes', 0))} allocated."
-            )
-        if "fixed_batch_loss" in result:
-            before, after = result["fixed_batch_loss"]
-            notes.append(
-                f"r={r}: the brief training ({len(result['train_losses'])} steps) took the loss on a fixed batch from "
-                f"{before:.3f} to {after:.3f}."
-            )
-        notes.extend(result.get("notes", []))
+        notes.append(paper_comparison(result))
+        notes.extend(breakdown(result, name) for name in ("plain", "cache"))
+        before, after = result["fixed_batch_loss"]
+        notes.append(
+            f"r={r}: cache budget {result['cache_mb']:.0f} MiB for the model (cache_mb; default: the dense "
+            f"adapter's device bytes under ZeRO-Offload, bf16 weights + bf16 gradients = 4 bytes x "
+            f"{result['dense_params']:,}); {fmt_bytes(result['cache_device_bytes'])} allocated."
+        )
+        notes.append(
+            f"r={r}: the brief training ({len(result['train_losses'])} steps) took the loss on a fixed batch from "
+            f"{before:.3f} to {after:.3f}."
+        )
     if s.traffic_window < s.accum_steps:
         notes.append("* scaled from the measured window (see how it was measured).")
     return notes
 
 
 def plot(section: Section, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    from bench.common import figure_footer
-
     accum = max(e["G"] for e in section.data["summaries"])
     entries = [e for e in section.data["summaries"] if e["G"] == accum]
-    figure, axes = plt.subplots(figsize=(10, 6))
+    variants = [{key: b for key, _, b, _, _ in _variants(entry)} for entry in entries]
     names = {
         "dense_coded": "dense adapter, ZeRO-Offload as coded",
         "dense_minimal": "dense adapter, minimal offload",
         "plain": "MEFT, no cache (+ routers)",
         "cache": "MEFT, device cache (+ routers; budget in the table)",
     }
-    width = 0.8 / len(names)
-    for i, (name, label) in enumerate(names.items()):
-        xs, heights, ratios = [], [], []
-        for j, entry in enumerate(entries):
-            variants = {key: b for key, _, b, _, _ in _variants(entry)}
-            if name in variants:
-                xs.append(j + (i - (len(names) - 1) / 2) * width)
-                heights.append(variants[name].total / 1e9)
-                ratios.append(variants["dense_coded"].total / variants[name].total)
-        bars = axes.bar(xs, heights, width, label=label)
+    fig, axes = plots.figure(10, 6)
+    groups = [f"r={e['r']}\n{e['state']}" for e in entries]
+    series = {label: [v[name].total / 1e9 for v in variants] for name, label in names.items()}
+    bars = plots.grouped_bars(axes, groups, series)
+    for name, container in zip(names, bars, strict=True):
         if name in ("plain", "cache"):
-            axes.bar_label(bars, [f"{r:.1f}x less" for r in ratios], fontsize=7)
-    axes.set_xticks(range(len(entries)), [f"r={e['r']}\n{e['state']}" for e in entries])
+            ratios = [v["dense_coded"].total / v[name].total for v in variants]
+            axes.bar_label(container, [f"{r:.1f}x less" for r in ratios], fontsize=7)
     axes.set_ylabel(f"GB per optimizer step (G={accum})")
     axes.set_ylim(0, axes.get_ylim()[1] * 1.3)  # room for the legend above the bars
     axes.set_title("a. Host<->device bytes per optimizer step, SmolLM2-135M (30 layers), bf16 rows")
     axes.legend(fontsize=8, ncol=2, loc="upper center")
-    figure.subplots_adjust(bottom=0.33)
-    figure_footer(figure, section.how, section.command)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save(fig, section, path, bottom=0.33)
