@@ -6,12 +6,15 @@ of what the store holds) stay in RAM, and routing reads nothing from NVMe. What 
 needs only for the rows it selected: their values, and at the optimizer step the touched rows' values and moments.
 
 * The unit of I/O is a block of ``block_rows`` consecutive rows (the fewest whose values fill 4 KiB, or one row where
-  one row is larger): a micro-batch reads the blocks holding the rows it selected, each run of consecutive blocks in
-  one request. Reads go through two aio handles in turns, in chunks of the read buffer (``ram_budget`` minus the
-  keys, halved): while one chunk is read, the other is copied out into the staging buffer, and the first chunk is
-  read while the keys are gathered.
-* At the optimizer step the touched rows' blocks (values and both moments) are read into compact buffers, updated
-  in place (the keys in RAM directly), and written back; the writes complete behind the next store's reads.
+  one row is larger): a micro-batch reads the blocks holding the rows it selected. A request costs far more than the
+  bytes of a few blocks (DeepSpeed's handle opens the file and serves its requests one after another), so the blocks
+  are read by spans that read through gaps of up to ``gap_bytes`` unselected blocks (:func:`coalesce`); the gap
+  blocks are read, counted in ``nvme_bytes_read``, and dropped. The spans, laid end to end, are cut into chunks of
+  half the read area (``ram_budget`` minus the keys): one chunk is read on one aio handle while the chunk before is
+  copied out of the other half, and the first chunk is read while the keys are gathered.
+* At the optimizer step the touched rows' blocks (values and both moments) are read the same way, chunk by chunk,
+  into compact buffers, updated in place (the keys in RAM directly), and written back by runs of consecutive blocks
+  on both handles; the writes complete behind the next store's reads.
 
 Files live under the NVMe folder: ``layer_<i>.{values,exp_avg,exp_avg_sq}.bin``, raw fp32, ``r x d`` values and
 ``r x 2 x d`` moments (rounded up to whole blocks), created sparse (all zeros) without writing. Checkpoints hold
@@ -28,7 +31,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,6 +45,8 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 FILES = ("values", *MOMENTS)
 ALIGNMENT = 512  # O_DIRECT: offsets and sizes must be multiples of the logical block size
 BLOCK_BYTES = 4096  # values per block: at least this many bytes (one NVMe page)
+GAP_BYTES = 128 * 1024  # read through a gap of unselected blocks up to this size rather than start a new request:
+# a request cost ~130 us more than its bytes on this machine (measured), which is ~128 KiB at ~1 GB/s
 
 
 class AioQueue:
@@ -121,16 +126,45 @@ def check_nvme_path(path: str, needed_bytes: int) -> Path:
     return folder
 
 
-def _runs(blocks: list[int], longest: int) -> list[tuple[int, int, int]]:
-    """``(position, first block, count)`` of each run of consecutive ``blocks`` (sorted), at most ``longest`` long."""
-    runs, start = [], 0
-    while start < len(blocks):
-        end = start + 1
-        while end < len(blocks) and blocks[end] == blocks[end - 1] + 1 and end - start < longest:
-            end += 1
-        runs.append((start, blocks[start], end - start))
-        start = end
-    return runs
+def coalesce(blocks: torch.Tensor, gap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spans of the file covering the sorted unique ``blocks``, a span reading through gaps of at most ``gap``
+    unselected blocks: ``(first block, count)`` of each span, and each block's position in the spans laid end to end."""
+    if not blocks.numel():
+        return blocks, blocks, blocks
+    opens = torch.ones_like(blocks, dtype=torch.bool)
+    opens[1:] = blocks[1:] - blocks[:-1] > gap + 1
+    firsts = opens.nonzero().flatten()
+    lasts = torch.cat([firsts[1:] - 1, firsts.new_tensor([blocks.numel() - 1])])
+    first, count = blocks[firsts], blocks[lasts] - blocks[firsts] + 1
+    span = torch.cumsum(opens, 0) - 1
+    return first, count, (torch.cumsum(count, 0) - count)[span] + blocks - first[span]
+
+
+def chunk_requests(first: torch.Tensor, count: torch.Tensor, capacity: int) -> list[list[tuple[int, int, int]]]:
+    """The spans laid end to end, cut into chunks of ``capacity`` blocks: per chunk, ``(position in the chunk,
+    first block, count)`` of each request (a span crossing a chunk's end is split there)."""
+    chunks: list[list[tuple[int, int, int]]] = []
+    position = 0
+    for block, left in zip(first.tolist(), count.tolist(), strict=True):
+        while left:
+            chunk, within = divmod(position, capacity)
+            take = min(left, capacity - within)
+            if chunk == len(chunks):
+                chunks.append([])
+            chunks[chunk].append((within, block, take))
+            position, block, left = position + take, block + take, left - take
+    return chunks
+
+
+class ReadChunk(NamedTuple):
+    """One chunk read by :meth:`NvmeRowStore._read`: blocks ``start:stop`` of those asked for are rows ``selected`` of
+    ``blocks``, a ``(k, block numel)`` view of the read area (the other rows are gaps read through)."""
+
+    file: str
+    blocks: torch.Tensor
+    selected: torch.Tensor
+    start: int
+    stop: int
 
 
 class NvmeRowStore(RowStore):
@@ -139,7 +173,7 @@ class NvmeRowStore(RowStore):
 
     def __init__(
         self, keys: torch.Tensor, *, expert_size: int, folder: Path, layer_index: int, ram_budget: int,
-        stats: TrafficStats,
+        stats: TrafficStats, gap_bytes: int = GAP_BYTES,
     ) -> None:  # fmt: skip
         self.num_rows, self.dim = keys.shape
         self.expert_size = expert_size  # routing's unit; I/O goes by blocks of rows instead
@@ -159,11 +193,11 @@ class NvmeRowStore(RowStore):
         self.queues = aio_queues()
         self.handle = self.queues[0].handle  # allocates the page-locked buffers
         self.keys_ram = keys.clone()
+        self.gap_bytes = gap_bytes
+        self.bytes_needed = 0  # of what was read, the values and moments of the rows asked for (no gaps, no neighbours)
         chunk_blocks = (ram_budget - self.num_rows * self.dim * FP32) // (2 * self.value_numel * FP32)
         self.chunk_blocks = int(min(chunk_blocks, self.num_blocks))
-        self._read_buffers = [
-            self.handle.new_cpu_locked_tensor(self.chunk_blocks * self.value_numel, torch.empty(0)) for _ in range(2)
-        ]
+        self._read_area = self.handle.new_cpu_locked_tensor(2 * self.chunk_blocks * self.value_numel, torch.empty(0))
         self._writing: list[torch.Tensor] = []  # buffers whose writes may still be in flight
         self._create_files()
 
@@ -185,9 +219,10 @@ class NvmeRowStore(RowStore):
         self.queues[handle].wait()
 
     def _finish_writes(self) -> None:
-        """Wait for the last optimizer step's writes and free their buffers."""
+        """Wait for the last optimizer step's writes (on both queues) and free their buffers."""
         if self._writing:
-            self._wait(0)
+            for handle in range(len(self.queues)):
+                self._wait(handle)
             for buffer in self._writing:
                 self.handle.free_cpu_locked_tensor(buffer)
             self._writing = []
@@ -200,9 +235,54 @@ class NvmeRowStore(RowStore):
 
     def _block_positions(self, row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The sorted unique blocks holding ``row_ids``, and each row's position in those blocks laid end to end."""
-        blocks = torch.div(row_ids, self.block_rows, rounding_mode="floor")
-        unique = torch.unique(blocks)
-        return unique, torch.searchsorted(unique, blocks) * self.block_rows + row_ids % self.block_rows
+        blocks, inverse = torch.unique(torch.div(row_ids, self.block_rows, rounding_mode="floor"), return_inverse=True)
+        return blocks, inverse * self.block_rows + row_ids % self.block_rows
+
+    def _read(self, files: tuple[str, ...], blocks: torch.Tensor) -> Iterator[ReadChunk]:
+        """Read ``blocks`` (sorted, unique) of each file in ``files`` into the read area, by spans that read through
+        gaps of up to ``gap_bytes`` (see :func:`coalesce`), cut into chunks of half the area (of all of it for a block
+        larger than half); the first chunk is in flight on return. Iterating waits for each chunk in turn, the next
+        one being read meanwhile on the other queue, and yields a :class:`ReadChunk` for each, valid until the next
+        step."""
+        half = self._read_area.numel() // 2
+        chunks = []  # (file, block numel, capacity in blocks, double-buffered, requests, ReadChunk's rows and bounds)
+        for name in files:
+            width = self._block_numel(name)
+            double = half >= width
+            capacity = (half if double else 2 * half) // width
+            first, count, positions = coalesce(blocks, self.gap_bytes // (width * FP32))
+            bounds = torch.searchsorted(positions, torch.arange(0, int(count.sum()) + capacity, capacity)).tolist()
+            for index, requests in enumerate(chunk_requests(first, count, capacity)):
+                lo, hi = bounds[index], bounds[index + 1]
+                chunks.append((name, width, capacity, double, requests, positions[lo:hi] - index * capacity, lo, hi))
+
+        def buffer(index: int) -> torch.Tensor:
+            _, width, capacity, double, *_ = chunks[index]
+            start = index % 2 * half if double else 0
+            return self._read_area[start : start + capacity * width]
+
+        def start(index: int) -> None:
+            name, width, _, _, requests, *_ = chunks[index]
+            for within, first, count in requests:
+                self._io(False, buffer(index)[within * width : (within + count) * width], name, first, index % 2)
+
+        def wait_in_turn() -> Iterator[ReadChunk]:
+            try:
+                for index, (name, width, _, double, _, selected, lo, hi) in enumerate(chunks):
+                    ahead = index + 1 < len(chunks) and double and chunks[index + 1][3]
+                    if ahead:
+                        start(index + 1)
+                    self._wait(index % 2)
+                    yield ReadChunk(name, buffer(index).view(-1, width), selected, lo, hi)
+                    if not ahead and index + 1 < len(chunks):
+                        start(index + 1)
+            finally:  # also when the caller stops early: no read may still fill the area
+                for handle in range(len(self.queues)):
+                    self._wait(handle)
+
+        if chunks:
+            start(0)
+        return wait_in_turn()
 
     # ------------------------------------------------------------------ the store interface
     @property
@@ -212,70 +292,60 @@ class NvmeRowStore(RowStore):
     @property
     def nbytes(self) -> int:
         """CPU bytes held: the keys and the read buffers (values and moments are on NVMe)."""
-        return self.keys_ram.numel() * FP32 + sum(b.numel() for b in self._read_buffers) * FP32
+        return (self.keys_ram.numel() + self._read_area.numel()) * FP32
 
     def score_probed(self, hidden: torch.Tensor, probe_ids: torch.Tensor, expert_size: int) -> torch.Tensor:
         return score_probed_keys(hidden.float(), probe_ids, self.keys_ram, expert_size)
 
     def gather_into(self, row_ids: torch.Tensor, out: torch.Tensor) -> None:
-        """Keys from RAM, values from the blocks holding ``row_ids``: chunk ``c + 1`` is read (on the other handle)
-        while chunk ``c`` is copied out, cast to ``out``'s dtype."""
+        """Keys from RAM (while the first chunk is read), values from the blocks holding ``row_ids``, each chunk
+        copied out, cast to ``out``'s dtype, while the next one is read."""
         n = row_ids.numel()
         self._finish_writes()
+        self.bytes_needed += n * self.dim * FP32
         blocks, positions = self._block_positions(row_ids)
-        block_list = blocks.tolist()
-        chunks = [block_list[i : i + self.chunk_blocks] for i in range(0, len(block_list), self.chunk_blocks)]
-
-        def start(index: int) -> None:
-            handle = index % 2
-            for position, first, count in _runs(chunks[index], self.chunk_blocks):
-                part = self._read_buffers[handle][position * self.value_numel : (position + count) * self.value_numel]
-                self._io(False, part, "values", first, handle)
-
-        if chunks:
-            start(0)
-        out[:n, 0].copy_(self.keys_ram.index_select(0, row_ids))  # while the first chunk is read
-        for index, chunk in enumerate(chunks):
-            if index + 1 < len(chunks):
-                start(index + 1)
-            self._wait(index % 2)
-            lo = index * self.chunk_blocks * self.block_rows
-            in_chunk = ((positions >= lo) & (positions < lo + len(chunk) * self.block_rows)).nonzero().flatten()
-            values = self._read_buffers[index % 2].view(-1, self.dim)
-            out[:n, 1].index_copy_(0, in_chunk, values.index_select(0, positions[in_chunk] - lo).to(out.dtype))
+        reads = self._read(("values",), blocks)
+        out[:n, 0].copy_(self.keys_ram.index_select(0, row_ids))
+        block, within = positions.div(self.block_rows, rounding_mode="floor"), positions % self.block_rows
+        for chunk in reads:
+            rows = ((block >= chunk.start) & (block < chunk.stop)).nonzero().flatten()
+            at = chunk.selected[block[rows] - chunk.start] * self.block_rows + within[rows]
+            out[:n, 1].index_copy_(0, rows, chunk.blocks.view(-1, self.dim).index_select(0, at).to(out.dtype))
 
     @contextlib.contextmanager
     def rows_for_update(self, row_ids: torch.Tensor) -> Iterator[RowsForUpdate]:
         """The touched rows' blocks in compact buffers (keys from RAM, values and moments read), updated in place
         by the caller, then written back; the writes complete behind the next read."""
         self._finish_writes()
+        self.bytes_needed += row_ids.numel() * self.dim * FP32 * 5  # values and two moments of 2 x d
         blocks, index = self._block_positions(row_ids)
-        block_list, num_compact = blocks.tolist(), blocks.numel() * self.block_rows
+        num_compact = blocks.numel() * self.block_rows
         handle = self.handle
         buffers = {
             name: handle.new_cpu_locked_tensor(blocks.numel() * self._block_numel(name), torch.empty(0))
             for name in FILES
         }  # fmt: skip
         try:
-            for position, first, count in _runs(block_list, len(block_list)):
-                for name, buffer in buffers.items():
-                    width = self._block_numel(name)
-                    self._io(False, buffer[position * width : (position + count) * width], name, first)
+            reads = self._read(FILES, blocks)
             row_blocks = torch.arange(num_compact).view(-1, self.block_rows)
             global_row_ids = (blocks.unsqueeze(1) * self.block_rows + row_blocks % self.block_rows).flatten()
             valid = global_row_ids < self.num_rows  # the last block may reach past the layer's rows
             compact = torch.zeros(num_compact, 2, self.dim)
             compact[valid, 0] = self.keys_ram[global_row_ids[valid]]
-            self._wait(0)
+            for chunk in reads:
+                target = buffers[chunk.file].view(blocks.numel(), -1)[chunk.start : chunk.stop]
+                torch.index_select(chunk.blocks, 0, chunk.selected, out=target)
             compact[:, 1] = buffers["values"].view(num_compact, self.dim)
             moments = [buffers[name].view(num_compact, 2, self.dim) for name in MOMENTS]
             yield compact, *moments, index
             self.keys_ram[global_row_ids[valid]] = compact[valid, 0]
             buffers["values"].view(num_compact, self.dim).copy_(compact[:, 1])
-            for position, first, count in _runs(block_list, len(block_list)):
-                for name, buffer in buffers.items():
+            first, count, _ = coalesce(blocks, 0)  # runs of consecutive blocks, as laid out in the buffers
+            runs = [run for chunk in chunk_requests(first, count, blocks.numel()) for run in chunk]
+            for number, (position, block, length) in enumerate(runs):
+                for name, buffer in buffers.items():  # the runs alternate between the queues
                     width = self._block_numel(name)
-                    self._io(True, buffer[position * width : (position + count) * width], name, first)
+                    self._io(True, buffer[position * width : (position + length) * width], name, block, number % 2)
             self._writing, buffers = list(buffers.values()), {}
         finally:
             for buffer in buffers.values():

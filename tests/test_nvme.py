@@ -51,15 +51,49 @@ def test_store_4x_its_ram_budget_trains_at_2x256_tokens_like_the_in_memory_store
     assert files == [f"layer_{i}.{name}.bin" for i in range(2) for name in ("exp_avg", "exp_avg_sq", "values")]
 
 
-def test_reads_only_the_blocks_of_the_selected_rows(tmp_path: Path) -> None:
+def read_requests(store: meft_ds.swap.NvmeRowStore) -> list[int]:
+    """Records the byte count of each read request the store submits from now on."""
+    requests, submit = [], store._io
+
+    def counted(write: bool, buffer: torch.Tensor, *args: object) -> None:
+        if not write:
+            requests.append(buffer.numel() * 4)
+        submit(write, buffer, *args)
+
+    store._io = counted
+    return requests
+
+
+@pytest.mark.parametrize(
+    ("gap_blocks", "expected"),
+    [(0, [4096, 4096, 4096]), (1, [3 * 4096, 4096]), (60, [16 * 4096] * 4)],
+    ids=["no gap read through", "a gap of one block read through", "all read, chunk by chunk"],
+)
+def test_reads_the_blocks_of_the_selected_rows_through_small_gaps(
+    tmp_path: Path, gap_blocks: int, expected: list[int]
+) -> None:
     model = train(nvme(tmp_path), steps=1)
     store = meft_ds.adapters(model)[0].store
+    store.gap_bytes = gap_blocks * 4096
+    requests = read_requests(store)
     rows = torch.tensor([0, 1, 40, 1023])  # blocks 0, 2 and 63 (16 rows of d=64 per 4 KiB block)
     before = store.stats.nvme_bytes_read
     out = torch.empty(4, 2, 64, dtype=torch.bfloat16)
     store.gather_into(rows, out)
-    assert store.stats.nvme_bytes_read - before == 3 * 16 * 64 * 4
+    assert requests == expected  # 60 blocks reach from 2 to 63: one span of 64 blocks, in chunks of 16 (64 KiB)
+    assert store.stats.nvme_bytes_read - before == sum(expected)
     assert torch.equal(out, store.full_rows()[rows].bfloat16())
+
+
+def test_store_at_its_smallest_budget_trains_like_the_in_memory_store(tmp_path: Path) -> None:
+    """A read area of two blocks of values: chunks of one block, a block of moments read in the whole area."""
+    smallest = 2 * meft_ds.swap.nvme_ram_needed(1024, 64) / 2**20
+    in_memory = train(None, steps=2, batch=2, length=16)
+    on_nvme = train(nvme(tmp_path, ram_mb=smallest), steps=2, batch=2, length=16)
+    for memory, disk in zip(meft_ds.adapters(in_memory), meft_ds.adapters(on_nvme), strict=True):
+        assert disk.store.chunk_blocks == 1
+        assert torch.equal(disk.store.full_rows(), memory.store.rows)
+        assert torch.equal(disk.store._read_whole("exp_avg_sq"), memory.store.exp_avg_sq)
 
 
 def test_exported_nvme_adapter_reloads_in_memory(tmp_path: Path) -> None:
