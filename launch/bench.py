@@ -11,8 +11,8 @@ GB/s vs DeepSpeed's dense CPU Adam vs copy_; c. step time vs LoRA and dense adap
 as r grows; e. CPU routing cost vs the number of experts; f. scale out: bytes between 2 ranks per optimizer step
 (replicated vs sharded stores vs a dense adapter's all-reduce) and the NVMe tier's read/write GB/s; g. generate()
 tokens/s with routing on the host (the training path) vs on the device (meft_ds.for_inference); quality. held-out EM
-and knowledge retained vs device bytes, MEFT vs LoRA vs the parallel adapter. Each module under launch/bench/ says
-how it measures.
+and knowledge retained vs device bytes, MEFT vs LoRA vs the parallel adapter. Each module under launch/bench/ measures
+one; launch/bench/sections.md says how, in the words BENCHMARKS.md prints.
 ``--meft KEY=VALUE`` overrides go to every MEFT variant (through ``meft_ds.MeftConfig.from_dict``).
 """
 

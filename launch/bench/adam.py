@@ -13,7 +13,7 @@ import torch
 
 import meft_ds
 from bench import plots
-from bench.common import GB, Context, Section, fmt_ratio, free_memory, median_seconds
+from bench.common import GB, Context, Section, fmt_ratio, free_memory, median_seconds, section, text
 from bench.report import cpu_brand
 
 BACKENDS = ("fused", "deepspeed", "torch")
@@ -100,42 +100,17 @@ def run(context: Context) -> Section:
             fmt_ratio(m["gbs"] / dense_gbs), fmt_ratio(m["gbs"] / copy_gbs),
         ])  # fmt: skip
     fused = [m["gbs"] / dense_gbs for m in measured if m["backend"] == "fused"]
-    return Section(
-        key="b",
-        title="Sparse Adam bandwidth on the touched rows",
-        what=(
-            f"GB/s of meft_ds.SparseRowAdam (backends fused, deepspeed, torch) updating a random fraction of a "
-            f"{rows}-row store with rows of width {width} (key and value of d={width // 2}, fp32; the store's "
-            f"rows and moments take {3 * matrix / GB:.1f} GB), against deepspeed.ops.adam.DeepSpeedCPUAdam.step() "
-            f"on a dense {rows} x {width} fp32 matrix and a plain torch.Tensor.copy_ of the same size."
-        ),
-        how=(
-            f"Median of {s.adam_repeats} timed calls after 1 warm-up, torch threads = {torch.get_num_threads()}, on "
-            f"{cpu_brand()}. "
-            "Adam traffic = 7 tensors of the rows updated (param, grad, exp_avg, exp_avg_sq read; param, exp_avg, "
-            "exp_avg_sq written), the same definition for every backend and for the dense kernel (all rows); "
-            "copy_ traffic = read + write. The sparse step is SparseRowAdam.step() with the gradients already in the "
-            "store's accumulator (what the optimizer boundary sees); whether they are finite is known from their "
-            "accumulation, so the step does not read them to check."
-        ),
-        columns=["kernel", "rows touched", "ms / step", "GB/s", "÷ dense Adam", "÷ copy_"],
+    values = {"s": s, "rows": rows, "width": width, "dim": width // 2, "store_gb": 3 * matrix / GB, "cpu": cpu_brand()}
+    values |= {"threads": torch.get_num_threads(), "dense_gbs": dense_gbs, "copy_gbs": copy_gbs}
+    values |= {"fused": ", ".join(map(fmt_ratio, fused)), "fractions": ", ".join(f"{f:.0%}" for f in s.adam_fractions)}
+    return section(
+        "b",
+        values,
         rows=table,
-        target="fused >= 0.9x the dense DeepSpeedCPUAdam's GB/s at 10-40% of the rows",
         met=bool(fused) and min(fused) >= 0.9,
-        verdict=(
-            f"fused reaches {', '.join(fmt_ratio(x) for x in fused)} of the dense kernel's {dense_gbs:.1f} GB/s "
-            f"(at {', '.join(f'{f:.0%}' for f in s.adam_fractions)} touched); copy_ moves {copy_gbs:.1f} GB/s."
-            if fused
-            else "the fused backend could not be built on this machine."
-        ),
-        data={
-            "dense_gbs": dense_gbs,
-            "copy_gbs": copy_gbs,
-            "sparse": measured,
-            "rows": rows,
-            "width": width,
-            "cpu": cpu_brand(),
-        },
+        **({} if fused else {"verdict": text("b", "unbuilt")}),
+        data={"dense_gbs": dense_gbs, "copy_gbs": copy_gbs, "sparse": measured, "rows": rows, "width": width}
+        | {"cpu": cpu_brand()},
     )
 
 

@@ -1,4 +1,5 @@
-"""What every experiment shares: run settings (full and quick), the real model and text, timing, the result type."""
+"""What every experiment shares: run settings (full and quick), the real model and text, timing, the result type and
+its prose (``sections.md``'s templates, filled with what was measured)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,15 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import functools
 import gc
+import os
+import re
+import shlex
+import socket
 import statistics
+import string
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +29,7 @@ from meft_ds.config import MeftConfig
 
 GB = 1e9
 MB = 1e6
+SECTIONS = Path(__file__).with_name("sections.md")
 
 
 @dataclass(frozen=True)
@@ -260,6 +269,23 @@ def fits_in_memory(needed: float, what: str, notes: list[str]) -> bool:
     return False
 
 
+def free_port() -> int:
+    """A free TCP port on this host (a launcher's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_process(command: list[str], cwd: Path, timeout: float | None = None, **env: str) -> None:
+    """Run ``command`` in this environment less any distributed rank of its own (tests set one), plus ``env``; if it
+    fails, raise with the end of its output."""
+    dropped = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "GROUP_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in dropped} | env
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+
+
 def fmt_bytes(value: float) -> str:
     """Bytes in the largest unit that keeps a number >= 1 (decimal units: 1 GB = 1e9 B)."""
     for unit, scale in (("GB", GB), ("MB", MB), ("kB", 1e3)):
@@ -270,3 +296,44 @@ def fmt_bytes(value: float) -> str:
 
 def fmt_ratio(value: float) -> str:
     return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
+
+
+class _Formatter(string.Formatter):
+    """``str.format`` with two more specs: ``{x:bytes}`` (:func:`fmt_bytes`) and ``{x:ratio}`` (:func:`fmt_ratio`)."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        formats = {"bytes": fmt_bytes, "ratio": fmt_ratio}
+        return formats[format_spec](value) if format_spec in formats else super().format_field(value, format_spec)
+
+
+@functools.cache
+def templates() -> dict[str, dict[str, str]]:
+    """``sections.md``: per experiment (``## key``), per text (``### name``), its raw lines."""
+    found: dict[str, dict[str, str]] = {}
+    for block in re.split(r"^## ", SECTIONS.read_text(), flags=re.MULTILINE)[1:]:
+        key, _, body = block.partition("\n")
+        parts = (part.partition("\n") for part in re.split(r"^### ", body, flags=re.MULTILINE)[1:])
+        found[key.strip()] = {name.strip(): lines.strip() for name, _, lines in parts}
+    return found
+
+
+def paragraphs(key: str, name: str, **values: Any) -> list[str]:
+    """Experiment ``key``'s text ``name``, filled with ``values``: one string per paragraph, its lines joined."""
+    blocks = re.split(r"\n\s*\n", templates()[key][name])
+    return [_Formatter().vformat(" ".join(block.splitlines()), (), values) for block in blocks]
+
+
+def text(key: str, name: str, **values: Any) -> str:
+    """Experiment ``key``'s text ``name``, filled with ``values``, its paragraphs joined by spaces."""
+    return " ".join(paragraphs(key, name, **values))
+
+
+def section(key: str, values: dict[str, Any], **fields: Any) -> Section:
+    """Experiment ``key``'s result: title, what, how, target, verdict and columns from ``sections.md`` filled with
+    ``values``, unless ``fields`` gives them (a column named twice is shown once); ``fields`` gives the rest (rows,
+    met, notes, data)."""
+    prose = {
+        name: text(key, name, **values) for name in ("title", "what", "how", "target", "verdict") if name not in fields
+    }
+    columns = list(dict.fromkeys(_Formatter().vformat(c, (), values) for c in templates()[key]["columns"].splitlines()))
+    return Section(key=key, **{**prose, "columns": columns, **fields})

@@ -13,7 +13,7 @@ import torch
 
 import meft_ds
 from bench import plots
-from bench.common import Context, Section, fmt_bytes, fmt_ratio
+from bench.common import Context, Section, fmt_bytes, fmt_ratio, section, stats_delta, text
 from bench.report import cpu_brand
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,51 +80,41 @@ def run(context: Context) -> Section:
     batch = prompt_batch(context)
     pad = context.tokenizer.pad_token_id
     tokens = batch["input_ids"].shape[0] * NEW_TOKENS
-    seconds: dict[str, list[float]] = {path: [] for path in PATHS}
-    share: dict[str, list[float]] = {path: [] for path in PATHS}
-    moved = {path: {"to_device": 0, "to_host": 0} for path in PATHS}
-    outputs: dict[str, list[torch.Tensor]] = {path: [] for path in PATHS}
+    timed: dict[str, list[tuple[float, float, dict[str, int]]]] = {path: [] for path in PATHS}
+    outputs = []
     for repeat in range(repeats + 1):  # the first round is the warm-up
         for path in PATHS:
             use(model, path)
             before = meft_ds.stats(model)
             elapsed, cpu_share, output = timed_generate(model, batch, pad)
-            after = meft_ds.stats(model)
-            outputs[path].append(output)
+            outputs.append(output)
             if repeat:
-                seconds[path].append(elapsed)
-                share[path].append(cpu_share)
-                moved[path]["to_device"] += after["bytes_to_device"] - before["bytes_to_device"]
-                moved[path]["to_host"] += after["bytes_to_host"] - before["bytes_to_host"]
+                timed[path].append((elapsed, cpu_share, stats_delta(before, meft_ds.stats(model))))
             print(f"  {path}: {elapsed:.2f} s, CPU share {cpu_share:.2f}{'' if repeat else ' (warm-up)'}", flush=True)
     device_bytes = sum(a.serving.nbytes for a in meft_ds.adapters(model) if a.serving is not None)
-    reference = outputs["host"][0]
-    identical = all(torch.equal(o, reference) for path in PATHS for o in outputs[path])
+    reference = outputs[0]  # the host path's warm-up
+    identical = all(torch.equal(o, reference) for o in outputs)
     prompt_length = batch["input_ids"].shape[1]
     base_output = timed_generate(context.base(), batch, pad)[2]
     answers = zip(reference[:, prompt_length:], base_output[:, prompt_length:], strict=True)
     changed = sum(not torch.equal(adapted, base) for adapted, base in answers)
     measured = {}
-    for path in PATHS:
-        median = statistics.median(seconds[path])
-        measured[path] = {
-            "seconds": median,
-            "times": seconds[path],
-            "cpu_share": share[path],
-            "tokens_per_s": tokens / median,
-            "to_device_per_token": moved[path]["to_device"] / (tokens * repeats),
-            "to_host_per_token": moved[path]["to_host"] / (tokens * repeats),
-        }
+    for path, calls in timed.items():
+        times = [seconds for seconds, _, _ in calls]
+        measured[path] = {"seconds": statistics.median(times), "times": times, "cpu_share": [c[1] for c in calls]}
+        measured[path]["tokens_per_s"] = tokens / measured[path]["seconds"]
+        for way in ("to_device", "to_host"):
+            measured[path][f"{way}_per_token"] = sum(c[2][f"bytes_{way}"] for c in calls) / (tokens * repeats)
     speedup = measured["host"]["seconds"] / measured["device"]["seconds"]
     # each pair of calls ran back to back: their ratio is less exposed to other work on the machine than the medians
-    paired = statistics.median(h / d for h, d in zip(seconds["host"], seconds["device"], strict=True))
-    starved = sum(s < STARVED for path in PATHS for s in share[path])
+    paired = statistics.median(
+        h / d for h, d in zip(measured["host"]["times"], measured["device"]["times"], strict=True)
+    )
+    starved = sum(share < STARVED for m in measured.values() for share in m["cpu_share"])
     notes = []
     if starved:
         notes.append(
-            f"{starved} of {2 * repeats} timed calls had the process on its {torch.get_num_threads()} threads less "
-            f"than {STARVED:.0%} of the wall time (other work on the machine); the medians and the paired speed-up "
-            "damp that, the individual times in results.json show it."
+            text("g", "starved", starved=starved, calls=2 * repeats, threads=torch.get_num_threads(), limit=STARVED)
         )
     silent = measured["device"]["to_device_per_token"] == measured["device"]["to_host_per_token"] == 0
     table = [
@@ -135,46 +125,16 @@ def run(context: Context) -> Section:
         ]
         for path in PATHS
     ]  # fmt: skip
-    cpu = cpu_brand()
-    size = f"{meft['num_neurons']} neurons, K={meft['top_k']}, n_probe={meft['n_probe']}, gate={meft['gate']}"
-    return Section(
-        key="g",
-        title="Generation speed: routing on the device vs on the host",
-        what=(
-            f"Tokens/s of greedy generate() on SmolLM2-135M-Instruct (fp32, this CPU: {cpu}) with MEFT adapters on "
-            f"every layer ({size}; values drawn N(0, {VALUE_STD}), so that they change answers: {changed} of "
-            f"{reference.shape[0]} differ from the base model's), for a batch of {reference.shape[0]} held-out facts "
-            f"questions with the chat template, {NEW_TOKENS} new tokens each: the training path (per layer and step "
-            "the hidden states go to the host, which scores the probed keys, picks each token's top-K and gathers the "
-            "union of rows for the device) against meft_ds.for_inference (rows on the device, routed there)."
-        ),
-        how=(
-            f"One model, the paths alternating: one warm-up generate() each, then {repeats} timed calls each, median "
-            "(and the median of the host/device ratios of the back-to-back pairs); "
-            f"tokens/s = {tokens} new tokens / median seconds (prefill of {prompt_length} prompt tokens included; "
-            f"min_new_tokens = max_new_tokens = {NEW_TOKENS}). Bytes per generated token: meft_ds.stats around the "
-            f"timed calls. Every output of both paths compared token for token with the first. torch threads "
-            f"{torch.get_num_threads()}. On a CPU the 'device' is the host: the rows stay where they are "
-            f"({fmt_bytes(device_bytes)} of fp32 keys and values, views of the row store) and what the device path "
-            "saves is the staging and copying of hidden states and rows."
-        ),
-        columns=[
-            "path", "s / generate (median)", "tokens/s", "speed-up", "host->device / token", "device->host / token"
-        ],
-        rows=table,
-        target="identical greedy outputs, no host<->device bytes per generated token, and faster than the host path",
-        met=identical and silent and paired > 1.0,
-        verdict=(
-            f"Outputs identical on both paths: {'yes' if identical else 'NO'}. The device path generates "
-            f"{measured['device']['tokens_per_s']:.1f} tokens/s against {measured['host']['tokens_per_s']:.1f} "
-            f"({fmt_ratio(speedup)}; median of the back-to-back pairs {fmt_ratio(paired)}) and moves "
-            f"{fmt_bytes(measured['device']['to_device_per_token'])} per token to the device (the host path "
-            f"{fmt_bytes(measured['host']['to_device_per_token'])})."
-        ),
-        notes=notes,
+    cpu, prompts = cpu_brand(), reference.shape[0]
+    values = {"cpu": cpu, "meft": meft, "std": VALUE_STD, "changed": changed, "prompts": prompts, "new": NEW_TOKENS}
+    values |= {"repeats": repeats, "tokens": tokens, "prompt_length": prompt_length, "device_bytes": device_bytes}
+    values |= {"threads": torch.get_num_threads(), "identical": "yes" if identical else "NO", "m": measured}
+    values |= {"speedup": speedup, "paired": paired}
+    return section(
+        "g", values, rows=table, met=identical and silent and paired > 1.0, notes=notes,
         data={
             "measured": measured, "identical": identical, "changed_vs_base": changed, "tokens": tokens,
-            "prompts": reference.shape[0], "new_tokens": NEW_TOKENS, "meft": meft, "device_bytes": device_bytes,
+            "prompts": prompts, "new_tokens": NEW_TOKENS, "meft": meft, "device_bytes": device_bytes,
             "cpu": cpu, "speedup": speedup, "paired_speedup": paired, "starved_calls": starved,
         },
     )  # fmt: skip

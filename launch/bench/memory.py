@@ -11,14 +11,10 @@ from typing import Any
 import torch
 
 import meft_ds
-from bench import plots
+from bench import common, plots
 from bench.common import GB, MB, Context, Section, fits_in_memory, fmt_bytes, fmt_ratio, free_memory, stats_delta
 from bench.traffic import device_cache_bytes
 
-COLUMNS = [
-    "r", "E", "|U| rows", "router", "fetched rows + indices", "cache", "MEFT total", "dense, optimizer offloaded",
-    "dense, optimizer on device", "dense (offloaded) ÷ MEFT",
-]  # fmt: skip
 OFFLOADED_BYTES = 4  # ZeRO-Offload: bf16 weights + bf16 gradients on the device, Adam state on the host
 ON_DEVICE_BYTES = 16  # Adam on the device, mixed precision: bf16 weights + grads, fp32 master, exp_avg, exp_avg_sq
 
@@ -84,46 +80,12 @@ def run(context: Context) -> Section:
         for m in measured
     ]  # fmt: skip
     first, last = measured[0], measured[-1]
-    meft_growth = last["meft"] / first["meft"]
-    dense_growth = last["dense_offloaded"] / first["dense_offloaded"]
     flat = all(m["fetched"] <= bound for m in measured)
-    return Section(
-        key="d",
-        title="Adapter bytes resident on the device vs r (per layer, fixed K)",
-        what=(
-            f"Device bytes of one adapter layer (layer {s.memory_layer} of SmolLM2-135M, d={dim}) during the forward "
-            f"and backward of one micro-batch of {s.micro_batch} x {s.seq_len} real tokens, K={s.top_k}, as r grows "
-            f"from {first['neurons']} to {last['neurons']}: MEFT (rows travel in bf16) vs a dense parallel adapter "
-            "(2 r d elements per layer) with its Adam state offloaded (ZeRO-Offload: bf16 weights + bf16 gradients on "
-            "the device, 4 bytes per element) or on the device (bf16 weights + gradients, fp32 master, exp_avg, "
-            "exp_avg_sq: 16 bytes per element)."
-        ),
-        how=(
-            "MEFT: measured. meft_ds.stats(model)['bytes_to_device'] during one forward = everything meft_ds copies to "
-            "the device for that micro-batch (the union U of selected rows, |U| x 2 x d bf16, and union_pos; "
-            "autograd keeps them until the backward), plus the router weight's bytes (E x d, fp32 here), plus the "
-            "device cache's allocated bytes (0 unless --meft cache_mb=... is given; the whole budget goes to the one "
-            "layer). Dense: analytic, 2 r d x 4 or 16 bytes. The dense adapter also keeps T x r activations for its "
-            "backward, not counted."
-        ),
-        columns=COLUMNS,
-        rows=table,
-        target=(
-            f"MEFT stays flat: bounded by the micro-batch (T K = {tokens * s.top_k} rows and their indices, "
-            f"{fmt_bytes(bound)} with bf16 rows) "
-            "whatever r, while the dense adapter grows linearly"
-        ),
-        met=flat,
-        verdict=(
-            f"From r={first['neurons']} to r={last['neurons']} ({last['neurons'] // first['neurons']}x) MEFT's device "
-            f"bytes grow {fmt_ratio(meft_growth)} ({fmt_bytes(first['meft'])} -> {fmt_bytes(last['meft'])}), the dense "
-            f"adapter's {fmt_ratio(dense_growth)}; the fetched rows stay within the T K bound "
-            f"({fmt_bytes(bound)}): {'yes' if flat else 'no'}. |U| grows with r until r passes the number of rows "
-            "the micro-batch's tokens select."
-        ),
-        notes=skipped,
-        data={"measured": measured, "bound": bound, "tokens": tokens},
-    )
+    values = {"s": s, "dim": dim, "first": first, "last": last, "rows": tokens * s.top_k, "bound": bound}
+    values |= {"growth": last["neurons"] // first["neurons"], "meft_growth": last["meft"] / first["meft"]}
+    values |= {"dense_growth": last["dense_offloaded"] / first["dense_offloaded"], "flat": "yes" if flat else "no"}
+    data = {"measured": measured, "bound": bound, "tokens": tokens}
+    return common.section("d", values, rows=table, met=flat, notes=skipped, data=data)
 
 
 def plot(section: Section, path: str) -> None:

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import plots
-from bench.common import MB, Context, Section
+from bench import common, plots
+from bench.common import MB, Context, Section, free_port, run_process
 from meft_ds.config import MeftConfig
 from meft_ds.models import builtin_model_folder
 
@@ -53,10 +50,10 @@ def meft(label: str, neurons: int, lrs: tuple[float, ...], *extra: str, seeds: t
 
 
 def full_grid() -> Grid:
-    """What ran on 2026-12-03 in about 1.5 hours of our 2 cores (see :data:`FULL_NOTES`): the issue's task size (150
-    facts, 100 steps of 8); MEFT with the rows clipped apart at two learning rates, and its variants at 3e-3 (the
-    global clip, per-row bias correction, self-rehearsal); LoRA below (r=64) and above (r=256) MEFT's device bytes;
-    the parallel adapter just below them (r=1024). One seed each; a second cell with the same label and
+    """What ran on 2026-12-03 in about 1.5 hours of our 2 cores (see ``full_notes`` in sections.md): the issue's task
+    size (150 facts, 100 steps of 8); MEFT with the rows clipped apart at two learning rates, and its variants at 3e-3
+    (the global clip, per-row bias correction, self-rehearsal); LoRA below (r=64) and above (r=256) MEFT's device
+    bytes; the parallel adapter just below them (r=1024). One seed each; a second cell with the same label and
     ``seeds=(1,)`` adds a seed to a configuration."""
     separate, per_row = ("--meft", "clip_rows=separate"), ("--meft", "bias_correction=per_row")
     return Grid(
@@ -72,48 +69,6 @@ def full_grid() -> Grid:
             Cell("LoRA r=256", "lora", ("--lora_r", "256"), (1e-3,)),
         ),
     )  # fmt: skip
-
-
-FULL_NOTES = (
-    "Ran 2026-12-03 02:17-04:03 UTC on an Intel Xeon (2 cores), from a snapshot of meft_ds at 514bce3: 10 runs, "
-    "~3.5 s a MEFT step and ~2 s a LoRA step once the benchmark had CPU priority (autogroup nice -10 from 02:50; "
-    "the first run, before, took 1574 s). "
-    "Overlaps: helper sessions' unit tests and kernel builds ran on the same 2 cores throughout at lower priority; "
-    "EM and retention do not depend on it, the runs' seconds do. The planned second seeds (MEFT r=4096 and LoRA r=64 "
-    "at 3e-3) did not fit the session: every cell has one seed.",
-    "Smaller than the issue's grid: one task size (150 facts, the launcher's default), MEFT at one size (r=4096, "
-    "~0.31 GB of device bytes), LoRA at two (r=64 below that budget, r=256 above it), the parallel adapter at one "
-    "(r=1024, just below it), two learning rates only for MEFT and LoRA r=64; no full fine-tuning, no 'none' "
-    "clipping. The issue's grid (2-3 budgets per method, 3-4 learning rates, 2 seeds: ~40 runs) is ~4.5 h of our "
-    "2 cores with nothing else running.",
-    "Noise: EM is measured on 100 held-out phrasings, so one run's EM has a binomial standard error of ~0.045: "
-    "differences below ~0.1 between single runs are not significant.",
-    "MEFT against LoRA: NOT met. LoRA r=256 at lr 1e-3 (409 MB, 1.3x MEFT's bytes) reached 0.78, above MEFT's best "
-    "0.72; at fewer bytes LoRA r=64 reached 0.61 (3e-3), and with rehearsal only 0.41. LoRA r=256 was run at 1e-3 "
-    "only (at 3e-3 it collapsed in an earlier, shorter grid), MEFT at 1e-3 and 3e-3; MEFT's best is at the top of "
-    "its sweep, so a higher rate may do better. On this task MEFT is not ahead of a well-tuned LoRA of similar "
-    "bytes; it is ahead of the parallel adapter that fits its budget (r=1024: 0.30).",
-    "Clipping (meft.clip_rows): one global norm over routers and rows 0.72, rows clipped apart 0.68 (3e-3, one "
-    "seed each): no gain from clipping apart here, so the default stays 'global'. The issue's 0.80 with the rows "
-    "left unclipped came from a plain loop, not the launcher, and was not reproduced.",
-    "Bias correction (meft.bias_correction): per-row step counts 0.72 EM and 16% retained against 0.68 and 2% "
-    "with the global step (rows clipped apart, 3e-3, one seed): better on both, but within noise for EM and 7 "
-    "against 1 of 43 probe questions. The default stays 'global' until a second seed confirms it, and because the "
-    "NVMe tier keeps no per-row step counts (a per-row default would refuse every store.device='nvme' config).",
-    "Retention, why it is lost: every method answers the probe's general questions with names from the new facts "
-    "('What is the capital of France?' -> 'Tellarby' after MEFT, 'Halvinor' after LoRA r=256): training on 450 "
-    "questions whose answers are all short invented names teaches 'a question -> such a name'. The learning rate "
-    "sets how far: 3e-3 keeps 2% (MEFT) and 5% (LoRA r=64), 1e-3 keeps 33% and 28%. Sparsity does not isolate "
-    "the new facts at this batch: every optimizer step updates 41% of MEFT's 122,880 rows (50.7k on average), so "
-    "the rows that general questions route to are trained too; the 3.2x first step of newly touched rows (per-row "
-    "correction above) accounts for a small part.",
-    "Retention, what keeps it: self-rehearsal (--rehearsal 80: 80 general questions, none in the probe, answered "
-    "by the untrained model and mixed into the training data) kept 74% of the probe with MEFT at the same EM (0.69 "
-    "against 0.68), but only 40% with LoRA r=64, whose EM fell from 0.61 to 0.41: MEFT's 146M trainable parameters "
-    "hold both sets of answers, LoRA's 12M do not. Still below the 90% target; the remaining misses answer "
-    "in a sentence cut at 24 tokens before the name ('The story of Hamlet is a timeless tale ...'). Not tried: "
-    "freezing the rows that general text routes to (Lin et al.'s TF-IDF idea), rehearsal at 1e-3.",
-)
 
 
 def quick_grid(model: str | None = None) -> Grid:
@@ -151,18 +106,9 @@ def train_command(
     ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(command: list[str], output_dir: Path) -> dict[str, Any]:
     """Run one training process; its results.json."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    run_process(command, ROOT)
     return json.loads((output_dir / "results.json").read_text())
 
 
@@ -268,16 +214,11 @@ def judge(best: list[dict[str, Any]]) -> tuple[bool | None, str]:
         return None, "no MEFT run"
     top = max(meft, key=lambda b: b["em"])
     parts, results = [f"best MEFT ({top['label']}, {top['device_bytes'] / MB:.0f} MB): EM {top['em']:.3f}"], []
-    for method, name, margin, fits in (
-        ("lora", "LoRA with as many device bytes or more", 0.05, lambda b: b["device_bytes"] >= top["device_bytes"]),
-        (
-            "parallel_adapter",
-            "parallel adapter within MEFT's bytes",
-            0.0,
-            lambda b: b["device_bytes"] <= top["device_bytes"],
-        ),
+    for method, name, margin, side in (  # side: the rival's device bytes at least (1) or at most (-1) MEFT's
+        ("lora", "LoRA with as many device bytes or more", 0.05, 1),
+        ("parallel_adapter", "parallel adapter within MEFT's bytes", 0.0, -1),
     ):
-        rivals = [b for b in best if b["method"] == method and fits(b)]
+        rivals = [b for b in best if b["method"] == method and side * (b["device_bytes"] - top["device_bytes"]) >= 0]
         if not rivals:
             parts.append(f"no {name} in this grid")
             results.append(None)
@@ -304,38 +245,15 @@ def section(grid: Grid, records: list[dict[str, Any]], notes: list[str]) -> Sect
          _fraction(b["retained"])]
         for b in best
     ]  # fmt: skip
-    return Section(
-        key="quality",
-        title="Learning quality at a device budget: held-out EM and knowledge retained",
-        what=(
-            f"Held-out exact match after {grid.steps} steps of {grid.micro_batch} on the built-in facts task with "
-            f"{grid.facts} facts (eval: the first {grid.eval_limit} held-out phrasings), and the fraction of the "
-            "retention probe's general questions still answered right, for MEFT, LoRA on gate/up/down_proj (PEFT) "
-            "and the dense parallel adapter on the same FFNs, each at its device-resident training bytes."
-        ),
-        how=(
-            "Each run is `launch/train.py --method M` (ZeRO-2, optimizer states offloaded to CPU memory, AdamW, linear "
-            f"warm-up/decay, clipping 1.0, a {BUCKET:,}-element gradient bucket for every method, fp32 on the CPU, "
-            "--no_eval_before: the base model scores 0 EM on invented facts and answers every probe question). "
-            "Device bytes: meft_ds.plan's training items (weights + gradients, bucket; MEFT: routers and the rows "
-            "fetched and kept for backward, |U| measured in the run). Best lr = highest mean EM over seeds."
-        ),
-        columns=["configuration", "trainable", "device MB", "EM by lr", "best lr", "EM", "seeds", "retained"],
-        rows=rows,
-        target=(
-            "MEFT >= the best LoRA at equal or smaller device bytes + 0.05 EM, >= the parallel adapter that fits the "
-            "same budget, and >= 90% of the probe retained"
-        ),
-        met=met,
-        verdict=verdict,
-        notes=notes,
-        data={"grid": dataclasses.asdict(grid), "records": records, "best": best},
+    data = {"grid": dataclasses.asdict(grid), "records": records, "best": best}
+    return common.section(
+        "quality", {"grid": grid, "bucket": BUCKET}, rows=rows, met=met, verdict=verdict, notes=notes, data=data
     )
 
 
 def run(context: Context) -> Section:
     grid = quick_grid() if context.settings.quality_quick else full_grid()
-    notes = [] if context.settings.quality_quick else list(FULL_NOTES)
+    notes = [] if context.settings.quality_quick else common.paragraphs("quality", "full_notes")
     work = ROOT / "outputs" / f"bench_quality_{grid.name}"  # kept: a rerun continues an interrupted benchmark
     # the built-in model as fp32 safetensors, which a training process loads in seconds (its GGUF file: minutes)
     records = run_grid(grid, work, notes=notes, model=None if grid.model else lambda: str(builtin_model_folder()))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from bench import plots
-from bench.common import Context, Section, fmt_ratio, median_seconds
+from bench.common import Context, Section, fmt_ratio, median_seconds, section
 from meft_ds.routing import select_rows
 
 ROUTER_INIT_SCALE = 50.0  # the library's default: router row e = 50 x the mean of expert e's keys
@@ -81,43 +81,13 @@ def run(context: Context) -> Section:
         ]
         for m in measured
     ]  # fmt: skip
-    met = optimum / 2 <= best["experts"] <= optimum * 2
-    return Section(
-        key="e",
-        title="CPU routing cost vs the number of experts E",
-        what=(
-            f"Time to route one micro-batch of T={tokens} tokens (d={dim}) to its top-K={k} rows among r={r} with "
-            f"n_probe={n_probe}, for E from {measured[0]['experts']} to {measured[-1]['experts']}: the router "
-            "(scores of E experts, top n_probe) and meft_ds.routing.select_rows (scores of the probed experts' keys, "
-            "gated by the router logits, per-token top-K, union), against the analytic T (E + n_probe r/E) d."
-        ),
-        how=(
-            f"Median of {s.routing_repeats} calls after 1 warm-up, torch threads = {torch.get_num_threads()}; keys "
-            "N(0, 0.02) in the store's (r, 2, d) layout, router rows = 50 x the mean of each expert's keys (the "
-            "library's init), Gaussian hidden states. In training the router runs on the device; here both run on the "
-            "CPU, so the sum is the whole routing cost of a CPU-only run."
-        ),
-        columns=["E", "r/E", "router ms", "select_rows ms", "total ms", "analytic GMAC", "÷ fastest"],
-        rows=table,
-        target=f"the minimum near E = sqrt(n_probe r) = {optimum:.0f} (SPEC: ~sqrt(r) = {math.sqrt(r):.0f})",
-        met=met,
-        verdict=(
-            f"Fastest measured at E={best['experts']}, analytic minimum on this grid at E={best_analytic['experts']} "
-            f"(continuous optimum {optimum:.0f}). The two parts do not cost the same per multiply-add: the router's "
-            f"dense GEMM runs at {router_rate:.0f} GMAC/s, the gathered key scoring at {select_rate:.0f} GMAC/s, which "
-            f"moves the optimum to sqrt(n_probe r x {router_rate / select_rate:.1f}) = {weighted:.0f}."
-        ),
-        data={
-            "measured": measured,
-            "optimum": optimum,
-            "weighted_optimum": weighted,
-            "router_gmacs": router_rate,
-            "select_gmacs": select_rate,
-            "neurons": r,
-            "tokens": tokens,
-            "dim": dim,
-        },
-    )
+    values = {"s": s, "tokens": tokens, "dim": dim, "k": k, "r": r, "n_probe": n_probe, "first": measured[0]}
+    values |= {"last": measured[-1], "threads": torch.get_num_threads(), "optimum": optimum, "sqrt_r": math.sqrt(r)}
+    values |= {"best": best, "analytic": best_analytic, "router": router_rate, "select": select_rate}
+    values |= {"rate": router_rate / select_rate, "weighted": weighted}
+    data = {"measured": measured, "optimum": optimum, "weighted_optimum": weighted, "router_gmacs": router_rate}
+    data |= {"select_gmacs": select_rate, "neurons": r, "tokens": tokens, "dim": dim}
+    return section("e", values, rows=table, met=optimum / 2 <= best["experts"] <= optimum * 2, data=data)
 
 
 def plot(section: Section, path: str) -> None:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +21,19 @@ import torch
 
 import meft_ds
 from bench import plots
-from bench.common import GB, MB, Context, Section, fits_in_memory, fmt_bytes, fmt_ratio
+from bench.common import (
+    GB,
+    MB,
+    Context,
+    Section,
+    fits_in_memory,
+    fmt_bytes,
+    fmt_ratio,
+    free_port,
+    run_process,
+    section,
+    text,
+)
 from bench.formulas import (
     GRAD_BYTES,
     RankLoad,
@@ -41,10 +51,6 @@ DRIVER = Path(__file__).with_name("scaleout_driver.py")
 RANKS = 2
 MICRO_STEPS = 2  # micro-batches per optimizer step (per rank)
 MAX_STEPS = 2  # optimizer steps per variant (fewer if Settings.train_steps is smaller)
-COLUMNS = [
-    "part", "variant", "rows / step (per rank)", "bytes / step (per rank)", "breakdown", "GB/s read / write",
-    "dense ÷ this, or this ÷ raw aio",
-]  # fmt: skip
 SIMULATED_RANKS = (2, 4, 8)  # the sharded store's bytes by formula, from the 2-rank measurement
 VARIANTS = [
     {"name": "replicated", "store": {"shard": False}},
@@ -57,31 +63,18 @@ VARIANTS = [
 # part 1: bytes between ranks
 
 
-def launch_env() -> dict[str, str]:
-    """This environment without a distributed rank of its own (tests set one), the package importable."""
-    dropped = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "GROUP_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in dropped}
-    paths = [str(ROOT), str(ROOT / "launch"), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    return env
-
-
 def run_ranks(spec: dict[str, Any], workdir: Path, timeout: float = 1200) -> list[dict[str, Any]]:
-    """Run the driver on ``RANKS`` processes; every rank's JSON, in rank order."""
+    """Run the driver on ``RANKS`` processes (this package and meft_ds importable); every rank's JSON, in rank order."""
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS), "--master_port", str(port),
-        str(DRIVER), str(spec_path),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS), "--master_port",
+        str(free_port()), str(DRIVER), str(spec_path),
     ]  # fmt: skip
     print(f"  {shlex.join(command)}", flush=True)
-    result = subprocess.run(command, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise RuntimeError(f"the {RANKS} ranks failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    paths = [str(ROOT), str(ROOT / "launch"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    accelerator = os.environ.get("DS_ACCELERATOR", "cpu")
+    run_process(command, ROOT, timeout, PYTHONPATH=os.pathsep.join(paths), DS_ACCELERATOR=accelerator)
     return [json.loads((Path(spec["out"]) / f"rank_{rank}.json").read_text()) for rank in range(RANKS)]
 
 
@@ -284,101 +277,31 @@ def run(context: Context) -> Section:
     plan = model_plan(context)
     between = measure_between_ranks(context, plan, notes)
     nvme = measure_nvme(context, plan, notes)
-    rows = table_rows(between, nvme)
-    what = (
-        f"Per rank and per optimizer step: the bytes {RANKS} data-parallel ranks exchange to keep MEFT's row stores in "
-        f"step, replicated vs sharded stores, against what a dense adapter of the same r all-reduces; and the read "
-        f"and write GB/s of the NVMe tier (NvmeRowStore) against a raw DeepSpeed async I/O handle and a plain file in "
-        f"the same folder. Model: {plan['label']}; adapters on its last {ADAPTER_LAYERS} layers, r={s.step_neurons}, "
-        f"K={s.top_k}."
-    )
-    how_parts = []
-    if between is not None:
-        v0 = between["variants"][0]
-        how_parts.append(
-            f"Bytes between ranks: {RANKS} processes (python -m torch.distributed.run --nproc_per_node {RANKS} "
-            f"launch/bench/scaleout_driver.py SPEC.json; gloo, {between['threads']} torch thread per rank) each run "
-            f"meft_ds.initialize (ZeRO stage 0, fp32, no clipping) and {between['steps']} optimizer steps of "
-            f"{between['micro_steps']} micro-batches of {between['tokens']} tokens per rank, once with replicated "
-            'stores and once with {"store": {"shard": true}}. Measured: the deltas of meft_ds.stats(model)'
-            "['bytes_between_ranks'] (what the rank put into the collectives: at the optimizer step the touched row "
-            "ids, int64, and their fp32 gradients, over the ranks' union for replicated stores or sent to the owners "
-            "for sharded ones, a rank's own share included; with sharded stores also, during the forward, the routing "
-            "all-gathers and the rows fetched from their owners), averaged over ranks and steps; 'touched' = rows "
-            "holding a gradient on the rank before the exchange, 'updated' = rows its sparse Adam updated. Added: "
-            f"the routers' gradients, which the engine all-reduces ({fmt_bytes(v0['routers'])}, analytic: their fp32 "
-            f"bytes). Dense: analytic, {v0['layers']} layers x 2 r d x 4 bytes (fp32 gradients, d={v0['dim']}; bf16 "
-            "would be half), what each rank puts into its gradient all-reduce (a ring all-reduce over 2 ranks sends "
-            "exactly that per rank)."
-        )
-    if between is not None:
-        how_parts.append(
-            f'Variants: replicated = "store": {{"shard": false}}; sharded = the default on a node of '
-            f'{RANKS} ranks ("auto"); sharded, bf16 rows = the same with "row_dtype": "bf16" (rows, '
-            "hidden states and scores' inputs travel in bf16). Each variant runs in processes of its own; memory per "
-            "node = the ranks' proportional set sizes (/proc/self/smaps_rollup Pss, a shared page split between its "
-            "users) added up, after the last step. Sent at 2, 4 and 8 ranks: launch/bench/formulas.py's "
-            "formulas (its docstring states them), evaluated with each rank's own tokens, rows fetched and rows "
-            "touched as measured at 2 ranks (a rank keeps its micro-batch; only the owners change with W): ring "
-            "all-gathers send (W-1) x a rank's part, all-to-alls (W-1)/W of it, a ring all-reduce 2(W-1)/W of the "
-            "tensor; the 'put in' formula reproduces the measured forward bytes (checked: "
-            + ", ".join(
-                f"{v['variant']} {fmt_bytes(v['forward'])} measured vs {fmt_bytes(v['forward_formula'])}"
-                for v in between["variants"]
-                if "forward_formula" in v
-            )
-            + ")."
-        )
-    if nvme is not None:
-        how_parts.append(nvme_how(nvme))
+    values = {"s": s, "ranks": RANKS, "model": plan["label"], "layers": ADAPTER_LAYERS}
+    how, verdict = [], []
     sizes = between["variants"] if between is not None else []
-    met = bool(sizes) and all(v["total"] < v["dense"] for v in sizes)
-    verdict_parts = []
-    if sizes:
-        verdict_parts.append(
-            "Per rank per optimizer step: "
-            + ", ".join(
-                f"{v['variant']} {fmt_bytes(v['total'])} (dense ÷ it = {fmt_ratio(v['dense'] / v['total'])})"
-                for v in sizes
-            )
-            + f" vs the dense adapter's {fmt_bytes(sizes[0]['dense'])}."
-        )
-        verdict_parts += [
-            f"Of the {v['variant']} stores' bytes, {fmt_bytes(v['forward'])} move during the forward (routing "
-            f"all-gathers, rows fetched from their owners), the price of holding 1/{RANKS} of the rows per rank."
-            for v in sizes
-            if v["forward"]
-        ]
+    if between is not None:
+        checked = [text("f", "checked", v=v) for v in sizes if "forward_formula" in v]
+        how.append(text("f", "how", **values, b=between, v=sizes[0], checked=", ".join(checked)))
+        named = [text("f", "size", v=v, ratio=v["dense"] / v["total"]) for v in sizes]
+        verdict.append(text("f", "verdict", sizes=", ".join(named), dense=sizes[0]["dense"]))
+        verdict += [text("f", "forward", v=v, ranks=RANKS) for v in sizes if v["forward"]]
         at_most = [row for row in between["simulated"] if row["world"] == max(SIMULATED_RANKS)]
-        verdict_parts += [
-            f"At {row['world']} ranks a rank sends {fmt_bytes(row['total'])} per step with {row['variant']} stores "
-            f"({fmt_bytes(row['before'])} before issue 15) vs {fmt_bytes(row['dense'])} for the dense adapter's fp32 "
-            f"all-reduce ({fmt_bytes(row['dense_bf16'])} in bf16)."
-            for row in at_most
-        ]
-        verdict_parts.append(
-            f"Host memory of the {RANKS}-rank node: "
-            + ", ".join(f"{v['variant']} {fmt_bytes(v['node_pss'])}" for v in sizes)
-            + "."
-        )
+        verdict += [text("f", "at_most", row=row) for row in at_most]
+        memory = ", ".join(f"{v['variant']} {fmt_bytes(v['node_pss'])}" for v in sizes)
+        verdict.append(text("f", "memory", ranks=RANKS, memory=memory))
     else:
-        verdict_parts.append("The 2-rank run was skipped.")
+        verdict.append(text("f", "skipped"))
     if nvme is not None:
-        verdict_parts.append(nvme_verdict(nvme))
-    return Section(
-        key="f",
-        title="Scale out: bytes between ranks, NVMe tier GB/s",
-        what=what,
-        how=" ".join(how_parts) or "Nothing could be measured on this machine (see the notes).",
-        columns=COLUMNS,
-        rows=rows,
-        target=(
-            "MEFT's bytes between ranks per optimizer step (replicated and sharded, all counted) below a dense "
-            "adapter's gradient all-reduce of the same r; NVMe GB/s reported next to the raw aio handle's "
-            "(no threshold)"
-        ),
-        met=met if sizes else None,
-        verdict=" ".join(verdict_parts),
+        how.append(nvme_how(nvme))
+        verdict.append(nvme_verdict(nvme))
+    return section(
+        "f",
+        values,
+        how=" ".join(how) or text("f", "nothing"),
+        rows=table_rows(between, nvme),
+        met=all(v["total"] < v["dense"] for v in sizes) if sizes else None,
+        verdict=" ".join(verdict),
         notes=notes,
         data={"between_ranks": between, "nvme": nvme, "model": plan["label"]},
     )

@@ -26,7 +26,9 @@ from bench.common import (
     fmt_ratio,
     free_memory,
     median_seconds,
+    section,
     step_function,
+    text,
 )
 from bench.report import cpu_brand
 from meft_ds.baselines import DenseParallelAdapter, add_dense_adapters, add_lora  # noqa: F401 - tests use the first
@@ -137,60 +139,26 @@ def run(context: Context) -> Section:
         free_memory()
     order = [label for label, _, _ in variants]
     measured.sort(key=lambda m: order.index(m["variant"]))
-    meft_time = next((m["seconds"] for m in measured if m["variant"].startswith("MEFT")), None)
-    lora_time = next((m["seconds"] for m in measured if m["variant"] == paired[0][0]), None)
-    dense_time = next((m["seconds"] for m in measured if m["variant"] == f"dense adapter r={s.step_neurons}"), None)
-    table = [
-        [
-            m["variant"],
-            f"{m['trainable']:,}",
-            f"{m['seconds']:.2f}",
-            fmt_ratio(m["seconds"] / meft_time) if meft_time else "-",
-        ]
-        for m in measured
-    ]
-    if meft_time and lora_time and dense_time:
-        vs_lora, vs_dense = meft_time / lora_time, dense_time / meft_time
-        met: bool | None = vs_lora <= 1.2 and vs_dense >= 2
-        verdict = (
-            f"MEFT takes {fmt_ratio(vs_lora)} the time of LoRA on q,v (timed side by side) and is "
-            f"{fmt_ratio(vs_dense)} faster than the dense adapter with r={s.step_neurons}."
-        )
-    else:
-        met, verdict = None, "Not judged: a variant was skipped (see the notes)."
-    return Section(
-        key="c",
-        title="Step time on this CPU",
-        what=(
-            f"Wall time of one training step (forward, backward, optimizer step, zero_grad) of SmolLM2-135M-Instruct "
-            f"in fp32 on micro-batches of {s.micro_batch} x {s.seq_len} tokens of packed facts text, base model "
-            f"frozen, for MEFT (r={s.step_neurons}, K={s.top_k}, SparseRowAdam + AdamW on the routers), LoRA (peft, "
-            f"r={s.lora_rank}, alpha={2 * s.lora_rank}, on q,v and on all linear layers; AdamW), and a dense parallel "
-            f"adapter y = FFN(h) + ReLU(h K^T) V on every layer with r={s.step_neurons} and with r={s.top_k} (= K), "
-            "K and V dense trainable (torch AdamW, fused)."
-        ),
-        how=(
-            f"MEFT and LoRA on q,v: {WARMUP} warm-up steps each, then {rounds} rounds timing one step of each in "
-            f"turn, medians; the other variants: median of {s.step_repeats} steps after {WARMUP} warm-up steps. Each "
-            f"step on the next micro-batch; torch threads = {torch.get_num_threads()}; on {cpu_brand()}. MEFT's rows "
-            "travel in fp32 on this CPU (its compute dtype). The host timeline: wall time of meft_ds's functions "
-            f"over {TIMELINE_STEPS} MEFT steps (launch/bench/timeline.py), each call's own time."
-        ),
-        columns=["variant", "trainable elements", "s / step (median)", "÷ MEFT"],
+    by_variant = {order.index(m["variant"]): m["seconds"] for m in measured}
+    lora_time, meft_time, dense_time = (by_variant.get(i) for i in (0, 2, 3))  # LoRA on q,v; MEFT; dense of r rows
+    table = []
+    for m in measured:
+        ratio = fmt_ratio(m["seconds"] / meft_time) if meft_time else "-"
+        table.append([m["variant"], f"{m['trainable']:,}", f"{m['seconds']:.2f}", ratio])
+    values = {"s": s, "alpha": 2 * s.lora_rank, "warmup": WARMUP, "rounds": rounds, "cpu": cpu_brand()}
+    values |= {"threads": torch.get_num_threads(), "timeline_steps": TIMELINE_STEPS}
+    judged = bool(meft_time and lora_time and dense_time)
+    if judged:
+        values |= {"vs_lora": meft_time / lora_time, "vs_dense": dense_time / meft_time}
+    return section(
+        "c",
+        values,
         rows=table,
-        target=(
-            f"MEFT within 1.2x of LoRA on q,v, >= 2x faster than the dense adapter at r={s.step_neurons}; host work "
-            "per layer halved (issue 16)"
-        ),
-        met=met,
-        verdict=verdict,
+        met=values["vs_lora"] <= 1.2 and values["vs_dense"] >= 2 if judged else None,
+        **({} if judged else {"verdict": text("c", "not_judged")}),
         notes=skipped,
-        data={
-            "measured": measured,
-            "host": host,
-            "extra_tables": host_tables(host, s.step_neurons),
-            "cpu": cpu_brand(),
-        },
+        data={"measured": measured, "host": host, "extra_tables": host_tables(host, s.step_neurons)}
+        | {"cpu": cpu_brand()},
     )
 
 
@@ -202,9 +170,9 @@ def host_tables(host: dict[str, Any] | None, neurons: int) -> list[dict[str, Any
     if baseline is not None and baseline.get("neurons") != neurons:
         baseline = None  # another size (e.g. --quick)
     table = timeline.table(host, baseline)
-    title = f"Host timeline of a MEFT micro-step (r={neurons}, {host['layers']} layers), ms"
+    title = text("c", "timeline", neurons=neurons, layers=host["layers"])
     if baseline is not None:
-        title += f"; before: meft_ds at {baseline['commit']} on {baseline['cpu']} ({baseline['command']})"
+        title += text("c", "timeline_before", b=baseline)
     return [{"title": title, "columns": table[0], "rows": table[1:]}]
 
 

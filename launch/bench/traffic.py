@@ -2,7 +2,7 @@
 
 Dense side: ``bench/formulas.py`` (DeepSpeed ZeRO-2 CPU offload as coded, and the minimal offload).
 
-MEFT side: ``meft_ds.stats(model)`` counters over real micro-steps and optimizer steps (``_how`` says which); the
+MEFT side: ``meft_ds.stats(model)`` counters over real micro-steps and optimizer steps (sections.md says which); the
 routers are engine parameters that move like the dense adapter under ZeRO-Offload, so their bytes are added.
 """
 
@@ -28,7 +28,9 @@ from bench.common import (
     fmt_ratio,
     free_memory,
     optimizer_step,
+    section,
     stats_delta,
+    text,
 )
 from bench.formulas import (
     BF16,
@@ -218,95 +220,51 @@ def run(context: Context) -> Section:
     measured = [measure_neurons(context, neurons, skipped) for neurons in s.traffic_neurons]
     results = [result for result in measured if result is not None]
     summaries = [row for result in results for row in summarize(result, s.accum_steps, s.traffic_window)]
-    g = f"G={s.accum_steps}"
-    columns = [
-        "r", "state", "variant", f"to device / micro-step (avg, {g})", f"to host / micro-step (avg, {g})",
-        *([f"per opt. step, G={s.traffic_window}"] if s.traffic_window != s.accum_steps else []),
-        f"per opt. step, {g}", f"dense (as coded) ÷ this, {g}", f"dense (minimal) ÷ this, {g}", "rows / layer",
-    ]  # fmt: skip
-    return Section(
-        key="a",
-        title="Host<->device bytes per optimizer step: MEFT vs a dense parallel adapter under ZeRO-Offload",
-        what=(
-            f"Bytes that cross between host and device for one optimizer step of {s.accum_steps} micro-steps of "
-            f"{s.micro_batch} x {s.seq_len} tokens (the paper's effective batch 64) on SmolLM2-135M-Instruct "
-            f"(30 layers, d=576) with adapters of r rows per layer on every layer, top-K = {s.top_k}: MEFT without "
-            "and with the device row cache, against a dense parallel adapter of the same r trained with DeepSpeed "
-            "ZeRO-2 CPU offload, at initialisation and after brief training on facts."
-        ),
-        how=_how(s),
-        columns=columns,
+    window = text("a", "window_whole" if s.traffic_window >= s.accum_steps else "window_part", s=s)
+    best = _best_ratios(summaries, s.accum_steps)
+    named = [f"r={r} {phase}: {fmt_ratio(ratio)} ({'no ' * (name == 'plain')}cache)" for r, phase, name, ratio in best]
+    return section(
+        "a",
+        {"s": s, "cache_window": window, "best": "; ".join(named)},
         rows=table_rows(summaries, s.traffic_window, s.accum_steps),
-        target=">= 10x fewer bytes per optimizer step than the dense adapter under ZeRO-Offload (paper: 3.57x)",
-        met=_met(summaries, s.accum_steps, complete=not skipped),
-        verdict=verdict(summaries, s.accum_steps),
+        met=all(ratio >= 10 for *_, ratio in best) if best and not skipped else None,  # judged when every r ran
         notes=_notes(results, s) + skipped,
         data={"results": results, "summaries": summaries},
     )
 
 
-def _cache_window(s: Any) -> str:
-    if s.traffic_window >= s.accum_steps:
-        return f"one whole real optimizer step of {s.accum_steps} micro-steps, every byte measured"
-    return (
-        f"one real optimizer step of {s.traffic_window} micro-steps; for G={s.accum_steps} (*) each extra micro-step "
-        "is charged the bytes of the last measured one, plus the flushed gradients of the rows it fetched (an "
-        "over-estimate: a row travels at most once per optimizer step, so misses only fall)"
-    )
+LABELS = {  # the variants of a summary entry, as the plot names them
+    "dense_coded": "dense adapter, ZeRO-Offload as coded",
+    "dense_minimal": "dense adapter, minimal offload",
+    "plain": "MEFT, no cache (+ routers)",
+    "cache": "MEFT, device cache (+ routers; budget in the table)",
+}
 
 
-def _how(s: Any) -> str:
-    return (
-        "Dense: analytic, from DeepSpeed 0.19.8 stage_1_and_2.py as coded (bf16 gradients round-trip through the CPU "
-        "accumulation buffer at every micro-step after the first, an fp32 copy at the boundary, bf16 parameters back "
-        "once per step; see launch/bench/formulas.py), and the minimal offload (one bf16 gradient copy per micro-step, "
-        "one bf16 parameter copy per step). MEFT: meft_ds.stats(model) counters (bytes_to_device, bytes_to_host, "
-        "which include row_bytes_*, indices and hidden states) over real forward+backward micro-steps and optimizer "
-        "steps (SparseRowAdam + AdamW on the routers) in a plain PyTorch loop, rows, hidden states and router logits "
-        "in bf16, indices in int16 where they fit, plus the routers' own ZeRO-Offload bytes "
-        f"(analytic, N = L*E*d). Without the cache: mean of {s.traffic_plain_micro_steps} micro-steps times G (a "
-        f"micro-step's bytes do not depend on the others). With the cache: {_cache_window(s)}. Per micro-step = per "
-        "optimizer step / G. 'trained': after "
-        f"{s.train_steps} optimizer steps (lr {s.train_lr}) "
-        "on facts."
-    )
-
-
-def _variants(entry: dict[str, Any]) -> list[tuple[str, str, OffloadBytes, bool, str]]:
-    """(key, label, bytes per optimizer step, extrapolated?, rows note) of every variant of one summary entry."""
-    out = [
-        ("dense_coded", "dense adapter, ZeRO-Offload as coded", OffloadBytes(**entry["dense_coded"]), False, "all r"),
-        ("dense_minimal", "dense adapter, minimal offload", OffloadBytes(**entry["dense_minimal"]), False, "all r"),
-    ]
-    plain, cache = entry["plain"], entry["cache"]
-    out.append(("plain", "MEFT, no cache (+ routers)", OffloadBytes(plain["to_device"], plain["to_host"]),
-                plain["extrapolated"], f"{plain['rows_per_layer_micro']:.0f} fetched / micro-step"))  # fmt: skip
-    out.append((
-        "cache", f"MEFT, cache {entry['cache_mb'] / 1024:.2f} GiB (+ routers)",
-        OffloadBytes(cache["to_device"], cache["to_host"]), cache["extrapolated"],
-        f"{cache['rows_updated_per_layer']:.0f} updated / step",
-    ))  # fmt: skip
-    return out
+def _bytes(entry: dict[str, Any], name: str) -> OffloadBytes:
+    """Variant ``name``'s bytes per optimizer step in a summary entry (MEFT's with the routers')."""
+    return OffloadBytes(entry[name]["to_device"], entry[name]["to_host"])
 
 
 def table_rows(summaries: list[dict[str, Any]], window: int, accum_steps: int) -> list[list[Any]]:
     """Per (r, state) and variant: the average bytes per micro-step and the bytes per optimizer step at G=32,
     the bytes per optimizer step at the measured window (when shorter), and the ratios of the dense baselines to it."""
-    by_key: dict[tuple[int, str], dict[int, dict[str, Any]]] = {}
-    for entry in summaries:
-        by_key.setdefault((entry["r"], entry["state"]), {})[entry["G"]] = entry
+    at = {(e["r"], e["state"], e["G"]): e for e in summaries}
     rows = []
-    for (neurons, phase), by_g in by_key.items():
-        at_window = {key: b for key, _, b, _, _ in _variants(by_g[window])}
-        paper = _variants(by_g[accum_steps])
-        coded, minimal = paper[0][2].total, paper[1][2].total
-        for key, label, b, extrapolated, rows_note in paper:
-            star = "*" if extrapolated else ""
-            window_column = [fmt_bytes(at_window[key].total)] if window != accum_steps else []
+    for entry in (e for e in summaries if e["G"] == accum_steps):
+        plain, cache = entry["plain"], entry["cache"]
+        labels = LABELS | {"cache": f"MEFT, cache {entry['cache_mb'] / 1024:.2f} GiB (+ routers)"}
+        counts = {"plain": f"{plain['rows_per_layer_micro']:.0f} fetched / micro-step"}
+        counts["cache"] = f"{cache['rows_updated_per_layer']:.0f} updated / step"
+        coded, minimal = _bytes(entry, "dense_coded").total, _bytes(entry, "dense_minimal").total
+        for name, label in labels.items():
+            b, star = _bytes(entry, name), "*" if entry[name].get("extrapolated") else ""
+            shorter = at[(entry["r"], entry["state"], window)]
+            window_column = [fmt_bytes(_bytes(shorter, name).total)] if window != accum_steps else []
             rows.append([
-                neurons, phase, label, fmt_bytes(b.to_device / accum_steps), fmt_bytes(b.to_host / accum_steps),
-                *window_column, fmt_bytes(b.total) + star, fmt_ratio(coded / b.total) + star,
-                fmt_ratio(minimal / b.total) + star, rows_note,
+                entry["r"], entry["state"], label, fmt_bytes(b.to_device / accum_steps),
+                fmt_bytes(b.to_host / accum_steps), *window_column, fmt_bytes(b.total) + star,
+                fmt_ratio(coded / b.total) + star, fmt_ratio(minimal / b.total) + star, counts.get(name, "all r"),
             ])  # fmt: skip
     return rows
 
@@ -323,97 +281,42 @@ def _best_ratios(summaries: list[dict[str, Any]], accum_steps: int) -> list[tupl
     return best
 
 
-def _met(summaries: list[dict[str, Any]], accum_steps: int, complete: bool) -> bool | None:
-    """Judged only when every r was measured."""
-    best = _best_ratios(summaries, accum_steps)
-    if not complete or not best:
-        return None
-    return all(ratio >= 10 for *_, ratio in best)
-
-
-def verdict(summaries: list[dict[str, Any]], accum_steps: int) -> str:
-    best = _best_ratios(summaries, accum_steps)
-    parts = [
-        f"r={r} {phase}: {fmt_ratio(ratio)} ({'cache' if name == 'cache' else 'no cache'})"
-        for r, phase, name, ratio in best
-    ]
-    return f"Dense (as coded) ÷ best MEFT variant per optimizer step at G={accum_steps}: " + "; ".join(parts) + "."
-
-
-def breakdown(result: dict[str, Any], name: str) -> str:
-    """Where one measured MEFT window's bytes went: rows vs everything else (hidden states, indices), each way."""
-    window = Window(**result["windows"]["trained"][name])
-    total = window.total()
-    rows_in, rows_out = total["row_bytes_to_device"], total["row_bytes_to_host"]
-    other_in, other_out = total["bytes_to_device"] - rows_in, total["bytes_to_host"] - rows_out
-    what = "without the cache" if name == "plain" else "with the cache"
-    return (
-        f"r={result['neurons']}, trained, {what}, measured over {len(window.micro)} micro-steps + the step: rows "
-        f"{fmt_bytes(rows_in)} to the device and row gradients {fmt_bytes(rows_out)} back; hidden states, router "
-        f"choices and indices {fmt_bytes(other_in)} to the device and {fmt_bytes(other_out)} back."
-    )
-
-
-def paper_comparison(result: dict[str, Any]) -> str:
-    """The paper's own comparison: one iteration without accumulation, where the offloaded dense adapter moves
-    2|theta| (bf16 gradients out, bf16 parameters in), against one MEFT micro-step without the cache."""
-    dense = minimal_offload_bytes(result["dense_params"], 1).total
-    parts = []
-    for phase, by_variant in result["windows"].items():
-        meft = Window(**by_variant["plain"]).plain_bytes_at(1).total
-        parts.append(f"{phase} {fmt_ratio(dense / (meft + zero_offload_bytes(result['router_params'], 1).total))}")
-    return (
-        f"r={result['neurons']}, the paper's per-iteration comparison (no accumulation; the dense adapter moves "
-        f"2|theta| = {fmt_bytes(dense)}, MEFT one micro-step without the cache, routers included): "
-        + ", ".join(parts)
-        + " less (paper: 3.57x at r=6144 on LLaMA-7B)."
-    )
-
-
 def _notes(results: list[dict[str, Any]], s: Any) -> list[str]:
     notes = []
-    for result in results:
-        r = result["neurons"]
-        router = zero_offload_bytes(result["router_params"], s.accum_steps).total
-        notes.append(
-            f"r={r}: the routers ({result.get('router_params', 0):,} parameters) add {fmt_bytes(router)} per optimizer "
-            f"step at G={s.accum_steps} under ZeRO-Offload (included above); kept on the device with a device "
-            "optimizer they would add nothing."
-        )
-        notes.append(paper_comparison(result))
-        notes.extend(breakdown(result, name) for name in ("plain", "cache"))
-        before, after = result["fixed_batch_loss"]
-        notes.append(
-            f"r={r}: cache budget {result['cache_mb']:.0f} MiB for the model (cache_mb; default: the dense "
-            f"adapter's device bytes under ZeRO-Offload, bf16 weights + bf16 gradients = 4 bytes x "
-            f"{result['dense_params']:,}); {fmt_bytes(result['cache_device_bytes'])} allocated."
-        )
-        notes.append(
-            f"r={r}: the brief training ({len(result['train_losses'])} steps) took the loss on a fixed batch from "
-            f"{before:.3f} to {after:.3f}."
-        )
+    for r in results:
+        routers = zero_offload_bytes(r["router_params"], s.accum_steps).total
+        notes.append(text("a", "note_routers", r=r, s=s, routers=routers))
+        dense = minimal_offload_bytes(r["dense_params"], 1).total  # the paper's per-iteration comparison
+        meft = {
+            phase: Window(**by_variant["plain"]).plain_bytes_at(1).total for phase, by_variant in r["windows"].items()
+        }
+        meft = {phase: value + zero_offload_bytes(r["router_params"], 1).total for phase, value in meft.items()}
+        ratios = ", ".join(f"{phase} {fmt_ratio(dense / value)}" for phase, value in meft.items())
+        notes.append(text("a", "note_paper", r=r, dense=dense, ratios=ratios))
+        for name, what in (("plain", "without the cache"), ("cache", "with the cache")):
+            window = Window(**r["windows"]["trained"][name])  # where its bytes went: rows vs everything else
+            t = window.total()
+            other_in, other_out = (t[f"bytes_to_{w}"] - t[f"row_bytes_to_{w}"] for w in ("device", "host"))
+            notes.append(text("a", "note_breakdown", r=r, what=what, micro=len(window.micro), t=t, other_in=other_in,
+                              other_out=other_out))  # fmt: skip
+        notes.append(text("a", "note_cache", r=r))
+        before, after = r["fixed_batch_loss"]
+        notes.append(text("a", "note_training", r=r, steps=len(r["train_losses"]), before=before, after=after))
     if s.traffic_window < s.accum_steps:
-        notes.append("* scaled from the measured window (see how it was measured).")
+        notes.append(text("a", "note_scaled"))
     return notes
 
 
 def plot(section: Section, path: str) -> None:
     accum = max(e["G"] for e in section.data["summaries"])
     entries = [e for e in section.data["summaries"] if e["G"] == accum]
-    variants = [{key: b for key, _, b, _, _ in _variants(entry)} for entry in entries]
-    names = {
-        "dense_coded": "dense adapter, ZeRO-Offload as coded",
-        "dense_minimal": "dense adapter, minimal offload",
-        "plain": "MEFT, no cache (+ routers)",
-        "cache": "MEFT, device cache (+ routers; budget in the table)",
-    }
     fig, axes = plots.figure(10, 6)
     groups = [f"r={e['r']}\n{e['state']}" for e in entries]
-    series = {label: [v[name].total / 1e9 for v in variants] for name, label in names.items()}
+    series = {label: [_bytes(e, name).total / 1e9 for e in entries] for name, label in LABELS.items()}
     bars = plots.grouped_bars(axes, groups, series)
-    for name, container in zip(names, bars, strict=True):
+    for name, container in zip(LABELS, bars, strict=True):
         if name in ("plain", "cache"):
-            ratios = [v["dense_coded"].total / v[name].total for v in variants]
+            ratios = [_bytes(e, "dense_coded").total / _bytes(e, name).total for e in entries]
             axes.bar_label(container, [f"{r:.1f}x less" for r in ratios], fontsize=7)
     axes.set_ylabel(f"GB per optimizer step (G={accum})")
     axes.set_ylim(0, axes.get_ylim()[1] * 1.3)  # room for the legend above the bars
