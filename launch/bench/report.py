@@ -16,14 +16,19 @@ QUICK_COMMAND = "python launch/bench.py --quick"
 
 
 @functools.cache
-def cpu_brand() -> str:
-    """The CPU's name as py-cpuinfo reads it (e.g. "AMD EPYC" or "Intel(R) Xeon(R) ..."), or "?"."""
+def cpu_info() -> dict[str, Any]:
+    """py-cpuinfo's reading of this CPU, or nothing where it is missing (it is optional here)."""
     try:
         import cpuinfo
 
-        return cpuinfo.get_cpu_info().get("brand_raw", "?")
-    except Exception:  # py-cpuinfo is optional here
-        return "?"
+        return cpuinfo.get_cpu_info()
+    except Exception:
+        return {}
+
+
+def cpu_brand() -> str:
+    """The CPU's name as py-cpuinfo reads it (e.g. "AMD EPYC" or "Intel(R) Xeon(R) ..."), or "?"."""
+    return cpu_info().get("brand_raw", "?")
 
 
 def machine() -> dict[str, Any]:
@@ -40,12 +45,8 @@ def machine() -> dict[str, Any]:
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
     info["cpu"] = cpu_brand()
-    try:
-        import cpuinfo
-
-        info["avx512"] = "avx512f" in cpuinfo.get_cpu_info().get("flags", [])
-    except Exception:  # py-cpuinfo is optional here
-        pass
+    if cpu_info():
+        info["avx512"] = "avx512f" in cpu_info().get("flags", [])
     try:
         root = Path(__file__).resolve().parents[2]
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)

@@ -25,7 +25,6 @@ from bench.common import (
     fits_in_memory,
     fmt_ratio,
     free_memory,
-    median_seconds,
     section,
     step_function,
     text,
@@ -87,7 +86,7 @@ def build_variants(context: Context) -> list[tuple[str, Builder, float]]:
 
 def alternating_seconds(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
     """Each step's timings: :data:`WARMUP` untimed calls each, then ``rounds`` rounds timing one call of each in
-    turn, so that both see the same machine (other load, clock) at the same times."""
+    turn, so that all see the same machine (other load, clock) at the same times."""
     for step in steps.values():
         for _ in range(WARMUP):
             step()
@@ -107,15 +106,18 @@ def run(context: Context) -> Section:
     paired = [variants[0], variants[2]]  # LoRA on q,v and MEFT
     rounds = s.step_repeats + 2
     models: dict[str, tuple[Any, Callable[[], None], int]] = {}
+
+    def record(label: str, times: list[float], trainable: int) -> None:
+        measured.append({"variant": label, "seconds": statistics.median(times), "times": times, "trainable": trainable})
+        print(f"    {label}: median {measured[-1]['seconds']:.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
+
     for label, build, needed in paired:  # both held at once
         if fits_in_memory(needed + (paired[0][2] if label == paired[1][0] else 0), label, skipped):
             model, optimizers, trainable = build()
             models[label] = (model, step_function(model, optimizers, context.batch), trainable)
     print(f"  {' and '.join(models)}: {WARMUP} warm-up steps each, then {rounds} alternating rounds")
     for label, times in alternating_seconds({k: v[1] for k, v in models.items()}, rounds).items():
-        measured.append({"variant": label, "seconds": statistics.median(times), "times": times,
-                         "trainable": models[label][2]})  # fmt: skip
-        print(f"    {label}: median {measured[-1]['seconds']:.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
+        record(label, times, models[label][2])
     meft_label = paired[1][0]
     host = None
     if meft_label in models:
@@ -130,11 +132,8 @@ def run(context: Context) -> Section:
             continue
         print(f"  {label}: {WARMUP} warm-up + {s.step_repeats} timed steps")
         model, optimizers, trainable = build()
-        median, times = median_seconds(
-            step_function(model, optimizers, context.batch), repeats=s.step_repeats, warmup=WARMUP
-        )
-        measured.append({"variant": label, "seconds": median, "times": times, "trainable": trainable})
-        print(f"    median {median:.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
+        step = step_function(model, optimizers, context.batch)
+        record(label, alternating_seconds({label: step}, s.step_repeats)[label], trainable)  # one step: no turns
         del model, optimizers
         free_memory()
     order = [label for label, _, _ in variants]
