@@ -29,7 +29,7 @@ import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
 from meft_ds.baselines import METHODS, export_baseline, prepare_baseline, trainable_numel, training_bytes
 from meft_ds.data import DATASETS, FORMATS, DatasetError, collate, facts_dataset, load_examples, tokenize_for_training
-from meft_ds.distributed import check_replicas_identical
+from meft_ds.distributed import check_replicas_identical, unlink_cpu_allreduce_buffer
 from meft_ds.ds_config import (
     DTYPE_NAMES,
     compute_dtype,
@@ -191,6 +191,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], args: argpar
     model = prepare_baseline(args.method, model, lora_r=args.lora_r, adapter_neurons=neurons)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    unlink_cpu_allreduce_buffer()  # as meft_ds.initialize does: a DeepSpeed leak on CPUs
     return engine, model
 
 

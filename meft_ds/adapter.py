@@ -158,23 +158,26 @@ def computes_over_top_k(x: torch.Tensor) -> bool:
 
 
 @dataclass
+class ChosenRows:
+    """Rows chosen for this adapter, on their way: by :meth:`SparseKeyExpertAdapter.begin` on a CPU, or from an
+    earlier layer's hidden states (pre-retrieval)."""
+
+    routing: Routing
+    rows: RowsInFlight
+
+
+@dataclass
 class PendingRouting:
     """What :meth:`SparseKeyExpertAdapter.begin` started and :meth:`~SparseKeyExpertAdapter.finish` completes: the
-    router logits (on the device, differentiable) and the routing inputs on their way to the host."""
+    router logits (on the device, differentiable) and the routing inputs on their way to the host, or the rows
+    chosen already."""
 
     logits: torch.Tensor
     hidden: torch.Tensor | None = None
     probe_ids: torch.Tensor | None = None
     probe_gates: torch.Tensor | None = None
     copied: object | None = None  # event of the copies to the host (None: already complete)
-
-
-@dataclass
-class PrefetchedRows:
-    """Rows chosen for this adapter from an earlier layer's hidden states (pre-retrieval), on their way."""
-
-    routing: Routing
-    rows: RowsInFlight
+    chosen: ChosenRows | None = None
 
 
 def build_store(
@@ -243,7 +246,7 @@ class SparseKeyExpertAdapter(nn.Module):
         self.prefetch_target: SparseKeyExpertAdapter | None = None
         self.pending: PendingRouting | None = None  # set between the FFN's pre-hook and hook
         self._prefetch_routing: PendingRouting | None = None  # started by the source layer's begin
-        self._prefetched: PrefetchedRows | None = None
+        self._prefetched: ChosenRows | None = None
         self.serving: ServingRows | None = None
 
     def extra_repr(self) -> str:
@@ -273,7 +276,11 @@ class SparseKeyExpertAdapter(nn.Module):
         if prefetched is not None and prefetched.routing.union_pos.shape[0] == x.shape[0]:
             return PendingRouting(logits)
         self._prefetched = None  # stale (another batch shape): route from this layer's own hidden states
-        return self._start_routing(x, logits)
+        pending = self._start_routing(x, logits)
+        if pending.copied is None:  # the routing inputs are on the host already (a CPU): choose the rows now, so that
+            # their fetch (NVMe reads) runs during the FFN
+            return PendingRouting(logits, chosen=self._choose(pending, x.device, x.dtype))
+        return pending
 
     def _start_routing(self, x: torch.Tensor, logits: torch.Tensor) -> PendingRouting:
         """Start the routing inputs' copies to the host. They only choose rows (the adapter's output and gradients
@@ -292,6 +299,7 @@ class SparseKeyExpertAdapter(nn.Module):
         return PendingRouting(logits, hidden, probe_ids, gates, copied)
 
     def _route(self, pending: PendingRouting) -> Routing:
+        """Route on the host once the routing inputs are there."""
         if pending.copied is not None:
             pending.copied.synchronize()
         config = self.config
@@ -299,6 +307,12 @@ class SparseKeyExpertAdapter(nn.Module):
         scores = self.store.score_probed(pending.hidden, probe_ids, config.expert_size)  # in the travel dtype
         gates = None if pending.probe_gates is None else pending.probe_gates.float()
         return select_from_scores(scores, probe_ids, gates, expert_size=config.expert_size, top_k=config.top_k)
+
+    def _choose(self, pending: PendingRouting, device: torch.device, dtype: torch.dtype) -> ChosenRows:
+        """Route, and start the chosen rows' fetch to ``device``, in the row dtype for compute dtype ``dtype``."""
+        routing = self._route(pending)
+        rows = self.transfer.fetch(routing.row_ids, dtype=self.config.row_torch_dtype(dtype), device=device)
+        return ChosenRows(routing, rows)
 
     def start_prefetch(self, hidden: torch.Tensor) -> None:
         """Pre-retrieval, first half: this adapter's router on an earlier layer's ``hidden`` states, and the routing
@@ -313,9 +327,7 @@ class SparseKeyExpertAdapter(nn.Module):
         pending, self._prefetch_routing = self._prefetch_routing, None
         if pending is None:
             return
-        routing = self._route(pending)
-        rows = self.transfer.fetch(routing.row_ids, dtype=self.config.row_torch_dtype(dtype), device=device)
-        self._prefetched = PrefetchedRows(routing, rows)
+        self._prefetched = self._choose(pending, device, dtype)
 
     def finish(self, hidden: torch.Tensor, pending: PendingRouting) -> torch.Tensor:
         """Route (or take the pre-retrieved rows), fetch the rows, compute the adapter over each token's own rows."""
@@ -324,11 +336,13 @@ class SparseKeyExpertAdapter(nn.Module):
         if self.serving is not None:
             return self.serving.output(x, pending.logits).view_as(hidden)
         prefetched, self._prefetched = self._prefetched, None
-        if prefetched is not None and pending.hidden is None:
-            routing, in_flight = prefetched.routing, prefetched.rows
+        if pending.chosen is not None:  # chosen by begin()
+            chosen = pending.chosen
+        elif prefetched is not None and pending.hidden is None:  # pre-retrieved
+            chosen = prefetched
         else:
-            routing = self._route(pending)
-            in_flight = self.transfer.fetch(routing.row_ids, dtype=config.row_torch_dtype(x.dtype), device=x.device)
+            chosen = self._choose(pending, x.device, x.dtype)
+        routing, in_flight = chosen.routing, chosen.rows
         if self.prefetch_target is not None:
             self.prefetch_target.finish_prefetch(x.device, x.dtype)
         union_pos = self.transfer.indices_to_device(routing.union_pos, x.device)  # (T, K) positions in the union

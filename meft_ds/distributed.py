@@ -15,6 +15,8 @@ All layers travel together, each layer's row ids offset by ``position * r``.
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,3 +121,21 @@ def check_replicas_identical(adapters: list[SparseKeyExpertAdapter], *, group: A
             f"{', '.join(d.hex()[:12] for d in digests)}). This is a bug: please report it with your config."
         )
     return mine
+
+
+def unlink_cpu_allreduce_buffer() -> None:
+    """Take this rank's DeepSpeed CPU all-reduce buffer out of ``/dev/shm`` (every rank must call it).
+
+    DeepSpeed's shared-memory communication (its CPU accelerator) creates a 67 MB file there per rank at init and never
+    removes it, so every run would leave its ranks' buffers in memory until reboot. Each rank maps every rank's buffer
+    during init; after a barrier no one needs the names any more, and the memory stays with the processes until they
+    exit (also when killed)."""
+    from deepspeed.comm import comm  # its backend object: deepspeed.comm.cdb is bound before init, to None
+
+    shm = getattr(comm.cdb, "shm_comm_op", None)
+    if shm is None or not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    uid, addr, port = os.getuid(), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    Path(f"/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{dist.get_rank()}").unlink(missing_ok=True)

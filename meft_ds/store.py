@@ -1,7 +1,8 @@
 """The row store: one adapter's key and value rows, their Adam moments and gradients. :class:`RowStore` is the
 interface of every tier; the rest of meft_ds reaches rows only through it:
 
-* :meth:`RowStore.gather_into` fills a staging buffer with rows, cast to the dtype rows travel in;
+* :meth:`RowStore.gather_into` fills a staging buffer with rows, cast to the dtype rows travel in (or
+  :meth:`~RowStore.start_gather` starts it, to be completed later);
 * :meth:`RowStore.score_probed` scores tokens against the keys of their probed experts (routing);
 * :meth:`RowStore.accumulate_grad` / :meth:`~RowStore.accumulated_grads` / :meth:`~RowStore.grads_finite` /
   :meth:`~RowStore.drop_grads` keep the touched rows' gradients, by global row id;
@@ -19,7 +20,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -32,6 +33,10 @@ from meft_ds.ops import cpu_kernels, kernel_threads
 from meft_ds.routing import score_probed_keys
 
 RowsForUpdate = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (rows, exp_avg, exp_avg_sq, index)
+
+
+def _nothing() -> None:
+    """What completes a gather that is complete already."""
 
 
 class CheckpointError(ValueError):
@@ -76,6 +81,12 @@ class RowStore(abc.ABC):
     @abc.abstractmethod
     def gather_into(self, row_ids: torch.Tensor, out: torch.Tensor) -> None:
         """Rows ``row_ids`` (global ids, sorted) into ``out[:n]`` (``(>= n, 2, d)``, any float dtype)."""
+
+    def start_gather(self, row_ids: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
+        """:meth:`gather_into`, started: ``out`` is complete once the returned function has been called (a tier that
+        reads asynchronously, NVMe, reads meanwhile; the others gather at once)."""
+        self.gather_into(row_ids, out)
+        return _nothing
 
     def routing_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The hidden states (on the device, in the dtype they travel in) that go to the host for routing: these

@@ -10,8 +10,11 @@ needs only for the rows it selected: their values, and at the optimizer step the
   bytes of a few blocks (DeepSpeed's handle opens the file and serves its requests one after another), so the blocks
   are read by spans that read through gaps of up to ``gap_bytes`` unselected blocks (:func:`coalesce`); the gap
   blocks are read, counted in ``nvme_bytes_read``, and dropped. The spans, laid end to end, are cut into chunks of
-  half the read area (``ram_budget`` minus the keys): one chunk is read on one aio handle while the chunk before is
-  copied out of the other half, and the first chunk is read while the keys are gathered.
+  half the read area (``ram_budget`` minus the keys), read on two aio handles in turns, one per half: a chunk is
+  read while the one before is copied out of the other half.
+* The forward's reads start when the rows are chosen (:meth:`NvmeRowStore.start_gather`) and are waited for where
+  the rows are used: on a CPU the adapter chooses its rows before the FFN runs, so the first two chunks are read
+  while the FFN computes (on an accelerator the host reads while the device runs the FFN's queued kernels).
 * At the optimizer step the touched rows' blocks (values and both moments) are read the same way, chunk by chunk,
   into compact buffers, updated in place (the keys in RAM directly), and written back by runs of consecutive blocks
   on both handles; the writes complete behind the next store's reads.
@@ -29,7 +32,7 @@ import functools
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -72,7 +75,15 @@ def aio_queues() -> tuple[AioQueue, AioQueue]:
     one chunk can be waited for while the next is in flight."""
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
-    builder = AsyncIOBuilder()
+    class Builder(AsyncIOBuilder):
+        """DeepSpeed's builder, without debug information: the op is I/O-bound and built at -O0 anyway, and ``-g``
+        cost ~40% of its JIT build's CPU time (58 -> 36 CPU-s for one of its 12 sources, measured). A DeepSpeed
+        install with the op prebuilt (DS_BUILD_AIO=1) loads that instead, as before."""
+
+        def cxx_args(self) -> list[str]:
+            return [arg for arg in super().cxx_args() if arg != "-g"]
+
+    builder = Builder()
     if not builder.is_compatible(verbose=False):
         raise MeftConfigError(
             "meft.store.device: the NVMe tier needs DeepSpeed's async I/O op, which needs libaio. Fix: "
@@ -199,6 +210,7 @@ class NvmeRowStore(RowStore):
         self.chunk_blocks = int(min(chunk_blocks, self.num_blocks))
         self._read_area = self.handle.new_cpu_locked_tensor(2 * self.chunk_blocks * self.value_numel, torch.empty(0))
         self._writing: list[torch.Tensor] = []  # buffers whose writes may still be in flight
+        self._reading = False  # reads into the read area may still be in flight
         self._create_files()
 
     # ------------------------------------------------------------------ I/O
@@ -218,11 +230,14 @@ class NvmeRowStore(RowStore):
     def _wait(self, handle: int = 0) -> None:
         self.queues[handle].wait()
 
+    def _wait_all(self) -> None:
+        for handle in range(len(self.queues)):
+            self._wait(handle)
+
     def _finish_writes(self) -> None:
         """Wait for the last optimizer step's writes (on both queues) and free their buffers."""
         if self._writing:
-            for handle in range(len(self.queues)):
-                self._wait(handle)
+            self._wait_all()
             for buffer in self._writing:
                 self.handle.free_cpu_locked_tensor(buffer)
             self._writing = []
@@ -241,9 +256,9 @@ class NvmeRowStore(RowStore):
     def _read(self, files: tuple[str, ...], blocks: torch.Tensor) -> Iterator[ReadChunk]:
         """Read ``blocks`` (sorted, unique) of each file in ``files`` into the read area, by spans that read through
         gaps of up to ``gap_bytes`` (see :func:`coalesce`), cut into chunks of half the area (of all of it for a block
-        larger than half); the first chunk is in flight on return. Iterating waits for each chunk in turn, the next
-        one being read meanwhile on the other queue, and yields a :class:`ReadChunk` for each, valid until the next
-        step."""
+        larger than half). On return the first two chunks are in flight, one per half and queue. Iterating waits for
+        each chunk in turn and yields a :class:`ReadChunk`, valid until the next step, after which the chunk two
+        ahead is read into the half it leaves."""
         half = self._read_area.numel() // 2
         chunks = []  # (file, block numel, capacity in blocks, double-buffered, requests, ReadChunk's rows and bounds)
         for name in files:
@@ -255,33 +270,42 @@ class NvmeRowStore(RowStore):
             for index, requests in enumerate(chunk_requests(first, count, capacity)):
                 lo, hi = bounds[index], bounds[index + 1]
                 chunks.append((name, width, capacity, double, requests, positions[lo:hi] - index * capacity, lo, hi))
+        started = 0
 
         def buffer(index: int) -> torch.Tensor:
             _, width, capacity, double, *_ = chunks[index]
             start = index % 2 * half if double else 0
             return self._read_area[start : start + capacity * width]
 
-        def start(index: int) -> None:
-            name, width, _, _, requests, *_ = chunks[index]
-            for within, first, count in requests:
-                self._io(False, buffer(index)[within * width : (within + count) * width], name, first, index % 2)
+        def start_free(consumed: int) -> None:
+            """Start the next chunks while their part of the area is free: chunks ``consumed:started`` still hold it
+            (two halves, or the whole area for a chunk that needs it)."""
+            nonlocal started
+            while started < len(chunks):
+                holding = started - consumed
+                if holding >= 2 or (holding == 1 and not (chunks[consumed][3] and chunks[started][3])):
+                    return
+                name, width, _, _, requests, *_ = chunks[started]
+                for within, first, count in requests:
+                    self._io(
+                        False, buffer(started)[within * width : (within + count) * width], name, first, started % 2
+                    )
+                started += 1
 
         def wait_in_turn() -> Iterator[ReadChunk]:
             try:
-                for index, (name, width, _, double, _, selected, lo, hi) in enumerate(chunks):
-                    ahead = index + 1 < len(chunks) and double and chunks[index + 1][3]
-                    if ahead:
-                        start(index + 1)
+                for index, (name, width, _, _, _, selected, lo, hi) in enumerate(chunks):
                     self._wait(index % 2)
                     yield ReadChunk(name, buffer(index).view(-1, width), selected, lo, hi)
-                    if not ahead and index + 1 < len(chunks):
-                        start(index + 1)
+                    start_free(index + 1)
             finally:  # also when the caller stops early: no read may still fill the area
-                for handle in range(len(self.queues)):
-                    self._wait(handle)
+                self._wait_all()
+                self._reading = False
 
-        if chunks:
-            start(0)
+        if self._reading:  # a gather never completed (its forward failed): its reads end before the area is reused
+            self._wait_all()
+        self._reading = True
+        start_free(0)
         return wait_in_turn()
 
     # ------------------------------------------------------------------ the store interface
@@ -298,8 +322,12 @@ class NvmeRowStore(RowStore):
         return score_probed_keys(hidden.float(), probe_ids, self.keys_ram, expert_size)
 
     def gather_into(self, row_ids: torch.Tensor, out: torch.Tensor) -> None:
-        """Keys from RAM (while the first chunk is read), values from the blocks holding ``row_ids``, each chunk
-        copied out, cast to ``out``'s dtype, while the next one is read."""
+        self.start_gather(row_ids, out)()
+
+    def start_gather(self, row_ids: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
+        """Keys from RAM into ``out`` while the first two chunks of values are read; the returned function waits for
+        each chunk in turn and copies it out, cast to ``out``'s dtype, while the next ones are read. What runs before
+        it is called (the FFN, on a CPU) overlaps the reads in flight."""
         n = row_ids.numel()
         self._finish_writes()
         self.bytes_needed += n * self.dim * FP32
@@ -307,10 +335,14 @@ class NvmeRowStore(RowStore):
         reads = self._read(("values",), blocks)
         out[:n, 0].copy_(self.keys_ram.index_select(0, row_ids))
         block, within = positions.div(self.block_rows, rounding_mode="floor"), positions % self.block_rows
-        for chunk in reads:
-            rows = ((block >= chunk.start) & (block < chunk.stop)).nonzero().flatten()
-            at = chunk.selected[block[rows] - chunk.start] * self.block_rows + within[rows]
-            out[:n, 1].index_copy_(0, rows, chunk.blocks.view(-1, self.dim).index_select(0, at).to(out.dtype))
+
+        def finish() -> None:
+            for chunk in reads:
+                rows = ((block >= chunk.start) & (block < chunk.stop)).nonzero().flatten()
+                at = chunk.selected[block[rows] - chunk.start] * self.block_rows + within[rows]
+                out[:n, 1].index_copy_(0, rows, chunk.blocks.view(-1, self.dim).index_select(0, at).to(out.dtype))
+
+        return finish
 
     @contextlib.contextmanager
     def rows_for_update(self, row_ids: torch.Tensor) -> Iterator[RowsForUpdate]:

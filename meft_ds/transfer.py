@@ -61,8 +61,12 @@ class RowsInFlight:
 
     rows: torch.Tensor
     copied: Any = None  # event of the copy on the side stream (None: usable on the current stream already)
+    gathered: Callable[[], None] | None = None  # completes the store's gather into ``rows`` (CPU: NVMe reads)
 
     def wait(self) -> torch.Tensor:
+        if self.gathered is not None:
+            self.gathered()
+            self.gathered = None
         if self.copied is not None:
             current = get_accelerator().current_stream()
             current.wait_event(self.copied)
@@ -192,8 +196,9 @@ class RowTransfer:
         """Rows ``row_ids`` of the store on their way to ``device`` in ``dtype``: gathered into the staging buffer,
         copied on the side stream into memory allocated there (no kernel queued on the compute stream can still be
         using that block). On a CPU-only machine (no streams) the rows are gathered straight into the tensor the
-        adapter computes with, and counted as the copy an accelerator makes; the test accelerator with streams
-        (tests/async_accelerator.py) runs the staging path on the CPU."""
+        adapter computes with, completed when it waits for them (the NVMe tier reads meanwhile), and counted as the
+        copy an accelerator makes; the test accelerator with streams (tests/async_accelerator.py) runs the staging
+        path on the CPU."""
         shape = (row_ids.numel(), 2, self.store.dim)
         side = self._side(device)
         row_bytes = row_ids.numel() * 2 * self.store.dim * torch.empty(0, dtype=dtype).element_size()
@@ -202,10 +207,9 @@ class RowTransfer:
         self.stats.rows_fetched += row_ids.numel()
         if side is None and device.type == "cpu":
             rows = torch.empty(shape, dtype=dtype)
-            self.store.gather_into(row_ids, rows)
-            return RowsInFlight(rows)
+            return RowsInFlight(rows, gathered=self.store.start_gather(row_ids, rows))
         ring_slot, (staging,) = self.buffers.take("rows", (shape, dtype))
-        self.store.gather_into(row_ids, staging)
+        self.store.gather_into(row_ids, staging)  # complete before its copy is queued
         with self._accelerator.stream(side):
             on_device = torch.empty(shape, dtype=dtype, device=device)
             on_device.copy_(staging, non_blocking=True)

@@ -375,8 +375,12 @@ def test_scale_out_reports_the_counters_of_two_ranks_and_the_nvme_io(context: Co
         assert store["bytes_read"] >= store["bytes_written"]  # the step reads what it writes back, plus cache misses
         assert store["bytes_read"] == sum(s["nvme_bytes_read"] for s in store["steps"])
         assert nvme["raw_aio"]["bytes"] == nvme["plain"]["bytes"] == RAW_MIN
+        overlapped = nvme["overlapped"]  # the same steps, reads overlapping the FFN: the same bytes
+        assert [overlapped[k] for k in ("bytes_read", "bytes_written", "forward_bytes_read", "rows_updated")] == [
+            store[k] for k in ("bytes_read", "bytes_written", "forward_bytes_read", "rows_updated")
+        ]
     assert section.columns[:4] == ["part", "variant", "rows / step (per rank)", "bytes / step (per rank)"]
-    assert len(section.rows) == 4 + 3 * 2 + 3 + (3 if nvme is not None else 0)  # + sent at 2/4/8 ranks, memory
+    assert len(section.rows) == 4 + 3 * 2 + 3 + (4 if nvme is not None else 0)  # + sent at 2/4/8 ranks, memory
     assert section.rows[0][3] == fmt_bytes(between["variants"][0]["dense"])
     assert section.rows[1][3] == fmt_bytes(between["variants"][0]["total"])
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from deepspeed.accelerator import get_accelerator
 from tiny_models import tiny_model, token_batch
 
 import meft_ds
@@ -83,6 +84,40 @@ def test_reads_the_blocks_of_the_selected_rows_through_small_gaps(
     assert requests == expected  # 60 blocks reach from 2 to 63: one span of 64 blocks, in chunks of 16 (64 KiB)
     assert store.stats.nvme_bytes_read - before == sum(expected)
     assert torch.equal(out, store.full_rows()[rows].bfloat16())
+
+
+def test_reads_are_in_flight_until_the_rows_are_used(tmp_path: Path) -> None:
+    """start_gather returns with two chunks in flight (one per half of the read area and queue); the others are read
+    as the chunks before are copied out. In a forward on the CPU the adapter starts them before its FFN runs; with
+    events (an accelerator, or the test harness that imitates one) it routes after the FFN's kernels are queued."""
+    model = train(nvme(tmp_path), steps=1)
+    store = meft_ds.adapters(model)[0].store
+    store.gap_bytes = 60 * 4096  # one span of 64 blocks: 4 chunks of 16
+    requests = read_requests(store)
+    rows = torch.tensor([0, 1, 40, 1023])
+    out = torch.empty(4, 2, 64)
+    finish = store.start_gather(rows, out)
+    assert requests == [16 * 4096] * 2 and [queue.pending for queue in store.queues] == [1, 1]
+    assert torch.equal(out[:, 0], store.keys[rows])  # the keys, from RAM, meanwhile
+    finish()
+    assert requests == [16 * 4096] * 4 and [queue.pending for queue in store.queues] == [0, 0]
+    assert torch.equal(out, store.full_rows()[rows])
+
+    store.start_gather(rows, torch.empty(4, 2, 64))  # never completed (as when a forward fails): reads in flight
+    submit, queued_before = store._io, []
+    store._io = lambda *args: (queued_before.append(sum(q.pending for q in store.queues)), submit(*args))
+    again = torch.empty(4, 2, 64)
+    store.gather_into(rows, again)  # waits for them before it reads into the same area
+    store._io = submit
+    assert queued_before[0] == 0 and torch.equal(again, out)
+
+    in_flight_at_ffn = []
+    for layer in model.model.layers:  # a pre-hook registered after the adapter's own runs after it
+        layer.mlp.register_forward_pre_hook(lambda *_: in_flight_at_ffn.append(sum(q.pending for q in store.queues)))
+    with torch.no_grad():
+        model(token_batch(batch=2, length=64, seed=5))
+    with_events = get_accelerator().Event is not None
+    assert len(in_flight_at_ffn) == 2 and all((pending > 0) != with_events for pending in in_flight_at_ffn)
 
 
 def test_store_at_its_smallest_budget_trains_like_the_in_memory_store(tmp_path: Path) -> None:
