@@ -73,8 +73,9 @@ class IoTimer:
         self._in_gather = False
 
     @contextlib.contextmanager
-    def _forward_read(self) -> Iterator[None]:
-        start = time.perf_counter()
+    def _forward_read(self, store: Any) -> Iterator[None]:
+        """Seconds and bytes of the forward's reads in the block."""
+        start, before = time.perf_counter(), store.stats.nvme_bytes_read
         self._in_gather = True
         try:
             yield
@@ -83,22 +84,21 @@ class IoTimer:
             elapsed = time.perf_counter() - start
             self.seconds["read"] += elapsed
             self.seconds["forward_read"] += elapsed
+            self.forward_bytes += store.stats.nvme_bytes_read - before
 
     def instrument(self, store: Any) -> None:
         submit, wait, start_gather = store._io, store._wait, store.start_gather
 
         def timed_start(row_ids: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
             store._finish_writes()  # the writes it would wait for first: timed as writes
-            before = store.stats.nvme_bytes_read
-            with self._forward_read():
+            with self._forward_read(store):
                 finish = start_gather(row_ids, out)
                 if not self.overlap:
                     finish()
-            self.forward_bytes += store.stats.nvme_bytes_read - before
 
             def timed_finish() -> None:
-                with self._forward_read():
-                    finish()
+                with self._forward_read(store):
+                    finish()  # (reads the chunks after the first two)
 
             return timed_finish if self.overlap else lambda: None
 
