@@ -19,10 +19,21 @@ inline void check_rows(const torch::Tensor& t, const char* name) {
 }
 
 
+// a . b in 64 independent partial sums (4 AVX-512 or 8 AVX2 registers): one running sum would chain every
+// multiply-add on the one before it, latency-bound (score_probed at T = 512, d = 576, 8 x 32 keys per token: 9.98 ->
+// 8.24 ms on the Intel Xeon; the forward kernel, bound by reading rows, is unchanged)
 inline float dot(const float* a, const float* b, int64_t n) {
+    constexpr int64_t lanes = 64;
+    float partial[lanes] = {};
+    int64_t c = 0;
+    for (; c + lanes <= n; c += lanes) {
+#pragma omp simd
+        for (int64_t i = 0; i < lanes; ++i) partial[i] += a[c + i] * b[c + i];
+    }
+    for (int64_t i = 0; c + i < n; ++i) partial[i] += a[c + i] * b[c + i];
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < n; ++c) sum += a[c] * b[c];
+    for (int64_t i = 0; i < lanes; ++i) sum += partial[i];
     return sum;
 }
 

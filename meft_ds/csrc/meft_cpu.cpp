@@ -19,6 +19,7 @@
 #include <vector>
 
 using meft::axpy;
+using meft::dot;
 using meft::check_rows;
 using meft::EntryGroups;
 using meft::group_entries;
@@ -210,11 +211,7 @@ torch::Tensor score_probed(torch::Tensor hidden, torch::Tensor probe_ids, torch:
             const float* x = h + token * dim;
             float* target = out + token * probes * expert_size + nth * expert_size;
             for (int64_t j = 0; j < expert_size; ++j) {
-                const float* key = key_base + (e * expert_size + j) * key_stride;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t c = 0; c < dim; ++c) dot += x[c] * key[c];
-                target[j] = dot;
+                target[j] = dot(x, key_base + (e * expert_size + j) * key_stride, dim);
             }
         }
     }
