@@ -22,7 +22,7 @@ from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.memory import check_store_fits, store_bytes
 from meft_ds.pinned import PinnedBuffers
 from meft_ds.shard import resolve_shard
-from meft_ds.swap import aio_handle, check_nvme_path
+from meft_ds.swap import aio_queues, check_nvme_path
 
 ADAPTERS_ATTR = "meft_adapters"
 
@@ -113,7 +113,7 @@ def _nvme_folder(config: MeftConfig, num_layers: int, dim: int) -> Path | None:
     """This rank's folder of the NVMe tier (checked writable, with room, and libaio present), or None."""
     if config.store.device != "nvme":
         return None
-    aio_handle()  # fails now, with the fix, if DeepSpeed's async I/O op cannot be built
+    aio_queues()  # fails now, with the fix, if DeepSpeed's async I/O op cannot be built
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     needed = 3 * store_bytes(num_layers, config.num_neurons, dim) // 4  # rows and two moments
     return check_nvme_path(str(Path(config.store.nvme_path) / f"rank_{rank}"), needed)

@@ -70,7 +70,7 @@ class AioQueue:
 
 
 @functools.cache
-def aio_queues() -> tuple[AioQueue, AioQueue]:
+def aio_queues() -> tuple[AioQueue, ...]:
     """Two async I/O queues per process (built on first use; needs libaio): reads alternate between them, so that
     one chunk can be waited for while the next is in flight."""
     from deepspeed.ops.op_builder import AsyncIOBuilder
@@ -90,15 +90,7 @@ def aio_queues() -> tuple[AioQueue, AioQueue]:
             "apt-get install libaio-dev (launch/setup.sh does it), or use the CPU store."
         )
     op = builder.load(verbose=False)
-    return AioQueue(op.aio_handle(1024 * 1024, 32, False, False, 1)), AioQueue(
-        op.aio_handle(1024 * 1024, 32, False, False, 1)
-    )
-
-
-def aio_handle() -> Any:
-    """The first queue's DeepSpeed handle (the benchmark compares the store with it; nothing of the store's may be
-    pending when it is used directly)."""
-    return aio_queues()[0].handle
+    return tuple(AioQueue(op.aio_handle(1024 * 1024, 32, False, False, 1)) for _ in range(2))
 
 
 def block_rows(dim: int) -> int:

@@ -39,7 +39,7 @@ def aio_available() -> str | None:
             return "DeepSpeed's async_io op is not compatible here (libaio missing?)"
         import meft_ds.swap
 
-        meft_ds.swap.aio_handle()
+        meft_ds.swap.aio_queues()
     except Exception as error:  # a missing libaio surfaces in several ways
         return f"DeepSpeed's async_io op cannot be built or loaded ({error.__class__.__name__}: {error})"
     return None
@@ -203,10 +203,11 @@ def file_gbs(size: int, write: Callable[[], Any], read: Callable[[], Any], befor
 
 
 def raw_aio_io(folder: Path, size: int) -> dict[str, Any]:
-    """Writing and reading one ``size``-byte file whole through the store's DeepSpeed aio handle."""
+    """Writing and reading one ``size``-byte file whole through the store's DeepSpeed aio handle (its first queue's;
+    nothing of the store's is pending then)."""
     import meft_ds.swap
 
-    handle = meft_ds.swap.aio_handle()
+    handle = meft_ds.swap.aio_queues()[0].handle
     path = str(folder / "raw_aio.bin")
     source = handle.new_cpu_locked_tensor(size // 4, torch.empty(0))
     target = handle.new_cpu_locked_tensor(size // 4, torch.empty(0))
