@@ -27,8 +27,9 @@ def _seed() -> None:
 @pytest.fixture(autouse=True)
 def _remove_deepspeed_shm_buffers() -> Iterator[None]:
     """DeepSpeed's CPU communication gives each rank a 67 MB all-reduce buffer in /dev/shm (memory) and never unlinks
-    it: ~90 launches of a test session would keep ~6 GB. The buffers a test's processes created go when it ends (a
-    process that still maps one keeps it until it exits)."""
+    it. meft_ds unlinks them once the engine is set up (test_launcher's launch() asserts it); a process that ends
+    before that (a failing or killed test run) would still leave its own, ~6 GB over a session of ~90 launches: the
+    buffers a test's processes created go when it ends (a process that still maps one keeps it until it exits)."""
     shm, pattern = Path("/dev/shm"), f"deepspeed_allreduce_buffer_{os.getuid()}_*"
     before = set(shm.glob(pattern))
     yield
