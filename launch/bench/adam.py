@@ -7,6 +7,7 @@ the dense kernel alike (a backend's gather/scatter counts as overhead, not traff
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import torch
@@ -54,15 +55,12 @@ def dense_step_seconds(num_rows: int, width: int, repeats: int) -> float:
 
     param = torch.nn.Parameter(torch.zeros(num_rows, width))
     param.grad = torch.randn(num_rows, width) * 1e-3
-    optimizer = DeepSpeedCPUAdam([param], lr=1e-4, adamw_mode=True)
-    seconds, _ = median_seconds(optimizer.step, repeats=repeats)
-    return seconds
+    return median_seconds(DeepSpeedCPUAdam([param], lr=1e-4, adamw_mode=True).step, repeats=repeats)[0]
 
 
 def copy_seconds(num_rows: int, width: int, repeats: int) -> float:
     source, target = torch.randn(num_rows, width), torch.empty(num_rows, width)
-    seconds, _ = median_seconds(lambda: target.copy_(source), repeats=repeats)
-    return seconds
+    return median_seconds(lambda: target.copy_(source), repeats=repeats)[0]
 
 
 def run(context: Context) -> Section:
@@ -75,30 +73,26 @@ def run(context: Context) -> Section:
     free_memory()
     adapter = row_adapter(rows, width)
     measured = []
-    for fraction in s.adam_fractions:
-        for backend in BACKENDS:
-            try:
-                seconds = sparse_step_seconds(adapter, backend, fraction, s.adam_repeats)
-            except RuntimeError as error:  # a backend that cannot be built here
-                print(f"  note: backend {backend} skipped: {error}")
-                continue
-            touched = touched_rows(rows, fraction).numel()
-            gbs = adam_traffic_bytes(touched, width) / seconds / GB
-            measured.append({"backend": backend, "fraction": fraction, "rows": touched, "seconds": seconds, "gbs": gbs})
-            print(f"  {backend:9s} {fraction:4.0%} touched: {seconds * 1e3:7.1f} ms, {gbs:5.1f} GB/s")
+    for fraction, backend in itertools.product(s.adam_fractions, BACKENDS):
+        try:
+            seconds = sparse_step_seconds(adapter, backend, fraction, s.adam_repeats)
+        except RuntimeError as error:  # a backend that cannot be built here
+            print(f"  note: backend {backend} skipped: {error}")
+            continue
+        touched = touched_rows(rows, fraction).numel()
+        gbs = adam_traffic_bytes(touched, width) / seconds / GB
+        measured.append({"backend": backend, "fraction": fraction, "rows": touched, "seconds": seconds, "gbs": gbs})
+        print(f"  {backend:9s} {fraction:4.0%} touched: {seconds * 1e3:7.1f} ms, {gbs:5.1f} GB/s")
     del adapter
     free_memory()
     table = [
-        ["dense DeepSpeedCPUAdam.step()", "100%", "", f"{dense_gbs:.1f}", "1.00x", fmt_ratio(dense_gbs / copy_gbs)]
-    ]
-    table.append(
-        ["torch.Tensor.copy_ (2 tensors)", "100%", "", f"{copy_gbs:.1f}", fmt_ratio(copy_gbs / dense_gbs), "1.00x"]
-    )
-    for m in measured:
-        table.append([
-            f"SparseRowAdam {m['backend']}", f"{m['fraction']:.0%}", f"{m['seconds'] * 1e3:.1f}", f"{m['gbs']:.1f}",
-            fmt_ratio(m["gbs"] / dense_gbs), fmt_ratio(m["gbs"] / copy_gbs),
-        ])  # fmt: skip
+        ["dense DeepSpeedCPUAdam.step()", "100%", "", f"{dense_gbs:.1f}", "1.00x", fmt_ratio(dense_gbs / copy_gbs)],
+        ["torch.Tensor.copy_ (2 tensors)", "100%", "", f"{copy_gbs:.1f}", fmt_ratio(copy_gbs / dense_gbs), "1.00x"],
+    ] + [
+        [f"SparseRowAdam {m['backend']}", f"{m['fraction']:.0%}", f"{m['seconds'] * 1e3:.1f}", f"{m['gbs']:.1f}",
+         fmt_ratio(m["gbs"] / dense_gbs), fmt_ratio(m["gbs"] / copy_gbs)]
+        for m in measured
+    ]  # fmt: skip
     fused = [m["gbs"] / dense_gbs for m in measured if m["backend"] == "fused"]
     values = {"s": s, "rows": rows, "width": width, "dim": width // 2, "store_gb": 3 * matrix / GB, "cpu": cpu_brand()}
     values |= {"threads": torch.get_num_threads(), "dense_gbs": dense_gbs, "copy_gbs": copy_gbs}
@@ -117,19 +111,13 @@ def run(context: Context) -> Section:
 def plot(section: Section, path: str) -> None:
     data = section.data
     fractions = sorted({m["fraction"] for m in data["sparse"]})
-    figure, axes = plots.figure()
-    series = {
-        f"SparseRowAdam {backend}": [
-            next((m["gbs"] for m in data["sparse"] if (m["backend"], m["fraction"]) == (backend, f)), 0.0)
-            for f in fractions
-        ]
-        for backend in BACKENDS
-    }
-    plots.grouped_bars(axes, [f"{f:.0%} of {data['rows']} rows" for f in fractions], series)
-    axes.axhline(data["dense_gbs"], color="black", linestyle="--", label="dense DeepSpeedCPUAdam")
-    axes.axhline(0.9 * data["dense_gbs"], color="gray", linestyle=":", label="target: 0.9 x dense")
-    axes.axhline(data["copy_gbs"], color="tab:red", linestyle="-.", label="torch copy_")
-    axes.set_ylabel("GB/s (Adam: 7 tensors of the touched rows)")
-    axes.set_title(f"b. Sparse Adam on touched rows, rows of {data['width']} fp32, {data.get('cpu', '?')}")
-    axes.legend(fontsize=8)
-    plots.save(figure, section, path)
+    gbs = {(m["backend"], m["fraction"]): m["gbs"] for m in data["sparse"]}
+    title = f"b. Sparse Adam on touched rows, rows of {data['width']} fp32, {data.get('cpu', '?')}"
+    with plots.chart(
+        section, path, title=title, ylabel="GB/s (Adam: 7 tensors of the touched rows)", legend={"fontsize": 8}
+    ) as axes:
+        series = {f"SparseRowAdam {b}": [gbs.get((b, f), 0.0) for f in fractions] for b in BACKENDS}
+        plots.grouped_bars(axes, [f"{f:.0%} of {data['rows']} rows" for f in fractions], series)
+        axes.axhline(data["dense_gbs"], color="black", linestyle="--", label="dense DeepSpeedCPUAdam")
+        axes.axhline(0.9 * data["dense_gbs"], color="gray", linestyle=":", label="target: 0.9 x dense")
+        axes.axhline(data["copy_gbs"], color="tab:red", linestyle="-.", label="torch copy_")

@@ -174,16 +174,11 @@ def packed_batches(tokenizer: Any, micro_batch: int, seq_len: int) -> list[dict[
     from meft_ds.data import load_examples, tokenize_for_training
 
     features = tokenize_for_training(load_examples("facts"), tokenizer, max_length=seq_len)
-    input_ids = torch.tensor([token for f in features for token in f["input_ids"]])
-    labels = torch.tensor([label for f in features for label in f["labels"]])
+    tokens = {key: torch.tensor([token for f in features for token in f[key]]) for key in ("input_ids", "labels")}
     block = micro_batch * seq_len
-    count = input_ids.numel() // block
     return [
-        {
-            "input_ids": input_ids[i * block : (i + 1) * block].view(micro_batch, seq_len),
-            "labels": labels[i * block : (i + 1) * block].view(micro_batch, seq_len),
-        }
-        for i in range(count)
+        {key: values[i * block : (i + 1) * block].view(micro_batch, seq_len) for key, values in tokens.items()}
+        for i in range(tokens["input_ids"].numel() // block)
     ]
 
 
@@ -209,15 +204,39 @@ def optimizer_step(optimizers: list[Any]) -> None:
         optimizer.zero_grad()
 
 
-def step_function(model: nn.Module, optimizers: list[Any], batch_of: Callable[[int], dict]) -> Callable[[], None]:
-    """One training step (forward, backward, optimizer step, zero_grad) per call, each on the next micro-batch."""
+def step_function(
+    model: nn.Module, optimizers: list[Any], batch_of: Callable[[int], dict]
+) -> Callable[[], torch.Tensor]:
+    """One training step (forward, backward, optimizer step, zero_grad) per call, each on the next micro-batch; the
+    call returns its loss."""
     counter = iter(range(10**9))
 
-    def step() -> None:
-        model(**batch_of(next(counter))).loss.backward()
+    def step() -> torch.Tensor:
+        loss = model(**batch_of(next(counter))).loss
+        loss.backward()
         optimizer_step(optimizers)
+        return loss.detach()
 
     return step
+
+
+def alternating_seconds(
+    calls: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, setup: Callable[[], Any] = lambda: None
+) -> dict[str, list[float]]:
+    """Each call's wall times: ``warmup`` untimed calls each, then ``rounds`` rounds timing one call of each in turn,
+    so that all see the same machine (other load, clock) at the same times; ``setup()`` runs untimed before each."""
+    for call in calls.values():
+        for _ in range(warmup):
+            setup()
+            call()
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(rounds):
+        for label, call in calls.items():
+            setup()
+            start = time.perf_counter()
+            call()
+            times[label].append(time.perf_counter() - start)
+    return times
 
 
 def median_seconds(
@@ -225,15 +244,7 @@ def median_seconds(
 ) -> tuple[float, list[float]]:
     """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones, and every timing;
     ``setup()`` runs untimed before each call."""
-    for _ in range(warmup):
-        setup()
-        fn()
-    times = []
-    for _ in range(repeats):
-        setup()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    times = alternating_seconds({"": fn}, repeats, warmup, setup)[""]
     return statistics.median(times), times
 
 

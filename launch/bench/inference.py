@@ -66,13 +66,6 @@ def timed_generate(
     return wall, (time.process_time() - cpu) / (wall * torch.get_num_threads()), output
 
 
-def use(model: torch.nn.Module, path: str) -> None:
-    if path == "device":
-        meft_ds.for_inference(model)
-    else:
-        meft_ds.for_training(model)
-
-
 def run(context: Context) -> Section:
     repeats = 3 * context.settings.step_repeats - 2  # 7 in the full run
     context.base()
@@ -84,20 +77,17 @@ def run(context: Context) -> Section:
     outputs = []
     for repeat in range(repeats + 1):  # the first round is the warm-up
         for path in PATHS:
-            use(model, path)
+            (meft_ds.for_inference if path == "device" else meft_ds.for_training)(model)
             before = meft_ds.stats(model)
             elapsed, cpu_share, output = timed_generate(model, batch, pad)
             outputs.append(output)
             if repeat:
                 timed[path].append((elapsed, cpu_share, stats_delta(before, meft_ds.stats(model))))
             print(f"  {path}: {elapsed:.2f} s, CPU share {cpu_share:.2f}{'' if repeat else ' (warm-up)'}", flush=True)
-    device_bytes = sum(a.serving.nbytes for a in meft_ds.adapters(model) if a.serving is not None)
     reference = outputs[0]  # the host path's warm-up
-    identical = all(torch.equal(o, reference) for o in outputs)
     prompt_length = batch["input_ids"].shape[1]
     base_output = timed_generate(context.base(), batch, pad)[2]
     answers = zip(reference[:, prompt_length:], base_output[:, prompt_length:], strict=True)
-    changed = sum(not torch.equal(adapted, base) for adapted, base in answers)
     measured = {}
     for path, calls in timed.items():
         times = [seconds for seconds, _, _ in calls]
@@ -105,52 +95,39 @@ def run(context: Context) -> Section:
         measured[path]["tokens_per_s"] = tokens / measured[path]["seconds"]
         for way in ("to_device", "to_host"):
             measured[path][f"{way}_per_token"] = sum(c[2][f"bytes_{way}"] for c in calls) / (tokens * repeats)
-    speedup = measured["host"]["seconds"] / measured["device"]["seconds"]
+    host, device = measured["host"], measured["device"]
+    data = {"measured": measured, "identical": all(torch.equal(o, reference) for o in outputs)}
+    data |= {"changed_vs_base": sum(not torch.equal(adapted, base) for adapted, base in answers), "tokens": tokens}
+    data |= {"prompts": reference.shape[0], "new_tokens": NEW_TOKENS, "meft": meft}
+    data["device_bytes"] = sum(a.serving.nbytes for a in meft_ds.adapters(model) if a.serving is not None)
+    data |= {"cpu": cpu_brand(), "speedup": host["seconds"] / device["seconds"]}
     # each pair of calls ran back to back: their ratio is less exposed to other work on the machine than the medians
-    paired = statistics.median(
-        h / d for h, d in zip(measured["host"]["times"], measured["device"]["times"], strict=True)
-    )
-    starved = sum(share < STARVED for m in measured.values() for share in m["cpu_share"])
-    notes = []
-    if starved:
-        notes.append(
-            text("g", "starved", starved=starved, calls=2 * repeats, threads=torch.get_num_threads(), limit=STARVED)
-        )
-    silent = measured["device"]["to_device_per_token"] == measured["device"]["to_host_per_token"] == 0
+    data["paired_speedup"] = statistics.median(h / d for h, d in zip(host["times"], device["times"], strict=True))
+    data["starved_calls"] = sum(share < STARVED for m in measured.values() for share in m["cpu_share"])
+    threads = torch.get_num_threads()
+    starved = text("g", "starved", **data, calls=2 * repeats, threads=threads, limit=STARVED)
     table = [
-        [
-            LABELS[path], f"{measured[path]['seconds']:.2f}", f"{measured[path]['tokens_per_s']:.1f}",
-            fmt_ratio(measured["host"]["seconds"] / measured[path]["seconds"]),
-            fmt_bytes(measured[path]["to_device_per_token"]), fmt_bytes(measured[path]["to_host_per_token"]),
-        ]
-        for path in PATHS
+        [LABELS[path], f"{m['seconds']:.2f}", f"{m['tokens_per_s']:.1f}", fmt_ratio(host["seconds"] / m["seconds"]),
+         fmt_bytes(m["to_device_per_token"]), fmt_bytes(m["to_host_per_token"])]
+        for path, m in measured.items()
     ]  # fmt: skip
-    cpu, prompts = cpu_brand(), reference.shape[0]
-    values = {"cpu": cpu, "meft": meft, "std": VALUE_STD, "changed": changed, "prompts": prompts, "new": NEW_TOKENS}
-    values |= {"repeats": repeats, "tokens": tokens, "prompt_length": prompt_length, "device_bytes": device_bytes}
-    values |= {"threads": torch.get_num_threads(), "identical": "yes" if identical else "NO", "m": measured}
-    values |= {"speedup": speedup, "paired": paired}
-    return section(
-        "g", values, rows=table, met=identical and silent and paired > 1.0, notes=notes,
-        data={
-            "measured": measured, "identical": identical, "changed_vs_base": changed, "tokens": tokens,
-            "prompts": prompts, "new_tokens": NEW_TOKENS, "meft": meft, "device_bytes": device_bytes,
-            "cpu": cpu, "speedup": speedup, "paired_speedup": paired, "starved_calls": starved,
-        },
-    )  # fmt: skip
+    silent = device["to_device_per_token"] == device["to_host_per_token"] == 0
+    values = data | {"std": VALUE_STD, "repeats": repeats, "prompt_length": prompt_length, "threads": threads}
+    values["identical"] = "yes" if data["identical"] else "NO"
+    met = data["identical"] and silent and data["paired_speedup"] > 1.0
+    return section("g", values, rows=table, met=met, notes=[starved] if data["starved_calls"] else [], data=data)
 
 
 def plot(section: Section, path: str) -> None:
     measured = section.data["measured"]
-    figure, axes = plots.figure(9, 4.5)
     speeds = [measured[p]["tokens_per_s"] for p in PATHS]
-    texts = [
-        f" {measured[p]['tokens_per_s']:.1f} tokens/s ({fmt_bytes(measured[p]['to_device_per_token'])} "
-        "to the device per token)"
-        for p in PATHS
-    ]
-    plots.labelled_barh(axes, [LABELS[p] for p in PATHS], speeds, texts, color=["tab:gray", "tab:blue"])
-    axes.set_xlim(0, 1.8 * max(speeds))  # room for the labels
-    axes.set_xlabel("generated tokens per second (median)")
-    axes.set_title(f"g. generate() speed, SmolLM2-135M fp32, {section.data['prompts']} prompts, this CPU")
-    plots.save(figure, section, path, left=0.32, right=0.97, bottom=0.3)
+    title = f"g. generate() speed, SmolLM2-135M fp32, {section.data['prompts']} prompts, this CPU"
+    props = {"xlim": (0, 1.8 * max(speeds)), "xlabel": "generated tokens per second (median)", "title": title}
+    margins = {"left": 0.32, "right": 0.97, "bottom": 0.3}
+    with plots.chart(section, path, (9, 4.5), margins=margins, **props) as axes:  # xlim: room for the bars' texts
+        texts = [
+            f" {measured[p]['tokens_per_s']:.1f} tokens/s ({fmt_bytes(measured[p]['to_device_per_token'])} "
+            "to the device per token)"
+            for p in PATHS
+        ]
+        plots.labelled_barh(axes, [LABELS[p] for p in PATHS], speeds, texts, color=["tab:gray", "tab:blue"])

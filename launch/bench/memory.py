@@ -49,6 +49,8 @@ def meft_device_bytes(context: Context, neurons: int) -> dict[str, Any]:
         "dim": adapter.dim,
     }
     result["meft"] = result["router"] + result["fetched"] + result["cache"]
+    result["dense_offloaded"] = OFFLOADED_BYTES * 2 * neurons * adapter.dim
+    result["dense_on_device"] = ON_DEVICE_BYTES * 2 * neurons * adapter.dim
     del model, adapter, router
     free_memory()
     return result
@@ -63,25 +65,18 @@ def run(context: Context) -> Section:
         store = 4 * 2 * neurons * config.hidden_size * 4  # rows, two moments, at worst a full accumulator (fp32)
         if not fits_in_memory(store + GB, f"r={neurons}", skipped):
             continue
-        result = meft_device_bytes(context, neurons)
-        dim = result["dim"]
-        result["dense_offloaded"] = OFFLOADED_BYTES * 2 * neurons * dim
-        result["dense_on_device"] = ON_DEVICE_BYTES * 2 * neurons * dim
-        measured.append(result)
-        print(f"  r={neurons}: |U|={result['rows']} rows, MEFT {fmt_bytes(result['meft'])}")
-    dim = measured[0]["dim"]
-    bound = fetch_bound(tokens, s.top_k, dim)
+        measured.append(meft_device_bytes(context, neurons))
+        print(f"  r={neurons}: |U|={measured[-1]['rows']} rows, MEFT {fmt_bytes(measured[-1]['meft'])}")
+    first, last = measured[0], measured[-1]
+    bound = fetch_bound(tokens, s.top_k, first["dim"])
     table = [
-        [
-            m["neurons"], m["experts"], m["rows"], fmt_bytes(m["router"]), fmt_bytes(m["fetched"]),
-            fmt_bytes(m["cache"]), fmt_bytes(m["meft"]), fmt_bytes(m["dense_offloaded"]),
-            fmt_bytes(m["dense_on_device"]), fmt_ratio(m["dense_offloaded"] / m["meft"]),
-        ]
+        [m["neurons"], m["experts"], m["rows"],
+         *map(fmt_bytes, (m[k] for k in ("router", "fetched", "cache", "meft", "dense_offloaded", "dense_on_device"))),
+         fmt_ratio(m["dense_offloaded"] / m["meft"])]
         for m in measured
     ]  # fmt: skip
-    first, last = measured[0], measured[-1]
     flat = all(m["fetched"] <= bound for m in measured)
-    values = {"s": s, "dim": dim, "first": first, "last": last, "rows": tokens * s.top_k, "bound": bound}
+    values = {"s": s, "dim": first["dim"], "first": first, "last": last, "rows": tokens * s.top_k, "bound": bound}
     values |= {"growth": last["neurons"] // first["neurons"], "meft_growth": last["meft"] / first["meft"]}
     values |= {"dense_growth": last["dense_offloaded"] / first["dense_offloaded"], "flat": "yes" if flat else "no"}
     data = {"measured": measured, "bound": bound, "tokens": tokens}
@@ -90,16 +85,13 @@ def run(context: Context) -> Section:
 
 def plot(section: Section, path: str) -> None:
     measured = section.data["measured"]
-    figure, axes = plots.figure()
-    plots.lines(axes, [m["neurons"] for m in measured], [
-        ([m["meft"] / MB for m in measured], "o-", "MEFT (measured: router + fetched rows + cache)"),
-        ([m["dense_offloaded"] / MB for m in measured], "s--", "dense, optimizer offloaded (4 B/elem)"),
-        ([m["dense_on_device"] / MB for m in measured], "^--", "dense, Adam on device (16 B/elem)"),
-    ])  # fmt: skip
-    axes.axhline(section.data["bound"] / MB, color="gray", linestyle=":", label="bound: T x K rows + indices (bf16)")
-    axes.set_yscale("log")
-    axes.set_xlabel("r (adapter neurons per layer)")
-    axes.set_ylabel("MB on the device, one layer")
-    axes.set_title("d. Adapter bytes resident on the device, per layer, K=64, micro-batch 2 x 256")
-    axes.legend(fontsize=8)
-    plots.save(figure, section, path)
+    title = "d. Adapter bytes resident on the device, per layer, K=64, micro-batch 2 x 256"
+    labels = {"xlabel": "r (adapter neurons per layer)", "ylabel": "MB on the device, one layer"}
+    with plots.chart(section, path, title=title, yscale="log", **labels, legend={"fontsize": 8}) as axes:
+        plots.lines(axes, [m["neurons"] for m in measured], [
+            ([m["meft"] / MB for m in measured], "o-", "MEFT (measured: router + fetched rows + cache)"),
+            ([m["dense_offloaded"] / MB for m in measured], "s--", "dense, optimizer offloaded (4 B/elem)"),
+            ([m["dense_on_device"] / MB for m in measured], "^--", "dense, Adam on device (16 B/elem)"),
+        ])  # fmt: skip
+        bound = section.data["bound"] / MB
+        axes.axhline(bound, color="gray", linestyle=":", label="bound: T x K rows + indices (bf16)")

@@ -1,9 +1,12 @@
-"""The figures' common parts: grouped bars, labelled horizontal bars, lines, and the footer every figure ends with
-(how it was measured, the command that reproduces it). Each experiment's ``plot`` only says what to draw."""
+"""The figures' common parts: a chart (title, labels, legend), grouped bars, labelled horizontal bars, lines, and the
+footer every figure ends with (how it was measured, the command that reproduces it). Each experiment's ``plot`` only
+says what to draw."""
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
+from collections.abc import Iterator
 from typing import Any
 
 from bench.common import Section
@@ -25,6 +28,21 @@ def save(fig: Any, section: Section, path: str, **margins: float) -> None:
     fig.text(0.01, 0.01, text, fontsize=6.5, va="bottom", ha="left", family="monospace")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@contextlib.contextmanager
+def chart(
+    section: Section, path: str, size: tuple[float, float] = (9, 5.5), *, legend: dict[str, Any] | None = None,
+    margins: dict[str, float] | None = None, **props: Any,
+) -> Iterator[Any]:  # fmt: skip
+    """A figure of one axes, which the block draws on; then ``axes.set(**props)`` (title, labels, scales, limits), the
+    legend (``legend``: its options; None: no legend) and :func:`save` (``margins``: ``subplots_adjust``'s)."""
+    fig, axes = figure(*size)
+    yield axes
+    axes.set(**props)
+    if legend is not None:
+        axes.legend(**legend)
+    save(fig, section, path, **(margins or {}))
 
 
 def grouped_bars(axes: Any, groups: list[str], series: dict[str, list[float]], width: float = 0.8) -> list[Any]:

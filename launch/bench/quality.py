@@ -7,6 +7,7 @@ learning-rate sweep; its best learning rate (by held-out EM, mean over seeds) is
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -141,40 +142,35 @@ def run_grid(
     as its run ends; a run whose record is there already (same grid) is not run again, so an interrupted benchmark
     continues where it stopped."""
     work.mkdir(parents=True, exist_ok=True)
+    notes = [] if notes is None else notes
     ds_config, done_path = ds_config_file(work), work / "records.jsonl"
     key = json.dumps(dataclasses.asdict(dataclasses.replace(grid, cells=())), sort_keys=True)
     done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
-    done = [r for r in done if r.pop("grid", None) == key]
+    # the first record of each run, of this grid
+    done_runs = {(r["label"], r["lr"], r["seed"]): r for r in reversed(done) if r.pop("grid", None) == key}
     records: list[dict[str, Any]] = []
     for cell in grid.cells:
         if unknown_settings(cell):
-            if notes is not None:
-                notes.append(f"{cell.label}: skipped, this meft_ds has no setting {', '.join(unknown_settings(cell))}")
+            notes.append(f"{cell.label}: skipped, this meft_ds has no setting {', '.join(unknown_settings(cell))}")
             continue
-        for lr in cell.lrs:
-            for seed in cell.seeds:
-                found = [r for r in done if (r["label"], r["lr"], r["seed"]) == (cell.label, lr, seed)]
-                if found:
-                    records.append(found[0])
-                    continue
-                output_dir = work / f"{cell.label}-{lr:g}-{seed}".replace(" ", "_").replace(",", "").replace("=", "")
-                command = train_command(grid, cell, lr, seed, ds_config, output_dir, model() if model else None)
-                try:
-                    record = record_of(cell, lr, seed, runner(command, output_dir))
-                except RuntimeError as error:  # one failed run is a note, not the end of an hour's benchmark
-                    print(f"  {cell.label} lr {lr:g} seed {seed} failed: {error}", flush=True)
-                    if notes is not None:
-                        notes.append(f"{cell.label}, lr {lr:g}, seed {seed}: the run failed ({str(error)[-300:]})")
-                    continue
-                with done_path.open("a") as handle:
-                    handle.write(json.dumps({**record, "grid": key}) + "\n")
-                megabytes, seconds = record["device_bytes"] / MB, record["seconds"]
-                print(
-                    f"  {cell.label:40s} lr {lr:.0e} seed {seed}: EM {record['em']:.3f}, retained "
-                    f"{_fraction(record['retained'])}, device {megabytes:.1f} MB ({seconds:.0f} s)",
-                    flush=True,
-                )
-                records.append(record)
+        for lr, seed in itertools.product(cell.lrs, cell.seeds):
+            if (cell.label, lr, seed) in done_runs:
+                records.append(done_runs[(cell.label, lr, seed)])
+                continue
+            output_dir = work / f"{cell.label}-{lr:g}-{seed}".replace(" ", "_").replace(",", "").replace("=", "")
+            command = train_command(grid, cell, lr, seed, ds_config, output_dir, model() if model else None)
+            try:
+                record = record_of(cell, lr, seed, runner(command, output_dir))
+            except RuntimeError as error:  # one failed run is a note, not the end of an hour's benchmark
+                print(f"  {cell.label} lr {lr:g} seed {seed} failed: {error}", flush=True)
+                notes.append(f"{cell.label}, lr {lr:g}, seed {seed}: the run failed ({str(error)[-300:]})")
+                continue
+            with done_path.open("a") as handle:
+                handle.write(json.dumps({**record, "grid": key}) + "\n")
+            print(f"  {cell.label:40s} lr {lr:.0e} seed {seed}: EM {record['em']:.3f}, retained "
+                  f"{_fraction(record['retained'])}, device {record['device_bytes'] / MB:.1f} MB "
+                  f"({record['seconds']:.0f} s)", flush=True)  # fmt: skip
+            records.append(record)
     return records
 
 
@@ -272,13 +268,10 @@ def plot(section: Section, path: str) -> None:
     names = [f"{number}. {b['label']}" for number, b in enumerate(best, 1)]
     right.barh(names, [b["retained"] or 0.0 for b in best], color=[colours[b["method"]] for b in best])
     right.invert_yaxis()  # 1 at the top
-    left.set_xscale("log")
-    left.set_xlabel("device-resident training bytes (MB, log)")
-    left.set_ylabel("held-out EM (best lr)")
+    left.set(xscale="log", xlabel="device-resident training bytes (MB, log)", ylabel="held-out EM (best lr)")
     left.set_title("EM vs device bytes (numbers: the configurations at right)")
     right.axvline(0.9, color="gray", linestyle=":", label="target 90%")
-    right.set_xlabel("probe questions still right")
-    right.set_title("knowledge retained")
+    right.set(xlabel="probe questions still right", title="knowledge retained")
     right.tick_params(axis="y", labelsize=8)
     right.legend(fontsize=8)
     plots.save(figure, section, path, left=0.06, right=0.98, wspace=0.75)

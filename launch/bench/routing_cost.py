@@ -70,45 +70,38 @@ def run(context: Context) -> Section:
         print(f"  E={experts:5d}: router {router_s * 1e3:6.2f} ms, select_rows {select_s * 1e3:6.2f} ms")
     optimum = math.sqrt(n_probe * r)
     router_rate, select_rate = throughputs(measured, tokens, n_probe, r, dim)
-    weighted = optimum * math.sqrt(router_rate / select_rate)
     best = min(measured, key=lambda m: m["router"] + m["select"])
-    best_analytic = min(measured, key=lambda m: m["macs"])
+    fastest = best["router"] + best["select"]
     table = [
-        [
-            m["experts"], r // m["experts"], f"{m['router'] * 1e3:.2f}", f"{m['select'] * 1e3:.2f}",
-            f"{(m['router'] + m['select']) * 1e3:.2f}", f"{m['macs'] / 1e9:.3f}",
-            fmt_ratio((m["router"] + m["select"]) / (best["router"] + best["select"])),
-        ]
+        [m["experts"], r // m["experts"], f"{m['router'] * 1e3:.2f}", f"{m['select'] * 1e3:.2f}",
+         f"{(m['router'] + m['select']) * 1e3:.2f}", f"{m['macs'] / 1e9:.3f}",
+         fmt_ratio((m["router"] + m["select"]) / fastest)]
         for m in measured
     ]  # fmt: skip
-    values = {"s": s, "tokens": tokens, "dim": dim, "k": k, "r": r, "n_probe": n_probe, "first": measured[0]}
-    values |= {"last": measured[-1], "threads": torch.get_num_threads(), "optimum": optimum, "sqrt_r": math.sqrt(r)}
-    values |= {"best": best, "analytic": best_analytic, "router": router_rate, "select": select_rate}
-    values |= {"rate": router_rate / select_rate, "weighted": weighted}
-    data = {"measured": measured, "optimum": optimum, "weighted_optimum": weighted, "router_gmacs": router_rate}
-    data |= {"select_gmacs": select_rate, "neurons": r, "tokens": tokens, "dim": dim}
+    rate = router_rate / select_rate
+    data = {"measured": measured, "optimum": optimum, "weighted_optimum": optimum * math.sqrt(rate)}
+    data |= {"router_gmacs": router_rate, "select_gmacs": select_rate, "neurons": r, "tokens": tokens, "dim": dim}
+    values = data | {"s": s, "k": k, "r": r, "n_probe": n_probe, "first": measured[0], "last": measured[-1]}
+    values |= {"threads": torch.get_num_threads(), "sqrt_r": math.sqrt(r), "rate": rate, "best": best}
+    values["analytic"] = min(measured, key=lambda m: m["macs"])
     return section("e", values, rows=table, met=optimum / 2 <= best["experts"] <= optimum * 2, data=data)
 
 
 def plot(section: Section, path: str) -> None:
     data: dict[str, Any] = section.data
-    measured = data["measured"]
+    measured, optimum, weighted = data["measured"], data["optimum"], data["weighted_optimum"]
     experts = [m["experts"] for m in measured]
-    figure, axes = plots.figure()
-    plots.lines(axes, experts, [
-        ([m["router"] * 1e3 for m in measured], "s--", "router (T E d)"),
-        ([m["select"] * 1e3 for m in measured], "^--", "select_rows (T n_probe r/E d)"),
-        ([(m["router"] + m["select"]) * 1e3 for m in measured], "o-", "total (measured)"),
-    ])  # fmt: skip
-    axes.axvline(data["optimum"], color="gray", linestyle=":", label=f"sqrt(n_probe r) = {data['optimum']:.0f}")
-    label = f"optimum at measured GMAC/s = {data['weighted_optimum']:.0f}"
-    axes.axvline(data["weighted_optimum"], color="tab:green", linestyle=":", label=label)
-    axes.set_xlabel("E (key-experts)")
-    axes.set_ylabel("ms per micro-batch")
-    twin = axes.twinx()
-    twin.plot(experts, [m["macs"] / 1e9 for m in measured], color="black", alpha=0.4, label="analytic (right axis)")
-    twin.set_ylabel("analytic GMAC: T (E + n_probe r/E) d")
-    lines, twin_lines = axes.get_legend_handles_labels(), twin.get_legend_handles_labels()
-    axes.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize=8)
-    axes.set_title(f"e. Routing cost vs E, r={data['neurons']}, T={data['tokens']}, d={data['dim']}")
-    plots.save(figure, section, path)
+    title = f"e. Routing cost vs E, r={data['neurons']}, T={data['tokens']}, d={data['dim']}"
+    with plots.chart(section, path, title=title, xlabel="E (key-experts)", ylabel="ms per micro-batch") as axes:
+        plots.lines(axes, experts, [
+            ([m["router"] * 1e3 for m in measured], "s--", "router (T E d)"),
+            ([m["select"] * 1e3 for m in measured], "^--", "select_rows (T n_probe r/E d)"),
+            ([(m["router"] + m["select"]) * 1e3 for m in measured], "o-", "total (measured)"),
+        ])  # fmt: skip
+        axes.axvline(optimum, color="gray", linestyle=":", label=f"sqrt(n_probe r) = {optimum:.0f}")
+        axes.axvline(weighted, color="tab:green", linestyle=":", label=f"optimum at measured GMAC/s = {weighted:.0f}")
+        twin = axes.twinx()
+        twin.plot(experts, [m["macs"] / 1e9 for m in measured], color="black", alpha=0.4, label="analytic (right axis)")
+        twin.set_ylabel("analytic GMAC: T (E + n_probe r/E) d")
+        (lines, labels), (twin_lines, twin_labels) = axes.get_legend_handles_labels(), twin.get_legend_handles_labels()
+        axes.legend(lines + twin_lines, labels + twin_labels, fontsize=8)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,8 @@ import torch
 from torch import nn
 
 import meft_ds
-from bench import plots, timeline
-from bench.common import (
-    GB,
-    Context,
-    Section,
-    build_meft,
-    fits_in_memory,
-    fmt_ratio,
-    free_memory,
-    section,
-    step_function,
-    text,
-)
+from bench import common, plots, timeline
+from bench.common import GB, Context, Section, fmt_ratio, section, text
 from bench.report import cpu_brand
 from meft_ds.baselines import DenseParallelAdapter, add_dense_adapters, add_lora  # noqa: F401 - tests use the first
 
@@ -66,7 +54,8 @@ def build_variants(context: Context) -> list[tuple[str, Builder, float]]:
         return model, [torch.optim.AdamW(params, lr=1e-4)], trainable_count(model)
 
     def meft() -> tuple[nn.Module, list[Any], int]:
-        model, optimizers = build_meft(context.fresh_model(), context.meft({"num_neurons": r, "top_k": s.top_k}), 1e-4)
+        config = context.meft({"num_neurons": r, "top_k": s.top_k})
+        model, optimizers = common.build_meft(context.fresh_model(), config, 1e-4)
         rows = sum(a.store.rows.numel() for a in meft_ds.adapters(model))
         return model, optimizers, trainable_count(model, rows)
 
@@ -84,66 +73,38 @@ def build_variants(context: Context) -> list[tuple[str, Builder, float]]:
     ]
 
 
-def alternating_seconds(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Each step's timings: :data:`WARMUP` untimed calls each, then ``rounds`` rounds timing one call of each in
-    turn, so that all see the same machine (other load, clock) at the same times."""
-    for step in steps.values():
-        for _ in range(WARMUP):
-            step()
-    times: dict[str, list[float]] = {label: [] for label in steps}
-    for _ in range(rounds):
-        for label, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[label].append(time.perf_counter() - start)
-    return times
-
-
 def run(context: Context) -> Section:
     s = context.settings
-    measured, skipped = [], []
     variants = build_variants(context)
-    paired = [variants[0], variants[2]]  # LoRA on q,v and MEFT
+    lora, lora_all, meft, dense, dense_k = variants
     rounds = s.step_repeats + 2
-    models: dict[str, tuple[Any, Callable[[], None], int]] = {}
-
-    def record(label: str, times: list[float], trainable: int) -> None:
-        measured.append({"variant": label, "seconds": statistics.median(times), "times": times, "trainable": trainable})
-        print(f"    {label}: median {measured[-1]['seconds']:.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
-
-    for label, build, needed in paired:  # both held at once
-        if fits_in_memory(needed + (paired[0][2] if label == paired[1][0] else 0), label, skipped):
-            model, optimizers, trainable = build()
-            models[label] = (model, step_function(model, optimizers, context.batch), trainable)
-    print(f"  {' and '.join(models)}: {WARMUP} warm-up steps each, then {rounds} alternating rounds")
-    for label, times in alternating_seconds({k: v[1] for k, v in models.items()}, rounds).items():
-        record(label, times, models[label][2])
-    meft_label = paired[1][0]
+    measured: dict[str, dict[str, Any]] = {}
+    skipped: list[str] = []
     host = None
-    if meft_label in models:
-        model, step, _ = models[meft_label]
-        seconds = timeline.timed_steps(step, TIMELINE_STEPS)
-        layers = len(meft_ds.adapters(model))
-        host = {"seconds": seconds, "steps": TIMELINE_STEPS, "layers": layers}
-    del models
-    free_memory()
-    for label, build, needed in variants[1:2] + variants[3:]:
-        if not fits_in_memory(needed, label, skipped):
-            continue
-        print(f"  {label}: {WARMUP} warm-up + {s.step_repeats} timed steps")
-        model, optimizers, trainable = build()
-        step = step_function(model, optimizers, context.batch)
-        record(label, alternating_seconds({label: step}, s.step_repeats)[label], trainable)  # one step: no turns
-        del model, optimizers
-        free_memory()
-    order = [label for label, _, _ in variants]
-    measured.sort(key=lambda m: order.index(m["variant"]))
-    by_variant = {order.index(m["variant"]): m["seconds"] for m in measured}
-    lora_time, meft_time, dense_time = (by_variant.get(i) for i in (0, 2, 3))  # LoRA on q,v; MEFT; dense of r rows
-    table = []
-    for m in measured:
-        ratio = fmt_ratio(m["seconds"] / meft_time) if meft_time else "-"
-        table.append([m["variant"], f"{m['trainable']:,}", f"{m['seconds']:.2f}", ratio])
+    # LoRA on q,v and MEFT held at once and timed in turns (the target's comparison); then the others one at a time
+    for group, repeats in (([lora, meft], rounds), ([lora_all], s.step_repeats), ([dense], s.step_repeats),
+                           ([dense_k], s.step_repeats)):  # fmt: skip
+        models, needed = {}, 0.0
+        for label, build, memory in group:
+            needed += memory  # a group's models are held at once
+            if common.fits_in_memory(needed, label, skipped):
+                model, optimizers, trainable = build()
+                models[label] = (model, common.step_function(model, optimizers, context.batch), trainable)
+        print(f"  {' and '.join(models)}: {WARMUP} warm-up steps each, then {repeats} timed in turns")
+        for label, times in common.alternating_seconds({k: v[1] for k, v in models.items()}, repeats, WARMUP).items():
+            measured[label] = {"variant": label, "seconds": statistics.median(times), "times": times}
+            measured[label]["trainable"] = models[label][2]
+            print(f"    {label}: median {measured[label]['seconds']:.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
+        if meft[0] in models:  # where MEFT's host time goes
+            model, step, _ = models[meft[0]]
+            host = {"seconds": timeline.timed_steps(step, TIMELINE_STEPS), "steps": TIMELINE_STEPS}
+            host["layers"] = len(meft_ds.adapters(model))
+        del models
+        common.free_memory()
+    lora_time, meft_time, dense_time = (measured.get(v[0], {}).get("seconds") for v in (lora, meft, dense))
+    in_order = [measured[label] for label, _, _ in variants if label in measured]
+    ratio = (lambda m: fmt_ratio(m["seconds"] / meft_time)) if meft_time else (lambda m: "-")
+    table = [[m["variant"], f"{m['trainable']:,}", f"{m['seconds']:.2f}", ratio(m)] for m in in_order]
     values = {"s": s, "alpha": 2 * s.lora_rank, "warmup": WARMUP, "rounds": rounds, "cpu": cpu_brand()}
     values |= {"threads": torch.get_num_threads(), "timeline_steps": TIMELINE_STEPS}
     judged = bool(meft_time and lora_time and dense_time)
@@ -156,7 +117,7 @@ def run(context: Context) -> Section:
         met=values["vs_lora"] <= 1.2 and values["vs_dense"] >= 2 if judged else None,
         **({} if judged else {"verdict": text("c", "not_judged")}),
         notes=skipped,
-        data={"measured": measured, "host": host, "extra_tables": host_tables(host, s.step_neurons)}
+        data={"measured": in_order, "host": host, "extra_tables": host_tables(host, s.step_neurons)}
         | {"cpu": cpu_brand()},
     )
 
@@ -176,11 +137,10 @@ def host_tables(host: dict[str, Any] | None, neurons: int) -> list[dict[str, Any
 
 
 def plot(section: Section, path: str) -> None:
-    measured = section.data["measured"]
-    figure, axes = plots.figure()
-    seconds = [m["seconds"] for m in measured]
-    labels = [m["variant"] for m in measured]
-    plots.labelled_barh(axes, labels, seconds, [f" {s:.2f} s" for s in seconds], color="tab:blue")
-    axes.set_xlabel("seconds per training step (median)")
-    axes.set_title(f"c. Step time, SmolLM2-135M fp32, micro-batch 2 x 256, {section.data.get('cpu', '?')}")
-    plots.save(figure, section, path, left=0.3)
+    title = f"c. Step time, SmolLM2-135M fp32, micro-batch 2 x 256, {section.data.get('cpu', '?')}"
+    with plots.chart(
+        section, path, title=title, xlabel="seconds per training step (median)", margins={"left": 0.3}
+    ) as axes:
+        seconds = [m["seconds"] for m in section.data["measured"]]
+        labels = [m["variant"] for m in section.data["measured"]]
+        plots.labelled_barh(axes, labels, seconds, [f" {s:.2f} s" for s in seconds], color="tab:blue")

@@ -17,29 +17,9 @@ import torch
 from torch import nn
 
 import meft_ds
-from bench import plots
-from bench.common import (
-    GB,
-    Context,
-    Section,
-    build_meft,
-    fits_in_memory,
-    fmt_bytes,
-    fmt_ratio,
-    free_memory,
-    optimizer_step,
-    section,
-    stats_delta,
-    text,
-)
-from bench.formulas import (
-    BF16,
-    FP32,
-    OffloadBytes,
-    dense_adapter_params,
-    minimal_offload_bytes,
-    zero_offload_bytes,
-)
+from bench import common, plots
+from bench.common import GB, Context, Section, fmt_bytes, fmt_ratio, section, text
+from bench.formulas import BF16, FP32, OffloadBytes, dense_adapter_params, minimal_offload_bytes, zero_offload_bytes
 
 
 def router_params(model: nn.Module) -> int:
@@ -101,21 +81,10 @@ def measure_window(model: nn.Module, optimizers: list[Any], batches: list[dict[s
     for batch in batches:
         before = meft_ds.stats(model)
         model(**batch).loss.backward()
-        micro.append(stats_delta(before, meft_ds.stats(model)))
+        micro.append(common.stats_delta(before, meft_ds.stats(model)))
     before = meft_ds.stats(model)
-    optimizer_step(optimizers)
-    return Window(micro, stats_delta(before, meft_ds.stats(model)))
-
-
-def train(model: nn.Module, optimizers: list[Any], batches: list[dict[str, torch.Tensor]]) -> list[float]:
-    """One optimizer step per batch; the losses."""
-    losses = []
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer_step(optimizers)
-        losses.append(loss.item())
-    return losses
+    common.optimizer_step(optimizers)
+    return Window(micro, common.stats_delta(before, meft_ds.stats(model)))
 
 
 @torch.no_grad()
@@ -144,7 +113,7 @@ def measure_neurons(context: Context, neurons: int, notes: list[str]) -> dict[st
     dense_n = dense_adapter_params(num_layers, neurons, dim)
     cache_mb = context.cache_mb if context.cache_mb is not None else 2 * BF16 * dense_n / 2**20
     # one store (rows, two moments, at worst a full gradient accumulator) + the cache + a model copy and activations
-    if not fits_in_memory(4 * dense_n * FP32 + cache_mb * 2**20 + 2 * GB, f"r={neurons}", notes):
+    if not common.fits_in_memory(4 * dense_n * FP32 + cache_mb * 2**20 + 2 * GB, f"r={neurons}", notes):
         return None
     plain = context.meft(base, {"cache_mb": 0})
     result: dict[str, Any] = {"neurons": neurons, "layers": num_layers, "dim": dim, "dense_params": dense_n}
@@ -153,28 +122,29 @@ def measure_neurons(context: Context, neurons: int, notes: list[str]) -> dict[st
     plain_steps, window = s.traffic_plain_micro_steps, s.traffic_window
     with tempfile.TemporaryDirectory(prefix="meft_bench_") as trained_dir:
         print(f"  r={neurons}: MEFT without cache, {plain_steps} micro-steps at init")
-        model, optimizers = build_meft(context.fresh_model(), plain, s.train_lr)
+        model, optimizers = common.build_meft(context.fresh_model(), plain, s.train_lr)
         result["router_params"] = router_params(model)
         windows["init"]["plain"] = measure_window(model, optimizers, [context.batch(i) for i in range(plain_steps)])
         print(f"  r={neurons}: training {s.train_steps} steps on facts (lr {s.train_lr})")
         result["fixed_batch_loss"] = [fixed_batch_loss(model, context.batch(0))]
-        result["train_losses"] = train(model, optimizers, [context.batch(100 + i) for i in range(s.train_steps)])
+        train = common.step_function(model, optimizers, lambda i: context.batch(100 + i))
+        result["train_losses"] = [train().item() for _ in range(s.train_steps)]
         result["fixed_batch_loss"].append(fixed_batch_loss(model, context.batch(0)))
         trained_batches = [context.batch(200 + i) for i in range(plain_steps)]
         windows["trained"]["plain"] = measure_window(model, optimizers, trained_batches)
         meft_ds.save_adapter(model, trained_dir)
         del model, optimizers  # the optimizers hold the adapters, hence the row store
-        free_memory()
+        common.free_memory()
         print(f"  r={neurons}: MEFT with a {cache_mb:.0f} MiB cache, one step of {window} micro-steps x2")
         cached = context.meft(base, {"cache_mb": cache_mb})
-        model, optimizers = build_meft(context.fresh_model(), cached, s.train_lr)
+        model, optimizers = common.build_meft(context.fresh_model(), cached, s.train_lr)
         windows["init"]["cache"] = measure_window(model, optimizers, [context.batch(i) for i in range(window)])
         result["cache_device_bytes"] = device_cache_bytes(model)
         meft_ds.load_adapter(model, trained_dir)
         trained_batches = [context.batch(200 + i) for i in range(window)]
         windows["trained"]["cache"] = measure_window(model, optimizers, trained_batches)
         del model, optimizers
-        free_memory()
+        common.free_memory()
     result["windows"] = {
         phase: {name: dataclasses.asdict(window) for name, window in by_variant.items()}
         for phase, by_variant in windows.items()
@@ -221,7 +191,10 @@ def run(context: Context) -> Section:
     results = [result for result in measured if result is not None]
     summaries = [row for result in results for row in summarize(result, s.accum_steps, s.traffic_window)]
     window = text("a", "window_whole" if s.traffic_window >= s.accum_steps else "window_part", s=s)
-    best = _best_ratios(summaries, s.accum_steps)
+    best = []  # per (r, state): the MEFT variant with the fewest bytes per optimizer step, and dense (as coded) ÷ it
+    for entry in (e for e in summaries if e["G"] == s.accum_steps):
+        name = min(("plain", "cache"), key=lambda n: _bytes(entry, n).total)
+        best.append((entry["r"], entry["state"], name, _bytes(entry, "dense_coded").total / _bytes(entry, name).total))
     named = [f"r={r} {phase}: {fmt_ratio(ratio)} ({'no ' * (name == 'plain')}cache)" for r, phase, name, ratio in best]
     return section(
         "a",
@@ -269,28 +242,14 @@ def table_rows(summaries: list[dict[str, Any]], window: int, accum_steps: int) -
     return rows
 
 
-def _best_ratios(summaries: list[dict[str, Any]], accum_steps: int) -> list[tuple[int, str, str, float]]:
-    """Per (r, state): the MEFT variant with the fewest bytes at ``accum_steps`` and dense (as coded) ÷ it."""
-    best = []
-    for entry in summaries:
-        if entry["G"] != accum_steps:
-            continue
-        variants = [(name, entry[name]["to_device"] + entry[name]["to_host"]) for name in ("plain", "cache")]
-        name, total = min(variants, key=lambda item: item[1])
-        best.append((entry["r"], entry["state"], name, OffloadBytes(**entry["dense_coded"]).total / total))
-    return best
-
-
 def _notes(results: list[dict[str, Any]], s: Any) -> list[str]:
     notes = []
     for r in results:
         routers = zero_offload_bytes(r["router_params"], s.accum_steps).total
         notes.append(text("a", "note_routers", r=r, s=s, routers=routers))
         dense = minimal_offload_bytes(r["dense_params"], 1).total  # the paper's per-iteration comparison
-        meft = {
-            phase: Window(**by_variant["plain"]).plain_bytes_at(1).total for phase, by_variant in r["windows"].items()
-        }
-        meft = {phase: value + zero_offload_bytes(r["router_params"], 1).total for phase, value in meft.items()}
+        routers_g1 = zero_offload_bytes(r["router_params"], 1).total
+        meft = {phase: Window(**v["plain"]).plain_bytes_at(1).total + routers_g1 for phase, v in r["windows"].items()}
         ratios = ", ".join(f"{phase} {fmt_ratio(dense / value)}" for phase, value in meft.items())
         notes.append(text("a", "note_paper", r=r, dense=dense, ratios=ratios))
         for name, what in (("plain", "without the cache"), ("cache", "with the cache")):
@@ -310,16 +269,14 @@ def _notes(results: list[dict[str, Any]], s: Any) -> list[str]:
 def plot(section: Section, path: str) -> None:
     accum = max(e["G"] for e in section.data["summaries"])
     entries = [e for e in section.data["summaries"] if e["G"] == accum]
-    fig, axes = plots.figure(10, 6)
-    groups = [f"r={e['r']}\n{e['state']}" for e in entries]
-    series = {label: [_bytes(e, name).total / 1e9 for e in entries] for name, label in LABELS.items()}
-    bars = plots.grouped_bars(axes, groups, series)
-    for name, container in zip(LABELS, bars, strict=True):
-        if name in ("plain", "cache"):
-            ratios = [_bytes(e, "dense_coded").total / _bytes(e, name).total for e in entries]
-            axes.bar_label(container, [f"{r:.1f}x less" for r in ratios], fontsize=7)
-    axes.set_ylabel(f"GB per optimizer step (G={accum})")
-    axes.set_ylim(0, axes.get_ylim()[1] * 1.3)  # room for the legend above the bars
-    axes.set_title("a. Host<->device bytes per optimizer step, SmolLM2-135M (30 layers), bf16 rows")
-    axes.legend(fontsize=8, ncol=2, loc="upper center")
-    plots.save(fig, section, path, bottom=0.33)
+    title = "a. Host<->device bytes per optimizer step, SmolLM2-135M (30 layers), bf16 rows"
+    legend = {"fontsize": 8, "ncol": 2, "loc": "upper center"}
+    with plots.chart(section, path, (10, 6), title=title, ylabel=f"GB per optimizer step (G={accum})", legend=legend,
+                     margins={"bottom": 0.33}) as axes:  # fmt: skip
+        groups = [f"r={e['r']}\n{e['state']}" for e in entries]
+        series = {label: [_bytes(e, name).total / 1e9 for e in entries] for name, label in LABELS.items()}
+        for name, bars in zip(LABELS, plots.grouped_bars(axes, groups, series), strict=True):
+            if name in ("plain", "cache"):
+                ratios = [_bytes(e, "dense_coded").total / _bytes(e, name).total for e in entries]
+                axes.bar_label(bars, [f"{r:.1f}x less" for r in ratios], fontsize=7)
+        axes.set_ylim(0, axes.get_ylim()[1] * 1.3)  # room for the legend above the bars
