@@ -20,29 +20,8 @@ from typing import Any
 import torch
 
 import meft_ds
-from bench import plots
-from bench.common import (
-    GB,
-    MB,
-    Context,
-    Section,
-    fits_in_memory,
-    fmt_bytes,
-    fmt_ratio,
-    free_port,
-    run_process,
-    section,
-    text,
-)
-from bench.formulas import (
-    GRAD_BYTES,
-    RankLoad,
-    dense_allreduce_bytes,
-    dense_sent,
-    sharded_forward_put_in,
-    sharded_sent,
-    sharded_sent_before,
-)
+from bench import common, formulas, plots
+from bench.common import GB, MB, Context, Section, fmt_bytes, fmt_ratio, section, text
 from bench.scaleout_nvme import measure_nvme, nvme_how, nvme_plot, nvme_rows, nvme_verdict
 from bench.scaleout_plan import ADAPTER_LAYERS, adapter_layers, model_plan, num_layers, plan_batches, plan_dim
 
@@ -69,12 +48,12 @@ def run_ranks(spec: dict[str, Any], workdir: Path, timeout: float = 1200) -> lis
     spec_path.write_text(json.dumps(spec, indent=1))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS), "--master_port",
-        str(free_port()), str(DRIVER), str(spec_path),
+        str(common.free_port()), str(DRIVER), str(spec_path),
     ]  # fmt: skip
     print(f"  {shlex.join(command)}", flush=True)
     paths = [str(ROOT), str(ROOT / "launch"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     accelerator = os.environ.get("DS_ACCELERATOR", "cpu")
-    run_process(command, ROOT, timeout, PYTHONPATH=os.pathsep.join(paths), DS_ACCELERATOR=accelerator)
+    common.run_process(command, ROOT, timeout, PYTHONPATH=os.pathsep.join(paths), DS_ACCELERATOR=accelerator)
     return [json.loads((Path(spec["out"]) / f"rank_{rank}.json").read_text()) for rank in range(RANKS)]
 
 
@@ -83,7 +62,7 @@ def summarize_variant(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     first = per_rank[0]
     layers, dim, neurons = len(first["layers"]), first["dim"], first["num_neurons"]
     steps = [step for rank in per_rank for step in rank["steps"]]
-    routers = first["router_params"] * GRAD_BYTES  # the engine all-reduces the routers' fp32 gradients
+    routers = first["router_params"] * formulas.GRAD_BYTES  # the engine all-reduces the routers' fp32 gradients
     mean = statistics.fmean
     summary = {
         "variant": first["variant"],
@@ -99,7 +78,7 @@ def summarize_variant(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "forward": mean([s["micro"]["bytes_between_ranks"] for s in steps]),
         "routers": routers,
         "seconds": mean([s["seconds"] for s in steps]),
-        "dense": dense_allreduce_bytes(neurons, dim, layers),
+        "dense": formulas.dense_allreduce_bytes(neurons, dim, layers),
         "per_rank_counted": [
             sum(s["micro"]["bytes_between_ranks"] + s["step"]["bytes_between_ranks"] for s in r["steps"])
             for r in per_rank
@@ -131,15 +110,15 @@ def simulate(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     first = variants[0]
     rows = []
     for world in SIMULATED_RANKS:
-        dense = dense_sent(first["neurons"], first["dim"], first["layers"], world)
+        dense = formulas.dense_sent(first["neurons"], first["dim"], first["layers"], world)
         for v in variants:
             if "load" not in v:
                 continue
-            load = RankLoad(**v["load"])
-            parts = sharded_sent(load, world)
+            load = formulas.RankLoad(**v["load"])
+            parts = formulas.sharded_sent(load, world)
             rows.append({
                 "world": world, "variant": v["variant"], "parts": parts, "total": sum(parts.values()),
-                "before": sharded_sent_before(load, world), "dense": dense, "dense_bf16": dense / 2,
+                "before": formulas.sharded_sent_before(load, world), "dense": dense, "dense_bf16": dense / 2,
             })  # fmt: skip
     return rows
 
@@ -147,56 +126,41 @@ def simulate(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def measure_between_ranks(context: Context, plan: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
     s = context.settings
     steps = max(1, min(MAX_STEPS, s.train_steps))
-    total_layers = num_layers(context, plan)
-    layers = adapter_layers(total_layers)
+    layers = adapter_layers(num_layers(context, plan))
     base = {"num_neurons": s.step_neurons, "top_k": s.top_k, "layers": layers}
     config = meft_ds.MeftConfig.from_dict({**base, **context.overrides})
     meft = config.to_dict()
-    dim = plan_dim(context, plan)
-    replicated = 3 * len(layers) * s.step_neurons * 2 * dim * 4  # rows and two moments, fp32, per rank
+    replicated = 3 * len(layers) * s.step_neurons * 2 * plan_dim(context, plan) * 4  # rows, 2 moments, fp32, per rank
     model_bytes = 4 * 135_000_000  # SmolLM2-135M in fp32, at most (the random and test models are smaller)
     if plan["source"] == "context":
         model_bytes = 4 * sum(p.numel() for p in context.base().parameters())
     elif isinstance(plan["source"], dict):
         model_bytes = 4 * 45_000_000  # the random 4-layer model: about 42M parameters, 28M of them embeddings
-    needed = RANKS * (2 * replicated + 2 * model_bytes) + GB
-    if not fits_in_memory(needed, f"the {RANKS}-rank run", notes):
+    if not common.fits_in_memory(RANKS * (2 * replicated + 2 * model_bytes) + GB, f"the {RANKS}-rank run", notes):
         return None
     batches = plan_batches(context, plan, steps * MICRO_STEPS * RANKS)
+    tokens = batches[0]["input_ids"].numel()
     with tempfile.TemporaryDirectory(prefix="meft_bench_f_") as folder:
         workdir = Path(folder)
-        if plan["source"] == "context":
+        source = plan["source"]
+        if source == "context":
             context.base().save_pretrained(workdir / "model")
-            source: Any = str(workdir / "model")
-        else:
-            source = plan["source"]
+            source = str(workdir / "model")
         torch.save(batches, workdir / "batches.pt")
-        spec = {
-            "model": source,
-            "batches": str(workdir / "batches.pt"),
-            "steps": steps,
-            "micro_steps": MICRO_STEPS,
-            "lr": s.train_lr,
-            "meft": meft,
-            "variants": VARIANTS,
-            "out": str(workdir / "out"),
-        }
+        spec = {"model": source, "batches": str(workdir / "batches.pt"), "steps": steps, "micro_steps": MICRO_STEPS}
+        spec |= {"lr": s.train_lr, "meft": meft}
         # each variant in processes of its own, so that each one's memory is its own; or all in one launch (tests)
         launches = [[variant] for variant in VARIANTS] if s.scaleout_launch_per_variant else [VARIANTS]
-        ranks = []
-        for index, variants in enumerate(launches):
-            for rank in run_ranks({**spec, "variants": variants, "out": str(workdir / f"out_{index}")}, workdir):
-                if index == 0:
-                    ranks.append(rank)
-                else:
-                    ranks[rank["rank"]]["variants"] += rank["variants"]
+        runs = [
+            run_ranks({**spec, "variants": variants, "out": str(workdir / f"out_{index}")}, workdir)
+            for index, variants in enumerate(launches)
+        ]
+    ranks = [{**rank, "variants": [v for run in runs for v in run[rank["rank"]]["variants"]]} for rank in runs[0]]
     variants = [summarize_variant([rank["variants"][i] for rank in ranks]) for i in range(len(VARIANTS))]
-    config = meft_ds.MeftConfig.from_dict(meft)
     for v in variants:
         if v["forward"]:  # sharded: the formula of the forward's bytes, from this run's own quantities
-            v["load"] = rank_load(v, tokens=batches[0]["input_ids"].numel(), config=config)
-            v["forward_formula"] = sharded_forward_put_in(RankLoad(**v["load"]), RANKS)
-    for v in variants:
+            v["load"] = rank_load(v, tokens=tokens, config=config)
+            v["forward_formula"] = formulas.sharded_forward_put_in(formulas.RankLoad(**v["load"]), RANKS)
         print(f"  {v['variant']}: {v['touched']:.0f} rows touched/step/rank, {fmt_bytes(v['total'])} between ranks "
               f"per step per rank (dense {fmt_bytes(v['dense'])})")  # fmt: skip
     return {
@@ -205,7 +169,7 @@ def measure_between_ranks(context: Context, plan: dict[str, Any], notes: list[st
         "ranks": ranks,
         "steps": steps,
         "micro_steps": MICRO_STEPS,
-        "tokens": batches[0]["input_ids"].numel(),
+        "tokens": tokens,
         "layers": layers,
         "threads": ranks[0]["threads"],
         "meft": meft,
@@ -216,33 +180,9 @@ def measure_between_ranks(context: Context, plan: dict[str, Any], notes: list[st
 # the section
 
 
-def simulated_rows(between: dict[str, Any]) -> list[list[Any]]:
-    """Bytes sent per rank at 2, 4 and 8 ranks (formula), against the dense adapter's ring all-reduce."""
-    rows = []
-    for row in between["simulated"]:
-        parts = " + ".join(f"{name} {fmt_bytes(value)}" for name, value in row["parts"].items())
-        rows.append([
-            f"sent, {row['world']} ranks (formula)", f"MEFT {row['variant']}", "",
-            fmt_bytes(row["total"]), f"{parts}; before issue 15 {fmt_bytes(row['before'])}; dense all-reduce "
-            f"{fmt_bytes(row['dense'])} fp32, {fmt_bytes(row['dense_bf16'])} bf16", "",
-            fmt_ratio(row["dense"] / row["total"]),
-        ])  # fmt: skip
-    return rows
-
-
-def memory_rows(between: dict[str, Any]) -> list[list[Any]]:
-    """Host memory of the node: the ranks' proportional set sizes added up, per variant."""
-    return [
-        [
-            f"memory per node ({RANKS} ranks)",
-            f"MEFT {v['variant']}" + (" (the default)" if v["shard_default"] else ""), "", fmt_bytes(v["node_pss"]),
-            f"stores {fmt_bytes(v['store_bytes'])} per rank (rows, moments)", "", "",
-        ]
-        for v in between["variants"]
-    ]  # fmt: skip
-
-
 def table_rows(between: dict[str, Any] | None, nvme: dict[str, Any] | None) -> list[list[Any]]:
+    """Bytes between ranks per optimizer step (the dense adapter's all-reduce, each variant measured, then sent at 2,
+    4 and 8 ranks by formula) and the node's memory per variant; then the NVMe tier's rows."""
     rows: list[list[Any]] = []
     if between is not None:
         first = between["variants"][0]
@@ -252,23 +192,31 @@ def table_rows(between: dict[str, Any] | None, nvme: dict[str, Any] | None) -> l
             fmt_bytes(dense), f"{first['layers']} x 2 r d x 4 B", "", "1.00x",
         ])  # fmt: skip
         for v in between["variants"]:
-            breakdown = f"exchange {fmt_bytes(v['exchange'])} + routers {fmt_bytes(v['routers'])}"
-            if v["foreign"]:
-                breakdown = (
-                    f"exchange {fmt_bytes(v['exchange'])} ({v['foreign'] / v['touched']:.0%} of the rows to the "
-                    f"other rank) + routers {fmt_bytes(v['routers'])}"
-                )
-            if v["forward"]:
-                breakdown += f" + forward {fmt_bytes(v['forward'])}"
+            spread = f" ({v['foreign'] / v['touched']:.0%} of the rows to the other rank)" if v["foreign"] else ""
+            forward = f" + forward {fmt_bytes(v['forward'])}" if v["forward"] else ""
             rows.append([
                 "between ranks", f"MEFT {v['variant']} (measured)",
-                f"{v['touched']:.0f} touched, {v['updated']:.0f} updated", fmt_bytes(v["total"]), breakdown, "",
+                f"{v['touched']:.0f} touched, {v['updated']:.0f} updated", fmt_bytes(v["total"]),
+                f"exchange {fmt_bytes(v['exchange'])}{spread} + routers {fmt_bytes(v['routers'])}{forward}", "",
                 fmt_ratio(dense / v["total"]),
             ])  # fmt: skip
-        rows += simulated_rows(between) + memory_rows(between)
-    if nvme is not None:
-        rows += nvme_rows(nvme)
-    return rows
+        for row in between["simulated"]:
+            parts = " + ".join(f"{name} {fmt_bytes(value)}" for name, value in row["parts"].items())
+            rows.append([
+                f"sent, {row['world']} ranks (formula)", f"MEFT {row['variant']}", "",
+                fmt_bytes(row["total"]), f"{parts}; before issue 15 {fmt_bytes(row['before'])}; dense all-reduce "
+                f"{fmt_bytes(row['dense'])} fp32, {fmt_bytes(row['dense_bf16'])} bf16", "",
+                fmt_ratio(row["dense"] / row["total"]),
+            ])  # fmt: skip
+        rows += [
+            [
+                f"memory per node ({RANKS} ranks)",
+                f"MEFT {v['variant']}" + (" (the default)" if v["shard_default"] else ""), "", fmt_bytes(v["node_pss"]),
+                f"stores {fmt_bytes(v['store_bytes'])} per rank (rows, moments)", "", "",
+            ]
+            for v in between["variants"]
+        ]  # fmt: skip
+    return rows + (nvme_rows(nvme) if nvme is not None else [])
 
 
 def run(context: Context) -> Section:

@@ -41,27 +41,21 @@ def plan_model(context: Context, plan: dict[str, Any]) -> torch.nn.Module:
 
 
 def plan_batches(context: Context, plan: dict[str, Any], count: int) -> list[dict[str, torch.Tensor]]:
-    s = context.settings
     if isinstance(plan["source"], dict):
         generator = torch.Generator().manual_seed(0)
-        batches = []
-        for _ in range(count):
-            ids = torch.randint(0, RANDOM_LLAMA["vocab_size"], (s.micro_batch, s.seq_len), generator=generator)
-            batches.append({"input_ids": ids, "labels": ids.clone()})
-        return batches
+        shape = (context.settings.micro_batch, context.settings.seq_len)
+        ids = [torch.randint(0, RANDOM_LLAMA["vocab_size"], shape, generator=generator) for _ in range(count)]
+        return [{"input_ids": i, "labels": i.clone()} for i in ids]
     return context.batches()
 
 
 def num_layers(context: Context, plan: dict[str, Any]) -> int:
-    if isinstance(plan["source"], dict):
-        return RANDOM_LLAMA["num_hidden_layers"]
-    return context.base().config.num_hidden_layers
+    random = isinstance(plan["source"], dict)
+    return RANDOM_LLAMA["num_hidden_layers"] if random else context.base().config.num_hidden_layers
 
 
 def plan_dim(context: Context, plan: dict[str, Any]) -> int:
-    if isinstance(plan["source"], dict):
-        return RANDOM_LLAMA["hidden_size"]
-    return context.base().config.hidden_size
+    return RANDOM_LLAMA["hidden_size"] if isinstance(plan["source"], dict) else context.base().config.hidden_size
 
 
 def adapter_layers(total: int) -> list[int]:
