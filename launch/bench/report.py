@@ -43,8 +43,8 @@ def machine() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu": cpu_brand(),
     }
-    info["cpu"] = cpu_brand()
     if cpu_info():
         info["avx512"] = "avx512f" in cpu_info().get("flags", [])
     try:
@@ -139,11 +139,9 @@ def render_markdown(
         f"{machine_line}. Mode(s): {', '.join(modes)}. Last run: {meta.get('seconds', 0):.0f} s, "
         f"peak memory {meta.get('peak_rss_gb', 0):.1f} GB."
         + (" Quick-mode numbers use smaller sizes; they are not the reference numbers." if "quick" in modes else ""),
-        "| experiment | target | result |",
-        "|---|---|---|",
     ]
-    summary = [f"| {s.key}. {s.title} | {_cell(s.target)} | **{_status(s.met)}** |" for s in sections.values()]
+    summary = [[f"{s.key}. {s.title}", s.target, f"**{_status(s.met)}**"] for s in sections.values()]
     cpus = {key: used.get("cpu", "?") for key, used in machines.items()}  # beside every section's figures
     body = [render_section(s, images.get(s.key), cpus.get(s.key)) for s in sections.values()]
-    body.append(render_gpu_check(gpu_check))
-    return "\n\n".join(header[:3]) + "\n\n" + "\n".join(header[3:] + summary) + "\n\n" + "\n\n".join(body) + "\n"
+    parts = [*header, markdown_table(["experiment", "target", "result"], summary), *body, render_gpu_check(gpu_check)]
+    return "\n\n".join(parts) + "\n"

@@ -95,19 +95,14 @@ def per_layer_ms(measured: dict[str, Any]) -> dict[str, float]:
 def table(after: dict[str, Any], before: dict[str, Any] | None = None) -> list[list[str]]:
     """Header and rows: each phase's ms per layer and micro-step (before, after, their ratio), and per micro-step."""
     now = per_layer_ms(after)
-    then = per_layer_ms(before) if before is not None else None
-    header = ["host phase", "ms / layer, before", "ms / layer", "after ÷ before", "ms / micro-step"]
-    rows = [header]
+    then = per_layer_ms(before) if before is not None else {}
+    labels = {"host": "meft_ds host work, all phases", "step": "whole micro-step (per step, not per layer)"}
+    rows = [["host phase", "ms / layer, before", "ms / layer", "after ÷ before", "ms / micro-step"]]
     for phase in [*PHASES, "host", "step"]:
-        label = {"host": "meft_ds host work, all phases", "step": "whole micro-step (per step, not per layer)"}
-        value = now.get(phase, 0.0)
-        old = then.get(phase) if then is not None else None
+        value, old = now.get(phase, 0.0), then.get(phase)
         per_step = value if phase == "step" else value * after["layers"]
         rows.append([
-            label.get(phase, phase),
-            "-" if old is None else f"{old:.2f}",
-            f"{value:.2f}",
-            "-" if not old else f"{value / old:.2f}x",
-            f"{per_step:.0f}",
+            labels.get(phase, phase), "-" if old is None else f"{old:.2f}", f"{value:.2f}",
+            "-" if not old else f"{value / old:.2f}x", f"{per_step:.0f}",
         ])  # fmt: skip
     return rows
