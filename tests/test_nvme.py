@@ -86,6 +86,35 @@ def test_reads_the_blocks_of_the_selected_rows_through_small_gaps(
     assert torch.equal(out, store.full_rows()[rows].bfloat16())
 
 
+def test_the_step_reads_and_writes_the_spans_of_the_touched_rows_gaps_included(tmp_path: Path) -> None:
+    """The optimizer step reads the touched rows' spans straight into buffers of their own and writes the same spans
+    back: one request per span and file each way; the rows in the gaps come back unchanged."""
+    model = train(nvme(tmp_path), steps=1)
+    store = meft_ds.adapters(model)[0].store
+    store.gap_bytes = 2 * 4096  # one block of moments (16 rows x 2 x d=64 x fp32): blocks 0 and 2 share a span
+    rows_before, exp_avg_before = store.full_rows(), store._read_whole("exp_avg")
+    requests, submit = [], store._io
+    store._io = lambda write, buffer, name, block, *rest: (
+        requests.append((write, name, block, buffer.numel() * 4)),
+        submit(write, buffer, name, block, *rest),
+    )
+    touched = torch.tensor([0, 1, 40, 1023])  # blocks 0, 2 and 63
+    with store.rows_for_update(touched) as (rows, exp_avg, _, index):
+        assert torch.equal(rows[index], rows_before[touched]) and torch.equal(exp_avg[index], exp_avg_before[touched])
+        rows[index] += 1.0
+        exp_avg[index] -= 1.0
+    store._io = submit
+    spans = [(0, 3), (63, 1)]  # (first block, blocks)
+    per_file = [(name, first, blocks * width) for first, blocks in spans
+                for name, width in (("values", 4096), ("exp_avg", 8192), ("exp_avg_sq", 8192))]  # fmt: skip
+    assert requests == [(False, *r) for r in per_file] + [(True, *r) for r in per_file]
+    expected_rows, expected_exp_avg = rows_before.clone(), exp_avg_before.clone()
+    expected_rows[touched] += 1.0
+    expected_exp_avg[touched] -= 1.0
+    assert torch.equal(store.full_rows(), expected_rows)
+    assert torch.equal(store._read_whole("exp_avg"), expected_exp_avg)
+
+
 def test_reads_are_in_flight_until_the_rows_are_used(tmp_path: Path) -> None:
     """start_gather returns with two chunks in flight (one per half of the read area and queue); the others are read
     as the chunks before are copied out. In a forward on the CPU the adapter starts them before its FFN runs; with
