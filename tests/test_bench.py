@@ -32,6 +32,7 @@ from bench.scaleout_plan import adapter_layers
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
+from meft_ds.baselines import DenseParallelAdapter
 from meft_ds.config import MeftConfigError
 
 TINY = dataclasses.replace(
@@ -204,7 +205,7 @@ def test_sparse_adam_traffic_counts_touched_rows_only() -> None:
 
 def test_dense_parallel_adapter_is_the_formula() -> None:
     torch.manual_seed(0)
-    layer = steptime.DenseParallelAdapter(8, 32)
+    layer = DenseParallelAdapter(8, 32)
     hidden = torch.randn(5, 8)
     assert torch.equal(layer(hidden), torch.zeros(5, 8))  # values start at zero
     with torch.no_grad():

@@ -256,22 +256,23 @@ def free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def available_memory() -> int:
-    """``MemAvailable`` of /proc/meminfo (Linux); effectively unlimited where it cannot be read."""
+def proc_bytes(path: str, field: str) -> int | None:
+    """The value of a ``field:  N kB`` line of a Linux /proc file, in bytes; None where it cannot be read."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 1 << 62
+    return None
 
 
 def fits_in_memory(needed: float, what: str, notes: list[str]) -> bool:
     """Whether ``needed`` bytes are available now; if not, a note (printed and kept) says ``what`` was skipped, so a
     run on a busy or small machine degrades instead of being killed."""
     free_memory()
-    available = available_memory()
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    available = 1 << 62 if available is None else available  # not Linux: effectively unlimited
     if needed <= available:
         return True
     note = f"{what} skipped: it needs about {fmt_bytes(needed)} of memory, {fmt_bytes(available)} was available"

@@ -31,7 +31,7 @@ import torch
 from deepspeed import comm as dist
 
 import meft_ds
-from bench.common import stats_delta
+from bench.common import proc_bytes, stats_delta
 
 
 def load_base(source: Any) -> torch.nn.Module:
@@ -67,13 +67,7 @@ def rows_with_grads(model: torch.nn.Module) -> tuple[int, int]:
 
 def pss_bytes() -> int:
     """This process's proportional set size (Linux ``smaps_rollup``; its RSS where that is missing)."""
-    rollup = Path("/proc/self/smaps_rollup")
-    field = "Pss:" if rollup.exists() else "VmRSS:"
-    source = rollup if rollup.exists() else Path("/proc/self/status")
-    for line in source.read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    return 0
+    return proc_bytes("/proc/self/smaps_rollup", "Pss") or proc_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def run_variant(base: torch.nn.Module, spec: dict[str, Any], variant: dict[str, Any], batches: list) -> dict:

@@ -18,7 +18,7 @@ import meft_ds
 from bench import common, plots, timeline
 from bench.common import GB, Context, Section, fmt_ratio, section, text
 from bench.report import cpu_brand
-from meft_ds.baselines import DenseParallelAdapter, add_dense_adapters, add_lora  # noqa: F401 - tests use the first
+from meft_ds.baselines import add_dense_adapters, add_lora
 
 WARMUP = 2  # steps before timing; a MEFT step is slower while its store is first touched
 TIMELINE_STEPS = 3
@@ -82,24 +82,25 @@ def run(context: Context) -> Section:
     skipped: list[str] = []
     host = None
     # LoRA on q,v and MEFT held at once and timed in turns (the target's comparison); then the others one at a time
-    for group, repeats in (([lora, meft], rounds), ([lora_all], s.step_repeats), ([dense], s.step_repeats),
-                           ([dense_k], s.step_repeats)):  # fmt: skip
+    singles = [([variant], s.step_repeats) for variant in (lora_all, dense, dense_k)]
+    for group, repeats in [([lora, meft], rounds), *singles]:
         models, needed = {}, 0.0
         for label, build, memory in group:
             needed += memory  # a group's models are held at once
             if common.fits_in_memory(needed, label, skipped):
-                model, optimizers, trainable = build()
-                models[label] = (model, common.step_function(model, optimizers, context.batch), trainable)
+                models[label] = build()
+        if not models:  # none fits in memory
+            continue
+        steps = {k: common.step_function(model, opt, context.batch) for k, (model, opt, _) in models.items()}
         print(f"  {' and '.join(models)}: {WARMUP} warm-up steps each, then {repeats} timed in turns")
-        for label, times in common.alternating_seconds({k: v[1] for k, v in models.items()}, repeats, WARMUP).items():
+        for label, times in common.alternating_seconds(steps, repeats, WARMUP).items():
             measured[label] = {"variant": label, "seconds": statistics.median(times), "times": times}
             measured[label]["trainable"] = models[label][2]
             print(f"    {label}: median {measured[label]['seconds']:.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
         if meft[0] in models:  # where MEFT's host time goes
-            model, step, _ = models[meft[0]]
-            host = {"seconds": timeline.timed_steps(step, TIMELINE_STEPS), "steps": TIMELINE_STEPS}
-            host["layers"] = len(meft_ds.adapters(model))
-        del models
+            host = {"seconds": timeline.timed_steps(steps[meft[0]], TIMELINE_STEPS), "steps": TIMELINE_STEPS}
+            host["layers"] = len(meft_ds.adapters(models[meft[0]][0]))
+        del models, steps  # nothing of a group outlives it
         common.free_memory()
     lora_time, meft_time, dense_time = (measured.get(v[0], {}).get("seconds") for v in (lora, meft, dense))
     in_order = [measured[label] for label, _, _ in variants if label in measured]

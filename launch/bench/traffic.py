@@ -158,18 +158,15 @@ def summarize(result: dict[str, Any], accum_steps: int, window: int) -> list[dic
     rows = []
     for phase, by_variant in result["windows"].items():
         for g in sorted({window, accum_steps}):
-            coded = zero_offload_bytes(dense_n, g)
-            minimal = minimal_offload_bytes(dense_n, g)
             router = zero_offload_bytes(router_n, g)
             entry: dict[str, Any] = {"r": result["neurons"], "state": phase, "G": g, "cache_mb": result["cache_mb"]}
-            entry["dense_coded"], entry["dense_minimal"] = dataclasses.asdict(coded), dataclasses.asdict(minimal)
+            entry["dense_coded"] = dataclasses.asdict(zero_offload_bytes(dense_n, g))
+            entry["dense_minimal"] = dataclasses.asdict(minimal_offload_bytes(dense_n, g))
             entry["router"] = dataclasses.asdict(router)
             for name, raw in by_variant.items():
                 measured = Window(**raw)
-                if name == "plain":
-                    meft = measured.plain_bytes_at(g)
-                else:
-                    meft = measured.cached_bytes_at(g, max_rows=result["neurons"] * result["layers"])
+                max_rows = result["neurons"] * result["layers"]
+                meft = measured.plain_bytes_at(g) if name == "plain" else measured.cached_bytes_at(g, max_rows)
                 entry[name] = {
                     "to_device": meft.to_device + router.to_device,
                     "to_host": meft.to_host + router.to_host,
