@@ -94,18 +94,12 @@ def run(context: Context) -> Section:
         for m in measured
     ]  # fmt: skip
     fused = [m["gbs"] / dense_gbs for m in measured if m["backend"] == "fused"]
-    values = {"s": s, "rows": rows, "width": width, "dim": width // 2, "store_gb": 3 * matrix / GB, "cpu": cpu_brand()}
-    values |= {"threads": torch.get_num_threads(), "dense_gbs": dense_gbs, "copy_gbs": copy_gbs}
+    data = {"dense_gbs": dense_gbs, "copy_gbs": copy_gbs, "sparse": measured, "rows": rows, "width": width}
+    data["cpu"] = cpu_brand()
+    values = data | {"s": s, "dim": width // 2, "store_gb": 3 * matrix / GB, "threads": torch.get_num_threads()}
     values |= {"fused": ", ".join(map(fmt_ratio, fused)), "fractions": ", ".join(f"{f:.0%}" for f in s.adam_fractions)}
-    return section(
-        "b",
-        values,
-        rows=table,
-        met=bool(fused) and min(fused) >= 0.9,
-        **({} if fused else {"verdict": text("b", "unbuilt")}),
-        data={"dense_gbs": dense_gbs, "copy_gbs": copy_gbs, "sparse": measured, "rows": rows, "width": width}
-        | {"cpu": cpu_brand()},
-    )
+    unbuilt = {} if fused else {"verdict": text("b", "unbuilt")}  # the fused backend could not be built here
+    return section("b", values, rows=table, met=bool(fused) and min(fused) >= 0.9, **unbuilt, data=data)
 
 
 def plot(section: Section, path: str) -> None:

@@ -108,19 +108,12 @@ def run(context: Context) -> Section:
     table = [[m["variant"], f"{m['trainable']:,}", f"{m['seconds']:.2f}", ratio(m)] for m in in_order]
     values = {"s": s, "alpha": 2 * s.lora_rank, "warmup": WARMUP, "rounds": rounds, "cpu": cpu_brand()}
     values |= {"threads": torch.get_num_threads(), "timeline_steps": TIMELINE_STEPS}
-    judged = bool(meft_time and lora_time and dense_time)
-    if judged:
-        values |= {"vs_lora": meft_time / lora_time, "vs_dense": dense_time / meft_time}
-    return section(
-        "c",
-        values,
-        rows=table,
-        met=values["vs_lora"] <= 1.2 and values["vs_dense"] >= 2 if judged else None,
-        **({} if judged else {"verdict": text("c", "not_judged")}),
-        notes=skipped,
-        data={"measured": in_order, "host": host, "extra_tables": host_tables(host, s.step_neurons)}
-        | {"cpu": cpu_brand()},
-    )
+    data = {"measured": in_order, "host": host, "extra_tables": host_tables(host, s.step_neurons), "cpu": cpu_brand()}
+    if not (meft_time and lora_time and dense_time):  # a variant was skipped (it did not fit in memory)
+        return section("c", values, rows=table, met=None, verdict=text("c", "not_judged"), notes=skipped, data=data)
+    values |= {"vs_lora": meft_time / lora_time, "vs_dense": dense_time / meft_time}
+    met = values["vs_lora"] <= 1.2 and values["vs_dense"] >= 2
+    return section("c", values, rows=table, met=met, notes=skipped, data=data)
 
 
 def host_tables(host: dict[str, Any] | None, neurons: int) -> list[dict[str, Any]]:
