@@ -18,11 +18,12 @@ import torch.distributed
 from torch import nn
 
 from meft_ds.adapter import SparseKeyExpertAdapter
+from meft_ds.aio import aio_queues
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.memory import check_store_fits, store_bytes
 from meft_ds.pinned import PinnedBuffers
 from meft_ds.shard import resolve_shard
-from meft_ds.swap import aio_queues, check_nvme_path
+from meft_ds.swap import check_nvme_path
 
 ADAPTERS_ATTR = "meft_adapters"
 

@@ -49,6 +49,7 @@ class StoreRows(Protocol):
     def accumulated_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None: ...
     def grads_finite(self) -> bool: ...
     def sum_over_shards(self, value: torch.Tensor) -> torch.Tensor: ...
+    def start_update(self, row_ids: torch.Tensor) -> None: ...
     def rows_for_update(
         self, row_ids: torch.Tensor
     ) -> AbstractContextManager[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]: ...
@@ -208,11 +209,16 @@ class SparseRowAdam(torch.optim.Optimizer):
         self._nonfinite_streak = 0
         self.global_step += 1
         group = self.param_groups[0]
-        for adapter in self.adapters:
-            accumulated = adapter.store.accumulated_grads()
-            updated = torch.empty(0, dtype=torch.int64) if accumulated is None else accumulated[0]
-            if accumulated is not None:
-                self._update_rows(adapter.store, *accumulated, group)
+        accumulated = [adapter.store.accumulated_grads() for adapter in self.adapters]
+        for position, (adapter, grads) in enumerate(zip(self.adapters, accumulated, strict=True)):
+            following = position + 1
+            if following < len(self.adapters) and (upcoming := accumulated[following]) is not None:
+                self.adapters[following].store.start_update(upcoming[0])  # fetched (NVMe: read) while this updates
+            if grads is None:
+                updated = torch.empty(0, dtype=torch.int64)
+            else:
+                updated = grads[0]
+                self._update_rows(adapter.store, *grads, group)
             adapter.rows_updated(updated)  # every rank, every adapter (a sharded store's collectives pair up)
             adapter.store.drop_grads()
         return loss

@@ -145,6 +145,10 @@ class RowStore(abc.ABC):
         """``(rows, exp_avg, exp_avg_sq, index)``: tensors holding rows ``row_ids`` (owned here) at positions
         ``index``, to update in place; written back (where they are copies) when the block ends."""
 
+    def start_update(self, row_ids: torch.Tensor) -> None:  # noqa: B027 (a hook: in-memory tiers have nothing to start)
+        """Start fetching what :meth:`rows_for_update` will need for ``row_ids``, so that it arrives while the
+        optimizer updates another store (the NVMe tier reads it; rows held in memory need nothing)."""
+
     def sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the ranks that hold parts of this store: ``value`` itself where this rank holds
         every row (a sharded store all-reduces it in place; every rank must call it)."""

@@ -28,16 +28,17 @@ I/O op are flat page-locked tensors (DeepSpeed's op raises on 2-D buffers and th
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
+import itertools
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
+from meft_ds.aio import aio_queues, chunk_requests, coalesce
 from meft_ds.config import MeftConfigError
 from meft_ds.routing import score_probed_keys
 from meft_ds.stats import TrafficStats
@@ -50,47 +51,6 @@ ALIGNMENT = 512  # O_DIRECT: offsets and sizes must be multiples of the logical 
 BLOCK_BYTES = 4096  # values per block: at least this many bytes (one NVMe page)
 GAP_BYTES = 128 * 1024  # read through a gap of unselected blocks up to this size rather than start a new request:
 # a request cost ~130 us more than its bytes on this machine (measured), which is ~128 KiB at ~1 GB/s
-
-
-class AioQueue:
-    """A DeepSpeed async I/O handle and the number of its requests not yet waited for: its ``wait()`` waits for all
-    of them, and must not be called with none (DeepSpeed's op aborts)."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle, self.pending = handle, 0
-
-    def submit(self, write: bool, buffer: torch.Tensor, path: str, offset: int) -> None:
-        (self.handle.async_pwrite if write else self.handle.async_pread)(buffer, path, offset)
-        self.pending += 1
-
-    def wait(self) -> None:
-        if self.pending:
-            self.handle.wait()
-            self.pending = 0
-
-
-@functools.cache
-def aio_queues() -> tuple[AioQueue, ...]:
-    """Two async I/O queues per process (built on first use; needs libaio): reads alternate between them, so that
-    one chunk can be waited for while the next is in flight."""
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    class Builder(AsyncIOBuilder):
-        """DeepSpeed's builder, without debug information: the op is I/O-bound and built at -O0 anyway, and ``-g``
-        cost ~40% of its JIT build's CPU time (58 -> 36 CPU-s for one of its 12 sources, measured). A DeepSpeed
-        install with the op prebuilt (DS_BUILD_AIO=1) loads that instead, as before."""
-
-        def cxx_args(self) -> list[str]:
-            return [arg for arg in super().cxx_args() if arg != "-g"]
-
-    builder = Builder()
-    if not builder.is_compatible(verbose=False):
-        raise MeftConfigError(
-            "meft.store.device: the NVMe tier needs DeepSpeed's async I/O op, which needs libaio. Fix: "
-            "apt-get install libaio-dev (launch/setup.sh does it), or use the CPU store."
-        )
-    op = builder.load(verbose=False)
-    return tuple(AioQueue(op.aio_handle(1024 * 1024, 32, False, False, 1)) for _ in range(2))
 
 
 def block_rows(dim: int) -> int:
@@ -129,36 +89,6 @@ def check_nvme_path(path: str, needed_bytes: int) -> Path:
     return folder
 
 
-def coalesce(blocks: torch.Tensor, gap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Spans of the file covering the sorted unique ``blocks``, a span reading through gaps of at most ``gap``
-    unselected blocks: ``(first block, count)`` of each span, and each block's position in the spans laid end to end."""
-    if not blocks.numel():
-        return blocks, blocks, blocks
-    opens = torch.ones_like(blocks, dtype=torch.bool)
-    opens[1:] = blocks[1:] - blocks[:-1] > gap + 1
-    firsts = opens.nonzero().flatten()
-    lasts = torch.cat([firsts[1:] - 1, firsts.new_tensor([blocks.numel() - 1])])
-    first, count = blocks[firsts], blocks[lasts] - blocks[firsts] + 1
-    span = torch.cumsum(opens, 0) - 1
-    return first, count, (torch.cumsum(count, 0) - count)[span] + blocks - first[span]
-
-
-def chunk_requests(first: torch.Tensor, count: torch.Tensor, capacity: int) -> list[list[tuple[int, int, int]]]:
-    """The spans laid end to end, cut into chunks of ``capacity`` blocks: per chunk, ``(position in the chunk,
-    first block, count)`` of each request (a span crossing a chunk's end is split there)."""
-    chunks: list[list[tuple[int, int, int]]] = []
-    position = 0
-    for block, left in zip(first.tolist(), count.tolist(), strict=True):
-        while left:
-            chunk, within = divmod(position, capacity)
-            take = min(left, capacity - within)
-            if chunk == len(chunks):
-                chunks.append([])
-            chunks[chunk].append((within, block, take))
-            position, block, left = position + take, block + take, left - take
-    return chunks
-
-
 class ReadChunk(NamedTuple):
     """One chunk read by :meth:`NvmeRowStore._read`: blocks ``start:stop`` of those asked for are rows ``selected`` of
     ``blocks``, a ``(k, block numel)`` view of the read area (the other rows are gaps read through)."""
@@ -167,6 +97,21 @@ class ReadChunk(NamedTuple):
     selected: torch.Tensor
     start: int
     stop: int
+
+
+class UpdateReads(NamedTuple):
+    """The optimizer step's reads of one store (:meth:`NvmeRowStore.start_update`): the spans (``first`` block,
+    ``count`` blocks) holding rows ``row_ids``, read into ``buffers`` (per file, the spans laid end to end), each row
+    at position ``index`` of the spans' rows."""
+
+    row_ids: torch.Tensor
+    first: torch.Tensor
+    count: torch.Tensor
+    index: torch.Tensor
+    buffers: dict[str, torch.Tensor]
+
+
+_stores_created = itertools.count()  # which pair of queues a new store takes: consecutive layers alternate
 
 
 class NvmeRowStore(RowStore):
@@ -192,7 +137,8 @@ class NvmeRowStore(RowStore):
             )
         self.files = {name: folder / f"layer_{layer_index}.{name}.bin" for name in FILES}
         self.stats = stats
-        self.queues = aio_queues()
+        pair = next(_stores_created) % 2
+        self.queues = aio_queues()[2 * pair : 2 * pair + 2]
         self.handle = self.queues[0].handle  # allocates the page-locked buffers
         self.keys_ram = keys.clone()
         self.gap_bytes = gap_bytes
@@ -201,6 +147,8 @@ class NvmeRowStore(RowStore):
         self.chunk_blocks = int(min(chunk_blocks, self.num_blocks))
         self._read_area = self.handle.new_cpu_locked_tensor(2 * self.chunk_blocks * self.value_numel, torch.empty(0))
         self._writing: list[torch.Tensor] = []  # buffers whose writes may still be in flight
+        self._written_upto = [0, 0]  # each queue's request count after the last write: complete once it completed
+        self._update_reads: UpdateReads | None = None  # the next optimizer step's reads, started ahead
         self._reading = False  # reads into the read area may still be in flight
         self._create_files()
 
@@ -226,9 +174,12 @@ class NvmeRowStore(RowStore):
             self._wait(handle)
 
     def _finish_writes(self) -> None:
-        """Wait for the last optimizer step's writes (on both queues) and free their buffers."""
+        """Wait for the last optimizer step's writes, where a wait has not completed them already, and free their
+        buffers."""
         if self._writing:
-            self._wait_all()
+            for queue, upto in zip(self.queues, self._written_upto, strict=True):
+                if queue.completed < upto:
+                    queue.wait()
             for buffer in self._writing:
                 self.handle.free_cpu_locked_tensor(buffer)
             self._writing = []
@@ -334,26 +285,45 @@ class NvmeRowStore(RowStore):
 
         return finish
 
-    @contextlib.contextmanager
-    def rows_for_update(self, row_ids: torch.Tensor) -> Iterator[RowsForUpdate]:
-        """The spans of blocks holding the touched rows (through gaps, as the forward reads) in buffers of their own:
-        values and both moments read straight into them, updated in place by the caller (the keys from RAM beside
-        the values), and written back span by span, the gaps' unchanged blocks with them (rewriting a gap costs less
-        than a request more: measured, a layer's writes took 2.3x as long by runs of touched blocks alone). The
-        writes complete behind the next reads."""
+    def start_update(self, row_ids: torch.Tensor) -> None:
+        """Start reading the spans of blocks holding ``row_ids`` (through gaps, as the forward reads): values and both
+        moments, straight into buffers of their own, for :meth:`rows_for_update`. The optimizer calls it for the next
+        store before it updates this one, so that these reads run behind that update."""
+        self._drop_update_reads()
         self._finish_writes()
         self.bytes_needed += row_ids.numel() * self.dim * FP32 * 5  # values and two moments of 2 x d
         blocks, inverse = torch.unique(torch.div(row_ids, self.block_rows, rounding_mode="floor"), return_inverse=True)
         first, count, at = coalesce(blocks, self.gap_bytes // (self._block_numel("exp_avg") * FP32))
-        index = at[inverse] * self.block_rows + row_ids % self.block_rows  # each row's place in the spans
-        span_rows = int(count.sum()) * self.block_rows
-        handle = self.handle
+        blocks_read = int(count.sum())
         buffers = {
-            name: handle.new_cpu_locked_tensor(span_rows * self._block_numel(name) // self.block_rows, torch.empty(0))
+            name: self.handle.new_cpu_locked_tensor(blocks_read * self._block_numel(name), torch.empty(0))
             for name in FILES
         }  # fmt: skip
+        self._spans_io(False, buffers, first, count)
+        index = at[inverse] * self.block_rows + row_ids % self.block_rows  # each row's place in the spans' rows
+        self._update_reads = UpdateReads(row_ids, first, count, index, buffers)
+
+    def _drop_update_reads(self) -> None:
+        """Reads started for an update that did not come (its rows differ, or the step failed): wait, free."""
+        if self._update_reads is not None:
+            self._wait_all()
+            for buffer in self._update_reads.buffers.values():
+                self.handle.free_cpu_locked_tensor(buffer)
+            self._update_reads = None
+
+    @contextlib.contextmanager
+    def rows_for_update(self, row_ids: torch.Tensor) -> Iterator[RowsForUpdate]:
+        """The touched rows in the spans :meth:`start_update` reads (started here unless it was, for these rows),
+        updated in place by the caller (the keys from RAM beside the values), then written back span by span, the
+        gaps' unchanged blocks with them (rewriting a gap costs less than a request more: measured, a layer's writes
+        took 2.3x as long by runs of touched blocks alone). The writes complete behind the next reads."""
+        if self._update_reads is None or not torch.equal(self._update_reads.row_ids, row_ids):
+            self.start_update(row_ids)
+        reads, self._update_reads = self._update_reads, None
+        assert reads is not None
+        buffers, index = reads.buffers, reads.index
+        span_rows = buffers["values"].numel() // self.dim
         try:
-            self._spans_io(False, buffers, first, count)
             rows = torch.empty(span_rows, 2, self.dim)  # only the touched rows are filled, read and written
             values = buffers["values"].view(span_rows, self.dim)
             rows[index, 0] = self.keys_ram.index_select(0, row_ids)
@@ -363,11 +333,12 @@ class NvmeRowStore(RowStore):
             yield rows, *moments, index
             self.keys_ram[row_ids] = rows[index, 0]
             values[index] = rows[index, 1]
-            self._spans_io(True, buffers, first, count)
+            self._spans_io(True, buffers, reads.first, reads.count)
             self._writing, buffers = list(buffers.values()), {}
+            self._written_upto = [queue.submitted for queue in self.queues]
         finally:
             for buffer in buffers.values():
-                handle.free_cpu_locked_tensor(buffer)
+                self.handle.free_cpu_locked_tensor(buffer)
 
     # ------------------------------------------------------------------ whole files (export, checkpoints)
     def _read_whole(self, name: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ from deepspeed.accelerator import get_accelerator
 from tiny_models import tiny_model, token_batch
 
 import meft_ds
+import meft_ds.aio
 import meft_ds.swap
 from meft_ds import MeftConfigError, SparseRowAdam
 
@@ -115,6 +116,29 @@ def test_the_step_reads_and_writes_the_spans_of_the_touched_rows_gaps_included(t
     assert torch.equal(store._read_whole("exp_avg"), expected_exp_avg)
 
 
+def test_the_next_store_is_read_while_one_updates(tmp_path: Path) -> None:
+    """At the optimizer step the next store's reads are started before a store updates, on queues of its own (a
+    wait for one store's reads does not wait for the next one's); reads started for other rows are dropped."""
+    model = train(nvme(tmp_path), steps=1)
+    stores = [adapter.store for adapter in meft_ds.adapters(model)]
+    assert not set(map(id, stores[0].queues)) & set(map(id, stores[1].queues))
+    optimizer = SparseRowAdam(meft_ds.adapters(model), lr=1e-2)
+    tokens = token_batch(batch=2, length=16, seed=7)
+    model(tokens, labels=tokens).loss.backward()
+    in_flight, update = [], optimizer._update_rows
+    optimizer._update_rows = lambda *args: (
+        in_flight.append([store._update_reads is not None and store.queues[0].pending > 0 for store in stores]),
+        update(*args),
+    )
+    optimizer.step()
+    assert in_flight == [[False, True], [False, True]]  # the first store's reads start in its own update
+
+    expected = stores[0].full_rows()[[5]]
+    stores[0].start_update(torch.tensor([0, 1]))
+    with stores[0].rows_for_update(torch.tensor([5])) as (rows, _, _, index):
+        assert torch.equal(rows[index], expected)
+
+
 def test_reads_are_in_flight_until_the_rows_are_used(tmp_path: Path) -> None:
     """start_gather returns with two chunks in flight (one per half of the read area and queue); the others are read
     as the chunks before are copied out. In a forward on the CPU the adapter starts them before its FFN runs; with
@@ -141,8 +165,10 @@ def test_reads_are_in_flight_until_the_rows_are_used(tmp_path: Path) -> None:
     assert queued_before[0] == 0 and torch.equal(again, out)
 
     in_flight_at_ffn = []
-    for layer in model.model.layers:  # a pre-hook registered after the adapter's own runs after it
-        layer.mlp.register_forward_pre_hook(lambda *_: in_flight_at_ffn.append(sum(q.pending for q in store.queues)))
+    for layer, adapter in zip(model.model.layers, meft_ds.adapters(model), strict=True):
+        adapter.store._finish_writes()  # the training step's: what the hook counts is the forward's reads
+        queues = adapter.store.queues  # a pre-hook registered after the adapter's own runs after it
+        layer.mlp.register_forward_pre_hook(lambda *_, q=queues: in_flight_at_ffn.append(sum(x.pending for x in q)))
     with torch.no_grad():
         model(token_batch(batch=2, length=64, seed=5))
     with_events = get_accelerator().Event is not None
@@ -202,13 +228,13 @@ def test_unwritable_path_is_refused_before_training(tmp_path: Path) -> None:
 def test_missing_libaio_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
-    meft_ds.swap.aio_queues.cache_clear()
+    meft_ds.aio.aio_queues.cache_clear()
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
     try:
         with pytest.raises(MeftConfigError, match=r"needs libaio\. Fix: apt-get install libaio-dev"):
             meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path)})
     finally:
-        meft_ds.swap.aio_queues.cache_clear()
+        meft_ds.aio.aio_queues.cache_clear()
 
 
 def test_budget_too_small_names_the_mib_it_needs(tmp_path: Path) -> None:

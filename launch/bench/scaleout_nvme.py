@@ -37,9 +37,9 @@ def aio_available() -> str | None:
 
         if not AsyncIOBuilder().is_compatible(verbose=False):
             return "DeepSpeed's async_io op is not compatible here (libaio missing?)"
-        import meft_ds.swap
+        import meft_ds.aio
 
-        meft_ds.swap.aio_queues()
+        meft_ds.aio.aio_queues()
     except Exception as error:  # a missing libaio surfaces in several ways
         return f"DeepSpeed's async_io op cannot be built or loaded ({error.__class__.__name__}: {error})"
     return None
@@ -205,9 +205,9 @@ def file_gbs(size: int, write: Callable[[], Any], read: Callable[[], Any], befor
 def raw_aio_io(folder: Path, size: int) -> dict[str, Any]:
     """Writing and reading one ``size``-byte file whole through the store's DeepSpeed aio handle (its first queue's;
     nothing of the store's is pending then)."""
-    import meft_ds.swap
+    import meft_ds.aio
 
-    handle = meft_ds.swap.aio_queues()[0].handle
+    handle = meft_ds.aio.aio_queues()[0].handle
     path = str(folder / "raw_aio.bin")
     source = handle.new_cpu_locked_tensor(size // 4, torch.empty(0))
     target = handle.new_cpu_locked_tensor(size // 4, torch.empty(0))
