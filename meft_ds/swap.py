@@ -286,10 +286,14 @@ class NvmeRowStore(RowStore):
         return finish
 
     def start_update(self, row_ids: torch.Tensor) -> None:
-        """Start reading the spans of blocks holding ``row_ids`` (through gaps, as the forward reads): values and both
-        moments, straight into buffers of their own, for :meth:`rows_for_update`. The optimizer calls it for the next
-        store before it updates this one, so that these reads run behind that update."""
+        """Start the reads :meth:`rows_for_update` needs for ``row_ids``. The optimizer calls it for the next store
+        before it updates this one, so that these reads run behind that update."""
         self._drop_update_reads()
+        self._update_reads = self._start_reads(row_ids)
+
+    def _start_reads(self, row_ids: torch.Tensor) -> UpdateReads:
+        """Start reading the spans of blocks holding ``row_ids`` (through gaps, as the forward reads): values and both
+        moments, straight into buffers of their own."""
         self._finish_writes()
         self.bytes_needed += row_ids.numel() * self.dim * FP32 * 5  # values and two moments of 2 x d
         blocks, inverse = torch.unique(torch.div(row_ids, self.block_rows, rounding_mode="floor"), return_inverse=True)
@@ -301,7 +305,7 @@ class NvmeRowStore(RowStore):
         }  # fmt: skip
         self._spans_io(False, buffers, first, count)
         index = at[inverse] * self.block_rows + row_ids % self.block_rows  # each row's place in the spans' rows
-        self._update_reads = UpdateReads(row_ids, first, count, index, buffers)
+        return UpdateReads(row_ids, first, count, index, buffers)
 
     def _drop_update_reads(self) -> None:
         """Reads started for an update that did not come (its rows differ, or the step failed): wait, free."""
@@ -317,10 +321,11 @@ class NvmeRowStore(RowStore):
         updated in place by the caller (the keys from RAM beside the values), then written back span by span, the
         gaps' unchanged blocks with them (rewriting a gap costs less than a request more: measured, a layer's writes
         took 2.3x as long by runs of touched blocks alone). The writes complete behind the next reads."""
-        if self._update_reads is None or not torch.equal(self._update_reads.row_ids, row_ids):
-            self.start_update(row_ids)
-        reads, self._update_reads = self._update_reads, None
-        assert reads is not None
+        reads = self._update_reads
+        if reads is None or not torch.equal(reads.row_ids, row_ids):
+            self._drop_update_reads()
+            reads = self._start_reads(row_ids)
+        self._update_reads = None
         buffers, index = reads.buffers, reads.index
         span_rows = buffers["values"].numel() // self.dim
         try:
