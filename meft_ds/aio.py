@@ -31,6 +31,11 @@ class AioQueue:
             self.handle.wait()
             self.completed = self.submitted
 
+    def __del__(self) -> None:
+        """DeepSpeed's handle aborts the process when it is destroyed with requests pending (the last optimizer
+        step's writes, when nothing waited for them): they complete first."""
+        self.wait()
+
 
 @functools.cache
 def aio_queues() -> tuple[AioQueue, ...]:

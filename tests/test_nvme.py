@@ -4,6 +4,7 @@ small."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,21 @@ def test_reads_are_in_flight_until_the_rows_are_used(tmp_path: Path) -> None:
         model(token_batch(batch=2, length=64, seed=5))
     with_events = get_accelerator().Event is not None
     assert len(in_flight_at_ffn) == 2 and all((pending > 0) != with_events for pending in in_flight_at_ffn)
+
+
+def test_writes_in_flight_complete_before_their_queues_are_destroyed(tmp_path: Path) -> None:
+    """DeepSpeed's handle aborts the whole process when it is destroyed with requests pending: a plain loop leaves the
+    last step's writes in flight, and they complete before the queues go (with the files as the step left them)."""
+    model = train(nvme(tmp_path), steps=1)
+    store = meft_ds.adapters(model)[1].store
+    assert store.queues[0].pending > 0, "the last step's writes are in flight"
+    files = {name: Path(path) for name, path in store.files.items()}
+    keys = store.keys.clone()
+    meft_ds.aio.aio_queues.cache_clear()
+    del model, store
+    gc.collect()  # the stores, their queues and DeepSpeed's handles go: the process must still be alive
+    values = torch.from_file(str(files["values"]), size=1024 * 64).view(1024, 64)
+    assert torch.equal(meft_ds.adapters(train(None, steps=1))[1].store.rows, torch.stack([keys, values], dim=1))
 
 
 def test_store_at_its_smallest_budget_trains_like_the_in_memory_store(tmp_path: Path) -> None:
