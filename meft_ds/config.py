@@ -88,7 +88,7 @@ class StoreConfig:
             otherwise (one rank per node, or the NVMe tier). Every rank must then run every forward (they are
             collective), as data-parallel training and meft_ds's evaluation do.
         nvme_path: folder for the NVMe tier's files (required with ``device="nvme"``; must be writable).
-        ram_budget_mb: CPU memory (MiB, whole model) for the NVMe tier's cache of hot rows.
+        ram_budget_mb: CPU memory (MiB, whole model) for the NVMe tier's keys and read buffers.
     """
 
     device: str = "cpu"

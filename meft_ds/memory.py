@@ -79,7 +79,7 @@ def check_nvme_ram(config: MeftConfig, num_layers: int, dim: int, available: int
         )
     if budget > available * HEADROOM:
         raise MeftConfigError(
-            f"meft.store.ram_budget_mb: {config.store.ram_budget_mb:.0f} MiB for the NVMe tier's cache, but only "
-            f"{available / 2**20:.0f} MiB is available to this process. Fix: set ram_budget_mb below "
+            f"meft.store.ram_budget_mb: {config.store.ram_budget_mb:.0f} MiB for the NVMe tier's keys and read "
+            f"buffers, but only {available / 2**20:.0f} MiB is available to this process. Fix: set ram_budget_mb below "
             f"{available * HEADROOM / 2**20:.0f}."
         )

@@ -280,14 +280,17 @@ def plan_items(s: Setup, model: ModelFacts) -> list[Item]:
     items.append(Item("pinned", "staging buffers, rings shared by the adapters", staged, rings))
     shards = world if m.store.shard else 1
     full = store_bytes(layers, m.num_neurons, d) // shards  # rows, two moments, a full-size accumulator
-    if m.store.device == "nvme":
-        block = m.expert_size * 2 * d * 4
-        ram = min(int(m.store.ram_budget_mb * 2**20) // layers // block, m.num_experts) * block
+    if m.store.device == "nvme":  # full / 8: one r x d fp32 tensor per layer
+        keys, layer = full // 8, full // 8 // layers
         items += [
-            Item("nvme", "row stores: fp32 rows + 2 Adam moments", full * 3 // 4),
-            Item("pinned", "NVMe tier: RAM cache of expert blocks", layers * ram),
-            Item("pinned", "NVMe tier: optimizer-step buffers", 3 * m.num_neurons * 2 * d * 4, "one layer at a time"),
-        ]
+            Item("nvme", "row stores: fp32 values + 2 Adam moments", full * 5 // 8, "the keys stay in RAM"),
+            Item("host", "NVMe tier: keys (routing reads them)", keys),
+            Item("pinned", "NVMe tier: read areas", max(0, int(m.store.ram_budget_mb * 2**20) - keys),
+                 "ram_budget_mb less the keys: the forward's reads"),
+            Item("pinned", "NVMe tier: optimizer-step buffers", 2 * 5 * layer,
+                 "values + 2 moments of two layers (one read ahead), worst case: every row touched"),
+            Item("host", "NVMe tier: optimizer-step rows", 2 * layer, "one layer at a time"),
+        ]  # fmt: skip
     else:
         items.append(Item("host", "row stores: fp32 rows + 2 Adam moments", full * 3 // 4))
     return [

@@ -179,6 +179,21 @@ def test_store_and_pinned_buffers_match_the_allocations(tiny_plan: MemoryPlan, t
     assert tiny_plan.bytes_of("staging buffers") == sum(RINGS[name] * size for name, size in per_slot.items())
 
 
+def test_nvme_tier_bytes_match_the_stores(tmp_path: Path) -> None:
+    """With the NVMe tier the plan puts values and moments on NVMe, the keys in RAM and the rest of the RAM budget in
+    the read areas: what the stores' files and buffers hold."""
+    store = {"device": "nvme", "nvme_path": str(tmp_path), "ram_budget_mb": 1.0}
+    meft = {"num_neurons": 1024, "top_k": 8, "store": store}
+    nvme_plan = plan(tiny_config(), {**DS_CONFIG, "meft": meft}, batch_size=BATCH, seq_len=SEQ)
+    stores = [adapter.store for adapter in meft_ds.adapters(meft_ds.inject(tiny_model(), meft))]
+    on_disk = sum(Path(path).stat().st_size for s in stores for path in s.files.values())
+    assert [item.tier for item in nvme_plan.items if item.name.startswith("row stores")] == ["nvme"]
+    assert nvme_plan.bytes_of("row stores") == on_disk
+    assert nvme_plan.bytes_of("NVMe tier: keys") == sum(s.keys.nbytes for s in stores)
+    assert nvme_plan.bytes_of("NVMe tier: read areas") == sum(s._read_area.nbytes for s in stores)
+    assert nvme_plan.bytes_of("NVMe tier: optimizer-step buffers") == 2 * 5 * stores[0].keys.nbytes
+
+
 def test_cache_bytes_match_the_device_cache(tiny_plan: MemoryPlan, trained_step: dict) -> None:
     adapters = meft_ds.adapters(trained_step["model"])
     resident = sum(a.transfer.device_bytes for a in adapters)
