@@ -17,7 +17,9 @@ needs only for the rows it selected: their values, and at the optimizer step the
   while the FFN computes (on an accelerator the host reads while the device runs the FFN's queued kernels).
 * At the optimizer step the spans holding the touched rows' blocks (values and both moments, through the same gaps)
   are read straight into buffers of their own, updated in place (the keys in RAM beside them), and written back
-  span by span, the gaps' unchanged blocks with them; the writes complete behind the next store's reads.
+  span by span, the gaps' unchanged blocks with them. The optimizer starts the next store's reads before it updates
+  this one (:meth:`NvmeRowStore.start_update`; consecutive stores use different pairs of queues), and the writes
+  complete behind the reads that follow.
 
 Files live under the NVMe folder: ``layer_<i>.{values,exp_avg,exp_avg_sq}.bin``, raw fp32, ``r x d`` values and
 ``r x 2 x d`` moments (rounded up to whole blocks), created sparse (all zeros) without writing. Checkpoints hold
