@@ -298,7 +298,7 @@ class NvmeRowStore(RowStore):
         moments, straight into buffers of their own."""
         self._finish_writes()
         self.bytes_needed += row_ids.numel() * self.dim * FP32 * 5  # values and two moments of 2 x d
-        blocks, inverse = torch.unique(torch.div(row_ids, self.block_rows, rounding_mode="floor"), return_inverse=True)
+        blocks, positions = self._block_positions(row_ids)
         first, count, at = coalesce(blocks, self.gap_bytes // (self._block_numel("exp_avg") * FP32))
         blocks_read = int(count.sum())
         buffers = {
@@ -306,7 +306,8 @@ class NvmeRowStore(RowStore):
             for name in FILES
         }  # fmt: skip
         self._spans_io(False, buffers, first, count)
-        index = at[inverse] * self.block_rows + row_ids % self.block_rows  # each row's place in the spans' rows
+        block, within = positions.div(self.block_rows, rounding_mode="floor"), positions % self.block_rows
+        index = at[block] * self.block_rows + within  # each row's place in the spans' rows
         return UpdateReads(row_ids, first, count, index, buffers)
 
     def _drop_update_reads(self) -> None:
