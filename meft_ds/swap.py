@@ -192,10 +192,10 @@ class NvmeRowStore(RowStore):
             with open(self.files[name], "wb") as file:
                 file.truncate(self.num_blocks * self._block_numel(name) * FP32)
 
-    def _block_positions(self, row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sorted unique blocks holding ``row_ids``, and each row's position in those blocks laid end to end."""
+    def _blocks_of(self, row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sorted unique blocks holding ``row_ids``; each row's block among them, and its row within that block."""
         blocks, inverse = torch.unique(torch.div(row_ids, self.block_rows, rounding_mode="floor"), return_inverse=True)
-        return blocks, inverse * self.block_rows + row_ids % self.block_rows
+        return blocks, inverse, row_ids % self.block_rows
 
     def _read(self, blocks: torch.Tensor) -> Iterator[ReadChunk]:
         """Read the values of ``blocks`` (sorted, unique) into the read area, by spans that read through gaps of up to
@@ -274,10 +274,9 @@ class NvmeRowStore(RowStore):
         n = row_ids.numel()
         self._finish_writes()
         self.bytes_needed += n * self.dim * FP32
-        blocks, positions = self._block_positions(row_ids)
+        blocks, block, within = self._blocks_of(row_ids)
         reads = self._read(blocks)
         out[:n, 0].copy_(self.keys_ram.index_select(0, row_ids))
-        block, within = positions.div(self.block_rows, rounding_mode="floor"), positions % self.block_rows
 
         def finish() -> None:
             for chunk in reads:
@@ -298,7 +297,7 @@ class NvmeRowStore(RowStore):
         moments, straight into buffers of their own."""
         self._finish_writes()
         self.bytes_needed += row_ids.numel() * self.dim * FP32 * 5  # values and two moments of 2 x d
-        blocks, positions = self._block_positions(row_ids)
+        blocks, block, within = self._blocks_of(row_ids)
         first, count, at = coalesce(blocks, self.gap_bytes // (self._block_numel("exp_avg") * FP32))
         blocks_read = int(count.sum())
         buffers = {
@@ -306,7 +305,6 @@ class NvmeRowStore(RowStore):
             for name in FILES
         }  # fmt: skip
         self._spans_io(False, buffers, first, count)
-        block, within = positions.div(self.block_rows, rounding_mode="floor"), positions % self.block_rows
         index = at[block] * self.block_rows + within  # each row's place in the spans' rows
         return UpdateReads(row_ids, first, count, index, buffers)
 
@@ -344,7 +342,9 @@ class NvmeRowStore(RowStore):
             self._spans_io(True, buffers, reads.first, reads.count)
             self._writing, buffers = list(buffers.values()), {}
             self._written_upto = [queue.submitted for queue in self.queues]
-        finally:
+        finally:  # buffers left here were not handed to writes: their reads end before they are freed
+            if buffers:
+                self._wait_all()
             for buffer in buffers.values():
                 self.handle.free_cpu_locked_tensor(buffer)
 

@@ -116,6 +116,13 @@ def test_the_step_reads_and_writes_the_spans_of_the_touched_rows_gaps_included(t
     assert torch.equal(store.full_rows(), expected_rows)
     assert torch.equal(store._read_whole("exp_avg"), expected_exp_avg)
 
+    keys, store.keys_ram = store.keys_ram, torch.empty(0, 64)  # the update fails while its reads are in flight
+    with pytest.raises(RuntimeError, match="index_select"), store.rows_for_update(touched):
+        pass
+    store.keys_ram = keys
+    assert [queue.pending for queue in store.queues] == [0, 0], "reads end before their buffers are freed"
+    assert torch.equal(store.full_rows(), expected_rows)
+
 
 def test_the_next_store_is_read_while_one_updates(tmp_path: Path) -> None:
     """At the optimizer step the next store's reads are started before a store updates, on queues of its own (a
