@@ -10,10 +10,8 @@
 #include <algorithm>
 #include <functional>
 
-using meft::axpy;
 using meft::check_adapter_inputs;
 using meft::check_rows;
-using meft::dot;
 using meft::EntryGroups;
 using meft::group_entries;
 
@@ -167,6 +165,31 @@ void sort_accumulated_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor e
 // (ungated). Per token: pre_k = gate_k * (x . key_k), out = sum_k ReLU(pre_k) * value_k.
 
 
+namespace {
+
+constexpr int kGroup = 8;  // picks of a token worked on at once (8 independent sums, one load of x per 8 rows)
+
+// One token's picks [k0, k0 + G): their scores, and out += ReLU(pre) * value. Inactive picks read a zero row
+// instead of their value (so a non-finite value of a row inactive for this token cannot reach its output).
+template <int G>
+void forward_picks(const float* x, const float* r, const int64_t* pos, const float* g, const float* zeros,
+                   int64_t dim, float* sc, float* o) {
+    const float* keys[G];
+    const float* values[G];
+    float score[G], act[G];
+    for (int j = 0; j < G; ++j) keys[j] = r + pos[j] * 2 * dim;
+    meft::dots<G>(x, keys, dim, score);
+    for (int j = 0; j < G; ++j) {
+        sc[j] = score[j];
+        const float pre = g ? g[j] * score[j] : score[j];
+        act[j] = pre > 0.0f ? pre : 0.0f;
+        values[j] = pre > 0.0f ? keys[j] + dim : zeros;
+    }
+    meft::axpys<G>(act, values, o, dim);
+}
+
+}  // namespace
+
 // returns (out (T, d), scores (T, K) = x . key per pick, kept for backward)
 std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor rows, torch::Tensor union_pos,
                                                   torch::Tensor gate, int64_t threads) {
@@ -181,19 +204,91 @@ std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor
     float* o = out.data_ptr<float>();
     float* sc = scores.data_ptr<float>();
     for (int64_t e = 0; e < tokens * top_k; ++e) TORCH_CHECK(pos[e] >= 0 && pos[e] < n, "union_pos out of range");
+    const std::vector<float> zeros(dim, 0.0f);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tokens; ++t) {
-        for (int64_t k = 0; k < top_k; ++k) {
+        int64_t k = 0;
+        for (; k + kGroup <= top_k; k += kGroup) {
             const int64_t e = t * top_k + k;
-            const float* key = r + pos[e] * 2 * dim;
-            const float score = dot(xs + t * dim, key, dim);
-            sc[e] = score;
-            const float pre = g ? g[e] * score : score;
-            if (pre > 0.0f) axpy(pre, key + dim, o + t * dim, dim);
+            forward_picks<kGroup>(xs + t * dim, r, pos + e, g ? g + e : nullptr, zeros.data(), dim, sc + e, o + t * dim);
+        }
+        for (; k < top_k; ++k) {
+            const int64_t e = t * top_k + k;
+            forward_picks<1>(xs + t * dim, r, pos + e, g ? g + e : nullptr, zeros.data(), dim, sc + e, o + t * dim);
         }
     }
     return {out, scores};
 }
+
+namespace {
+
+// One token's picks [e, e + G) (entries of union_pos) in backward: act, grad_score and the gate's gradient of each,
+// and dx += grad_score * key. dout: the token's output gradient; live: whether it is not all zero.
+template <int G>
+void backward_picks(int64_t e, const float* dout, bool live, const float* r, const int64_t* pos, const float* g,
+                    const float* sc, const float* zeros, int64_t dim, float* act, float* grad_score, float* dg,
+                    float* dx) {
+    const float* keys[G];
+    const float* values[G];
+    float grad_pre[G] = {}, scale[G];
+    for (int j = 0; j < G; ++j) {
+        keys[j] = r + pos[e + j] * 2 * dim;
+        values[j] = keys[j] + dim;
+    }
+    if (live) meft::dots<G>(dout, values, dim, grad_pre);
+    for (int j = 0; j < G; ++j) {
+        const float pre = g ? g[e + j] * sc[e + j] : sc[e + j];
+        if (!(pre > 0.0f)) grad_pre[j] = 0.0f;
+        act[e + j] = pre > 0.0f ? pre : 0.0f;
+        if (dg) dg[e + j] = grad_pre[j] * sc[e + j];
+        grad_score[e + j] = scale[j] = g ? grad_pre[j] * g[e + j] : grad_pre[j];
+        if (scale[j] == 0.0f) keys[j] = zeros;
+    }
+    meft::axpys<G>(scale, keys, dx, dim);
+}
+
+// Row u's gradient into scratch (2 * dim): grad_key = sum grad_score[e] x_t, grad_value = sum act[e] dout_t over its
+// entries e (token t), kLanes * 4 columns at a time in registers (two loads per two multiply-adds).
+void row_gradient(const EntryGroups& by_row, int64_t u, int64_t top_k, const float* act, const float* grad_score,
+                  const char* live, const float* xs, const float* dout, int64_t dim, float* scratch) {
+    using meft::kLanes;
+    using meft::vec;
+    constexpr int64_t kChunk = 4 * kLanes;
+    float* grad_key = scratch;
+    float* grad_value = scratch + dim;
+    int64_t c0 = 0;
+    for (; c0 + kChunk <= dim; c0 += kChunk) {
+        vec gk[4] = {}, gv[4] = {};
+        for (int64_t q = by_row.start[u]; q < by_row.start[u + 1]; ++q) {
+            const int64_t e = by_row.order[q], t = e / top_k;
+            const float a = live[t] ? act[e] : 0.0f, s = grad_score[e];
+            if (a != 0.0f) {
+                for (int i = 0; i < 4; ++i) gv[i] += a * meft::load(dout + t * dim + c0 + i * kLanes);
+            }
+            if (s != 0.0f) {
+                for (int i = 0; i < 4; ++i) gk[i] += s * meft::load(xs + t * dim + c0 + i * kLanes);
+            }
+        }
+        for (int i = 0; i < 4; ++i) {
+            meft::store(grad_key + c0 + i * kLanes, gk[i]);
+            meft::store(grad_value + c0 + i * kLanes, gv[i]);
+        }
+    }
+    if (c0 < dim) {
+        std::fill(grad_key + c0, grad_key + dim, 0.0f);
+        std::fill(grad_value + c0, grad_value + dim, 0.0f);
+        for (int64_t q = by_row.start[u]; q < by_row.start[u + 1]; ++q) {
+            const int64_t e = by_row.order[q], t = e / top_k;
+            const float a = live[t] ? act[e] : 0.0f, s = grad_score[e];
+            for (int64_t c = c0; c < dim; ++c) {
+                if (a != 0.0f) grad_value[c] += a * dout[t * dim + c];
+                if (s != 0.0f) grad_key[c] += s * xs[t * dim + c];
+            }
+        }
+    }
+}
+
+}  // namespace
 
 // Returns (grad_x (T, d), grad_gate (T, K) or empty, count, finite). The gradient of fetched row u (id row_ids[u])
 // goes straight into the accumulator (see accumulate_rows_), written once: each row's gradient is summed in a
@@ -227,20 +322,20 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
     float* dg = gate.numel() ? grad_gate.data_ptr<float>() : nullptr;
 
     // token-parallel: d pre = (d out . value) on active picks; gate and x gradients
+    const std::vector<float> zeros(dim, 0.0f);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tokens; ++t) {
         bool nonzero = false;
         for (int64_t c = 0; c < dim && !nonzero; ++c) nonzero = dout[t * dim + c] != 0.0f;
         live[t] = nonzero;
-        for (int64_t k = 0; k < top_k; ++k) {
-            const int64_t e = t * top_k + k;
-            const float* key = r + pos[e] * 2 * dim;
-            const float pre = g ? g[e] * sc[e] : sc[e];
-            const float grad_pre = pre > 0.0f && nonzero ? dot(dout + t * dim, key + dim, dim) : 0.0f;
-            act[e] = pre > 0.0f ? pre : 0.0f;
-            if (dg) dg[e] = grad_pre * sc[e];
-            grad_score[e] = g ? grad_pre * g[e] : grad_pre;
-            if (grad_score[e] != 0.0f) axpy(grad_score[e], key, dx + t * dim, dim);
+        int64_t k = 0;
+        for (; k + kGroup <= top_k; k += kGroup) {
+            backward_picks<kGroup>(t * top_k + k, dout + t * dim, nonzero, r, pos, g, sc, zeros.data(), dim, act.data(),
+                                   grad_score.data(), dg, dx + t * dim);
+        }
+        for (; k < top_k; ++k) {
+            backward_picks<1>(t * top_k + k, dout + t * dim, nonzero, r, pos, g, sc, zeros.data(), dim, act.data(),
+                              grad_score.data(), dg, dx + t * dim);
         }
     }
     // entries for the rows that get a gradient, taken in the order of U (serially: the layout is deterministic)
@@ -264,14 +359,7 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
 #pragma omp for schedule(dynamic, 16)
         for (int64_t u = 0; u < n; ++u) {
             if (target[u] < 0) continue;
-            float* grad_key = scratch.data();
-            float* grad_value = grad_key + dim;
-            std::fill(scratch.begin(), scratch.end(), 0.0f);
-            for (int64_t q = by_row.start[u]; q < by_row.start[u + 1]; ++q) {
-                const int64_t e = by_row.order[q], t = e / top_k;
-                if (act[e] > 0.0f) axpy(act[e], dout + t * dim, grad_value, dim);
-                if (grad_score[e] != 0.0f) axpy(grad_score[e], xs + t * dim, grad_key, dim);
-            }
+            row_gradient(by_row, u, top_k, act.data(), grad_score.data(), live.data(), xs, dout, dim, scratch.data());
             if (round_to == 1) {
                 for (int64_t j = 0; j < 2 * dim; ++j) scratch[j] = static_cast<float>(c10::BFloat16(scratch[j]));
             } else if (round_to == 2) {

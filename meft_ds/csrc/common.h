@@ -19,22 +19,69 @@ inline void check_rows(const torch::Tensor& t, const char* name) {
 }
 
 
-// a . b in 64 independent partial sums (4 AVX-512 or 8 AVX2 registers): one running sum would chain every
-// multiply-add on the one before it, latency-bound (score_probed at T = 512, d = 576, 8 x 32 keys per token: 9.98 ->
-// 8.24 ms on the Intel Xeon; the forward kernel, bound by reading rows, is unchanged)
-inline float dot(const float* a, const float* b, int64_t n) {
-    constexpr int64_t lanes = 64;
-    float partial[lanes] = {};
-    int64_t c = 0;
-    for (; c + lanes <= n; c += lanes) {
-#pragma omp simd
-        for (int64_t i = 0; i < lanes; ++i) partial[i] += a[c + i] * b[c + i];
-    }
-    for (int64_t i = 0; c + i < n; ++i) partial[i] += a[c + i] * b[c + i];
+// SIMD vectors through GCC's vector extensions, as wide as the build's target (-march=native) allows; loads and
+// stores need no alignment. The kernels below keep one such vector per row they work on in a register.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+#elif defined(__AVX__)
+constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 4;
+#endif
+typedef float vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float)), may_alias));
+
+inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
+inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
+inline float lane_sum(vec v) {
     float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < lanes; ++i) sum += partial[i];
+    for (int64_t i = 0; i < kLanes; ++i) sum += v[i];
     return sum;
+}
+
+// out[i][j] = a[i] . b[j] for i < A, j < G: each chunk of a row is loaded once for all the rows of the other side
+// (A + G loads per A * G multiply-adds), and the A * G sums are independent chains, so multiply-adds do not wait on
+// each other's latency. Each sum runs over the same chunks in the same order whatever A and G are, so a product's
+// value does not depend on the rows it was computed beside.
+template <int A, int G>
+inline void dots(const float* const (&a)[A], const float* const (&b)[G], int64_t n, float (&out)[A][G]) {
+    vec acc[A][G] = {};
+    int64_t c = 0;
+    for (; c + kLanes <= n; c += kLanes) {
+        vec bv[G];
+        for (int j = 0; j < G; ++j) bv[j] = load(b[j] + c);
+        for (int i = 0; i < A; ++i) {
+            const vec av = load(a[i] + c);
+            for (int j = 0; j < G; ++j) acc[i][j] += av * bv[j];
+        }
+    }
+    for (int i = 0; i < A; ++i) {
+        for (int j = 0; j < G; ++j) {
+            float sum = lane_sum(acc[i][j]);
+            for (int64_t k = c; k < n; ++k) sum += a[i][k] * b[j][k];
+            out[i][j] = sum;
+        }
+    }
+}
+
+// out[j] = a . b[j] for j < G
+template <int G>
+inline void dots(const float* a, const float* const (&b)[G], int64_t n, float (&out)[G]) {
+    const float* rows[1] = {a};
+    dots<1, G>(rows, b, n, reinterpret_cast<float(&)[1][G]>(out));
+}
+
+// y += sum_j alpha[j] * x[j] for j < G: each chunk of y is loaded and stored once for the G rows
+template <int G>
+inline void axpys(const float (&alpha)[G], const float* const (&x)[G], float* y, int64_t n) {
+    int64_t c = 0;
+    for (; c + kLanes <= n; c += kLanes) {
+        vec yv = load(y + c);
+        for (int j = 0; j < G; ++j) yv += alpha[j] * load(x[j] + c);
+        store(y + c, yv);
+    }
+    for (; c < n; ++c) {
+        for (int j = 0; j < G; ++j) y[c] += alpha[j] * x[j][c];
+    }
 }
 
 inline void axpy(float alpha, const float* x, float* y, int64_t n) {

@@ -19,7 +19,6 @@
 #include <vector>
 
 using meft::axpy;
-using meft::dot;
 using meft::check_rows;
 using meft::EntryGroups;
 using meft::group_entries;
@@ -170,6 +169,39 @@ void gather_rows(torch::Tensor src, torch::Tensor ids, torch::Tensor out, int64_
     });
 }
 
+namespace {
+
+constexpr int kTokens = 4, kKeys = 4;  // a block of score_probed: tokens x keys of one expert at once
+
+// Scores of T (token, probe) pairs of one expert against all its keys (expert_size of them, key_stride apart).
+template <int T>
+void score_block(const int64_t* pair, const float* h, const float* key, int64_t key_stride, int64_t expert_size,
+                 int64_t probes, int64_t dim, float* out) {
+    const float* x[T];
+    float* target[T];
+    for (int i = 0; i < T; ++i) {
+        const int64_t token = pair[i] / probes, nth = pair[i] % probes;
+        x[i] = h + token * dim;
+        target[i] = out + (token * probes + nth) * expert_size;
+    }
+    int64_t j = 0;
+    for (; j + kKeys <= expert_size; j += kKeys) {
+        const float* keys[kKeys];
+        for (int k = 0; k < kKeys; ++k) keys[k] = key + (j + k) * key_stride;
+        float block[T][kKeys];
+        meft::dots<T, kKeys>(x, keys, dim, block);
+        for (int i = 0; i < T; ++i) std::copy(block[i], block[i] + kKeys, target[i] + j);
+    }
+    for (; j < expert_size; ++j) {
+        const float* keys[1] = {key + j * key_stride};
+        float block[T][1];
+        meft::dots<T, 1>(x, keys, dim, block);
+        for (int i = 0; i < T; ++i) target[i][j] = block[i][0];
+    }
+}
+
+}  // namespace
+
 // hidden: (T, d) fp32 contiguous; probe_ids: (T, P) int64; keys: the keys of experts [first_expert, first_expert +
 // keys.size(0) / expert_size), fp32 with unit inner stride and any row stride; returns (T, P * expert_size) with
 // column p * expert_size + j = h_t . key of neuron j of probed expert p, and 0 for experts outside those keys (a
@@ -205,15 +237,12 @@ torch::Tensor score_probed(torch::Tensor hidden, torch::Tensor probe_ids, torch:
     const float* key_base = keys.data_ptr<float>();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t e = 0; e < num_experts; ++e) {
-        for (int64_t q = start[e]; q < start[e + 1]; ++q) {
-            const int64_t pair = pairs[q];
-            const int64_t token = pair / probes, nth = pair % probes;
-            const float* x = h + token * dim;
-            float* target = out + token * probes * expert_size + nth * expert_size;
-            for (int64_t j = 0; j < expert_size; ++j) {
-                target[j] = dot(x, key_base + (e * expert_size + j) * key_stride, dim);
-            }
+        const float* key = key_base + e * expert_size * key_stride;
+        int64_t q = start[e];
+        for (; q + kTokens <= start[e + 1]; q += kTokens) {
+            score_block<kTokens>(pairs.data() + q, h, key, key_stride, expert_size, probes, dim, out);
         }
+        for (; q < start[e + 1]; ++q) score_block<1>(pairs.data() + q, h, key, key_stride, expert_size, probes, dim, out);
     }
     return scores;
 }
