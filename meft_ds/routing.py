@@ -89,8 +89,15 @@ def select_from_scores(
     scores: torch.Tensor, probe_ids: torch.Tensor, probe_gates: torch.Tensor | None, *, expert_size: int, top_k: int
 ) -> Routing:
     """Each token's top-K neurons among its probed experts (:func:`top_k_rows`), and the union of rows over the
-    micro-batch."""
-    return union_of(top_k_rows(scores, probe_ids, probe_gates, expert_size=expert_size, top_k=top_k))
+    micro-batch; on the host in one pass of the compiled ``select_top_k`` where it could be built."""
+    kernels = cpu_kernels() if scores.device.type == "cpu" else None
+    if kernels is None:
+        return union_of(top_k_rows(scores, probe_ids, probe_gates, expert_size=expert_size, top_k=top_k))
+    gates = scores.new_empty(0) if probe_gates is None else probe_gates.float().contiguous()
+    row_ids, union_pos = kernels.select_top_k(
+        scores.float().contiguous(), probe_ids.long().contiguous(), gates, expert_size, top_k, kernel_threads()
+    )
+    return Routing(row_ids=row_ids, union_pos=union_pos)
 
 
 def union_of(rows: torch.Tensor) -> Routing:

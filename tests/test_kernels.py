@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from meft_ds.ops import cpu_kernels, kernel_threads
-from meft_ds.routing import score_probed_keys_torch
+from meft_ds.routing import score_probed_keys_torch, top_k_rows, union_of
 from meft_ds.sparse_adam import adamw_torch_
 
 
@@ -70,6 +70,36 @@ def test_score_probed_on_a_shard_scores_only_the_experts_it_holds(kernels) -> No
     assert torch.all(first[~held_by_first] == 0) and torch.all(second[held_by_first] == 0)
     reference = score_probed_keys_torch(hidden, probe, keys[40:], 8, first_expert=5)
     torch.testing.assert_close(second, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_score_does_not_depend_on_the_tokens_scored_beside_it(kernels) -> None:
+    keys = torch.randn(96, 37)  # 37: whole vectors and a tail on every SIMD width
+    hidden = torch.randn(13, 37)
+    probe = torch.randint(0, 3, (13, 2)) * torch.tensor([1, 4]) + torch.tensor([0, 1])  # many tokens per expert
+    together = kernels.score_probed(hidden, probe, keys, 8, 0, kernel_threads())
+    for t in range(13):  # alone, a token takes the kernel's one-token path
+        alone = kernels.score_probed(hidden[t : t + 1], probe[t : t + 1], keys, 8, 0, kernel_threads())
+        assert torch.equal(alone[0], together[t])
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_select_top_k_matches_the_torch_topk_and_union(kernels, gated: bool) -> None:
+    probe = torch.stack([torch.randperm(12)[:3] for _ in range(9)])
+    scores = torch.randn(9, 3 * 8)
+    gates = torch.rand(9, 3) + 0.1 if gated else None
+    row_ids, union_pos = kernels.select_top_k(scores, probe, gates if gated else torch.empty(0), 8, 5, 1)
+    reference = union_of(top_k_rows(scores, probe, gates, expert_size=8, top_k=5))
+    assert torch.equal(row_ids, reference.row_ids)
+    assert torch.equal(row_ids[union_pos].sort(1).values, reference.row_ids[reference.union_pos].sort(1).values)
+
+
+def test_select_top_k_ranks_nan_highest_and_breaks_ties_by_column(kernels) -> None:
+    probe = torch.tensor([[2, 0], [1, 3]])
+    scores = torch.zeros(2, 2 * 4)  # all tied: the lowest columns win
+    scores[1, 6] = float("nan")
+    row_ids, union_pos = kernels.select_top_k(scores, probe, torch.empty(0), 4, 3, 2)
+    picked = row_ids[union_pos].sort(1).values
+    assert picked.tolist() == [[8, 9, 10], [4, 5, 14]]  # token 1: column 6 is expert 3's neuron 2
 
 
 def test_gate_backward_matches_autograd_through_the_dense_router(kernels) -> None:

@@ -117,12 +117,13 @@ def run(context: Context) -> Section:
 
 
 def host_tables(host: dict[str, Any] | None, neurons: int) -> list[dict[str, Any]]:
-    """The host timeline as a table, beside the baseline's (measured on the same machine) where there is one."""
+    """The host timeline as a table, beside the baseline measured on this CPU at this size, where there is one
+    (``BASELINE`` holds one record per CPU; not for another size, e.g. ``--quick``)."""
     if host is None:
         return []
-    baseline = json.loads(BASELINE.read_text()) if BASELINE.is_file() else None
-    if baseline is not None and baseline.get("neurons") != neurons:
-        baseline = None  # another size (e.g. --quick)
+    records = json.loads(BASELINE.read_text()) if BASELINE.is_file() else []
+    same = [b for b in records if b.get("cpu") == cpu_brand() and b.get("neurons") == neurons]
+    baseline = same[0] if same else None
     table = timeline.table(host, baseline)
     title = text("c", "timeline", neurons=neurons, layers=host["layers"])
     if baseline is not None:

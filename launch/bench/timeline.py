@@ -2,7 +2,8 @@
 
 Each phase is a list of functions (class attributes, or attributes of the compiled kernels' module); a timed call's
 own time is charged to its phase, minus the timed calls inside it (a gather inside an upload counts as gather). The
-"before" column (``docs/bench/c_timeline_before.json``) was measured with the harness of that older checkout.
+"before" column (``docs/bench/c_timeline_before.json``, one record per CPU) was measured with the harness of that older
+checkout.
 """
 
 from __future__ import annotations

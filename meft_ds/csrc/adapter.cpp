@@ -248,43 +248,22 @@ void backward_picks(int64_t e, const float* dout, bool live, const float* r, con
 }
 
 // Row u's gradient into scratch (2 * dim): grad_key = sum grad_score[e] x_t, grad_value = sum act[e] dout_t over its
-// entries e (token t), kLanes * 4 columns at a time in registers (two loads per two multiply-adds).
+// entries e (token t); sources and weights: a thread's space for a row's entries.
 void row_gradient(const EntryGroups& by_row, int64_t u, int64_t top_k, const float* act, const float* grad_score,
-                  const char* live, const float* xs, const float* dout, int64_t dim, float* scratch) {
-    using meft::kLanes;
-    using meft::vec;
-    constexpr int64_t kChunk = 4 * kLanes;
-    float* grad_key = scratch;
-    float* grad_value = scratch + dim;
-    int64_t c0 = 0;
-    for (; c0 + kChunk <= dim; c0 += kChunk) {
-        vec gk[4] = {}, gv[4] = {};
+                  const char* live, const float* xs, const float* dout, int64_t dim, float* scratch,
+                  std::vector<const float*>& sources, std::vector<float>& weights) {
+    for (const bool key : {true, false}) {
+        sources.clear();
+        weights.clear();
         for (int64_t q = by_row.start[u]; q < by_row.start[u + 1]; ++q) {
             const int64_t e = by_row.order[q], t = e / top_k;
-            const float a = live[t] ? act[e] : 0.0f, s = grad_score[e];
-            if (a != 0.0f) {
-                for (int i = 0; i < 4; ++i) gv[i] += a * meft::load(dout + t * dim + c0 + i * kLanes);
-            }
-            if (s != 0.0f) {
-                for (int i = 0; i < 4; ++i) gk[i] += s * meft::load(xs + t * dim + c0 + i * kLanes);
-            }
+            const float weight = key ? grad_score[e] : (live[t] ? act[e] : 0.0f);
+            if (weight == 0.0f) continue;
+            sources.push_back((key ? xs : dout) + t * dim);
+            weights.push_back(weight);
         }
-        for (int i = 0; i < 4; ++i) {
-            meft::store(grad_key + c0 + i * kLanes, gk[i]);
-            meft::store(grad_value + c0 + i * kLanes, gv[i]);
-        }
-    }
-    if (c0 < dim) {
-        std::fill(grad_key + c0, grad_key + dim, 0.0f);
-        std::fill(grad_value + c0, grad_value + dim, 0.0f);
-        for (int64_t q = by_row.start[u]; q < by_row.start[u + 1]; ++q) {
-            const int64_t e = by_row.order[q], t = e / top_k;
-            const float a = live[t] ? act[e] : 0.0f, s = grad_score[e];
-            for (int64_t c = c0; c < dim; ++c) {
-                if (a != 0.0f) grad_value[c] += a * dout[t * dim + c];
-                if (s != 0.0f) grad_key[c] += s * xs[t * dim + c];
-            }
-        }
+        meft::weighted_sum(sources.data(), weights.data(), static_cast<int64_t>(sources.size()), dim,
+                           key ? scratch : scratch + dim);
     }
 }
 
@@ -355,11 +334,13 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
     int64_t nonfinite = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : nonfinite)
     {
-        std::vector<float> scratch(2 * dim);
+        std::vector<float> scratch(2 * dim), weights;
+        std::vector<const float*> sources;
 #pragma omp for schedule(dynamic, 16)
         for (int64_t u = 0; u < n; ++u) {
             if (target[u] < 0) continue;
-            row_gradient(by_row, u, top_k, act.data(), grad_score.data(), live.data(), xs, dout, dim, scratch.data());
+            row_gradient(by_row, u, top_k, act.data(), grad_score.data(), live.data(), xs, dout, dim, scratch.data(),
+                         sources, weights);
             if (round_to == 1) {
                 for (int64_t j = 0; j < 2 * dim; ++j) scratch[j] = static_cast<float>(c10::BFloat16(scratch[j]));
             } else if (round_to == 2) {

@@ -84,6 +84,25 @@ inline void axpys(const float (&alpha)[G], const float* const (&x)[G], float* y,
     }
 }
 
+// out = sum_q alpha[q] * x[q] over count rows (n values each), 4 vectors of columns at a time in registers: one load
+// per multiply-add, and out written once (no zero-fill, no read-modify-write per row). count 0 writes zeros.
+inline void weighted_sum(const float* const* x, const float* alpha, int64_t count, int64_t n, float* out) {
+    constexpr int64_t kChunk = 4 * kLanes;
+    int64_t c0 = 0;
+    for (; c0 + kChunk <= n; c0 += kChunk) {
+        vec acc[4] = {};
+        for (int64_t q = 0; q < count; ++q) {
+            for (int i = 0; i < 4; ++i) acc[i] += alpha[q] * load(x[q] + c0 + i * kLanes);
+        }
+        for (int i = 0; i < 4; ++i) store(out + c0 + i * kLanes, acc[i]);
+    }
+    for (; c0 < n; ++c0) {
+        float sum = 0.0f;
+        for (int64_t q = 0; q < count; ++q) sum += alpha[q] * x[q][c0];
+        out[c0] = sum;
+    }
+}
+
 inline void axpy(float alpha, const float* x, float* y, int64_t n) {
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
