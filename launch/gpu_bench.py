@@ -10,8 +10,10 @@ Per variant, over timed optimizer steps after a warm-up step: tokens/s; peak dev
 MEFT only: DeepSpeed does not count its own). For MEFT, per layer, the time the device waits for the host: from the
 end of the FFN's kernels (an event recorded on the compute stream as the adapter starts routing, after the FFN was
 queued) to the moment its rows are usable (an event recorded after the compute stream waits for their copy), the
-median and the 90th percentile over layers and micro-steps. "No adapter" is the frozen model's forward and
-backward (inputs requiring gradient, so the backward runs through every layer), the floor any adapter adds to.
+median and the 90th percentile over layers and micro-steps; then, over as many more steps, where MEFT's host time goes,
+phase by phase (``bench/timeline.py``, the split benchmark c. reports on the CPU). "No adapter" is the frozen model's
+forward and backward (inputs requiring gradient, so the backward runs through every layer), the floor any adapter
+adds to.
 Then, on the trained MEFT model, greedy ``generate()`` tokens/s of 2 random prompts x 32 new tokens with routing on
 the host (the training path) and on the device (``meft_ds.for_inference``), whether their outputs are identical, and
 the bytes each moves per generated token. Writes ``gpu_bench.json`` and ``gpu_bench.md`` (the tables BENCHMARKS.md
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench import timeline
 from bench.common import fmt_bytes
 from deepspeed.accelerator import get_accelerator
 
@@ -272,6 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "calls": len(waits),
         "what": "device idle, waiting for the host" if accelerator.Event is not None else "host seconds (no events)",
     }
+    host = {"seconds": timeline.timed_steps(engine_step(engine), steps), "steps": steps * accumulation}
+    results[-1]["host_timeline"] = host | {"layers": len(meft_ds.adapters(model))}
     generated = generation(model, vocab, device, args.dry_run)
     floor = results[0]["tokens_per_s"]
     for result in results:
@@ -308,6 +313,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {fmt_bytes(r.get('bytes_to_device_per_step', 0))} | {fmt_bytes(r.get('bytes_to_host_per_step', 0))} | "
             + (f"{wait['median']:.2f} / {wait['p90']:.2f} |" if wait else "- |")
         )
+    host = report["results"][-1]["host_timeline"]
+    rows = timeline.table(host)
+    lines += ["", f"MEFT's host work per layer and micro-step over {report['timed_steps']} more steps, ms:", ""]
+    lines += ["| " + " | ".join(row[i] for i in (0, 2, 4)) + " |" for row in rows[:1]] + ["|---|---|---|"]
+    lines += ["| " + " | ".join(row[i] for i in (0, 2, 4)) + " |" for row in rows[1:]]
     generated = report["generation"]
     lines += [
         "",

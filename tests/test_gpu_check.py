@@ -30,6 +30,9 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert meft["bytes_to_device_per_step"] > 0 and meft["bytes_to_host_per_step"] > 0
     assert meft["device_wait_ms_per_layer"]["calls"] == report["accumulation"] * 2 * (report["timed_steps"] + 1)
     assert all(r["tokens_per_s"] > 0 and r["peak_device_gib"] > 0 for r in report["results"])
+    host = meft["host_timeline"]  # where MEFT's host time goes, as benchmark c. splits it on the CPU
+    assert host["steps"] == report["accumulation"] * report["timed_steps"] and host["layers"] == 2
+    assert host["seconds"]["routing (score + top-K)"] > 0 and host["seconds"]["sparse step: update"] > 0
     generated = report["generation"]  # the trained MEFT model's generate(), routing on the host, then on the device
     assert generated["identical"] and [p["path"] for p in generated["paths"]] == ["host", "device"]
     host, device = generated["paths"]
@@ -38,3 +41,4 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert generated["speedup"] == device["tokens_per_s"] / host["tokens_per_s"] > 0
     table = (tmp_path / "gpu_bench.md").read_text()
     assert all(v in table for v in variants) and "dry run" in table and "meft_ds.for_inference" in table
+    assert "meft_ds host work, all phases" in table
