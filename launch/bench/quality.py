@@ -62,10 +62,12 @@ def full_grid() -> Grid:
         cells=(
             meft("MEFT r=4096, rows clipped apart", 4096, (3e-3, 1e-3), *separate),
             Cell("LoRA r=64", "lora", ("--lora_r", "64"), (3e-3, 1e-3)),
+            Cell("LoRA r=64", "lora", ("--lora_r", "64"), (3e-3,), seeds=(1,)),
             meft("MEFT r=4096, global clip (default)", 4096, (3e-3, 1e-2)),
             meft("MEFT r=4096, global clip (default)", 4096, (3e-3,), seeds=(1,)),
             meft("MEFT r=4096, rows not clipped", 4096, (3e-3,), "--meft", "clip_rows=none"),
             meft("MEFT r=4096, rows apart, per-row bias correction", 4096, (3e-3,), *separate, *per_row),
+            meft("MEFT r=4096, rows apart, per-row bias correction", 4096, (3e-3,), *separate, *per_row, seeds=(1,)),
             meft("MEFT r=4096, rows apart, rehearsal 80", 4096, (3e-3,), *separate, "--rehearsal", "80"),
             Cell("LoRA r=64, rehearsal 80", "lora", ("--lora_r", "64", "--rehearsal", "80"), (3e-3,)),
             Cell("parallel adapter r=1024", "parallel_adapter", ("--adapter_neurons", "1024"), (3e-3,)),
