@@ -103,11 +103,6 @@ inline void weighted_sum(const float* const* x, const float* alpha, int64_t coun
     }
 }
 
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
-}
-
 inline void check_adapter_inputs(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& union_pos,
                           const torch::Tensor& gate) {
     check_rows(x, "x");

@@ -21,7 +21,6 @@
 #include <limits>
 #include <vector>
 
-using meft::axpy;
 using meft::check_rows;
 using meft::EntryGroups;
 using meft::group_entries;
@@ -386,22 +385,26 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor grad_gate, torch::Tensor 
             count[t] = n;
         }
     }
-    // the pairs grouped by expert (a counting sort), each with its token and gradient
-    std::vector<int64_t> start(num_experts + 1, 0);
-    for (int64_t t = 0; t < tokens; ++t) {
-        for (int64_t i = 0; i < count[t]; ++i) ++start[pair_expert[t * top_k + i] + 1];
-    }
-    for (int64_t u = 0; u < num_experts; ++u) start[u + 1] += start[u];
-    std::vector<const float*> source(start[num_experts]);
-    std::vector<float> weight_of(start[num_experts]);
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    // the pairs packed in token order, then grouped by expert
+    std::vector<int64_t> packed_expert;
+    std::vector<const float*> packed_x;
+    std::vector<float> packed_grad;
     for (int64_t t = 0; t < tokens; ++t) {
         for (int64_t i = 0; i < count[t]; ++i) {
-            const int64_t q = fill[pair_expert[t * top_k + i]]++;
-            source[q] = xs + t * dim;
-            weight_of[q] = pair_grad[t * top_k + i];
+            packed_expert.push_back(pair_expert[t * top_k + i]);
+            packed_x.push_back(xs + t * dim);
+            packed_grad.push_back(pair_grad[t * top_k + i]);
         }
     }
+    const int64_t pairs = static_cast<int64_t>(packed_expert.size());
+    const EntryGroups by_expert = group_entries(packed_expert.data(), pairs, num_experts);
+    std::vector<const float*> source(pairs);
+    std::vector<float> weight_of(pairs);
+    for (int64_t q = 0; q < pairs; ++q) {
+        source[q] = packed_x[by_expert.order[q]];
+        weight_of[q] = packed_grad[by_expert.order[q]];
+    }
+    const std::vector<int64_t>& start = by_expert.start;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
     for (int64_t u = 0; u < num_experts; ++u) {
         meft::weighted_sum(source.data() + start[u], weight_of.data() + start[u], start[u + 1] - start[u], dim, dw + u * dim);
