@@ -147,26 +147,25 @@ def test_traffic_experiment_reports_what_it_measured(context: Context) -> None:
     section = traffic.run(context)
     (result,) = section.data["results"]
     assert result["dense_params"] == 2 * 64 * 64 * 2
-    by_g = {(e["state"], e["G"]): e for e in section.data["summaries"]}
+    g, window = TINY.accum_steps, TINY.traffic_window
     for state in ("init", "trained"):
         plain = traffic.Window(**result["windows"][state]["plain"])
-        entry = by_g[(state, TINY.accum_steps)]
-        router = formulas.zero_offload_bytes(result["router_params"], TINY.accum_steps)
-        assert entry["plain"]["meft_to_device"] == pytest.approx(
-            TINY.accum_steps * plain.micro_mean("bytes_to_device") + plain.step["bytes_to_device"]
+        router = formulas.zero_offload_bytes(result["router_params"], g)
+        assert traffic.variant_bytes(result, state, "plain", g).to_device == pytest.approx(
+            g * plain.micro_mean("bytes_to_device") + plain.step["bytes_to_device"] + router.to_device
         )
-        assert entry["plain"]["to_device"] == pytest.approx(entry["plain"]["meft_to_device"] + router.to_device)
         cached = traffic.Window(**result["windows"][state]["cache"])
-        at_window = by_g[(state, TINY.traffic_window)]["cache"]
-        assert at_window["meft_to_host"] == cached.total()["bytes_to_host"]
-        assert not at_window["extrapolated"] and entry["cache"]["extrapolated"]
-    # the table's ratio column is dense (as coded) / variant, from the same numbers
-    row = next(r for r in section.rows if r[1] == "init" and r[2].startswith("MEFT, no cache"))
-    entry = by_g[("init", TINY.accum_steps)]
-    ratio = formulas.OffloadBytes(**entry["dense_coded"]).total / (
-        entry["plain"]["to_device"] + entry["plain"]["to_host"]
-    )
-    assert row[7] == f"{ratio:.2f}x" or row[7] == f"{ratio:.1f}x"
+        router = formulas.zero_offload_bytes(result["router_params"], window)
+        at_window = traffic.variant_bytes(result, state, "cache", window)
+        assert at_window.to_host == cached.total()["bytes_to_host"] + router.to_host
+        assert traffic.variant_bytes(result, state, "dense_coded", g) == formulas.zero_offload_bytes(2 * 64 * 64 * 2, g)
+    # the table's ratio column is dense (as coded) / variant, from the same numbers; G > the window: scaled (*)
+    rows = {(r[1], r[2].split(" (")[0]): r for r in section.rows}
+    coded = formulas.zero_offload_bytes(result["dense_params"], g).total
+    ratio = coded / traffic.variant_bytes(result, "init", "plain", g).total
+    assert rows[("init", "MEFT, no cache")][7] in (f"{ratio:.2f}x", f"{ratio:.1f}x")
+    cache_row = next(r for key, r in rows.items() if key[0] == "init" and key[1].startswith("MEFT, cache"))
+    assert cache_row[6].endswith("*") and not cache_row[5].endswith("*")  # exact at the measured window
     assert len(section.rows) == 2 * 4  # two states x (two dense baselines + two MEFT variants)
 
 

@@ -14,16 +14,15 @@ import torch
 
 import meft_ds
 from bench import plots
-from bench.common import GB, Context, Section, fmt_ratio, free_memory, median_seconds, section, text
+from bench.common import GB, Context, Section, Settings, fmt_ratio, free_memory, median_seconds, section, text
 from bench.report import cpu_brand
 
 BACKENDS = ("fused", "deepspeed", "torch")
-ADAM_TENSORS = 7
 
 
 def adam_traffic_bytes(num_rows: int, width: int, element_bytes: int = 4) -> int:
-    """Bytes Adam must move to update ``num_rows`` rows of ``width`` elements."""
-    return ADAM_TENSORS * num_rows * width * element_bytes
+    """Bytes Adam must move to update ``num_rows`` rows of ``width`` elements: 7 tensors' (4 read, 3 written)."""
+    return 7 * num_rows * width * element_bytes
 
 
 def row_adapter(num_rows: int, width: int) -> meft_ds.SparseKeyExpertAdapter:
@@ -66,38 +65,42 @@ def copy_seconds(num_rows: int, width: int, repeats: int) -> float:
 def run(context: Context) -> Section:
     s = context.settings
     rows, width = s.adam_rows, s.adam_width
-    matrix = rows * width * 4
     print(f"  dense DeepSpeedCPUAdam on {rows} x {width} fp32, and copy_")
     dense_gbs = adam_traffic_bytes(rows, width) / dense_step_seconds(rows, width, s.adam_repeats) / GB
-    copy_gbs = 2 * matrix / copy_seconds(rows, width, s.adam_repeats) / GB
+    copy_gbs = 2 * rows * width * 4 / copy_seconds(rows, width, s.adam_repeats) / GB
     free_memory()
     adapter = row_adapter(rows, width)
-    measured = []
+    sparse = []
     for fraction, backend in itertools.product(s.adam_fractions, BACKENDS):
         try:
             seconds = sparse_step_seconds(adapter, backend, fraction, s.adam_repeats)
         except RuntimeError as error:  # a backend that cannot be built here
             print(f"  note: backend {backend} skipped: {error}")
             continue
-        touched = touched_rows(rows, fraction).numel()
-        gbs = adam_traffic_bytes(touched, width) / seconds / GB
-        measured.append({"backend": backend, "fraction": fraction, "rows": touched, "seconds": seconds, "gbs": gbs})
+        gbs = adam_traffic_bytes(touched_rows(rows, fraction).numel(), width) / seconds / GB
+        sparse.append({"backend": backend, "fraction": fraction, "seconds": seconds, "gbs": gbs})
         print(f"  {backend:9s} {fraction:4.0%} touched: {seconds * 1e3:7.1f} ms, {gbs:5.1f} GB/s")
     del adapter
     free_memory()
+    data = {"dense_gbs": dense_gbs, "copy_gbs": copy_gbs, "sparse": sparse, "rows": rows, "width": width}
+    return report(s, data | {"cpu": cpu_brand()})
+
+
+def report(s: Settings, data: dict[str, Any]) -> Section:
+    """The section of what :func:`run` measured (``data``, as results.json keeps it)."""
+    dense, copy = data["dense_gbs"], data["copy_gbs"]
     table = [
-        ["dense DeepSpeedCPUAdam.step()", "100%", "", f"{dense_gbs:.1f}", "1.00x", fmt_ratio(dense_gbs / copy_gbs)],
-        ["torch.Tensor.copy_ (2 tensors)", "100%", "", f"{copy_gbs:.1f}", fmt_ratio(copy_gbs / dense_gbs), "1.00x"],
+        ["dense DeepSpeedCPUAdam.step()", "100%", "", f"{dense:.1f}", "1.00x", fmt_ratio(dense / copy)],
+        ["torch.Tensor.copy_ (2 tensors)", "100%", "", f"{copy:.1f}", fmt_ratio(copy / dense), "1.00x"],
     ] + [
         [f"SparseRowAdam {m['backend']}", f"{m['fraction']:.0%}", f"{m['seconds'] * 1e3:.1f}", f"{m['gbs']:.1f}",
-         fmt_ratio(m["gbs"] / dense_gbs), fmt_ratio(m["gbs"] / copy_gbs)]
-        for m in measured
+         fmt_ratio(m["gbs"] / dense), fmt_ratio(m["gbs"] / copy)]
+        for m in data["sparse"]
     ]  # fmt: skip
-    fused = [m["gbs"] / dense_gbs for m in measured if m["backend"] == "fused"]
-    data = {"dense_gbs": dense_gbs, "copy_gbs": copy_gbs, "sparse": measured, "rows": rows, "width": width}
-    data["cpu"] = cpu_brand()
-    values = data | {"s": s, "dim": width // 2, "store_gb": 3 * matrix / GB, "threads": torch.get_num_threads()}
-    values |= {"fused": ", ".join(map(fmt_ratio, fused)), "fractions": ", ".join(f"{f:.0%}" for f in s.adam_fractions)}
+    fused = [m["gbs"] / dense for m in data["sparse"] if m["backend"] == "fused"]
+    values = data | {"s": s, "dim": data["width"] // 2, "store_gb": 3 * data["rows"] * data["width"] * 4 / GB}
+    values |= {"threads": torch.get_num_threads(), "fused": ", ".join(map(fmt_ratio, fused))}
+    values["fractions"] = ", ".join(f"{f:.0%}" for f in s.adam_fractions)
     unbuilt = {} if fused else {"verdict": text("b", "unbuilt")}  # the fused backend could not be built here
     return section("b", values, rows=table, met=bool(fused) and min(fused) >= 0.9, **unbuilt, data=data)
 

@@ -62,12 +62,9 @@ def zero_offload_bytes(
     """Per optimizer step, DeepSpeed 0.19.8 ZeRO-2 CPU offload as coded (see a. above)."""
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-    params_back = compute_bytes * num_params
-    if accum_steps == 1:
-        return OffloadBytes(to_device=params_back, to_host=master_bytes * num_params)
-    grads_in = compute_bytes * num_params * (accum_steps - 1)  # every micro-step after the first
-    grads_out = compute_bytes * num_params * accum_steps + master_bytes * num_params
-    return OffloadBytes(to_device=grads_in + params_back, to_host=grads_out)
+    # in: the accumulated gradients at every micro-step after the first, the parameters once (G = 1: only those)
+    grads_out = compute_bytes * num_params * accum_steps if accum_steps > 1 else 0  # G = 1: no accumulation buffer
+    return OffloadBytes(compute_bytes * num_params * accum_steps, grads_out + master_bytes * num_params)
 
 
 def minimal_offload_bytes(num_params: int, accum_steps: int, *, compute_bytes: int = BF16) -> OffloadBytes:

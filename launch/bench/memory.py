@@ -33,7 +33,6 @@ def meft_device_bytes(context: Context, neurons: int) -> dict[str, Any]:
     config = context.meft(base)
     model = meft_ds.inject(context.fresh_model(), config)
     (adapter,) = meft_ds.adapters(model)
-    router = adapter.router.weight
     before = meft_ds.stats(model)
     with torch.no_grad():  # the same copies as with autograd on (which would hold them until the backward), faster
         model(**context.batch(0))
@@ -41,7 +40,7 @@ def meft_device_bytes(context: Context, neurons: int) -> dict[str, Any]:
     result = {
         "neurons": neurons,
         "experts": config.num_experts,
-        "router": router.numel() * router.element_size(),
+        "router": adapter.router.weight.numel() * adapter.router.weight.element_size(),
         "fetched": fetched["bytes_to_device"],
         "rows": fetched["rows_fetched"],
         "row_bytes": fetched["row_bytes_to_device"],
@@ -51,7 +50,7 @@ def meft_device_bytes(context: Context, neurons: int) -> dict[str, Any]:
     result["meft"] = result["router"] + result["fetched"] + result["cache"]
     result["dense_offloaded"] = OFFLOADED_BYTES * 2 * neurons * adapter.dim
     result["dense_on_device"] = ON_DEVICE_BYTES * 2 * neurons * adapter.dim
-    del model, adapter, router
+    del model, adapter
     free_memory()
     return result
 
@@ -79,8 +78,7 @@ def run(context: Context) -> Section:
     values = {"s": s, "dim": first["dim"], "first": first, "last": last, "rows": tokens * s.top_k, "bound": bound}
     values |= {"growth": last["neurons"] // first["neurons"], "meft_growth": last["meft"] / first["meft"]}
     values |= {"dense_growth": last["dense_offloaded"] / first["dense_offloaded"], "flat": "yes" if flat else "no"}
-    data = {"measured": measured, "bound": bound, "tokens": tokens}
-    return common.section("d", values, rows=table, met=flat, notes=skipped, data=data)
+    return common.section("d", values, rows=table, met=flat, notes=skipped, data={"measured": measured, "bound": bound})
 
 
 def plot(section: Section, path: str) -> None:

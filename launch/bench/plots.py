@@ -64,9 +64,8 @@ def labelled_barh(axes: Any, labels: list[str], values: list[float], texts: list
     axes.invert_yaxis()
 
 
-def lines(axes: Any, xs: list[float], series: list[tuple[list[float], str, str]], *, logx: bool = True) -> None:
-    """``(ys, style, label)`` per line, on a log2 x axis unless ``logx`` is false."""
+def lines(axes: Any, xs: list[float], series: list[tuple[list[float], str, str]]) -> None:
+    """``(ys, style, label)`` per line, on a log2 x axis."""
     for ys, style, label in series:
         axes.plot(xs, ys, style, label=label)
-    if logx:
-        axes.set_xscale("log", base=2)
+    axes.set_xscale("log", base=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -9,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.common import Section, text
+from bench.common import Section, paragraphs, text
 
 FULL_COMMAND = "python launch/bench.py"
 QUICK_COMMAND = "python launch/bench.py --quick"
@@ -79,41 +80,25 @@ def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _status(met: bool | None) -> str:
-    return {True: "met", False: "NOT met", None: "not judged"}[met]
+STATUS = {True: "met", False: "NOT met", None: "not judged"}  # by Section.met
 
 
 def machine_text(m: dict[str, Any]) -> str:
-    return (
-        f"{m.get('cpu', '?')}, {m.get('cpus', '?')} cores, torch threads {m.get('threads', '?')}, torch "
-        f"{m.get('torch', '?')}, DeepSpeed {m.get('deepspeed', '?')}, transformers {m.get('transformers', '?')}, "
-        f"meft_ds at {m.get('commit', '?')}"
-    )
+    return text("report", "machine", m=collections.defaultdict(lambda: "?", m))  # "?" for what was not recorded
 
 
 def render_section(section: Section, image: str | None, cpu: str | None = None) -> str:
     where = f", on {cpu}" if cpu else ""
-    parts = [
-        f"## {section.key}. {section.title}",
-        f"**What.** {section.what}",
-        f"**How it was measured.** {section.how}",
-        f"**Command.** `{section.command}` ({section.mode} mode, {section.measured_at}, "
-        f"{section.seconds:.0f} s{where})",
-        markdown_table(section.columns, section.rows),
-    ]
+    parts = [f"## {section.key}. {section.title}", *paragraphs("report", "section", s=section, where=where)]
+    parts.append(markdown_table(section.columns, section.rows))
     for extra in section.data.get("extra_tables", []):  # further tables of the section, each with a title
         parts.append(f"**{extra['title']}**\n\n{markdown_table(extra['columns'], extra['rows'])}")
     if image:
         parts.append(f"![{section.title}]({image})")
-    parts.append(f"**Target:** {section.target}. **{_status(section.met)}.** {section.verdict}")
+    parts.append(text("report", "target", s=section, status=STATUS[section.met]))
     if section.notes:
         parts.append("\n".join(f"- {note}" for note in section.notes))
     return "\n\n".join(parts)
-
-
-def render_gpu_check(table: str | None) -> str:
-    """The GPU check's section: its table (``gpu_bench.md`` of ``launch/gpu_check.sh``) or why there is none."""
-    return "## GPU check\n\n" + (table.strip() if table else text("report", "gpu_check_not_run"))
 
 
 def render_markdown(
@@ -133,15 +118,15 @@ def render_markdown(
     else:
         machine_line = f"Machine: {machine_text(m)}"
     modes = sorted({s.mode for s in sections.values()})
-    header = [
-        "# Benchmarks",
-        text("report", "intro", results=results, full=FULL_COMMAND, quick=QUICK_COMMAND),
-        f"{machine_line}. Mode(s): {', '.join(modes)}. Last run: {meta.get('seconds', 0):.0f} s, "
-        f"peak memory {meta.get('peak_rss_gb', 0):.1f} GB."
-        + (" Quick-mode numbers use smaller sizes; they are not the reference numbers." if "quick" in modes else ""),
-    ]
-    summary = [[f"{s.key}. {s.title}", s.target, f"**{_status(s.met)}**"] for s in sections.values()]
+    seconds, peak = meta.get("seconds", 0), meta.get("peak_rss_gb", 0)
+    run = text("report", "run", machine=machine_line, modes=", ".join(modes), seconds=seconds, peak=peak)
+    if "quick" in modes:
+        run += " " + text("report", "quick")
+    summary = [[f"{s.key}. {s.title}", s.target, f"**{STATUS[s.met]}**"] for s in sections.values()]
     cpus = {key: used.get("cpu", "?") for key, used in machines.items()}  # beside every section's figures
     body = [render_section(s, images.get(s.key), cpus.get(s.key)) for s in sections.values()]
-    parts = [*header, markdown_table(["experiment", "target", "result"], summary), *body, render_gpu_check(gpu_check)]
-    return "\n\n".join(parts) + "\n"
+    # the GPU check's table (gpu_bench.md of launch/gpu_check.sh), or why there is none
+    gpu = "## GPU check\n\n" + (gpu_check.strip() if gpu_check else text("report", "gpu_check_not_run"))
+    intro = text("report", "intro", results=results, full=FULL_COMMAND, quick=QUICK_COMMAND)
+    table = markdown_table(["experiment", "target", "result"], summary)
+    return "\n\n".join(["# Benchmarks", intro, run, table, *body, gpu]) + "\n"

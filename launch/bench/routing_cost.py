@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from bench import plots
-from bench.common import Context, Section, fmt_ratio, median_seconds, section
+from bench.common import Context, Section, Settings, fmt_ratio, median_seconds, section
 from meft_ds.routing import select_rows
 
 ROUTER_INIT_SCALE = 50.0  # the library's default: router row e = 50 x the mean of expert e's keys
@@ -24,15 +24,6 @@ def analytic_macs(tokens: int, experts: int, n_probe: int, neurons: int, dim: in
 def expert_grid(neurons: int, top_k: int, n_probe: int, candidates: tuple[int, ...]) -> list[int]:
     """The candidates that are valid expert counts: divide r, and the probed pool holds at least K neurons."""
     return [e for e in candidates if neurons % e == 0 and n_probe <= e and n_probe * (neurons // e) >= top_k]
-
-
-def throughputs(
-    measured: list[dict[str, Any]], tokens: int, n_probe: int, neurons: int, dim: int
-) -> tuple[float, float]:
-    """Median GMAC/s of the router (``T E d``) and of the probed-key scoring (``T n_probe r/E d``) over the grid."""
-    router = [tokens * m["experts"] * dim / m["router"] / 1e9 for m in measured]
-    select = [tokens * n_probe * (neurons // m["experts"]) * dim / m["select"] / 1e9 for m in measured]
-    return statistics.median(router), statistics.median(select)
 
 
 def time_routing(
@@ -68,8 +59,18 @@ def run(context: Context) -> Section:
         macs = analytic_macs(tokens, experts, n_probe, r, dim)
         measured.append({"experts": experts, "router": router_s, "select": select_s, "macs": macs})
         print(f"  E={experts:5d}: router {router_s * 1e3:6.2f} ms, select_rows {select_s * 1e3:6.2f} ms")
+    return report(s, {"measured": measured, "neurons": r, "tokens": tokens, "dim": dim})
+
+
+def report(s: Settings, data: dict[str, Any]) -> Section:
+    """The section of what :func:`run` measured (``data``: ``measured``, ``neurons``, ``tokens``, ``dim``): the
+    optimum, the fastest E, the median GMAC/s of the router (``T E d``) and of the probed-key scoring
+    (``T n_probe r/E d``) over the grid."""
+    measured, r, tokens, dim = (data[key] for key in ("measured", "neurons", "tokens", "dim"))
+    n_probe = s.routing_probe
     optimum = math.sqrt(n_probe * r)
-    router_rate, select_rate = throughputs(measured, tokens, n_probe, r, dim)
+    router_rate = statistics.median(tokens * m["experts"] * dim / m["router"] / 1e9 for m in measured)
+    select_rate = statistics.median(tokens * n_probe * (r // m["experts"]) * dim / m["select"] / 1e9 for m in measured)
     best = min(measured, key=lambda m: m["router"] + m["select"])
     fastest = best["router"] + best["select"]
     table = [
@@ -81,7 +82,7 @@ def run(context: Context) -> Section:
     rate = router_rate / select_rate
     data = {"measured": measured, "optimum": optimum, "weighted_optimum": optimum * math.sqrt(rate)}
     data |= {"router_gmacs": router_rate, "select_gmacs": select_rate, "neurons": r, "tokens": tokens, "dim": dim}
-    values = data | {"s": s, "k": k, "r": r, "n_probe": n_probe, "first": measured[0], "last": measured[-1]}
+    values = data | {"s": s, "k": s.top_k, "r": r, "n_probe": n_probe, "first": measured[0], "last": measured[-1]}
     values |= {"threads": torch.get_num_threads(), "sqrt_r": math.sqrt(r), "rate": rate, "best": best}
     values["analytic"] = min(measured, key=lambda m: m["macs"])
     return section("e", values, rows=table, met=optimum / 2 <= best["experts"] <= optimum * 2, data=data)

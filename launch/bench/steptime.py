@@ -24,53 +24,46 @@ WARMUP = 2  # steps before timing; a MEFT step is slower while its store is firs
 TIMELINE_STEPS = 3
 BASELINE = Path(__file__).resolve().parents[2] / "docs" / "bench" / "c_timeline_before.json"
 
-LORA_TARGETS = {
-    "q,v": ["q_proj", "v_proj"],
-    "all linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def trainable_count(model: nn.Module, extra: int = 0) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad) + extra
-
-
-Builder = Callable[[], tuple[nn.Module, list[Any], int]]
-
-
-def build_variants(context: Context) -> list[tuple[str, Builder, float]]:
-    """(label, builder, memory it needs) per variant; a builder returns the model, its optimizers and its trainable
-    element count."""
+def build_variants(context: Context) -> list[tuple[str, Callable[[], tuple[nn.Module, list[Any]]], float]]:
+    """(label, builder, memory it needs) per variant; a builder returns the model and its optimizers."""
     s = context.settings
     r = s.step_neurons
     config = context.base().config
     layers, dim, tokens = config.num_hidden_layers, config.hidden_size, s.micro_batch * s.seq_len
     overhead = 1.5 * GB  # a model copy, the base model's activations
-    store = 4 * 2 * r * dim * layers * 4  # MEFT: rows, two moments, at worst a full gradient accumulator (fp32)
-    dense = 4 * 2 * r * dim * layers * 4 + 3 * tokens * r * layers * 4  # K, V, grads, Adam moments; T x r activations
+    # MEFT: rows, two moments, at worst a full gradient accumulator (fp32); dense: K, V, grads, Adam moments (the same
+    # 4 x 2 r d per layer), and T x r activations
+    store = 4 * 2 * r * dim * layers * 4
+    dense = store + 3 * tokens * r * layers * 4
 
-    def lora(targets: str) -> tuple[nn.Module, list[Any], int]:
-        model = add_lora(context.fresh_model(), s.lora_rank, LORA_TARGETS[targets])
-        params = [p for p in model.parameters() if p.requires_grad]
-        return model, [torch.optim.AdamW(params, lr=1e-4)], trainable_count(model)
+    def lora(targets: list[str]) -> tuple[nn.Module, list[Any]]:
+        model = add_lora(context.fresh_model(), s.lora_rank, targets)
+        return model, [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)]
 
-    def meft() -> tuple[nn.Module, list[Any], int]:
+    def meft() -> tuple[nn.Module, list[Any]]:
         config = context.meft({"num_neurons": r, "top_k": s.top_k})
-        model, optimizers = common.build_meft(context.fresh_model(), config, 1e-4)
-        rows = sum(a.store.rows.numel() for a in meft_ds.adapters(model))
-        return model, optimizers, trainable_count(model, rows)
+        return common.build_meft(context.fresh_model(), config, 1e-4)
 
-    def dense_adapter(neurons: int) -> tuple[nn.Module, list[Any], int]:
+    def dense_adapter(neurons: int) -> tuple[nn.Module, list[Any]]:
         model = context.fresh_model()
-        params = add_dense_adapters(model, neurons)
-        return model, [torch.optim.AdamW(params, lr=1e-4, fused=True)], trainable_count(model)
+        return model, [torch.optim.AdamW(add_dense_adapters(model, neurons), lr=1e-4, fused=True)]
 
     return [
-        (f"LoRA r={s.lora_rank} on q,v (peft)", functools.partial(lora, "q,v"), overhead),
-        (f"LoRA r={s.lora_rank} on all linear (peft)", functools.partial(lora, "all linear"), overhead),
+        (f"LoRA r={s.lora_rank} on q,v (peft)", functools.partial(lora, ["q_proj", "v_proj"]), overhead),
+        (f"LoRA r={s.lora_rank} on all linear (peft)", functools.partial(lora, ALL_LINEAR), overhead),
         (f"MEFT r={r}, K={s.top_k}", meft, store + overhead),
         (f"dense adapter r={r}", functools.partial(dense_adapter, r), dense + overhead),
         (f"dense adapter r={s.top_k} (= K)", functools.partial(dense_adapter, s.top_k), overhead),
     ]
+
+
+def trainable(model: nn.Module) -> int:
+    """Trainable elements: the parameters that take gradients, and MEFT's rows (a row store's, not parameters)."""
+    rows = sum(a.store.rows.numel() for a in meft_ds.adapters(model))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) + rows
 
 
 def run(context: Context) -> Section:
@@ -91,11 +84,11 @@ def run(context: Context) -> Section:
                 models[label] = build()
         if not models:  # none fits in memory
             continue
-        steps = {k: common.step_function(model, opt, context.batch) for k, (model, opt, _) in models.items()}
+        steps = {k: common.step_function(model, opt, context.batch) for k, (model, opt) in models.items()}
         print(f"  {' and '.join(models)}: {WARMUP} warm-up steps each, then {repeats} timed in turns")
         for label, times in common.alternating_seconds(steps, repeats, WARMUP).items():
             measured[label] = {"variant": label, "seconds": statistics.median(times), "times": times}
-            measured[label]["trainable"] = models[label][2]
+            measured[label]["trainable"] = trainable(models[label][0])
             print(f"    {label}: median {measured[label]['seconds']:.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
         if meft[0] in models:  # where MEFT's host time goes
             host = {"seconds": timeline.timed_steps(steps[meft[0]], TIMELINE_STEPS), "steps": TIMELINE_STEPS}
@@ -122,8 +115,7 @@ def host_tables(host: dict[str, Any] | None, neurons: int) -> list[dict[str, Any
     if host is None:
         return []
     records = json.loads(BASELINE.read_text()) if BASELINE.is_file() else []
-    same = [b for b in records if b.get("cpu") == cpu_brand() and b.get("neurons") == neurons]
-    baseline = same[0] if same else None
+    baseline = next((b for b in records if b.get("cpu") == cpu_brand() and b.get("neurons") == neurons), None)
     table = timeline.table(host, baseline)
     title = text("c", "timeline", neurons=neurons, layers=host["layers"])
     if baseline is not None:

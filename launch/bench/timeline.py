@@ -8,6 +8,7 @@ checkout.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -34,53 +35,40 @@ PHASES: dict[str, list[tuple[Any, str]]] = {
 }
 
 
-class HostTimeline:
-    """``with HostTimeline() as timeline:`` times every phase's functions until the block ends."""
+def timed_steps(step: Callable[[], None], steps: int) -> dict[str, float]:
+    """``{phase: seconds}`` over ``steps`` calls of ``step``, plus ``"step"``: their total wall time. Every phase's
+    functions are wrapped in timers for these calls and put back after them."""
+    seconds = dict.fromkeys(PHASES, 0.0)
+    children: list[float] = []  # time of timed calls inside each open timed call
 
-    def __init__(self) -> None:
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self._children: list[float] = []  # time of timed calls inside each open timed call
-        self._restore: list[Callable[[], None]] = []
-
-    def _wrap(self, phase: str, function: Callable) -> Callable:
+    def timer(phase: str, function: Callable) -> Callable:
         @functools.wraps(function)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            self._children.append(0.0)
+            children.append(0.0)
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - start
-                self.seconds[phase] += elapsed - self._children.pop()
-                if self._children:
-                    self._children[-1] += elapsed
+                seconds[phase] += elapsed - children.pop()
+                if children:
+                    children[-1] += elapsed
 
         return timed
 
-    def __enter__(self) -> HostTimeline:
-        kernels = ops.cpu_kernels()
+    kernels = ops.cpu_kernels()
+    with contextlib.ExitStack() as restore:  # puts the originals back in reverse order
         for phase, functions in PHASES.items():
             for owner, name in functions:
                 target = kernels if owner == "kernels" else owner
                 original = target.__dict__[name] if isinstance(target, type) else getattr(target, name)
-                setattr(target, name, self._wrap(phase, original))
-                self._restore.append(functools.partial(setattr, target, name, original))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for restore in reversed(self._restore):
-            restore()
-        self._restore.clear()
-
-
-def timed_steps(step: Callable[[], None], steps: int) -> dict[str, float]:
-    """``{phase: seconds}`` over ``steps`` calls of ``step``, plus ``"step"``: their total wall time."""
-    with HostTimeline() as timeline:
+                setattr(target, name, timer(phase, original))
+                restore.callback(setattr, target, name, original)
         start = time.perf_counter()
         for _ in range(steps):
             step()
         total = time.perf_counter() - start
-    return {**timeline.seconds, "step": total}
+    return {**seconds, "step": total}
 
 
 def per_layer_ms(measured: dict[str, Any]) -> dict[str, float]:

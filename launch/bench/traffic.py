@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +19,8 @@ from torch import nn
 
 import meft_ds
 from bench import common, plots
-from bench.common import GB, Context, Section, fmt_bytes, fmt_ratio, section, text
+from bench.common import GB, Context, Section, fmt_bytes, fmt_ratio, paragraphs, section, text
 from bench.formulas import BF16, FP32, OffloadBytes, dense_adapter_params, minimal_offload_bytes, zero_offload_bytes
-
-
-def router_params(model: nn.Module) -> int:
-    return sum(a.router.weight.numel() for a in meft_ds.adapters(model))
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # measuring MEFT
@@ -39,11 +35,10 @@ class Window:
     step: dict[str, int]
 
     def total(self) -> dict[str, int]:
-        total = dict(self.step)
+        total = Counter(self.step)
         for delta in self.micro:
-            for key, value in delta.items():
-                total[key] = total.get(key, 0) + value
-        return total
+            total.update(delta)  # unlike Counter's +, keeps the counters that stayed at zero
+        return dict(total)
 
     def micro_mean(self, key: str) -> float:
         return sum(delta[key] for delta in self.micro) / len(self.micro)
@@ -109,21 +104,19 @@ def measure_neurons(context: Context, neurons: int, notes: list[str]) -> dict[st
     s = context.settings
     base = {"num_neurons": neurons, "top_k": s.top_k, "row_dtype": "bf16"}
     config = context.base().config
-    num_layers, dim = config.num_hidden_layers, config.hidden_size
-    dense_n = dense_adapter_params(num_layers, neurons, dim)
+    dense_n = dense_adapter_params(config.num_hidden_layers, neurons, config.hidden_size)
     cache_mb = context.cache_mb if context.cache_mb is not None else 2 * BF16 * dense_n / 2**20
     # one store (rows, two moments, at worst a full gradient accumulator) + the cache + a model copy and activations
     if not common.fits_in_memory(4 * dense_n * FP32 + cache_mb * 2**20 + 2 * GB, f"r={neurons}", notes):
         return None
-    plain = context.meft(base, {"cache_mb": 0})
-    result: dict[str, Any] = {"neurons": neurons, "layers": num_layers, "dim": dim, "dense_params": dense_n}
-    result |= {"config": plain.to_dict(), "cache_mb": cache_mb}
+    result: dict[str, Any] = {"neurons": neurons, "layers": config.num_hidden_layers, "dense_params": dense_n}
+    result["cache_mb"] = cache_mb
     windows: dict[str, dict[str, Window]] = {"init": {}, "trained": {}}
     plain_steps, window = s.traffic_plain_micro_steps, s.traffic_window
     with tempfile.TemporaryDirectory(prefix="meft_bench_") as trained_dir:
         print(f"  r={neurons}: MEFT without cache, {plain_steps} micro-steps at init")
-        model, optimizers = common.build_meft(context.fresh_model(), plain, s.train_lr)
-        result["router_params"] = router_params(model)
+        model, optimizers = common.build_meft(context.fresh_model(), context.meft(base, {"cache_mb": 0}), s.train_lr)
+        result["router_params"] = sum(a.router.weight.numel() for a in meft_ds.adapters(model))
         windows["init"]["plain"] = measure_window(model, optimizers, [context.batch(i) for i in range(plain_steps)])
         print(f"  r={neurons}: training {s.train_steps} steps on facts (lr {s.train_lr})")
         result["fixed_batch_loss"] = [fixed_batch_loss(model, context.batch(0))]
@@ -152,58 +145,9 @@ def measure_neurons(context: Context, neurons: int, notes: list[str]) -> dict[st
     return result
 
 
-def summarize(result: dict[str, Any], accum_steps: int, window: int) -> list[dict[str, Any]]:
-    """Rows of the table for one ``r``: per state, the dense baselines and each MEFT variant measured."""
-    dense_n, router_n = result["dense_params"], result["router_params"]
-    rows = []
-    for phase, by_variant in result["windows"].items():
-        for g in sorted({window, accum_steps}):
-            router = zero_offload_bytes(router_n, g)
-            entry: dict[str, Any] = {"r": result["neurons"], "state": phase, "G": g, "cache_mb": result["cache_mb"]}
-            entry["dense_coded"] = dataclasses.asdict(zero_offload_bytes(dense_n, g))
-            entry["dense_minimal"] = dataclasses.asdict(minimal_offload_bytes(dense_n, g))
-            entry["router"] = dataclasses.asdict(router)
-            for name, raw in by_variant.items():
-                measured = Window(**raw)
-                max_rows = result["neurons"] * result["layers"]
-                meft = measured.plain_bytes_at(g) if name == "plain" else measured.cached_bytes_at(g, max_rows)
-                entry[name] = {
-                    "to_device": meft.to_device + router.to_device,
-                    "to_host": meft.to_host + router.to_host,
-                    "meft_to_device": meft.to_device,
-                    "meft_to_host": meft.to_host,
-                    "extrapolated": name != "plain" and g != len(measured.micro),
-                    "rows_per_layer_micro": measured.micro_mean("rows_fetched") / result["layers"],
-                    "rows_updated_per_layer": measured.step["rows_updated"] / result["layers"],
-                    "micro_steps_measured": len(measured.micro),
-                }
-            rows.append(entry)
-    return rows
+Bytes = dict[str, OffloadBytes]  # per variant (LABELS)
 
-
-def run(context: Context) -> Section:
-    s = context.settings
-    skipped: list[str] = []
-    measured = [measure_neurons(context, neurons, skipped) for neurons in s.traffic_neurons]
-    results = [result for result in measured if result is not None]
-    summaries = [row for result in results for row in summarize(result, s.accum_steps, s.traffic_window)]
-    window = text("a", "window_whole" if s.traffic_window >= s.accum_steps else "window_part", s=s)
-    best = []  # per (r, state): the MEFT variant with the fewest bytes per optimizer step, and dense (as coded) ÷ it
-    for entry in (e for e in summaries if e["G"] == s.accum_steps):
-        name = min(("plain", "cache"), key=lambda n: _bytes(entry, n).total)
-        best.append((entry["r"], entry["state"], name, _bytes(entry, "dense_coded").total / _bytes(entry, name).total))
-    named = [f"r={r} {phase}: {fmt_ratio(ratio)} ({'no ' * (name == 'plain')}cache)" for r, phase, name, ratio in best]
-    return section(
-        "a",
-        {"s": s, "cache_window": window, "best": "; ".join(named)},
-        rows=table_rows(summaries, s.traffic_window, s.accum_steps),
-        met=all(ratio >= 10 for *_, ratio in best) if best and not skipped else None,  # judged when every r ran
-        notes=_notes(results, s) + skipped,
-        data={"results": results, "summaries": summaries},
-    )
-
-
-LABELS = {  # the variants of a summary entry, as the plot names them
+LABELS = {  # the variants, as the table (the cache's with its budget) and the plot name them
     "dense_coded": "dense adapter, ZeRO-Offload as coded",
     "dense_minimal": "dense adapter, minimal offload",
     "plain": "MEFT, no cache (+ routers)",
@@ -211,30 +155,70 @@ LABELS = {  # the variants of a summary entry, as the plot names them
 }
 
 
-def _bytes(entry: dict[str, Any], name: str) -> OffloadBytes:
-    """Variant ``name``'s bytes per optimizer step in a summary entry (MEFT's with the routers')."""
-    return OffloadBytes(entry[name]["to_device"], entry[name]["to_host"])
+def variant_bytes(result: dict[str, Any], phase: str, name: str, accum_steps: int) -> OffloadBytes:
+    """Variant ``name``'s bytes per optimizer step of ``accum_steps`` micro-steps, for one ``r`` in ``phase``: the
+    dense baselines' analytic, MEFT's measured (scaled from its window) plus the routers' under ZeRO-Offload."""
+    if name == "dense_coded":
+        return zero_offload_bytes(result["dense_params"], accum_steps)
+    if name == "dense_minimal":
+        return minimal_offload_bytes(result["dense_params"], accum_steps)
+    window = Window(**result["windows"][phase][name])
+    max_rows = result["neurons"] * result["layers"]
+    meft = window.plain_bytes_at(accum_steps) if name == "plain" else window.cached_bytes_at(accum_steps, max_rows)
+    router = zero_offload_bytes(result["router_params"], accum_steps)
+    return OffloadBytes(meft.to_device + router.to_device, meft.to_host + router.to_host)
 
 
-def table_rows(summaries: list[dict[str, Any]], window: int, accum_steps: int) -> list[list[Any]]:
+def per_step(results: list[dict[str, Any]], accum_steps: int) -> list[tuple[dict[str, Any], str, Bytes]]:
+    """Per (r, state): each variant's bytes per optimizer step of ``accum_steps`` micro-steps."""
+    return [
+        (result, phase, {name: variant_bytes(result, phase, name, accum_steps) for name in LABELS})
+        for result in results
+        for phase in result["windows"]
+    ]
+
+
+def run(context: Context) -> Section:
+    s = context.settings
+    skipped: list[str] = []
+    measured = [measure_neurons(context, neurons, skipped) for neurons in s.traffic_neurons]
+    results = [result for result in measured if result is not None]
+    window = text("a", "window_whole" if s.traffic_window >= s.accum_steps else "window_part", s=s)
+    best = []  # per (r, state): the MEFT variant with the fewest bytes per optimizer step, and dense (as coded) ÷ it
+    for result, phase, b in per_step(results, s.accum_steps):
+        name = min(("plain", "cache"), key=lambda n: b[n].total)
+        best.append((result["neurons"], phase, name, b["dense_coded"].total / b[name].total))
+    named = [f"r={r} {phase}: {fmt_ratio(ratio)} ({'no ' * (name == 'plain')}cache)" for r, phase, name, ratio in best]
+    return section(
+        "a",
+        {"s": s, "cache_window": window, "best": "; ".join(named)},
+        rows=table_rows(results, s.traffic_window, s.accum_steps),
+        met=all(ratio >= 10 for *_, ratio in best) if best and not skipped else None,  # judged when every r ran
+        notes=_notes(results, s) + skipped,
+        data={"results": results, "accum_steps": s.accum_steps},
+    )
+
+
+def table_rows(results: list[dict[str, Any]], window: int, accum_steps: int) -> list[list[Any]]:
     """Per (r, state) and variant: the average bytes per micro-step and the bytes per optimizer step at G=32,
     the bytes per optimizer step at the measured window (when shorter), and the ratios of the dense baselines to it."""
-    at = {(e["r"], e["state"], e["G"]): e for e in summaries}
     rows = []
-    for entry in (e for e in summaries if e["G"] == accum_steps):
-        plain, cache = entry["plain"], entry["cache"]
-        labels = LABELS | {"cache": f"MEFT, cache {entry['cache_mb'] / 1024:.2f} GiB (+ routers)"}
-        counts = {"plain": f"{plain['rows_per_layer_micro']:.0f} fetched / micro-step"}
-        counts["cache"] = f"{cache['rows_updated_per_layer']:.0f} updated / step"
-        coded, minimal = _bytes(entry, "dense_coded").total, _bytes(entry, "dense_minimal").total
+    for result, phase, b in per_step(results, accum_steps):
+        plain, cache = (Window(**result["windows"][phase][name]) for name in ("plain", "cache"))
+        labels = LABELS | {"cache": f"MEFT, cache {result['cache_mb'] / 1024:.2f} GiB (+ routers)"}
+        counts = {
+            "plain": f"{plain.micro_mean('rows_fetched') / result['layers']:.0f} fetched / micro-step",
+            "cache": f"{cache.step['rows_updated'] / result['layers']:.0f} updated / step",
+        }
+        coded, minimal = b["dense_coded"].total, b["dense_minimal"].total
         for name, label in labels.items():
-            b, star = _bytes(entry, name), "*" if entry[name].get("extrapolated") else ""
-            shorter = at[(entry["r"], entry["state"], window)]
-            window_column = [fmt_bytes(_bytes(shorter, name).total)] if window != accum_steps else []
+            star = "*" if name == "cache" and len(cache.micro) != accum_steps else ""  # scaled from the window
+            shorter = [fmt_bytes(variant_bytes(result, phase, name, window).total)] if window != accum_steps else []
             rows.append([
-                entry["r"], entry["state"], label, fmt_bytes(b.to_device / accum_steps),
-                fmt_bytes(b.to_host / accum_steps), *window_column, fmt_bytes(b.total) + star,
-                fmt_ratio(coded / b.total) + star, fmt_ratio(minimal / b.total) + star, counts.get(name, "all r"),
+                result["neurons"], phase, label, fmt_bytes(b[name].to_device / accum_steps),
+                fmt_bytes(b[name].to_host / accum_steps), *shorter, fmt_bytes(b[name].total) + star,
+                fmt_ratio(coded / b[name].total) + star, fmt_ratio(minimal / b[name].total) + star,
+                counts.get(name, "all r"),
             ])  # fmt: skip
     return rows
 
@@ -252,28 +236,27 @@ def _notes(results: list[dict[str, Any]], s: Any) -> list[str]:
         for name, what in (("plain", "without the cache"), ("cache", "with the cache")):
             window = Window(**r["windows"]["trained"][name])  # where its bytes went: rows vs everything else
             t = window.total()
-            other_in, other_out = (t[f"bytes_to_{w}"] - t[f"row_bytes_to_{w}"] for w in ("device", "host"))
-            notes.append(text("a", "note_breakdown", r=r, what=what, micro=len(window.micro), t=t, other_in=other_in,
-                              other_out=other_out))  # fmt: skip
-        notes.append(text("a", "note_cache", r=r))
+            other = {way: t[f"bytes_to_{way}"] - t[f"row_bytes_to_{way}"] for way in ("device", "host")}
+            notes.append(text("a", "note_breakdown", r=r, what=what, micro=len(window.micro), t=t, other=other))
         before, after = r["fixed_batch_loss"]
-        notes.append(text("a", "note_training", r=r, steps=len(r["train_losses"]), before=before, after=after))
+        steps = len(r["train_losses"])
+        notes += paragraphs("a", "notes_cache_training", r=r, steps=steps, before=before, after=after)
     if s.traffic_window < s.accum_steps:
         notes.append(text("a", "note_scaled"))
     return notes
 
 
 def plot(section: Section, path: str) -> None:
-    accum = max(e["G"] for e in section.data["summaries"])
-    entries = [e for e in section.data["summaries"] if e["G"] == accum]
+    accum = section.data["accum_steps"]
+    cells = per_step(section.data["results"], accum)
     title = "a. Host<->device bytes per optimizer step, SmolLM2-135M (30 layers), bf16 rows"
     legend = {"fontsize": 8, "ncol": 2, "loc": "upper center"}
     with plots.chart(section, path, (10, 6), title=title, ylabel=f"GB per optimizer step (G={accum})", legend=legend,
                      margins={"bottom": 0.33}) as axes:  # fmt: skip
-        groups = [f"r={e['r']}\n{e['state']}" for e in entries]
-        series = {label: [_bytes(e, name).total / 1e9 for e in entries] for name, label in LABELS.items()}
+        groups = [f"r={result['neurons']}\n{phase}" for result, phase, _ in cells]
+        series = {label: [b[name].total / 1e9 for *_, b in cells] for name, label in LABELS.items()}
         for name, bars in zip(LABELS, plots.grouped_bars(axes, groups, series), strict=True):
             if name in ("plain", "cache"):
-                ratios = [_bytes(e, "dense_coded").total / _bytes(e, name).total for e in entries]
+                ratios = [b["dense_coded"].total / b[name].total for *_, b in cells]
                 axes.bar_label(bars, [f"{r:.1f}x less" for r in ratios], fontsize=7)
         axes.set_ylim(0, axes.get_ylim()[1] * 1.3)  # room for the legend above the bars
