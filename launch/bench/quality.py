@@ -50,11 +50,11 @@ def meft(label: str, neurons: int, lrs: tuple[float, ...], *extra: str, seeds: t
 
 
 def full_grid() -> Grid:
-    """What ran on 2026-12-03 in about 1.5 hours of our 2 cores (see ``full_notes`` in sections.md): the issue's task
-    size (150 facts, 100 steps of 8); MEFT with the rows clipped apart at two learning rates, and its variants at 3e-3
-    (the global clip, per-row bias correction, self-rehearsal); LoRA below (r=64) and above (r=256) MEFT's device
-    bytes; the parallel adapter just below them (r=1024). One seed each; a second cell with the same label and
-    ``seeds=(1,)`` adds a seed to a configuration."""
+    """What ran on 2026-12-03 in about 2.5 hours of our 2 cores (see ``full_notes`` in sections.md): the issue's task
+    size (150 facts, 100 steps of 8); MEFT at r=4096 with its clipping, bias-correction and rehearsal variants, and at
+    r=16384; LoRA at r=64, 256, 288 (MEFT r=16384's device bytes) and 512; the parallel adapter just below MEFT
+    r=4096's bytes (r=1024). A second cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one
+    with other ``lrs`` extends its sweep."""
     separate, per_row = ("--meft", "clip_rows=separate"), ("--meft", "bias_correction=per_row")
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
@@ -77,6 +77,7 @@ def full_grid() -> Grid:
             meft("MEFT r=16384, global clip", 16384, (3e-3,), seeds=(1,)),
             Cell("LoRA r=512", "lora", ("--lora_r", "512"), (1e-3, 5e-4)),
             Cell("LoRA r=256", "lora", ("--lora_r", "256"), (1e-3,), seeds=(1,)),
+            Cell("LoRA r=288", "lora", ("--lora_r", "288"), (5e-4,)),
         ),
     )  # fmt: skip
 
