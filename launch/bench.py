@@ -1,6 +1,6 @@
 """Benchmarks of meft_ds (issue 5), all in one run; writes results JSON, PNG plots and BENCHMARKS.md.
 
-    python launch/bench.py                     # the full run, about 15 minutes on 2 CPU cores
+    python launch/bench.py                     # the full run, about 20 minutes on 2 CPU cores
     python launch/bench.py --quick             # about 2 minutes, smaller sizes
     python launch/bench.py --only a,c --out docs/bench --meft n_probe=16 --cache-mb 512
     python launch/bench.py --render            # BENCHMARKS.md again from docs/bench (e.g. after a GPU check)

@@ -50,16 +50,22 @@ class IoTimer:
     only the seconds spent in the store's calls count, the rest ran behind the FFN or the update of the store before."""
 
     def __init__(self, overlap: bool) -> None:
-        self.overlap, self.forward_bytes, self._in_gather = overlap, 0, False
+        self.overlap = overlap
         self.seconds = {"read_seconds": 0.0, "write_seconds": 0.0, "forward_read_seconds": 0.0}
+        self.forward_bytes = 0
         self._pending = {"read": 0, "write": 0}
+        self._in_gather = False
 
     @contextlib.contextmanager
     def _forward_read(self, store: Any) -> Iterator[None]:
         """Seconds and bytes of the forward's reads in the block."""
-        start, before, self._in_gather = time.perf_counter(), store.stats.nvme_bytes_read, True
-        yield
-        self._in_gather, elapsed = False, time.perf_counter() - start
+        start, before = time.perf_counter(), store.stats.nvme_bytes_read
+        self._in_gather = True
+        try:
+            yield
+        finally:
+            self._in_gather = False
+        elapsed = time.perf_counter() - start
         self.seconds["read_seconds"] += elapsed
         self.seconds["forward_read_seconds"] += elapsed
         self.forward_bytes += store.stats.nvme_bytes_read - before
@@ -162,13 +168,15 @@ def raw_aio_io(folder: Path, size: int) -> dict[str, Any]:
     nothing of the store's is pending then). ``measure`` removes the folder, and the file, whatever happens."""
     handle, path = aio_queues()[0].handle, str(folder / "raw_aio.bin")
     source, target = (handle.new_cpu_locked_tensor(size // 4, torch.empty(0)) for _ in range(2))
-    source.uniform_()
-    result = file_gbs(size, lambda: (handle.async_pwrite(source, path, 0), handle.wait()),
-                      lambda: (handle.async_pread(target, path, 0), handle.wait()), target.zero_)  # fmt: skip
-    if not torch.equal(source, target):
-        raise RuntimeError("raw aio: the file read back differs from what was written")
-    handle.free_cpu_locked_tensor(source)
-    handle.free_cpu_locked_tensor(target)
+    try:
+        source.uniform_()
+        result = file_gbs(size, lambda: (handle.async_pwrite(source, path, 0), handle.wait()),
+                          lambda: (handle.async_pread(target, path, 0), handle.wait()), target.zero_)  # fmt: skip
+        if not torch.equal(source, target):
+            raise RuntimeError("raw aio: the file read back differs from what was written")
+    finally:  # pinned memory outlives a failed benchmark otherwise
+        handle.free_cpu_locked_tensor(source)
+        handle.free_cpu_locked_tensor(target)
     os.unlink(path)
     return result
 
