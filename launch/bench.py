@@ -1,7 +1,7 @@
 """Benchmarks of meft_ds (issue 5), all in one run; writes results JSON, PNG plots and BENCHMARKS.md.
 
     python launch/bench.py                     # the full run, about 20 minutes on 2 CPU cores
-    python launch/bench.py --quick             # about 2 minutes, smaller sizes
+    python launch/bench.py --quick             # about 5 minutes, smaller sizes
     python launch/bench.py --only a,c --out docs/bench --meft n_probe=16 --cache-mb 512
     python launch/bench.py --render            # BENCHMARKS.md again from docs/bench (e.g. after a GPU check)
     python launch/bench.py --only quality      # learning quality: about an hour, not part of the default run
@@ -61,7 +61,7 @@ DEFAULT = [key for key in EXPERIMENTS if key != "quality"]  # quality trains ~10
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (~2 min)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (~5 min)")
     parser.add_argument("--only", default=",".join(DEFAULT), help="experiments to run, e.g. a,c or quality")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="results.json and plots")
     parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")

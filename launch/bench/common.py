@@ -34,7 +34,7 @@ SECTIONS = Path(__file__).with_name("sections.md")
 
 @dataclass(frozen=True)
 class Settings:
-    """Sizes and repetitions of one run. ``full()`` is the documented run (~20 min on 2 cores), ``quick()`` ~2 min."""
+    """Sizes and repetitions of one run. ``full()`` is the documented run (~20 min on 2 cores), ``quick()`` ~5 min."""
 
     micro_batch: int = 2  # the paper's setting: micro-batch 2 x 256 tokens
     seq_len: int = 256
