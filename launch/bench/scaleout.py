@@ -70,15 +70,24 @@ def summarize_variant(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         return statistics.fmean(step[part][key] if part else step[key] for step in steps)
 
     summary = {
-        "variant": first["variant"], "layers": layers, "dim": dim, "neurons": neurons, "experts": first["num_experts"],
-        "touched": mean("touched"), "foreign": mean("foreign"), "updated": mean("rows_updated", "step"),
-        "exchange": mean("bytes_between_ranks", "step"), "forward": mean("bytes_between_ranks", "micro"),
+        "variant": first["variant"],
+        "layers": layers,
+        "dim": dim,
+        "neurons": neurons,
+        "experts": first["num_experts"],
+        "touched": mean("touched"),
+        "foreign": mean("foreign"),
+        "updated": mean("rows_updated", "step"),
+        "exchange": mean("bytes_between_ranks", "step"),
+        "forward": mean("bytes_between_ranks", "micro"),
         "routers": first["router_params"] * formulas.GRAD_BYTES,  # the engine all-reduces the routers' fp32 gradients
         "dense": formulas.dense_allreduce_bytes(neurons, dim, layers),
-        "fetched": mean("rows_fetched", "micro") / MICRO_STEPS, "row_dtype": first["row_dtype"],
+        "fetched": mean("rows_fetched", "micro") / MICRO_STEPS,
+        "row_dtype": first["row_dtype"],
         "node_pss": sum(r["pss_bytes"] for r in per_rank),
-        "store_bytes": statistics.fmean(r["store_bytes"] for r in per_rank), "shard_default": first["shard_default"],
-    }  # fmt: skip
+        "store_bytes": statistics.fmean(r["store_bytes"] for r in per_rank),
+        "shard_default": first["shard_default"],
+    }
     summary["total"] = summary["exchange"] + summary["forward"] + summary["routers"]
     return summary
 

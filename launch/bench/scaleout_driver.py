@@ -53,9 +53,14 @@ def rows_with_grads(model: torch.nn.Module) -> tuple[int, int]:
 
 def run_variant(base: torch.nn.Module, spec: dict[str, Any], variant: dict[str, Any], batches: list) -> dict:
     rank, world, micro_steps = dist.get_rank(), dist.get_world_size(), spec["micro_steps"]
-    config = {"train_micro_batch_size_per_gpu": batches[0]["input_ids"].shape[0], "gradient_clipping": 0.0,
-              "gradient_accumulation_steps": micro_steps, "steps_per_print": 10**9, "zero_optimization": {"stage": 0},
-              "optimizer": {"type": "AdamW", "params": {"lr": spec["lr"]}}}  # fmt: skip
+    config = {
+        "train_micro_batch_size_per_gpu": batches[0]["input_ids"].shape[0],
+        "gradient_accumulation_steps": micro_steps,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": spec["lr"]}},
+        "zero_optimization": {"stage": 0},
+    }
     meft = {**spec["meft"], **variant.get("meft", {}), "store": variant["store"]}
     model = copy.deepcopy(base)
     engine, *_ = meft_ds.initialize(model=model, config=config, meft=meft)
@@ -77,15 +82,21 @@ def run_variant(base: torch.nn.Module, spec: dict[str, Any], variant: dict[str, 
                       "foreign": foreign})  # fmt: skip
         print(f"rank {rank} {variant['name']} step {step}: {time.perf_counter() - start:.1f} s", flush=True)
     result = {
-        "variant": variant["name"], "layers": [a.layer_index for a in layers], "dim": layers[0].dim,
-        "num_neurons": layers[0].store.num_rows, "num_experts": layers[0].config.num_experts,
-        "rows_held": sum(a.store.rows.shape[0] for a in layers), "store_bytes": sum(a.store.nbytes for a in layers),
+        "variant": variant["name"],
+        "layers": [a.layer_index for a in layers],
+        "dim": layers[0].dim,
+        "num_neurons": layers[0].store.num_rows,
+        "num_experts": layers[0].config.num_experts,
+        "rows_held": sum(a.store.rows.shape[0] for a in layers),
+        "store_bytes": sum(a.store.nbytes for a in layers),
         # PSS: this process's share of every page it maps (its RSS where smaps_rollup is missing)
         "pss_bytes": proc_bytes("/proc/self/smaps_rollup", "Pss") or proc_bytes("/proc/self/status", "VmRSS") or 0,
-        "row_dtype": meft.get("row_dtype", "auto"), "router_params": router_params, "steps": steps,
+        "row_dtype": meft.get("row_dtype", "auto"),
+        "router_params": router_params,
+        "steps": steps,
         "shard_default": bool(layers[0].store.is_shard and "shard" not in variant["store"]),
         "final": meft_ds.stats(model),
-    }  # fmt: skip
+    }
     del engine, model, layers
     gc.collect()
     return result
