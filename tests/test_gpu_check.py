@@ -23,6 +23,9 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in (tmp_path / "tests.log").read_text()
+    summary = (tmp_path / "summary.txt").read_text()  # every step ran, each with its exit code
+    assert [line.split(":")[0] for line in summary.splitlines()] == ["environment", "build", "tests", "bench"]
+    assert all(": exit 0," in line for line in summary.splitlines())
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     variants = [r["variant"] for r in report["results"]]
     assert [v.split(" ")[0] for v in variants] == ["no", "LoRA", "MEFT"]
