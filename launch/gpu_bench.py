@@ -52,6 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_check")
     parser.add_argument("--steps", type=int, help="timed optimizer steps per variant (default 3, dry run 2)")
     parser.add_argument("--accumulation", type=int, help="micro-steps per optimizer step (default 4, dry run 2)")
+    parser.add_argument("--profile", action="store_true", help="then as many MEFT steps under cProfile (the host's "
+                        "top functions, in gpu_profile.txt)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -175,10 +177,12 @@ def generation(model: torch.nn.Module, vocab: int, device: torch.device, dry_run
     prompts, prompt_length, new_tokens = 2, 8 if dry_run else 32, 8 if dry_run else 32
     ids = torch.randint(0, vocab, (prompts, prompt_length), generator=torch.Generator().manual_seed(1)).to(device)
     model.eval()
-    outputs, paths = {}, []
+    outputs, last_logits, paths = {}, {}, []
     for path in ("host", "device"):
         if path == "device":
             meft_ds.for_inference(model)
+        with torch.no_grad():  # the prompts' next-token logits: the paths should differ by rounding only
+            last_logits[path] = model(input_ids=ids).logits[:, -1].float()
         accelerator.reset_peak_memory_stats()
         before = meft_ds.stats(model)
         seconds = []
@@ -202,13 +206,38 @@ def generation(model: torch.nn.Module, vocab: int, device: torch.device, dry_run
         })  # fmt: skip
         print(f"  generate, routing on the {path}: {paths[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
     meft_ds.for_training(model)
+    differ = (outputs["host"] != outputs["device"])[:, prompt_length:]
+    agreeing = torch.where(differ.any(1), differ.int().argmax(1), new_tokens)  # new tokens before the first difference
     return {
         "prompts": f"{prompts} x {prompt_length} random tokens",
         "new_tokens": new_tokens,
         "identical": torch.equal(outputs["host"], outputs["device"]),
+        "agreeing_tokens": int(agreeing.min()),
+        "next_token_logits_rel_diff": float(
+            (last_logits["device"] - last_logits["host"]).norm() / last_logits["host"].norm()
+        ),
         "paths": paths,
         "speedup": paths[1]["tokens_per_s"] / paths[0]["tokens_per_s"],
     }
+
+
+def profile(step: Callable[[], None], steps: int, path: Path) -> None:
+    """``steps`` calls of ``step`` under cProfile: the host's 40 top functions by own time and by cumulative time
+    (time blocked on the device shows as the own time of ``synchronize``). The backward runs in the calling thread
+    meanwhile (autograd's device threads are out of cProfile's sight)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    with torch.autograd.set_multithreading_enabled(False):
+        profiler.runcall(lambda: [step() for _ in range(steps)])
+    get_accelerator().synchronize()
+    text = io.StringIO()
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -277,6 +306,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     host = {"seconds": timeline.timed_steps(engine_step(engine), steps), "steps": steps * accumulation}
     results[-1]["host_timeline"] = host | {"layers": len(meft_ds.adapters(model))}
+    if args.profile:
+        profile(engine_step(engine), steps, args.out / "gpu_profile.txt")
     generated = generation(model, vocab, device, args.dry_run)
     floor = results[0]["tokens_per_s"]
     for result in results:
@@ -322,7 +353,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Greedy generate() of the trained MEFT model, {generated['prompts']}, {generated['new_tokens']} new tokens; "
-        f"outputs of both paths identical: {'yes' if generated['identical'] else 'NO'}.",
+        f"outputs of both paths identical: {'yes' if generated['identical'] else 'no'} (the first "
+        f"{generated['agreeing_tokens']} new tokens agree; the prompts' next-token logits differ by "
+        f"{generated['next_token_logits_rel_diff']:.1e}, relative).",
         "",
         "| generate() | tokens/s | speed-up | peak device GiB | rows on the device | host->device / token "
         "| device->host / token |",

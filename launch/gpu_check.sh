@@ -17,7 +17,8 @@
 #
 # Every step runs, each under its own time limit, whatever the earlier ones did (a lent GPU's minutes are few: one
 # call must tell all it can); each writes $OUT/<step>.log, and $OUT/summary.txt lists the steps' exit codes and times.
-# The script exits non-zero if any step failed.
+# The script exits non-zero if any step failed. GPU_CHECK_STEPS picks steps (e.g. "environment build bench");
+# GPU_BENCH_ARGS adds arguments to launch/gpu_bench.py (e.g. "--profile": the host's top functions, cProfile).
 #
 # Packages the machine lacks (the lent H200 has torch, transformers, accelerate, peft, ninja, py-cpuinfo, but neither
 # deepspeed nor network) are installed from wheels in .whl/ when that folder exists: bash launch/gpu_wheels.sh makes
@@ -34,19 +35,21 @@ if [ "$dry_run" = 0 ] && [ -d .whl ]; then
         || { echo "gpu_check: installing the wheels in .whl/ failed"; exit 1; }
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-python3 -c "import meft_ds" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # meft_ds from this checkout, also for launch/gpu_bench.py
 if [ "$dry_run" = 1 ]; then export DS_ACCELERATOR=cpu; else export DS_ACCELERATOR=cuda; fi
-bench_args=()
-if [ "$dry_run" = 1 ]; then bench_args=(--dry-run); fi
+read -ra bench_args <<< "${GPU_BENCH_ARGS:-}"
+if [ "$dry_run" = 1 ]; then bench_args+=(--dry-run); fi
 
 started=$SECONDS
 failed=0
 : > "$OUT/summary.txt"
 # step NAME LIMIT_SECONDS COMMAND...: run COMMAND under a time limit, its output into $OUT/NAME.log, and its exit code
 # and seconds into $OUT/summary.txt
+steps=" ${GPU_CHECK_STEPS:-environment build tests sanitizer bench} "
 step() {
     local name=$1 limit=$2 begun=$SECONDS rc
     shift 2
+    if [[ "$steps" != *" $name "* ]]; then return; fi
     echo "== gpu_check: $name (limit ${limit} s)"
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     rc=${PIPESTATUS[0]}

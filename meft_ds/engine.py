@@ -39,7 +39,12 @@ from torch import nn
 
 from meft_ds.checkpoint import load_stores, save_stores
 from meft_ds.config import MeftConfig, MeftConfigError
-from meft_ds.distributed import exchange_row_grads, row_grad_squared_norm, unlink_cpu_allreduce_buffer
+from meft_ds.distributed import (
+    exchange_row_grads,
+    row_grad_squared_norm,
+    squared_norm,
+    unlink_cpu_allreduce_buffer,
+)
 from meft_ds.ds_config import (
     fit_precision_to_cpu,
     load_deepspeed_config,
@@ -240,7 +245,7 @@ class MeftPlugin:
         global norm <= max_norm) has nothing left to do."""
         dense = [(p, safe_get_full_grad(p)) for p in self._dense_params()]
         dense = [(p, g) for p, g in dense if g is not None]
-        squared = sum((g.double().pow(2).sum().item() for _, g in dense), 0.0) / scale**2
+        squared = sum((squared_norm(g).item() for _, g in dense), 0.0) / scale**2
         squared += row_grad_squared_norm(self.adapters)
         norm = math.sqrt(squared)
         self.last_grad_norm = norm

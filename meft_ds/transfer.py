@@ -149,19 +149,29 @@ class RowTransfer:
         self.cache: DeviceRowCache | None = None  # created at the first fetch, when the travel dtype is known
         self.buffers = buffers if buffers is not None else PinnedBuffers()
         self._accelerator = get_accelerator()
+        self._device_type = torch.device(self._accelerator.device_name()).type
         self._side_stream: Any = None  # created at the first copy, on that copy's device
         self._handovers: list[_Handover] = []
 
     # ------------------------------------------------------------------ streams and events
+    def _streams_on(self, device: torch.device) -> bool:
+        """Whether copies to and from ``device`` are asynchronous, ordered by the accelerator's streams and events:
+        it has them, and ``device`` is of its kind. A model left on the CPU beside a GPU copies synchronously (the
+        asynchronous test accelerator's device is the CPU)."""
+        return self._accelerator.Stream is not None and device.type == self._device_type
+
     def _side(self, device: torch.device) -> Any:
-        """The side stream (``None`` without streams), created on ``device`` at first use."""
-        if self._side_stream is None and self._accelerator.Stream is not None:
+        """The side stream for copies to and from ``device`` (``None`` without streams there), created at first use."""
+        if not self._streams_on(device):
+            return None
+        if self._side_stream is None:
             self._side_stream = self._accelerator.Stream(device=device)
         return self._side_stream
 
-    def _event(self, stream: Any = None) -> Any:
-        """An event recorded now on ``stream`` (the current stream if ``None``), or ``None`` without events."""
-        if self._accelerator.Event is None:
+    def _event(self, device: torch.device, stream: Any = None) -> Any:
+        """An event recorded now on ``stream`` (the current stream if ``None``) for work on ``device``, or ``None``
+        where copies to and from ``device`` are synchronous."""
+        if not self._streams_on(device):
             return None
         event = self._accelerator.Event()
         event.record(stream)
@@ -174,7 +184,7 @@ class RowTransfer:
         ring_slot, (host,) = self.buffers.take(name, (tuple(tensor.shape), tensor.dtype))
         host.copy_(tensor, non_blocking=True)
         self.stats.bytes_to_host += _nbytes(tensor)
-        copied = self._event()
+        copied = self._event(tensor.device)
         if copied is not None:
             self.buffers.hold(ring_slot, copied.synchronize)
         return host, copied
@@ -213,7 +223,7 @@ class RowTransfer:
         with self._accelerator.stream(side):
             on_device = torch.empty(shape, dtype=dtype, device=device)
             on_device.copy_(staging, non_blocking=True)
-        copied = self._event(side)
+        copied = self._event(device, side)
         if copied is not None:
             self.buffers.hold(ring_slot, copied.synchronize)
         return RowsInFlight(on_device, copied)
@@ -263,9 +273,9 @@ class RowTransfer:
         rounded to ``dtype``: ``(accumulator, ids to write them under, done)``. Without a device cache that is the
         store's own accumulator, by row id: the gradients are written once, where the optimizer reads them, and the
         counters count what an accelerator would copy (every row of ``row_ids`` and its flag, in ``dtype``). With
-        one, or where the accelerator has streams (the asynchronous test accelerator runs this kernel on the host),
-        the rows go through :meth:`accept_grads`, as an accelerator's backward hands them over."""
-        if self.cache is not None or self._accelerator.Stream is not None:
+        one, or where the accelerator's streams order copies of host tensors (the asynchronous test accelerator, whose
+        device is the CPU), the rows go through :meth:`accept_grads`, as an accelerator's backward hands them over."""
+        if self.cache is not None or self._streams_on(torch.device("cpu")):
             return by_union_pos(functools.partial(self.accept_grads, row_ids), row_ids.numel(), self.store.dim, dtype)
         self._count_grads_to_host(row_ids.numel(), dtype)
         return self.store.grad_accumulator, row_ids, lambda: None
@@ -305,7 +315,7 @@ class RowTransfer:
         ring_slot, (host_grads, host_flags) = self.buffers.take(
             purpose, (tuple(grads.shape), grads.dtype), (tuple(has_grad.shape), torch.bool)
         )
-        produced = self._event()
+        produced = self._event(grads.device)
         side = self._side(grads.device)
         with self._accelerator.stream(side):
             if side is not None:
@@ -315,7 +325,7 @@ class RowTransfer:
             host_grads.copy_(grads, non_blocking=True)
             host_flags.copy_(has_grad, non_blocking=True)
         handover = _Handover(self.store, row_ids, host_grads, host_flags)
-        handover.copied = self._event(side)
+        handover.copied = self._event(grads.device, side)
         self._handovers.append(handover)
         self.buffers.hold(ring_slot, handover.complete)
         self._count_grads_to_host(row_ids.numel(), grads.dtype)
