@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 12): everything meft_ds wants to see on a real accelerator, in one command.
 #
-#   bash launch/gpu_check.sh            on a CUDA machine (about 6 minutes on one H200, builds included)
+#   bash launch/gpu_check.sh            on a CUDA machine (263 s on one H200, builds included)
 #   bash launch/gpu_check.sh --dry-run  on any machine (CI): the same steps on the CPU at tiny sizes
 #
 # 1. build: DeepSpeed's CPU Adam and meft_ds's CPU kernels, JIT-built side by side before anything needs them;
