@@ -31,7 +31,6 @@ class RowGradAccumulator:
         self.grads = torch.empty(0, 2, dim)
         self.ids = torch.empty(0, dtype=torch.int64)
         self.count = 0
-        self._sorted = True  # ids[:count] ascending
         self._finite: bool | None = True  # every value written was finite (None: unknown, something else wrote)
         self._version = self.grads._version  # the buffer's version counter after our last write
 
@@ -64,10 +63,6 @@ class RowGradAccumulator:
     def committed(self, count: int, finite: bool) -> None:
         """A kernel wrote into :meth:`kernel_state`: entries ``[old count, count)`` are new, and its values were
         ``finite`` or not."""
-        first = self.count
-        if count > first and self._sorted:  # the new ids, and the last one before them, still ascending?
-            new = self.ids[max(first - 1, 0) : count]
-            self._sorted = bool((new[1:] > new[:-1]).all())
         self.count = count
         self._note_outside_writes()
         if self._finite is not None:
@@ -103,27 +98,14 @@ class RowGradAccumulator:
 
     # ------------------------------------------------------------------ reading
     def view(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(ids, grads)``: the touched rows' ids, sorted, and their gradients (``(n, 2, d)`` fp32, a view into the
-        buffer: in-place changes stay); ``None`` when no row has a gradient."""
+        """``(ids, grads)``: the touched rows' ids, in the order they first got a gradient, and their gradients
+        (``(n, 2, d)`` fp32, a view into the buffer: in-place changes stay); ``None`` when no row has a gradient.
+        Nothing downstream needs the ids sorted (the optimizer indexes rows by id, the NVMe tier and the exchange
+        between ranks sort what they read), and sorting them meant moving every row: 30 ms per 7B-shaped layer and
+        optimizer step on the H200 machine's host, a fifth of MEFT's host time there."""
         if self.count == 0:
             return None
-        if not self._sorted:
-            self._sort()
         return self.ids[: self.count], self.grads[: self.count]
-
-    def _sort(self) -> None:
-        kernels = cpu_kernels()
-        if kernels is not None:
-            kernels.sort_accumulated_(*self.kernel_state())
-        else:
-            n = self.count
-            order = self.ids[:n].argsort()
-            self._note_outside_writes()
-            self.grads[:n] = self.grads[:n][order]
-            self._version = self.grads._version
-            self.ids[:n] = self.ids[:n][order]
-            self.entry_of[self.ids[:n]] = torch.arange(n)
-        self._sorted = True
 
     def all_finite(self) -> bool:
         """Whether every accumulated value is finite: known from the writes, unless something else wrote since (then
@@ -142,5 +124,4 @@ class RowGradAccumulator:
         """Forget every gradient (the buffer is kept)."""
         self.entry_of[self.ids[: self.count]] = -1
         self.count = 0
-        self._sorted = True
         self._finite, self._version = True, self.grads._version

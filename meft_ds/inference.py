@@ -136,11 +136,12 @@ class DeviceRows:
         gates: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
         """Shape-static torch ops, in chunks of tokens: each token's probed keys gathered and scored in fp32 (autocast
-        off, as the host scores), its top-K rows gathered, the adapter computed over them."""
+        off and no matmul, whatever TF32 setting, as the host scores), its top-K rows gathered, the adapter computed
+        over them."""
         config = self.config
         size, top_k = config.expert_size, config.top_k
         offsets = torch.arange(size, device=x.device)
-        per_token = (config.n_probe * size + 2 * top_k) * x.shape[1] * 8
+        per_token = (config.n_probe * size + 2 * top_k) * x.shape[1] * 12
         chunk = max(1, CHUNK_BYTES // per_token)
         device_type = x.device.type
         fp32 = (
@@ -153,8 +154,9 @@ class DeviceRows:
             part = slice(start, start + chunk)
             experts = probe_ids[part]
             neurons = (experts.unsqueeze(-1) * size + offsets).flatten(1)  # (t, n_probe * size) row ids
-            with fp32:
-                scores = torch.bmm(self.keys[neurons].float(), hidden[part].unsqueeze(-1)).squeeze(-1)
+            with fp32:  # products and sums in fp32 on the vector units: a matmul in fp32 may run in TF32 where the
+                # user allows it (transformers' tf32=True, Accelerate's), rounding the scores to 10 bits of mantissa
+                scores = (self.keys[neurons].float() * hidden[part].unsqueeze(1)).sum(-1)
             part_gates = None if gates is None else gates[part]
             rows = top_k_rows(scores, experts, part_gates, expert_size=size, top_k=top_k)
             parts.append(self._over_rows(x[part], logits[part], rows))

@@ -127,8 +127,8 @@ class RowStore(abc.ABC):
         self.grad_accumulator.add(row_ids, grads, has_grad)
 
     def accumulated_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The accumulated ``(row_ids, grads)`` (ids sorted and unique; grads ``(n, 2, d)`` fp32, a view of the
-        accumulator: in-place changes stay), or ``None`` when no row has a gradient."""
+        """The accumulated ``(row_ids, grads)`` (ids unique, in first-touch order; grads ``(n, 2, d)`` fp32, a view
+        of the accumulator: in-place changes stay), or ``None`` when no row has a gradient."""
         return self.grad_accumulator.view()
 
     def grads_finite(self) -> bool:

@@ -19,7 +19,7 @@ def make_adapter(**overrides) -> SparseKeyExpertAdapter:
     return adapter
 
 
-def test_rows_are_summed_by_id_in_one_buffer_and_read_sorted() -> None:
+def test_rows_are_summed_by_id_in_one_buffer_and_read_in_first_touch_order() -> None:
     accumulator = RowGradAccumulator(50, DIM)
     dense = torch.zeros(50, 2, DIM)
     generator = torch.Generator().manual_seed(0)
@@ -32,18 +32,10 @@ def test_rows_are_summed_by_id_in_one_buffer_and_read_sorted() -> None:
         buffer = buffer or accumulator.grads.data_ptr()
         assert accumulator.grads.data_ptr() == buffer, "accumulating never reallocates"
     ids, grads = accumulator.view()
-    assert torch.equal(ids, torch.tensor([1, 4, 12, 30, 40, 49]))
+    assert torch.equal(ids, torch.tensor([30, 4, 12, 40, 1, 49]))  # nothing moves once written
     torch.testing.assert_close(grads, dense[ids], rtol=0, atol=1e-6)
     grads.mul_(2)  # a view: in-place changes stay
     assert torch.equal(accumulator.view()[1], grads)
-
-
-def test_ids_given_out_of_order_at_first_are_read_sorted() -> None:
-    accumulator = RowGradAccumulator(10, DIM)
-    grads = torch.randn(3, 2, DIM)
-    accumulator.add(torch.tensor([7, 2, 5]), grads)
-    ids, got = accumulator.view()
-    assert torch.equal(ids, torch.tensor([2, 5, 7])) and torch.equal(got, grads[[1, 2, 0]])
 
 
 def test_a_buffer_without_room_for_every_row_grows_keeping_what_it_holds() -> None:
@@ -53,8 +45,8 @@ def test_a_buffer_without_room_for_every_row_grows_keeping_what_it_holds() -> No
     accumulator.add(torch.arange(10, 24), second)
     assert accumulator.grads.shape[0] < 100
     ids, grads = accumulator.view()
-    assert torch.equal(ids, torch.cat([torch.arange(10, 24), torch.tensor([50, 60])]))
-    assert torch.equal(grads, torch.cat([second, first]))
+    assert torch.equal(ids, torch.cat([torch.tensor([50, 60]), torch.arange(10, 24)]))
+    assert torch.equal(grads, torch.cat([first, second]))
 
 
 def test_flags_select_rows_and_low_precision_grads_are_widened_exactly() -> None:

@@ -1,6 +1,6 @@
 // meft_ds's CPU kernels, part 2 (built with meft_cpu.cpp into one module, which binds them):
 //
-//   accumulate_rows_ / sort_accumulated_
+//   accumulate_rows_
 //                  row gradients into a packed accumulator (meft_ds/accumulator.py), finiteness checked on the way
 //   sparse_adapter_forward / _backward
 //                  the adapter over each token's own K rows, T*K*d work instead of T*|U|*d (CPU compute); the
@@ -127,35 +127,6 @@ std::tuple<int64_t, bool> accumulate_rows_(torch::Tensor acc, torch::Tensor acc_
         nonfinite = commit_rows(grads.data_ptr<scalar_t>(), entry.data(), n, a, first_new, threads);
     });
     return {a.count, nonfinite == 0};
-}
-
-// Reorder the first count entries by row id, in place (each cycle of the permutation with one row held aside).
-void sort_accumulated_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor entry_of, int64_t count) {
-    Accumulator a = accumulator_of(acc, acc_ids, entry_of, count);
-    std::vector<int64_t> order(count);
-    for (int64_t i = 0; i < count; ++i) order[i] = i;
-    std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return a.ids[x] < a.ids[y]; });
-    std::vector<float> held(a.width);
-    std::vector<char> placed(count, 0);
-    auto row = [&](int64_t s) { return a.rows + s * a.width; };
-    for (int64_t start = 0; start < count; ++start) {
-        if (placed[start]) continue;
-        std::copy(row(start), row(start) + a.width, held.begin());
-        const int64_t held_id = a.ids[start];
-        for (int64_t j = start;;) {  // entry j takes the row in entry order[j]
-            const int64_t k = order[j];
-            placed[j] = 1;
-            if (k == start) {
-                std::copy(held.begin(), held.end(), row(j));
-                a.ids[j] = held_id;
-                break;
-            }
-            std::copy(row(k), row(k) + a.width, row(j));
-            a.ids[j] = a.ids[k];
-            j = k;
-        }
-    }
-    for (int64_t s = 0; s < count; ++s) a.entry_of[a.ids[s]] = s;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

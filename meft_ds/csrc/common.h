@@ -138,7 +138,6 @@ inline EntryGroups group_entries(const int64_t* id, int64_t entries, int64_t n) 
 std::tuple<int64_t, bool> accumulate_rows_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor entry_of,
                                            int64_t count, torch::Tensor ids, torch::Tensor grads,
                                            torch::Tensor has_grad, int64_t threads);
-void sort_accumulated_(torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor entry_of, int64_t count);
 std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor rows, torch::Tensor union_pos,
                                                   torch::Tensor gate, int64_t threads);
 std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(

@@ -419,7 +419,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("row_steps") = py::none());
     m.def("all_finite", &all_finite, "whether a float32 tensor holds no NaN or inf");
     m.def("accumulate_rows_", &accumulate_rows_, "row gradients into the packed accumulator; (count, finite)");
-    m.def("sort_accumulated_", &sort_accumulated_, "the accumulator's used entries in row id order, in place");
     m.def("gather_rows", &gather_rows, "gather fp32 rows into a buffer of the travel dtype");
     m.def("score_probed", &score_probed, "scores of the probed experts' keys, grouped by expert");
     m.def("sparse_adapter_forward", &sparse_adapter_forward, "adapter output over each token's own K rows");
