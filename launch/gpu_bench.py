@@ -4,6 +4,7 @@ optimizer offloaded to the CPU (``ds_configs/meft.json``).
 
     python launch/gpu_bench.py --out outputs/gpu_check             # on a CUDA machine (126-136 s on one H200)
     python launch/gpu_bench.py --dry-run --out outputs/gpu_check   # the same code at tiny sizes, on any machine
+    python launch/gpu_bench.py --meft cache_mb=12700 --profile     # MEFT with the whole adapter cached; cProfile
 
 Per variant, over timed optimizer steps after a warm-up step: tokens/s; peak device memory
 (``max_memory_allocated``, from the variant's start); host<->device bytes per optimizer step (``meft_ds.stats``,
@@ -42,6 +43,7 @@ import meft_ds
 from meft_ds import adapter as adapter_module
 from meft_ds.ds_config import compute_dtype, fit_precision_to_cpu, load_deepspeed_config
 from meft_ds.plan import load_model_config
+from meft_ds.training import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--accumulation", type=int, help="micro-steps per optimizer step (default 4, dry run 2)")
     parser.add_argument("--profile", action="store_true", help="then as many MEFT steps under cProfile (the host's "
                         "top functions, in gpu_profile.txt)")  # fmt: skip
+    parser.add_argument("--meft", action="append", default=[], metavar="KEY=VALUE",
+                        help="MeftConfig override of the MEFT variant, e.g. cache_mb=12700")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -291,11 +295,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     accelerator.empty_cache()
 
     accelerator.reset_peak_memory_stats()
-    meft = {"num_neurons": size["neurons"], "top_k": 64}
+    overrides = parse_overrides(args.meft)
+    meft = {"num_neurons": size["neurons"], "top_k": 64, **overrides}
     engine, *_ = meft_ds.initialize(model=model, config=engine_config(accumulation, batch, meft))
     timer = WaitTimer()
     with timer.installed():
-        label = f"MEFT r={size['neurons']}, K=64 (ZeRO-2, routers' optimizer offloaded)"
+        settings = "".join(f", {key}={value}" for key, value in overrides.items())
+        label = f"MEFT r={meft['num_neurons']}, K={meft['top_k']}{settings} (ZeRO-2, routers' optimizer offloaded)"
         results.append(measure(label, engine_step(engine), tokens_per_step, steps, model))
         waits = timer.milliseconds()
     results[-1]["device_wait_ms_per_layer"] = {
@@ -320,7 +326,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "micro_batch": f"{batch} x {seq}",
         "accumulation": accumulation,
         "timed_steps": steps,
-        "command": "python launch/gpu_bench.py" + " --dry-run" * args.dry_run,
+        "command": " ".join(
+            ["python launch/gpu_bench.py", *(["--dry-run"] * args.dry_run), *(f"--meft {pair}" for pair in args.meft)]
+        ),
         "results": results,
         "generation": generated,
     }

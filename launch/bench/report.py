@@ -129,4 +129,5 @@ def render_markdown(
     gpu = "## GPU check\n\n" + (gpu_check.strip() if gpu_check else text("report", "gpu_check_not_run"))
     intro = text("report", "intro", results=results, full=FULL_COMMAND, quick=QUICK_COMMAND)
     table = markdown_table(["experiment", "target", "result"], summary)
-    return "\n\n".join(["# Benchmarks", intro, run, table, *body, gpu]) + "\n"
+    others = text("report", "other_cpus")  # figures of the CPU this run did not use
+    return "\n\n".join(["# Benchmarks", intro, run, table, others, *body, gpu]) + "\n"
