@@ -50,7 +50,7 @@ def meft(label: str, neurons: int, lrs: tuple[float, ...], *extra: str, seeds: t
 
 
 def full_grid() -> Grid:
-    """What ran on 2026-12-03/04 in about 2.7 hours of our 2 cores (see ``full_notes`` in sections.md): the issue's
+    """What ran on 2026-12-03/04 in about 3 hours of our 2 cores (see ``full_notes`` in sections.md): the issue's
     task size (150 facts, 100 steps of 8); MEFT at r=4096 with its clipping, bias-correction and rehearsal variants, and
     at r=16384; LoRA at r=64, 256, 288 (MEFT r=16384's device bytes) and 512; the parallel adapter just below MEFT
     r=4096's bytes (r=1024). A second cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one
@@ -79,6 +79,9 @@ def full_grid() -> Grid:
             Cell("LoRA r=256", "lora", ("--lora_r", "256"), (1e-3,), seeds=(1,)),
             Cell("LoRA r=288", "lora", ("--lora_r", "288"), (5e-4,)),
             meft("MEFT r=16384, global clip", 16384, (1e-3, 5e-3)),
+            Cell("LoRA r=288", "lora", ("--lora_r", "288"), (5e-4,), seeds=(1,)),
+            Cell("LoRA r=288", "lora", ("--lora_r", "288"), (1e-3,)),
+            Cell("LoRA r=512", "lora", ("--lora_r", "512"), (5e-4,), seeds=(1,)),
         ),
     )  # fmt: skip
 
