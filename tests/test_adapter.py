@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from deepspeed.accelerator import real_accelerator
+from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
 import meft_ds.adapter
 from meft_ds import MeftConfig, SparseKeyExpertAdapter
@@ -209,3 +213,46 @@ def test_top_k_and_masked_functions_agree(gated: bool) -> None:
             assert top_k_result is None
         else:
             torch.testing.assert_close(top_k_result, masked_result, rtol=1e-5, atol=1e-6)
+
+
+class _StreamsOfAnotherDevice(CPU_Accelerator):
+    """DeepSpeed's CPU accelerator posing as a GPU's: streams and events exist, for device type "cuda"."""
+
+    def device_name(self, device_index: int | None = None) -> str:
+        return "cuda"
+
+    @property
+    def Stream(self) -> Any:  # DeepSpeed's name
+        return self._refuse
+
+    @property
+    def Event(self) -> Any:  # DeepSpeed's name
+        return self._refuse
+
+    @staticmethod
+    def _refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a stream or event was made for CPU tensors")
+
+
+def test_a_model_left_on_the_cpu_beside_a_gpu_copies_synchronously() -> None:
+    """Under a GPU's accelerator a model on the CPU (e.g. a reference run) makes no stream or event: its copies are
+    CPU copies (found on the H200, where it asked CUDA for a side stream on the CPU), and its gradients are the same."""
+    x = torch.randn(8, DIM)
+
+    def row_grads() -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(3)
+        adapter = make_adapter(num_neurons=256, top_k=8, num_experts=16, n_probe=4)
+        adapter(x).pow(2).sum().backward()
+        adapter.collect_row_grads()
+        ids, grads = adapter.store.accumulated_grads()
+        order = ids.argsort()
+        return ids[order], grads[order]
+
+    expected = row_grads()
+    previous = real_accelerator.ds_accelerator
+    real_accelerator.ds_accelerator = _StreamsOfAnotherDevice()
+    try:
+        got = row_grads()
+    finally:
+        real_accelerator.ds_accelerator = previous
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
