@@ -17,8 +17,9 @@ forward and backward (inputs requiring gradient, so the backward runs through ev
 adds to.
 Then, on the trained MEFT model, greedy ``generate()`` tokens/s of 2 random prompts x 32 new tokens with routing on
 the host (the training path) and on the device (``meft_ds.for_inference``), whether their outputs are identical, and
-the bytes each moves per generated token. Writes ``gpu_bench.json`` and ``gpu_bench.md`` (the tables BENCHMARKS.md
-includes) into ``--out``.
+the bytes each moves per generated token; and both paths' routing on identical inputs, layer by layer (the rows
+each token chose, the adapter's output), in the model's dtype and again in fp32. Writes ``gpu_bench.json`` and
+``gpu_bench.md`` (the tables BENCHMARKS.md includes) into ``--out``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from deepspeed.accelerator import get_accelerator
 import meft_ds
 from meft_ds import adapter as adapter_module
 from meft_ds.ds_config import compute_dtype, fit_precision_to_cpu, load_deepspeed_config
+from meft_ds.inference import DeviceRows
 from meft_ds.plan import load_model_config
 from meft_ds.training import parse_overrides
 
@@ -209,6 +211,10 @@ def generation(model: torch.nn.Module, vocab: int, device: torch.device, dry_run
             "row_device_bytes": sum(a.serving.nbytes for a in meft_ds.adapters(model) if a.serving is not None),
         })  # fmt: skip
         print(f"  generate, routing on the {path}: {paths[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+    agreement = {str(next(model.parameters()).dtype).removeprefix("torch."): routing_agreement(model, ids)}
+    model.float()  # the same comparisons in fp32: what is left is a defect, not rounding
+    meft_ds.for_inference(model)
+    agreement["float32"] = routing_agreement(model, ids)
     meft_ds.for_training(model)
     differ = (outputs["host"] != outputs["device"])[:, prompt_length:]
     agreeing = torch.where(differ.any(1), differ.int().argmax(1), new_tokens)  # new tokens before the first difference
@@ -222,7 +228,79 @@ def generation(model: torch.nn.Module, vocab: int, device: torch.device, dry_run
         ),
         "paths": paths,
         "speedup": paths[1]["tokens_per_s"] / paths[0]["tokens_per_s"],
+        "routing_agreement": agreement,
     }
+
+
+def routing_agreement(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, Any]:
+    """Routing on the host against routing on the device (:func:`meft_ds.for_inference` placed the rows) on
+    identical inputs: every layer's adapter input is captured in one forward of ``ids`` on the host path; then, per
+    layer, both paths' chosen rows (each token's K) and outputs for that input. Ends with the rows on the device."""
+    found = meft_ds.adapters(model)
+    servings = [adapter.serving for adapter in found]
+    inputs: dict[int, torch.Tensor] = {}
+    chosen: dict[str, list[torch.Tensor]] = {"host": [], "device": []}
+    adapter_class = adapter_module.SparseKeyExpertAdapter
+    begin, route, over_rows = adapter_class.begin, adapter_class._route, DeviceRows._over_rows
+
+    def captured_begin(adapter: Any, hidden: torch.Tensor) -> Any:
+        inputs.setdefault(id(adapter), hidden.detach().clone())
+        return begin(adapter, hidden)
+
+    def recorded_route(adapter: Any, pending: Any) -> Any:
+        routing = route(adapter, pending)
+        chosen["host"].append(routing.row_ids[routing.union_pos])
+        return routing
+
+    def recorded_over_rows(serving: Any, x: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        chosen["device"].append(rows.cpu())
+        return over_rows(serving, x, logits, rows)
+
+    tokens_same, rows_shared, output_diffs = [], [], []
+    try:
+        adapter_class.begin, adapter_class._route, DeviceRows._over_rows = (
+            captured_begin, recorded_route, recorded_over_rows
+        )  # fmt: skip
+        with torch.no_grad():
+            meft_ds.for_training(model)
+            model(input_ids=ids)
+            adapter_class.begin = begin
+            for adapter, serving in zip(found, servings, strict=True):
+                x = inputs[id(adapter)]
+                chosen["host"].clear()
+                chosen["device"].clear()
+                adapter.serving = None
+                host_out = adapter(x).float()
+                adapter.serving = serving
+                serving.mirror_host = False  # the accelerator's routine, also on a CPU (the dry run)
+                device_out = adapter(x).float()
+                host_rows = chosen["host"][0].sort(1).values
+                device_rows = torch.cat(chosen["device"]).sort(1).values
+                tokens_same.append((host_rows == device_rows).all(1).float().mean().item())
+                shared = (host_rows.unsqueeze(2) == device_rows.unsqueeze(1)).any(2).float().mean().item()
+                rows_shared.append(shared)
+                output_diffs.append(((device_out - host_out).norm() / host_out.norm()).item())
+    finally:
+        adapter_class.begin, adapter_class._route, DeviceRows._over_rows = begin, route, over_rows
+        for adapter, serving in zip(found, servings, strict=True):
+            adapter.serving = serving
+    with torch.no_grad():
+        logits = {"device": model(input_ids=ids).logits[:, -1].float()}
+        meft_ds.for_training(model)
+        logits["host"] = model(input_ids=ids).logits[:, -1].float()
+        for adapter, serving in zip(found, servings, strict=True):
+            adapter.serving = serving
+    result = {
+        "layers": len(found),
+        "min_tokens_same_rows": min(tokens_same),
+        "mean_tokens_same_rows": statistics.mean(tokens_same),
+        "min_rows_shared": min(rows_shared),
+        "max_output_rel_diff": max(output_diffs),
+        "median_output_rel_diff": statistics.median(output_diffs),
+        "next_token_logits_rel_diff": float((logits["device"] - logits["host"]).norm() / logits["host"].norm()),
+    }
+    print(f"  routing agreement, {next(model.parameters()).dtype}: {result}", flush=True)
+    return result
 
 
 def profile(step: Callable[[], None], steps: int, path: Path) -> None:
@@ -364,6 +442,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"outputs of both paths identical: {'yes' if generated['identical'] else 'no'} (the first "
         f"{generated['agreeing_tokens']} new tokens agree; the prompts' next-token logits differ by "
         f"{generated['next_token_logits_rel_diff']:.1e}, relative).",
+        "",
+        "Host against device routing on identical inputs (each layer's adapter input captured on the host path; "
+        "per layer, the share of tokens whose K chosen rows are the same set, the adapter outputs' relative "
+        "difference; then the prompts' next-token logits):",
+        "",
+        "| dtype | tokens with the same rows (min / mean over layers) | rows shared (min) "
+        "| output rel. diff (median / max) | next-token logits rel. diff |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {dtype} | {a['min_tokens_same_rows']:.4f} / {a['mean_tokens_same_rows']:.4f} | "
+            f"{a['min_rows_shared']:.4f} | {a['median_output_rel_diff']:.1e} / {a['max_output_rel_diff']:.1e} | "
+            f"{a['next_token_logits_rel_diff']:.1e} |"
+            for dtype, a in generated["routing_agreement"].items()
+        ),
         "",
         "| generate() | tokens/s | speed-up | peak device GiB | rows on the device | host->device / token "
         "| device->host / token |",
