@@ -2,7 +2,7 @@
 bf16, against LoRA r = 16 on q,v and against no adapter at all, under DeepSpeed ZeRO-2 with the trainable parameters'
 optimizer offloaded to the CPU (``ds_configs/meft.json``).
 
-    python launch/gpu_bench.py --out outputs/gpu_check             # on a CUDA machine (126-136 s on one H200)
+    python launch/gpu_bench.py --out outputs/gpu_check             # on a CUDA machine (92-136 s on one H200)
     python launch/gpu_bench.py --dry-run --out outputs/gpu_check   # the same code at tiny sizes, on any machine
     python launch/gpu_bench.py --meft cache_mb=12700 --profile     # MEFT with the whole adapter cached; cProfile
 
