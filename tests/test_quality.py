@@ -197,8 +197,16 @@ def test_grid_runs_every_cell_lr_and_seed_once_and_resumes(tmp_path: Path) -> No
     met, verdict = quality.judge([b for b in best.values() if b["method"] != "parallel_adapter"])
     assert met is None and "no parallel adapter within MEFT's bytes in this grid" in verdict  # passes, not judged
 
-    section = quality.section(GRID, records, notes)
+    section = quality.section([(GRID, records)], notes)
     assert isinstance(section, Section) and section.met is False and len(section.rows) == 3
+    assert section.rows[0][:2] == ["25 facts, 2 steps", "MEFT"]
+    # two tasks in one table, each judged on its own: the section fails where one task does
+    other = dataclasses.replace(GRID, facts=50, name="other")
+    passing = [r for r in records if r["method"] != "parallel_adapter"]  # MEFT >= LoRA + 0.05; no PA: not judged
+    both = quality.section([(GRID, records), (other, passing)], notes)
+    assert len(both.rows) == 5 and both.met is False and both.rows[3][:2] == ["50 facts, 2 steps", "MEFT"]
+    assert both.verdict.startswith("25 facts, 2 steps: best MEFT") and "; 50 facts, 2 steps: best MEFT" in both.verdict
+    assert quality.section([(other, passing)], notes).met is None
     section.command = "python launch/bench.py --only quality"
     quality.plot(section, str(tmp_path / "quality.png"))
     assert (tmp_path / "quality.png").stat().st_size > 0
@@ -225,4 +233,4 @@ def test_quick_grid_runs_through_the_launcher(tmp_path: Path) -> None:
     expected = 2 * 64 * 64 * 8 + quality.BUCKET * 4 + 2 * union * 2 * 64 * 4
     assert record["device_bytes"] == device["device_bytes"] == expected == sum(i["nbytes"] for i in device["items"])
     assert 0.0 <= record["em"] <= 1.0 and 0.0 <= record["retained"] <= 1.0
-    assert quality.section(grid, [record], []).rows[0][0] == "MEFT r=256"
+    assert quality.section([(grid, [record])], []).rows[0][1] == "MEFT r=256"
