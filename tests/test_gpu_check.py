@@ -1,6 +1,6 @@
 """launch/gpu_check.sh --dry-run: the GPU check's whole script runs on the CPU at tiny sizes (as CI runs it), and its
-benchmark reports every variant (and generate() with routing on the host and on the device) with the figures
-BENCHMARKS.md takes from it."""
+benchmark reports every variant (and generate() with routing on the host and on the device, and their agreement) with
+the figures BENCHMARKS.md takes from it."""
 
 from __future__ import annotations
 
@@ -42,6 +42,12 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert host["bytes_to_host_per_token"] > 0 and device["bytes_to_host_per_token"] == 0
     assert device["bytes_to_device_per_token"] == 0 and device["row_device_bytes"] > 0
     assert generated["speedup"] == device["tokens_per_s"] / host["tokens_per_s"] > 0
+    # both paths' routing on identical inputs, layer by layer: the same rows; in fp32 the same outputs up to rounding
+    agreement = generated["routing_agreement"]
+    for a in agreement.values():
+        assert a["layers"] == 2 and a["min_tokens_same_rows"] == a["min_rows_shared"] == 1.0
+    fp32 = agreement["float32"]
+    assert fp32["max_output_rel_diff"] < 1e-5 and fp32["next_token_logits_rel_diff"] < 1e-5
     table = (tmp_path / "gpu_bench.md").read_text()
     assert all(v in table for v in variants) and "dry run" in table and "meft_ds.for_inference" in table
     assert "meft_ds host work, all phases" in table
