@@ -57,8 +57,8 @@ def full_grid() -> Grid:
     """What ran on 2026-12-03/04 in about 3 hours of our 2 cores (see ``full_notes`` in sections.md): the issue's
     task size (150 facts, 100 steps of 8); MEFT at r=4096 with its clipping, bias-correction and rehearsal variants, and
     at r=16384; LoRA at r=64, 256, 288 (MEFT r=16384's device bytes) and 512; the parallel adapter just below MEFT
-    r=4096's bytes (r=1024). A second cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one
-    with other ``lrs`` extends its sweep."""
+    r=4096's bytes (r=1024) and at r=4096; full fine-tuning, the upper bound. A second cell with the same label and
+    ``seeds=(1,)`` adds a seed to a configuration, one with other ``lrs`` extends its sweep."""
     separate, per_row = ("--meft", "clip_rows=separate"), ("--meft", "bias_correction=per_row")
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
@@ -86,6 +86,8 @@ def full_grid() -> Grid:
             Cell("LoRA r=288", "lora", ("--lora_r", "288"), (5e-4,), seeds=(1,)),
             Cell("LoRA r=288", "lora", ("--lora_r", "288"), (1e-3,)),
             Cell("LoRA r=512", "lora", ("--lora_r", "512"), (5e-4,), seeds=(1,)),
+            Cell("full fine-tuning", "full", (), (1e-4,)),
+            Cell("parallel adapter r=4096", "parallel_adapter", ("--adapter_neurons", "4096"), (1e-3,)),
         ),
     )  # fmt: skip
 
