@@ -275,7 +275,7 @@ def section(runs: list[tuple[Grid, list[dict[str, Any]]]], notes: list[str]) -> 
         for b in best
     ]  # fmt: skip
     met = False if False in judged else None if None in judged else True
-    tasks = " and ".join(grid.task for grid, _ in runs)
+    tasks = "; ".join(grid.task for grid, _ in runs)
     first = runs[0][0]
     records = [r | {"task": grid.task} for grid, rs in runs for r in rs]
     data = {"grids": [dataclasses.asdict(grid) for grid, _ in runs], "records": records, "best": best}
@@ -299,24 +299,33 @@ def run(context: Context) -> Section:
 
 def plot(section: Section, path: str) -> None:
     """EM against device bytes (points numbered) beside the fraction of the probe retained (bars named by number)."""
-    figure, (left, right) = plots.figure(13, 5.5, ncols=2, gridspec_kw={"width_ratios": [1, 1.2]})
+    from matplotlib import ticker
+
+    figure, (left, right) = plots.figure(14, 5.5, ncols=2, gridspec_kw={"width_ratios": [1, 1.2]})
     colours = {"meft": "tab:blue", "lora": "tab:orange", "parallel_adapter": "tab:green", "full": "tab:red"}
     best = section.data["best"]
     markers = dict(zip(dict.fromkeys(b.get("task") for b in best), "os^D", strict=False))  # one shape per task
     for number, b in enumerate(best, 1):
         x = b["device_bytes"] / MB
-        left.scatter(x, b["em"], color=colours[b["method"]], marker=markers[b.get("task")], s=50, label=b.get("task"))
+        left.scatter(x, b["em"], color=colours[b["method"]], marker=markers[b.get("task")], s=50)
         left.annotate(str(number), (x, b["em"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    names = [f"{number}. {b['label']}" for number, b in enumerate(best, 1)]
+    first = best[0].get("task")
+    names = [
+        f"{n}. {b['label']}" + ("" if b.get("task") == first else f" ({b['task']})") for n, b in enumerate(best, 1)
+    ]
     right.barh(names, [b["retained"] or 0.0 for b in best], color=[colours[b["method"]] for b in best])
     right.invert_yaxis()  # 1 at the top
     left.set(xscale="log", xlabel="device-resident training bytes (MB, log)", ylabel="held-out EM (best lr)")
     left.set_title("EM vs device bytes (numbers: the configurations at right)")
     if len(markers) > 1:
-        handles = {h.get_label(): h for h in left.collections}
-        left.legend(handles.values(), handles.keys(), fontsize=8, title="task (shape)")
+        for task, marker in markers.items():
+            left.scatter([], [], color="gray", marker=marker, label=task)
+        left.legend(fontsize=8, title="task")
+    label = ticker.FuncFormatter(lambda value, _: f"{value:g}" if f"{value:g}"[0] in "125" else "")
+    left.xaxis.set_major_formatter(label)
+    left.xaxis.set_minor_formatter(label)
     right.axvline(0.9, color="gray", linestyle=":", label="target 90%")
     right.set(xlabel="probe questions still right", title="knowledge retained")
     right.tick_params(axis="y", labelsize=8)
     right.legend(fontsize=8)
-    plots.save(figure, section, path, left=0.06, right=0.98, wspace=0.75)
+    plots.save(figure, section, path, left=0.05, right=0.98, wspace=0.95)
