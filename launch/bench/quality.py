@@ -306,15 +306,13 @@ def plot(section: Section, path: str) -> None:
     figure, (left, right) = plots.figure(14, 5.5, ncols=2, gridspec_kw={"width_ratios": [1, 1.2]})
     colours = {"meft": "tab:blue", "lora": "tab:orange", "parallel_adapter": "tab:green", "full": "tab:red"}
     best = section.data["best"]
-    markers = dict(zip(dict.fromkeys(b.get("task") for b in best), "os^D", strict=False))  # one shape per task
+    markers = dict(zip(dict.fromkeys(b["task"] for b in best), "os^D", strict=False))  # one shape per task
     for number, b in enumerate(best, 1):
         x = b["device_bytes"] / MB
-        left.scatter(x, b["em"], color=colours[b["method"]], marker=markers[b.get("task")], s=50)
+        left.scatter(x, b["em"], color=colours[b["method"]], marker=markers[b["task"]], s=50)
         left.annotate(str(number), (x, b["em"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    first = best[0].get("task")
-    names = [
-        f"{n}. {b['label']}" + ("" if b.get("task") == first else f" ({b['task']})") for n, b in enumerate(best, 1)
-    ]
+    first = best[0]["task"]
+    names = [f"{n}. {b['label']}" + ("" if b["task"] == first else f" ({b['task']})") for n, b in enumerate(best, 1)]
     right.barh(names, [b["retained"] or 0.0 for b in best], color=[colours[b["method"]] for b in best])
     right.invert_yaxis()  # 1 at the top
     left.set(xscale="log", xlabel="device-resident training bytes (MB, log)", ylabel="held-out EM (best lr)")
