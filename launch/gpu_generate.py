@@ -80,8 +80,7 @@ def routing_agreement(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, An
     servings = [adapter.serving for adapter in found]
     inputs: dict[int, torch.Tensor] = {}
     chosen: dict[str, list[torch.Tensor]] = {"host": [], "device": []}
-    adapter_class = SparseKeyExpertAdapter
-    begin, route, over_rows = adapter_class.begin, adapter_class._route, DeviceRows._over_rows
+    begin, route, over_rows = SparseKeyExpertAdapter.begin, SparseKeyExpertAdapter._route, DeviceRows._over_rows
 
     def captured_begin(adapter: Any, hidden: torch.Tensor) -> Any:
         inputs.setdefault(id(adapter), hidden.detach().clone())
@@ -98,13 +97,13 @@ def routing_agreement(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, An
 
     tokens_same, rows_shared, output_diffs = [], [], []
     try:
-        adapter_class.begin, adapter_class._route, DeviceRows._over_rows = (
+        SparseKeyExpertAdapter.begin, SparseKeyExpertAdapter._route, DeviceRows._over_rows = (
             captured_begin, recorded_route, recorded_over_rows
         )  # fmt: skip
         with torch.no_grad():
             meft_ds.for_training(model)
-            model(input_ids=ids)
-            adapter_class.begin = begin
+            logits = {"host": model(input_ids=ids).logits[:, -1].float()}  # the forward that captures the inputs
+            SparseKeyExpertAdapter.begin = begin
             for adapter, serving in zip(found, servings, strict=True):
                 x = inputs[id(adapter)]
                 chosen["host"].clear()
@@ -121,15 +120,11 @@ def routing_agreement(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, An
                 rows_shared.append(shared)
                 output_diffs.append(((device_out - host_out).norm() / host_out.norm()).item())
     finally:
-        adapter_class.begin, adapter_class._route, DeviceRows._over_rows = begin, route, over_rows
+        SparseKeyExpertAdapter.begin, SparseKeyExpertAdapter._route, DeviceRows._over_rows = begin, route, over_rows
         for adapter, serving in zip(found, servings, strict=True):
             adapter.serving = serving
     with torch.no_grad():
-        logits = {"device": model(input_ids=ids).logits[:, -1].float()}
-        meft_ds.for_training(model)
-        logits["host"] = model(input_ids=ids).logits[:, -1].float()
-        for adapter, serving in zip(found, servings, strict=True):
-            adapter.serving = serving
+        logits["device"] = model(input_ids=ids).logits[:, -1].float()
     result = {
         "layers": len(found),
         "min_tokens_same_rows": min(tokens_same),
