@@ -257,6 +257,21 @@ def run_training_bytes(
     )  # fmt: skip
 
 
+def fit_background(model: torch.nn.Module, tokenizer: Any, device: torch.device, args: argparse.Namespace) -> int:
+    """``meft.update_rows``: the TF-IDF background, every built-in general question with the base model's own answer,
+    each one document (before a resumed run loads its checkpoint: the base model's routing)."""
+    answered = rehearsal.rehearsal_examples(
+        model, tokenizer, len(rehearsal.QUESTIONS), batch_size=args.eval_batch_size, across_ranks=True
+    )
+    documents = [
+        {"input_ids": torch.tensor([f["input_ids"]], device=device)}
+        for f in tokenize_for_training(answered, tokenizer, args.max_length)
+    ]
+    count = meft_ds.fit_background(model, documents)
+    logger.info("update_rows: background of %d general questions answered by the base model", count)
+    return count
+
+
 def resume_hint(checkpoints: Path) -> str:
     latest = checkpoints / "latest"
     if not latest.is_file():
@@ -303,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         general = rehearsal.rehearsal_examples(model, tokenizer, args.rehearsal, **shared)
         features += tokenize_for_training(general, tokenizer, args.max_length)
         logger.info("rehearsal: %d general questions, answered by the base model, added to training", len(general))
+    background = 0  # meft.update_rows: the TF-IDF background's documents
+    if any(adapter.row_selection is not None for adapter in meft_ds.adapters(model)):
+        background = fit_background(model, tokenizer, engine.device, args)
     # on the engine's device, with the adapters in place: every method starts at the base model (MEFT's and the
     # parallel adapter's values and LoRA's B are zero)
     before, probe_before = (
@@ -353,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             "after": after,
             "retention": retention and {**retention, "answers": probe_after},
             "rehearsal": [{"question": e.prompt, "answer": e.answers[0]} for e in general],
+            "background_documents": background,
             "trainable_params": trainable_numel(model),
             "device_training": device.as_dict(),
             "seconds": round(time.time() - started, 1),

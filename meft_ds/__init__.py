@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from meft_ds.adapter import SparseKeyExpertAdapter
+from meft_ds.background import fit_background
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.engine import MeftPlugin, attach, initialize
 from meft_ds.export import save_adapter
@@ -36,6 +37,7 @@ __all__ = [
     "UnsupportedModelError",
     "adapters",
     "attach",
+    "fit_background",
     "for_inference",
     "for_training",
     "initialize",

@@ -21,10 +21,11 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
-from meft_ds.config import MeftConfig
+from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.ops import cpu_kernels, kernel_threads
 from meft_ds.pinned import PinnedBuffers
 from meft_ds.routing import Routing, select_from_scores
+from meft_ds.row_selection import RowSelection
 from meft_ds.shard import ShardedRowStore, resolve_shard
 from meft_ds.stats import TrafficStats
 from meft_ds.store import CpuRowStore, RowStore, initial_keys
@@ -248,6 +249,13 @@ class SparseKeyExpertAdapter(nn.Module):
         self._prefetch_routing: PendingRouting | None = None  # started by the source layer's begin
         self._prefetched: ChosenRows | None = None
         self.serving: ServingRows | None = None
+        self.row_selection = RowSelection(config.num_neurons, config.update_rows) if config.update_rows else None
+        ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if self.row_selection is not None and ranks > 1:
+            raise MeftConfigError(
+                f"meft.update_rows: TF-IDF row selection runs on one rank only for now (this run has {ranks}). "
+                "Fix: set update_rows to 0, or train on one rank."
+            )
 
     def extra_repr(self) -> str:
         c = self.config
@@ -343,6 +351,8 @@ class SparseKeyExpertAdapter(nn.Module):
         else:
             chosen = self._choose(pending, x.device, x.dtype)
         routing, in_flight = chosen.routing, chosen.rows
+        if self.row_selection is not None:
+            self.row_selection.observe(routing, training=torch.is_grad_enabled())
         if self.prefetch_target is not None:
             self.prefetch_target.finish_prefetch(x.device, x.dtype)
         union_pos = self.transfer.indices_to_device(routing.union_pos, x.device)  # (T, K) positions in the union
@@ -374,6 +384,13 @@ class SparseKeyExpertAdapter(nn.Module):
         """Forget this step's row gradients, in the store and in the device cache."""
         self.store.drop_grads()
         self.transfer.drop_grads()
+        if self.row_selection is not None:
+            self.row_selection.reset()
+
+    def rows_to_update(self, row_ids: torch.Tensor) -> torch.Tensor | None:
+        """Positions in ``row_ids`` (the rows holding a gradient) of those the optimizer step updates; ``None``: all
+        (``config.update_rows`` 0)."""
+        return None if self.row_selection is None else self.row_selection.choose(row_ids)
 
     def rows_updated(self, row_ids: torch.Tensor) -> None:
         """The optimizer updated rows ``row_ids`` of the store (those this rank owns; maybe none): count them, and

@@ -161,6 +161,10 @@ class MeftConfig:
         clip_rows: how DeepSpeed's ``gradient_clipping`` treats the rows' gradients: ``"global"``, one norm over the
             engine's gradients and the rows' (as the paper's dense simulation clips); ``"separate"``, the rows clipped
             by their own norm and the engine's gradients by theirs; ``"none"``, the rows not clipped at all.
+        update_rows: sparse updates chosen by TF-IDF (Lin et al., 2025): at each optimizer step each adapter updates
+            only this many of the rows that hold a gradient, those its tokens selected most often relative to how
+            often background text selects them (:func:`meft_ds.fit_background`); the others keep their values and
+            moments. 0 (default) updates every row that holds a gradient, as the paper does. One rank only for now.
         store: where the row stores live: a :class:`StoreConfig` or its dict (replicated CPU memory by default).
         lr, betas, eps, weight_decay: the sparse Adam's hyperparameters. ``None`` inherits them from the DeepSpeed
             config's optimizer (and its scheduler drives the learning rate), or the defaults of
@@ -182,6 +186,7 @@ class MeftConfig:
     max_nonfinite_steps: int = 3
     bias_correction: str = "global"
     clip_rows: str = "global"
+    update_rows: int = 0
     store: StoreConfig | dict | None = None
     lr: float | None = None
     betas: tuple[float, float] | None = None
@@ -256,6 +261,7 @@ class MeftConfig:
         _check_int("seed", self.seed, 0)
         _check_int("prefetch_layers", self.prefetch_layers, 0)
         _check_int("max_nonfinite_steps", self.max_nonfinite_steps, 1)
+        _check_int("update_rows", self.update_rows, 0)
         _check_float("cache_mb", self.cache_mb, 0.0, strict=False)
         r, k = self.num_neurons, self.top_k
         if k > r:

@@ -64,6 +64,7 @@ class AdapterRows(Protocol):
     def collect_row_grads(self) -> None: ...
     def drop_row_grads(self) -> None: ...
     def rows_updated(self, row_ids: torch.Tensor) -> None: ...
+    def rows_to_update(self, row_ids: torch.Tensor) -> torch.Tensor | None: ...
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -209,7 +210,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         self._nonfinite_streak = 0
         self.global_step += 1
         group = self.param_groups[0]
-        accumulated = [adapter.store.accumulated_grads() for adapter in self.adapters]
+        accumulated = [self._to_update(adapter) for adapter in self.adapters]
         for position, (adapter, grads) in enumerate(zip(self.adapters, accumulated, strict=True)):
             following = position + 1
             if following < len(self.adapters) and (upcoming := accumulated[following]) is not None:
@@ -230,6 +231,18 @@ class SparseRowAdam(torch.optim.Optimizer):
         finite = all(adapter.store.grads_finite() for adapter in self.adapters)
         nonfinite_ranks = torch.tensor(0.0 if finite else 1.0, dtype=torch.float64)
         return self.adapters[0].store.sum_over_shards(nonfinite_ranks).item() == 0
+
+    @staticmethod
+    def _to_update(adapter: AdapterRows) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ``(ids, grads)`` of the rows of ``adapter`` that this step updates: those holding a gradient, or the
+        part of them the adapter chooses (``meft.update_rows``)."""
+        accumulated = adapter.store.accumulated_grads()
+        if accumulated is None:
+            return None
+        chosen = adapter.rows_to_update(accumulated[0])
+        if chosen is None:
+            return accumulated
+        return (accumulated[0][chosen], accumulated[1][chosen]) if chosen.numel() else None
 
     def _accumulated(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The accumulated ``(ids, grads)`` of every adapter whose store holds row gradients."""

@@ -150,17 +150,22 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     assert "before (base model): exact_match" in result.stdout
 
 
-@pytest.mark.parametrize(("stage", "offload"), [(0, False), (1, True)])
+@pytest.mark.parametrize(("stage", "offload", "update_rows"), [(0, False, 0), (1, True, 16)])
 def test_zero_stages_0_and_1_with_a_model_without_chat_template(
-    tmp_path: Path, model_dirs: dict[str, Path], stage: int, offload: bool
+    tmp_path: Path, model_dirs: dict[str, Path], stage: int, offload: bool, update_rows: int
 ) -> None:
     out = tmp_path / "run"
     launch(
         "--deepspeed", write_config(tmp_path, stage=stage, offload=offload), "--model", model_dirs["plain"],
-        "--output_dir", out, "--max_steps", "6", "--no_eval", *TINY_RUN,
+        "--output_dir", out, "--max_steps", "6", "--no_eval", *TINY_RUN, "--meft", f"update_rows={update_rows}",
     )  # fmt: skip
     records = metrics(out)
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
+    # meft.update_rows: every general question (answered by the base model) read as background, and each step
+    # updates at most update_rows rows per layer (2 layers) of the hundreds it touches
+    assert results(out)["background_documents"] == (len(REHEARSAL) if update_rows else 0)
+    updated = [r["rows_updated"] for r in records]
+    assert max(updated) <= 2 * update_rows if update_rows else min(updated) > 2 * 16
 
 
 @pytest.fixture(scope="module")
