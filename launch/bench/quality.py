@@ -53,25 +53,34 @@ def meft(label: str, neurons: int, lrs: tuple[float, ...], *extra: str, seeds: t
     return Cell(label, "meft", ("--meft", f"num_neurons={neurons}", *extra), lrs, seeds)
 
 
+def tfidf(rows: int) -> tuple[str, ...]:
+    """train.py arguments of TF-IDF row selection: ``rows`` updated per layer and step (meft.update_rows)."""
+    return ("--meft", f"update_rows={rows}")
+
+
+SEPARATE = ("--meft", "clip_rows=separate")  # the rows clipped by their own norm
+PER_ROW = ("--meft", "bias_correction=per_row")
+
+
 def full_grid() -> Grid:
     """What ran on 2026-12-03/04 in about 3 hours of our 2 cores (see ``full_notes`` in sections.md): the issue's
     task size (150 facts, 100 steps of 8); MEFT at r=4096 with its clipping, bias-correction and rehearsal variants, and
     at r=16384; LoRA at r=64, 256, 288 (MEFT r=16384's device bytes) and 512; the parallel adapter just below MEFT
-    r=4096's bytes (r=1024) and at r=4096; full fine-tuning, the upper bound. A second cell with the same label and
+    r=4096's bytes (r=1024) and at r=4096; full fine-tuning, the upper bound; then (2026-12-04) MEFT r=4096 with
+    TF-IDF row selection at three sizes and with rehearsal. A second cell with the same label and
     ``seeds=(1,)`` adds a seed to a configuration, one with other ``lrs`` extends its sweep."""
-    separate, per_row = ("--meft", "clip_rows=separate"), ("--meft", "bias_correction=per_row")
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
         cells=(
-            meft("MEFT r=4096, rows clipped apart", 4096, (3e-3, 1e-3), *separate),
+            meft("MEFT r=4096, rows clipped apart", 4096, (3e-3, 1e-3), *SEPARATE),
             Cell("LoRA r=64", "lora", ("--lora_r", "64"), (3e-3, 1e-3)),
             Cell("LoRA r=64", "lora", ("--lora_r", "64"), (3e-3,), seeds=(1,)),
             meft("MEFT r=4096, global clip (default)", 4096, (3e-3, 1e-2)),
             meft("MEFT r=4096, global clip (default)", 4096, (3e-3,), seeds=(1,)),
             meft("MEFT r=4096, rows not clipped", 4096, (3e-3,), "--meft", "clip_rows=none"),
-            meft("MEFT r=4096, rows apart, per-row bias correction", 4096, (3e-3,), *separate, *per_row),
-            meft("MEFT r=4096, rows apart, per-row bias correction", 4096, (3e-3,), *separate, *per_row, seeds=(1,)),
-            meft("MEFT r=4096, rows apart, rehearsal 80", 4096, (3e-3,), *separate, "--rehearsal", "80"),
+            meft("MEFT r=4096, rows apart, per-row bias correction", 4096, (3e-3,), *SEPARATE, *PER_ROW),
+            meft("MEFT r=4096, rows apart, per-row bias correction", 4096, (3e-3,), *SEPARATE, *PER_ROW, seeds=(1,)),
+            meft("MEFT r=4096, rows apart, rehearsal 80", 4096, (3e-3,), *SEPARATE, "--rehearsal", "80"),
             Cell("LoRA r=64, rehearsal 80", "lora", ("--lora_r", "64", "--rehearsal", "80"), (3e-3,)),
             Cell("parallel adapter r=1024", "parallel_adapter", ("--adapter_neurons", "1024"), (3e-3,)),
             Cell("LoRA r=256", "lora", ("--lora_r", "256"), (1e-3,)),
@@ -88,6 +97,10 @@ def full_grid() -> Grid:
             Cell("LoRA r=512", "lora", ("--lora_r", "512"), (5e-4,), seeds=(1,)),
             Cell("full fine-tuning", "full", (), (1e-4,)),
             Cell("parallel adapter r=4096", "parallel_adapter", ("--adapter_neurons", "4096"), (1e-3,)),
+            meft("MEFT r=4096, TF-IDF 512 rows", 4096, (3e-3,), *tfidf(512), seeds=(0, 1)),
+            meft("MEFT r=4096, TF-IDF 128 rows", 4096, (3e-3,), *tfidf(128)),
+            meft("MEFT r=4096, TF-IDF 512 rows, rehearsal 80", 4096, (3e-3,), *tfidf(512), "--rehearsal", "80"),
+            meft("MEFT r=4096, TF-IDF 1024 rows", 4096, (3e-3,), *tfidf(1024)),
         ),
     )  # fmt: skip
 
@@ -96,7 +109,9 @@ def capacity_grid() -> Grid:
     """The issue's larger task: 400 facts (1,200 training questions, 2.7x the default's), 300 steps of 8 (two passes
     over them, as 100 steps are over the default's 450); the headline configurations at their best learning rates on
     150 facts: MEFT r=16384 against LoRA r=288 (its device bytes) and r=64 (fewer), then MEFT r=4096, then MEFT r=16384
-    at a higher rate (its training loss stayed above LoRA's at 3e-3); then a second seed of the headline pair."""
+    at a higher rate (its training loss stayed above LoRA's at 3e-3); then a second seed of the headline pair; then
+    MEFT r=16384 with twice the neurons firing per token, with its rows clipped apart and bias corrected per row, and
+    at a lower rate; the parallel adapter; LoRA r=288 at a lower rate."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -107,6 +122,11 @@ def capacity_grid() -> Grid:
             meft("MEFT r=16384, global clip", 16384, (5e-3,)),
             meft("MEFT r=16384, global clip", 16384, (3e-3,), seeds=(1,)),
             Cell("LoRA r=288", "lora", ("--lora_r", "288"), (1e-3,), seeds=(1,)),
+            meft("MEFT r=16384, K=128", 16384, (3e-3,), "--meft", "top_k=128"),
+            meft("MEFT r=16384, rows apart, per-row bias correction", 16384, (3e-3,), *SEPARATE, *PER_ROW),
+            meft("MEFT r=16384, global clip", 16384, (2e-3,)),
+            Cell("parallel adapter r=1024", "parallel_adapter", ("--adapter_neurons", "1024"), (3e-3,)),
+            Cell("LoRA r=288", "lora", ("--lora_r", "288"), (5e-4,)),
         ),
     )  # fmt: skip
 
