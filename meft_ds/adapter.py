@@ -250,11 +250,10 @@ class SparseKeyExpertAdapter(nn.Module):
         self._prefetched: ChosenRows | None = None
         self.serving: ServingRows | None = None
         self.row_selection = RowSelection(config.num_neurons, config.update_rows) if config.update_rows else None
-        ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if self.row_selection is not None and ranks > 1:
+        if self.row_selection is not None and self.store.is_shard:
             raise MeftConfigError(
-                f"meft.update_rows: TF-IDF row selection runs on one rank only for now (this run has {ranks}). "
-                "Fix: set update_rows to 0, or train on one rank."
+                "meft.update_rows: TF-IDF row selection does not work with a sharded store yet (several ranks on a "
+                'node shard it by default). Fix: set "store": {"shard": false} (replicas), or update_rows to 0.'
             )
 
     def extra_repr(self) -> str:

@@ -5,7 +5,8 @@ optimizer boundary :func:`exchange_row_grads` averages the accumulated row gradi
 touched rows, in one of two ways:
 
 * replicated stores: every rank learns the union of touched row ids (an all-gather of ids), lays its gradients out
-  over that union and joins one all-reduce; every rank then applies the same sparse Adam step to the same rows;
+  over that union and joins one all-reduce; every rank then applies the same sparse Adam step to the same rows
+  (with ``meft.update_rows``, the step's token counts are summed too, so that every rank chooses the same ones);
 * sharded stores: every row's gradient goes to the rank that owns it (all-to-all), which sums the ranks'
   contributions and alone updates the row.
 
@@ -56,9 +57,22 @@ def _allreduce(adapters: list[SparseKeyExpertAdapter], group: Any, world_size: i
     laid_out[torch.searchsorted(union, mine)] = grads
     dist.all_reduce(laid_out, group=group)
     _store_summed(adapters, union, laid_out, 1.0 / world_size)
-    share = (mine.numel() * 8 + laid_out.numel() * 4) // len(adapters)
+    share = (mine.numel() * 8 + laid_out.numel() * 4 + _sum_term_counts(adapters, group)) // len(adapters)
     for adapter in adapters:  # what this rank put into the collectives, spread over the layers
         adapter.traffic.bytes_between_ranks += share
+
+
+def _sum_term_counts(adapters: list[SparseKeyExpertAdapter], group: Any) -> int:
+    """TF-IDF row selection (``meft.update_rows``): each adapter's token counts of this step summed over the ranks,
+    so that every replica chooses the same rows to update; the bytes put in (0 without row selection)."""
+    counts = [a.row_selection.term_counts for a in adapters if a.row_selection is not None]
+    if not counts:
+        return 0
+    summed = torch.cat(counts)
+    dist.all_reduce(summed, group=group)
+    for target, part in zip(counts, summed.split([c.numel() for c in counts]), strict=True):
+        target.copy_(part)
+    return summed.numel() * summed.element_size()
 
 
 def _send_to_owners(adapters: list[SparseKeyExpertAdapter], group: Any, world_size: int) -> None:

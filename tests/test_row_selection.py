@@ -121,10 +121,3 @@ def test_fit_background_needs_update_rows_and_update_rows_is_checked() -> None:
         meft_ds.fit_background(model, [])
     with pytest.raises(MeftConfigError, match="update_rows"):
         MeftConfig(update_rows=-1)
-
-
-def test_update_rows_refuses_several_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    with pytest.raises(MeftConfigError, match=r"update_rows.*one rank"):
-        SparseKeyExpertAdapter(DIM, MeftConfig(num_neurons=64, top_k=4, update_rows=8, store={"shard": False}), 0)
