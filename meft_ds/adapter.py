@@ -21,7 +21,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
-from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.config import MeftConfig
 from meft_ds.ops import cpu_kernels, kernel_threads
 from meft_ds.pinned import PinnedBuffers
 from meft_ds.routing import Routing, select_from_scores
@@ -250,11 +250,6 @@ class SparseKeyExpertAdapter(nn.Module):
         self._prefetched: ChosenRows | None = None
         self.serving: ServingRows | None = None
         self.row_selection = RowSelection(config.num_neurons, config.update_rows) if config.update_rows else None
-        if self.row_selection is not None and self.store.is_shard:
-            raise MeftConfigError(
-                "meft.update_rows: TF-IDF row selection does not work with a sharded store yet (several ranks on a "
-                'node shard it by default). Fix: set "store": {"shard": false} (replicas), or update_rows to 0.'
-            )
 
     def extra_repr(self) -> str:
         c = self.config

@@ -164,8 +164,8 @@ class MeftConfig:
         update_rows: sparse updates chosen by TF-IDF (Lin et al., 2025): at each optimizer step each adapter updates
             only this many of the rows that hold a gradient, those its tokens selected most often relative to how
             often background text selects them (:func:`meft_ds.fit_background`); the others keep their values and
-            moments. 0 (default) updates every row that holds a gradient, as the paper does. Not with a sharded store
-            yet (replicas sum the step's counts, so all choose the same rows).
+            moments. 0 (default) updates every row that holds a gradient, as the paper does. Over several ranks the
+            step's counts are summed, so that replicas update the same rows and shards their parts of one choice.
         store: where the row stores live: a :class:`StoreConfig` or its dict (replicated CPU memory by default).
         lr, betas, eps, weight_decay: the sparse Adam's hyperparameters. ``None`` inherits them from the DeepSpeed
             config's optimizer (and its scheduler drives the learning rate), or the defaults of

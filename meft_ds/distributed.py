@@ -8,7 +8,8 @@ touched rows, in one of two ways:
   over that union and joins one all-reduce; every rank then applies the same sparse Adam step to the same rows
   (with ``meft.update_rows``, the step's token counts are summed too, so that every rank chooses the same ones);
 * sharded stores: every row's gradient goes to the rank that owns it (all-to-all), which sums the ranks'
-  contributions and alone updates the row.
+  contributions and alone updates the row (with ``meft.update_rows``, the token counts are summed as above, and each
+  owner updates its part of the rows chosen over the whole store).
 
 All layers travel together, each layer's row ids offset by ``position * r``.
 """
@@ -64,7 +65,7 @@ def _allreduce(adapters: list[SparseKeyExpertAdapter], group: Any, world_size: i
 
 def _sum_term_counts(adapters: list[SparseKeyExpertAdapter], group: Any) -> int:
     """TF-IDF row selection (``meft.update_rows``): each adapter's token counts of this step summed over the ranks,
-    so that every replica chooses the same rows to update; the bytes put in (0 without row selection)."""
+    so that every rank chooses the same rows of the whole store; the bytes put in (0 without row selection)."""
     counts = [a.row_selection.term_counts for a in adapters if a.row_selection is not None]
     if not counts:
         return 0
@@ -83,7 +84,7 @@ def _send_to_owners(adapters: list[SparseKeyExpertAdapter], group: Any, world_si
     mine, grads = mine[order], grads[order]
     exchange = OwnerExchange.to_ranks(owners[order], world_size, group)
     _store_summed(adapters, exchange.request(mine), exchange.request(grads), 1.0 / world_size)
-    share = (mine.numel() * 8 + grads.numel() * 4) // len(adapters)
+    share = (mine.numel() * 8 + grads.numel() * 4 + _sum_term_counts(adapters, group)) // len(adapters)
     for adapter in adapters:
         adapter.traffic.bytes_between_ranks += share
 

@@ -61,15 +61,17 @@ class RowSelection:
             self._document_counts = None
 
     def choose(self, row_ids: torch.Tensor) -> torch.Tensor | None:
-        """Positions in ``row_ids`` (the rows holding a gradient) of the rows to update, ascending: the
-        ``update_rows`` with the highest scores, never one that scores 0 (every background document selects it);
-        ``None``: all of them. Starts the next step's counts."""
-        scores = self.term_counts[row_ids] * self.idf[row_ids]
+        """Positions in ``row_ids`` (the rows holding a gradient here) of the rows to update, ascending; ``None``: all
+        of them. The rows updated are the ``update_rows`` of the whole store with the highest scores, never one that
+        scores 0 (every background document selects it, or no token of the step did), so a shard of the store, given
+        the step's counts summed over the ranks, updates its part of the same choice. Starts the next step's counts."""
+        scores = self.term_counts * self.idf
         self.term_counts.zero_()
         eligible = int((scores > 0).sum())
-        if eligible == row_ids.numel() <= self.update_rows:
-            return None
-        return scores.topk(min(eligible, self.update_rows), sorted=False).indices.sort().values
+        chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+        chosen[scores.topk(min(eligible, self.update_rows), sorted=False).indices] = True
+        mine = chosen[row_ids]
+        return None if bool(mine.all()) else mine.nonzero().flatten()
 
     def reset(self) -> None:
         """Forget the step's counts (its gradients were dropped)."""

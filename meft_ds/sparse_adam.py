@@ -237,10 +237,9 @@ class SparseRowAdam(torch.optim.Optimizer):
         """The ``(ids, grads)`` of the rows of ``adapter`` that this step updates: those holding a gradient, or the
         part of them the adapter chooses (``meft.update_rows``)."""
         accumulated = adapter.store.accumulated_grads()
-        if accumulated is None:
-            return None
-        chosen = adapter.rows_to_update(accumulated[0])
-        if chosen is None:
+        # asked even with no gradient here: a shard may own none of the step's rows, and the next step counts afresh
+        chosen = adapter.rows_to_update(torch.empty(0, dtype=torch.int64) if accumulated is None else accumulated[0])
+        if accumulated is None or chosen is None:
             return accumulated
         return (accumulated[0][chosen], accumulated[1][chosen]) if chosen.numel() else None
 

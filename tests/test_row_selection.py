@@ -38,6 +38,20 @@ def test_all_rows_when_no_more_than_update_rows_hold_gradients() -> None:
     assert selection.choose(torch.tensor([2, 5])) is None
 
 
+def test_a_shard_updates_its_part_of_the_choice_over_the_whole_store() -> None:
+    """With a sharded store each rank holds the gradients of the rows it owns; given the step's counts summed over
+    the ranks, every shard keeps its rows of the same top ``update_rows`` of the whole store."""
+    counts = routing([2, 5, 7, 9], [[0, 1], [1, 1], [2, 3], [1, 0]])  # tf: row 2: 2, row 5: 4, rows 7 and 9: 1
+    shards = {(2, 7): [0], (5, 9): [0], (7, 9): []}  # owned rows holding a gradient -> positions updated
+    for owned, expected in shards.items():
+        selection = RowSelection(10, update_rows=2)
+        selection.observe(counts, training=True)
+        assert selection.choose(torch.tensor(owned)).tolist() == expected
+    selection = RowSelection(10, update_rows=2)
+    selection.observe(counts, training=True)
+    assert selection.choose(torch.tensor([2, 5])) is None  # a shard owning the whole choice updates all it holds
+
+
 def test_the_background_sets_each_rows_idf() -> None:
     selection = RowSelection(6, update_rows=2)
     with selection.background():

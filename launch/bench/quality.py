@@ -67,7 +67,7 @@ def full_grid() -> Grid:
     task size (150 facts, 100 steps of 8); MEFT at r=4096 with its clipping, bias-correction and rehearsal variants, and
     at r=16384; LoRA at r=64, 256, 288 (MEFT r=16384's device bytes) and 512; the parallel adapter just below MEFT
     r=4096's bytes (r=1024) and at r=4096; full fine-tuning, the upper bound; then (2026-12-04) MEFT r=4096 with
-    TF-IDF row selection at three sizes and with rehearsal. A second cell with the same label and
+    TF-IDF row selection at three sizes and with rehearsal (two seeds). A second cell with the same label and
     ``seeds=(1,)`` adds a seed to a configuration, one with other ``lrs`` extends its sweep."""
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
@@ -101,6 +101,8 @@ def full_grid() -> Grid:
             meft("MEFT r=4096, TF-IDF 128 rows", 4096, (3e-3,), *tfidf(128)),
             meft("MEFT r=4096, TF-IDF 512 rows, rehearsal 80", 4096, (3e-3,), *tfidf(512), "--rehearsal", "80"),
             meft("MEFT r=4096, TF-IDF 1024 rows", 4096, (3e-3,), *tfidf(1024)),
+            meft("MEFT r=4096, TF-IDF 512 rows, rehearsal 80", 4096, (3e-3,), *tfidf(512), "--rehearsal", "80",
+                 seeds=(1,)),
         ),
     )  # fmt: skip
 
@@ -111,7 +113,7 @@ def capacity_grid() -> Grid:
     150 facts: MEFT r=16384 against LoRA r=288 (its device bytes) and r=64 (fewer), then MEFT r=4096, then MEFT r=16384
     at a higher rate (its training loss stayed above LoRA's at 3e-3); then a second seed of the headline pair; then
     MEFT r=16384 with twice the neurons firing per token, with its rows clipped apart and bias corrected per row, and
-    at a lower rate; the parallel adapter; a second seed of MEFT r=16384 at 2e-3."""
+    at a lower rate; the parallel adapter; a second seed of MEFT r=16384 at 2e-3; LoRA r=288's sweep widened."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -127,6 +129,7 @@ def capacity_grid() -> Grid:
             meft("MEFT r=16384, global clip", 16384, (2e-3,)),
             Cell("parallel adapter r=1024", "parallel_adapter", ("--adapter_neurons", "1024"), (3e-3,)),
             meft("MEFT r=16384, global clip", 16384, (2e-3,), seeds=(1,)),
+            Cell("LoRA r=288", "lora", ("--lora_r", "288"), (2e-3, 5e-4)),
         ),
     )  # fmt: skip
 
