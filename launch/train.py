@@ -257,12 +257,11 @@ def run_training_bytes(
     )  # fmt: skip
 
 
-def fit_background(model: torch.nn.Module, tokenizer: Any, device: torch.device, args: argparse.Namespace) -> int:
-    """``meft.update_rows``: the TF-IDF background, every built-in general question with the base model's own answer,
-    each one document (before a resumed run loads its checkpoint: the base model's routing)."""
-    answered = rehearsal.rehearsal_examples(
-        model, tokenizer, len(rehearsal.QUESTIONS), batch_size=args.eval_batch_size, across_ranks=True
-    )
+def fit_background(
+    model: torch.nn.Module, answered: list, tokenizer: Any, device: torch.device, args: argparse.Namespace
+) -> int:
+    """``meft.update_rows``: the TF-IDF background, each of ``answered`` (built-in general questions with the base
+    model's own answers) one document (before a resumed run loads its checkpoint: the base model's routing)."""
     documents = [
         {"input_ids": torch.tensor([f["input_ids"]], device=device)}
         for f in tokenize_for_training(answered, tokenizer, args.max_length)
@@ -312,15 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
 
     engine, model = build_engine(model, ds_config, args)
-    general = []  # --rehearsal: answered by the untrained model, before a resumed run loads its checkpoint
-    if args.rehearsal:
-        shared = dict(batch_size=args.eval_batch_size, across_ranks=True)
-        general = rehearsal.rehearsal_examples(model, tokenizer, args.rehearsal, **shared)
+    # built-in general questions answered by the untrained model (before a resumed run loads its checkpoint), once:
+    # the first --rehearsal of them join the training data, all of them are meft.update_rows' background
+    selects_rows = any(adapter.row_selection is not None for adapter in meft_ds.adapters(model))
+    asked = len(rehearsal.QUESTIONS) if selects_rows else args.rehearsal
+    shared = dict(batch_size=args.eval_batch_size, across_ranks=True)
+    answered = rehearsal.rehearsal_examples(model, tokenizer, asked, **shared) if asked else []
+    general = [e for e in answered if e.prompt in rehearsal.QUESTIONS[: args.rehearsal]]
+    if general:
         features += tokenize_for_training(general, tokenizer, args.max_length)
         logger.info("rehearsal: %d general questions, answered by the base model, added to training", len(general))
-    background = 0  # meft.update_rows: the TF-IDF background's documents
-    if any(adapter.row_selection is not None for adapter in meft_ds.adapters(model)):
-        background = fit_background(model, tokenizer, engine.device, args)
+    background = fit_background(model, answered, tokenizer, engine.device, args) if selects_rows else 0
     # on the engine's device, with the adapters in place: every method starts at the base model (MEFT's and the
     # parallel adapter's values and LoRA's B are zero)
     before, probe_before = (

@@ -158,12 +158,16 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     launch(
         "--deepspeed", write_config(tmp_path, stage=stage, offload=offload), "--model", model_dirs["plain"],
         "--output_dir", out, "--max_steps", "6", "--no_eval", *TINY_RUN, "--meft", f"update_rows={update_rows}",
+        *(["--rehearsal", "3"] if update_rows else []),
     )  # fmt: skip
     records = metrics(out)
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
-    # meft.update_rows: every general question (answered by the base model) read as background, and each step
-    # updates at most update_rows rows per layer (2 layers) of the hundreds it touches
-    assert results(out)["background_documents"] == (len(REHEARSAL) if update_rows else 0)
+    # meft.update_rows: every general question (answered by the base model, once) read as background, the first 3 of
+    # them trained on (--rehearsal 3), and each step updates at most update_rows rows per layer (2 layers) of the
+    # hundreds it touches
+    run = results(out)
+    assert run["background_documents"] == (len(REHEARSAL) if update_rows else 0)
+    assert [r["question"] for r in run["rehearsal"]] == list(REHEARSAL[: 3 if update_rows else 0])
     updated = [r["rows_updated"] for r in records]
     assert max(updated) <= 2 * update_rows if update_rows else min(updated) > 2 * 16
 
