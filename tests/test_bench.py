@@ -298,6 +298,11 @@ def test_sections_measured_on_other_machines_name_theirs() -> None:
     mixed = report.render_markdown(sections, meta, {})
     assert "Machines: EPYC, " in mixed and "(a); Xeon, " in mixed
     assert ", on EPYC)" in mixed.split("## a.")[1].split("## g.")[0] and ", on Xeon)" in mixed.split("## g.")[1]
+    # two CPUs py-cpuinfo names alike are told apart by AVX-512 wherever the record says
+    meta = {"machine": {"cpu": "EPYC", "avx512": True}, "machines": {"a": {"cpu": "EPYC", "avx512": False}}}
+    apart = report.render_markdown(sections, meta, {})
+    assert "EPYC (no AVX-512), " in apart and ", on EPYC (no AVX-512))" in apart.split("## g.")[0]
+    assert ", on EPYC (AVX-512))" in apart.split("## g.")[1]
 
 
 def test_cli_checks_its_arguments() -> None:

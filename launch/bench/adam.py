@@ -15,7 +15,7 @@ import torch
 import meft_ds
 from bench import plots
 from bench.common import GB, Context, Section, Settings, fmt_ratio, free_memory, median_seconds, section, text
-from bench.report import cpu_brand
+from bench.report import this_cpu
 
 BACKENDS = ("fused", "deepspeed", "torch")
 
@@ -83,7 +83,7 @@ def run(context: Context) -> Section:
     del adapter
     free_memory()
     data = {"dense_gbs": dense_gbs, "copy_gbs": copy_gbs, "sparse": sparse, "rows": rows, "width": width}
-    return report(s, data | {"cpu": cpu_brand()})
+    return report(s, data | {"cpu": this_cpu()})
 
 
 def report(s: Settings, data: dict[str, Any]) -> Section:

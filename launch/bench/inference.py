@@ -14,7 +14,7 @@ import torch
 import meft_ds
 from bench import plots
 from bench.common import Context, Section, fmt_bytes, fmt_ratio, section, stats_delta, text
-from bench.report import cpu_brand
+from bench.report import this_cpu
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = 8  # one batch of held-out facts questions
@@ -100,7 +100,7 @@ def run(context: Context) -> Section:
     data |= {"changed_vs_base": sum(not torch.equal(adapted, base) for adapted, base in answers), "tokens": tokens}
     data |= {"prompts": reference.shape[0], "new_tokens": NEW_TOKENS, "meft": meft}
     data["device_bytes"] = sum(a.serving.nbytes for a in meft_ds.adapters(model) if a.serving is not None)
-    data |= {"cpu": cpu_brand(), "speedup": host["seconds"] / device["seconds"]}
+    data |= {"cpu": this_cpu(), "speedup": host["seconds"] / device["seconds"]}
     # each pair of calls ran back to back: their ratio is less exposed to other work on the machine than the medians
     data["paired_speedup"] = statistics.median(h / d for h, d in zip(host["times"], device["times"], strict=True))
     data["starved_calls"] = sum(share < STARVED for m in measured.values() for share in m["cpu_share"])

@@ -32,6 +32,18 @@ def cpu_brand() -> str:
     return cpu_info().get("brand_raw", "?")
 
 
+def cpu_name(machine: dict[str, Any]) -> str:
+    """A machine record's CPU with whether it has AVX-512: py-cpuinfo names two of our CPUs "AMD EPYC" alike (an
+    AVX2 one and one with AVX-512), and their figures differ."""
+    return machine.get("cpu", "?") + {True: " (AVX-512)", False: " (no AVX-512)"}.get(machine.get("avx512"), "")
+
+
+def this_cpu() -> str:
+    """:func:`cpu_name` of this machine."""
+    info = cpu_info()
+    return cpu_name({"cpu": cpu_brand(), "avx512": "avx512f" in info["flags"] if "flags" in info else None})
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     import deepspeed
@@ -84,7 +96,8 @@ STATUS = {True: "met", False: "NOT met", None: "not judged"}  # by Section.met
 
 
 def machine_text(m: dict[str, Any]) -> str:
-    return text("report", "machine", m=collections.defaultdict(lambda: "?", m))  # "?" for what was not recorded
+    named = collections.defaultdict(lambda: "?", m | {"cpu": cpu_name(m)})  # "?" for what was not recorded
+    return text("report", "machine", m=named)
 
 
 def render_section(section: Section, image: str | None, cpu: str | None = None) -> str:
@@ -123,11 +136,11 @@ def render_markdown(
     if "quick" in modes:
         run += " " + text("report", "quick")
     summary = [[f"{s.key}. {s.title}", s.target, f"**{STATUS[s.met]}**"] for s in sections.values()]
-    cpus = {key: used.get("cpu", "?") for key, used in machines.items()}  # beside every section's figures
+    cpus = {key: cpu_name(used) for key, used in machines.items()}  # beside every section's figures
     body = [render_section(s, images.get(s.key), cpus.get(s.key)) for s in sections.values()]
     # the GPU check's table (gpu_bench.md of launch/gpu_check.sh), or why there is none
     gpu = "## GPU check\n\n" + (gpu_check.strip() if gpu_check else text("report", "gpu_check_not_run"))
     intro = text("report", "intro", results=results, full=FULL_COMMAND, quick=QUICK_COMMAND)
     table = markdown_table(["experiment", "target", "result"], summary)
-    others = text("report", "other_cpus")  # figures of the CPU this run did not use
+    others = "\n\n".join(paragraphs("report", "other_cpus"))  # figures of the CPUs this run did not use
     return "\n\n".join(["# Benchmarks", intro, run, table, others, *body, gpu]) + "\n"

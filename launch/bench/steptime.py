@@ -17,7 +17,7 @@ from torch import nn
 import meft_ds
 from bench import common, plots, timeline
 from bench.common import GB, Context, Section, fmt_ratio, section, text
-from bench.report import cpu_brand
+from bench.report import this_cpu
 from meft_ds.baselines import add_dense_adapters, add_lora
 
 WARMUP = 2  # steps before timing; a MEFT step is slower while its store is first touched
@@ -99,9 +99,9 @@ def run(context: Context) -> Section:
     in_order = [measured[label] for label, _, _ in variants if label in measured]
     ratio = (lambda m: fmt_ratio(m["seconds"] / meft_time)) if meft_time else (lambda m: "-")
     table = [[m["variant"], f"{m['trainable']:,}", f"{m['seconds']:.2f}", ratio(m)] for m in in_order]
-    values = {"s": s, "alpha": 2 * s.lora_rank, "warmup": WARMUP, "rounds": rounds, "cpu": cpu_brand()}
+    values = {"s": s, "alpha": 2 * s.lora_rank, "warmup": WARMUP, "rounds": rounds, "cpu": this_cpu()}
     values |= {"threads": torch.get_num_threads(), "timeline_steps": TIMELINE_STEPS}
-    data = {"measured": in_order, "host": host, "extra_tables": host_tables(host, s.step_neurons), "cpu": cpu_brand()}
+    data = {"measured": in_order, "host": host, "extra_tables": host_tables(host, s.step_neurons), "cpu": this_cpu()}
     if not (meft_time and lora_time and dense_time):  # a variant was skipped (it did not fit in memory)
         return section("c", values, rows=table, met=None, verdict=text("c", "not_judged"), notes=skipped, data=data)
     values |= {"vs_lora": meft_time / lora_time, "vs_dense": dense_time / meft_time}
@@ -115,7 +115,7 @@ def host_tables(host: dict[str, Any] | None, neurons: int) -> list[dict[str, Any
     if host is None:
         return []
     records = json.loads(BASELINE.read_text()) if BASELINE.is_file() else []
-    baseline = next((b for b in records if b.get("cpu") == cpu_brand() and b.get("neurons") == neurons), None)
+    baseline = next((b for b in records if b.get("cpu") == this_cpu() and b.get("neurons") == neurons), None)
     table = timeline.table(host, baseline)
     title = text("c", "timeline", neurons=neurons, layers=host["layers"])
     if baseline is not None:
