@@ -44,6 +44,7 @@ from bench import adam, inference, memory, quality, routing_cost, scaleout, step
 from bench.common import Context, Section, Settings
 from bench.report import load_results, machine, render_markdown, write_results
 
+from meft_ds.host_memory import keep_freed_host_memory
 from meft_ds.training import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,9 @@ def main(argv: list[str]) -> None:
     if args.micro_steps:
         settings = dataclasses.replace(settings, traffic_window=args.micro_steps)
     command = shlex.join(["python", "launch/bench.py", *argv])
-    context = Context(settings, command, parse_overrides(args.meft), args.cache_mb)
+    # as launch/train.py trains on the CPU: freed host memory kept for reuse, for every variant of every experiment
+    kept = not args.render and keep_freed_host_memory()
+    context = Context(settings, command, parse_overrides(args.meft), args.cache_mb, kept_freed_memory=kept)
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     stored = load_results(results_path)

@@ -24,6 +24,7 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
 
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
 
     engine, model = build_engine(model, ds_config, args)
+    # training on the CPU: the steps' large temporaries reuse freed host memory instead of faulting pages in again
+    kept_freed_memory = get_accelerator().device_name() == "cpu" and meft_ds.keep_freed_host_memory()
     # built-in general questions answered by the untrained model (before a resumed run loads its checkpoint), once:
     # the first --rehearsal of them join the training data, all of them are meft.update_rows' background
     selects_rows = any(adapter.row_selection is not None for adapter in meft_ds.adapters(model))
@@ -362,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "method": args.method,
             "dtype": DTYPE_NAMES[dtype],
+            "kept_freed_host_memory": kept_freed_memory,
             "dataset": args.dataset,
             "facts": args.facts,
             "train_examples": len(features),

@@ -10,6 +10,7 @@ from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.engine import MeftPlugin, attach, initialize
 from meft_ds.export import save_adapter
 from meft_ds.export_load import load_adapter
+from meft_ds.host_memory import keep_freed_host_memory
 from meft_ds.inference import InferenceOnlyError, for_inference, for_training
 from meft_ds.inject import UnsupportedModelError, adapters, inject, register_ffn, supported_model_types
 from meft_ds.meft_model import MeftModel
@@ -42,6 +43,7 @@ __all__ = [
     "for_training",
     "initialize",
     "inject",
+    "keep_freed_host_memory",
     "load_adapter",
     "register_ffn",
     "save_adapter",

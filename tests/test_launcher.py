@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -126,6 +127,7 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     assert 0.0 <= run["before"]["exact_match"] <= 1.0 and 0.0 <= run["after"]["exact_match"] <= 1.0
     # the shipped config's bf16 "auto" computes in fp32 on a CPU (the faster there), the model loaded in it
     assert run["dtype"] == "fp32"
+    assert run["kept_freed_host_memory"] == (platform.libc_ver()[0] == "glibc")  # on the CPU (meft_ds.host_memory)
     assert (out / "checkpoints" / "latest").read_text() == "global_step8"
 
     trained = meft_ds.load_adapter(tiny_model(), out)

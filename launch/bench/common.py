@@ -137,6 +137,7 @@ class Context:
     model: nn.Module | None = None
     tokenizer: Any = None
     micro_batches: list[dict[str, torch.Tensor]] | None = None
+    kept_freed_memory: bool = False  # meft_ds.keep_freed_host_memory() applied to this process (launch/bench.py)
 
     def base(self) -> nn.Module:
         """The frozen base model (loaded once per run, ~20-40 s for SmolLM2)."""

@@ -101,6 +101,7 @@ def run(context: Context) -> Section:
     table = [[m["variant"], f"{m['trainable']:,}", f"{m['seconds']:.2f}", ratio(m)] for m in in_order]
     values = {"s": s, "alpha": 2 * s.lora_rank, "warmup": WARMUP, "rounds": rounds, "cpu": this_cpu()}
     values |= {"threads": torch.get_num_threads(), "timeline_steps": TIMELINE_STEPS}
+    values["memory"] = text("c", "memory_kept" if context.kept_freed_memory else "memory_default")
     data = {"measured": in_order, "host": host, "extra_tables": host_tables(host, s.step_neurons), "cpu": this_cpu()}
     if not (meft_time and lora_time and dense_time):  # a variant was skipped (it did not fit in memory)
         return section("c", values, rows=table, met=None, verdict=text("c", "not_judged"), notes=skipped, data=data)
