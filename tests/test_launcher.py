@@ -127,7 +127,7 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     assert 0.0 <= run["before"]["exact_match"] <= 1.0 and 0.0 <= run["after"]["exact_match"] <= 1.0
     # the shipped config's bf16 "auto" computes in fp32 on a CPU (the faster there), the model loaded in it
     assert run["dtype"] == "fp32"
-    assert run["kept_freed_host_memory"] == (platform.libc_ver()[0] == "glibc")  # on the CPU (meft_ds.host_memory)
+    assert run["kept_freed_host_memory"] == (platform.libc_ver()[0] == "glibc")  # MEFT on the CPU: host_memory.py
     assert (out / "checkpoints" / "latest").read_text() == "global_step8"
 
     trained = meft_ds.load_adapter(tiny_model(), out)
@@ -339,6 +339,7 @@ def test_every_method_trains_evaluates_reports_its_device_bytes_and_exports(
     )  # fmt: skip
     run, records = results(out), metrics(out)
     assert run["method"] == method and len(records) == 3 and all(r["grad_norm"] is not None for r in records)
+    assert run["kept_freed_host_memory"] == (method == "meft" and platform.libc_ver()[0] == "glibc")
     # --rehearsal 3 (LoRA's run): the first 3 general questions with the base model's answers (the tiny model's
     # are non-empty) added to the 32 training examples
     rehearsed = [(r["question"], bool(r["answer"])) for r in run["rehearsal"]]
