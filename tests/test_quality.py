@@ -196,6 +196,10 @@ def test_grid_runs_every_cell_lr_and_seed_once_and_resumes(tmp_path: Path) -> No
     assert ">= LoRA" in verdict and "< parallel adapter" in verdict and "retains 100%" in verdict
     met, verdict = quality.judge([b for b in best.values() if b["method"] != "parallel_adapter"])
     assert met is None and "no parallel adapter within MEFT's bytes in this grid" in verdict  # passes, not judged
+    # "equal" device bytes within 5% of MEFT's (its own vary with routing): a LoRA 4% below still rivals it, 6% not
+    for lora_bytes, rival in ((288, True), (282, False)):
+        near = [b | {"device_bytes": lora_bytes} if b["method"] == "lora" else b for b in best.values()]
+        assert ("no LoRA with as many device bytes" not in quality.judge(near)[1]) == rival
 
     section = quality.section([(GRID, records)], notes)
     assert isinstance(section, Section) and section.met is False and len(section.rows) == 3

@@ -259,9 +259,13 @@ def _fraction(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
+BYTES_TOLERANCE = 0.05  # "equal device bytes": MEFT's vary by ~5% run to run (the rows its routing fetches)
+
+
 def judge(best: list[dict[str, Any]]) -> tuple[bool | None, str]:
     """The targets: MEFT >= the best LoRA at equal or larger device bytes than MEFT's + 0.05 EM, >= the best parallel
-    adapter within MEFT's device bytes, and >= 90% retained. ``None`` when no part fails but one has no rival here."""
+    adapter within MEFT's device bytes, and >= 90% retained; "equal" within ``BYTES_TOLERANCE`` of MEFT's bytes.
+    ``None`` when no part fails but one has no rival here."""
     meft = [b for b in best if b["method"] == "meft"]
     if not meft:
         return None, "no MEFT run"
@@ -271,7 +275,8 @@ def judge(best: list[dict[str, Any]]) -> tuple[bool | None, str]:
         ("lora", "LoRA with as many device bytes or more", 0.05, 1),
         ("parallel_adapter", "parallel adapter within MEFT's bytes", 0.0, -1),
     ):
-        rivals = [b for b in best if b["method"] == method and side * (b["device_bytes"] - top["device_bytes"]) >= 0]
+        bound = (1 - side * BYTES_TOLERANCE) * top["device_bytes"]
+        rivals = [b for b in best if b["method"] == method and side * (b["device_bytes"] - bound) >= 0]
         if not rivals:
             parts.append(f"no {name} in this grid")
             results.append(None)
