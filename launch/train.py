@@ -320,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     # the first --rehearsal of them join the training data, all of them are meft.update_rows' background
     selects_rows = any(adapter.row_selection is not None for adapter in meft_ds.adapters(model))
     asked = len(rehearsal.QUESTIONS) if selects_rows else args.rehearsal
-    shared = dict(batch_size=args.eval_batch_size, across_ranks=True)
-    answered = rehearsal.rehearsal_examples(model, tokenizer, asked, **shared) if asked else []
+    answered = (
+        rehearsal.rehearsal_examples(model, tokenizer, asked, batch_size=args.eval_batch_size, across_ranks=True)
+        if asked
+        else []
+    )
     general = [e for e in answered if e.prompt in rehearsal.QUESTIONS[: args.rehearsal]]
     if general:
         features += tokenize_for_training(general, tokenizer, args.max_length)

@@ -8,8 +8,8 @@ per 4 kB. :func:`keep_freed_host_memory` turns both off for the rest of the proc
 and, after a few steps in which it grows, the next step reuses them. Measured on an AVX-512 EPYC (2 cores),
 SmolLM2-135M, micro-batch 2 x 256, steady state: MEFT r=16384 ~100k faults and 3.0 s a step by default, none and
 2.7 s with it (peak RSS 4% higher); LoRA r=16 on q,v in the same process 2.09 -> 1.89 s; but LoRA on every linear
-layer alone, 2.32 s with ~100k faults by default, 2.50 s with none: where a step is bound by dense matmuls, the
-heap's placement of their buffers costs more than the faults did.
+layer alone, 2.32 s with ~100k faults by default, 2.50 s with none (not explained yet; the heap's placement of the
+matmuls' buffers is a guess, not a measurement).
 
 For MEFT training on the CPU: the launcher calls it for ``--method meft`` when DeepSpeed's accelerator is the CPU,
 after the model is built. With an accelerator the large temporaries live in device memory (its own caching
