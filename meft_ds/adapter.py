@@ -279,8 +279,9 @@ class SparseKeyExpertAdapter(nn.Module):
             return PendingRouting(logits)
         self._prefetched = None  # stale (another batch shape): route from this layer's own hidden states
         pending = self._start_routing(x, logits)
-        if pending.copied is None:  # the routing inputs are on the host already (a CPU): choose the rows now, so that
-            # their fetch (NVMe reads) runs during the FFN
+        if pending.copied is None and self.store.reads_ahead:  # the routing inputs are on the host already (a CPU)
+            # and the store reads in the background (NVMe): choose the rows now, so that their reads run during the
+            # FFN. An in-memory store gathers in finish(), where the kernel then finds the rows still in cache.
             return PendingRouting(logits, chosen=self._choose(pending, x.device, x.dtype))
         return pending
 

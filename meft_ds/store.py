@@ -56,6 +56,8 @@ class RowStore(abc.ABC):
     Attributes every tier sets: ``dim`` (d), ``num_rows`` (rows of the whole layer), ``[row_start, row_stop)`` (the
     rows this rank holds and updates), ``is_shard`` (each rank holds, and saves, only its part) and ``row_steps``
     (each held row's count of updates, int32, for per-row bias correction; ``None`` where the tier keeps none).
+    ``reads_ahead``: whether :meth:`start_gather` reads in the background (NVMe), so that the adapter chooses rows
+    before the FFN to overlap it; in-memory tiers gather where the rows are used, still in cache there.
     """
 
     dim: int
@@ -63,6 +65,7 @@ class RowStore(abc.ABC):
     row_start: int
     row_stop: int
     is_shard = False
+    reads_ahead = False  # start_gather reads in the background, so starting it early overlaps other work
     row_steps: torch.Tensor | None = None
     initial_grad_rows = 0  # rows the gradient buffer makes room for when it is created (it grows past them)
     _accumulator: RowGradAccumulator | None = None

@@ -120,6 +120,8 @@ class NvmeRowStore(RowStore):
     """The rows of one layer: keys in RAM, values and moments on NVMe (see the module docstring). It keeps no per-row
     step counts (``row_steps`` is ``None``); its gradient accumulator grows with the rows touched."""
 
+    reads_ahead = True
+
     def __init__(
         self, keys: torch.Tensor, *, expert_size: int, folder: Path, layer_index: int, ram_budget: int,
         stats: TrafficStats, gap_bytes: int = GAP_BYTES,

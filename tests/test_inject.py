@@ -144,3 +144,23 @@ def test_activation_checkpointing_gives_the_same_gradients_fetching_rows_twice()
     for (ids, grads, router, fetched), (ids_c, grads_c, router_c, fetched_c) in zip(*results, strict=True):
         assert torch.equal(ids, ids_c) and torch.equal(grads, grads_c) and torch.equal(router, router_c)
         assert fetched_c == 2 * fetched
+
+
+def test_an_in_memory_store_gathers_the_rows_after_the_ffn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An in-memory store reads nothing in the background (test_nvme's counterpart starts its reads before the FFN):
+    its rows are gathered after the FFN ran, just before the kernel reads them, so that they are still in cache."""
+    model = meft_ds.inject(tiny_model(), CONFIG)
+    events: list[tuple[str, int]] = []
+    gather_into = meft_ds.store.CpuRowStore.gather_into
+
+    def recorded(store: meft_ds.store.CpuRowStore, *args: object) -> None:
+        events.append(("gather", stores.index(store)))
+        gather_into(store, *args)
+
+    stores = [adapter.store for adapter in meft_ds.adapters(model)]
+    monkeypatch.setattr(meft_ds.store.CpuRowStore, "gather_into", recorded)
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(lambda *_, i=index: events.append(("ffn", i)), prepend=True)  # before finish
+    with torch.no_grad():
+        model(token_batch())
+    assert events == [("ffn", 0), ("gather", 0), ("ffn", 1), ("gather", 1)]
