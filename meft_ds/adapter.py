@@ -13,7 +13,7 @@ over all of ``U`` with a ``(T, |U|)`` mask (what tensor cores are good at). When
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -91,15 +91,19 @@ ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the CPU ke
 class TopKAdapterFunction(torch.autograd.Function):
     """The same adapter over each token's own K rows (``union_pos``: ``(T, K)``, their positions in ``rows``, the
     micro-batch's union), on meft_ds's CPU kernel. ``gate`` is ``(T, K)``: the router logit of each of those rows'
-    expert, or ``None``. The backward writes the rows' gradients, rounded to the dtype rows travel in, where a
-    :class:`~meft_ds.transfer.RowGradSink` says (straight into the store's accumulator); any other sink is called with
-    all rows' gradients and their flags."""
+    expert, or ``None``; ``known_scores``: routing's ``(T, K)`` scores of the picks where they are exactly what the
+    kernel would compute (:attr:`~meft_ds.routing.Routing.scores`), else ``None``. The backward writes the rows'
+    gradients, rounded to the dtype rows travel in, where a :class:`~meft_ds.transfer.RowGradSink` says (straight
+    into the store's accumulator); any other sink is called with all rows' gradients and their flags."""
 
     @staticmethod
-    def forward(ctx, x, gate, rows, union_pos, row_grad_sink):  # type: ignore[override]
+    def forward(ctx, x, gate, rows, union_pos, row_grad_sink, known_scores):  # type: ignore[override]
         compute_rows = rows.to(x.dtype).contiguous()
         gate_or_empty = x.new_empty(0) if gate is None else gate.contiguous()
-        out, scores = cpu_kernels().sparse_adapter_forward(x, compute_rows, union_pos, gate_or_empty, kernel_threads())
+        known = x.new_empty(0) if known_scores is None else known_scores
+        out, scores = cpu_kernels().sparse_adapter_forward(
+            x, compute_rows, union_pos, gate_or_empty, known, kernel_threads()
+        )
         ctx.save_for_backward(x, gate_or_empty, compute_rows, union_pos, scores)
         ctx.row_grad_sink = row_grad_sink
         ctx.row_dtype = rows.dtype
@@ -123,6 +127,7 @@ class TopKAdapterFunction(torch.autograd.Function):
         return (
             grad_x if ctx.needs_input_grad[0] else None,
             grad_gate if gate.numel() and ctx.needs_input_grad[1] else None,
+            None,
             None,
             None,
             None,
@@ -330,7 +335,9 @@ class SparseKeyExpertAdapter(nn.Module):
         pending, self._prefetch_routing = self._prefetch_routing, None
         if pending is None:
             return
-        self._prefetched = self._choose(pending, device, dtype)
+        chosen = self._choose(pending, device, dtype)
+        # scored on an earlier layer's hidden states: not this adapter's activations
+        self._prefetched = ChosenRows(replace(chosen.routing, scores=None), chosen.rows)
 
     def finish(self, hidden: torch.Tensor, pending: PendingRouting) -> torch.Tensor:
         """Route (or take the pre-retrieved rows), fetch the rows, compute the adapter over each token's own rows."""
@@ -365,7 +372,12 @@ class SparseKeyExpertAdapter(nn.Module):
             gate = None
             if config.gated:
                 gate = TopKGateFunction.apply(compute, weight, logits.float(), row_experts[union_pos])
-            return TopKAdapterFunction.apply(compute, gate, rows, union_pos, sink).to(x.dtype).view_as(hidden)
+            # routing scored this x against the fp32 master keys; the kernel's are the fetched keys: the same where
+            # rows travel in fp32 and come from the store, not from a device cache
+            exact = config.row_torch_dtype(x.dtype) == torch.float32 and self.transfer.cache is None
+            known_scores = routing.scores if exact else None
+            out = TopKAdapterFunction.apply(compute, gate, rows, union_pos, sink, known_scores)
+            return out.to(x.dtype).view_as(hidden)
         mask = torch.zeros(x.shape[0], rows.shape[0], dtype=torch.bool, device=x.device).scatter_(1, union_pos, True)
         gate = logits.index_select(1, row_experts) if config.gated else None
         return MaskedAdapterFunction.apply(x, gate, rows, mask, sink).view_as(hidden)

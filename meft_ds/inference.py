@@ -126,7 +126,7 @@ class DeviceRows:
         row_experts = ids // config.expert_size
         if computes_over_top_k(x):
             gate = logits.float().gather(1, row_experts[union_pos]) if config.gated else None
-            return TopKAdapterFunction.apply(x.float().contiguous(), gate, rows, union_pos, None).to(x.dtype)
+            return TopKAdapterFunction.apply(x.float().contiguous(), gate, rows, union_pos, None, None).to(x.dtype)
         mask = torch.zeros(x.shape[0], ids.numel(), dtype=torch.bool, device=x.device).scatter_(1, union_pos, True)
         gate = logits.index_select(1, row_experts) if config.gated else None
         return MaskedAdapterFunction.apply(x, gate, rows, mask, None)

@@ -21,10 +21,14 @@ class Routing:
     Attributes:
         row_ids: ``(n,)`` int64, sorted and unique: the union ``U`` of the rows any token selected.
         union_pos: ``(T, K)`` int64: for each token, the positions in ``row_ids`` (the union) of its own top-K rows.
+        scores: ``(T, K)`` fp32: each of those rows' score ``h_t . k_j`` (ungated) as routing computed it, or
+            ``None``. Where the adapter computes from the same hidden states and fp32 keys, these are the scores its
+            kernel would compute (the same bits), so it takes them instead of computing them again.
     """
 
     row_ids: torch.Tensor
     union_pos: torch.Tensor
+    scores: torch.Tensor | None = None
 
 
 def score_probed_keys_torch(
@@ -89,15 +93,16 @@ def select_from_scores(
     scores: torch.Tensor, probe_ids: torch.Tensor, probe_gates: torch.Tensor | None, *, expert_size: int, top_k: int
 ) -> Routing:
     """Each token's top-K neurons among its probed experts (:func:`top_k_rows`), and the union of rows over the
-    micro-batch; on the host in one pass of the compiled ``select_top_k`` where it could be built."""
+    micro-batch; on the host in one pass of the compiled ``select_top_k`` where it could be built (which also keeps
+    the picks' scores)."""
     kernels = cpu_kernels() if scores.device.type == "cpu" else None
     if kernels is None:
         return union_of(top_k_rows(scores, probe_ids, probe_gates, expert_size=expert_size, top_k=top_k))
     gates = scores.new_empty(0) if probe_gates is None else probe_gates.float().contiguous()
-    row_ids, union_pos = kernels.select_top_k(
+    row_ids, union_pos, pick_scores = kernels.select_top_k(
         scores.float().contiguous(), probe_ids.long().contiguous(), gates, expert_size, top_k, kernel_threads()
     )
-    return Routing(row_ids=row_ids, union_pos=union_pos)
+    return Routing(row_ids=row_ids, union_pos=union_pos, scores=pick_scores)
 
 
 def union_of(rows: torch.Tensor) -> Routing:

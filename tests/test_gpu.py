@@ -41,7 +41,7 @@ def test_masked_path_in_bf16_on_the_device_equals_the_top_k_kernel_in_fp32() -> 
         on_rows = rows.to(device, dtype).detach().requires_grad_(True)
         if dtype == torch.float32:
             out = TopKAdapterFunction.apply(
-                xs, gates.gather(1, union_pos), on_rows, union_pos, lambda g, *_, sink=sink: sink(g)
+                xs, gates.gather(1, union_pos), on_rows, union_pos, lambda g, *_, sink=sink: sink(g), None
             )
         else:
             mask = torch.zeros(tokens, n, dtype=torch.bool).scatter_(1, union_pos, True).to(device)

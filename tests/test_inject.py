@@ -164,3 +164,40 @@ def test_an_in_memory_store_gathers_the_rows_after_the_ffn(monkeypatch: pytest.M
     with torch.no_grad():
         model(token_batch())
     assert events == [("ffn", 0), ("gather", 0), ("ffn", 1), ("gather", 1)]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "known"),
+    [({}, [True, True]), ({"prefetch_layers": 1}, [True, False]), ({"row_dtype": "bf16"}, [False, False])],
+    ids=["fp32 rows", "pre-retrieval", "bf16 rows"],
+)
+def test_the_kernel_takes_routings_scores_where_they_are_its_own(
+    overrides: dict, known: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Routing scores each pick against the fp32 master keys; the forward kernel takes those scores where it would
+    compute the same bits (its own hidden states, rows in fp32), and a step ends where computing them does."""
+
+    def trained(reuse: bool) -> tuple[list[bool], list[torch.Tensor]]:
+        passed: list[bool] = []
+        apply = meft_ds.adapter.TopKAdapterFunction.apply
+
+        def recorded(*args: object) -> torch.Tensor:
+            passed.append(args[-1] is not None)
+            return apply(*args[:-1], args[-1] if reuse else None)
+
+        monkeypatch.setattr(meft_ds.adapter.TopKAdapterFunction, "apply", recorded)
+        model = meft_ds.inject(tiny_model(), MeftConfig(num_neurons=256, top_k=8, **overrides))
+        adapters = meft_ds.adapters(model)
+        optimizer = SparseRowAdam(adapters, lr=1e-2)
+        for step in range(2):  # values are zero until the first step: the second one's output uses them
+            batch = token_batch(seed=step)
+            model(batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return passed, [adapter.store.rows.clone() for adapter in adapters]
+
+    passed, reused = trained(reuse=True)
+    assert passed[:2] == known
+    _, computed = trained(reuse=False)
+    assert all(torch.equal(a, b) for a, b in zip(reused, computed, strict=True))
+    assert not torch.equal(computed[0], meft_ds.inject(tiny_model(), CONFIG).meft_adapters["0"].store.rows)

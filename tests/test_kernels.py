@@ -87,19 +87,42 @@ def test_select_top_k_matches_the_torch_topk_and_union(kernels, gated: bool) -> 
     probe = torch.stack([torch.randperm(12)[:3] for _ in range(9)])
     scores = torch.randn(9, 3 * 8)
     gates = torch.rand(9, 3) + 0.1 if gated else None
-    row_ids, union_pos = kernels.select_top_k(scores, probe, gates if gated else torch.empty(0), 8, 5, 1)
+    row_ids, union_pos, pick_scores = kernels.select_top_k(scores, probe, gates if gated else torch.empty(0), 8, 5, 1)
     reference = union_of(top_k_rows(scores, probe, gates, expert_size=8, top_k=5))
     assert torch.equal(row_ids, reference.row_ids)
     assert torch.equal(row_ids[union_pos].sort(1).values, reference.row_ids[reference.union_pos].sort(1).values)
+    picked = row_ids[union_pos]  # each pick's score is its column's, ungated
+    column = torch.stack([(probe[t] == picked[t, :, None] // 8).int().argmax(1) for t in range(9)]) * 8 + picked % 8
+    assert torch.equal(pick_scores, scores.gather(1, column))
 
 
 def test_select_top_k_ranks_nan_highest_and_breaks_ties_by_column(kernels) -> None:
     probe = torch.tensor([[2, 0], [1, 3]])
     scores = torch.zeros(2, 2 * 4)  # all tied: the lowest columns win
     scores[1, 6] = float("nan")
-    row_ids, union_pos = kernels.select_top_k(scores, probe, torch.empty(0), 4, 3, 2)
+    row_ids, union_pos, _ = kernels.select_top_k(scores, probe, torch.empty(0), 4, 3, 2)
     picked = row_ids[union_pos].sort(1).values
     assert picked.tolist() == [[8, 9, 10], [4, 5, 14]]  # token 1: column 6 is expert 3's neuron 2
+
+
+def test_routing_scores_each_pick_as_the_forward_kernel_does(kernels) -> None:
+    # the adapter hands select_top_k's scores of the picks to the forward kernel instead of computing them again
+    torch.manual_seed(0)
+    tokens, dim, expert_size, threads = 13, 40, 8, kernel_threads()  # 40: a SIMD tail on every width
+    rows = torch.randn(6 * expert_size, 2, dim)
+    hidden = torch.randn(tokens, dim)
+    probe = torch.stack([torch.randperm(6)[:3] for _ in range(tokens)])
+    scores = kernels.score_probed(hidden, probe, rows[:, 0], expert_size, 0, threads)
+    row_ids, union_pos, pick_scores = kernels.select_top_k(
+        scores, probe, torch.rand(tokens, 3), expert_size, 5, threads
+    )
+    fetched, gate = rows[row_ids].contiguous(), torch.rand(tokens, 5)
+    out, computed = kernels.sparse_adapter_forward(hidden, fetched, union_pos, gate, torch.empty(0), threads)
+    assert torch.equal(computed.view(torch.int32), pick_scores.view(torch.int32)), "the same bits"
+    out_known, kept = kernels.sparse_adapter_forward(hidden, fetched, union_pos, gate, pick_scores, threads)
+    assert torch.equal(out_known, out) and kept.data_ptr() == pick_scores.data_ptr()
+    _, halved = kernels.sparse_adapter_forward(hidden, fetched, union_pos, gate, pick_scores / 2, threads)
+    assert torch.equal(halved, pick_scores / 2), "known scores are used, not computed"
 
 
 def test_gate_backward_matches_autograd_through_the_dense_router(kernels) -> None:

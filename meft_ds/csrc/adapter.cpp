@@ -132,26 +132,30 @@ std::tuple<int64_t, bool> accumulate_rows_(torch::Tensor acc, torch::Tensor acc_
 // ---------------------------------------------------------------------------------------------------------------
 // The sparse adapter on the CPU. x: (T, d) fp32; rows: (n, 2, d) fp32 (key, value of each fetched row);
 // union_pos: (T, K) int64 positions in rows of each token's K picks; gate: (T, K) fp32 router logit of each pick's
-// expert, or an empty tensor
-// (ungated). Per token: pre_k = gate_k * (x . key_k), out = sum_k ReLU(pre_k) * value_k.
+// expert, or an empty tensor (ungated). Per token: pre_k = gate_k * (x . key_k), out = sum_k ReLU(pre_k) * value_k.
 
 
 namespace {
 
 constexpr int kGroup = 8;  // picks of a token worked on at once (8 independent sums, one load of x per 8 rows)
 
-// One token's picks [k0, k0 + G): their scores, and out += ReLU(pre) * value. Inactive picks read a zero row
-// instead of their value (so a non-finite value of a row inactive for this token cannot reach its output).
+// One token's picks [k0, k0 + G): their scores (computed into sc, unless known: then sc holds them already), and
+// out += ReLU(pre) * value. Inactive picks read a zero row instead of their value (so a non-finite value of a row
+// inactive for this token cannot reach its output).
 template <int G>
 void forward_picks(const float* x, const float* r, const int64_t* pos, const float* g, const float* zeros,
-                   int64_t dim, float* sc, float* o) {
+                   int64_t dim, bool known, float* sc, float* o) {
     const float* keys[G];
     const float* values[G];
     float score[G], act[G];
     for (int j = 0; j < G; ++j) keys[j] = r + pos[j] * 2 * dim;
-    meft::dots<G>(x, keys, dim, score);
+    if (known) {
+        for (int j = 0; j < G; ++j) score[j] = sc[j];
+    } else {
+        meft::dots<G>(x, keys, dim, score);
+        for (int j = 0; j < G; ++j) sc[j] = score[j];
+    }
     for (int j = 0; j < G; ++j) {
-        sc[j] = score[j];
         const float pre = g ? g[j] * score[j] : score[j];
         act[j] = pre > 0.0f ? pre : 0.0f;
         values[j] = pre > 0.0f ? keys[j] + dim : zeros;
@@ -161,13 +165,20 @@ void forward_picks(const float* x, const float* r, const int64_t* pos, const flo
 
 }  // namespace
 
-// returns (out (T, d), scores (T, K) = x . key per pick, kept for backward)
+// known_scores: (T, K) fp32, each pick's x . key as routing computed it from the same x and keys (select_top_k's
+// pick_scores: the same bits, see meft::dots), or empty to compute them here. Returns (out (T, d), scores (T, K) =
+// x . key per pick, kept for backward: known_scores itself when given).
 std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor rows, torch::Tensor union_pos,
-                                                  torch::Tensor gate, int64_t threads) {
+                                                  torch::Tensor gate, torch::Tensor known_scores, int64_t threads) {
     check_adapter_inputs(x, rows, union_pos, gate);
     const int64_t tokens = x.size(0), dim = x.size(1), top_k = union_pos.size(1), n = rows.size(0);
+    const bool known = known_scores.numel() > 0;
+    if (known) {
+        check_rows(known_scores, "known_scores");
+        TORCH_CHECK(known_scores.sizes() == union_pos.sizes(), "known_scores must be (T, K) like union_pos");
+    }
     auto out = torch::zeros_like(x);
-    auto scores = torch::empty({tokens, top_k}, x.options());
+    auto scores = known ? known_scores : torch::empty({tokens, top_k}, x.options());
     const float* xs = x.data_ptr<float>();
     const float* r = rows.data_ptr<float>();
     const int64_t* pos = union_pos.data_ptr<int64_t>();
@@ -181,11 +192,12 @@ std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor
         int64_t k = 0;
         for (; k + kGroup <= top_k; k += kGroup) {
             const int64_t e = t * top_k + k;
-            forward_picks<kGroup>(xs + t * dim, r, pos + e, g ? g + e : nullptr, zeros.data(), dim, sc + e, o + t * dim);
+            forward_picks<kGroup>(xs + t * dim, r, pos + e, g ? g + e : nullptr, zeros.data(), dim, known, sc + e,
+                                  o + t * dim);
         }
         for (; k < top_k; ++k) {
             const int64_t e = t * top_k + k;
-            forward_picks<1>(xs + t * dim, r, pos + e, g ? g + e : nullptr, zeros.data(), dim, sc + e, o + t * dim);
+            forward_picks<1>(xs + t * dim, r, pos + e, g ? g + e : nullptr, zeros.data(), dim, known, sc + e, o + t * dim);
         }
     }
     return {out, scores};

@@ -139,7 +139,7 @@ std::tuple<int64_t, bool> accumulate_rows_(torch::Tensor acc, torch::Tensor acc_
                                            int64_t count, torch::Tensor ids, torch::Tensor grads,
                                            torch::Tensor has_grad, int64_t threads);
 std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor rows, torch::Tensor union_pos,
-                                                  torch::Tensor gate, int64_t threads);
+                                                  torch::Tensor gate, torch::Tensor known_scores, int64_t threads);
 std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
     torch::Tensor grad_out, torch::Tensor x, torch::Tensor rows, torch::Tensor union_pos, torch::Tensor gate,
     torch::Tensor scores, torch::Tensor row_ids, torch::Tensor acc, torch::Tensor acc_ids, torch::Tensor entry_of,

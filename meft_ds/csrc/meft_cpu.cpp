@@ -253,8 +253,8 @@ torch::Tensor score_probed(torch::Tensor hidden, torch::Tensor probe_ids, torch:
 // top_k_rows and union_of compute with torch ops (a topk, gathers and a presence map), in one pass per token and one
 // over the picks. scores: (T, P * expert_size) fp32; probe_ids: (T, P) int64; gates: (T, P) fp32 router logits (a
 // neuron then ranks by gate * score, its pre-activation) or empty. Returns (row_ids (n,) sorted unique, union_pos
-// (T, K) positions in row_ids). NaN ranks highest, as in torch.topk; equal values go to the lower column (-0 ranks
-// below +0).
+// (T, K) positions in row_ids, pick_scores (T, K): each pick's score h_t . k_j, ungated, as in scores). NaN ranks
+// highest, as in torch.topk; equal values go to the lower column (-0 ranks below +0).
 std::vector<torch::Tensor> select_top_k(torch::Tensor scores, torch::Tensor probe_ids, torch::Tensor gates,
                                         int64_t expert_size, int64_t top_k, int64_t threads) {
     check_rows(scores, "scores");
@@ -272,7 +272,9 @@ std::vector<torch::Tensor> select_top_k(torch::Tensor scores, torch::Tensor prob
     const int64_t* probe = probe_ids.data_ptr<int64_t>();
     for (int64_t i = 0; i < tokens * probes; ++i) TORCH_CHECK(probe[i] >= 0, "expert id ", probe[i], " out of range");
     auto rows = torch::empty({tokens, top_k}, probe_ids.options());
+    auto pick_scores = torch::empty({tokens, top_k}, scores.options());
     int64_t* row = rows.data_ptr<int64_t>();
+    float* picked = pick_scores.data_ptr<float>();
 #pragma omp parallel num_threads(threads)
     {
         std::vector<uint32_t> key(columns);  // each value's bits, mapped so that unsigned order is float order
@@ -305,6 +307,7 @@ std::vector<torch::Tensor> select_top_k(torch::Tensor scores, torch::Tensor prob
             for (int64_t p = 0; p < probes; ++p) {
                 for (int64_t j = 0, c = p * expert_size; j < expert_size; ++j, ++c) {
                     if (key[c] > threshold || (key[c] == threshold && equal_left-- > 0)) {
+                        picked[t * top_k + k] = s[t * columns + c];
                         out[k++] = probe[t * probes + p] * expert_size + j;
                     }
                 }
@@ -325,7 +328,7 @@ std::vector<torch::Tensor> select_top_k(torch::Tensor scores, torch::Tensor prob
         if (position[id] >= 0) ids[position[id]] = id;
     }
     for (int64_t e = 0; e < picks; ++e) row[e] = position[row[e]];
-    return {row_ids, rows};
+    return {row_ids, rows, pick_scores};
 }
 
 // The router's gradient through the gate of each pick, gate[t][k] = x_t . W[experts[t][k]] (the router logit of the
@@ -423,6 +426,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("score_probed", &score_probed, "scores of the probed experts' keys, grouped by expert");
     m.def("sparse_adapter_forward", &sparse_adapter_forward, "adapter output over each token's own K rows");
     m.def("sparse_adapter_backward", &sparse_adapter_backward, "gradients of x and gate; the fetched rows' into the accumulator");
-    m.def("select_top_k", &select_top_k, "each token's top-K rows among its probed experts, and their union");
+    m.def("select_top_k", &select_top_k, "each token's top-K rows among its probed experts, their union and scores");
     m.def("gate_backward", &gate_backward, "the router's gradient through the picks' gates, pairs in use only");
 }
