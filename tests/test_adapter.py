@@ -202,7 +202,7 @@ def test_top_k_and_masked_functions_agree(gated: bool) -> None:
 
         if function is TopKAdapterFunction:
             gate = logits.gather(1, union_pos) if gated else None
-            out = function.apply(x, gate, rows.clone().requires_grad_(), union_pos, sink)
+            out = function.apply(x, gate, rows.clone().requires_grad_(), union_pos, sink, None)
         else:
             mask = torch.zeros(tokens, n, dtype=torch.bool).scatter_(1, union_pos, True)
             out = function.apply(x, logits if gated else None, rows.clone().requires_grad_(), mask, sink)
