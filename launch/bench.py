@@ -74,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="a.'s cache variant budget (MiB per model); default: the dense adapter's device bytes under ZeRO-Offload",
     )
-    parser.add_argument("--micro-steps", type=int, default=None, help="a.'s measured cache window (default 32 / 4)")
+    parser.add_argument("--micro-steps", type=int, default=None, help="a.'s G (32; quick: 4)")
     parser.add_argument("--render", action="store_true", help="only re-render BENCHMARKS.md from the stored results")
     args = parser.parse_args(argv)
     args.only = [key.strip() for key in args.only.split(",") if key.strip()]
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     settings = Settings.quick() if args.quick else Settings.full()
     if args.micro_steps:
-        settings = dataclasses.replace(settings, traffic_window=args.micro_steps)
+        settings = dataclasses.replace(settings, accum_steps=args.micro_steps)
     command = shlex.join(["python", "launch/bench.py", *argv])
     # as launch/train.py trains on the CPU: freed host memory kept for reuse, for every variant of every experiment
     kept = not args.render and keep_freed_host_memory()

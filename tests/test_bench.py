@@ -39,10 +39,9 @@ TINY = dataclasses.replace(
     micro_batch=2,
     seq_len=16,
     top_k=4,
-    accum_steps=5,
+    accum_steps=3,
     traffic_neurons=(64,),
     traffic_plain_micro_steps=2,
-    traffic_window=3,
     train_steps=1,
     step_neurons=64,
     step_repeats=1,
@@ -125,7 +124,7 @@ def test_measured_meft_bytes_are_the_stats_counters() -> None:
     assert doubled.to_device == 2 * counters["bytes_to_device"]
 
 
-def test_cached_window_is_exact_at_its_own_size_and_bounded_above() -> None:
+def test_cached_window_is_the_whole_optimizer_step() -> None:
     model, optimizers = _tiny_meft(cache_mb=1)
     batches = [{"input_ids": token_batch(2, 16, seed=i), "labels": token_batch(2, 16, seed=i)} for i in range(3)]
     window = traffic.measure_window(model, optimizers, batches)
@@ -133,21 +132,17 @@ def test_cached_window_is_exact_at_its_own_size_and_bounded_above() -> None:
     assert window.total() == counters
     assert counters["cache_hits"] > 0
     assert window.step["row_bytes_to_host"] > 0  # the cache's gradients come back at the optimizer step
-    exact = window.cached_bytes_at(3, max_rows=2 * 64)
+    exact = window.cache_bytes(3)
     assert (exact.to_device, exact.to_host) == (counters["bytes_to_device"], counters["bytes_to_host"])
-    longer = window.cached_bytes_at(5, max_rows=2 * 64)
-    last = window.micro[-1]
-    assert longer.to_device == counters["bytes_to_device"] + 2 * last["bytes_to_device"]
-    assert longer.to_host >= counters["bytes_to_host"] + 2 * last["bytes_to_host"]
-    with pytest.raises(ValueError):
-        window.cached_bytes_at(2, max_rows=128)
+    with pytest.raises(ValueError, match="3 micro-steps"):  # a row travels once per step: no scaling
+        window.cache_bytes(5)
 
 
 def test_traffic_experiment_reports_what_it_measured(context: Context) -> None:
     section = traffic.run(context)
     (result,) = section.data["results"]
     assert result["dense_params"] == 2 * 64 * 64 * 2
-    g, window = TINY.accum_steps, TINY.traffic_window
+    g = TINY.accum_steps
     for state in ("init", "trained"):
         plain = traffic.Window(**result["windows"][state]["plain"])
         router = formulas.zero_offload_bytes(result["router_params"], g)
@@ -155,17 +150,15 @@ def test_traffic_experiment_reports_what_it_measured(context: Context) -> None:
             g * plain.micro_mean("bytes_to_device") + plain.step["bytes_to_device"] + router.to_device
         )
         cached = traffic.Window(**result["windows"][state]["cache"])
-        router = formulas.zero_offload_bytes(result["router_params"], window)
-        at_window = traffic.variant_bytes(result, state, "cache", window)
-        assert at_window.to_host == cached.total()["bytes_to_host"] + router.to_host
+        assert len(cached.micro) == g  # the whole optimizer step, measured
+        at_g = traffic.variant_bytes(result, state, "cache", g)
+        assert at_g.to_host == cached.total()["bytes_to_host"] + router.to_host
         assert traffic.variant_bytes(result, state, "dense_coded", g) == formulas.zero_offload_bytes(2 * 64 * 64 * 2, g)
-    # the table's ratio column is dense (as coded) / variant, from the same numbers; G > the window: scaled (*)
+    # the table's ratio column is dense (as coded) / variant, from the same numbers
     rows = {(r[1], r[2].split(" (")[0]): r for r in section.rows}
     coded = formulas.zero_offload_bytes(result["dense_params"], g).total
     ratio = coded / traffic.variant_bytes(result, "init", "plain", g).total
-    assert rows[("init", "MEFT, no cache")][7] in (f"{ratio:.2f}x", f"{ratio:.1f}x")
-    cache_row = next(r for key, r in rows.items() if key[0] == "init" and key[1].startswith("MEFT, cache"))
-    assert cache_row[6].endswith("*") and not cache_row[5].endswith("*")  # exact at the measured window
+    assert rows[("init", "MEFT, no cache")][6] in (f"{ratio:.2f}x", f"{ratio:.1f}x")
     assert len(section.rows) == 2 * 4  # two states x (two dense baselines + two MEFT variants)
 
 

@@ -43,7 +43,6 @@ class Settings:
     # a. traffic
     traffic_neurons: tuple[int, ...] = (4096, 16384)
     traffic_plain_micro_steps: int = 3  # micro-steps measured without the cache (their bytes do not depend on G)
-    traffic_window: int = 32  # micro-steps of the optimizer step measured with the cache (all of G: exact)
     train_steps: int = 8
     train_lr: float = 1e-3
     # b. sparse Adam
@@ -79,7 +78,7 @@ class Settings:
         return cls(
             traffic_neurons=(4096,),
             traffic_plain_micro_steps=1,
-            traffic_window=4,
+            accum_steps=4,
             train_steps=2,
             adam_rows=4096,
             adam_fractions=(0.1, 0.4),

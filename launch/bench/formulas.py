@@ -32,8 +32,7 @@ wide, hidden states of ``h`` bytes per value and rows of ``b``): the token count
 ``T d h`` and probes ``2 T n_probe`` (int16) are all-gathered; it sends the scores of the pairs it owns, ``4 s`` each
 (on average ``T n_probe`` pairs); per owner a request count (8 B), then the ids of the ``U`` rows it fetches (8 B
 each) and the rows it serves (``2 d b`` each, on average ``U``). At the optimizer step each touched row's id and fp32
-gradient goes to its owner (``8 + 8 d`` per row). Before issue 15 the hidden states went in fp32, the probes in int64
-and the scores as an all-reduce of every rank's ``(W T, n_probe s)`` partial matrix.
+gradient goes to its owner (``8 + 8 d`` per row).
 """
 
 from __future__ import annotations
@@ -145,16 +144,6 @@ def sharded_sent(load: RankLoad, world: int) -> dict[str, float]:
         "rows": load.micro_steps * load.fetched * spread * (ID_BYTES + 2 * load.dim * load.row_bytes),
         "exchange": load.touched * spread * (ID_BYTES + 2 * load.dim * GRAD_BYTES),
     }
-
-
-def sharded_sent_before(load: RankLoad, world: int) -> float:
-    """:func:`sharded_sent`'s total as the store did it before: fp32 hidden states, int64 probes, and an all-reduce
-    of the partial score matrices of every rank's tokens."""
-    micro = load.micro_steps * load.layers
-    gathers = (world - 1) * (load.tokens * load.dim * 4 + load.tokens * load.n_probe * ID_BYTES)
-    scores = 2 * (world - 1) / world * world * load.tokens * load.n_probe * load.expert_size * SCORE_BYTES
-    after = sharded_sent(load, world)
-    return micro * (gathers + scores) + after["rows"] + after["exchange"]
 
 
 def dense_sent(neurons: int, dim: int, layers: int, world: int, element_bytes: int = GRAD_BYTES) -> float:

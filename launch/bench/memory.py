@@ -14,6 +14,7 @@ import meft_ds
 from bench import common, plots
 from bench.common import GB, MB, Context, Section, fits_in_memory, fmt_bytes, fmt_ratio, free_memory, stats_delta
 from bench.traffic import device_cache_bytes
+from meft_ds.memory import store_bytes
 
 OFFLOADED_BYTES = 4  # ZeRO-Offload: bf16 weights + bf16 gradients on the device, Adam state on the host
 ON_DEVICE_BYTES = 16  # Adam on the device, mixed precision: bf16 weights + grads, fp32 master, exp_avg, exp_avg_sq
@@ -61,8 +62,7 @@ def run(context: Context) -> Section:
     measured, skipped = [], []
     config = context.base().config
     for neurons in s.memory_neurons:
-        store = 4 * 2 * neurons * config.hidden_size * 4  # rows, two moments, at worst a full accumulator (fp32)
-        if not fits_in_memory(store + GB, f"r={neurons}", skipped):
+        if not fits_in_memory(store_bytes(1, neurons, config.hidden_size) + GB, f"r={neurons}", skipped):
             continue
         measured.append(meft_device_bytes(context, neurons))
         print(f"  r={neurons}: |U|={measured[-1]['rows']} rows, MEFT {fmt_bytes(measured[-1]['meft'])}")

@@ -115,7 +115,9 @@ def capacity_grid() -> Grid:
     MEFT r=16384 with twice the neurons firing per token, with its rows clipped apart and bias corrected per row, and
     at a lower rate; the parallel adapter; a second seed of MEFT r=16384 at 2e-3; LoRA r=288's sweep widened, then
     MEFT's (1e-3); MEFT r=16384 at 1e-3 with rehearsal, and with TF-IDF row selection (2048 rows: the share of 512 at
-    r=4096) and rehearsal, for what it retains; second seeds of LoRA r=288 and MEFT r=16384 at their best rates."""
+    r=4096) and rehearsal, for what it retains; second seeds of LoRA r=288 and MEFT r=16384 at their best rates; then
+    MEFT at r=32768 (twice the rows at the same K and probed keys per token), LoRA r=400 at its device bytes (607 MB:
+    a micro-batch's union of rows grows with r) at two rates, and a second seed of MEFT r=32768."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -137,6 +139,10 @@ def capacity_grid() -> Grid:
             meft("MEFT r=16384, TF-IDF 2048 rows, rehearsal 80", 16384, (1e-3,), *tfidf(2048), "--rehearsal", "80"),
             Cell("LoRA r=288", "lora", ("--lora_r", "288"), (5e-4,), seeds=(1,)),
             meft("MEFT r=16384, global clip", 16384, (1e-3,), seeds=(1,)),
+            meft("MEFT r=32768, global clip", 32768, (1e-3,)),
+            Cell("LoRA r=400", "lora", ("--lora_r", "400"), (5e-4,)),
+            meft("MEFT r=32768, global clip", 32768, (1e-3,), seeds=(1,)),
+            Cell("LoRA r=400", "lora", ("--lora_r", "400"), (1e-3,)),
         ),
     )  # fmt: skip
 

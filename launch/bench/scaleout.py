@@ -94,8 +94,8 @@ def summarize_variant(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 
 def by_formula(variants: list[dict[str, Any]], tokens: int, config: meft_ds.MeftConfig) -> list[dict[str, Any]]:
     """The sharded variants' forward bytes by formula (``forward_formula``, to check against the measured ones), and
-    the bytes a rank sends per optimizer step at ``SIMULATED_RANKS`` ranks, from its 2-rank quantities (before and
-    after issue 15), with the dense adapter's ring all-reduce (fp32 and bf16) beside them."""
+    the bytes a rank sends per optimizer step at ``SIMULATED_RANKS`` ranks, from its 2-rank quantities, with the
+    dense adapter's ring all-reduce (fp32 and bf16) beside them."""
     loads = {}
     for v in variants:
         if v["forward"]:  # sharded
@@ -111,7 +111,7 @@ def by_formula(variants: list[dict[str, Any]], tokens: int, config: meft_ds.Meft
             parts = formulas.sharded_sent(load, world)
             rows.append({
                 "world": world, "variant": variant, "parts": parts, "total": sum(parts.values()),
-                "before": formulas.sharded_sent_before(load, world), "dense": dense, "dense_bf16": dense / 2,
+                "dense": dense, "dense_bf16": dense / 2,
             })  # fmt: skip
     return rows
 
@@ -170,7 +170,7 @@ def table_rows(between: dict[str, Any]) -> list[list[Any]]:
         parts = " + ".join(f"{name} {fmt_bytes(value)}" for name, value in row["parts"].items())
         rows.append([
             f"sent, {row['world']} ranks (formula)", f"MEFT {row['variant']}", "", fmt_bytes(row["total"]),
-            f"{parts}; before issue 15 {fmt_bytes(row['before'])}; dense all-reduce {fmt_bytes(row['dense'])} fp32, "
+            f"{parts}; dense all-reduce {fmt_bytes(row['dense'])} fp32, "
             f"{fmt_bytes(row['dense_bf16'])} bf16", "", fmt_ratio(row["dense"] / row["total"]),
         ])  # fmt: skip
     return rows + [

@@ -19,6 +19,7 @@ from bench import common, plots, timeline
 from bench.common import GB, Context, Section, fmt_ratio, section, text
 from bench.report import this_cpu
 from meft_ds.baselines import add_dense_adapters, add_lora
+from meft_ds.memory import store_bytes
 
 # steps before timing: a MEFT step is slower while its store is first touched, and with freed host memory kept
 # (launch/bench.py) the heap grows during the first few steps
@@ -38,7 +39,7 @@ def build_variants(context: Context) -> list[tuple[str, Callable[[], tuple[nn.Mo
     overhead = 1.5 * GB  # a model copy, the base model's activations
     # MEFT: rows, two moments, at worst a full gradient accumulator (fp32); dense: K, V, grads, Adam moments (the same
     # 4 x 2 r d per layer), and T x r activations
-    store = 4 * 2 * r * dim * layers * 4
+    store = store_bytes(layers, r, dim)
     dense = store + 3 * tokens * r * layers * 4
 
     def lora(targets: list[str]) -> tuple[nn.Module, list[Any]]:

@@ -20,7 +20,8 @@ from torch import nn
 import meft_ds
 from bench import common, plots
 from bench.common import GB, Context, Section, fmt_bytes, fmt_ratio, paragraphs, section, text
-from bench.formulas import BF16, FP32, OffloadBytes, dense_adapter_params, minimal_offload_bytes, zero_offload_bytes
+from bench.formulas import BF16, OffloadBytes, dense_adapter_params, minimal_offload_bytes, zero_offload_bytes
+from meft_ds.memory import store_bytes
 
 # ----------------------------------------------------------------------------------------------------------------
 # measuring MEFT
@@ -43,23 +44,13 @@ class Window:
     def micro_mean(self, key: str) -> float:
         return sum(delta[key] for delta in self.micro) / len(self.micro)
 
-    def cached_bytes_at(self, accum_steps: int, max_rows: int) -> OffloadBytes:
-        """With the cache, for an optimizer step of ``accum_steps`` >= the window's micro-steps: exact when equal;
-        else the window's bytes plus, per extra micro-step, the bytes of the window's last micro-step (a row is
-        fetched at most once per optimizer step, so later micro-steps miss no more than earlier ones: an
-        over-estimate), plus at the flush the gradients of the rows those extra micro-steps fetched (at most
-        ``max_rows`` rows updated in all)."""
+    def cache_bytes(self, accum_steps: int) -> OffloadBytes:
+        """With the cache, the bytes of the measured optimizer step, which must be of ``accum_steps`` micro-steps (a
+        row travels once per optimizer step, so a shorter step's bytes do not scale)."""
+        if len(self.micro) != accum_steps:
+            raise ValueError(f"measured {len(self.micro)} micro-steps with the cache, not {accum_steps}")
         total = self.total()
-        extra = accum_steps - len(self.micro)
-        if extra < 0:
-            raise ValueError(f"measured {len(self.micro)} micro-steps, cannot scale down to {accum_steps}")
-        last, flushed = self.micro[-1], self.step["rows_updated"]
-        grad_row_bytes = self.step["row_bytes_to_host"] / flushed if flushed else 0.0
-        new_rows = min(max_rows, flushed + extra * last["rows_fetched"]) - flushed
-        return OffloadBytes(
-            total["bytes_to_device"] + extra * last["bytes_to_device"],
-            total["bytes_to_host"] + extra * last["bytes_to_host"] + new_rows * grad_row_bytes,
-        )
+        return OffloadBytes(total["bytes_to_device"], total["bytes_to_host"])
 
     def plain_bytes_at(self, accum_steps: int) -> OffloadBytes:
         """Without a cache a micro-step's bytes do not depend on the others: ``accum_steps`` times the mean, plus
@@ -107,12 +98,13 @@ def measure_neurons(context: Context, neurons: int, notes: list[str]) -> dict[st
     dense_n = dense_adapter_params(config.num_hidden_layers, neurons, config.hidden_size)
     cache_mb = context.cache_mb if context.cache_mb is not None else 2 * BF16 * dense_n / 2**20
     # one store (rows, two moments, at worst a full gradient accumulator) + the cache + a model copy and activations
-    if not common.fits_in_memory(4 * dense_n * FP32 + cache_mb * 2**20 + 2 * GB, f"r={neurons}", notes):
+    needed = store_bytes(config.num_hidden_layers, neurons, config.hidden_size) + cache_mb * 2**20 + 2 * GB
+    if not common.fits_in_memory(needed, f"r={neurons}", notes):
         return None
     result: dict[str, Any] = {"neurons": neurons, "layers": config.num_hidden_layers, "dense_params": dense_n}
     result["cache_mb"] = cache_mb
     windows: dict[str, dict[str, Window]] = {"init": {}, "trained": {}}
-    plain_steps, window = s.traffic_plain_micro_steps, s.traffic_window
+    plain_steps, window = s.traffic_plain_micro_steps, s.accum_steps
     with tempfile.TemporaryDirectory(prefix="meft_bench_") as trained_dir:
         print(f"  r={neurons}: MEFT without cache, {plain_steps} micro-steps at init")
         model, optimizers = common.build_meft(context.fresh_model(), context.meft(base, {"cache_mb": 0}), s.train_lr)
@@ -157,14 +149,14 @@ LABELS = {  # the variants, as the table (the cache's with its budget) and the p
 
 def variant_bytes(result: dict[str, Any], phase: str, name: str, accum_steps: int) -> OffloadBytes:
     """Variant ``name``'s bytes per optimizer step of ``accum_steps`` micro-steps, for one ``r`` in ``phase``: the
-    dense baselines' analytic, MEFT's measured (scaled from its window) plus the routers' under ZeRO-Offload."""
+    dense baselines' analytic, MEFT's measured (without the cache: scaled from its micro-steps) plus the routers' under
+    ZeRO-Offload."""
     if name == "dense_coded":
         return zero_offload_bytes(result["dense_params"], accum_steps)
     if name == "dense_minimal":
         return minimal_offload_bytes(result["dense_params"], accum_steps)
     window = Window(**result["windows"][phase][name])
-    max_rows = result["neurons"] * result["layers"]
-    meft = window.plain_bytes_at(accum_steps) if name == "plain" else window.cached_bytes_at(accum_steps, max_rows)
+    meft = window.plain_bytes_at(accum_steps) if name == "plain" else window.cache_bytes(accum_steps)
     router = zero_offload_bytes(result["router_params"], accum_steps)
     return OffloadBytes(meft.to_device + router.to_device, meft.to_host + router.to_host)
 
@@ -183,7 +175,6 @@ def run(context: Context) -> Section:
     skipped: list[str] = []
     measured = [measure_neurons(context, neurons, skipped) for neurons in s.traffic_neurons]
     results = [result for result in measured if result is not None]
-    window = text("a", "window_whole" if s.traffic_window >= s.accum_steps else "window_part", s=s)
     best = []  # per (r, state): the MEFT variant with the fewest bytes per optimizer step, and dense (as coded) ÷ it
     for result, phase, b in per_step(results, s.accum_steps):
         name = min(("plain", "cache"), key=lambda n: b[n].total)
@@ -191,17 +182,17 @@ def run(context: Context) -> Section:
     named = [f"r={r} {phase}: {fmt_ratio(ratio)} ({'no ' * (name == 'plain')}cache)" for r, phase, name, ratio in best]
     return section(
         "a",
-        {"s": s, "cache_window": window, "best": "; ".join(named)},
-        rows=table_rows(results, s.traffic_window, s.accum_steps),
+        {"s": s, "best": "; ".join(named)},
+        rows=table_rows(results, s.accum_steps),
         met=all(ratio >= 10 for *_, ratio in best) if best and not skipped else None,  # judged when every r ran
         notes=_notes(results, s) + skipped,
         data={"results": results, "accum_steps": s.accum_steps},
     )
 
 
-def table_rows(results: list[dict[str, Any]], window: int, accum_steps: int) -> list[list[Any]]:
-    """Per (r, state) and variant: the average bytes per micro-step and the bytes per optimizer step at G=32,
-    the bytes per optimizer step at the measured window (when shorter), and the ratios of the dense baselines to it."""
+def table_rows(results: list[dict[str, Any]], accum_steps: int) -> list[list[Any]]:
+    """Per (r, state) and variant: the average bytes per micro-step and per optimizer step, and the ratios of the
+    dense baselines to it."""
     rows = []
     for result, phase, b in per_step(results, accum_steps):
         plain, cache = (Window(**result["windows"][phase][name]) for name in ("plain", "cache"))
@@ -212,13 +203,10 @@ def table_rows(results: list[dict[str, Any]], window: int, accum_steps: int) -> 
         }
         coded, minimal = b["dense_coded"].total, b["dense_minimal"].total
         for name, label in labels.items():
-            star = "*" if name == "cache" and len(cache.micro) != accum_steps else ""  # scaled from the window
-            shorter = [fmt_bytes(variant_bytes(result, phase, name, window).total)] if window != accum_steps else []
             rows.append([
                 result["neurons"], phase, label, fmt_bytes(b[name].to_device / accum_steps),
-                fmt_bytes(b[name].to_host / accum_steps), *shorter, fmt_bytes(b[name].total) + star,
-                fmt_ratio(coded / b[name].total) + star, fmt_ratio(minimal / b[name].total) + star,
-                counts.get(name, "all r"),
+                fmt_bytes(b[name].to_host / accum_steps), fmt_bytes(b[name].total), fmt_ratio(coded / b[name].total),
+                fmt_ratio(minimal / b[name].total), counts.get(name, "all r"),
             ])  # fmt: skip
     return rows
 
@@ -241,8 +229,6 @@ def _notes(results: list[dict[str, Any]], s: Any) -> list[str]:
         before, after = r["fixed_batch_loss"]
         steps = len(r["train_losses"])
         notes += paragraphs("a", "notes_cache_training", r=r, steps=steps, before=before, after=after)
-    if s.traffic_window < s.accum_steps:
-        notes.append(text("a", "note_scaled"))
     return notes
 
 
