@@ -117,7 +117,8 @@ def capacity_grid() -> Grid:
     MEFT's (1e-3); MEFT r=16384 at 1e-3 with rehearsal, and with TF-IDF row selection (2048 rows: the share of 512 at
     r=4096) and rehearsal, for what it retains; second seeds of LoRA r=288 and MEFT r=16384 at their best rates; then
     MEFT at r=32768 (twice the rows at the same K and probed keys per token), LoRA r=400 at its device bytes (607 MB:
-    a micro-batch's union of rows grows with r) at two rates, and a second seed of each at its best rate."""
+    a micro-batch's union of rows grows with r) at two rates, a second seed of each at its best rate, and both with
+    rehearsal, for what they retain at equal bytes."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -144,6 +145,8 @@ def capacity_grid() -> Grid:
             meft("MEFT r=32768, global clip", 32768, (1e-3,), seeds=(1,)),
             Cell("LoRA r=400", "lora", ("--lora_r", "400"), (1e-3,)),
             Cell("LoRA r=400", "lora", ("--lora_r", "400"), (5e-4,), seeds=(1,)),
+            Cell("LoRA r=400, rehearsal 80", "lora", ("--lora_r", "400", "--rehearsal", "80"), (5e-4,)),
+            meft("MEFT r=32768, rehearsal 80", 32768, (1e-3,), "--rehearsal", "80"),
         ),
     )  # fmt: skip
 
