@@ -78,6 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--render", action="store_true", help="only re-render BENCHMARKS.md from the stored results")
     args = parser.parse_args(argv)
     args.only = [key.strip() for key in args.only.split(",") if key.strip()]
+    if args.micro_steps is not None and args.micro_steps < 1:
+        parser.error(f"--micro-steps: G must be at least 1, got {args.micro_steps}")
     unknown = [key for key in args.only if key not in EXPERIMENTS]
     if unknown:
         parser.error(f"--only: unknown experiment(s) {unknown}; use some of {','.join(EXPERIMENTS)}")
@@ -87,7 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     settings = Settings.quick() if args.quick else Settings.full()
-    if args.micro_steps:
+    if args.micro_steps is not None:
         settings = dataclasses.replace(settings, accum_steps=args.micro_steps)
     command = shlex.join(["python", "launch/bench.py", *argv])
     # as launch/train.py trains on the CPU: freed host memory kept for reuse, for every variant of every experiment

@@ -308,6 +308,9 @@ def test_cli_checks_its_arguments() -> None:
     assert args.quick and args.only == ["a", "e"] and args.meft == ["n_probe=4"]
     with pytest.raises(SystemExit):
         cli.parse_args(["--only", "a,z"])
+    assert cli.parse_args(["--micro-steps", "8"]).micro_steps == 8
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--micro-steps", "0"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
