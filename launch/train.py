@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight_decay", type=float, default=0.0, help="fills 'auto'")
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="fills 'auto' gradient_clipping")
     parser.add_argument("--max_length", type=int, default=256, help="tokens per example (prompt + answer)")
+    parser.add_argument(
+        "--activation_checkpointing",
+        action="store_true",
+        help="recompute each layer's forward in its backward (transformers' gradient checkpointing): MEFT then "
+        "keeps one layer's fetched rows on the device instead of every layer's, and fetches each row twice",
+    )
     parser.add_argument("--train_limit", type=int, help="use only the first N training examples")
     parser.add_argument("--eval_limit", type=int, default=200, help="evaluate the first N held-out examples (0: all)")
     parser.add_argument("--eval_batch_size", type=int, default=32)
@@ -183,6 +189,18 @@ def evaluate(
     return scores, answers
 
 
+def enable_checkpointing(model: torch.nn.Module, name: str) -> None:
+    """transformers' activation checkpointing, non-reentrant (the inputs need not require gradients: frozen
+    embeddings under LoRA or MEFT), in training mode (which it needs; the evaluation switches to eval mode itself)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise SystemExit(
+            f"error: --activation_checkpointing: {name} ({type(model).__name__}) does not support activation "
+            "checkpointing in transformers. Fix: drop --activation_checkpointing."
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], args: argparse.Namespace) -> tuple[Any, Any]:
     """The DeepSpeed engine of ``--method`` and the model it trains (LoRA: the PEFT model around ``model``)."""
     if args.method == "meft":
@@ -251,10 +269,11 @@ def run_training_bytes(
     rows_fetched: float,
 ) -> Any:
     """:func:`meft_ds.baselines.training_bytes` of this run: its micro-batch at the longest example's length, and for
-    MEFT ``rows_fetched`` per adapter and training micro-step, as measured."""
+    MEFT ``rows_fetched`` per adapter and forward, as measured."""
     return training_bytes(
         args.method, model, ds_config, batch_size=micro_batch, seq_len=max(len(f["input_ids"]) for f in features),
         world_size=dist.get_world_size(), rows_fetched_per_layer=rows_fetched or None,
+        checkpointing=args.activation_checkpointing,
     )  # fmt: skip
 
 
@@ -311,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, DTYPE_NAMES[dtype], time.time() - started, len(features),
     )  # fmt: skip
 
+    if args.activation_checkpointing:
+        enable_checkpointing(model, args.model)
     engine, model = build_engine(model, ds_config, args)
     # MEFT on the CPU: the steps' large temporaries reuse freed host memory instead of faulting pages in again (not
     # for the baselines: LoRA on every linear layer measured 8% slower with it, meft_ds/host_memory.py)
@@ -345,10 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         train(engine, model, tokenizer, features, log, args, checkpoints)
     except NonFiniteGradientError as error:
         raise SystemExit(f"error: {error}\n{resume_hint(checkpoints)}") from error
-    micro_steps = (engine.global_steps - first_step) * engine.gradient_accumulation_steps()
-    fetched = (meft_ds.stats(model)["rows_fetched"] - fetched_before) / max(
-        1, micro_steps * len(meft_ds.adapters(model))
-    )
+    # rows fetched per adapter and forward: a checkpointed micro-step runs each layer's forward twice
+    forwards = (engine.global_steps - first_step) * engine.gradient_accumulation_steps()
+    forwards *= len(meft_ds.adapters(model)) * (2 if args.activation_checkpointing else 1)
+    fetched = (meft_ds.stats(model)["rows_fetched"] - fetched_before) / max(1, forwards)
     device = run_training_bytes(model, ds_config, features, args, engine.train_micro_batch_size_per_gpu(), fetched)
     if args.method == "meft":
         digest = check_replicas_identical(meft_ds.adapters(model), group=engine.data_parallel_group)
@@ -382,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             "retention": retention and {**retention, "answers": probe_after},
             "rehearsal": [{"question": e.prompt, "answer": e.answers[0]} for e in general],
             "background_documents": background,
+            "activation_checkpointing": args.activation_checkpointing,
             "trainable_params": trainable_numel(model),
             "device_training": device.as_dict(),
             "seconds": round(time.time() - started, 1),

@@ -107,17 +107,17 @@ class TrainingBytes:
 
 def training_bytes(
     method: str, model: nn.Module, ds_config: dict[str, Any], *, batch_size: int, seq_len: int, world_size: int = 1,
-    rows_fetched_per_layer: float | None = None,
+    rows_fetched_per_layer: float | None = None, checkpointing: bool = False,
 ) -> TrainingBytes:  # fmt: skip
     """The device-resident training bytes of ``model`` trained by ``method`` under ``ds_config`` (resolved, as the
     engine ran it): the memory plan's items for the trainable parameters, their gradients and optimizer states
     where this ZeRO config keeps them, and for MEFT also the rows fetched and kept for backward (``|U|`` from
-    ``rows_fetched_per_layer``, measured per adapter and micro-step, else the plan's uniform estimate), rows in
-    flight and the device row cache."""
+    ``rows_fetched_per_layer``, measured per adapter and forward of a micro-step, else the plan's uniform estimate;
+    one layer's with activation ``checkpointing``), rows in flight and the device row cache."""
     found = adapters(model)
     meft = found[0].config if found else MeftConfig()
     dim = model.config.hidden_size
-    shape = dict(batch_size=batch_size, seq_len=seq_len, world_size=world_size)
+    shape = dict(batch_size=batch_size, seq_len=seq_len, world_size=world_size, checkpointing=checkpointing)
     setup: Setup = setup_from_ds_config(ds_config, meft, dim=dim, **shape)
     if method != "meft":
         return TrainingBytes(dense_trainable_items(method, trainable_numel(model), setup))  # no rows here

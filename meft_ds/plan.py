@@ -226,14 +226,15 @@ def dense_trainable_items(label: str, numel: int, s: Setup) -> list[Item]:
     return items
 
 
-def training_items(s: Setup, *, adapters: int, dim: int, checkpointing: bool = False) -> list[Item]:
+def training_items(s: Setup, *, adapters: int, dim: int) -> list[Item]:
     """MEFT's training state: the routers (as DeepSpeed keeps them), the rows fetched and kept for backward (one
-    layer's when checkpointed), the pre-retrieved rows in flight and the device row cache. The device items of these
-    are the run's *device-resident training bytes*, which ``launch/train.py`` reports for every ``--method``."""
+    layer's with activation checkpointing, ``s.checkpointing``), the pre-retrieved rows in flight and the device row
+    cache. The device items of these are the run's *device-resident training bytes*, which ``launch/train.py``
+    reports for every ``--method``."""
     m, union, rb = s.meft, s.union, s.rows.itemsize
     row_bytes = union * 2 * dim * rb
     items = [
-        Item("device", "fetched rows kept for backward", (1 if checkpointing else adapters) * row_bytes,
+        Item("device", "fetched rows kept for backward", (1 if s.checkpointing else adapters) * row_bytes,
              f"|U| = {union} rows per layer", training=True),
         *dense_trainable_items("routers", adapters * m.num_experts * dim, s),
     ]  # fmt: skip
@@ -272,7 +273,7 @@ def plan_items(s: Setup, model: ModelFacts) -> list[Item]:
              "measured on meta" if model.measured else "analytic: the model did not run on meta"),
         Item("device", "masked path: (T, |U|) scores, gates, masks", kept * masked),
         Item("device", "backward working set", working, "largest single step"),
-        *training_items(s, adapters=layers, dim=d, checkpointing=s.checkpointing),
+        *training_items(s, adapters=layers, dim=d),
     ]  # fmt: skip
     staging = staging_buffers(s, d, union, cached)
     rings = ", ".join(f"{RINGS[name]} x {name}" for name in staging)
@@ -378,7 +379,10 @@ class MemoryPlan:
 
         replace = dataclasses.replace
         if not s.checkpointing:
-            text = "enable activation checkpointing (model.gradient_checkpointing_enable(); rows then travel twice)"
+            text = (
+                "enable activation checkpointing (launch/train.py --activation_checkpointing, or "
+                "model.gradient_checkpointing_enable(); rows then travel twice)"
+            )
             add(text, replace(s, checkpointing=True))
         routers = self.model.adapters * s.meft.num_experts * self.model.dim
         if s.bucket > 2 * routers > 0:  # a bucket about the routers' size already saves what it can

@@ -310,12 +310,28 @@ def test_bad_input_fails_fast_with_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_activation_checkpointing_is_refused_for_a_model_without_it() -> None:
+    sys.path.insert(0, str(ROOT / "launch"))
+    from train import enable_checkpointing
+
+    with pytest.raises(SystemExit, match=r"^error: --activation_checkpointing: toy \(Linear\) does not support"):
+        enable_checkpointing(torch.nn.Linear(2, 2), "toy")
+    model = tiny_model().eval()
+    enable_checkpointing(model, "tiny")
+    assert model.training and model.is_gradient_checkpointing
+
+
 # --method: one short run of each baseline on the tiny LLaMA (d=64, FFN 128, 2 layers), with trainable values and
 # device bytes counted by hand: LoRA r=4 on gate/up/down = 4 (64+128) per matrix, 3 per layer; the parallel adapter's
-# keys and values 2 x 16 x 64 per layer. MEFT's run through --method meft, with its fetched rows counted, is
+# keys and values 2 x 16 x 64 per layer (LoRA's run with activation checkpointing: the same bytes, activations are
+# not training state). MEFT's run through --method meft, checkpointed, with its fetched rows counted, is
 # test_quality.py's quick grid; its export, test_one_rank_trains_evaluates_exports_and_logs.
 METHODS = {
-    "lora": (["--lora_r", "4", "--rehearsal", "3"], 2 * 3 * 4 * (64 + 128), 2 * 3 * 4 * (64 + 128)),
+    "lora": (
+        ["--lora_r", "4", "--rehearsal", "3", "--activation_checkpointing"],
+        2 * 3 * 4 * (64 + 128),
+        2 * 3 * 4 * (64 + 128),
+    ),
     "parallel_adapter": (["--adapter_neurons", "16"], 2 * 2 * 16 * 64, 2 * 2 * 16 * 64),
     "full": ([], None, None),  # every parameter of the model
 }

@@ -200,6 +200,10 @@ def test_grid_runs_every_cell_lr_and_seed_once_and_resumes(tmp_path: Path) -> No
     for lora_bytes, rival in ((288, True), (282, False)):
         near = [b | {"device_bytes": lora_bytes} if b["method"] == "lora" else b for b in best.values()]
         assert ("no LoRA with as many device bytes" not in quality.judge(near)[1]) == rival
+    # of MEFT configurations with the same EM (e.g. with and without activation checkpointing), the one with the
+    # fewest device bytes is judged
+    checkpointed = best["MEFT"] | {"label": "MEFT, checkpointed", "device_bytes": 100}
+    assert "best MEFT (MEFT, checkpointed, " in quality.judge([*best.values(), checkpointed])[1]
 
     section = quality.section([(GRID, records)], notes)
     assert isinstance(section, Section) and section.met is False and len(section.rows) == 3
@@ -219,22 +223,29 @@ def test_grid_runs_every_cell_lr_and_seed_once_and_resumes(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_quick_grid_runs_through_the_launcher(tmp_path: Path) -> None:
     """``launch/bench.py --quick --only quality``'s grid end to end on the tiny LLaMA, its first (MEFT) run only (the
-    launcher tests train the other methods), with MEFT's device-resident training bytes counted by hand."""
+    launcher tests train the other methods), with activation checkpointing, and MEFT's device-resident training bytes
+    counted by hand."""
     folder = tmp_path / "tiny"
     tiny_model().save_pretrained(folder)
     word_tokenizer(chat=True).save_pretrained(folder)
     full = quality.quick_grid(str(folder))
-    grid = dataclasses.replace(full, cells=full.cells[:1])
+    cell = full.cells[0]
+    grid = dataclasses.replace(
+        full, cells=(dataclasses.replace(cell, args=(*cell.args, "--activation_checkpointing")),)
+    )
     [record] = quality.run_grid(grid, tmp_path / "work")
     assert record["method"] == "meft" and record["trainable"] == 2 * 256 * 2 * 64 + 2 * 64 * 64  # rows + routers
-    # fp32, d=64, 2 layers: the routers' weights and gradients, the bucket, and the rows fetched and kept for backward
-    # (|U| rows of 2 x 64 per layer, the mean per adapter and micro-step over the run, rounded up)
+    # fp32, d=64, 2 layers: the routers' weights and gradients, the bucket, and the rows fetched and kept for backward:
+    # checkpointed, one layer's |U| rows of 2 x 64 (the mean per adapter and forward over the run, rounded up; each
+    # micro-step runs every layer's forward twice)
     [output] = (tmp_path / "work").glob("MEFT*/")
     steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    union = math.ceil(sum(r["rows_fetched"] for r in steps) / (2 * grid.steps))
-    device = json.loads((output / "results.json").read_text())["device_training"]
-    assert device["items"][0]["name"] == "fetched rows kept for backward"
-    expected = 2 * 64 * 64 * 8 + quality.BUCKET * 4 + 2 * union * 2 * 64 * 4
+    union = math.ceil(sum(r["rows_fetched"] for r in steps) / (2 * 2 * grid.steps))
+    results = json.loads((output / "results.json").read_text())
+    device = results["device_training"]
+    assert results["activation_checkpointing"] and device["items"][0]["name"] == "fetched rows kept for backward"
+    assert device["items"][0]["note"] == f"|U| = {union} rows per layer"
+    expected = 2 * 64 * 64 * 8 + quality.BUCKET * 4 + union * 2 * 64 * 4
     assert record["device_bytes"] == device["device_bytes"] == expected == sum(i["nbytes"] for i in device["items"])
     assert 0.0 <= record["em"] <= 1.0 and 0.0 <= record["retained"] <= 1.0
     assert quality.section([(grid, [record])], []).rows[0][1] == "MEFT r=256"

@@ -147,6 +147,8 @@ def capacity_grid() -> Grid:
             Cell("LoRA r=400", "lora", ("--lora_r", "400"), (5e-4,), seeds=(1,)),
             Cell("LoRA r=400, rehearsal 80", "lora", ("--lora_r", "400", "--rehearsal", "80"), (5e-4,)),
             meft("MEFT r=32768, rehearsal 80", 32768, (1e-3,), "--rehearsal", "80"),
+            meft("MEFT r=32768, checkpointed", 32768, (1e-3,), "--activation_checkpointing", seeds=(0, 1)),
+            Cell("LoRA r=104", "lora", ("--lora_r", "104"), (1e-3, 2e-3)),
         ),
     )  # fmt: skip
 
@@ -277,11 +279,12 @@ BYTES_TOLERANCE = 0.05  # "equal device bytes": MEFT's vary by ~5% run to run (t
 def judge(best: list[dict[str, Any]]) -> tuple[bool | None, str]:
     """The targets: MEFT >= the best LoRA at equal or larger device bytes than MEFT's + 0.05 EM, >= the best parallel
     adapter within MEFT's device bytes, and >= 90% retained; "equal" within ``BYTES_TOLERANCE`` of MEFT's bytes.
-    ``None`` when no part fails but one has no rival here."""
+    The MEFT judged is the best by EM, of equals the one with the fewest device bytes. ``None`` when no part fails but
+    one has no rival here."""
     meft = [b for b in best if b["method"] == "meft"]
     if not meft:
         return None, "no MEFT run"
-    top = max(meft, key=lambda b: b["em"])
+    top = max(meft, key=lambda b: (b["em"], -b["device_bytes"]))
     parts, results = [f"best MEFT ({top['label']}, {top['device_bytes'] / MB:.0f} MB): EM {top['em']:.3f}"], []
     for method, name, margin, side in (  # side: the rival's device bytes at least (1) or at most (-1) MEFT's
         ("lora", "LoRA with as many device bytes or more", 0.05, 1),
