@@ -41,6 +41,7 @@ from meft_ds.ds_config import (
 )
 from meft_ds.evaluation import evaluate_generation, format_scores
 from meft_ds.files import write_json_atomic
+from meft_ds.inject import check_activation_checkpointing
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
 from meft_ds.ops import cpu_kernels
 from meft_ds.training import MetricsLog, MicroBatchStream, parse_overrides, progress_bar, run_cli
@@ -149,7 +150,9 @@ def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise meft_ds.MeftConfigError(f"{args.deepspeed}: 'meft' must be a JSON object. Fix: write \"meft\": {{...}}.")
     section.update(parse_overrides(args.meft))
-    meft_ds.MeftConfig.from_dict(section)
+    meft = meft_ds.MeftConfig.from_dict(section)
+    if args.activation_checkpointing and args.method == "meft":
+        check_activation_checkpointing(meft)
     resolve_auto(
         ds_config,
         max_steps=args.max_steps,
@@ -197,7 +200,11 @@ def enable_checkpointing(model: torch.nn.Module, name: str) -> None:
             f"error: --activation_checkpointing: {name} ({type(model).__name__}) does not support activation "
             "checkpointing in transformers. Fix: drop --activation_checkpointing."
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     model.train()
 
 

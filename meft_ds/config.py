@@ -150,7 +150,8 @@ class MeftConfig:
         cache_mb: device memory (MiB, for the whole model, split evenly over the adapters) for the hot-row cache:
             cached rows travel to the device once per optimizer step and their gradients back once. 0 disables it.
         prefetch_layers: pre-retrieval distance ``p``: layer ``i`` chooses its rows from the hidden states of the
-            adapter ``p`` layers earlier, so their copy overlaps the layers in between. 0 (default) is exact.
+            adapter ``p`` layers earlier, so their copy overlaps the layers in between. 0 (default) is exact. Not
+            with activation checkpointing (its recomputed forward cannot choose the same rows again).
         max_nonfinite_steps: a row step whose gradients hold NaN or inf is skipped (rows and moments untouched);
             this many skipped in a row abort the run with :class:`meft_ds.NonFiniteGradientError`.
         bias_correction: the sparse Adam's bias correction: ``"global"`` divides by ``1 - beta**t`` with the

@@ -96,9 +96,24 @@ def _ffn_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
 
 
-def _begin_adapter(adapter: SparseKeyExpertAdapter, ffn: nn.Module, args: tuple, kwargs: dict) -> None:
+def _begin_adapter(
+    adapter: SparseKeyExpertAdapter, layer: nn.Module, ffn: nn.Module, args: tuple, kwargs: dict
+) -> None:
     """Before the FFN: the router runs and the routing inputs start for the host (see SparseKeyExpertAdapter)."""
+    if layer.training and getattr(layer, "gradient_checkpointing", False) and torch.is_grad_enabled():
+        check_activation_checkpointing(adapter.config)  # enabled after inject (e.g. by the HF Trainer)
     adapter.pending = adapter.begin(_ffn_input(args, kwargs))
+
+
+def check_activation_checkpointing(config: MeftConfig) -> None:
+    """Activation checkpointing recomputes each layer's forward in its backward, where an adapter routes again from
+    its own layer's hidden states: rows pre-retrieved from an earlier layer's cannot be chosen again."""
+    if config.prefetch_layers:
+        raise MeftConfigError(
+            f"meft.prefetch_layers: {config.prefetch_layers} pre-retrieves rows from an earlier layer's hidden "
+            "states, which activation checkpointing's recomputed forward cannot repeat. Fix: set prefetch_layers=0, "
+            "or turn activation checkpointing off."
+        )
 
 
 def _add_adapter_output(
@@ -175,7 +190,7 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
             pinned_buffers=pinned_buffers,
         )
         registered[str(index)] = adapter
-        ffn.register_forward_pre_hook(functools.partial(_begin_adapter, adapter), with_kwargs=True)
+        ffn.register_forward_pre_hook(functools.partial(_begin_adapter, adapter, layers[index]), with_kwargs=True)
         ffn.register_forward_hook(functools.partial(_add_adapter_output, adapter), with_kwargs=True)
     model.add_module(ADAPTERS_ATTR, registered)
     chain = list(registered.values())

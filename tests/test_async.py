@@ -23,10 +23,14 @@ DIM = 32
 
 
 def train_tiny(
-    meft: dict, *, steps: int = 2, micro_steps: int = 2, layers: int = 3
+    meft: dict, *, steps: int = 2, micro_steps: int = 2, layers: int = 3, checkpointing: bool = False
 ) -> tuple[list[torch.Tensor], list[float]]:
-    """A few optimizer steps of a tiny LLaMA in a plain loop; the stores' rows and the losses."""
-    model = meft_ds.inject(tiny_model(layers=layers), {**MEFT, **meft})
+    """A few optimizer steps of a tiny LLaMA in a plain loop (``checkpointing``: each layer's forward recomputed in
+    its backward); the stores' rows and the losses."""
+    model = tiny_model(layers=layers)
+    if checkpointing:
+        model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = meft_ds.inject(model, {**MEFT, **meft})
     sparse = SparseRowAdam(meft_ds.adapters(model), lr=1e-2)
     dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -50,16 +54,18 @@ SCENARIOS = {
     "cache": {"cache_mb": 0.02},  # a few rows per layer: evictions flush gradients during the forward
     "prefetch": {"prefetch_layers": 1},
     "cache and prefetch": {"cache_mb": 1, "prefetch_layers": 2},
+    "activation checkpointing": {"checkpointing": True},  # rows fetched again in the backward
+    "checkpointing and cache": {"checkpointing": True, "cache_mb": 0.02},
 }
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_training_is_bit_identical_to_the_synchronous_run(name: str) -> None:
     meft = dict(SCENARIOS[name])
-    layers = meft.pop("layers", 3)
-    rows, losses = train_tiny(meft, layers=layers)
+    shape = {"layers": meft.pop("layers", 3), "checkpointing": meft.pop("checkpointing", False)}
+    rows, losses = train_tiny(meft, **shape)
     with async_accelerator() as harness:
-        async_rows, async_losses = train_tiny(meft, layers=layers)
+        async_rows, async_losses = train_tiny(meft, **shape)
     assert harness.deferred_copies > 0, "the run must have exercised the asynchronous path"
     assert losses == async_losses
     for expected, got in zip(rows, async_rows, strict=True):

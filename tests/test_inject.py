@@ -9,7 +9,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 import meft_ds
-from meft_ds import MeftConfig, SparseRowAdam, UnsupportedModelError
+from meft_ds import MeftConfig, MeftConfigError, SparseRowAdam, UnsupportedModelError
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
 CONFIG = MeftConfig(num_neurons=256, top_k=8)
@@ -144,6 +144,18 @@ def test_activation_checkpointing_gives_the_same_gradients_fetching_rows_twice()
     for (ids, grads, router, fetched), (ids_c, grads_c, router_c, fetched_c) in zip(*results, strict=True):
         assert torch.equal(ids, ids_c) and torch.equal(grads, grads_c) and torch.equal(router, router_c)
         assert fetched_c == 2 * fetched
+
+
+def test_pre_retrieval_under_activation_checkpointing_is_one_clear_error() -> None:
+    # the recomputed forward cannot choose the pre-retrieved rows again (torch would fail on the rows' shapes, or
+    # train on other rows where the shapes happen to agree); also when checkpointing is enabled after inject
+    model = meft_ds.inject(tiny_model(layers=2).train(), MeftConfig(num_neurons=128, top_k=8, prefetch_layers=1))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = token_batch(batch=2, length=12)
+    with pytest.raises(MeftConfigError, match=r"^meft\.prefetch_layers: 1 pre-retrieves .* Fix: set prefetch_layers=0"):
+        model(batch, labels=batch)
+    with torch.no_grad():  # no backward, nothing recomputed: generation from a checkpointed model is unaffected
+        model(batch)
 
 
 def test_an_in_memory_store_gathers_the_rows_after_the_ffn(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -302,11 +302,19 @@ def test_evaluate_refuses_a_folder_without_an_adapter_in_one_line(tmp_path: Path
     )
 
 
-def test_bad_input_fails_fast_with_one_line(tmp_path: Path) -> None:
-    command = [sys.executable, "launch/train.py", "--meft", "top_k=100000", "--output_dir", str(tmp_path)]
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--meft", "top_k=100000"], "error: meft.top_k: 100000 is larger than num_neurons"),
+        (["--meft", "prefetch_layers=1", "--activation_checkpointing"], "error: meft.prefetch_layers: 1 pre-retrieves"),
+    ],
+    ids=["top_k", "prefetch with checkpointing"],
+)
+def test_bad_input_fails_fast_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    command = [sys.executable, "launch/train.py", *args, "--output_dir", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: meft.top_k: 100000 is larger than num_neurons")
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in result.stderr
 
 

@@ -118,7 +118,8 @@ def capacity_grid() -> Grid:
     r=4096) and rehearsal, for what it retains; second seeds of LoRA r=288 and MEFT r=16384 at their best rates; then
     MEFT at r=32768 (twice the rows at the same K and probed keys per token), LoRA r=400 at its device bytes (607 MB:
     a micro-batch's union of rows grows with r) at two rates, a second seed of each at its best rate, and both with
-    rehearsal, for what they retain at equal bytes."""
+    rehearsal, for what they retain at equal bytes; then MEFT r=32768 with activation checkpointing (one layer's
+    fetched rows on the device: 176 MB), and LoRA (r=104) and the parallel adapter (r=512) at those bytes."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -149,6 +150,8 @@ def capacity_grid() -> Grid:
             meft("MEFT r=32768, rehearsal 80", 32768, (1e-3,), "--rehearsal", "80"),
             meft("MEFT r=32768, checkpointed", 32768, (1e-3,), "--activation_checkpointing", seeds=(0, 1)),
             Cell("LoRA r=104", "lora", ("--lora_r", "104"), (1e-3, 2e-3)),
+            Cell("parallel adapter r=512", "parallel_adapter", ("--adapter_neurons", "512"), (3e-3,)),
+            Cell("LoRA r=104", "lora", ("--lora_r", "104"), (5e-4,)),
         ),
     )  # fmt: skip
 
