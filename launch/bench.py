@@ -4,7 +4,7 @@
     python launch/bench.py --quick             # about 5 minutes, smaller sizes
     python launch/bench.py --only a,c --out docs/bench --meft n_probe=16 --cache-mb 512
     python launch/bench.py --render            # BENCHMARKS.md again from docs/bench (e.g. after a GPU check)
-    python launch/bench.py --only quality      # learning quality: ~50 training runs, ~7 h of 2 cores from scratch;
+    python launch/bench.py --only quality      # learning quality: ~70 training runs, ~12 h of 2 cores from scratch;
                                                # it keeps each run's record and continues from them (outputs/)
 
 Experiments: a. host<->device bytes per optimizer step, MEFT vs a dense adapter under ZeRO-Offload; b. sparse Adam

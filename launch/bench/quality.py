@@ -119,7 +119,8 @@ def capacity_grid() -> Grid:
     MEFT at r=32768 (twice the rows at the same K and probed keys per token), LoRA r=400 at its device bytes (607 MB:
     a micro-batch's union of rows grows with r) at two rates, a second seed of each at its best rate, and both with
     rehearsal, for what they retain at equal bytes; then MEFT r=32768 with activation checkpointing (one layer's
-    fetched rows on the device: 176 MB), and LoRA (r=104) and the parallel adapter (r=512) at those bytes."""
+    fetched rows on the device: 176 MB), LoRA (r=104) and the parallel adapter (r=512) at those bytes, LoRA's sweep
+    widened and a second seed at its best rate."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -152,6 +153,7 @@ def capacity_grid() -> Grid:
             Cell("LoRA r=104", "lora", ("--lora_r", "104"), (1e-3, 2e-3)),
             Cell("parallel adapter r=512", "parallel_adapter", ("--adapter_neurons", "512"), (3e-3,)),
             Cell("LoRA r=104", "lora", ("--lora_r", "104"), (5e-4,)),
+            Cell("LoRA r=104", "lora", ("--lora_r", "104"), (1e-3,), seeds=(1,)),
         ),
     )  # fmt: skip
 
