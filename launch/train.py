@@ -41,7 +41,6 @@ from meft_ds.ds_config import (
 )
 from meft_ds.evaluation import evaluate_generation, format_scores
 from meft_ds.files import write_json_atomic
-from meft_ds.inject import check_activation_checkpointing
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
 from meft_ds.ops import cpu_kernels
 from meft_ds.training import MetricsLog, MicroBatchStream, parse_overrides, progress_bar, run_cli
@@ -152,7 +151,7 @@ def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
     section.update(parse_overrides(args.meft))
     meft = meft_ds.MeftConfig.from_dict(section)
     if args.activation_checkpointing and args.method == "meft":
-        check_activation_checkpointing(meft)
+        meft.check_activation_checkpointing()
     resolve_auto(
         ds_config,
         max_steps=args.max_steps,

@@ -254,6 +254,17 @@ class MeftConfig:
             _fail("layers", f"{self.layers} names a layer twice", "list each layer once")
         return sorted(resolved)
 
+    def check_activation_checkpointing(self) -> None:
+        """Activation checkpointing recomputes each layer's forward in its backward, where an adapter routes again
+        from its own layer's hidden states: rows pre-retrieved from an earlier layer's cannot be chosen again."""
+        if self.prefetch_layers:
+            _fail(
+                "prefetch_layers",
+                f"{self.prefetch_layers} pre-retrieves rows from an earlier layer's hidden states, which activation "
+                "checkpointing's recomputed forward cannot repeat",
+                "set prefetch_layers=0, or turn activation checkpointing off",
+            )
+
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         self.store = StoreConfig.from_dict(self.store)

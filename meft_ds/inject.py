@@ -101,19 +101,8 @@ def _begin_adapter(
 ) -> None:
     """Before the FFN: the router runs and the routing inputs start for the host (see SparseKeyExpertAdapter)."""
     if layer.training and getattr(layer, "gradient_checkpointing", False) and torch.is_grad_enabled():
-        check_activation_checkpointing(adapter.config)  # enabled after inject (e.g. by the HF Trainer)
+        adapter.config.check_activation_checkpointing()  # enabled after inject (e.g. by the HF Trainer)
     adapter.pending = adapter.begin(_ffn_input(args, kwargs))
-
-
-def check_activation_checkpointing(config: MeftConfig) -> None:
-    """Activation checkpointing recomputes each layer's forward in its backward, where an adapter routes again from
-    its own layer's hidden states: rows pre-retrieved from an earlier layer's cannot be chosen again."""
-    if config.prefetch_layers:
-        raise MeftConfigError(
-            f"meft.prefetch_layers: {config.prefetch_layers} pre-retrieves rows from an earlier layer's hidden "
-            "states, which activation checkpointing's recomputed forward cannot repeat. Fix: set prefetch_layers=0, "
-            "or turn activation checkpointing off."
-        )
 
 
 def _add_adapter_output(

@@ -383,7 +383,11 @@ class MemoryPlan:
                 "enable activation checkpointing (launch/train.py --activation_checkpointing, or "
                 "model.gradient_checkpointing_enable(); rows then travel twice)"
             )
-            add(text, replace(s, checkpointing=True))
+            if s.meft.prefetch_layers:  # pre-retrieval does not combine with it
+                add(f"{text} with meft.prefetch_layers=0", replace(s, checkpointing=True, meft=_changed(s.meft,
+                    prefetch_layers=0)))  # fmt: skip
+            else:
+                add(text, replace(s, checkpointing=True))
         routers = self.model.adapters * s.meft.num_experts * self.model.dim
         if s.bucket > 2 * routers > 0:  # a bucket about the routers' size already saves what it can
             add(f"set zero_optimization.reduce_bucket_size={routers} (the routers' size)", replace(s, bucket=routers))
@@ -418,6 +422,8 @@ def plan(
     micro-step), in place of the uniform-routing upper estimate; changes the plan proposes scale it alike."""
     ds = load_deepspeed_config(ds_config)
     meft_config = MeftConfig.from_dict({**section(ds, "meft"), **(meft or {})})
+    if activation_checkpointing:
+        meft_config.check_activation_checkpointing()
     config = load_model_config(model)
     setup = setup_from_ds_config(
         ds, meft_config, dim=config.hidden_size, batch_size=batch_size, seq_len=seq_len, world_size=world_size,

@@ -260,6 +260,16 @@ def test_verdict_changes_are_computed_and_fit(llama_plan: MemoryPlan) -> None:
     assert any(c.startswith("enable activation checkpointing") and ("(fits)" in c) == fits for c in verdict.changes)
 
 
+def test_checkpointing_is_planned_without_pre_retrieval() -> None:
+    # the recomputed forward cannot choose pre-retrieved rows again (meft_ds.inject refuses it at run time)
+    config = ROOT / "ds_configs" / "meft.json"
+    shape = {"batch_size": 4, "seq_len": 256, "meft": {"num_neurons": 8464, "prefetch_layers": 1}}
+    with pytest.raises(meft_ds.MeftConfigError, match=r"^meft\.prefetch_layers: 1 pre-retrieves .* Fix: set"):
+        plan("llama-2-7b", config, activation_checkpointing=True, **shape)
+    changes = plan("llama-2-7b", config, **shape).verdict().changes
+    assert any(c.startswith("enable activation checkpointing") and "with meft.prefetch_layers=0" in c for c in changes)
+
+
 def test_cli_prints_the_llama_2_7b_table_and_verdict(cli: Any, llama_plan: MemoryPlan, capsys: Any) -> None:
     argv = ["--model", "llama-2-7b", "--deepspeed", str(ROOT / "ds_configs" / "meft.json"), "--micro_batch_size", "2"]
     code = cli.main([*argv, "--seq_len", "256", "--meft", "num_neurons=8464"])
