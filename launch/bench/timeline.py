@@ -2,8 +2,10 @@
 
 Each phase is a list of functions (class attributes, or attributes of the compiled kernels' module); a timed call's
 own time is charged to its phase, minus the timed calls inside it (a gather inside an upload counts as gather). The
-"before" column (``docs/bench/c_timeline_before.json``, one record per CPU) was measured with the harness of that older
-checkout.
+"before" column (``docs/bench/c_timeline_before.json``, one record per CPU) was measured with the harness of 7092d32
+on the library of 2590f3c, each checked out apart: ``PYTHONPATH=<2590f3c>:<7092d32>/launch
+TORCH_EXTENSIONS_DIR=<empty dir> python -m bench.timeline --out before.json`` (its own extension cache: its kernels
+differ).
 """
 
 from __future__ import annotations
