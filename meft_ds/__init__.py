@@ -14,9 +14,12 @@ from meft_ds.host_memory import keep_freed_host_memory
 from meft_ds.inference import InferenceOnlyError, for_inference, for_training
 from meft_ds.inject import UnsupportedModelError, adapters, inject, register_ffn, supported_model_types
 from meft_ds.meft_model import MeftModel
+from meft_ds.ops import read_cpu_info_once
 from meft_ds.sparse_adam import NonFiniteGradientError, SparseRowAdam
 from meft_ds.stats import sum_stats
 from meft_ds.store import CheckpointError
+
+read_cpu_info_once()  # DeepSpeed reads the CPU afresh (~1 s each) every time it builds or loads a CPU op
 
 
 def stats(model: nn.Module) -> dict[str, int]:

@@ -6,6 +6,7 @@ built with the CPU builder whatever the accelerator is.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import warnings
@@ -40,6 +41,30 @@ class MeftCPUBuilder(CPUOpBuilder):
         # debug info of torch's headers is a third of the build's time (measured: 77 s -> 53 s a source), and every
         # fresh machine, CI run and wheel install builds these kernels once.
         return [arg for arg in super().cxx_args() if arg != "-g"] + ["-fno-math-errno"]
+
+
+def read_cpu_info_once() -> None:
+    """Have py-cpuinfo read this CPU once per process (``meft_ds`` calls this when imported).
+
+    ``cpuinfo.get_cpu_info()`` takes ~1.1 s: it runs a subprocess that times the CPU. DeepSpeed calls it afresh each
+    time a CPU op builder is asked for its flags and each time a ``DeepSpeedCPUAdam`` is made: five readings, 5.5 s of
+    every launch of launch/train.py, on every rank (cProfile, Intel Xeon, 2 cores). Afterwards every caller gets a copy
+    of the first reading. Nothing is kept across processes: a home directory shared by different machines would hand
+    one CPU's flags to another."""
+    try:
+        import cpuinfo
+    except ImportError:  # DeepSpeed then asks lscpu, which is fast
+        return
+    if getattr(cpuinfo.get_cpu_info, "read_once", False):
+        return
+    reading = functools.cache(cpuinfo.get_cpu_info)
+
+    @functools.wraps(cpuinfo.get_cpu_info)
+    def get_cpu_info() -> dict[str, Any]:
+        return copy.deepcopy(reading())
+
+    get_cpu_info.read_once = True  # type: ignore[attr-defined]
+    cpuinfo.get_cpu_info = get_cpu_info
 
 
 TORCH_FALLBACK_ENV = "MEFT_DS_TORCH_FALLBACK"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
-from meft_ds.ops import cpu_kernels, kernel_threads
+from meft_ds.ops import MeftCPUBuilder, cpu_kernels, kernel_threads, read_cpu_info_once
 from meft_ds.routing import score_probed_keys_torch, top_k_rows, union_of
 from meft_ds.sparse_adam import adamw_torch_
 
@@ -15,6 +17,30 @@ def kernels():
     built = cpu_kernels()
     assert built is not None, "the meft_cpu extension must build here (ninja + g++ are installed by setup)"
     return built
+
+
+def test_deepspeed_reads_the_cpu_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """py-cpuinfo times the CPU in a subprocess (~1 s); DeepSpeed asks for a reading at every CPU op build and every
+    DeepSpeedCPUAdam. After the first, no reading starts a process, and each caller gets its own copy."""
+    cpuinfo = pytest.importorskip("cpuinfo")
+    read_cpu_info_once()  # done when meft_ds was imported; a second call changes nothing
+    first = cpuinfo.get_cpu_info()
+    started: list[object] = []
+    popen = subprocess.Popen.__init__
+
+    def counted(self: subprocess.Popen, *args: object, **kwargs: object) -> None:
+        started.append(args[0] if args else kwargs.get("args"))
+        popen(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", counted)
+    builder = MeftCPUBuilder()
+    flags = [builder.cpu_arch(), builder.simd_width(), builder.cpu_arch(), builder.simd_width()]
+    again = cpuinfo.get_cpu_info()
+    assert started == [], f"readings after the first started {started}"
+    assert flags[:2] == flags[2:] and flags[0].startswith("-m")
+    assert again == first and again is not first
+    again["flags"].append("not_a_flag")
+    assert "not_a_flag" not in cpuinfo.get_cpu_info()["flags"]
 
 
 def test_row_adamw_matches_torch_and_touches_only_its_rows(kernels) -> None:
