@@ -380,10 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.method == "meft":
         digest = check_replicas_identical(meft_ds.adapters(model), group=engine.data_parallel_group)
         store_bytes = sum(adapter.store.nbytes for adapter in meft_ds.adapters(model))
-        logger.info(
-            "rank %d: row store holds %d bytes, digest %s (checked across %d ranks)",
-            rank, store_bytes, digest.hex()[:16], world,
-        )  # fmt: skip
+        checked = "" if digest is None else f", digest {digest.hex()[:16]} (the same on all {world} ranks)"
+        logger.info("rank %d: row store holds %d bytes%s", rank, store_bytes, checked)
     if args.no_save:
         pass
     elif args.method == "meft":  # every rank: sharded rows are gathered; rank 0 writes the PEFT-style adapter files
