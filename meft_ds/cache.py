@@ -31,6 +31,7 @@ class DeviceRowCache:
             may be all zero: ``has_grad`` tells).
     """
 
+    @torch.inference_mode(False)  # its tensors are updated in place later: a first forward may run under it
     def __init__(self, num_rows: int, capacity: int) -> None:
         self.capacity = capacity
         self.cache_slot_of = torch.full((num_rows,), -1, dtype=torch.int64)
@@ -42,6 +43,7 @@ class DeviceRowCache:
         self.has_grad: torch.Tensor | None = None
         self._clock = 0
 
+    @torch.inference_mode(False)
     def allocate(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
         """Create (or re-create, emptied, if the dtype or device changed) the device tensors."""
         rows = self.rows

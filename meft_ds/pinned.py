@@ -49,7 +49,8 @@ class PinnedBuffers:
             buffer = self._buffers.get(key)
             if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
                 capacity = 1 << max(numel - 1, 0).bit_length()
-                buffer = self._accelerator.pin_memory(torch.empty(capacity, dtype=dtype))
+                with torch.inference_mode(False):  # reused outside it: a first forward may run under inference_mode
+                    buffer = self._accelerator.pin_memory(torch.empty(capacity, dtype=dtype))
                 self._buffers[key] = buffer
             views.append(buffer[:numel].view(shape))
         return ring_slot, views

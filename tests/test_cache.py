@@ -3,6 +3,7 @@ and a row updated by the optimizer is never served stale."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny_models import tiny_model, token_batch
 
@@ -82,3 +83,22 @@ def test_admit_prefers_free_cache_slots_then_least_recently_used() -> None:
     assert flush_row_ids.tolist() == [2] and cache.cache_slot_of[2] == -1 and cache.cache_slot_of[7] == cache_slots[0]
     cache_slots, _, _ = cache.admit(torch.tensor([8, 9]), keep=cache.cache_slot_of[torch.tensor([1, 3, 7])])
     assert cache_slots.tolist() == [-1, -1], "kept cache slots are never evicted"
+
+
+@pytest.mark.parametrize("cache_mb", [0, 0.05])
+def test_a_first_forward_under_inference_mode_leaves_training_intact(cache_mb: float) -> None:
+    """The pinned rings and the cache are made at the first forward; one under ``torch.inference_mode`` (an
+    evaluation before training) made them inference tensors, which later training may not write: it failed a few
+    forwards later, when a ring buffer came round again."""
+    model = meft_ds.inject(tiny_model(), {**MEFT, "cache_mb": cache_mb})
+    with torch.inference_mode():
+        model(token_batch(batch=2, length=8, seed=9))
+    reference = meft_ds.inject(tiny_model(), {**MEFT, "cache_mb": cache_mb})
+    for seed in range(4):
+        batch = token_batch(batch=2, length=8, seed=seed)
+        losses = [m(batch, labels=batch).loss for m in (model, reference)]
+        for loss in losses:
+            loss.backward()
+        assert losses[0].item() == losses[1].item()
+    if cache_mb:
+        assert meft_ds.stats(model)["cache_hits"] > 0, "the cache was used"
