@@ -21,6 +21,7 @@ from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.aio import aio_queues
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.memory import check_store_fits, store_bytes
+from meft_ds.ops import local_world_size
 from meft_ds.pinned import PinnedBuffers
 from meft_ds.shard import resolve_shard
 from meft_ds.swap import check_nvme_path
@@ -120,7 +121,9 @@ def _nvme_folder(config: MeftConfig, num_layers: int, dim: int) -> Path | None:
         return None
     aio_queues()  # fails now, with the fix, if DeepSpeed's async I/O op cannot be built
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    needed = 3 * store_bytes(num_layers, config.num_neurons, dim) // 4  # rows and two moments
+    # rows and two moments, for every rank of this node: they share the folder's drive (and each checks it before any
+    # writes: the files start sparse)
+    needed = local_world_size() * 3 * store_bytes(num_layers, config.num_neurons, dim) // 4
     return check_nvme_path(str(Path(config.store.nvme_path) / f"rank_{rank}"), needed)
 
 

@@ -46,25 +46,31 @@ logger = logging.getLogger("meft_ds")
 
 def resolve_shard(config: MeftConfig) -> MeftConfig:
     """``config`` with ``store.shard`` true or false for this run: ``"auto"`` shards the CPU store when several ranks
-    of the run share this node (each would otherwise hold a full replica), saying so once per process."""
+    of the run share a node (each would otherwise hold a full replica), saying so once per process. Every rank
+    decides alike (one all-reduce): nodes may run different numbers of ranks, and a rank that kept a replica while
+    the others sharded would wait forever in their collectives."""
     store = config.store
     if store.shard != "auto":
         return config
     per_node = local_world_size()
     ready = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-    shard = store.device == "cpu" and per_node > 1 and ready
-    if store.device == "cpu" and per_node > 1:
-        _announce(per_node, shard, torch.distributed.get_rank() if ready else 0)
-    return dataclasses.replace(config, store=dataclasses.replace(store, shard=shard))
+    shared = store.device == "cpu" and per_node > 1
+    if ready and store.device == "cpu":
+        flag = torch.tensor([int(shared)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=host_group())
+        shared = bool(flag.item())
+    if shared:
+        _announce(per_node, ready, torch.distributed.get_rank() if ready else 0)
+    return dataclasses.replace(config, store=dataclasses.replace(store, shard=shared and ready))
 
 
 @functools.cache
 def _announce(per_node: int, shard: bool, rank: int) -> None:
     if shard and rank == 0:
         logger.info(
-            'meft_ds: %d ranks share this node, so each holds 1/%d of the row stores (meft.store.shard "auto"); '
-            'every rank runs every forward. Set "store": {"shard": false} to replicate them instead.',
-            per_node,
+            "meft_ds: ranks of this run share a node, so its %d ranks each hold a share of the row stores "
+            '(meft.store.shard "auto"); every rank runs every forward. Set "store": {"shard": false} to replicate '
+            "them instead.",
             torch.distributed.get_world_size(),
         )
     elif not shard:
@@ -86,7 +92,9 @@ def host_group(group: Any = None) -> Any:
     else a gloo group over the same ranks (NCCL moves device tensors only). Created on first use, by every rank."""
     if torch.distributed.get_backend(group) == "gloo":
         return group
-    return _gloo_group(tuple(dist.get_all_ranks_from_group(group)))
+    # torch's own list (``None``: the default group); DeepSpeed's get_all_ranks_from_group returned no rank for
+    # ``None`` (the group of every sharded store) and never returned for ``group.WORLD``
+    return _gloo_group(tuple(torch.distributed.get_process_group_ranks(group)))
 
 
 def shard_bounds(num_rows: int, expert_size: int, world_size: int) -> list[int]:
@@ -223,11 +231,10 @@ class ShardedRowStore(CpuRowStore):
     def score_probed(self, hidden: torch.Tensor, probe_ids: torch.Tensor, expert_size: int) -> torch.Tensor:
         """The replicated store's scores of this rank's tokens (see the module docstring). ``hidden`` may be in any
         float dtype: it is exchanged in it and scored in fp32, as the replicated store scores it. It holds every
-        rank's tokens where :meth:`routing_hidden` gathered them on the device (else they are gathered here; where
-        only this rank has tokens, both are the same)."""
+        rank's tokens where :meth:`routing_hidden` gathered them on the device (else they are gathered here)."""
         lengths = gather_lengths(probe_ids.shape[0], self.group, self.world_size)
         everyone_hidden = hidden
-        if hidden.shape[0] != sum(lengths):
+        if self.device_group is None:  # every rank, even where only one has tokens (a collective all must join)
             everyone_hidden = torch.cat(all_gather_padded(hidden, lengths, self.group))
             self._count_bytes(hidden)
         narrow = probe_ids.to(narrowest_index_dtype(self.num_experts))
@@ -247,7 +254,7 @@ class ShardedRowStore(CpuRowStore):
         self.stats.bytes_between_ranks += 8  # the token count
         mine = torch.empty_like(received)
         mine[torch.argsort(mine_owner, stable=True)] = received  # each owner's pairs arrive in token order
-        return mine.view(probe_ids.shape[0], -1)
+        return mine.view(probe_ids.shape[0], probe_ids.shape[1] * expert_size)
 
     def sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value, group=self.group)

@@ -85,8 +85,8 @@ def check_nvme_path(path: str, needed_bytes: int) -> Path:
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
         raise MeftConfigError(
-            f"meft.store.nvme_path: {folder} has {free / 2**30:.1f} GiB free but the stores need "
-            f"{needed_bytes / 2**30:.1f} GiB. Fix: free space, choose another drive, or lower meft.num_neurons."
+            f"meft.store.nvme_path: {folder} has {free / 2**30:.1f} GiB free but the stores of this node's ranks "
+            f"need {needed_bytes / 2**30:.1f} GiB. Fix: free space, choose another drive, or lower meft.num_neurons."
         )
     return folder
 

@@ -2,7 +2,8 @@
 replicated store's, each rank holds about half of the rows, data-parallel training with a sharded store and the device
 cache ends exactly where the replicated store without cache does (no rank serves a row another rank's owner updated),
 and MeftTrainer's ``save_model`` gathers a sharded store's whole adapter, which one process reloads to the trained
-model's logits. Two ranks on one node shard the store by default ("auto"). Exits non-zero (with the failed assertion)
+model's logits. Two ranks on one node shard the store by default ("auto"), and ranks decide it alike; host
+collectives go through a gloo group where the default group is NCCL. Exits non-zero (with the failed assertion)
 otherwise."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import meft_ds
 from meft_ds import MeftConfig, SparseKeyExpertAdapter, SparseRowAdam
 from meft_ds.distributed import exchange_row_grads
 from meft_ds.routing import score_probed_keys
-from meft_ds.shard import all_gather_rows
+from meft_ds.shard import all_gather_rows, host_group, resolve_shard
 
 DIM = 16
 
@@ -61,6 +62,7 @@ def main() -> None:
     scores = store.score_probed(everyone, probe, 8)
     assert torch.equal(scores, replicated[1].store.score_probed(hidden.bfloat16(), probe, 8))
     store.device_group = None
+    a_rank_without_tokens_joins_the_routing_collectives(sharded[1], replicated[1])
 
     for s, r in zip(sharded, replicated, strict=True):
         touched = torch.randperm(96, generator=generator)[:30].sort().values
@@ -82,6 +84,8 @@ def main() -> None:
     for expected, got in zip(replicated_rows, cached_sharded_rows, strict=True):
         assert torch.equal(expected, got), f"sharded + cache ends {(expected - got).abs().max():.3g} away"
     ranks_choose_the_same_rows_to_update(world, replicated_rows)
+    ranks_agree_on_sharding()
+    host_collectives_where_the_default_group_is_nccl(world)
     trainer_saves_the_whole_sharded_adapter(Path(sys.argv[1]))
     print(f"rank {rank}: OK")
 
@@ -99,6 +103,61 @@ def routing_exchanges_bf16_hidden_states(
     owned_pairs = int((sharded.store.expert_owners(every_probe) == dist.get_rank()).sum())
     expected = 8 + hidden.numel() * 2 + probe.numel() * 2 + owned_pairs * 8 * 4
     assert sharded.traffic.bytes_between_ranks - before == expected
+
+
+def a_rank_without_tokens_joins_the_routing_collectives(sharded: SparseKeyExpertAdapter,
+                                                         replicated: SparseKeyExpertAdapter) -> None:  # fmt: skip
+    """Rank 1 has no tokens: rank 0's hidden states are then everyone's, and it took the host gather for done
+    while rank 1 joined it, so their collectives no longer matched."""
+    tokens = 4 if dist.get_rank() == 0 else 0
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(tokens, DIM, generator=generator)
+    probe = torch.stack([torch.randperm(12, generator=generator)[:3] for _ in range(4)])[:tokens]
+    scores = sharded.store.score_probed(hidden, probe, 8)
+    assert torch.equal(scores, score_probed_keys(hidden, probe, replicated.store.keys, 8))
+
+
+def ranks_agree_on_sharding() -> None:
+    """ "auto" shards where ranks share a node, and every rank decides alike: nodes may run different numbers of
+    ranks (here rank 1 is told it is alone on its node), and a rank keeping a replica would hang the others."""
+    told = os.environ["LOCAL_WORLD_SIZE"]
+    if dist.get_rank() == 1:
+        os.environ["LOCAL_WORLD_SIZE"] = "1"
+    try:
+        assert resolve_shard(MeftConfig(num_neurons=96, top_k=4)).store.shard is True
+    finally:
+        os.environ["LOCAL_WORLD_SIZE"] = told
+
+
+def host_collectives_where_the_default_group_is_nccl(world: int) -> None:
+    """On GPUs the default group is NCCL, which moves device tensors only; the host's collectives (CPU tensors) go
+    through a gloo group over the same ranks. With the default group reporting "nccl", as it does there, that group
+    holds every rank, and a sharded store builds on it and exchanges its gradients (DeepSpeed's rank list of the
+    default group, used before, was empty: the store failed to build on every multi-GPU run that sharded)."""
+    gloo_backend = torch.distributed.get_backend
+
+    def as_on_gpus(group: object = None) -> str:
+        return "nccl" if group is None or group is torch.distributed.group.WORLD else gloo_backend(group)
+
+    torch.distributed.get_backend = as_on_gpus
+    try:
+        for group in (None, torch.distributed.group.WORLD):
+            host = host_group(group)
+            assert host is not None and gloo_backend(host) == "gloo"
+            assert torch.distributed.get_process_group_ranks(host) == list(range(world))
+        config = MeftConfig(num_neurons=96, top_k=4, num_experts=12, n_probe=3, store={"shard": True})
+        adapter = SparseKeyExpertAdapter(DIM, config, 0)
+        assert adapter.store.group is host_group(None) and adapter.store.rows.shape[0] == 96 // world
+        touched = torch.arange(dist.get_rank(), 96, 7)
+        adapter.store.accumulate_grad(touched, torch.ones(touched.numel(), 2, DIM))
+        exchange_row_grads([adapter])
+        ids, grads = adapter.store.accumulated_grads()
+        everyone = torch.cat([torch.arange(rank, 96, 7) for rank in range(world)])
+        owned = everyone[(everyone >= adapter.store.row_start) & (everyone < adapter.store.row_stop)]
+        assert torch.equal(ids.sort().values, owned.unique())
+        assert grads.sum().item() == owned.numel() * 2 * DIM / world, "each rank's ones, averaged over the ranks"
+    finally:
+        torch.distributed.get_backend = gloo_backend
 
 
 def train_data_parallel(meft: dict) -> list[torch.Tensor]:

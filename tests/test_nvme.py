@@ -14,6 +14,7 @@ from tiny_models import tiny_model, token_batch
 
 import meft_ds
 import meft_ds.aio
+import meft_ds.memory
 import meft_ds.swap
 from meft_ds import MeftConfigError, SparseRowAdam
 
@@ -264,3 +265,18 @@ def test_budget_too_small_names_the_mib_it_needs(tmp_path: Path) -> None:
     needed = 2 * (KEYS + 2 * 16 * 64 * 4) / 2**20  # 2 layers x (keys + two 4 KiB blocks of values)
     with pytest.raises(MeftConfigError, match=rf"raise ram_budget_mb to at least {needed:.2f} "):
         meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path, ram_mb=needed * 0.9)})
+
+
+def test_free_space_is_checked_for_every_rank_of_the_node(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The ranks of a node write their files to the same drive, each checking it before anyone writes (the files
+    start sparse): room for one rank's stores but not two is refused when two ranks share the node."""
+    import shutil
+
+    one_rank = 3 * meft_ds.memory.store_bytes(2, MEFT["num_neurons"], 64) // 4  # rows and two moments, 2 layers
+    usage = shutil.disk_usage(tmp_path)._replace(free=int(1.5 * one_rank))
+    monkeypatch.setattr(meft_ds.swap.shutil, "disk_usage", lambda path: usage)
+    meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path)})  # one rank: room enough
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    gib = 2 * one_rank / 2**30
+    with pytest.raises(MeftConfigError, match=rf"the stores of this node's ranks need {gib:.1f} GiB"):
+        meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path / "two")})
