@@ -10,6 +10,7 @@ it is released: the copy that read or wrote it is waited for, and a gradient han
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -17,8 +18,9 @@ from deepspeed.accelerator import get_accelerator
 
 # Buffers per purpose. Rows and routing inputs: 2, so that a pre-retrieval target's copies (issued right after the
 # source layer's own) never wait for those. Row gradients: 4, so that the backward of layer i waits at most for the
-# hand-over of layer i + 4, issued four layers' backward earlier.
-RINGS = {"rows": 2, "hidden": 2, "probe_ids": 2, "probe_gates": 2, "grads": 4, "cached": 2}
+# hand-over of layer i + 4, issued four layers' backward earlier. Index tensors: 16, several layers' worth (a layer
+# sends 1-2, up to 6 with the device cache).
+RINGS = {"rows": 2, "hidden": 2, "probe_ids": 2, "probe_gates": 2, "grads": 4, "cached": 2, "indices": 16}
 
 
 class PinnedBuffers:
@@ -29,6 +31,9 @@ class PinnedBuffers:
         self._buffers: dict[tuple[str, int, int], torch.Tensor] = {}
         self._release: dict[tuple[str, int], Callable[[], None]] = {}
         self._turn: dict[str, int] = {}
+        # dropped (with its model) while copies may be in flight: wait for them before the buffers go (DeepSpeed's
+        # native pinning frees the memory with the tensor; only torch's caching host allocator waits for copies)
+        weakref.finalize(self, _release_all, self._release).atexit = False  # at exit the process's memory goes anyway
 
     def take(self, purpose: str, *parts: tuple[tuple[int, ...], torch.dtype]) -> tuple[tuple[str, int], list]:
         """The next ring slot of ``purpose`` (its ring's next position, released: see the module docstring), and a
@@ -63,3 +68,8 @@ class PinnedBuffers:
     def nbytes(self) -> int:
         """Pinned bytes held."""
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+
+def _release_all(release: dict[tuple[str, int], Callable[[], None]]) -> None:
+    while release:
+        release.pop(next(iter(release)))()

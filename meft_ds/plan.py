@@ -185,6 +185,8 @@ def staging_buffers(s: Setup, dim: int, union: int, cached: int) -> dict[str, in
         "rows": pinned_capacity(union * 2 * dim) * rb,
         "hidden": pinned_capacity(t * dim) * rb,
         "probe_ids": pinned_capacity(t * m.n_probe) * narrowest_index_dtype(m.num_experts).itemsize,
+        # index tensors, the largest each token's K positions in the union (bytes)
+        "indices": pinned_capacity(t * m.top_k * narrowest_index_dtype(union).itemsize),
     }
     uncached = union - min(union, cached)  # cached rows' gradients accumulate in the device cache instead
     if uncached:  # gradients and their has-a-gradient flags

@@ -192,12 +192,20 @@ class RowTransfer:
     def indices_to_device(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A host index tensor on the device, as int64, ordered on the current stream before the kernels that read it;
         the host does not wait. It crosses in the narrowest integer type that holds its values (int16 for the cache
-        slots and the positions in a micro-batch's union up to 32K rows) from a fresh pinned copy (the caching host
-        allocator keeps its block until the copy is done), and is widened on the device, where indexing wants int64.
-        (Rows travel by :meth:`fetch`, routing inputs by :meth:`to_host_async`.)"""
-        narrow = self._accelerator.pin_memory(index.to(narrowest_index_dtype(index)))
+        slots and the positions in a micro-batch's union up to 32K rows) from a buffer of the pinned ring "indices",
+        held until the copy is done (a fresh pinned tensor dropped at return is safe with torch's caching host
+        allocator only: DeepSpeed's native pinning frees its memory when the tensor is collected), and is widened on
+        the device, where indexing wants int64. (Rows travel by :meth:`fetch`, routing inputs by
+        :meth:`to_host_async`.)"""
+        dtype = narrowest_index_dtype(index)  # in a byte buffer: a ring slot serves every index dtype
+        ring_slot, (raw,) = self.buffers.take("indices", ((index.numel() * dtype.itemsize,), torch.uint8))
+        narrow = raw.view(dtype).view(index.shape)
+        narrow.copy_(index)
         on_device = torch.empty(narrow.shape, dtype=narrow.dtype, device=device)
         on_device.copy_(narrow, non_blocking=True)
+        copied = self._event(device)
+        if copied is not None:
+            self.buffers.hold(ring_slot, copied.synchronize)
         self.stats.bytes_to_device += _nbytes(narrow)
         return on_device.long()
 

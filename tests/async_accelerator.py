@@ -11,7 +11,8 @@ that exist, and a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that 
   ``wait_stream``) or the host synchronizes; until then its destination holds poison;
 * the pinned buffer a copy reads from is "in flight" until the host has synchronized with that copy: rewriting it
   before is an error (checked at the write where torch dispatches it, and by comparing the buffer with what the copy
-  read, which also catches writes by compiled kernels);
+  read, which also catches writes by compiled kernels), and so is freeing it (DeepSpeed's native pinning frees the
+  memory when the tensor is collected; only torch's caching host allocator waits for the copy);
 * the caching allocator's cross-stream rules: an op on stream S may not write a tensor allocated on stream C unless S
   waited for C after the allocation (C's queued kernels may still use the block), may not read a tensor last written
   on C unless S waited for that write, and a tensor allocated on one stream and used on another needs
@@ -28,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,8 +68,9 @@ class _Copy:
     stream: FakeStream
     time: int
     dst: torch.Tensor
-    src: torch.Tensor  # what the copy read (a snapshot), or reads (the pinned source itself)
-    source: torch.Tensor  # the tensor passed as the source
+    src: torch.Tensor  # what the copy read (a snapshot)
+    source: Callable[[], torch.Tensor | None]  # the tensor passed as the source, as it is now (None: freed)
+    source_key: int
     to_host: bool
     landed: bool = False  # the destination holds the data (visible to the device)
     host_done: bool = False  # the host synchronized with the copy
@@ -84,12 +87,20 @@ class _Copy:
         if self.to_host:
             return
         with _disable_current_modes():
-            unchanged = torch.equal(self.src, self.source)
+            source = self.source()
+            unchanged = source is None or torch.equal(self.src, source)  # freed: reported by AsyncAccelerator
         if not unchanged:
             raise AsyncHazard(
                 f"a pinned host buffer was rewritten while a non_blocking copy out of it (issued on {self.stream}) was "
                 "still pending: synchronize an event recorded after the copy before reusing the buffer"
             )
+
+
+def _weak_view(tensor: torch.Tensor) -> Callable[[], torch.Tensor | None]:
+    """``tensor`` as it is when called, without keeping its memory alive (a weak reference to the tensor owning it)."""
+    owner = weakref.ref(tensor if tensor._base is None else tensor._base)
+    size, stride, offset = tensor.size(), tensor.stride(), tensor.storage_offset()
+    return lambda: None if owner() is None else owner().as_strided(size, stride, offset)
 
 
 class FakeStream(torch.Stream):
@@ -188,7 +199,8 @@ class AsyncAccelerator(CPU_Accelerator):
         self.current = self.default_stream()
         self.copies: list[_Copy] = []
         self.facts: dict[int, _Facts] = {}
-        self.pinned: dict[int, torch.Tensor] = {}  # kept alive, so a storage key is never reused
+        self.pinned: dict[int, str | None] = {}  # storage key -> where meft_ds pinned it, while it lives
+        self.freed_in_flight: list[str | None] = []  # where pinned memory freed before its copies completed was made
         self.host_waits: list[HostWait] = []
         self.blocking_transfers: list[str] = []
         self.deferred_copies = 0
@@ -252,8 +264,22 @@ class AsyncAccelerator(CPU_Accelerator):
     def pinned_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """A copy of ``tensor`` in (what the harness treats as) pinned host memory."""
         pinned = tensor.clone()
-        self.pinned[_key(pinned)] = pinned
+        self.pinned[_key(pinned)] = _caller()
+        weakref.finalize(pinned, self._pinned_freed, _key(pinned))
         return pinned
+
+    def _pinned_freed(self, key: int) -> None:
+        made_at = self.pinned.pop(key, None)
+        self.facts.pop(key, None)  # the address may be reused: what was written into this buffer is not the next's
+        if any(c.source_key == key and not (c.to_host or c.host_done) for c in self.copies):
+            self.freed_in_flight.append(made_at)
+
+    def check_nothing_freed_in_flight(self) -> None:
+        if self.freed_in_flight:
+            raise AsyncHazard(
+                f"pinned host memory (made at {self.freed_in_flight[0]}) was freed while a non_blocking copy out of "
+                "it was pending: keep it until an event recorded after the copy is synchronized"
+            )
 
     def is_pinned(self, tensor: torch.Tensor) -> bool:
         return _key(tensor) in self.pinned
@@ -299,10 +325,10 @@ class AsyncAccelerator(CPU_Accelerator):
         self.check_access(src, write=False)
         self.check_access(dst, write=True)
         if to_host:  # the device may change src after this point in stream order: the copy reads it now
-            copy = _Copy(stream, now, dst, src.detach().clone(), src, to_host=True)
+            copy = _Copy(stream, now, dst, src.detach().clone(), _weak_view(src), _key(src), to_host=True)
             _poison(dst)
         else:
-            copy = _Copy(stream, now, dst, src.detach().clone(), src, to_host=False)
+            copy = _Copy(stream, now, dst, src.detach().clone(), _weak_view(src), _key(src), to_host=False)
             if stream is self.default_stream(stream.device_index):
                 copy.land()  # kernels queued after it on the same stream see it
             else:
@@ -332,11 +358,12 @@ class AsyncAccelerator(CPU_Accelerator):
                             "make it wait_event() on an event recorded after the copy"
                         )
                     copy.land()
-            if write and _key(copy.source) == key and not copy.host_done and not copy.to_host:
+            if write and copy.source_key == key and not copy.host_done and not copy.to_host:
                 raise AsyncHazard(
                     f"a pinned host buffer was rewritten while a non_blocking copy out of it (on {copy.stream}) was "
                     "still pending: synchronize an event recorded after the copy before reusing the buffer"
                 )
+        self.check_nothing_freed_in_flight()
         if key in self.pinned:
             return
         facts = self.facts.get(key)
@@ -454,5 +481,6 @@ def async_accelerator() -> Iterator[AsyncAccelerator]:
         with _CopyMode(harness), _BlockingTransferMode(harness):
             yield harness
             harness.synchronize()
+            harness.check_nothing_freed_in_flight()
     finally:
         real_accelerator.ds_accelerator = previous
