@@ -68,7 +68,7 @@ class RowsInFlight:
             self.gathered()
             self.gathered = None
         if self.copied is not None:
-            current = get_accelerator().current_stream()
+            current = get_accelerator().current_stream(self.rows.device.index)  # the rows' device's, as kernels use
             current.wait_event(self.copied)
             self.rows.record_stream(current)  # allocated on the side stream, used on this one
             self.copied = None
@@ -150,7 +150,7 @@ class RowTransfer:
         self.buffers = buffers if buffers is not None else PinnedBuffers()
         self._accelerator = get_accelerator()
         self._device_type = torch.device(self._accelerator.device_name()).type
-        self._side_stream: Any = None  # created at the first copy, on that copy's device
+        self._side_streams: dict[torch.device, Any] = {}  # per device, created at its first copy
         self._handovers: list[_Handover] = []
 
     # ------------------------------------------------------------------ streams and events
@@ -164,17 +164,18 @@ class RowTransfer:
         """The side stream for copies to and from ``device`` (``None`` without streams there), created at first use."""
         if not self._streams_on(device):
             return None
-        if self._side_stream is None:
-            self._side_stream = self._accelerator.Stream(device=device)
-        return self._side_stream
+        if device not in self._side_streams:  # a model moved to another device copies on a stream of that one
+            self._side_streams[device] = self._accelerator.Stream(device=device)
+        return self._side_streams[device]
 
     def _event(self, device: torch.device, stream: Any = None) -> Any:
-        """An event recorded now on ``stream`` (the current stream if ``None``) for work on ``device``, or ``None``
-        where copies to and from ``device`` are synchronous."""
+        """An event recorded now on ``stream`` (if ``None``: ``device``'s current stream, where torch queues work on
+        its tensors, which need not be the current device's) for work on ``device``, or ``None`` where copies to and
+        from ``device`` are synchronous."""
         if not self._streams_on(device):
             return None
         event = self._accelerator.Event()
-        event.record(stream)
+        event.record(stream if stream is not None else self._accelerator.current_stream(device.index))
         return event
 
     # ------------------------------------------------------------------ small tensors
