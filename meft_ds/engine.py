@@ -380,6 +380,14 @@ def attach(engine: Any) -> MeftPlugin:
             "attach: the engine's model has no meft adapters. Fix: call meft_ds.inject(model, config) before "
             "creating the engine, or use meft_ds.initialize in place of deepspeed.initialize."
         )
+    if dist.is_initialized():
+        data_parallel, world = dist.get_world_size(group=engine.data_parallel_group), dist.get_world_size()
+        if data_parallel != world:
+            raise MeftConfigError(
+                f"attach: the engine's data-parallel group holds {data_parallel} of the {world} ranks (tensor, "
+                "pipeline or sequence parallelism), but meft_ds replicates or shards its row stores over every rank. "
+                "Fix: train data-parallel only (any ZeRO stage), without an mpu."
+            )
     config = engine.config if isinstance(engine.config, (dict, str, Path)) else {}
     ds_config = load_deepspeed_config(config)
     meft_config = model_adapters[0].config

@@ -8,10 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import deepspeed
+import pytest
 import torch
 from tiny_models import tiny_model, token_batch
 
 import meft_ds
+import meft_ds.engine
 
 MEFT = {"num_neurons": 64, "top_k": 4, "seed": 3}
 CONFIG = {
@@ -69,3 +71,17 @@ def test_initialize_with_any_meft_source_and_attach_train_identically() -> None:
         assert other_losses == losses, make_engine.__name__
         for a, b in zip(meft_ds.adapters(model), meft_ds.adapters(reference), strict=True):
             assert torch.equal(a.store.rows, b.store.rows), make_engine.__name__
+
+
+def test_an_engine_whose_data_parallel_group_is_not_the_world_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensor or pipeline parallelism (an mpu) makes the data-parallel group smaller than the world; the row stores
+    are replicated or sharded over every rank, so such an engine is refused, naming the fix."""
+    engine = attached(tiny_model())
+    del engine.meft  # attach anew
+    model_parallel = object()  # the data-parallel group of an engine with an mpu: half of the (pretended) 2 ranks
+    monkeypatch.setattr(engine, "data_parallel_group", model_parallel, raising=False)
+    monkeypatch.setattr(meft_ds.engine.dist, "get_world_size", lambda group=None: 1 if group is model_parallel else 2)
+    with pytest.raises(meft_ds.MeftConfigError, match=r"holds 1 of the 2 ranks .* Fix: train data-parallel only"):
+        meft_ds.attach(engine)
+    monkeypatch.undo()  # the whole world data-parallel again
+    assert isinstance(meft_ds.attach(engine), meft_ds.MeftPlugin)
