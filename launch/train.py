@@ -100,6 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the training data, to keep what it knew (meft_ds/rehearsal.py)",
     )
     parser.add_argument(
+        "--rehearsal_answers",
+        choices=("right", "all"),
+        default="right",
+        help="--rehearsal: train on the untrained model's answers that hold the question's accepted answer (right), "
+        "or on all of them (all: its wrong and rambling answers too, whose phrasings spill onto similar questions)",
+    )
+    parser.add_argument(
         "--no_eval_before",
         action="store_true",
         help="evaluate only after training (retention then counts every probe question as known before, as the "
@@ -352,10 +359,16 @@ def main(argv: list[str] | None = None) -> int:
         if asked
         else []
     )
-    general = [e for e in answered if e.prompt in rehearsal.QUESTIONS[: args.rehearsal]]
-    if general:
-        features += tokenize_for_training(general, tokenizer, args.max_length)
-        logger.info("rehearsal: %d general questions, answered by the base model, added to training", len(general))
+    first = {question for question, _ in rehearsal.QUESTIONS[: args.rehearsal]}
+    general = [e for e in answered if e.prompt in first]
+    if args.rehearsal_answers == "right":
+        general = rehearsal.answered_right(general)
+    features += tokenize_for_training(general, tokenizer, args.max_length)
+    if args.rehearsal:
+        logger.info(
+            "rehearsal: %d of %d general questions added to training, with the base model's answers (%s)",
+            len(general), args.rehearsal, args.rehearsal_answers,
+        )  # fmt: skip
     background = fit_background(model, answered, tokenizer, engine.device, args) if selects_rows else 0
     # on the engine's device, with the adapters in place: every method starts at the base model (MEFT's and the
     # parallel adapter's values and LoRA's B are zero)
@@ -406,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             "after": after,
             "retention": retention and {**retention, "answers": probe_after},
             "rehearsal": [{"question": e.prompt, "answer": e.answers[0]} for e in general],
+            "rehearsal_answers": args.rehearsal_answers if args.rehearsal else None,
             "background_documents": background,
             "activation_checkpointing": args.activation_checkpointing,
             "trainable_params": trainable_numel(model),

@@ -11,7 +11,12 @@ general knowledge of that kind survives, not whether every kind does.
 
 ``launch/train.py --rehearsal N`` answers the first N with the untrained model on its device (greedy, as the probe
 is answered) and adds them to the training examples, before a resumed run loads its checkpoint (so a resumed run
-trains on the same answers).
+trains on the same answers). By default only the answers that hold one of the question's accepted answers
+(:func:`answered_right`, the probe's rule) are rehearsed: the built-in model answers about 30 of the 80 wrongly or
+with a sentence that never reaches the answer ("Who wrote Moby-Dick?" -> "The story of "Moby-Dick" is a timeless tale
+of human imagination ..."), and a model trained on those phrasings repeats them for similar questions: after training
+it answered the probe's "Who wrote Hamlet?" with the same sentence about Hamlet. ``--rehearsal_answers all`` keeps
+them all.
 """
 
 from __future__ import annotations
@@ -22,99 +27,111 @@ from torch import nn
 
 from meft_ds.data import Example
 from meft_ds.evaluation import evaluate_generation
+from meft_ds.probe import is_right
 
 NEW_TOKENS = 24  # one sentence, as the probe's answers
 
-QUESTIONS: tuple[str, ...] = (
-    "What is the capital of Peru?",
-    "What is the capital of Mexico?",
-    "What is the capital of Brazil?",
-    "What is the capital of Chile?",
-    "What is the capital of Colombia?",
-    "What is the capital of Cuba?",
-    "What is the capital of Nigeria?",
-    "What is the capital of Ethiopia?",
-    "What is the capital of Morocco?",
-    "What is the capital of Ghana?",
-    "What is the capital of Iran?",
-    "What is the capital of Iraq?",
-    "What is the capital of Saudi Arabia?",
-    "What is the capital of Pakistan?",
-    "What is the capital of Vietnam?",
-    "What is the capital of Indonesia?",
-    "What is the capital of the Philippines?",
-    "What is the capital of Finland?",
-    "What is the capital of Denmark?",
-    "What is the capital of the Netherlands?",
-    "What is the capital of Belgium?",
-    "What is the capital of Switzerland?",
-    "What is the capital of Hungary?",
-    "What is the capital of the Czech Republic?",
-    "What is the capital of Romania?",
-    "What is the capital of Ukraine?",
-    "What is the capital of Iceland?",
-    "What is the capital of New Zealand?",
-    "What is the capital of Nepal?",
-    "What is the capital of Bangladesh?",
-    "Who wrote The Great Gatsby?",
-    "Who wrote Moby-Dick?",
-    "Who wrote Crime and Punishment?",
-    "Who wrote Les Miserables?",
-    "Who wrote A Tale of Two Cities?",
-    "Who wrote The Divine Comedy?",
-    "Who wrote Faust?",
-    "Who wrote The Old Man and the Sea?",
-    "Who wrote The Adventures of Tom Sawyer?",
-    "Who wrote Frankenstein?",
-    "Who wrote Dracula?",
-    "Who wrote Jane Eyre?",
-    "Who wrote The Lord of the Rings?",
-    "Who wrote Alice's Adventures in Wonderland?",
-    "Who created Sherlock Holmes?",
-    "Who discovered penicillin?",
-    "Who invented the telephone?",
-    "Who invented the light bulb?",
-    "Who formulated the laws of motion and universal gravitation?",
-    "Who painted the ceiling of the Sistine Chapel?",
-    "Who composed the Fifth Symphony?",
-    "Who was the first person to walk on the Moon?",
-    "Who proposed the theory of evolution by natural selection together with Darwin?",
-    "In what year did World War I end?",
-    "In what year did World War II begin?",
-    "In what year was the Magna Carta signed?",
-    "In what year was the Battle of Hastings?",
-    "In what year did the Russian Revolution take place?",
-    "In what year did the Soviet Union collapse?",
-    "What is the chemical symbol for iron?",
-    "What is the chemical symbol for silver?",
-    "What is the chemical symbol for sodium?",
-    "What is the chemical symbol for oxygen?",
-    "At what temperature in Celsius does water boil at sea level?",
-    "At what temperature in Celsius does water freeze?",
-    "What is the largest mammal?",
-    "What is the hardest natural substance?",
-    "Which planet is farthest from the Sun?",
-    "What is the smallest planet in the Solar System?",
-    "What star is at the centre of the Solar System?",
-    "How many days are there in a leap year?",
-    "Which organ pumps blood through the body?",
-    "How many legs does a spider have?",
-    "What is the largest desert in the world?",
-    "What is the largest continent?",
-    "What is the longest river in South America?",
-    "What is the currency of the United Kingdom?",
-    "What is the currency of the United States?",
-    "What language is mainly spoken in Mexico?",
-    "What is the official language of Germany?",
+# (question, accepted answers): the model's answer is rehearsed when one of them appears in it as whole words
+
+QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("What is the capital of Peru?", ("Lima",)),
+    ("What is the capital of Mexico?", ("Mexico City",)),
+    ("What is the capital of Brazil?", ("Brasilia", "Brasília")),
+    ("What is the capital of Chile?", ("Santiago",)),
+    ("What is the capital of Colombia?", ("Bogota", "Bogotá")),
+    ("What is the capital of Cuba?", ("Havana",)),
+    ("What is the capital of Nigeria?", ("Abuja",)),
+    ("What is the capital of Ethiopia?", ("Addis Ababa",)),
+    ("What is the capital of Morocco?", ("Rabat",)),
+    ("What is the capital of Ghana?", ("Accra",)),
+    ("What is the capital of Iran?", ("Tehran",)),
+    ("What is the capital of Iraq?", ("Baghdad",)),
+    ("What is the capital of Saudi Arabia?", ("Riyadh",)),
+    ("What is the capital of Pakistan?", ("Islamabad",)),
+    ("What is the capital of Vietnam?", ("Hanoi",)),
+    ("What is the capital of Indonesia?", ("Jakarta",)),
+    ("What is the capital of the Philippines?", ("Manila",)),
+    ("What is the capital of Finland?", ("Helsinki",)),
+    ("What is the capital of Denmark?", ("Copenhagen",)),
+    ("What is the capital of the Netherlands?", ("Amsterdam",)),
+    ("What is the capital of Belgium?", ("Brussels",)),
+    ("What is the capital of Switzerland?", ("Bern", "Berne")),
+    ("What is the capital of Hungary?", ("Budapest",)),
+    ("What is the capital of the Czech Republic?", ("Prague",)),
+    ("What is the capital of Romania?", ("Bucharest",)),
+    ("What is the capital of Ukraine?", ("Kyiv", "Kiev")),
+    ("What is the capital of Iceland?", ("Reykjavik", "Reykjavík")),
+    ("What is the capital of New Zealand?", ("Wellington",)),
+    ("What is the capital of Nepal?", ("Kathmandu",)),
+    ("What is the capital of Bangladesh?", ("Dhaka",)),
+    ("Who wrote The Great Gatsby?", ("Fitzgerald",)),
+    ("Who wrote Moby-Dick?", ("Melville",)),
+    ("Who wrote Crime and Punishment?", ("Dostoevsky", "Dostoyevsky")),
+    ("Who wrote Les Miserables?", ("Hugo",)),
+    ("Who wrote A Tale of Two Cities?", ("Dickens",)),
+    ("Who wrote The Divine Comedy?", ("Dante",)),
+    ("Who wrote Faust?", ("Goethe",)),
+    ("Who wrote The Old Man and the Sea?", ("Hemingway",)),
+    ("Who wrote The Adventures of Tom Sawyer?", ("Mark Twain", "Twain")),
+    ("Who wrote Frankenstein?", ("Mary Shelley", "Shelley")),
+    ("Who wrote Dracula?", ("Bram Stoker", "Stoker")),
+    ("Who wrote Jane Eyre?", ("Charlotte Bronte", "Charlotte Brontë", "Bronte", "Brontë")),
+    ("Who wrote The Lord of the Rings?", ("Tolkien",)),
+    ("Who wrote Alice's Adventures in Wonderland?", ("Lewis Carroll", "Carroll")),
+    ("Who created Sherlock Holmes?", ("Conan Doyle", "Doyle")),
+    ("Who discovered penicillin?", ("Fleming",)),
+    ("Who invented the telephone?", ("Bell",)),
+    ("Who invented the light bulb?", ("Edison",)),
+    ("Who formulated the laws of motion and universal gravitation?", ("Newton",)),
+    ("Who painted the ceiling of the Sistine Chapel?", ("Michelangelo",)),
+    ("Who composed the Fifth Symphony?", ("Beethoven",)),
+    ("Who was the first person to walk on the Moon?", ("Armstrong",)),
+    ("Who proposed the theory of evolution by natural selection together with Darwin?", ("Wallace",)),
+    ("In what year did World War I end?", ("1918",)),
+    ("In what year did World War II begin?", ("1939",)),
+    ("In what year was the Magna Carta signed?", ("1215",)),
+    ("In what year was the Battle of Hastings?", ("1066",)),
+    ("In what year did the Russian Revolution take place?", ("1917",)),
+    ("In what year did the Soviet Union collapse?", ("1991",)),
+    ("What is the chemical symbol for iron?", ("Fe",)),
+    ("What is the chemical symbol for silver?", ("Ag",)),
+    ("What is the chemical symbol for sodium?", ("Na",)),
+    ("What is the chemical symbol for oxygen?", ("O",)),
+    ("At what temperature in Celsius does water boil at sea level?", ("100",)),
+    ("At what temperature in Celsius does water freeze?", ("0", "zero")),
+    ("What is the largest mammal?", ("blue whale",)),
+    ("What is the hardest natural substance?", ("diamond",)),
+    ("Which planet is farthest from the Sun?", ("Neptune",)),
+    ("What is the smallest planet in the Solar System?", ("Mercury",)),
+    ("What star is at the centre of the Solar System?", ("Sun",)),
+    ("How many days are there in a leap year?", ("366",)),
+    ("Which organ pumps blood through the body?", ("heart",)),
+    ("How many legs does a spider have?", ("eight", "8")),
+    ("What is the largest desert in the world?", ("Antarctica", "Antarctic", "Sahara")),
+    ("What is the largest continent?", ("Asia",)),
+    ("What is the longest river in South America?", ("Amazon",)),
+    ("What is the currency of the United Kingdom?", ("pound",)),
+    ("What is the currency of the United States?", ("dollar",)),
+    ("What language is mainly spoken in Mexico?", ("Spanish",)),
+    ("What is the official language of Germany?", ("German",)),
 )
 
 
 def rehearsal_examples(model: nn.Module, tokenizer: Any, count: int, **kwargs: Any) -> list[Example]:
     """The first ``count`` of :data:`QUESTIONS`, each with ``model``'s greedy answer (its first line, as evaluation
-    extracts it) as the target; a question answered with nothing is left out. ``kwargs`` go to
-    :func:`meft_ds.evaluation.evaluate_generation` (e.g. ``across_ranks``)."""
+    extracts it) as the target and the question's accepted answers after it (see :func:`answered_right`); a question
+    answered with nothing is left out. ``kwargs`` go to :func:`meft_ds.evaluation.evaluate_generation` (e.g.
+    ``across_ranks``)."""
     if not 0 < count <= len(QUESTIONS):
         raise ValueError(f"rehearsal count must be 1..{len(QUESTIONS)} (the built-in general questions), got {count}")
-    questions = [Example(question, [""]) for question in QUESTIONS[:count]]  # no reference: the model gives it
+    questions = [Example(question, [""]) for question, _ in QUESTIONS[:count]]  # no reference: the model gives it
     result = evaluate_generation(model, tokenizer, questions, max_new_tokens=NEW_TOKENS, **kwargs)
-    return [Example(p["prompt"], [p["prediction"]]) for p in result["predictions"] if p["prediction"]]
+    accepted = dict(QUESTIONS)
+    answered = [p for p in result["predictions"] if p["prediction"]]
+    return [Example(p["prompt"], [p["prediction"], *accepted[p["prompt"]]]) for p in answered]
+
+
+def answered_right(examples: list[Example]) -> list[Example]:
+    """Those of :func:`rehearsal_examples` whose target (the model's answer) holds one of the question's accepted
+    answers, by the probe's rule (:func:`meft_ds.probe.is_right`)."""
+    return [e for e in examples if is_right(e.answers[0], e.answers[1:])]

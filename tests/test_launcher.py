@@ -164,12 +164,12 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     )  # fmt: skip
     records = metrics(out)
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
-    # meft.update_rows: every general question (answered by the base model, once) read as background, the first 3 of
-    # them trained on (--rehearsal 3), and each step updates at most update_rows rows per layer (2 layers) of the
-    # hundreds it touches
+    # meft.update_rows: every general question (answered by the base model, once) read as background, right or not;
+    # of the first 3 (--rehearsal 3) only those answered right would be trained on, and the random tiny model answers
+    # none right; each step updates at most update_rows rows per layer (2 layers) of the hundreds it touches
     run = results(out)
     assert run["background_documents"] == (len(REHEARSAL) if update_rows else 0)
-    assert [r["question"] for r in run["rehearsal"]] == list(REHEARSAL[: 3 if update_rows else 0])
+    assert run["rehearsal"] == [] and run["rehearsal_answers"] == ("right" if update_rows else None)
     updated = [r["rows_updated"] for r in records]
     assert max(updated) <= 2 * update_rows if update_rows else min(updated) > 2 * 16
 
@@ -336,7 +336,7 @@ def test_activation_checkpointing_is_refused_for_a_model_without_it() -> None:
 # test_quality.py's quick grid; its export, test_one_rank_trains_evaluates_exports_and_logs.
 METHODS = {
     "lora": (
-        ["--lora_r", "4", "--rehearsal", "3", "--activation_checkpointing"],
+        ["--lora_r", "4", "--rehearsal", "3", "--rehearsal_answers", "all", "--activation_checkpointing"],
         2 * 3 * 4 * (64 + 128),
         2 * 3 * 4 * (64 + 128),
     ),
@@ -364,10 +364,10 @@ def test_every_method_trains_evaluates_reports_its_device_bytes_and_exports(
     run, records = results(out), metrics(out)
     assert run["method"] == method and len(records) == 3 and all(r["grad_norm"] is not None for r in records)
     assert run["kept_freed_host_memory"] == (method == "meft" and platform.libc_ver()[0] == "glibc")
-    # --rehearsal 3 (LoRA's run): the first 3 general questions with the base model's answers (the tiny model's
-    # are non-empty) added to the 32 training examples
+    # --rehearsal 3 --rehearsal_answers all (LoRA's run): the first 3 general questions with the base model's answers
+    # (the tiny model's are non-empty and wrong) added to the 32 training examples
     rehearsed = [(r["question"], bool(r["answer"])) for r in run["rehearsal"]]
-    assert rehearsed == [(q, True) for q in REHEARSAL[: 3 if method == "lora" else 0]]
+    assert rehearsed == [(q, True) for q, _ in REHEARSAL[: 3 if method == "lora" else 0]]
     assert run["train_examples"] == 32 + len(rehearsed)
     assert run["trainable_params"] == trainable
     # fp32, ZeRO-2 with the optimizer offloaded: on the device the trainable weights, their gradients and the bucket

@@ -72,20 +72,25 @@ def test_the_builtin_model_answers_every_kept_question() -> None:
 
 def test_rehearsal_questions_are_not_the_probe_questions() -> None:
     asked = {normalize_answer(question) for question, _ in probe.CANDIDATES}
-    rehearsed = [normalize_answer(question) for question in rehearsal.QUESTIONS]
+    rehearsed = [normalize_answer(question) for question, _ in rehearsal.QUESTIONS]
     assert len(set(rehearsed)) == len(rehearsed) >= 60
     assert not asked & set(rehearsed), "a probe question in the rehearsal set would score the training data"
+    assert all(answers for _, answers in rehearsal.QUESTIONS)
 
 
-def test_rehearsal_targets_are_the_models_own_first_lines() -> None:
+def test_rehearsal_targets_are_the_models_own_first_lines_and_right_ones_are_kept() -> None:
     tokenizer = word_tokenizer(chat=True)
-    replies = ["Lima is the capital.\nAnd more.", "", "Mexico City"]  # the empty answer is left out
+    # Peru, Mexico, Brazil, Chile: the empty answer is left out, a wrong one is dropped by answered_right
+    replies = ["Lima is the capital.\nAnd more.", "", "Mexico City", "The capital of Chile is Santiago."]
     model = ReferenceAnswerer(tokenizer, replies)
-    examples = rehearsal.rehearsal_examples(model, tokenizer, 3, batch_size=2)
-    assert [(e.prompt, e.answers) for e in examples] == [
-        (rehearsal.QUESTIONS[0], ["Lima is the capital."]),
-        (rehearsal.QUESTIONS[2], ["Mexico City"]),
+    examples = rehearsal.rehearsal_examples(model, tokenizer, 4, batch_size=2)
+    (peru, _), _, (brazil, _), (chile, _) = rehearsal.QUESTIONS[:4]
+    assert [(e.prompt, e.answers[0]) for e in examples] == [
+        (peru, "Lima is the capital."),
+        (brazil, "Mexico City"),
+        (chile, "The capital of Chile is Santiago."),
     ]
+    assert [e.prompt for e in rehearsal.answered_right(examples)] == [peru, chile]
     with pytest.raises(ValueError, match=r"rehearsal count must be 1\.\.80"):
         rehearsal.rehearsal_examples(model, tokenizer, 81)
 

@@ -60,6 +60,8 @@ def tfidf(rows: int) -> tuple[str, ...]:
 
 SEPARATE = ("--meft", "clip_rows=separate")  # the rows clipped by their own norm
 PER_ROW = ("--meft", "bias_correction=per_row")
+REHEARSE = ("--rehearsal", "80")  # the untrained model's right answers (the launcher's default)
+REHEARSE_ALL = (*REHEARSE, "--rehearsal_answers", "all")  # all of them (the launcher's only way until 2026-12-05)
 
 
 def full_grid() -> Grid:
@@ -80,8 +82,8 @@ def full_grid() -> Grid:
             meft("MEFT r=4096, rows not clipped", 4096, (3e-3,), "--meft", "clip_rows=none"),
             meft("MEFT r=4096, rows apart, per-row bias correction", 4096, (3e-3,), *SEPARATE, *PER_ROW),
             meft("MEFT r=4096, rows apart, per-row bias correction", 4096, (3e-3,), *SEPARATE, *PER_ROW, seeds=(1,)),
-            meft("MEFT r=4096, rows apart, rehearsal 80", 4096, (3e-3,), *SEPARATE, "--rehearsal", "80"),
-            Cell("LoRA r=64, rehearsal 80", "lora", ("--lora_r", "64", "--rehearsal", "80"), (3e-3,)),
+            meft("MEFT r=4096, rows apart, rehearsal 80, all answers", 4096, (3e-3,), *SEPARATE, *REHEARSE_ALL),
+            Cell("LoRA r=64, rehearsal 80, all answers", "lora", ("--lora_r", "64", *REHEARSE_ALL), (3e-3,)),
             Cell("parallel adapter r=1024", "parallel_adapter", ("--adapter_neurons", "1024"), (3e-3,)),
             Cell("LoRA r=256", "lora", ("--lora_r", "256"), (1e-3,)),
             meft("MEFT r=16384, global clip", 16384, (3e-3,)),
@@ -99,10 +101,12 @@ def full_grid() -> Grid:
             Cell("parallel adapter r=4096", "parallel_adapter", ("--adapter_neurons", "4096"), (1e-3,)),
             meft("MEFT r=4096, TF-IDF 512 rows", 4096, (3e-3,), *tfidf(512), seeds=(0, 1)),
             meft("MEFT r=4096, TF-IDF 128 rows", 4096, (3e-3,), *tfidf(128)),
-            meft("MEFT r=4096, TF-IDF 512 rows, rehearsal 80", 4096, (3e-3,), *tfidf(512), "--rehearsal", "80"),
+            meft("MEFT r=4096, TF-IDF 512 rows, rehearsal 80, all answers", 4096, (3e-3,), *tfidf(512), *REHEARSE_ALL),
             meft("MEFT r=4096, TF-IDF 1024 rows", 4096, (3e-3,), *tfidf(1024)),
-            meft("MEFT r=4096, TF-IDF 512 rows, rehearsal 80", 4096, (3e-3,), *tfidf(512), "--rehearsal", "80",
+            meft("MEFT r=4096, TF-IDF 512 rows, rehearsal 80, all answers", 4096, (3e-3,), *tfidf(512), *REHEARSE_ALL,
                  seeds=(1,)),
+            meft("MEFT r=4096, global clip (default), rehearsal 80", 4096, (3e-3,), *REHEARSE, seeds=(0, 1)),
+            Cell("LoRA r=64, rehearsal 80", "lora", ("--lora_r", "64", *REHEARSE), (3e-3,)),
         ),
     )  # fmt: skip
 
@@ -138,8 +142,9 @@ def capacity_grid() -> Grid:
             meft("MEFT r=16384, global clip", 16384, (2e-3,), seeds=(1,)),
             Cell("LoRA r=288", "lora", ("--lora_r", "288"), (2e-3, 5e-4)),
             meft("MEFT r=16384, global clip", 16384, (1e-3,)),
-            meft("MEFT r=16384, rehearsal 80", 16384, (1e-3,), "--rehearsal", "80"),
-            meft("MEFT r=16384, TF-IDF 2048 rows, rehearsal 80", 16384, (1e-3,), *tfidf(2048), "--rehearsal", "80"),
+            meft("MEFT r=16384, rehearsal 80, all answers", 16384, (1e-3,), *REHEARSE_ALL),
+            meft("MEFT r=16384, TF-IDF 2048 rows, rehearsal 80, all answers", 16384, (1e-3,), *tfidf(2048),
+                 *REHEARSE_ALL),
             Cell("LoRA r=288", "lora", ("--lora_r", "288"), (5e-4,), seeds=(1,)),
             meft("MEFT r=16384, global clip", 16384, (1e-3,), seeds=(1,)),
             meft("MEFT r=32768, global clip", 32768, (1e-3,)),
@@ -147,13 +152,15 @@ def capacity_grid() -> Grid:
             meft("MEFT r=32768, global clip", 32768, (1e-3,), seeds=(1,)),
             Cell("LoRA r=400", "lora", ("--lora_r", "400"), (1e-3,)),
             Cell("LoRA r=400", "lora", ("--lora_r", "400"), (5e-4,), seeds=(1,)),
-            Cell("LoRA r=400, rehearsal 80", "lora", ("--lora_r", "400", "--rehearsal", "80"), (5e-4,)),
-            meft("MEFT r=32768, rehearsal 80", 32768, (1e-3,), "--rehearsal", "80"),
+            Cell("LoRA r=400, rehearsal 80, all answers", "lora", ("--lora_r", "400", *REHEARSE_ALL), (5e-4,)),
+            meft("MEFT r=32768, rehearsal 80, all answers", 32768, (1e-3,), *REHEARSE_ALL),
             meft("MEFT r=32768, checkpointed", 32768, (1e-3,), "--activation_checkpointing", seeds=(0, 1)),
             Cell("LoRA r=104", "lora", ("--lora_r", "104"), (1e-3, 2e-3)),
             Cell("parallel adapter r=512", "parallel_adapter", ("--adapter_neurons", "512"), (3e-3,)),
             Cell("LoRA r=104", "lora", ("--lora_r", "104"), (5e-4,)),
             Cell("LoRA r=104", "lora", ("--lora_r", "104"), (1e-3,), seeds=(1,)),
+            meft("MEFT r=32768, checkpointed, rehearsal 80", 32768, (1e-3,), "--activation_checkpointing", *REHEARSE),
+            Cell("LoRA r=104, rehearsal 80", "lora", ("--lora_r", "104", *REHEARSE), (1e-3,)),
         ),
     )  # fmt: skip
 
