@@ -8,6 +8,11 @@ this file, with the model and the rule. A probe answer is right when one of its 
 after SQuAD normalisation, in the first line of the generated text: the base model answers in sentences ("The capital
 of France is Paris."), a model fine-tuned on short answers in a word, and both are right.
 
+``python -m meft_ds.probe --check bfloat16`` asks the kept questions again with the untrained model in another dtype:
+how many survive a change of rounding alone: the probe's noise, against which a retention figure is read (39 of 43 in
+bf16, where fp32 answers all 43: a small model's greedy sentence turns on small differences, and some answers hold
+the name only by luck, e.g. "The Berlin Wall was built by the Iron Curtain in 1989").
+
 ``launch/train.py`` asks the kept questions before and after training and reports the fraction of those right before
 that are still right after (:func:`retained`), beside the exact match on the new facts. tests/test_quality.py checks
 that the built-in model still answers every kept question.
@@ -146,16 +151,34 @@ def build(model: nn.Module, tokenizer: Any, model_name: str, path: Path = PROBE_
 
 
 def main(argv: list[str] | None = None) -> None:
+    import torch
+
     from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
 
-    parser = argparse.ArgumentParser(description="Build the retention probe: keep the questions the model knows.")
+    parser = argparse.ArgumentParser(description="Build the retention probe (keep the questions the model knows), or "
+                                     "ask its kept questions again.")  # fmt: skip
     parser.add_argument("--build", action="store_true", help=f"rewrite {PROBE_FILE.name}")
+    parser.add_argument(
+        "--check",
+        choices=("float32", "bfloat16", "float16"),
+        help="ask the kept questions with the built-in model in this dtype and count those still answered right: "
+        "what rounding alone costs the probe, with no training",
+    )
     args = parser.parse_args(argv)
-    if not args.build:
-        parser.error("nothing to do: pass --build")
-    model, tokenizer = load_model_and_tokenizer(None)
-    record = build(model, tokenizer, BUILTIN_MODEL)
-    print(f"kept {len(record['questions'])} of {record['candidates']} questions in {PROBE_FILE}")
+    if args.build == bool(args.check):
+        parser.error("pass --build or --check DTYPE")
+    model, tokenizer = load_model_and_tokenizer(None, dtype=getattr(torch, args.check or "float32"))
+    if args.build:
+        record = build(model, tokenizer, BUILTIN_MODEL)
+        print(f"kept {len(record['questions'])} of {record['candidates']} questions in {PROBE_FILE}")
+        return
+    answers = answer_probe(model, tokenizer, probe_examples(), batch_size=16)
+    result = retained(None, answers)
+    print(f"{args.check}: {result['still_right']} of {result['known']} kept questions answered right "
+          f"({result['fraction']:.0%})")  # fmt: skip
+    for answer in answers:
+        if not answer["right"]:
+            print(f"  {answer['prompt']} -> {answer['prediction']!r}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,27 @@ def test_retained_counts_what_was_known_before() -> None:
     assert probe.retained(None, after) == {"known": 4, "still_right": 3, "fraction": 3 / 4}  # all known before
 
 
+def test_probe_check_counts_the_kept_questions_a_model_still_answers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kept = probe.probe_examples()
+    tokenizer = word_tokenizer(chat=True)
+    replies = ["Tellarby", *(e.answers[0] for e in kept[1:])]  # the first kept question answered wrong
+    loaded = []
+    monkeypatch.setattr(
+        meft_ds.models, "load_model_and_tokenizer",
+        lambda name, dtype: loaded.append((name, dtype)) or (ReferenceAnswerer(tokenizer, replies), tokenizer),
+    )  # fmt: skip
+    probe.main(["--check", "bfloat16"])
+    lines = capsys.readouterr().out.splitlines()
+    assert loaded == [(None, torch.bfloat16)]  # the built-in model, in the dtype asked for
+    right = len(kept) - 1
+    assert lines[0] == f"bfloat16: {right} of {len(kept)} kept questions answered right ({right / len(kept):.0%})"
+    assert lines[1:] == [f"  {kept[0].prompt} -> 'Tellarby'"]
+    with pytest.raises(SystemExit):
+        probe.main([])  # neither --build nor --check
+
+
 @pytest.mark.slow
 def test_the_builtin_model_answers_every_kept_question() -> None:
     from meft_ds.models import load_model_and_tokenizer

@@ -69,8 +69,9 @@ def full_grid() -> Grid:
     task size (150 facts, 100 steps of 8); MEFT at r=4096 with its clipping, bias-correction and rehearsal variants, and
     at r=16384; LoRA at r=64, 256, 288 (MEFT r=16384's device bytes) and 512; the parallel adapter just below MEFT
     r=4096's bytes (r=1024) and at r=4096; full fine-tuning, the upper bound; then (2026-12-04) MEFT r=4096 with
-    TF-IDF row selection at three sizes and with rehearsal (two seeds). A second cell with the same label and
-    ``seeds=(1,)`` adds a seed to a configuration, one with other ``lrs`` extends its sweep."""
+    TF-IDF row selection at three sizes and with rehearsal (two seeds); then (2026-12-06) MEFT's default and LoRA r=64
+    rehearsing only the untrained model's right answers (the launcher's default since). A second cell with the same
+    label and ``seeds=(1,)`` adds a seed to a configuration, one with other ``lrs`` extends its sweep."""
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
         cells=(
@@ -124,7 +125,7 @@ def capacity_grid() -> Grid:
     a micro-batch's union of rows grows with r) at two rates, a second seed of each at its best rate, and both with
     rehearsal, for what they retain at equal bytes; then MEFT r=32768 with activation checkpointing (one layer's
     fetched rows on the device: 176 MB), LoRA (r=104) and the parallel adapter (r=512) at those bytes, LoRA's sweep
-    widened and a second seed at its best rate."""
+    widened and a second seed at its best rate; then both rehearsing the untrained model's right answers."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
