@@ -12,7 +12,7 @@ general knowledge of that kind survives, not whether every kind does.
 ``launch/train.py --rehearsal N`` answers the first N with the untrained model on its device (greedy, as the probe
 is answered) and adds them to the training examples, before a resumed run loads its checkpoint (so a resumed run
 trains on the same answers). By default only the answers that hold one of the question's accepted answers
-(:func:`answered_right`, the probe's rule) are rehearsed: the built-in model answers about 30 of the 80 wrongly or
+(:func:`answered_right`, the probe's rule) are rehearsed: the built-in model answers 31 of the 80 wrongly or
 with a sentence that never reaches the answer ("Who wrote Moby-Dick?" -> "The story of "Moby-Dick" is a timeless tale
 of human imagination ..."), and a model trained on those phrasings repeats them for similar questions: after training
 it answered the probe's "Who wrote Hamlet?" with the same sentence about Hamlet. ``--rehearsal_answers all`` keeps

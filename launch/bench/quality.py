@@ -70,8 +70,9 @@ def full_grid() -> Grid:
     at r=16384; LoRA at r=64, 256, 288 (MEFT r=16384's device bytes) and 512; the parallel adapter just below MEFT
     r=4096's bytes (r=1024) and at r=4096; full fine-tuning, the upper bound; then (2026-12-04) MEFT r=4096 with
     TF-IDF row selection at three sizes and with rehearsal (two seeds); then (2026-12-06) MEFT's default and LoRA r=64
-    rehearsing only the untrained model's right answers (the launcher's default since). A second cell with the same
-    label and ``seeds=(1,)`` adds a seed to a configuration, one with other ``lrs`` extends its sweep."""
+    rehearsing only the untrained model's right answers (the launcher's default since), and MEFT's default rehearsing
+    all of them. A second cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one with other
+    ``lrs`` extends its sweep."""
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
         cells=(
@@ -108,6 +109,7 @@ def full_grid() -> Grid:
                  seeds=(1,)),
             meft("MEFT r=4096, global clip (default), rehearsal 80", 4096, (3e-3,), *REHEARSE, seeds=(0, 1)),
             Cell("LoRA r=64, rehearsal 80", "lora", ("--lora_r", "64", *REHEARSE), (3e-3,)),
+            meft("MEFT r=4096, global clip (default), rehearsal 80, all answers", 4096, (3e-3,), *REHEARSE_ALL),
         ),
     )  # fmt: skip
 
@@ -125,7 +127,8 @@ def capacity_grid() -> Grid:
     a micro-batch's union of rows grows with r) at two rates, a second seed of each at its best rate, and both with
     rehearsal, for what they retain at equal bytes; then MEFT r=32768 with activation checkpointing (one layer's
     fetched rows on the device: 176 MB), LoRA (r=104) and the parallel adapter (r=512) at those bytes, LoRA's sweep
-    widened and a second seed at its best rate; then both rehearsing the untrained model's right answers."""
+    widened and a second seed at its best rate; then both rehearsing the untrained model's right answers (two
+    seeds)."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -162,6 +165,9 @@ def capacity_grid() -> Grid:
             Cell("LoRA r=104", "lora", ("--lora_r", "104"), (1e-3,), seeds=(1,)),
             meft("MEFT r=32768, checkpointed, rehearsal 80", 32768, (1e-3,), "--activation_checkpointing", *REHEARSE),
             Cell("LoRA r=104, rehearsal 80", "lora", ("--lora_r", "104", *REHEARSE), (1e-3,)),
+            meft("MEFT r=32768, checkpointed, rehearsal 80", 32768, (1e-3,), "--activation_checkpointing", *REHEARSE,
+                 seeds=(1,)),
+            Cell("LoRA r=104, rehearsal 80", "lora", ("--lora_r", "104", *REHEARSE), (1e-3,), seeds=(1,)),
         ),
     )  # fmt: skip
 
@@ -364,7 +370,8 @@ def plot(section: Section, path: str) -> None:
     """EM against device bytes (points numbered) beside the fraction of the probe retained (bars named by number)."""
     from matplotlib import ticker
 
-    figure, (left, right) = plots.figure(14, 5.5, ncols=2, gridspec_kw={"width_ratios": [1, 1.2]})
+    height = max(5.5, 0.2 * len(section.data["best"]) + 1)  # a readable bar label per configuration
+    figure, (left, right) = plots.figure(14, height, ncols=2, gridspec_kw={"width_ratios": [1, 1.2]})
     colours = {"meft": "tab:blue", "lora": "tab:orange", "parallel_adapter": "tab:green", "full": "tab:red"}
     best = section.data["best"]
     markers = dict(zip(dict.fromkeys(b["task"] for b in best), "os^D", strict=False))  # one shape per task
