@@ -370,10 +370,10 @@ def plot(section: Section, path: str) -> None:
     """EM against device bytes (points numbered) beside the fraction of the probe retained (bars named by number)."""
     from matplotlib import ticker
 
-    height = max(5.5, 0.2 * len(section.data["best"]) + 1)  # a readable bar label per configuration
+    best = section.data["best"]
+    height = max(5.5, 0.2 * len(best) + 1)  # a readable bar label per configuration
     figure, (left, right) = plots.figure(14, height, ncols=2, gridspec_kw={"width_ratios": [1, 1.2]})
     colours = {"meft": "tab:blue", "lora": "tab:orange", "parallel_adapter": "tab:green", "full": "tab:red"}
-    best = section.data["best"]
     markers = dict(zip(dict.fromkeys(b["task"] for b in best), "os^D", strict=False))  # one shape per task
     for number, b in enumerate(best, 1):
         x = b["device_bytes"] / MB
