@@ -127,7 +127,7 @@ def capacity_grid() -> Grid:
     a micro-batch's union of rows grows with r) at two rates, a second seed of each at its best rate, and both with
     rehearsal, for what they retain at equal bytes; then MEFT r=32768 with activation checkpointing (one layer's
     fetched rows on the device: 176 MB), LoRA (r=104) and the parallel adapter (r=512) at those bytes, LoRA's sweep
-    widened and a second seed at its best rate; then both rehearsing the untrained model's right answers (two
+    widened and a second seed at its best rate; then both rehearsing the untrained model's right answers (three
     seeds)."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
@@ -166,8 +166,8 @@ def capacity_grid() -> Grid:
             meft("MEFT r=32768, checkpointed, rehearsal 80", 32768, (1e-3,), "--activation_checkpointing", *REHEARSE),
             Cell("LoRA r=104, rehearsal 80", "lora", ("--lora_r", "104", *REHEARSE), (1e-3,)),
             meft("MEFT r=32768, checkpointed, rehearsal 80", 32768, (1e-3,), "--activation_checkpointing", *REHEARSE,
-                 seeds=(1,)),
-            Cell("LoRA r=104, rehearsal 80", "lora", ("--lora_r", "104", *REHEARSE), (1e-3,), seeds=(1,)),
+                 seeds=(1, 2)),
+            Cell("LoRA r=104, rehearsal 80", "lora", ("--lora_r", "104", *REHEARSE), (1e-3,), seeds=(1, 2)),
         ),
     )  # fmt: skip
 
