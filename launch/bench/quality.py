@@ -71,7 +71,8 @@ def full_grid() -> Grid:
     r=4096's bytes (r=1024) and at r=4096; full fine-tuning, the upper bound; then (2026-12-04) MEFT r=4096 with
     TF-IDF row selection at three sizes and with rehearsal (two seeds); then (2026-12-06) MEFT's default and LoRA r=64
     rehearsing only the untrained model's right answers (the launcher's default since), and MEFT's default rehearsing
-    all of them. A second cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one with other
+    all of them; then (2026-12-06) MEFT r=32768 with activation checkpointing, the larger task's headline MEFT (~176 MB
+    of device bytes), at two rates. A second cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one with other
     ``lrs`` extends its sweep."""
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
@@ -110,6 +111,7 @@ def full_grid() -> Grid:
             meft("MEFT r=4096, global clip (default), rehearsal 80", 4096, (3e-3,), *REHEARSE, seeds=(0, 1)),
             Cell("LoRA r=64, rehearsal 80", "lora", ("--lora_r", "64", *REHEARSE), (3e-3,)),
             meft("MEFT r=4096, global clip (default), rehearsal 80, all answers", 4096, (3e-3,), *REHEARSE_ALL),
+            meft("MEFT r=32768, checkpointed", 32768, (3e-3, 1e-3), "--activation_checkpointing"),
         ),
     )  # fmt: skip
 
