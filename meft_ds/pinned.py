@@ -24,7 +24,12 @@ RINGS = {"rows": 2, "hidden": 2, "probe_ids": 2, "probe_gates": 2, "grads": 4, "
 
 
 class PinnedBuffers:
-    """Rings of reusable pinned host buffers, grown (to a power of two) as needed; one per model."""
+    """Rings of reusable pinned host buffers, grown (to a power of two) as needed; one per model.
+
+    A buffer that a ring position outgrows is dropped. Where pinning goes through torch's caching host allocator
+    (CUDA), its block stays pinned in that allocator's cache for later pinned allocations of its size; since every
+    buffer here is a power of two and grows by doubling at least, what a position leaves behind while it keeps its dtype
+    is less than its current buffer: the pinned memory held is then at most twice :attr:`nbytes`."""
 
     def __init__(self) -> None:
         self._accelerator = get_accelerator()
