@@ -72,8 +72,9 @@ def full_grid() -> Grid:
     TF-IDF row selection at three sizes and with rehearsal (two seeds); then (2026-12-06) MEFT's default and LoRA r=64
     rehearsing only the untrained model's right answers (the launcher's default since), and MEFT's default rehearsing
     all of them; then (2026-12-06) MEFT r=32768 with activation checkpointing, the larger task's headline MEFT (~176 MB
-    of device bytes), at two rates. A second cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one with other
-    ``lrs`` extends its sweep."""
+    of device bytes), at two rates and with rehearsal, and MEFT r=4096 with half the rows firing per token (K=32),
+    with and without rehearsal. A second cell with the same label and ``seeds=(1,)`` adds a seed to a configuration,
+    one with other ``lrs`` extends its sweep."""
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
         cells=(
@@ -112,6 +113,9 @@ def full_grid() -> Grid:
             Cell("LoRA r=64, rehearsal 80", "lora", ("--lora_r", "64", *REHEARSE), (3e-3,)),
             meft("MEFT r=4096, global clip (default), rehearsal 80, all answers", 4096, (3e-3,), *REHEARSE_ALL),
             meft("MEFT r=32768, checkpointed", 32768, (3e-3, 1e-3), "--activation_checkpointing"),
+            meft("MEFT r=32768, checkpointed, rehearsal 80", 32768, (1e-3,), "--activation_checkpointing", *REHEARSE),
+            meft("MEFT r=4096, K=32", 4096, (3e-3,), "--meft", "top_k=32"),
+            meft("MEFT r=4096, K=32, rehearsal 80", 4096, (3e-3,), "--meft", "top_k=32", *REHEARSE),
         ),
     )  # fmt: skip
 
