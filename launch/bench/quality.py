@@ -73,8 +73,9 @@ def full_grid() -> Grid:
     only the untrained model's right answers (the launcher's default since), and MEFT's default rehearsing all of them;
     then (2026-12-06) MEFT r=32768 with activation checkpointing, the larger task's headline MEFT (~176 MB of device
     bytes), at two rates and with rehearsal, and MEFT r=4096 with half the rows firing per token (K=32), with and
-    without rehearsal, and MEFT's default with rehearsal at two lower rates. A second cell with the same label and
-    ``seeds=(1,)`` adds a seed to a configuration, one with other ``lrs`` extends its sweep."""
+    without rehearsal, and MEFT's default with rehearsal at two lower rates, and a second seed of LoRA r=64 with
+    rehearsal. A second cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one with other
+    ``lrs`` extends its sweep."""
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
         cells=(
@@ -117,6 +118,7 @@ def full_grid() -> Grid:
             meft("MEFT r=4096, K=32", 4096, (3e-3,), "--meft", "top_k=32"),
             meft("MEFT r=4096, K=32, rehearsal 80", 4096, (3e-3,), "--meft", "top_k=32", *REHEARSE),
             meft("MEFT r=4096, global clip (default), rehearsal 80", 4096, (2e-3, 1e-3), *REHEARSE),
+            Cell("LoRA r=64, rehearsal 80", "lora", ("--lora_r", "64", *REHEARSE), (3e-3,), seeds=(1,)),
         ),
     )  # fmt: skip
 
