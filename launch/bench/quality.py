@@ -381,7 +381,7 @@ def plot(section: Section, path: str) -> None:
 
     best = section.data["best"]
     height = max(5.5, 0.2 * len(best) + 1)  # a readable bar label per configuration
-    figure, (left, right) = plots.figure(14, height, ncols=2, gridspec_kw={"width_ratios": [1, 1.2]})
+    figure, (left, right) = plots.figure(15, height, ncols=2, gridspec_kw={"width_ratios": [1, 1.2], "wspace": 1.1})
     colours = {"meft": "tab:blue", "lora": "tab:orange", "parallel_adapter": "tab:green", "full": "tab:red"}
     markers = dict(zip(dict.fromkeys(b["task"] for b in best), "os^D", strict=False))  # one shape per task
     for number, b in enumerate(best, 1):
