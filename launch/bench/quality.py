@@ -71,7 +71,7 @@ def full_grid() -> Grid:
     bytes (r=1024) and at r=4096; full fine-tuning, the upper bound; then (2026-12-04) MEFT r=4096 with TF-IDF row
     selection at three sizes and with rehearsal (two seeds); then (2026-12-06) MEFT's default and LoRA r=64 rehearsing
     only the untrained model's right answers (the launcher's default since), and MEFT's default rehearsing all of them;
-    then (2026-12-06) MEFT r=32768 with activation checkpointing, the larger task's headline MEFT (~176 MB of device
+    then MEFT r=32768 with activation checkpointing, the larger task's headline MEFT (~176 MB of device
     bytes), at two rates and with rehearsal, and MEFT r=4096 with half the rows firing per token (K=32), with and
     without rehearsal, and MEFT's default with rehearsal at two lower rates, and a second seed of LoRA r=64 with
     rehearsal. A second cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one with other
