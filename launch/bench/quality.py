@@ -62,6 +62,9 @@ SEPARATE = ("--meft", "clip_rows=separate")  # the rows clipped by their own nor
 PER_ROW = ("--meft", "bias_correction=per_row")
 REHEARSE = ("--rehearsal", "80")  # the untrained model's right answers (the launcher's default)
 REHEARSE_ALL = (*REHEARSE, "--rehearsal_answers", "all")  # all of them (the launcher's only way until 2026-12-05)
+# a quarter of r=32768's default 1,024 experts, probing a quarter as many: the same 256 keys scored per token, a
+# quarter of the routers' device bytes
+FEW_EXPERTS = ("--meft", "num_experts=256", "--meft", "n_probe=2")
 
 
 def full_grid() -> Grid:
@@ -177,6 +180,7 @@ def capacity_grid() -> Grid:
             meft("MEFT r=32768, checkpointed, rehearsal 80", 32768, (1e-3,), "--activation_checkpointing", *REHEARSE,
                  seeds=(1, 2)),
             Cell("LoRA r=104, rehearsal 80", "lora", ("--lora_r", "104", *REHEARSE), (1e-3,), seeds=(1, 2)),
+            meft("MEFT r=32768, checkpointed, 256 experts", 32768, (1e-3,), "--activation_checkpointing", *FEW_EXPERTS),
         ),
     )  # fmt: skip
 
