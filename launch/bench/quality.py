@@ -181,6 +181,8 @@ def capacity_grid() -> Grid:
                  seeds=(1, 2)),
             Cell("LoRA r=104, rehearsal 80", "lora", ("--lora_r", "104", *REHEARSE), (1e-3,), seeds=(1, 2)),
             meft("MEFT r=32768, checkpointed, 256 experts", 32768, (1e-3,), "--activation_checkpointing", *FEW_EXPERTS),
+            meft("MEFT r=32768, checkpointed", 32768, (1e-3,), "--activation_checkpointing", seeds=(2,)),
+            Cell("LoRA r=104", "lora", ("--lora_r", "104"), (1e-3,), seeds=(2,)),
         ),
     )  # fmt: skip
 
