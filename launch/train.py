@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="recompute each layer's forward in its backward (transformers' gradient checkpointing): MEFT then "
         "keeps one layer's fetched rows on the device instead of every layer's, and fetches each row twice",
     )
-    parser.add_argument("--train_limit", type=int, help="use only the first N training examples")
+    parser.add_argument("--train_limit", type=int, help="use the first N training examples (0: --rehearsal's only)")
     parser.add_argument("--eval_limit", type=int, default=200, help="evaluate the first N held-out examples (0: all)")
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task)")
@@ -132,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--rehearsal {args.rehearsal}: use 0 (off) to {len(rehearsal.QUESTIONS)} (every built-in question)"
         )
+    if args.train_limit is not None and args.train_limit < (0 if args.rehearsal else 1):
+        parser.error(f"--train_limit {args.train_limit}: use >= 1, or 0 with --rehearsal N (its answers alone)")
     if args.save_steps < 0:
         parser.error(f"--save_steps must be >= 0, got {args.save_steps}")
     if args.facts is not None and (args.facts < 5 or args.facts % 5 or args.dataset != "facts"):
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     ds_config = build_config(args, output_dir)
     if args.dataset in DATASETS and args.dataset_format is not None:
         raise DatasetError(f"--dataset_format applies to local files only; drop it for the built-in '{args.dataset}'")
-    train_examples = load_split(args, args.dataset, "train", args.train_limit)
+    train_examples = [] if args.train_limit == 0 else load_split(args, args.dataset, "train", args.train_limit)
     eval_examples = None if args.no_eval else load_held_out(args)
     probe_examples = None if args.no_eval or args.no_probe else probe.probe_examples()
     cpu_kernels()  # built (or found in the extension cache) now: without them the run would stop after loading

@@ -307,8 +307,9 @@ def test_evaluate_refuses_a_folder_without_an_adapter_in_one_line(tmp_path: Path
     [
         (["--meft", "top_k=100000"], "error: meft.top_k: 100000 is larger than num_neurons"),
         (["--meft", "prefetch_layers=1", "--activation_checkpointing"], "error: meft.prefetch_layers: 1 pre-retrieves"),
+        (["--train_limit", "0"], "train.py: error: --train_limit 0: use >= 1, or 0 with --rehearsal N"),
     ],
-    ids=["top_k", "prefetch with checkpointing"],
+    ids=["top_k", "prefetch with checkpointing", "no training examples"],
 )
 def test_bad_input_fails_fast_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     command = [sys.executable, "launch/train.py", *args, "--output_dir", str(tmp_path)]
@@ -340,7 +341,11 @@ METHODS = {
         2 * 3 * 4 * (64 + 128),
         2 * 3 * 4 * (64 + 128),
     ),
-    "parallel_adapter": (["--adapter_neurons", "16"], 2 * 2 * 16 * 64, 2 * 2 * 16 * 64),
+    "parallel_adapter": (  # the rehearsal-only control: --train_limit 0, no facts
+        ["--adapter_neurons", "16", "--rehearsal", "2", "--rehearsal_answers", "all", "--train_limit", "0"],
+        2 * 2 * 16 * 64,
+        2 * 2 * 16 * 64,
+    ),
     "full": ([], None, None),  # every parameter of the model
 }
 BUCKET = 1000  # elements of DeepSpeed's gradient bucket: 4000 bytes in fp32
@@ -359,16 +364,16 @@ def test_every_method_trains_evaluates_reports_its_device_bytes_and_exports(
     out = tmp_path / "run"
     launch(
         "--deepspeed", tmp_path / "ds.json", "--model", model_dirs["chat"], "--output_dir", out, "--method", method,
-        *extra, "--max_steps", "3", "--facts", "20", "--no_eval_before", *EVAL, *TINY_RUN,
+        "--max_steps", "3", "--facts", "20", "--no_eval_before", *EVAL, *TINY_RUN, *extra,  # extra's --train_limit last
     )  # fmt: skip
     run, records = results(out), metrics(out)
     assert run["method"] == method and len(records) == 3 and all(r["grad_norm"] is not None for r in records)
     assert run["kept_freed_host_memory"] == (method == "meft" and platform.libc_ver()[0] == "glibc")
-    # --rehearsal 3 --rehearsal_answers all (LoRA's run): the first 3 general questions with the base model's answers
-    # (the tiny model's are non-empty and wrong) added to the 32 training examples
+    # --rehearsal N --rehearsal_answers all: the first N general questions with the base model's answers (the tiny
+    # model's are non-empty and wrong) added to the 32 training examples (LoRA's run), or alone (--train_limit 0)
     rehearsed = [(r["question"], bool(r["answer"])) for r in run["rehearsal"]]
-    assert rehearsed == [(q, True) for q, _ in REHEARSAL[: 3 if method == "lora" else 0]]
-    assert run["train_examples"] == 32 + len(rehearsed)
+    assert rehearsed == [(q, True) for q, _ in REHEARSAL[: {"lora": 3, "parallel_adapter": 2}.get(method, 0)]]
+    assert run["train_examples"] == (0 if method == "parallel_adapter" else 32) + len(rehearsed)
     assert run["trainable_params"] == trainable
     # fp32, ZeRO-2 with the optimizer offloaded: on the device the trainable weights, their gradients and the bucket
     device = run["device_training"]

@@ -180,7 +180,7 @@ GRID = quality.Grid(
     cells=(
         quality.meft("MEFT", 256, (1e-3, 3e-3)),
         quality.Cell("LoRA", "lora", ("--lora_r", "4"), (3e-3,), seeds=(0, 1)),
-        quality.Cell("PA", "parallel_adapter", ("--adapter_neurons", "8"), (3e-3,)),
+        quality.Cell("PA", "parallel_adapter", ("--adapter_neurons", "8"), (3e-3,), steps=1),  # its own steps
     ),
 )  # fmt: skip
 SCORES = {  # (method, lr): (EM, device bytes)
@@ -201,7 +201,9 @@ def test_grid_runs_every_cell_lr_and_seed_once_and_resumes(tmp_path: Path) -> No
     records = quality.run_grid(GRID, tmp_path, runner, notes)
     assert len(commands) == len(records) == 5 and notes == []  # MEFT x 2 lrs, LoRA x 2 seeds, PA
     for command in commands:
-        for flag, value in (("--facts", "25"), ("--max_steps", "2"), ("--model", "/tiny"), ("--micro_batch_size", "4")):
+        steps = "1" if command[command.index("--method") + 1] == "parallel_adapter" else "2"
+        expected = {"--facts": "25", "--max_steps": steps, "--model": "/tiny", "--micro_batch_size": "4"}
+        for flag, value in expected.items():
             assert command[command.index(flag) + 1] == value
         assert "--no_save" in command and "--no_eval_before" in command
     config = json.loads((tmp_path / "ds_quality.json").read_text())

@@ -32,6 +32,7 @@ class Cell:
     args: tuple[str, ...]  # train.py arguments of this configuration besides --method
     lrs: tuple[float, ...]
     seeds: tuple[int, ...] = (0,)
+    steps: int | None = None  # optimizer steps, when not the grid's (the rehearsal-only controls)
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,15 @@ class Grid:
         return f"{self.facts} facts, {self.steps} steps"
 
 
-def meft(label: str, neurons: int, lrs: tuple[float, ...], *extra: str, seeds: tuple[int, ...] = (0,)) -> Cell:
-    return Cell(label, "meft", ("--meft", f"num_neurons={neurons}", *extra), lrs, seeds)
+def meft(
+    label: str,
+    neurons: int,
+    lrs: tuple[float, ...],
+    *extra: str,
+    seeds: tuple[int, ...] = (0,),
+    steps: int | None = None,
+) -> Cell:
+    return Cell(label, "meft", ("--meft", f"num_neurons={neurons}", *extra), lrs, seeds, steps)
 
 
 def tfidf(rows: int) -> tuple[str, ...]:
@@ -64,6 +72,9 @@ REHEARSE = ("--rehearsal", "80")  # the untrained model's right answers (the lau
 REHEARSE_ALL = (*REHEARSE, "--rehearsal_answers", "all")  # all of them (the launcher's only way until 2026-12-05)
 # a quarter of r=32768's default 1,024 experts, probing a quarter as many: the same 256 keys scored per token, a
 # quarter of the routers' device bytes
+# a control: the rehearsed answers alone, no facts, for about as many samples of them as the mixed run sees (its
+# passes over facts + rehearsal: 800 samples over 499 examples on 150 facts, 10 steps of 8; 2,400 over 1,249 on 400, 12)
+CONTROL = (*REHEARSE, "--train_limit", "0")
 FEW_EXPERTS = ("--meft", "num_experts=256", "--meft", "n_probe=2")
 
 
@@ -77,8 +88,9 @@ def full_grid() -> Grid:
     then MEFT r=32768 with activation checkpointing, the larger task's headline MEFT (~176 MB of device
     bytes), at two rates and with rehearsal, and MEFT r=4096 with half the rows firing per token (K=32), with and
     without rehearsal, and MEFT's default with rehearsal at two lower rates, and a second seed of LoRA r=64 with
-    rehearsal. A second cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one with other
-    ``lrs`` extends its sweep."""
+    rehearsal; then the controls of MEFT's default and LoRA r=64 with rehearsal, trained on the rehearsed answers
+    alone (no facts: what rehearsing costs the probe by itself). A second cell with the same label and
+    ``seeds=(1,)`` adds a seed to a configuration, one with other ``lrs`` extends its sweep."""
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
         cells=(
@@ -122,6 +134,8 @@ def full_grid() -> Grid:
             meft("MEFT r=4096, K=32, rehearsal 80", 4096, (3e-3,), "--meft", "top_k=32", *REHEARSE),
             meft("MEFT r=4096, global clip (default), rehearsal 80", 4096, (2e-3, 1e-3), *REHEARSE),
             Cell("LoRA r=64, rehearsal 80", "lora", ("--lora_r", "64", *REHEARSE), (3e-3,), seeds=(1,)),
+            meft("MEFT r=4096, rehearsal 80 alone (control)", 4096, (3e-3,), *CONTROL, seeds=(0, 1), steps=10),
+            Cell("LoRA r=64, rehearsal 80 alone (control)", "lora", ("--lora_r", "64", *CONTROL), (3e-3,), (0, 1), 10),
         ),
     )  # fmt: skip
 
@@ -140,7 +154,8 @@ def capacity_grid() -> Grid:
     rehearsal, for what they retain at equal bytes; then MEFT r=32768 with activation checkpointing (one layer's
     fetched rows on the device: 176 MB), LoRA (r=104) and the parallel adapter (r=512) at those bytes, LoRA's sweep
     widened and a second seed at its best rate; then both rehearsing the untrained model's right answers (three
-    seeds)."""
+    seeds); then (2026-12-06) the checkpointed MEFT with a quarter of the experts (a quarter of the routers' bytes),
+    third seeds of the pair at ~177 MB, and both rehearsal runs' controls (the rehearsed answers alone)."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -183,6 +198,10 @@ def capacity_grid() -> Grid:
             meft("MEFT r=32768, checkpointed, 256 experts", 32768, (1e-3,), "--activation_checkpointing", *FEW_EXPERTS),
             meft("MEFT r=32768, checkpointed", 32768, (1e-3,), "--activation_checkpointing", seeds=(2,)),
             Cell("LoRA r=104", "lora", ("--lora_r", "104"), (1e-3,), seeds=(2,)),
+            meft("MEFT r=32768, checkpointed, rehearsal 80 alone (control)", 32768, (1e-3,),
+                 "--activation_checkpointing", *CONTROL, seeds=(0, 1), steps=12),
+            Cell("LoRA r=104, rehearsal 80 alone (control)", "lora", ("--lora_r", "104", *CONTROL), (1e-3,), (0, 1),
+                 12),
         ),
     )  # fmt: skip
 
@@ -216,7 +235,7 @@ def train_command(
     return [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
         str(ROOT / "launch" / "train.py"), "--deepspeed", str(ds_config), "--method", cell.method, *cell.args, *model,
-        "--dataset", "facts", "--facts", str(grid.facts), "--max_steps", str(grid.steps),
+        "--dataset", "facts", "--facts", str(grid.facts), "--max_steps", str(cell.steps or grid.steps),
         "--micro_batch_size", str(grid.micro_batch), "--eval_limit", str(grid.eval_limit), "--learning_rate", str(lr),
         "--seed", str(seed), "--output_dir", str(output_dir), "--no_save", "--no_eval_before",
     ]  # fmt: skip
