@@ -155,8 +155,8 @@ def capacity_grid() -> Grid:
     fetched rows on the device: 176 MB), LoRA (r=104) and the parallel adapter (r=512) at those bytes, LoRA's sweep
     widened and a second seed at its best rate; then both rehearsing the untrained model's right answers (three
     seeds); then (2026-12-06) the checkpointed MEFT with a quarter of the experts (a quarter of the routers' bytes)
-    at two rates, third seeds of the pair at ~177 MB, and both rehearsal runs' controls (the rehearsed answers
-    alone)."""
+    at two rates, third seeds of the pair at ~177 MB (and of the same MEFT without checkpointing), and both
+    rehearsal runs' controls (the rehearsed answers alone)."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -200,6 +200,7 @@ def capacity_grid() -> Grid:
             meft("MEFT r=32768, checkpointed, 256 experts", 32768, (2e-3,), "--activation_checkpointing", *FEW_EXPERTS),
             meft("MEFT r=32768, checkpointed", 32768, (1e-3,), "--activation_checkpointing", seeds=(2,)),
             Cell("LoRA r=104", "lora", ("--lora_r", "104"), (1e-3,), seeds=(2,)),
+            meft("MEFT r=32768, global clip", 32768, (1e-3,), seeds=(2,)),  # the checkpointed run's twin, bit for bit
             meft("MEFT r=32768, checkpointed, rehearsal 80 alone (control)", 32768, (1e-3,),
                  "--activation_checkpointing", *CONTROL, seeds=(0, 1), steps=12),
             Cell("LoRA r=104, rehearsal 80 alone (control)", "lora", ("--lora_r", "104", *CONTROL), (1e-3,), (0, 1),
