@@ -156,7 +156,8 @@ def capacity_grid() -> Grid:
     widened and a second seed at its best rate; then both rehearsing the untrained model's right answers (three
     seeds); then (2026-12-06) the checkpointed MEFT with a quarter of the experts (a quarter of the routers' bytes)
     at two rates, third seeds of the pair at ~177 MB (and of the same MEFT without checkpointing), and both
-    rehearsal runs' controls (the rehearsed answers alone); then LoRA at the 256-expert MEFT's bytes (r=32)."""
+    rehearsal runs' controls (the rehearsed answers alone); then LoRA at the 256-expert MEFT's bytes (r=32), and
+    a second seed of that MEFT."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -205,7 +206,9 @@ def capacity_grid() -> Grid:
                  "--activation_checkpointing", *CONTROL, seeds=(0, 1), steps=12),
             Cell("LoRA r=104, rehearsal 80 alone (control)", "lora", ("--lora_r", "104", *CONTROL), (1e-3,), (0, 1),
                  12),
-            Cell("LoRA r=32", "lora", ("--lora_r", "32"), (1e-3, 2e-3)),  # the 256-expert MEFT's device bytes
+            Cell("LoRA r=32", "lora", ("--lora_r", "32"), (1e-3, 2e-3, 3e-3)),  # the 256-expert MEFT's device bytes
+            meft("MEFT r=32768, checkpointed, 256 experts", 32768, (1e-3,), "--activation_checkpointing", *FEW_EXPERTS,
+                 seeds=(1,)),
         ),
     )  # fmt: skip
 
