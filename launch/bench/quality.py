@@ -157,7 +157,7 @@ def capacity_grid() -> Grid:
     seeds); then (2026-12-06) the checkpointed MEFT with a quarter of the experts (a quarter of the routers' bytes)
     at two rates, third seeds of the pair at ~177 MB (and of the same MEFT without checkpointing), and both
     rehearsal runs' controls (the rehearsed answers alone); then LoRA at the 256-expert MEFT's bytes (r=32), and
-    a second seed of that MEFT."""
+    a second seed of each at its best rate."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -209,6 +209,7 @@ def capacity_grid() -> Grid:
             Cell("LoRA r=32", "lora", ("--lora_r", "32"), (1e-3, 2e-3, 3e-3)),  # the 256-expert MEFT's device bytes
             meft("MEFT r=32768, checkpointed, 256 experts", 32768, (1e-3,), "--activation_checkpointing", *FEW_EXPERTS,
                  seeds=(1,)),
+            Cell("LoRA r=32", "lora", ("--lora_r", "32"), (2e-3,), seeds=(1,)),
         ),
     )  # fmt: skip
 
