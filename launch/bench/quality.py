@@ -70,11 +70,11 @@ SEPARATE = ("--meft", "clip_rows=separate")  # the rows clipped by their own nor
 PER_ROW = ("--meft", "bias_correction=per_row")
 REHEARSE = ("--rehearsal", "80")  # the untrained model's right answers (the launcher's default)
 REHEARSE_ALL = (*REHEARSE, "--rehearsal_answers", "all")  # all of them (the launcher's only way until 2026-12-05)
-# a quarter of r=32768's default 1,024 experts, probing a quarter as many: the same 256 keys scored per token, a
-# quarter of the routers' device bytes
 # a control: the rehearsed answers alone, no facts, for about as many samples of them as the mixed run sees (its
 # passes over facts + rehearsal: 800 samples over 499 examples on 150 facts, 10 steps of 8; 2,400 over 1,249 on 400, 12)
 CONTROL = (*REHEARSE, "--train_limit", "0")
+# a quarter of r=32768's default 1,024 experts, probing a quarter as many: the same 256 keys scored per token, a
+# quarter of the routers' device bytes
 FEW_EXPERTS = ("--meft", "num_experts=256", "--meft", "n_probe=2")
 
 
