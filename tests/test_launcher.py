@@ -372,8 +372,9 @@ def test_every_method_trains_evaluates_reports_its_device_bytes_and_exports(
     # --rehearsal N --rehearsal_answers all: the first N general questions with the base model's answers (the tiny
     # model's are non-empty and wrong) added to the 32 training examples (LoRA's run), or alone (--train_limit 0)
     rehearsed = [(r["question"], bool(r["answer"])) for r in run["rehearsal"]]
-    assert rehearsed == [(q, True) for q, _ in REHEARSAL[: {"lora": 3, "parallel_adapter": 2}.get(method, 0)]]
-    assert run["train_examples"] == (0 if method == "parallel_adapter" else 32) + len(rehearsed)
+    asked = int(extra[extra.index("--rehearsal") + 1]) if "--rehearsal" in extra else 0
+    assert rehearsed == [(q, True) for q, _ in REHEARSAL[:asked]]
+    assert run["train_examples"] == (0 if "--train_limit" in extra else 32) + len(rehearsed)
     assert run["trainable_params"] == trainable
     # fp32, ZeRO-2 with the optimizer offloaded: on the device the trainable weights, their gradients and the bucket
     device = run["device_training"]
