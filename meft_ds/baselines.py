@@ -120,7 +120,8 @@ def training_bytes(
     shape = dict(batch_size=batch_size, seq_len=seq_len, world_size=world_size, checkpointing=checkpointing)
     setup: Setup = setup_from_ds_config(ds_config, meft, dim=dim, **shape)
     if method != "meft":
-        return TrainingBytes(dense_trainable_items(method, trainable_numel(model), setup))  # no rows here
+        largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
+        return TrainingBytes(dense_trainable_items(method, trainable_numel(model), setup, largest))  # no rows here
     if rows_fetched_per_layer:
         setup = with_union(setup, rows_fetched_per_layer)
     return TrainingBytes(training_items(setup, adapters=len(found), dim=dim))

@@ -206,14 +206,27 @@ def masked_path_bytes(s: Setup, union: int) -> int:
     return s.tokens * union * (2 * c + 1) + union * 8 if s.meft.gated else s.tokens * union * (c + 1)
 
 
-def dense_trainable_items(label: str, numel: int, s: Setup) -> list[Item]:
+def dense_trainable_items(label: str, numel: int, s: Setup, largest: int | None = None) -> list[Item]:
     """Where DeepSpeed keeps ``numel`` trainable dense parameters (MEFT's routers; LoRA's matrices, a dense adapter's
-    or every weight of the model for the baselines): weights and gradients on the device (ZeRO-2/3 partition the
-    gradients), the optimizer states on the device or, under ZeRO-Offload, in CPU memory or on NVMe, and DeepSpeed's
-    gradient bucket."""
+    or every weight of the model for the baselines), ``largest`` of them in the largest tensor (default: one tensor):
+    weights and gradients on the device, the optimizer states on the device or, under ZeRO-Offload, in CPU memory or
+    on NVMe, and DeepSpeed's gradient bucket.
+
+    Gradients: ZeRO-2 keeps a gradient partition on the device (``numel / world``), except under ZeRO-Offload, where
+    each gradient is copied into the bucket as autograd makes it and leaves for the CPU's fp32 partition when the
+    bucket is reduced (``DeepSpeedZeroOptimizer.copy_grads_in_partition``; ``param.grad`` is None after the backward):
+    only one tensor's gradient is ever outside the bucket. ZeRO-1 and no ZeRO keep every gradient until the boundary;
+    ZeRO-3 is counted as ZeRO-2 without offload."""
     c, world = s.compute.itemsize, s.world_size
-    grads = numel * c // (world if s.zero_stage > 1 else 1)
-    items = [Item("device", f"{label}: weights + gradients", numel * c + grads, training=True)]
+    if s.zero_stage == 2 and s.offload != "none":
+        grads = (numel if largest is None else largest) * c
+        note = "the largest tensor's; the rest go through the bucket"
+    else:
+        grads, note = numel * c // (world if s.zero_stage > 1 else 1), ""
+    items = [
+        Item("device", f"{label}: weights", numel * c, training=True),
+        Item("device", f"{label}: gradients", grads, note, training=True),
+    ]
     if s.offload == "none":  # fp32 master unless computing in fp32 (stage 0: + fp32 grads), two Adam moments
         state = numel * (8 + (0 if c == 4 else 8 if s.zero_stage == 0 else 4))
         items.append(
@@ -238,7 +251,7 @@ def training_items(s: Setup, *, adapters: int, dim: int) -> list[Item]:
     items = [
         Item("device", "fetched rows kept for backward", (1 if s.checkpointing else adapters) * row_bytes,
              f"|U| = {union} rows per layer", training=True),
-        *dense_trainable_items("routers", adapters * m.num_experts * dim, s),
+        *dense_trainable_items("routers", adapters * m.num_experts * dim, s, largest=m.num_experts * dim),
     ]  # fmt: skip
     if m.prefetch_layers:
         items.append(Item("device", "pre-retrieved rows in flight", row_bytes, training=True))
