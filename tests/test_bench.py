@@ -227,7 +227,7 @@ def test_device_bytes_add_up(context: Context) -> None:
         assert m["row_bytes"] == m["rows"] * 2 * 64 * 2  # bf16 key + value rows of d=64
         assert m["meft"] == m["router"] + m["fetched"] + m["cache"]
         assert m["router"] == m["experts"] * 64 * 4
-        assert m["dense_offloaded"] == 4 * 2 * m["neurons"] * 64
+        assert m["dense_offloaded"] == 2 * 2 * m["neurons"] * 64
         assert m["fetched"] <= section.data["bound"]
     assert section.data["bound"] == memory.fetch_bound(2 * 16, 4, 64)
 
