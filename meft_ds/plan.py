@@ -215,12 +215,13 @@ def dense_trainable_items(label: str, numel: int, s: Setup, largest: int | None 
     Gradients: ZeRO-2 keeps a gradient partition on the device (``numel / world``), except under ZeRO-Offload, where
     each gradient is copied into the bucket as autograd makes it and leaves for the CPU's fp32 partition when the
     bucket is reduced (``DeepSpeedZeroOptimizer.copy_grads_in_partition``; ``param.grad`` is None after the backward):
-    only one tensor's gradient is ever outside the bucket. ZeRO-1 and no ZeRO keep every gradient until the boundary;
-    ZeRO-3 is counted as ZeRO-2 without offload."""
+    only one tensor's gradient is ever outside the bucket, besides the device buffer of the largest tensor's size that
+    DeepSpeed keeps for accumulating through the CPU (``temp_grad_buffer_for_gpu_offload``). ZeRO-1 and no ZeRO keep
+    every gradient until the boundary; ZeRO-3 is counted as ZeRO-2 without offload."""
     c, world = s.compute.itemsize, s.world_size
     if s.zero_stage == 2 and s.offload != "none":
-        grads = (numel if largest is None else largest) * c
-        note = "the largest tensor's; the rest go through the bucket"
+        grads = 2 * (numel if largest is None else largest) * c
+        note = "the largest tensor's, and an offload buffer of its size; the rest go through the bucket"
     else:
         grads, note = numel * c // (world if s.zero_stage > 1 else 1), ""
     items = [

@@ -226,21 +226,21 @@ def test_llama_2_7b_figures(llama_plan: MemoryPlan) -> None:
 
 def test_training_bytes_are_the_trainable_state_on_the_device(llama_plan: MemoryPlan) -> None:
     # what train.py reports as a run's device-resident training bytes: the rows fetched and kept for backward, the
-    # routers' bf16 weights, one router's gradient (ZeRO-2 with offload: the others pass through the bucket to the
-    # CPU) and DeepSpeed's bucket (the routers' optimizer states are offloaded to CPU memory)
+    # routers' bf16 weights, one router's gradient and DeepSpeed's offload buffer of that size (ZeRO-2 with offload:
+    # the others pass through the bucket to the CPU) and the bucket (the routers' optimizer states are offloaded)
     experts = llama_plan.setup.meft.num_experts
     routers = 32 * experts * 4096
-    expected = llama_plan.bytes_of("fetched rows") + routers * 2 + experts * 4096 * 2
+    expected = llama_plan.bytes_of("fetched rows") + routers * 2 + 2 * experts * 4096 * 2
     assert device_training_bytes(llama_plan.items) == expected + llama_plan.bytes_of("ZeRO gradient bucket")
     # the same accounting for a dense trainable set (LoRA, a dense adapter, every weight): 12M parameters in bf16, at
     # most 1M in one tensor, at ZeRO-2 on 2 ranks, optimizer states on the device (fp32 master, fp32 gradient
     # partition, 2 moments; a bf16 gradient partition) or offloaded (to pinned CPU memory, as meft.json asks; one
-    # tensor's gradient outside the bucket)
+    # tensor's gradient outside the bucket and an offload buffer of its size)
     s = dataclasses.replace(llama_plan.setup, world_size=2, offload="none", bucket=0)
     on_device = dense_trainable_items("lora", 12_000_000, s, largest=1_000_000)
     assert device_training_bytes(on_device) == 12_000_000 * (2 + 2 // 2) + 12_000_000 * (8 + 4) // 2
     offloaded = dense_trainable_items("lora", 12_000_000, dataclasses.replace(s, offload="cpu"), largest=1_000_000)
-    assert device_training_bytes(offloaded) == 12_000_000 * 2 + 1_000_000 * 2
+    assert device_training_bytes(offloaded) == 12_000_000 * 2 + 2 * 1_000_000 * 2
     assert [i.tier for i in offloaded] == ["device", "device", "pinned"] and offloaded[2].nbytes == 12_000_000 * 16 // 2
     # ZeRO-1 keeps every gradient on the device until the boundary, offloaded or not
     stage1 = dense_trainable_items("lora", 12_000_000, dataclasses.replace(s, offload="cpu", zero_stage=1), 1_000_000)
@@ -251,7 +251,7 @@ def test_training_bytes_are_the_trainable_state_on_the_device(llama_plan: Memory
 def test_deepspeed_keeps_gradients_where_the_plan_counts_them(stage: int, resident: bool) -> None:
     """The fact dense_trainable_items counts on, from DeepSpeed itself: under ZeRO-Offload, after a backward that is
     not the boundary, ZeRO-2 has sent every router gradient on to the CPU (param.grad is None) while ZeRO-1 still
-    holds them all on the device."""
+    holds them all on the device; both keep a device buffer of the largest tensor's size for the offload."""
     config = {
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
@@ -264,6 +264,7 @@ def test_deepspeed_keeps_gradients_where_the_plan_counts_them(stage: int, reside
     engine.backward(engine(batch, labels=batch).loss)
     routers = [a.router.weight for a in meft_ds.adapters(model)]
     assert routers and all((weight.grad is not None) == resident for weight in routers)
+    assert engine.optimizer.temp_grad_buffer_for_gpu_offload.numel() == max(weight.numel() for weight in routers)
 
 
 def test_verdict_changes_are_computed_and_fit(llama_plan: MemoryPlan) -> None:
