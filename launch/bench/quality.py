@@ -157,7 +157,8 @@ def capacity_grid() -> Grid:
     seeds); then (2026-12-06) the checkpointed MEFT with a quarter of the experts (a quarter of the routers' bytes)
     at two rates, third seeds of the pair at ~177 MB (and of the same MEFT without checkpointing), and both
     rehearsal runs' controls (the rehearsed answers alone); then LoRA at the 256-expert MEFT's bytes (r=32), and
-    a second seed of each at its best rate."""
+    a second seed of each at its best rate; then, the device bytes corrected (ZeRO-2's offloaded gradients), LoRA at
+    the two checkpointed MEFTs' new bytes: r=117 (110 MB, three seeds) and r=42 (52 MB, two seeds)."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -210,6 +211,8 @@ def capacity_grid() -> Grid:
             meft("MEFT r=32768, checkpointed, 256 experts", 32768, (1e-3,), "--activation_checkpointing", *FEW_EXPERTS,
                  seeds=(1,)),
             Cell("LoRA r=32", "lora", ("--lora_r", "32"), (2e-3,), seeds=(1,)),
+            Cell("LoRA r=117", "lora", ("--lora_r", "117"), (1e-3,), seeds=(0, 1, 2)),  # MEFT r=32768 checkpointed's
+            Cell("LoRA r=42", "lora", ("--lora_r", "42"), (2e-3,), seeds=(0, 1)),  # the 256-expert MEFT's bytes
         ),
     )  # fmt: skip
 
