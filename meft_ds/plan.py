@@ -206,28 +206,30 @@ def masked_path_bytes(s: Setup, union: int) -> int:
     return s.tokens * union * (2 * c + 1) + union * 8 if s.meft.gated else s.tokens * union * (c + 1)
 
 
-def dense_trainable_items(label: str, numel: int, s: Setup, largest: int | None = None) -> list[Item]:
+def dense_trainable_items(label: str, numel: int, s: Setup, largest: int) -> list[Item]:
     """Where DeepSpeed keeps ``numel`` trainable dense parameters (MEFT's routers; LoRA's matrices, a dense adapter's
-    or every weight of the model for the baselines), ``largest`` of them in the largest tensor (default: one tensor):
-    weights and gradients on the device, the optimizer states on the device or, under ZeRO-Offload, in CPU memory or
-    on NVMe, and DeepSpeed's gradient bucket.
+    or every weight of the model for the baselines), ``largest`` of them in the largest tensor: weights and gradients
+    on the device, the optimizer states on the device or, under ZeRO-Offload, in CPU memory or on NVMe, and
+    DeepSpeed's gradient bucket.
 
     Gradients: ZeRO-2 keeps a gradient partition on the device (``numel / world``), except under ZeRO-Offload, where
     each gradient is copied into the bucket as autograd makes it and leaves for the CPU's fp32 partition when the
     bucket is reduced (``DeepSpeedZeroOptimizer.copy_grads_in_partition``; ``param.grad`` is None after the backward):
-    only one tensor's gradient is ever outside the bucket, besides the device buffer of the largest tensor's size that
-    DeepSpeed keeps for accumulating through the CPU (``temp_grad_buffer_for_gpu_offload``). ZeRO-1 and no ZeRO keep
-    every gradient until the boundary; ZeRO-3 is counted as ZeRO-2 without offload."""
+    only one tensor's gradient is ever outside the bucket. ZeRO-1 and no ZeRO keep every gradient until the boundary;
+    ZeRO-3 is counted as ZeRO-2 without offload. ZeRO-1/2's offload also keeps a device buffer of the largest tensor's
+    size, through which gradients accumulate on the CPU (``temp_grad_buffer_for_gpu_offload``)."""
     c, world = s.compute.itemsize, s.world_size
-    if s.zero_stage == 2 and s.offload != "none":
-        grads = 2 * (numel if largest is None else largest) * c
-        note = "the largest tensor's, and an offload buffer of its size; the rest go through the bucket"
+    offloading = s.offload != "none" and s.zero_stage in (1, 2)  # DeepSpeedZeroOptimizer's CPU offload
+    if offloading and s.zero_stage == 2:
+        grads, note = largest * c, "the largest tensor's; the others go through the bucket"
     else:
         grads, note = numel * c // (world if s.zero_stage > 1 else 1), ""
     items = [
         Item("device", f"{label}: weights", numel * c, training=True),
         Item("device", f"{label}: gradients", grads, note, training=True),
     ]
+    if offloading:
+        items.append(Item("device", "ZeRO-Offload gradient buffer", largest * c, "the largest tensor's", training=True))
     if s.offload == "none":  # fp32 master unless computing in fp32 (stage 0: + fp32 grads), two Adam moments
         state = numel * (8 + (0 if c == 4 else 8 if s.zero_stage == 0 else 4))
         items.append(

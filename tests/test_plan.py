@@ -241,10 +241,13 @@ def test_training_bytes_are_the_trainable_state_on_the_device(llama_plan: Memory
     assert device_training_bytes(on_device) == 12_000_000 * (2 + 2 // 2) + 12_000_000 * (8 + 4) // 2
     offloaded = dense_trainable_items("lora", 12_000_000, dataclasses.replace(s, offload="cpu"), largest=1_000_000)
     assert device_training_bytes(offloaded) == 12_000_000 * 2 + 2 * 1_000_000 * 2
-    assert [i.tier for i in offloaded] == ["device", "device", "pinned"] and offloaded[2].nbytes == 12_000_000 * 16 // 2
-    # ZeRO-1 keeps every gradient on the device until the boundary, offloaded or not
-    stage1 = dense_trainable_items("lora", 12_000_000, dataclasses.replace(s, offload="cpu", zero_stage=1), 1_000_000)
-    assert device_training_bytes(stage1) == 12_000_000 * (2 + 2)
+    assert [i.tier for i in offloaded] == ["device"] * 3 + ["pinned"] and offloaded[3].nbytes == 12_000_000 * 16 // 2
+    # ZeRO-1 keeps every gradient on the device until the boundary (and, offloaded, the offload buffer)
+    stage1 = dataclasses.replace(s, zero_stage=1)
+    on_device = dense_trainable_items("lora", 12_000_000, stage1, 1_000_000)
+    assert device_training_bytes(on_device) == 12_000_000 * (2 + 2) + 12_000_000 * (8 + 4) // 2
+    offloaded = dense_trainable_items("lora", 12_000_000, dataclasses.replace(stage1, offload="cpu"), 1_000_000)
+    assert device_training_bytes(offloaded) == 12_000_000 * (2 + 2) + 1_000_000 * 2
 
 
 @pytest.mark.parametrize(("stage", "resident"), [(1, True), (2, False)])
