@@ -28,14 +28,22 @@ BAD_INPUT = (MeftConfigError, DatasetError, ModelLoadError, CheckpointError, Ker
 def run_cli(main: Callable[[], int]) -> None:
     """Run a launcher's ``main`` and exit with its code. Bad input (config, dataset, model, checkpoint, kernels that
     cannot be built) ends in one ``error: ...`` line on stderr and exit code 2 rather than a traceback;
-    ``MEFT_DEBUG=1`` shows the traceback."""
+    ``MEFT_DEBUG=1`` shows the traceback.
+
+    After a successful ``main`` the process groups are destroyed while the interpreter is whole: left to its teardown,
+    gloo's worker threads can abort a finished run ("terminate called without an active exception", exit code -6;
+    pytorch/pytorch#190489), as one 2-rank CI run here did. Only on success, where every rank gets there: a rank that
+    failed may have left the others inside a collective."""
     try:
-        sys.exit(main())
+        code = main()
     except BAD_INPUT as error:
         if os.environ.get("MEFT_DEBUG"):
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if not code and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -319,6 +319,26 @@ def test_bad_input_fails_fast_with_one_line(tmp_path: Path, args: list[str], mes
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("code", "closed"), [(0, True), (1, False)])
+def test_a_finished_launcher_closes_its_process_groups(code: int, closed: bool) -> None:
+    """run_cli destroys the process groups (the default one and a new one) once main succeeds, before the
+    interpreter's teardown, where gloo's threads can abort a finished run; after a failure it leaves them alone."""
+    script = (
+        "import atexit, torch.distributed as dist\n"
+        "from meft_ds.training import run_cli\n"
+        "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+        "def main():\n"
+        "    dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "    dist.new_group([0])\n"
+        f"    return {code}\n"
+        "run_cli(main)\n"
+    )
+    env = LAUNCH_ENV | {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == code, result.stderr
+    assert f"initialized at exit: {not closed}" in result.stdout
+
+
 def test_activation_checkpointing_is_refused_for_a_model_without_it() -> None:
     sys.path.insert(0, str(ROOT / "launch"))
     from train import enable_checkpointing
