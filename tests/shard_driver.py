@@ -241,3 +241,4 @@ def trainer_saves_the_whole_sharded_adapter(output_dir: Path) -> None:
 
 if __name__ == "__main__":
     main()
+    dist.destroy_process_group()  # while the interpreter is whole (meft_ds.training.run_cli says why)

@@ -112,6 +112,7 @@ def main(spec_path: str) -> None:
     payload = {"rank": rank, "threads": torch.get_num_threads(), "variants": results}
     (out / f"rank_{rank}.json").write_text(json.dumps(payload, indent=1))
     dist.barrier()
+    dist.destroy_process_group()  # while the interpreter is whole (meft_ds.training.run_cli says why)
     print(f"rank {rank}: OK", flush=True)
 
 
