@@ -211,8 +211,8 @@ def capacity_grid() -> Grid:
             meft("MEFT r=32768, checkpointed, 256 experts", 32768, (1e-3,), "--activation_checkpointing", *FEW_EXPERTS,
                  seeds=(1,)),
             Cell("LoRA r=32", "lora", ("--lora_r", "32"), (2e-3,), seeds=(1,)),
-            Cell("LoRA r=117", "lora", ("--lora_r", "117"), (1e-3,), seeds=(0, 1, 2)),  # MEFT r=32768 checkpointed's
-            Cell("LoRA r=42", "lora", ("--lora_r", "42"), (2e-3,), seeds=(0, 1)),  # the 256-expert MEFT's bytes
+            Cell("LoRA r=117", "lora", ("--lora_r", "117"), (1e-3,), seeds=(0, 1, 2)),  # bytes = MEFT r=32768 ckpt's
+            Cell("LoRA r=42", "lora", ("--lora_r", "42"), (2e-3,), seeds=(0, 1)),  # bytes = the 256-expert MEFT's
         ),
     )  # fmt: skip
 
