@@ -104,29 +104,55 @@ def saved_bytes_counter(model: nn.Module, adapted: Sequence[int] | None = None) 
     result.append(SavedBytes(tuple(per_layer), outside[0]))
 
 
-def measure_saved_bytes(model: nn.Module, input_ids: torch.Tensor, adapted: Sequence[int] | None = None) -> SavedBytes:
+@contextlib.contextmanager
+def linear_of(zero3: bool) -> Iterator[None]:
+    """``torch.nn.functional.linear`` in the block as a ZeRO-3 engine runs it (``zero3``) or as torch defines it,
+    put back afterwards. A ZeRO-3 engine replaces it process-wide, for good, with DeepSpeed's ``zero3_linear_wrap``
+    (``zero_optimization.memory_efficient_linear``, on by default), which keeps every linear's input for backward;
+    torch's keeps none for a frozen weight. Measured without this, a plan would depend on whether the process had
+    made a ZeRO-3 engine before."""
+    if zero3:
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap as linear
+    else:
+        linear = torch._C._nn.linear  # what torch.nn.functional.linear is until someone replaces it
+    before = F.linear
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = before
+
+
+def measure_saved_bytes(
+    model: nn.Module, input_ids: torch.Tensor, adapted: Sequence[int] | None = None, *, zero3_linear: bool = False
+) -> SavedBytes:
     """What a training forward of ``model`` on ``input_ids`` (labels = inputs: the loss included) saves for backward,
-    counted by :func:`saved_bytes_counter`."""
-    with saved_bytes_counter(model, adapted) as result:
+    counted by :func:`saved_bytes_counter`, its linears as ZeRO-3 runs them or not (:func:`linear_of`)."""
+    with linear_of(zero3_linear), saved_bytes_counter(model, adapted) as result:
         model(input_ids=input_ids, labels=input_ids)
     return result[0]
 
 
-def analytic_saved_bytes(config: Any, dtype: torch.dtype, tokens: int, adapted: Sequence[int]) -> SavedBytes:
+def analytic_saved_bytes(
+    config: Any, dtype: torch.dtype, tokens: int, adapted: Sequence[int], *, zero3_linear: bool = False
+) -> SavedBytes:
     """The fallback when a model does not run on meta: what a LLaMA-style layer saves per token with frozen weights
     (a frozen projection keeps no input). Two RMSNorms an fp32 input and rsqrt each; flash attention q, k, v, its
     output and an fp32 log-sum-exp per head; SiLU and the gate*up product three ``ffn``-wide tensors; the adapter its
     input. Layers before the first adapter save nothing but it. Outside: the final norm, the fp32 log-softmax, the
-    labels."""
+    labels. ZeRO-3's linear (``zero3_linear``) keeps the projections' inputs too: the two norms' outputs and the
+    attention's reshaped output per layer, the final norm's output outside."""
     d, c, heads = config.hidden_size, dtype.itemsize, config.num_attention_heads
     kv = d // heads * (getattr(config, "num_key_value_heads", None) or heads)
     ffn = getattr(config, "intermediate_size", None) or 4 * d
-    layer = tokens * (2 * (d * 4 + 4) + c * (2 * d + 2 * kv + 3 * ffn) + 4 * heads)
+    inputs = 3 * d if zero3_linear else 0
+    layer = tokens * (2 * (d * 4 + 4) + c * (2 * d + 2 * kv + 3 * ffn + inputs) + 4 * heads)
     first = min(adapted, default=config.num_hidden_layers)
     per_layer = [
         (layer if i > first else 0) + (tokens * d * c if i in adapted else 0) for i in range(config.num_hidden_layers)
     ]
-    return SavedBytes(tuple(per_layer), tokens * (d * 4 + 4 + config.vocab_size * 4 + 8))
+    outside = tokens * (d * 4 + 4 + config.vocab_size * 4 + 8 + (d * c if zero3_linear else 0))
+    return SavedBytes(tuple(per_layer), outside)
 
 
 def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:

@@ -113,7 +113,8 @@ class Setup:
     offload: str = "none"  # where ZeRO-Offload puts the routers' optimizer states: none, cpu, nvme
     pin_offload: bool = False
     bucket: int = 0  # elements of DeepSpeed's gradient bucket (0: none)
-    overlap_comm: bool = False  # a second bucket
+    overlap_comm: bool = False  # ZeRO-1/2: a second bucket
+    zero3_linear: bool = False  # ZeRO-3's memory-efficient linear: every linear keeps its input (activations.linear_of)
     world_size: int = 1
     checkpointing: bool = False
     union_fraction: float = 1.0  # a measured union over the uniform estimate at the same shape (1: the estimate)
@@ -148,7 +149,8 @@ def setup_from_ds_config(ds: dict[str, Any], meft: MeftConfig, *, dim: int, **sh
     return Setup(
         meft, compute=compute, zero_stage=stage, offload=str(offload.get("device", "none")),
         pin_offload=offload.get("pin_memory") is True, overlap_comm=stage == 3 if overlap == AUTO else bool(overlap),
-        bucket=int(dim**2 if bucket == AUTO else bucket) if contiguous else 0, **shape,
+        bucket=int(dim**2 if bucket == AUTO else bucket) if contiguous else 0,
+        zero3_linear=stage == 3 and zero.get("memory_efficient_linear", True) is not False, **shape,
     )  # fmt: skip
 
 
@@ -212,15 +214,18 @@ def dense_trainable_items(label: str, numel: int, s: Setup, largest: int) -> lis
     on the device, the optimizer states on the device or, under ZeRO-Offload, in CPU memory or on NVMe, and
     DeepSpeed's gradient bucket.
 
-    Gradients: ZeRO-2 keeps a gradient partition on the device (``numel / world``), except under ZeRO-Offload, where
-    each gradient is copied into the bucket as autograd makes it and leaves for the CPU's fp32 partition when the
-    bucket is reduced (``DeepSpeedZeroOptimizer.copy_grads_in_partition``; ``param.grad`` is None after the backward):
-    only one tensor's gradient is ever outside the bucket. ZeRO-1 and no ZeRO keep every gradient until the boundary;
-    ZeRO-3 is counted as ZeRO-2 without offload. ZeRO-1/2's offload also keeps a device buffer of the largest tensor's
-    size, through which gradients accumulate on the CPU (``temp_grad_buffer_for_gpu_offload``)."""
+    Gradients: ZeRO-2 and ZeRO-3 keep a gradient partition on the device (``numel / world``), except under
+    ZeRO-Offload, where each gradient is copied into the bucket as autograd makes it and leaves for the CPU's
+    partition when the bucket is reduced (``DeepSpeedZeroOptimizer.copy_grads_in_partition``, ZeRO-3's
+    ``partition_grads`` into its ``grad_partitions_flat_buffer`` on the CPU; ``param.grad`` is None after the
+    backward): only one tensor's gradient is ever outside the bucket. ZeRO-1 and no ZeRO keep every gradient until
+    the boundary. ZeRO-1/2's offload also keeps a device buffer of the largest tensor's size, through which gradients
+    accumulate on the CPU (``temp_grad_buffer_for_gpu_offload``; ZeRO-3 has none). ZeRO-1/2 with ``overlap_comm``
+    keep two buckets, ZeRO-3 one whatever it says. ZeRO-3 partitions the weights too; they are counted whole (exact
+    on one rank; beyond, tensors under ``stage3_param_persistence_threshold`` stay whole on every rank)."""
     c, world = s.compute.itemsize, s.world_size
-    offloading = s.offload != "none" and s.zero_stage in (1, 2)  # DeepSpeedZeroOptimizer's CPU offload
-    if offloading and s.zero_stage == 2:
+    offloading = s.offload != "none" and s.zero_stage > 0
+    if offloading and s.zero_stage > 1:
         grads, note = largest * c, "the largest tensor's; the others go through the bucket"
     else:
         grads, note = numel * c // (world if s.zero_stage > 1 else 1), ""
@@ -228,7 +233,7 @@ def dense_trainable_items(label: str, numel: int, s: Setup, largest: int) -> lis
         Item("device", f"{label}: weights", numel * c, training=True),
         Item("device", f"{label}: gradients", grads, note, training=True),
     ]
-    if offloading:
+    if offloading and s.zero_stage < 3:
         items.append(Item("device", "ZeRO-Offload gradient buffer", largest * c, "the largest tensor's", training=True))
     if s.offload == "none":  # fp32 master unless computing in fp32 (stage 0: + fp32 grads), two Adam moments
         state = numel * (8 + (0 if c == 4 else 8 if s.zero_stage == 0 else 4))
@@ -239,7 +244,7 @@ def dense_trainable_items(label: str, numel: int, s: Setup, largest: int) -> lis
         tier = "nvme" if s.offload == "nvme" else "pinned" if s.pin_offload else "host"
         items.append(Item(tier, f"{label}: ZeRO-Offload fp32 master, grads, moments", numel * 16 // world))
     if s.bucket and numel:
-        bucket = s.bucket * c * (1 + s.overlap_comm)
+        bucket = s.bucket * c * (1 + (s.overlap_comm and s.zero_stage < 3))
         items.append(Item("device", "ZeRO gradient bucket", bucket, f"{s.bucket:,} elements", training=True))
     return items
 
@@ -321,15 +326,19 @@ def plan_items(s: Setup, model: ModelFacts) -> list[Item]:
 
 
 # ---------------------------------------------------------------------------------------------- the plan
-def model_facts(model: nn.Module, meft: MeftConfig, batch: int, seq_len: int, name: str = "") -> ModelFacts:
-    """Count the meta ``model``'s parameters and measure its training forward at ``batch x seq_len``."""
+def model_facts(
+    model: nn.Module, meft: MeftConfig, batch: int, seq_len: int, name: str = "", *, zero3_linear: bool = False
+) -> ModelFacts:
+    """Count the meta ``model``'s parameters and measure its training forward at ``batch x seq_len`` (its linears as
+    ZeRO-3 runs them, where ``zero3_linear``)."""
     config = model.config
     adapted = meft.resolve_layers(config.num_hidden_layers)
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     try:
-        saved, measured = measure_saved_bytes(model, ids, adapted), True
+        saved, measured = measure_saved_bytes(model, ids, adapted, zero3_linear=zero3_linear), True
     except (NotImplementedError, RuntimeError, TypeError):
-        saved, measured = analytic_saved_bytes(config, model.dtype, batch * seq_len, adapted), False
+        tokens = batch * seq_len
+        saved, measured = analytic_saved_bytes(config, model.dtype, tokens, adapted, zero3_linear=zero3_linear), False
     tensors = [*model.parameters(), *model.buffers()]  # parameters() lists tied weights once
     return ModelFacts(
         name or config.name_or_path or config.model_type, config.hidden_size, config.num_hidden_layers, len(adapted),
@@ -455,7 +464,7 @@ def plan(
     name = model if isinstance(model, str) else ""
 
     def remeasure(batch: int) -> ModelFacts:
-        return model_facts(on_meta, meft_config, batch, seq_len, name)
+        return model_facts(on_meta, meft_config, batch, seq_len, name, zero3_linear=setup.zero3_linear)
 
     facts = remeasure(batch_size)
     return MemoryPlan(setup, facts, plan_items(setup, facts), remeasure)

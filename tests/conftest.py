@@ -18,10 +18,21 @@ from pathlib import Path
 import pytest
 import torch
 
+TORCH_LINEAR = torch.nn.functional.linear
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _torch_linear_put_back() -> Iterator[None]:
+    """A ZeRO-3 engine replaces torch.nn.functional.linear process-wide, for good (DeepSpeed's memory-efficient
+    linear, which keeps every linear's input): put torch's back after each test, so that none runs under another's
+    (the memory plan's activations measured differently after test_engine's ZeRO-3 tests)."""
+    yield
+    torch.nn.functional.linear = TORCH_LINEAR
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,13 @@ from tiny_models import tiny_config, tiny_model, token_batch
 
 import meft_ds
 import meft_ds.adapter
-from meft_ds.activations import analytic_saved_bytes, measure_saved_bytes, meta_model, saved_bytes_counter
+from meft_ds.activations import (
+    analytic_saved_bytes,
+    linear_of,
+    measure_saved_bytes,
+    meta_model,
+    saved_bytes_counter,
+)
 from meft_ds.adapter import MaskedAdapterFunction
 from meft_ds.ds_config import load_deepspeed_config
 from meft_ds.models import ModelLoadError
@@ -87,24 +93,42 @@ def test_base_model_bytes_are_the_real_model_s(tiny_plan: MemoryPlan) -> None:
     assert meta_model(tied, torch.bfloat16).num_parameters() == untied.num_parameters() - 1000 * 64
 
 
+@pytest.mark.parametrize("zero3", [False, True], ids=["torch_linear", "zero3_linear"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_base_activations_match_a_real_cpu_forward(family: str) -> None:
+def test_base_activations_match_a_real_cpu_forward(family: str, zero3: bool) -> None:
     """The meta measurement (with flash attention standing in for SDPA) equals the same accounting on a real forward
-    of the base model with weights, in bf16, on this CPU (whose SDPA runs flash kernels too). GPT-2 runs in eval
-    mode: with attention dropout the CPU's SDPA falls back to its math path, the accelerator's flash kernel does not."""
+    of the base model with weights, in bf16, on this CPU (whose SDPA runs flash kernels too), with torch's linear and
+    with the one ZeRO-3 engines install. GPT-2 runs in eval mode: with attention dropout the CPU's SDPA falls back to
+    its math path, the accelerator's flash kernel does not."""
     config = tiny_config(family, layers=3)
     adapted = [1, 2]
     ids = token_batch(BATCH, SEQ)
     real = tiny_model(family, layers=3).to(torch.bfloat16).train(family == "llama").requires_grad_(False)
-    measured = measure_saved_bytes(real, ids, adapted)
+    measured = measure_saved_bytes(real, ids, adapted, zero3_linear=zero3)
     on_meta = meta_model(config, torch.bfloat16).train(family == "llama")
-    planned = measure_saved_bytes(on_meta, ids.to("meta"), adapted)
+    planned = measure_saved_bytes(on_meta, ids.to("meta"), adapted, zero3_linear=zero3)
     assert planned.per_layer[0] == measured.per_layer[0] == 0, "nothing before the first adapter needs a gradient"
     assert within(planned.total, measured.total), (planned, measured)
     assert all(within(p, m) for p, m in zip(planned.per_layer[1:], measured.per_layer[1:], strict=True))
     if family == "llama":  # the analytic fallback is written for LLaMA-style decoders
-        fallback = analytic_saved_bytes(config, torch.bfloat16, BATCH * SEQ, adapted)
+        fallback = analytic_saved_bytes(config, torch.bfloat16, BATCH * SEQ, adapted, zero3_linear=zero3)
         assert within(fallback.total, measured.total), (fallback, measured)
+
+
+def test_zero_3_plans_the_inputs_its_linears_keep() -> None:
+    """Under ZeRO-3 (memory_efficient_linear, on by default) every linear keeps its input, so the plan's activations
+    grow; they do not depend on whether the process made a ZeRO-3 engine before (which leaves DeepSpeed's linear in
+    place)."""
+    stage3 = {**DS_CONFIG, "zero_optimization": {"stage": 3}}
+    without = {**DS_CONFIG, "zero_optimization": {"stage": 3, "memory_efficient_linear": False}}
+    torch_linear = plan(tiny_config(), DS_CONFIG, batch_size=BATCH, seq_len=SEQ).model.saved
+    zero3 = plan(tiny_config(), stage3, batch_size=BATCH, seq_len=SEQ).model.saved
+    assert zero3.total > torch_linear.total
+    assert plan(tiny_config(), without, batch_size=BATCH, seq_len=SEQ).model.saved == torch_linear
+    with linear_of(zero3=True):  # a process in which a ZeRO-3 engine was made
+        assert plan(tiny_config(), DS_CONFIG, batch_size=BATCH, seq_len=SEQ).model.saved == torch_linear
+    with linear_of(zero3=False):
+        assert plan(tiny_config(), stage3, batch_size=BATCH, seq_len=SEQ).model.saved == zero3
 
 
 def test_whole_forward_saves_what_the_plan_says(tiny_plan: MemoryPlan, trained_step: dict) -> None:
@@ -248,6 +272,15 @@ def test_training_bytes_are_the_trainable_state_on_the_device(llama_plan: Memory
     assert device_training_bytes(on_device) == 12_000_000 * (2 + 2) + 12_000_000 * (8 + 4) // 2
     offloaded = dense_trainable_items("lora", 12_000_000, dataclasses.replace(stage1, offload="cpu"), 1_000_000)
     assert device_training_bytes(offloaded) == 12_000_000 * (2 + 2) + 1_000_000 * 2
+    # ZeRO-3 partitions the gradients like ZeRO-2 (offloaded: the largest tensor's only, and no offload buffer), and
+    # keeps one bucket where ZeRO-1/2 with overlap_comm keep two
+    stage3 = dataclasses.replace(s, zero_stage=3, bucket=1000, overlap_comm=True)
+    on_device = dense_trainable_items("lora", 12_000_000, stage3, 1_000_000)
+    assert device_training_bytes(on_device) == 12_000_000 * (2 + 2 // 2) + 12_000_000 * (8 + 4) // 2 + 1000 * 2
+    offloaded = dense_trainable_items("lora", 12_000_000, dataclasses.replace(stage3, offload="cpu"), 1_000_000)
+    assert device_training_bytes(offloaded) == 12_000_000 * 2 + 1_000_000 * 2 + 1000 * 2
+    stage2 = dataclasses.replace(stage3, zero_stage=2, offload="cpu")
+    assert dense_trainable_items("lora", 12_000_000, stage2, 1_000_000)[-1].nbytes == 2 * 1000 * 2  # two buckets
 
 
 @pytest.mark.parametrize(("stage", "resident"), [(1, True), (2, False)])
@@ -268,6 +301,31 @@ def test_deepspeed_keeps_gradients_where_the_plan_counts_them(stage: int, reside
     routers = [a.router.weight for a in meft_ds.adapters(model)]
     assert routers and all((weight.grad is not None) == resident for weight in routers)
     assert engine.optimizer.temp_grad_buffer_for_gpu_offload.numel() == max(weight.numel() for weight in routers)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "none"])
+def test_zero_3_keeps_gradients_where_the_plan_counts_them(offload: str) -> None:
+    """ZeRO-3, from DeepSpeed itself: after a backward that is not the boundary no router has a gradient of its own
+    (each went through the bucket into the optimizer's gradient partition: on the CPU under ZeRO-Offload, on the
+    device otherwise), there is one bucket although overlap_comm is on, and no offload buffer."""
+    config = {
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": offload}, "reduce_bucket_size": 1000,
+                              "overlap_comm": True},
+        "meft": {"num_neurons": 64, "top_k": 4},
+    }  # fmt: skip
+    model = tiny_model()
+    engine, *_ = meft_ds.initialize(model=model, config=config)
+    batch = token_batch(batch=2, length=12, seed=1)
+    engine.backward(engine(batch, labels=batch).loss)
+    routers = [a.router.weight for a in meft_ds.adapters(model)]
+    optimizer = engine.optimizer
+    assert routers and all(weight.grad is None for weight in routers)
+    assert optimizer.grad_partitions_flat_buffer.numel() == sum(weight.ds_numel for weight in routers)
+    assert optimizer.offload_optimizer == (offload == "cpu")  # where that partition lives: optimizer.device
+    assert [bucket.buffer.numel() for bucket in optimizer.ipg_buckets.values()] == [1000]
+    assert not hasattr(optimizer, "temp_grad_buffer_for_gpu_offload")
 
 
 def test_verdict_changes_are_computed_and_fit(llama_plan: MemoryPlan) -> None:
