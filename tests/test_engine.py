@@ -1,4 +1,4 @@
-"""meft_ds.initialize in-process (one rank): ZeRO stages agree with a plain-torch reference in fp32 and in bf16,
+"""meft_ds.initialize in-process (one rank): ZeRO stages 0-3 agree with a plain-torch reference in fp32 and in bf16,
 the scheduler's learning rate reaches the store, clipping uses one global norm, skipped steps drop row gradients,
 checkpoints restore the store, exported adapters reload to identical logits."""
 
@@ -143,7 +143,7 @@ def relative_update_errors(run: Run, reference: torch.nn.Module) -> list[float]:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize(("stage", "offload"), [(0, False), (1, True), (2, True), (2, False)])
+@pytest.mark.parametrize(("stage", "offload"), [(0, False), (1, True), (2, True), (2, False), (3, True), (3, False)])
 def test_zero_stages_match_plain_torch_reference_with_global_clipping(
     stage: int, offload: bool, precision: str, request: pytest.FixtureRequest
 ) -> None:
