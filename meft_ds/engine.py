@@ -3,7 +3,7 @@
 ``initialize`` takes the same arguments and returns the same values as ``deepspeed.initialize``. It reads the
 ``"meft"`` section of the DeepSpeed config, injects the adapters, gives the engine the dense trainable parameters
 (the routers) and :func:`attach`-es a :class:`MeftPlugin` to the engine. ``attach`` alone serves engines created
-elsewhere (the Hugging Face Trainer, Accelerate, an existing ``deepspeed.initialize`` call). The plugin wraps three
+elsewhere (the Hugging Face Trainer, Accelerate, an existing ``deepspeed.initialize`` call). The plugin wraps four
 of the engine's methods:
 
 * ``engine.backward()`` (and ``engine.scale()``): measure the factor the engine multiplies the loss by (the fp16
@@ -18,6 +18,8 @@ of the engine's methods:
   loss scale, as for an overflow of its own gradients.
 * ``engine.save_checkpoint()`` / ``engine.load_checkpoint()``: the row stores (rows, moments, step) travel with
   every checkpoint, and a checkpoint is published atomically (see :mod:`meft_ds.files`).
+* ``engine.get_global_grad_norm()``: the norm before clipping includes the rows' gradients
+  (:meth:`MeftPlugin.global_grad_norm`).
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class MeftPlugin:
         self._engine_scale = getattr(engine, "scale", None)  # DeepSpeed >= 0.18: engine.scale(loss).backward()
         self._engine_save = engine.save_checkpoint
         self._engine_load = engine.load_checkpoint
+        self._engine_grad_norm = engine.get_global_grad_norm
 
     def attach(self) -> MeftPlugin:
         engine = self.engine
@@ -139,6 +142,7 @@ class MeftPlugin:
             engine.scale = self.scale
         engine.save_checkpoint = self.save_checkpoint
         engine.load_checkpoint = self.load_checkpoint
+        engine.get_global_grad_norm = self.global_grad_norm
         engine.meft = self
         return self
 
@@ -225,6 +229,19 @@ class MeftPlugin:
             self.skipped_steps += 1
         self.sparse_optimizer.zero_grad()
         return result
+
+    def global_grad_norm(self) -> float | None:
+        """``engine.get_global_grad_norm()``: the last boundary's gradient norm before clipping, over the engine's
+        parameters and the rows; the Hugging Face Trainer and Accelerate log it as ``grad_norm``. DeepSpeed's own
+        covers the engine's parameters only, and under ``clip_rows="global"`` it reads them after they were clipped
+        with the rows (a user would see the routers' norm, at most the clipping threshold). The rows' norm is measured
+        when clipping (``gradient_clipping`` > 0); without clipping this is DeepSpeed's norm of the engine's own."""
+        engine_norm = self._engine_grad_norm()
+        if self.last_grad_norm is None:
+            return engine_norm
+        if self.adapters[0].config.clip_rows == "global":
+            return self.last_grad_norm
+        return math.hypot(0.0 if engine_norm is None else float(engine_norm), self.last_grad_norm)
 
     def _unscale_row_grads(self, scale: float) -> None:
         """The rows' gradients carry the loss scale, as the engine's do until its step unscales them."""

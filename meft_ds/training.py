@@ -127,7 +127,7 @@ class MetricsLog:
         engine: Any, model: torch.nn.Module, traffic_before: dict[str, int], loss: float, seconds: float
     ) -> dict[str, Any]:
         """The metrics of the optimizer step that just ended (traffic as the difference of the counters; zero for an
-        engine without meft adapters, whose gradient norm is DeepSpeed's own)."""
+        engine without meft adapters)."""
         after = {}
         for adapter in adapters(model):
             for key, value in adapter.traffic.as_dict().items():
@@ -135,7 +135,7 @@ class MetricsLog:
         delta = {key: after[key] - traffic_before.get(key, 0) for key in after}
         plugin = getattr(engine, "meft", None)
         to_device, to_host = delta.get("bytes_to_device", 0) / MB, delta.get("bytes_to_host", 0) / MB
-        norm = plugin.last_grad_norm if plugin is not None else engine.get_global_grad_norm()
+        norm = engine.get_global_grad_norm()  # with meft: the engine's gradients and the rows' (MeftPlugin)
         return {
             "step": int(engine.global_steps),
             "loss": float(loss),

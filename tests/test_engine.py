@@ -58,7 +58,7 @@ class Run(NamedTuple):
     engine: Any
     losses: list[float]
     lrs: list[float]
-    grad_norms: list[float | None]  # the global norm of each step (engine + rows), when clipping
+    grad_norms: list[float | None]  # engine.get_global_grad_norm() of each step (engine + rows, when clipping)
     row_grad_dtypes: set[torch.dtype]  # of the rows' accumulated gradients at the first boundary
 
 
@@ -76,7 +76,7 @@ def train_with_engine(config: dict, steps: int) -> Run:
         engine.step()
         losses.append(loss.item())
         lrs.append(engine.meft.last_lr)
-        norms.append(engine.meft.last_grad_norm)
+        norms.append(engine.get_global_grad_norm())  # what the HF Trainer and Accelerate log
     return Run(model, engine, losses, lrs, norms, grad_dtypes)
 
 

@@ -42,6 +42,7 @@ class Recorder(TrainerCallback):
         self.trainer: MeftTrainer | None = None
         self.dense_lr: list[float] = []
         self.row_lr: list[float] = []
+        self.grad_norm: list[float | None] = []  # the plugin's norm before clipping: the routers' and the rows'
         self.rows_at: dict[int, list[torch.Tensor]] = {}
         self.routers_at: dict[int, list[torch.Tensor]] = {}
 
@@ -53,6 +54,7 @@ class Recorder(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.row_lr.append(self.trainer.model_wrapped.meft.last_lr)
+        self.grad_norm.append(self.trainer.model_wrapped.meft.last_grad_norm)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.rows_at[state.global_step] = store_rows(self.trainer.model)
@@ -113,6 +115,9 @@ def test_trains_with_the_schedule_checkpoints_saves_and_resumes_the_same_run(tmp
     assert log.row_lr == log.dense_lr
     assert log.row_lr[0] == 0.0 and max(log.row_lr) == pytest.approx(LR) and log.row_lr[-1] < LR  # warmup, decay
     assert log.row_lr[1:] == pytest.approx(logged(straight, "learning_rate")[:-1])  # HF logs the lr of the next step
+    # the Trainer logs the norm it clipped by, the rows' gradients included (DeepSpeed's own would be the routers',
+    # read after the plugin clipped them: 0 until the values leave zero, at most max_grad_norm afterwards)
+    assert all(norm > 0 for norm in log.grad_norm) and logged(straight, "grad_norm") == pytest.approx(log.grad_norm)
     # the rows learned, and the loss fell
     assert all(not torch.equal(a, b) for a, b in zip(store_rows(straight.model), initial_rows, strict=True))
     assert batch_loss(straight.model, tokenizer) < before

@@ -120,20 +120,24 @@ def test_rehearsal_targets_are_the_models_own_first_lines_and_right_ones_are_kep
 # clipping the rows: global, separate, none
 
 
-def clipped_reference(steps: int, clip: float, mode: str) -> torch.nn.Module:
+def clipped_reference(steps: int, clip: float, mode: str) -> tuple[torch.nn.Module, list[float]]:
     """Routers by torch AdamW, rows by SparseRowAdam, DeepSpeed's WarmupLR; ``mode`` "separate": the routers'
-    gradients clipped by their norm and the rows' by theirs; "none": only the routers' clipped."""
+    gradients clipped by their norm and the rows' by theirs; "none": only the routers' clipped. Returns the model and
+    each step's norm before clipping, over the routers' gradients and the rows'."""
     model = meft_ds.inject(tiny_model(), MEFT)
     routers = [p for p in model.parameters() if p.requires_grad]
     dense = torch.optim.AdamW(routers, lr=LR, eps=1e-8, weight_decay=0.0)
     sparse = SparseRowAdam(meft_ds.adapters(model), lr=LR, backend="torch")
+    norms = []
     for t, batch in enumerate(batches(steps)):
         model(batch, labels=batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(routers, clip)
+        routers_norm = float(torch.nn.utils.clip_grad_norm_(routers, clip))
         for adapter in meft_ds.adapters(model):
             adapter.collect_row_grads()
         row_grads = [a.store.accumulated_grads()[1] for a in meft_ds.adapters(model)]
-        coefficient = clip / (math.sqrt(sum(g.double().pow(2).sum().item() for g in row_grads)) + 1e-6)
+        rows_norm = math.sqrt(sum(g.double().pow(2).sum().item() for g in row_grads))
+        norms.append(math.hypot(routers_norm, rows_norm))
+        coefficient = clip / (rows_norm + 1e-6)
         if mode == "separate" and coefficient < 1:
             for g in row_grads:
                 g.mul_(coefficient)
@@ -143,7 +147,7 @@ def clipped_reference(steps: int, clip: float, mode: str) -> torch.nn.Module:
         sparse.step()
         dense.zero_grad()
         sparse.zero_grad()
-    return model
+    return model, norms
 
 
 @pytest.mark.parametrize("mode", ["separate", "none"])
@@ -152,11 +156,12 @@ def test_rows_clipped_apart_or_not_at_all_match_a_reference(mode: str) -> None:
     config = ds_config(2, clip=clip)
     config["meft"] = {**MEFT, "clip_rows": mode}
     run = train_with_engine(config, steps=4)
-    reference = clipped_reference(steps=4, clip=clip, mode=mode)
+    reference, reference_norms = clipped_reference(steps=4, clip=clip, mode=mode)
     for ours, theirs in zip(meft_ds.adapters(run.model), meft_ds.adapters(reference), strict=True):
         torch.testing.assert_close(ours.store.rows, theirs.store.rows, rtol=0, atol=2e-5)
         torch.testing.assert_close(ours.router.weight, theirs.router.weight, rtol=0, atol=2e-5)
-    assert all(norm > clip for norm in run.grad_norms)  # the rows' own norm, measured in both modes
+    # engine.get_global_grad_norm(): the norm before clipping over both, the rows' measured in both modes
+    assert run.grad_norms == pytest.approx(reference_norms, rel=1e-4)
 
 
 def test_clip_rows_is_validated() -> None:
