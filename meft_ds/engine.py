@@ -100,8 +100,9 @@ class MeftPlugin:
 
     Attributes:
         sparse_optimizer: the :class:`SparseRowAdam` over the model's adapters.
-        last_grad_norm: the gradient norm of the last boundary when clipping (unscaled): engine + rows with
-            ``clip_rows="global"``, else the rows' alone.
+        last_grad_norm: the gradient norm of the last boundary, before clipping (unscaled): engine + rows when
+            clipping with ``clip_rows="global"``, else the rows' alone; ``engine.get_global_grad_norm()`` is always
+            engine + rows.
         last_lr: the learning rate the last sparse step used.
         last_loss_scale: the loss scale the last boundary's gradients carried (1 unless fp16).
         skipped_steps / row_overflow_steps: boundaries the engine skipped / of those, fp16 overflows of the rows.
@@ -119,6 +120,7 @@ class MeftPlugin:
         self.adapters = sparse_optimizer.adapters
         self.lr_scale = lr_scale
         self.last_grad_norm: float | None = None
+        self._norm_is_global = False  # last_grad_norm covers the engine's gradients too
         self.last_lr: float | None = None
         self.last_loss_scale = 1.0  # the loss scale the last boundary's gradients carried (measured; 1 unless fp16)
         self.skipped_steps = 0  # boundaries whose step the engine skipped (overflows, the rows' included)
@@ -204,10 +206,12 @@ class MeftPlugin:
         # part of the step (identical on every rank after the exchange; sharded stores agree on the answer)
         rows_overflowed = self.engine.fp16_enabled() and not self.sparse_optimizer.row_grads_finite()
         max_norm = float(self.engine.gradient_clipping() or 0.0)
-        if max_norm > 0 and self.adapters[0].config.clip_rows == "global":
+        clip_rows = self.adapters[0].config.clip_rows
+        self._norm_is_global = max_norm > 0 and clip_rows == "global"
+        if self._norm_is_global:
             self._clip_global_norm(max_norm, scale)
-        elif max_norm > 0:  # the engine clips its own gradients by their own norm
-            self._clip_rows_apart(max_norm if self.adapters[0].config.clip_rows == "separate" else math.inf)
+        else:  # the engine clips its own gradients (if at all) by their own norm; the rows' norm is measured anyway
+            self._clip_rows_apart(max_norm if max_norm > 0 and clip_rows == "separate" else math.inf)
         with overflow_reported(self.engine.optimizer) if rows_overflowed else contextlib.nullcontext():
             result = self._engine_step(lr_kwargs)
         applied = self.engine.was_step_applied()
@@ -234,13 +238,14 @@ class MeftPlugin:
         """``engine.get_global_grad_norm()``: the last boundary's gradient norm before clipping, over the engine's
         parameters and the rows; the Hugging Face Trainer and Accelerate log it as ``grad_norm``. DeepSpeed's own
         covers the engine's parameters only, and under ``clip_rows="global"`` it reads them after they were clipped
-        with the rows (a user would see the routers' norm, at most the clipping threshold). The rows' norm is measured
-        when clipping (``gradient_clipping`` > 0); without clipping this is DeepSpeed's norm of the engine's own."""
-        engine_norm = self._engine_grad_norm()
-        if self.last_grad_norm is None:
-            return engine_norm
-        if self.adapters[0].config.clip_rows == "global":
+        with the rows (a user would see the routers' norm, at most the clipping threshold). Without clipping, or
+        with the rows clipped apart, it combines DeepSpeed's norm with the rows' own (measured at every boundary: one
+        read of the row gradients)."""
+        if self._norm_is_global:
             return self.last_grad_norm
+        engine_norm = self._engine_grad_norm()
+        if self.last_grad_norm is None:  # no boundary yet
+            return engine_norm
         return math.hypot(0.0 if engine_norm is None else float(engine_norm), self.last_grad_norm)
 
     def _unscale_row_grads(self, scale: float) -> None:

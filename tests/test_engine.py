@@ -94,13 +94,13 @@ def train_reference(steps: int, clip: float) -> tuple[torch.nn.Module, list[floa
         loss = model(batch, labels=batch).loss
         loss.backward()
         losses.append(loss.item())
+        squared = sum(p.grad.double().pow(2).sum().item() for p in routers if p.grad is not None)
+        for adapter in meft_ds.adapters(model):
+            adapter.collect_row_grads()  # row gradients may still be on their way to the store
+        row_grads = [a.store.accumulated_grads()[1] for a in meft_ds.adapters(model)]
+        squared += sum(g.double().pow(2).sum().item() for g in row_grads)
+        norms.append(math.sqrt(squared))
         if clip:
-            squared = sum(p.grad.double().pow(2).sum().item() for p in routers if p.grad is not None)
-            for adapter in meft_ds.adapters(model):
-                adapter.collect_row_grads()  # row gradients may still be on their way to the store
-            row_grads = [a.store.accumulated_grads()[1] for a in meft_ds.adapters(model)]
-            squared += sum(g.double().pow(2).sum().item() for g in row_grads)
-            norms.append(math.sqrt(squared))
             coefficient = clip / (math.sqrt(squared) + 1e-6)
             if coefficient < 1:
                 for p in routers:
@@ -181,11 +181,15 @@ def test_zero_stages_match_plain_torch_reference_with_global_clipping(
 
 
 def test_clipping_changes_the_result() -> None:
-    """Guards the test above: without clipping the same run ends elsewhere."""
+    """Guards the test above: without clipping the same run ends elsewhere, the reference's too, and the gradient
+    norm the engine reports (what the HF Trainer logs) is still the routers' and the rows'."""
     clipped = train_with_engine(ds_config(2, clip=0.05), steps=3).model
-    unclipped = train_with_engine(ds_config(2, clip=0.0), steps=3).model
-    a, b = meft_ds.adapters(clipped)[0].store.values, meft_ds.adapters(unclipped)[0].store.values
+    unclipped = train_with_engine(ds_config(2, clip=0.0), steps=3)
+    a, b = meft_ds.adapters(clipped)[0].store.values, meft_ds.adapters(unclipped.model)[0].store.values
     assert (a - b).abs().max() > 1e-4
+    reference, _, reference_norms = train_reference(steps=3, clip=0.0)
+    assert_same_training(unclipped.model, reference)
+    assert unclipped.grad_norms == pytest.approx(reference_norms, rel=1e-4)
 
 
 def test_scheduler_learning_rate_reaches_the_store() -> None:
