@@ -39,7 +39,7 @@ from torch import nn
 
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.files import fsync_dir, fsync_tree
-from meft_ds.inject import adapters, decoder_layers, locate_ffns
+from meft_ds.inject import adapters, decoder_layers, locate_ffns, register_adapter_saver
 from meft_ds.store import CheckpointError
 
 FORMAT_VERSION = 2
@@ -188,6 +188,9 @@ def save_adapter(
         if path.name not in published and _OURS.fullmatch(path.name):
             path.unlink(missing_ok=True)
     return directory
+
+
+register_adapter_saver(save_adapter)  # model.save_pretrained of a model with adapters writes the adapter
 
 
 def _remove_dead_staging(directory: Path) -> None:

@@ -10,8 +10,12 @@ is an ``nn.Sequential`` would otherwise run its new child as one more stage.
 from __future__ import annotations
 
 import functools
+import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed
@@ -27,6 +31,10 @@ from meft_ds.shard import resolve_shard
 from meft_ds.swap import check_nvme_path
 
 ADAPTERS_ATTR = "meft_adapters"
+logger = logging.getLogger("meft_ds")
+# what ``model.save_pretrained`` calls once the model has adapters (:func:`_save_pretrained`): meft_ds.export's
+# save_adapter, which sits in a higher layer and registers itself here when imported (``import meft_ds`` does)
+_adapter_saver: Callable[..., Path] | None = None
 
 
 class UnsupportedModelError(ValueError):
@@ -91,6 +99,35 @@ def decoder_layers(model: nn.Module, location: FFNLocation) -> nn.ModuleList:
             "path with meft_ds.register_ffn(model_type, layers_path, ffn_attr)."
         )
     return layers
+
+
+def register_adapter_saver(save: Callable[..., Path]) -> None:
+    """Make ``save`` (``save(model, directory, *, is_main_process, max_shard_size)``) what ``model.save_pretrained``
+    writes for a model with adapters."""
+    global _adapter_saver
+    _adapter_saver = save
+
+
+def _save_pretrained(
+    model: nn.Module, save_directory: str | os.PathLike, *, is_main_process: bool | None = None,
+    max_shard_size: int | str | None = None, push_to_hub: bool = False, **ignored: Any,
+) -> Path:  # fmt: skip
+    """``model.save_pretrained`` of a model with adapters: the adapter in PEFT's layout, as
+    :meth:`meft_ds.MeftModel.save_pretrained` writes it. transformers' own method would save the frozen base model
+    and the routers without the rows, which live in the row stores, not in parameters: the training would be lost
+    without a word. Takes transformers' arguments; ``is_main_process`` and ``max_shard_size`` mean what they mean
+    there, the others (``state_dict``, ``safe_serialization``, ...) describe the base model's weights and are
+    ignored. ``type(model).save_pretrained(model, path)`` still saves the base model's weights."""
+    if push_to_hub:
+        raise MeftConfigError(
+            "save_pretrained(push_to_hub=True): meft_ds saves the adapter to a folder only. Fix: save it, then upload "
+            "the folder (huggingface_hub.upload_folder), or call model.push_to_hub(repo_id)."
+        )
+    if _adapter_saver is None:
+        raise RuntimeError("meft_ds.export was not imported. Fix: import meft_ds.")
+    logger.info("meft_ds: model.save_pretrained(%s) writes the meft adapter (PEFT's layout).", save_directory)
+    shard = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    return _adapter_saver(model, save_directory, is_main_process=is_main_process, **shard)
 
 
 def _ffn_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -190,4 +227,6 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
         if config.prefetch_layers:
             source.prefetch_target = target
     model.meft_config = config
+    if callable(getattr(model, "save_pretrained", None)):  # a transformers model: see _save_pretrained
+        model.save_pretrained = functools.partial(_save_pretrained, model)
     return model

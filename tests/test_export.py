@@ -93,6 +93,24 @@ def test_meft_model_from_pretrained_and_save_pretrained(tmp_path: Path, trained:
     assert [a.layer_index for a in adapters(wrapped.get_base_model())] == [1]
 
 
+def test_the_adapted_model_s_own_save_pretrained_writes_the_adapter(tmp_path: Path, trained: tuple) -> None:
+    """transformers' save_pretrained would write the base model and the routers without the rows (not parameters):
+    on a model with adapters it writes the adapter, as PEFT's and MeftModel's do, taking transformers' arguments."""
+    model, reference = trained
+    model.save_pretrained(tmp_path / "a", is_main_process=True, safe_serialization=True, max_shard_size="20KB")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names[0] == "adapter_config.json" and "adapter_model.safetensors.index.json" in names  # sharded
+    assert not any(name.startswith("model") for name in names), "no base-model weights"
+    assert torch.equal(logits(MeftModel.from_pretrained(tiny_model(), tmp_path / "a")), reference)
+    model.save_pretrained(tmp_path / "b", is_main_process=False)  # another rank's call: gathers, writes nothing
+    assert not (tmp_path / "b").exists()
+    type(model).save_pretrained(model, tmp_path / "c")  # transformers' own, asked for by name: the base model
+    assert (tmp_path / "c" / "model.safetensors").is_file() and not (tmp_path / "c" / "adapter_config.json").exists()
+    with pytest.raises(meft_ds.MeftConfigError, match=r"push_to_hub=True.*Fix: save it, then upload"):
+        model.save_pretrained(tmp_path / "d", push_to_hub=True)
+    assert not (tmp_path / "d").exists()
+
+
 def test_sharded_export_splits_past_the_limit_and_reloads_identically(tmp_path: Path, trained: tuple) -> None:
     model, reference = trained
     (tmp_path / "trainer_state.json").write_text("{}")  # what else lives in the folder stays
