@@ -263,8 +263,9 @@ def test_gradient_accumulation_equals_the_sum_of_micro_batches(precision: str, r
             assert error < 0.15, f"accumulated bf16 row gradients differ from the fp32 reference's by {error:.1%}"
 
 
-def test_checkpoint_round_trip_restores_store_and_continues_identically(tmp_path) -> None:
-    config = ds_config(2)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_checkpoint_round_trip_restores_store_and_continues_identically(tmp_path, stage: int) -> None:
+    config = ds_config(stage)
     straight, _, straight_losses, *_ = train_with_engine(config, steps=6)
 
     model = tiny_model()
@@ -276,6 +277,11 @@ def test_checkpoint_round_trip_restores_store_and_continues_identically(tmp_path
     engine.save_checkpoint(str(tmp_path))
     assert (tmp_path / "latest").read_text() == "global_step3"
     assert (tmp_path / "global_step3" / "meft" / "layer_0.safetensors").is_file()
+    # the frozen base model is not saved (it never changes): the module state holds the routers only
+    (states,) = (tmp_path / "global_step3").glob("*model_states.pt")  # ZeRO-3 names it after the rank too
+    saved = torch.load(states, weights_only=False)
+    assert set(saved["module"]) == {name for name, p in model.named_parameters() if p.requires_grad}
+    assert not saved.get("frozen_param_fragments")
 
     resumed_model = tiny_model()
     resumed, *_ = meft_ds.initialize(model=resumed_model, config=config)
@@ -291,6 +297,24 @@ def test_checkpoint_round_trip_restores_store_and_continues_identically(tmp_path
         losses.append(loss.item())
     assert losses == pytest.approx(straight_losses[3:], abs=1e-6)
     assert_same_training(resumed_model, straight, atol=1e-6)
+
+
+def test_a_checkpoint_of_other_trainable_parameters_is_refused(tmp_path) -> None:
+    """Frozen parameters may be missing from a checkpoint (they are not saved); trainable ones may not, and nothing
+    else may be there: the module state of adapters on other layers is refused with the fix, unless the caller asks
+    for a non-strict load. Asked for, the frozen parameters are saved and load as before."""
+    config = ds_config(2)
+    engine, *_ = meft_ds.initialize(model=tiny_model(), config=config)
+    engine.save_checkpoint(str(tmp_path / "a"))
+    engine.save_checkpoint(str(tmp_path / "b"), exclude_frozen_parameters=False)
+    saved = torch.load(tmp_path / "b" / "global_step0" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert len(saved["module"]) == len(list(engine.module.parameters()))
+    other, *_ = meft_ds.initialize(model=tiny_model(), config={**config, "meft": {**MEFT, "layers": [1]}})
+    refused = r"unexpected \['meft_adapters\.0\.router\.weight'\].*Fix: resume"
+    with pytest.raises(meft_ds.CheckpointError, match=refused):
+        other.load_checkpoint(str(tmp_path / "a"))
+    same, *_ = meft_ds.initialize(model=tiny_model(), config=config)
+    assert same.load_checkpoint(str(tmp_path / "b"))[0] is not None
 
 
 @pytest.mark.parametrize("stage", [2, 3])
