@@ -283,22 +283,27 @@ def test_training_bytes_are_the_trainable_state_on_the_device(llama_plan: Memory
     assert dense_trainable_items("lora", 12_000_000, stage2, 1_000_000)[-1].nbytes == 2 * 1000 * 2  # two buckets
 
 
-@pytest.mark.parametrize(("stage", "resident"), [(1, True), (2, False)])
-def test_deepspeed_keeps_gradients_where_the_plan_counts_them(stage: int, resident: bool) -> None:
-    """The fact dense_trainable_items counts on, from DeepSpeed itself: under ZeRO-Offload, after a backward that is
-    not the boundary, ZeRO-2 has sent every router gradient on to the CPU (param.grad is None) while ZeRO-1 still
-    holds them all on the device; both keep a device buffer of the largest tensor's size for the offload."""
+def after_a_backward(zero: dict[str, Any]) -> tuple[Any, list[torch.nn.Parameter]]:
+    """An engine of the tiny model with these ZeRO settings (a 1000-element bucket) after one backward that is not an
+    accumulation boundary, and its routers' weights."""
     config = {
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-        "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}, "reduce_bucket_size": 1000},
-        "meft": {"num_neurons": 64, "top_k": 4},
+        "zero_optimization": {**zero, "reduce_bucket_size": 1000}, "meft": {"num_neurons": 64, "top_k": 4},
     }  # fmt: skip
     model = tiny_model()
     engine, *_ = meft_ds.initialize(model=model, config=config)
     batch = token_batch(batch=2, length=12, seed=1)
     engine.backward(engine(batch, labels=batch).loss)
-    routers = [a.router.weight for a in meft_ds.adapters(model)]
+    return engine, [a.router.weight for a in meft_ds.adapters(model)]
+
+
+@pytest.mark.parametrize(("stage", "resident"), [(1, True), (2, False)])
+def test_deepspeed_keeps_gradients_where_the_plan_counts_them(stage: int, resident: bool) -> None:
+    """The fact dense_trainable_items counts on, from DeepSpeed itself: under ZeRO-Offload, after a backward that is
+    not the boundary, ZeRO-2 has sent every router gradient on to the CPU (param.grad is None) while ZeRO-1 still
+    holds them all on the device; both keep a device buffer of the largest tensor's size for the offload."""
+    engine, routers = after_a_backward({"stage": stage, "offload_optimizer": {"device": "cpu"}})
     assert routers and all((weight.grad is not None) == resident for weight in routers)
     assert engine.optimizer.temp_grad_buffer_for_gpu_offload.numel() == max(weight.numel() for weight in routers)
 
@@ -308,18 +313,7 @@ def test_zero_3_keeps_gradients_where_the_plan_counts_them(offload: str) -> None
     """ZeRO-3, from DeepSpeed itself: after a backward that is not the boundary no router has a gradient of its own
     (each went through the bucket into the optimizer's gradient partition: on the CPU under ZeRO-Offload, on the
     device otherwise), there is one bucket although overlap_comm is on, and no offload buffer."""
-    config = {
-        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": offload}, "reduce_bucket_size": 1000,
-                              "overlap_comm": True},
-        "meft": {"num_neurons": 64, "top_k": 4},
-    }  # fmt: skip
-    model = tiny_model()
-    engine, *_ = meft_ds.initialize(model=model, config=config)
-    batch = token_batch(batch=2, length=12, seed=1)
-    engine.backward(engine(batch, labels=batch).loss)
-    routers = [a.router.weight for a in meft_ds.adapters(model)]
+    engine, routers = after_a_backward({"stage": 3, "offload_optimizer": {"device": offload}, "overlap_comm": True})
     optimizer = engine.optimizer
     assert routers and all(weight.grad is None for weight in routers)
     assert optimizer.grad_partitions_flat_buffer.numel() == sum(weight.ds_numel for weight in routers)
