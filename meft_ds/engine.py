@@ -3,8 +3,8 @@
 ``initialize`` takes the same arguments and returns the same values as ``deepspeed.initialize``. It reads the
 ``"meft"`` section of the DeepSpeed config, injects the adapters, gives the engine the dense trainable parameters
 (the routers) and :func:`attach`-es a :class:`MeftPlugin` to the engine. ``attach`` alone serves engines created
-elsewhere (the Hugging Face Trainer, Accelerate, an existing ``deepspeed.initialize`` call). The plugin wraps four
-of the engine's methods:
+elsewhere (the Hugging Face Trainer, Accelerate, an existing ``deepspeed.initialize`` call). The plugin wraps these
+engine methods:
 
 * ``engine.backward()`` (and ``engine.scale()``): measure the factor the engine multiplies the loss by (the fp16
   loss scale, whichever DeepSpeed optimizer or ``torch_autocast`` GradScaler applies it), so that the rows'
@@ -17,7 +17,8 @@ of the engine's methods:
   overflow in the rows' gradients is an overflow of the step: the engine is told so, skips its step and lowers its
   loss scale, as for an overflow of its own gradients.
 * ``engine.save_checkpoint()`` / ``engine.load_checkpoint()``: the row stores (rows, moments, step) travel with
-  every checkpoint, and a checkpoint is published atomically (see :mod:`meft_ds.files`).
+  every checkpoint, the frozen base model does not, and a checkpoint is published atomically (see
+  :mod:`meft_ds.files`).
 * ``engine.get_global_grad_norm()``: the norm before clipping includes the rows' gradients
   (:meth:`MeftPlugin.global_grad_norm`).
 """
