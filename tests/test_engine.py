@@ -301,8 +301,8 @@ def test_checkpoint_round_trip_restores_store_and_continues_identically(tmp_path
 
 def test_a_checkpoint_of_other_trainable_parameters_is_refused(tmp_path) -> None:
     """Frozen parameters may be missing from a checkpoint (they are not saved); trainable ones may not, and nothing
-    else may be there: the module state of adapters on other layers is refused with the fix, unless the caller asks
-    for a non-strict load. Asked for, the frozen parameters are saved and load as before."""
+    else may be there: the module state of adapters on other layers is refused with the fix. Asked for, the frozen
+    parameters are saved and load as before."""
     config = ds_config(2)
     engine, *_ = meft_ds.initialize(model=tiny_model(), config=config)
     engine.save_checkpoint(str(tmp_path / "a"))
