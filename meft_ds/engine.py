@@ -123,7 +123,6 @@ class MeftPlugin:
         self.adapters = sparse_optimizer.adapters
         self.lr_scale = lr_scale
         self.last_grad_norm: float | None = None
-        self._norm_is_global = False  # last_grad_norm covers the engine's gradients too
         self.last_lr: float | None = None
         self.last_loss_scale = 1.0  # the loss scale the last boundary's gradients carried (measured; 1 unless fp16)
         self.skipped_steps = 0  # boundaries whose step the engine skipped (overflows, the rows' included)
@@ -209,12 +208,11 @@ class MeftPlugin:
         # part of the step (identical on every rank after the exchange; sharded stores agree on the answer)
         rows_overflowed = self.engine.fp16_enabled() and not self.sparse_optimizer.row_grads_finite()
         max_norm = float(self.engine.gradient_clipping() or 0.0)
-        clip_rows = self.adapters[0].config.clip_rows
-        self._norm_is_global = max_norm > 0 and clip_rows == "global"
-        if self._norm_is_global:
+        if self._clips_globally():
             self._clip_global_norm(max_norm, scale)
         else:  # the engine clips its own gradients (if at all) by their own norm; the rows' norm is measured anyway
-            self._clip_rows_apart(max_norm if max_norm > 0 and clip_rows == "separate" else math.inf)
+            separate = max_norm > 0 and self.adapters[0].config.clip_rows == "separate"
+            self._clip_rows_apart(max_norm if separate else math.inf)
         with overflow_reported(self.engine.optimizer) if rows_overflowed else contextlib.nullcontext():
             result = self._engine_step(lr_kwargs)
         applied = self.engine.was_step_applied()
@@ -237,6 +235,11 @@ class MeftPlugin:
         self.sparse_optimizer.zero_grad()
         return result
 
+    def _clips_globally(self) -> bool:
+        """Whether a boundary clips the engine's and the rows' gradients by one norm (``last_grad_norm`` is then
+        that norm)."""
+        return float(self.engine.gradient_clipping() or 0.0) > 0 and self.adapters[0].config.clip_rows == "global"
+
     def global_grad_norm(self) -> float | None:
         """``engine.get_global_grad_norm()``: the last boundary's gradient norm before clipping, over the engine's
         parameters and the rows; the Hugging Face Trainer and Accelerate log it as ``grad_norm``. DeepSpeed's own
@@ -244,7 +247,7 @@ class MeftPlugin:
         with the rows (a user would see the routers' norm, at most the clipping threshold). Without clipping, or
         with the rows clipped apart, it combines DeepSpeed's norm with the rows' own (measured at every boundary: one
         read of the row gradients)."""
-        if self._norm_is_global:
+        if self._clips_globally():
             return self.last_grad_norm
         engine_norm = self._engine_grad_norm()
         if self.last_grad_norm is None:  # no boundary yet
