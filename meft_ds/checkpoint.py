@@ -1,16 +1,23 @@
-"""The row stores inside a training checkpoint (atomic files: :mod:`meft_ds.files`; exported adapters:
-:mod:`meft_ds.export`).
+"""What meft_ds adds to a training checkpoint: the row stores, and a sample of the frozen base model that the run
+must resume on (atomic files: :mod:`meft_ds.files`; exported adapters: :mod:`meft_ds.export`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.sparse_adam import SparseRowAdam
+from meft_ds.store import CheckpointError
 
 STORE_OPTIMIZER = "optimizer.json"
+BASE_SAMPLE = "base_model_sample.pt"
+SAMPLES_PER_TENSOR = 64
 
 
 # --------------------------------------------------------------------------- row stores (training checkpoints)
@@ -40,3 +47,70 @@ def load_stores(directory: Path, model_adapters: list[SparseKeyExpertAdapter], o
         adapter.drop_row_grads()
         adapter.rows_changed()
     optimizer.load_state_dict({"state": {}, **state})
+
+
+# --------------------------------------------------------------------------- the frozen base model
+def base_sample(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``SAMPLES_PER_TENSOR`` evenly spaced values of every frozen parameter, by name, on the CPU in the parameter's
+    dtype. A checkpoint leaves the frozen base model out, so resuming takes whatever base the run is given; this
+    sample tells another base (say another fine-tune of the same architecture) from the one the run trained on. Under
+    ZeRO-3 each parameter is gathered in turn, every rank taking part."""
+    sample = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            continue
+        with gathered(param):
+            flat = param.detach().reshape(-1)
+            picks = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel())).round().long()
+            sample[name] = flat[picks.to(flat.device)].cpu()
+    return sample
+
+
+def save_base_sample(directory: Path, sample: dict[str, torch.Tensor]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(sample, directory / BASE_SAMPLE)
+
+
+def check_base_sample(directory: Path, sample: dict[str, torch.Tensor]) -> None:
+    """A :class:`CheckpointError` unless ``sample`` (the model resuming) matches the one saved in ``directory``: the
+    same frozen parameters, equal values (within one rounding of the coarser dtype where the dtypes differ, e.g. a
+    run saved in bf16 resumed in fp32). A checkpoint saved before samples were kept is not checked."""
+    path = directory / BASE_SAMPLE
+    if not path.is_file():
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    fix = f"Fix: resume with the base model the run was saved with; to continue on this one anyway, delete {path}."
+    if saved.keys() != sample.keys():
+        missing, extra = sorted(saved.keys() - sample.keys()), sorted(sample.keys() - saved.keys())
+        raise CheckpointError(
+            f"the model's frozen parameters are not those the checkpoint was trained on: missing {missing[:5]}, "
+            f"not in the checkpoint {extra[:5]}. {fix}"
+        )
+    differing = [name for name, values in sample.items() if not _same_values(saved[name], values)]
+    if differing:
+        raise CheckpointError(
+            f"the base model differs from the one this checkpoint was trained on: {len(differing)} of {len(sample)} "
+            f"frozen parameters hold other values (first: {differing[0]}). The checkpoint holds only what training "
+            f"changed, so it must resume on the same base. {fix}"
+        )
+
+
+def _same_values(saved: torch.Tensor, current: torch.Tensor) -> bool:
+    if saved.shape != current.shape:
+        return False
+    if saved.dtype == current.dtype:
+        return torch.equal(saved, current)
+    if not (saved.is_floating_point() and current.is_floating_point()):
+        return False
+    coarser = max(saved.dtype, current.dtype, key=lambda dtype: torch.finfo(dtype).eps)
+    a, b = saved.to(coarser).float(), current.to(coarser).float()
+    return bool(torch.all((a - b).abs() <= torch.finfo(coarser).eps * torch.maximum(a.abs(), b.abs())))
+
+
+def gathered(param: nn.Parameter) -> contextlib.AbstractContextManager:
+    """The whole of ``param`` in place for the block: DeepSpeed's gather for a ZeRO-3 partitioned one."""
+    if hasattr(param, "ds_id"):
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        return GatheredParameters([param], modifier_rank=None)
+    return contextlib.nullcontext()

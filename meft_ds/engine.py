@@ -17,8 +17,8 @@ engine methods:
   overflow in the rows' gradients is an overflow of the step: the engine is told so, skips its step and lowers its
   loss scale, as for an overflow of its own gradients.
 * ``engine.save_checkpoint()`` / ``engine.load_checkpoint()``: the row stores (rows, moments, step) travel with
-  every checkpoint, the frozen base model does not, and a checkpoint is published atomically (see
-  :mod:`meft_ds.files`).
+  every checkpoint, the frozen base model does not (a sample of it does: resuming on other weights is refused), and a
+  checkpoint is published atomically (see :mod:`meft_ds.files`).
 * ``engine.get_global_grad_norm()``: the norm before clipping includes the rows' gradients
   (:meth:`MeftPlugin.global_grad_norm`).
 """
@@ -41,7 +41,7 @@ from deepspeed import comm as dist
 from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 from torch import nn
 
-from meft_ds.checkpoint import load_stores, save_stores
+from meft_ds.checkpoint import base_sample, check_base_sample, load_stores, save_base_sample, save_stores
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.distributed import (
     exchange_row_grads,
@@ -137,6 +137,7 @@ class MeftPlugin:
         self._engine_save = engine.save_checkpoint
         self._engine_load = engine.load_checkpoint
         self._engine_grad_norm = engine.get_global_grad_norm
+        self._base_sample: dict[str, torch.Tensor] | None = None  # of the frozen base model, taken at the first save
 
     def attach(self) -> MeftPlugin:
         engine = self.engine
@@ -306,9 +307,10 @@ class MeftPlugin:
         """The engine's checkpoint plus the row stores, built in a staging folder and renamed into place; the
         ``latest`` pointer moves last. Assumes ``save_dir`` is on a file system every rank sees (as DeepSpeed's
         own checkpoints do). The frozen base model is left out unless asked for (``exclude_frozen_parameters=False``):
-        it never changes, and resuming takes it from the model the run starts with (:meth:`load_checkpoint`). The
-        built-in run's checkpoint shrinks from 2.31 to 1.88 GB (DeepSpeed keeps a tied embedding under its second
-        name, ``lm_head.weight``); a LLaMA-2-7B one by its 13.5 GB of bf16 weights, about a third."""
+        it never changes, and resuming takes it from the model the run starts with (:meth:`load_checkpoint`; a sample
+        of it, 64 values a tensor, is saved to tell another base model from this one). The built-in run's checkpoint
+        shrinks from 2.31 to 1.88 GB (DeepSpeed keeps a tied embedding under its second name, ``lm_head.weight``); a
+        LLaMA-2-7B one by its 13.5 GB of bf16 weights, about a third."""
         kwargs.setdefault("exclude_frozen_parameters", True)
         tag = str(tag) if tag is not None else f"global_step{self.engine.global_steps}"
         root = Path(save_dir)
@@ -321,7 +323,11 @@ class MeftPlugin:
         saved = self._engine_save(
             str(staging_root), tag=tag, client_state=client_state or {}, save_latest=False, **kwargs
         )
+        if self._base_sample is None:
+            self._base_sample = base_sample(self.engine.module)
         save_stores(staging_root / tag / STORE_DIR, self.adapters, self.sparse_optimizer, rank=dist.get_rank())
+        if is_writer:
+            save_base_sample(staging_root / tag / STORE_DIR, self._base_sample)
         dist.barrier()
         if is_writer:
             publish_directory(staging_root / tag, root / tag)
@@ -339,7 +345,9 @@ class MeftPlugin:
     ) -> tuple[Any, Any]:
         """The engine's checkpoint and the row stores saved with it. A checkpoint without the frozen parameters
         (:meth:`save_checkpoint`'s default) leaves them as the model has them; ``load_module_strict`` then holds for
-        the trainable ones: each must be in the checkpoint, and nothing else may be."""
+        the trainable ones: each must be in the checkpoint, and nothing else may be. The frozen parameters must be
+        those the run was saved with (compared by a sample, :func:`meft_ds.checkpoint.check_base_sample`): a
+        :class:`CheckpointError` before the row stores are touched otherwise."""
         latest = Path(load_dir) / "latest"
         if tag is None and latest.is_file():
             tag = latest.read_text().strip()
@@ -351,6 +359,8 @@ class MeftPlugin:
         load_path, client_state = self._engine_load(load_dir, tag=tag, load_module_strict=load_module_strict, **kwargs)
         if load_path is None:
             return load_path, client_state
+        self._base_sample = base_sample(self.engine.module)
+        check_base_sample(Path(load_dir) / str(tag) / STORE_DIR, self._base_sample)
         load_stores(Path(load_dir) / str(tag) / STORE_DIR, self.adapters, self.sparse_optimizer)
         return load_path, client_state
 

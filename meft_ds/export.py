@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from meft_ds.adapter import SparseKeyExpertAdapter
+from meft_ds.checkpoint import gathered
 from meft_ds.files import fsync_dir, fsync_tree
 from meft_ds.inject import adapters, decoder_layers, locate_ffns, register_adapter_saver
 from meft_ds.store import CheckpointError
@@ -116,12 +117,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def _router_weight(adapter: SparseKeyExpertAdapter) -> torch.Tensor:
     """The router's weight in fp32 on the CPU. Under ZeRO-3 it is partitioned: gathered, every rank taking part."""
     weight = adapter.router.weight
-    if hasattr(weight, "ds_id"):
-        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-        with GatheredParameters([weight], modifier_rank=None):
-            return weight.detach().float().cpu().clone()
-    return weight.detach().float().cpu()
+    with gathered(weight):
+        return weight.detach().float().cpu().clone()
 
 
 # --------------------------------------------------------------------------- saving

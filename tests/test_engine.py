@@ -337,3 +337,52 @@ def test_exported_adapter_reloads_into_a_fresh_base_model(tmp_path, stage: int) 
     fresh = meft_ds.load_adapter(tiny_model(), tmp_path)
     with torch.no_grad():
         assert torch.equal(fresh(batch).logits, trained_logits)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resuming_on_another_base_model_is_refused(tmp_path, stage: int) -> None:
+    """A checkpoint leaves the frozen base model out, so it keeps a sample of it: resuming on another base (one
+    weight matrix moved by 1%, as another fine-tune would move it) is refused with the fix before the stores load; the
+    same base resumes. At ZeRO-3 the frozen parameters are partitioned (no persistence threshold): each is gathered."""
+    config = ds_config(stage)
+    if stage == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    run = train_with_engine(config, steps=2)
+    run.engine.save_checkpoint(str(tmp_path))
+    if stage == 3:
+        assert all(p.numel() == 0 for p in run.model.parameters()), "every parameter partitioned"
+
+    other = tiny_model()
+    with torch.no_grad():
+        other.model.layers[1].mlp.up_proj.weight.mul_(1.01)
+    engine, *_ = meft_ds.initialize(model=other, config=config)
+    initial_rows = [a.store.rows.clone() for a in meft_ds.adapters(other)]
+    with pytest.raises(meft_ds.CheckpointError, match=r"1 of \d+ frozen parameters .*up_proj.*Fix: resume with the"):
+        engine.load_checkpoint(str(tmp_path))
+    for adapter, rows in zip(meft_ds.adapters(other), initial_rows, strict=True):
+        assert torch.equal(adapter.store.rows, rows), "the stores are loaded only after the check"
+
+    same, *_ = meft_ds.initialize(model=tiny_model(), config=config)
+    assert same.load_checkpoint(str(tmp_path))[0] is not None
+    assert same.meft.sparse_optimizer.global_step == 2
+
+
+def test_the_base_model_sample_tells_other_weights_from_another_dtype(tmp_path) -> None:
+    """The same weights in another dtype (a run saved in fp32, resumed in bf16) match; weights moved by less than
+    bf16's resolution in the same dtype do not, nor do other parameter names."""
+    from meft_ds.checkpoint import base_sample, check_base_sample, save_base_sample
+
+    def frozen(model: torch.nn.Module) -> torch.nn.Module:
+        return model.requires_grad_(False)
+
+    saved = base_sample(frozen(tiny_model()))
+    assert [len(v) for v in saved.values()] == [min(64, p.numel()) for p in tiny_model().parameters()]
+    save_base_sample(tmp_path, saved)
+    check_base_sample(tmp_path, base_sample(frozen(tiny_model().bfloat16())))
+    nudged = frozen(tiny_model())
+    with torch.no_grad():
+        nudged.model.norm.weight.add_(1e-4)
+    with pytest.raises(meft_ds.CheckpointError, match=r"1 of \d+ frozen parameters .*\(first: model\.norm\.weight\)"):
+        check_base_sample(tmp_path, base_sample(nudged))
+    with pytest.raises(meft_ds.CheckpointError, match="not those the checkpoint was trained on"):
+        check_base_sample(tmp_path, {f"x.{name}": values for name, values in saved.items()})
