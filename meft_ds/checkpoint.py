@@ -61,7 +61,8 @@ def base_sample(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         with gathered(param):
             flat = param.detach().reshape(-1)
-            picks = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel())).round().long()
+            count = min(SAMPLES_PER_TENSOR, flat.numel())
+            picks = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)  # integers: exact at any size
             sample[name] = flat[picks.to(flat.device)].cpu()
     return sample
 

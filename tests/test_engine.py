@@ -339,6 +339,19 @@ def test_exported_adapter_reloads_into_a_fresh_base_model(tmp_path, stage: int) 
         assert torch.equal(fresh(batch).logits, trained_logits)
 
 
+def test_a_tied_embedding_is_left_out_under_both_names(tmp_path) -> None:
+    """GPT-2 ties its output layer to the embedding: DeepSpeed's exclusion of frozen parameters knows the weight by
+    one name and kept it under the other (``lm_head.weight``). Neither is saved, and the checkpoint loads."""
+    model = tiny_model("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    engine, *_ = meft_ds.initialize(model=model, config=ds_config(2))
+    engine.save_checkpoint(str(tmp_path))
+    saved = torch.load(tmp_path / "global_step0" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert set(saved["module"]) == {name for name, p in model.named_parameters() if p.requires_grad}
+    resumed, *_ = meft_ds.initialize(model=tiny_model("gpt2"), config=ds_config(2))
+    assert resumed.load_checkpoint(str(tmp_path))[0] is not None
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resuming_on_another_base_model_is_refused(tmp_path, stage: int) -> None:
     """A checkpoint leaves the frozen base model out, so it keeps a sample of it: resuming on another base (one
@@ -377,6 +390,9 @@ def test_the_base_model_sample_tells_other_weights_from_another_dtype(tmp_path) 
 
     saved = base_sample(frozen(tiny_model()))
     assert [len(v) for v in saved.values()] == [min(64, p.numel()) for p in tiny_model().parameters()]
+    large = torch.nn.Module()  # past 2**24 elements, where a float32 position no longer names each element
+    large.weight = torch.nn.Parameter(torch.arange(2**24 + 2, dtype=torch.int32), requires_grad=False)
+    assert base_sample(large)["weight"][[0, -1]].tolist() == [0, 2**24 + 1]
     save_base_sample(tmp_path, saved)
     check_base_sample(tmp_path, base_sample(frozen(tiny_model().bfloat16())))
     nudged = frozen(tiny_model())
