@@ -6,6 +6,8 @@
     python launch/bench.py --render            # BENCHMARKS.md again from docs/bench (e.g. after a GPU check)
     python launch/bench.py --only quality      # learning quality: ~70 training runs, ~12 h of 2 cores from scratch;
                                                # it keeps each run's record and continues from them (outputs/)
+    python launch/bench.py --only quality --quality-grid headline --out /tmp/q --markdown /tmp/q.md
+                                               # its headline comparison alone, 4 runs, about an hour
 
 Experiments: a. host<->device bytes per optimizer step, MEFT vs a dense adapter under ZeRO-Offload; b. sparse Adam
 GB/s vs DeepSpeed's dense CPU Adam vs copy_; c. step time vs LoRA and dense adapters; d. adapter bytes on the device
@@ -76,6 +78,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--micro-steps", type=int, default=None, help="a.'s G (32; quick: 4)")
     parser.add_argument("--render", action="store_true", help="only re-render BENCHMARKS.md from the stored results")
+    parser.add_argument(
+        "--quality-grid",
+        choices=("all", "headline"),
+        default=None,
+        help="quality's runs: all (~12 h from scratch) or the headline comparison (4 runs, ~1 h); --quick: CI-sized",
+    )
     args = parser.parse_args(argv)
     args.only = [key.strip() for key in args.only.split(",") if key.strip()]
     if args.micro_steps is not None and args.micro_steps < 1:
@@ -91,6 +99,8 @@ def main(argv: list[str]) -> None:
     settings = Settings.quick() if args.quick else Settings.full()
     if args.micro_steps is not None:
         settings = dataclasses.replace(settings, accum_steps=args.micro_steps)
+    if args.quality_grid is not None:
+        settings = dataclasses.replace(settings, quality_grids=args.quality_grid)
     command = shlex.join(["python", "launch/bench.py", *argv])
     # as launch/train.py trains on the CPU: freed host memory kept for reuse, for every variant of every experiment
     kept = not args.render and keep_freed_host_memory()

@@ -253,6 +253,26 @@ def test_grid_runs_every_cell_lr_and_seed_once_and_resumes(tmp_path: Path) -> No
     assert (tmp_path / "quality.png").stat().st_size > 0
 
 
+def test_the_headline_grid_is_runs_of_the_capacity_grid(tmp_path: Path) -> None:
+    """``--quality-grid headline`` (about an hour) runs four of the capacity grid's runs, at their best rates: after
+    the capacity grid has run in the same folder, it finds their records and trains nothing."""
+    capacity, headline = quality.capacity_grid(), quality.headline_grid()
+    expected = [(label, (lr,), (0,)) for label, lr in quality.HEADLINE.items()]
+    assert [(c.label, c.lrs, c.seeds) for c in headline.cells] == expected
+    runs = {(c.label, c.args, lr, seed) for c in capacity.cells for lr in c.lrs for seed in c.seeds}
+    assert {(c.label, c.args, c.lrs[0], 0) for c in headline.cells} <= runs
+    trained: list[str] = []
+
+    def runner(command: list[str], output_dir: Path) -> dict[str, Any]:
+        trained.append(output_dir.name)
+        return fake_results(0.5, 100)
+
+    capacity = dataclasses.replace(capacity, cells=tuple(c for c in capacity.cells if c.label in quality.HEADLINE))
+    quality.run_grid(capacity, tmp_path, runner)
+    before = len(trained)
+    assert len(quality.run_grid(headline, tmp_path, runner)) == 4 and len(trained) == before
+
+
 @pytest.mark.slow
 def test_quick_grid_runs_through_the_launcher(tmp_path: Path) -> None:
     """``launch/bench.py --quick --only quality``'s grid end to end on the tiny LLaMA, its first (MEFT) run only (the

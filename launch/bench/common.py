@@ -67,7 +67,7 @@ class Settings:
     # f. scale out: each variant in processes of its own (its memory its own), or all in one launch (tests: faster)
     scaleout_launch_per_variant: bool = True
     # quality
-    quality_quick: bool = False  # launch/bench/quality.py's CI-sized grid
+    quality_grids: str = "all"  # launch/bench/quality.py's grids: "all", "headline" (about an hour) or "quick" (CI)
 
     @classmethod
     def full(cls) -> Settings:
@@ -88,7 +88,7 @@ class Settings:
             memory_neurons=(1024, 4096, 16384, 65536),
             routing_experts=(16, 64, 256, 1024, 2048),
             routing_repeats=3,
-            quality_quick=True,
+            quality_grids="quick",
         )
 
 
