@@ -342,15 +342,21 @@ class MeftPlugin:
         dist.barrier()
         return saved
 
-    def module_state_dict(self, *args: Any, exclude_frozen_parameters: bool = False, **kwargs: Any) -> dict:
+    def module_state_dict(
+        self,
+        destination: Any = None,
+        prefix: str = "",
+        keep_vars: bool = False,
+        exclude_frozen_parameters: bool = False,
+    ) -> Any:
         """The engine's, without any name of a frozen parameter when they are excluded: DeepSpeed drops the names
         ``named_parameters()`` lists, which gives a tied weight under one name only, so a tied embedding stayed in
         every checkpoint under its second name (``lm_head.weight``: 113 MB on the built-in model, 788 MB of bf16 on
         Llama-3.2-3B)."""
-        state = self._engine_module_state_dict(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        state = self._engine_module_state_dict(destination, prefix, keep_vars, exclude_frozen_parameters)
         if exclude_frozen_parameters:
             for name in _frozen_names(self.engine.module):
-                state.pop(name, None)
+                state.pop(prefix + name, None)
         return state
 
     def load_checkpoint(

@@ -222,11 +222,11 @@ HEADLINE = {"MEFT r=32768, checkpointed": 1e-3, "LoRA r=117": 1e-3, "parallel ad
 
 
 def headline_grid() -> Grid:
-    """The benchmark in about an hour of our 2 cores from scratch (~52 min on the Intel Xeon): the larger task's
+    """The benchmark in about an hour of our 2 cores from scratch (45 min on the Intel Xeon): the larger task's
     best MEFT (r=32768 with activation checkpointing, 110 MB of device bytes) against LoRA of the same bytes (r=117),
     the parallel adapter within them (r=512) and the best LoRA (r=400, 329 MB), one seed each at its best rate.
     Its runs are the capacity grid's (the same task, cells, records folder): run after that grid they are not run
-    again, and run alone they reproduce its seed-0 EM, the runs being deterministic."""
+    again; run alone they reproduce its seed-0 rows within run-to-run noise (sums round differently on another CPU)."""
     grid = capacity_grid()
     by_label = {cell.label: cell for cell in grid.cells}  # a label's cells differ only in their rates and seeds
     cells = tuple(dataclasses.replace(by_label[label], lrs=(lr,), seeds=(0,)) for label, lr in HEADLINE.items())
