@@ -72,13 +72,17 @@ def save_base_sample(directory: Path, sample: dict[str, torch.Tensor]) -> None:
     torch.save(sample, directory / BASE_SAMPLE)
 
 
+def has_base_sample(directory: Path) -> bool:
+    """Whether the checkpoint's ``directory`` keeps a sample: it leaves the base model out (checkpoints that hold it,
+    and those saved before samples were kept, have none)."""
+    return (directory / BASE_SAMPLE).is_file()
+
+
 def check_base_sample(directory: Path, sample: dict[str, torch.Tensor]) -> None:
     """A :class:`CheckpointError` unless ``sample`` (the model resuming) matches the one saved in ``directory``: the
     same frozen parameters, equal values (within one rounding of the coarser dtype where the dtypes differ, e.g. a
-    run saved in bf16 resumed in fp32). A checkpoint saved before samples were kept is not checked."""
+    run saved in bf16 resumed in fp32)."""
     path = directory / BASE_SAMPLE
-    if not path.is_file():
-        return
     saved = torch.load(path, map_location="cpu", weights_only=True)
     fix = f"Fix: resume with the base model the run was saved with; to continue on this one anyway, delete {path}."
     if saved.keys() != sample.keys():

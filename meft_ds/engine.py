@@ -42,7 +42,14 @@ from deepspeed import comm as dist
 from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 from torch import nn
 
-from meft_ds.checkpoint import base_sample, check_base_sample, load_stores, save_base_sample, save_stores
+from meft_ds.checkpoint import (
+    base_sample,
+    check_base_sample,
+    has_base_sample,
+    load_stores,
+    save_base_sample,
+    save_stores,
+)
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.distributed import (
     exchange_row_grads,
@@ -139,7 +146,7 @@ class MeftPlugin:
         self._engine_load = engine.load_checkpoint
         self._engine_grad_norm = engine.get_global_grad_norm
         self._engine_module_state_dict = engine.module_state_dict
-        self._base_sample: dict[str, torch.Tensor] | None = None  # of the frozen base model, taken at the first save
+        self._base_sample: dict[str, torch.Tensor] | None = None  # of the frozen base model (:meth:`_frozen_sample`)
 
     def attach(self) -> MeftPlugin:
         engine = self.engine
@@ -325,11 +332,11 @@ class MeftPlugin:
         saved = self._engine_save(
             str(staging_root), tag=tag, client_state=client_state or {}, save_latest=False, **kwargs
         )
-        if self._base_sample is None:
-            self._base_sample = base_sample(self.engine.module)
         save_stores(staging_root / tag / STORE_DIR, self.adapters, self.sparse_optimizer, rank=dist.get_rank())
-        if is_writer:
-            save_base_sample(staging_root / tag / STORE_DIR, self._base_sample)
+        if kwargs["exclude_frozen_parameters"]:  # else the checkpoint restores the base model itself
+            sample = self._frozen_sample()
+            if is_writer:
+                save_base_sample(staging_root / tag / STORE_DIR, sample)
         dist.barrier()
         if is_writer:
             publish_directory(staging_root / tag, root / tag)
@@ -366,22 +373,29 @@ class MeftPlugin:
         (:meth:`save_checkpoint`'s default) leaves them as the model has them; ``load_module_strict`` then holds for
         the trainable ones: each must be in the checkpoint, and nothing else may be. The frozen parameters must be
         those the run was saved with (compared by a sample, :func:`meft_ds.checkpoint.check_base_sample`): a
-        :class:`CheckpointError` before the row stores are touched otherwise."""
+        :class:`CheckpointError` before anything is loaded otherwise."""
         latest = Path(load_dir) / "latest"
         if tag is None and latest.is_file():
             tag = latest.read_text().strip()
         if tag is not None and dist.get_rank() == 0:
             recover_directory(Path(load_dir) / str(tag))
         dist.barrier()
+        if tag is not None and has_base_sample(Path(load_dir) / str(tag) / STORE_DIR):
+            check_base_sample(Path(load_dir) / str(tag) / STORE_DIR, self._frozen_sample())
         if "custom_load_fn" not in kwargs:
             kwargs["custom_load_fn"] = functools.partial(_load_module, strict=load_module_strict)
         load_path, client_state = self._engine_load(load_dir, tag=tag, load_module_strict=load_module_strict, **kwargs)
         if load_path is None:
             return load_path, client_state
-        self._base_sample = base_sample(self.engine.module)
-        check_base_sample(Path(load_dir) / str(tag) / STORE_DIR, self._base_sample)
         load_stores(Path(load_dir) / str(tag) / STORE_DIR, self.adapters, self.sparse_optimizer)
         return load_path, client_state
+
+    def _frozen_sample(self) -> dict[str, torch.Tensor]:
+        """:func:`meft_ds.checkpoint.base_sample` of the model, taken once (the base model is frozen; every rank takes
+        part under ZeRO-3)."""
+        if self._base_sample is None:
+            self._base_sample = base_sample(self.engine.module)
+        return self._base_sample
 
 
 def _load_module(src: dict[str, torch.Tensor], dst: nn.Module, *, strict: bool) -> None:

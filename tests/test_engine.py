@@ -355,28 +355,38 @@ def test_a_tied_embedding_is_left_out_under_both_names(tmp_path) -> None:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resuming_on_another_base_model_is_refused(tmp_path, stage: int) -> None:
     """A checkpoint leaves the frozen base model out, so it keeps a sample of it: resuming on another base (one
-    weight matrix moved by 1%, as another fine-tune would move it) is refused with the fix before the stores load; the
-    same base resumes. At ZeRO-3 the frozen parameters are partitioned (no persistence threshold): each is gathered."""
+    weight matrix moved by 1%, as another fine-tune would move it) is refused with the fix before anything loads; the
+    same base resumes, and so does another one from a checkpoint that holds the base (it restores it: no sample
+    kept). At ZeRO-3 the frozen parameters are partitioned (no persistence threshold): each is gathered."""
     config = ds_config(stage)
     if stage == 3:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     run = train_with_engine(config, steps=2)
-    run.engine.save_checkpoint(str(tmp_path))
+    run.engine.save_checkpoint(str(tmp_path / "a"))
+    run.engine.save_checkpoint(str(tmp_path / "b"), exclude_frozen_parameters=False)
     if stage == 3:
         assert all(p.numel() == 0 for p in run.model.parameters()), "every parameter partitioned"
+    assert not (tmp_path / "b" / "global_step2" / "meft" / "base_model_sample.pt").exists()
 
-    other = tiny_model()
-    with torch.no_grad():
-        other.model.layers[1].mlp.up_proj.weight.mul_(1.01)
+    def other_base() -> torch.nn.Module:
+        model = tiny_model()
+        with torch.no_grad():
+            model.model.layers[1].mlp.up_proj.weight.mul_(1.01)
+        return model
+
+    other = other_base()
     engine, *_ = meft_ds.initialize(model=other, config=config)
     initial_rows = [a.store.rows.clone() for a in meft_ds.adapters(other)]
     with pytest.raises(meft_ds.CheckpointError, match=r"1 of \d+ frozen parameters .*up_proj.*Fix: resume with the"):
-        engine.load_checkpoint(str(tmp_path))
+        engine.load_checkpoint(str(tmp_path / "a"))
+    assert engine.global_steps == 0, "the engine's state is not loaded"
     for adapter, rows in zip(meft_ds.adapters(other), initial_rows, strict=True):
-        assert torch.equal(adapter.store.rows, rows), "the stores are loaded only after the check"
+        assert torch.equal(adapter.store.rows, rows), "nor are the stores"
+    restored, *_ = meft_ds.initialize(model=other_base(), config=config)
+    assert restored.load_checkpoint(str(tmp_path / "b"))[0] is not None
 
     same, *_ = meft_ds.initialize(model=tiny_model(), config=config)
-    assert same.load_checkpoint(str(tmp_path))[0] is not None
+    assert same.load_checkpoint(str(tmp_path / "a"))[0] is not None
     assert same.meft.sparse_optimizer.global_step == 2
 
 
