@@ -380,14 +380,15 @@ class MeftPlugin:
         if tag is not None and dist.get_rank() == 0:
             recover_directory(Path(load_dir) / str(tag))
         dist.barrier()
-        if tag is not None and has_base_sample(Path(load_dir) / str(tag) / STORE_DIR):
-            check_base_sample(Path(load_dir) / str(tag) / STORE_DIR, self._frozen_sample())
+        stores = Path(load_dir) / str(tag) / STORE_DIR
+        if tag is not None and has_base_sample(stores):
+            check_base_sample(stores, self._frozen_sample())
         if "custom_load_fn" not in kwargs:
             kwargs["custom_load_fn"] = functools.partial(_load_module, strict=load_module_strict)
         load_path, client_state = self._engine_load(load_dir, tag=tag, load_module_strict=load_module_strict, **kwargs)
         if load_path is None:
             return load_path, client_state
-        load_stores(Path(load_dir) / str(tag) / STORE_DIR, self.adapters, self.sparse_optimizer)
+        load_stores(stores, self.adapters, self.sparse_optimizer)
         return load_path, client_state
 
     def _frozen_sample(self) -> dict[str, torch.Tensor]:
