@@ -7,7 +7,7 @@ from torch import nn
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.background import fit_background
 from meft_ds.config import MeftConfig, MeftConfigError
-from meft_ds.engine import MeftPlugin, attach, initialize
+from meft_ds.engine import attach, initialize
 from meft_ds.export import save_adapter
 from meft_ds.export_load import load_adapter
 from meft_ds.host_memory import keep_freed_host_memory
@@ -15,6 +15,7 @@ from meft_ds.inference import InferenceOnlyError, for_inference, for_training
 from meft_ds.inject import UnsupportedModelError, adapters, inject, register_ffn, supported_model_types
 from meft_ds.meft_model import MeftModel
 from meft_ds.ops import read_cpu_info_once
+from meft_ds.plugin import MeftPlugin
 from meft_ds.sparse_adam import NonFiniteGradientError, SparseRowAdam
 from meft_ds.stats import sum_stats
 from meft_ds.store import CheckpointError

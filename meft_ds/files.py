@@ -2,7 +2,7 @@
 
 Every directory is written atomically: into a temporary sibling first, flushed to disk, then renamed into place,
 so a process killed mid-write leaves the previous version intact and never a half-written one. Training checkpoints
-(:mod:`meft_ds.engine`, :mod:`meft_ds.checkpoint`) and exported adapters (:mod:`meft_ds.export`) are written this way.
+(:mod:`meft_ds.plugin`, :mod:`meft_ds.checkpoint`) and exported adapters (:mod:`meft_ds.export`) are written this way.
 """
 
 from __future__ import annotations

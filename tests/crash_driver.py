@@ -11,8 +11,8 @@ import torch
 from tiny_models import tiny_model, token_batch
 
 import meft_ds
-import meft_ds.engine
 import meft_ds.files
+import meft_ds.plugin
 import meft_ds.store
 
 CONFIG = {
@@ -67,7 +67,7 @@ def main(directory: str, point: str, reference: str) -> None:
     elif point == "store_files":  # after the first layer's store file
         kill_on_call(meft_ds.store, "save_file", call=1)
     elif point == "publish":  # everything written, nothing renamed yet
-        kill_on_call(meft_ds.engine, "publish_directory", call=0)
+        kill_on_call(meft_ds.plugin, "publish_directory", call=0)
     elif point == "between_renames":  # re-saving a tag: the old version moved aside, the new one not yet in place
         tag = "global_step2"
         kill_on_call(meft_ds.files.os, "replace", call=1, when=lambda src, dst: str(dst).endswith(".old"))
