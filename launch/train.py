@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("--method", choices=METHODS, default="meft", help="what to train (see the module doc)")
-    parser.add_argument("--lora_r", type=int, default=16, help="--method lora: rank on gate/up/down_proj")
+    parser.add_argument("--lora_r", type=int, help="--method lora: rank on gate/up/down_proj (default 16)")
     parser.add_argument(
         "--adapter_neurons", type=int, help="--method parallel_adapter: neurons r per FFN (default: meft.num_neurons)"
     )
@@ -125,9 +125,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size",
-                 "lora_r"):  # fmt: skip
-        if getattr(args, name) < 1:
+                 "lora_r", "adapter_neurons", "max_new_tokens"):  # fmt: skip
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("learning_rate", "weight_decay", "eval_limit"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    # a method's own option given to another method would be ignored: say so instead of training something else
+    for name, methods in (("lora_r", ("lora",)), ("adapter_neurons", ("parallel_adapter",)),
+                          ("meft", ("meft", "parallel_adapter"))):  # fmt: skip
+        if getattr(args, name) and args.method not in methods:
+            parser.error(f"--{name} applies to --method {' or '.join(methods)}, not {args.method}: drop it")
+    if args.lora_r is None:
+        args.lora_r = 16
     if not 0 <= args.rehearsal <= len(rehearsal.QUESTIONS):
         parser.error(
             f"--rehearsal {args.rehearsal}: use 0 (off) to {len(rehearsal.QUESTIONS)} (every built-in question)"

@@ -319,6 +319,42 @@ def test_bad_input_fails_fast_with_one_line(tmp_path: Path, args: list[str], mes
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--adapter_neurons", "0", "--method", "parallel_adapter"], "--adapter_neurons must be at least 1, got 0"),
+        (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1, got 0"),
+        (["--learning_rate", "-1"], "--learning_rate must be >= 0, got -1.0"),
+        (["--weight_decay", "-0.1"], "--weight_decay must be >= 0, got -0.1"),
+        (["--eval_limit", "-1"], "--eval_limit must be >= 0, got -1"),
+        (["--lora_r", "8"], "--lora_r applies to --method lora, not meft: drop it"),
+        (["--adapter_neurons", "64", "--method", "lora"], "--adapter_neurons applies to --method parallel_adapter"),
+        (["--method", "full", "--meft", "top_k=8"], "--meft applies to --method meft or parallel_adapter, not full"),
+    ],
+)
+def test_an_option_out_of_range_or_for_another_method_is_refused_while_parsing(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each would otherwise fail after the model loaded, or train something other than asked (an ignored --lora_r,
+    --adapter_neurons 0 read as "the default size")."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    from train import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].split(": error: ", 1)[1].startswith(message)
+
+
+def test_method_options_take_their_defaults_only_for_their_method() -> None:
+    sys.path.insert(0, str(ROOT / "launch"))
+    from train import parse_args
+
+    assert parse_args(["--method", "lora"]).lora_r == 16
+    assert parse_args(["--method", "lora", "--lora_r", "4"]).lora_r == 4
+    assert parse_args(["--method", "parallel_adapter", "--meft", "num_neurons=64"]).meft == ["num_neurons=64"]
+
+
 @pytest.mark.parametrize(("code", "closed"), [(0, True), (1, False)])
 def test_a_finished_launcher_closes_its_process_groups(code: int, closed: bool) -> None:
     """run_cli destroys the process groups (the default one and a new one) once main succeeds, before the
