@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--limit must be >= 0, got {args.limit}")
     if args.no_base and args.adapter is None:
         parser.error("--no_base leaves nothing to evaluate. Fix: pass --adapter, or drop --no_base.")
+    if args.output is not None and args.output.is_dir():
+        parser.error(f"--output {args.output} is a folder. Fix: name a JSON file, e.g. {args.output / 'scores.json'}.")
     return args
 
 
@@ -99,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     examples = load_examples(args.dataset, split, format=file_format, limit=args.limit or None, seed=args.seed)
     if args.adapter is not None:
         read_adapter_config(args.adapter)
+    if args.output is not None:  # made now: a folder that cannot be made fails here, not after the evaluation
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SystemExit(f"error: --output {args.output}: cannot create its folder ({error}). Fix: choose a "
+                             "writable path.") from None  # fmt: skip
     name = model_name(args)
     dtype = model_dtype(args)
     cpu_kernels()  # built (or found in the extension cache) now, not after the model has loaded

@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("micro_batch_size", "seq_len", "world_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.device_gb <= 0:
-        parser.error(f"--device_gb must be positive, got {args.device_gb}")
+    for name in ("device_gb", "host_gb"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     return args
 
 

@@ -132,10 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     # a method's own option given to another method would be ignored: say so instead of training something else
-    for name, methods in (("lora_r", ("lora",)), ("adapter_neurons", ("parallel_adapter",)),
-                          ("meft", ("meft", "parallel_adapter"))):  # fmt: skip
-        if getattr(args, name) and args.method not in methods:
-            parser.error(f"--{name} applies to --method {' or '.join(methods)}, not {args.method}: drop it")
+    # (the config's meft section, and --meft, are read by MEFT and the parallel adapter's default size, and
+    # ignored by the others: one set of arguments serves every method of a comparison)
+    for name, method in (("lora_r", "lora"), ("adapter_neurons", "parallel_adapter")):
+        if getattr(args, name) is not None and args.method != method:
+            parser.error(f"--{name} applies to --method {method}, not {args.method}: drop it")
     if args.lora_r is None:
         args.lora_r = 16
     if not 0 <= args.rehearsal <= len(rehearsal.QUESTIONS):

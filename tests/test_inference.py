@@ -246,7 +246,7 @@ def test_evaluate_serves_from_the_device_with_the_training_paths_answers(
     common = ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--no_base", "--limit", "6"]
     results = {}
     for routing, extra in (("device", []), ("host", ["--host_routing"])):
-        out = tmp_path / f"{routing}.json"
+        out = tmp_path / "scores" / f"{routing}.json"  # its folder made before the model loads
         assert evaluate.main([*common, "--max_new_tokens", "8", "--output", str(out), *extra]) == 0
         results[routing] = json.loads(out.read_text())
         assert results[routing]["routing"] == routing

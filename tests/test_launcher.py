@@ -3,6 +3,7 @@ evaluation shared out over 2 ranks scores what one process scores."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -329,7 +330,6 @@ def test_bad_input_fails_fast_with_one_line(tmp_path: Path, args: list[str], mes
         (["--eval_limit", "-1"], "--eval_limit must be >= 0, got -1"),
         (["--lora_r", "8"], "--lora_r applies to --method lora, not meft: drop it"),
         (["--adapter_neurons", "64", "--method", "lora"], "--adapter_neurons applies to --method parallel_adapter"),
-        (["--method", "full", "--meft", "top_k=8"], "--meft applies to --method meft or parallel_adapter, not full"),
     ],
 )
 def test_an_option_out_of_range_or_for_another_method_is_refused_while_parsing(
@@ -344,6 +344,21 @@ def test_an_option_out_of_range_or_for_another_method_is_refused_while_parsing(
         parse_args(args)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].split(": error: ", 1)[1].startswith(message)
+
+
+def test_evaluate_refuses_an_output_that_is_a_folder_while_parsing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "launch" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--output", str(tmp_path)])
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(f"error: --output {tmp_path} is a folder. Fix: name a JSON file, e.g. {tmp_path / 'scores.json'}.")
+    )
 
 
 def test_method_options_take_their_defaults_only_for_their_method() -> None:

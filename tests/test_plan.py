@@ -377,6 +377,23 @@ def test_cli_bad_input_is_one_error_line(cli: Any, capsys: Any, argv: list[str],
     assert err.startswith(f"error: {field}") and "Fix:" in err
 
 
+@pytest.mark.parametrize("argv", [["--device_gb", "0"], ["--host_gb", "-1"], ["--world_size", "0"]])
+def test_cli_sizes_out_of_range_are_refused_while_parsing(cli: Any, capsys: Any, argv: list[str]) -> None:
+    """A negative --host_gb gave a plan: "DOES NOT FIT a 24 GiB device" for a device it fitted."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--model", "llama-2-7b", *argv])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"error: {argv[0]} must be "
+            + ("at least 1, got 0" if argv[0] == "--world_size" else f"positive, got {float(argv[1])}")
+        )
+    )
+
+
 def test_model_config_from_a_folder_and_a_file(tmp_path: Path) -> None:
     tiny_config().save_pretrained(tmp_path)
     from_folder = plan(str(tmp_path), DS_CONFIG, batch_size=1, seq_len=8)
