@@ -20,6 +20,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import argparse
 
 from meft_ds.inject import UnsupportedModelError
+from meft_ds.memory import HEADROOM
 from meft_ds.models import BUILTIN_MODEL, ModelLoadError
 from meft_ds.plan import CONTEXT_RESERVE, FRAGMENTATION, TIERS, GiB, MemoryPlan, plan
 from meft_ds.training import parse_overrides, run_cli
@@ -95,13 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     verdict = memory_plan.verdict(args.device_gb, args.host_gb)
     reserve = f"{CONTEXT_RESERVE / GiB:g} GiB for the CUDA context and workspaces, {FRAGMENTATION:.0%} fragmentation"
     print(
-        f"\nverdict: {'FITS' if verdict.fits else 'DOES NOT FIT'} a {args.device_gb:g} GiB device: needs "
+        f"\nverdict: {'FITS' if verdict.device_fits else 'DOES NOT FIT'} a {args.device_gb:g} GiB device: needs "
         f"{verdict.need / GiB:.2f} GiB of the {verdict.budget / GiB:.2f} GiB it leaves ({reserve})"
     )
     if verdict.changes:
-        print("to fit, change one of:" if not verdict.fits else "a narrow fit; these would free device memory:")
+        print("to fit, change one of:" if not verdict.device_fits else "a narrow fit; these would free device memory:")
         for change in verdict.changes:
             print(f"  - {change}")
+    if verdict.host_budget is not None:
+        fix = "" if verdict.host_fits else "; to fit, lower meft.num_neurons or use meft.store.device=nvme"
+        print(
+            f"CPU memory: {'FITS' if verdict.host_fits else 'DOES NOT FIT'} {args.host_gb:g} GiB: needs "
+            f"{verdict.host_need / GiB:.2f} GiB (pinned and pageable) of the {verdict.host_budget / GiB:.2f} GiB it "
+            f"leaves ({HEADROOM:.0%}: the rest for the process's other memory){fix}"
+        )
     return 0 if verdict.fits else 1
 
 

@@ -348,10 +348,20 @@ def model_facts(
 
 @dataclass
 class Verdict:
-    fits: bool
+    device_fits: bool
     need: int  # device bytes
     budget: int  # device bytes left to the planned tensors
-    changes: list[str] = field(default_factory=list)  # computed: a change, and the device bytes it leads to
+    changes: list[str] = field(default_factory=list)  # computed: a device change, and the device bytes it leads to
+    host_need: int = 0  # pinned and pageable CPU bytes
+    host_budget: int | None = None  # CPU bytes usable by the run, when a CPU memory size was given
+
+    @property
+    def host_fits(self) -> bool:
+        return self.host_budget is None or self.host_need <= self.host_budget
+
+    @property
+    def fits(self) -> bool:
+        return self.device_fits and self.host_fits
 
 
 @dataclass
@@ -381,15 +391,11 @@ class MemoryPlan:
         """Whether the device tier fits ``device_gib`` GiB less :data:`CONTEXT_RESERVE` and :data:`FRAGMENTATION`
         (and CPU memory ``host_gib`` x ``meft_ds.memory.HEADROOM``, if given); if not, what to change."""
         budget = int(device_gib * GiB * (1 - FRAGMENTATION)) - CONTEXT_RESERVE
-        verdict = Verdict(self.total("device") <= budget, self.total("device"), budget)
-        host = self.total("pinned") + self.total("host")
-        if host_gib is not None and host > host_gib * GiB * HEADROOM:
-            verdict.fits = False
-            verdict.changes.append(
-                f"CPU memory: needs {host / GiB:.1f} GiB of {host_gib:g} GiB: lower meft.num_neurons "
-                "or use meft.store.device=nvme"
-            )
-        if not verdict.fits:
+        need = self.total("device")
+        host_budget = None if host_gib is None else int(host_gib * GiB * HEADROOM)
+        verdict = Verdict(need <= budget, need, budget, host_need=self.total("pinned") + self.total("host"),
+                          host_budget=host_budget)  # fmt: skip
+        if not verdict.device_fits:
             verdict.changes += self._device_changes(budget, shrink=True)
         elif verdict.need > TIGHT * budget:  # it fits, narrowly: what frees memory without shrinking the run
             verdict.changes += self._device_changes(budget, shrink=False)

@@ -27,6 +27,7 @@ from meft_ds.activations import (
 )
 from meft_ds.adapter import MaskedAdapterFunction
 from meft_ds.ds_config import load_deepspeed_config
+from meft_ds.memory import HEADROOM
 from meft_ds.models import ModelLoadError
 from meft_ds.pinned import RINGS
 from meft_ds.plan import (
@@ -339,6 +340,31 @@ def test_verdict_changes_are_computed_and_fit(llama_plan: MemoryPlan) -> None:
     checkpointed = dataclasses.replace(llama_plan.setup, checkpointing=True)
     fits = sum(i.nbytes for i in plan_items(checkpointed, llama_plan.model) if i.tier == "device") <= verdict.budget
     assert any(c.startswith("enable activation checkpointing") and ("(fits)" in c) == fits for c in verdict.changes)
+
+
+def test_cpu_memory_is_judged_apart_from_the_device(llama_plan: MemoryPlan) -> None:
+    """A run whose rows do not fit the CPU's memory does not fit, but its device still does: no device change is
+    proposed for it (they said "(fits)" while the run did not)."""
+    host = llama_plan.total("pinned") + llama_plan.total("host")
+    roomy = llama_plan.verdict(device_gib=80, host_gib=2 * host / GiB)
+    assert roomy.fits and roomy.host_fits and roomy.host_need == host and roomy.changes == []
+    short = llama_plan.verdict(device_gib=80, host_gib=host / GiB)  # a tenth of it is left to everything else
+    assert short.device_fits and not short.host_fits and not short.fits and short.changes == []
+    assert short.host_budget == int(host * HEADROOM)
+    assert llama_plan.verdict(device_gib=80).host_budget is None  # no size given: not judged
+
+
+def test_cli_says_which_memory_does_not_fit(cli: Any, llama_plan: MemoryPlan, capsys: Any) -> None:
+    host = (llama_plan.total("pinned") + llama_plan.total("host")) / GiB
+    argv = ["--model", "llama-2-7b", "--deepspeed", str(ROOT / "ds_configs" / "meft.json"), "--micro_batch_size", "2"]
+    code = cli.main([*argv, "--seq_len", "256", "--meft", "num_neurons=8464", "--device_gb", "80", "--host_gb", "8"])
+    out = capsys.readouterr().out
+    assert code == 1 and "verdict: FITS a 80 GiB device" in out
+    assert (
+        f"CPU memory: DOES NOT FIT 8 GiB: needs {host:.2f} GiB (pinned and pageable) of the 7.20 GiB it leaves (90%: "
+        in out
+    )
+    assert "lower meft.num_neurons or use meft.store.device=nvme" in out
 
 
 def test_checkpointing_is_planned_without_pre_retrieval() -> None:
