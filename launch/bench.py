@@ -46,8 +46,9 @@ from bench import adam, inference, memory, quality, routing_cost, scaleout, step
 from bench.common import Context, Section, Settings
 from bench.report import load_results, machine, render_markdown, write_results
 
+from meft_ds.config import MeftConfig
 from meft_ds.host_memory import keep_freed_host_memory
-from meft_ds.training import parse_overrides
+from meft_ds.training import parse_overrides, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS: dict[str, tuple[ModuleType, str]] = {
@@ -88,13 +89,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.only = [key.strip() for key in args.only.split(",") if key.strip()]
     if args.micro_steps is not None and args.micro_steps < 1:
         parser.error(f"--micro-steps: G must be at least 1, got {args.micro_steps}")
+    if args.cache_mb is not None and args.cache_mb <= 0:
+        parser.error(f"--cache-mb must be positive, got {args.cache_mb:g}")
+    if not args.markdown.parent.is_dir():  # written last: found missing only after the whole run otherwise
+        parser.error(f"--markdown {args.markdown}: no folder {args.markdown.parent}. Fix: create it, or name a file "
+                     "in an existing folder.")  # fmt: skip
     unknown = [key for key in args.only if key not in EXPERIMENTS]
     if unknown:
         parser.error(f"--only: unknown experiment(s) {unknown}; use some of {','.join(EXPERIMENTS)}")
     return args
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     settings = Settings.quick() if args.quick else Settings.full()
     if args.micro_steps is not None:
@@ -102,10 +108,17 @@ def main(argv: list[str]) -> None:
     if args.quality_grid is not None:
         settings = dataclasses.replace(settings, quality_grids=args.quality_grid)
     command = shlex.join(["python", "launch/bench.py", *argv])
+    overrides = parse_overrides(args.meft)
+    MeftConfig.check_keys(overrides)  # their values are checked with each experiment's own
     # as launch/train.py trains on the CPU: freed host memory kept for reuse, for every variant of every experiment
     kept = not args.render and keep_freed_host_memory()
-    context = Context(settings, command, parse_overrides(args.meft), args.cache_mb, kept_freed_memory=kept)
-    args.out.mkdir(parents=True, exist_ok=True)
+    context = Context(settings, command, overrides, args.cache_mb, kept_freed_memory=kept)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(
+            f"error: --out {args.out}: cannot create it ({error}). Fix: choose a writable folder."
+        ) from None
     results_path = args.out / "results.json"
     stored = load_results(results_path)
     if args.render:
@@ -146,7 +159,8 @@ def main(argv: list[str]) -> None:
         print(f"wrote {args.markdown}")
     else:
         print(f"wrote {results_path}, {args.markdown} in {meta['seconds']:.0f} s, peak {meta['peak_rss_gb']:.1f} GB")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(lambda: main(sys.argv[1:]))  # bad input (e.g. a --meft key) in one line, not a traceback

@@ -211,8 +211,14 @@ class MeftConfig:
                 f"meft: expected a JSON object (dict) of settings, got {type(values).__name__}. "
                 'Fix: write the section as {"num_neurons": 4096, "top_k": 64, ...}.'
             )
-        _reject_unknown_keys("", values, [f.name for f in dataclasses.fields(cls) if f.init])
+        cls.check_keys(values)
         return cls(**values)
+
+    @classmethod
+    def check_keys(cls, values: dict[str, Any]) -> None:
+        """Raise for the first key of ``values`` that is not a setting (e.g. overrides checked before they are
+        combined with the values they override)."""
+        _reject_unknown_keys("", values, [f.name for f in dataclasses.fields(cls) if f.init])
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (``num_experts`` resolved), e.g. for an exported adapter."""

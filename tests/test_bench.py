@@ -298,7 +298,7 @@ def test_sections_measured_on_other_machines_name_theirs() -> None:
     assert ", on EPYC (AVX-512))" in apart.split("## g.")[1]
 
 
-def test_cli_checks_its_arguments() -> None:
+def test_cli_checks_its_arguments(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location(
         "bench_cli", Path(__file__).resolve().parents[1] / "launch" / "bench.py"
     )
@@ -309,8 +309,26 @@ def test_cli_checks_its_arguments() -> None:
     with pytest.raises(SystemExit):
         cli.parse_args(["--only", "a,z"])
     assert cli.parse_args(["--micro-steps", "8"]).micro_steps == 8
-    with pytest.raises(SystemExit):
-        cli.parse_args(["--micro-steps", "0"])
+    for wrong in (["--micro-steps", "0"], ["--cache-mb", "-5"], ["--markdown", str(tmp_path / "no" / "B.md")]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(wrong)
+    # a mistyped --meft key fails before any experiment runs, even one that reads no meft setting (b)
+    out = tmp_path / "out"
+    with pytest.raises(meft_ds.MeftConfigError, match=r"meft\.num_neuronz: unknown setting.*'num_neurons'"):
+        cli.main(
+            [
+                "--quick",
+                "--only",
+                "b",
+                "--meft",
+                "num_neuronz=4",
+                "--out",
+                str(out),
+                "--markdown",
+                str(tmp_path / "B.md"),
+            ]
+        )
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
