@@ -339,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # everything that can be wrong with the inputs fails here, before the model loads
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: --output_dir {output_dir}: cannot create it ({error}). Fix: choose a writable "
+                         "folder.") from None  # fmt: skip
     ds_config = build_config(args, output_dir)
     if args.dataset in DATASETS and args.dataset_format is not None:
         raise DatasetError(f"--dataset_format applies to local files only; drop it for the built-in '{args.dataset}'")

@@ -361,6 +361,16 @@ def test_evaluate_refuses_an_output_that_is_a_folder_while_parsing(
     )
 
 
+def test_an_output_dir_that_cannot_be_made_fails_before_the_model_loads(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "launch"))
+    from train import main
+
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    with pytest.raises(SystemExit, match=rf"^error: --output_dir {taken}: cannot create it \(.*File exists"):
+        main(["--output_dir", str(taken)])
+
+
 def test_method_options_take_their_defaults_only_for_their_method() -> None:
     sys.path.insert(0, str(ROOT / "launch"))
     from train import parse_args
