@@ -8,14 +8,18 @@ Accelerate. :func:`resolve_auto` fills them for scripts that drive DeepSpeed dir
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
+import inspect
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
@@ -128,12 +132,14 @@ def validate_deepspeed_config(ds_config: dict[str, Any]) -> None:
         raise MeftConfigError(
             f"gradient_clipping: expected a number >= 0, got {clip!r}. Fix: e.g. 1.0, or 0 to disable."
         )
+    _check_batch_sizes(ds_config)
     optimizer_type = section(ds_config, "optimizer").get("type")
     if optimizer_type is not None and not _known_optimizer(optimizer_type):
         raise MeftConfigError(
             f"optimizer.type: {optimizer_type!r} is neither a DeepSpeed optimizer nor one of torch.optim. Fix: use "
             f"one of {', '.join(sorted(DEEPSPEED_OPTIMIZERS))} (AdamW is the usual choice)."
         )
+    _check_optimizer_params(optimizer_type, section(ds_config, "optimizer", "params"))
     scheduler_type = section(ds_config, "scheduler").get("type")
     if scheduler_type is not None and scheduler_type not in VALID_LR_SCHEDULES:
         raise MeftConfigError(
@@ -149,6 +155,54 @@ def validate_deepspeed_config(ds_config: dict[str, Any]) -> None:
         raise MeftConfigError(
             f"zero_optimization.offload_optimizer.device: {offload!r} is unknown. Fix: use 'cpu', 'nvme' or 'none'."
         )
+
+
+def _check_batch_sizes(ds_config: dict[str, Any]) -> None:
+    """``train_batch_size`` = micro-batch x accumulation steps x data-parallel ranks (meft_ds trains data-parallel
+    only), which DeepSpeed asserts only once the model has loaded."""
+    total = ds_config.get("train_batch_size")
+    micro, steps = ds_config.get("train_micro_batch_size_per_gpu"), ds_config.get("gradient_accumulation_steps")
+    if total is None or micro is None or steps is None:
+        return  # DeepSpeed derives the missing one
+    ranks = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if total != micro * steps * ranks:
+        raise MeftConfigError(
+            f"train_batch_size: {total!r} is not train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
+            f"ranks = {micro} x {steps} x {ranks} = {micro * steps * ranks}. Fix: set it to {micro * steps * ranks}, "
+            "or to 'auto' (DeepSpeed then derives it)."
+        )
+
+
+def _check_optimizer_params(optimizer_type: Any, params: dict[str, Any]) -> None:
+    """A key of ``optimizer.params`` that the optimizer DeepSpeed builds does not take fails there with a TypeError,
+    once the model has loaded. Checked for Adam/AdamW (DeepSpeed's CPU Adam, its FusedAdam or torch's, by the config;
+    any of their parameters is accepted, and the keys DeepSpeed reads itself) and for torch.optim classes."""
+    if not isinstance(optimizer_type, str):
+        return
+    if optimizer_type.lower() in ("adam", "adamw"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+        classes = [FusedAdam, DeepSpeedCPUAdam, torch.optim.AdamW]
+        read_by_deepspeed = {"adam_w_mode", "torch_adam", "fp32_optimizer_states"}
+    elif optimizer_type.lower() not in DEEPSPEED_OPTIMIZERS and hasattr(torch.optim, optimizer_type):
+        classes, read_by_deepspeed = [getattr(torch.optim, optimizer_type)], set()
+    else:
+        return
+    accepted = set(read_by_deepspeed)
+    for cls in classes:
+        parameters = inspect.signature(cls.__init__).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return
+        accepted |= set(parameters) - {"self", "params", "model_params"}
+    for key in params:
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key), sorted(accepted), n=1)
+            hint = "gradient_clipping at the top level" if key == "max_grad_norm" else (
+                f"{close[0]!r}" if close else f"one of {', '.join(sorted(accepted))}")  # fmt: skip
+            raise MeftConfigError(
+                f"optimizer.params.{key}: not a parameter of {optimizer_type} as DeepSpeed builds it. Fix: remove it "
+                f"(did you mean {hint}?)."
+            )
 
 
 def _known_optimizer(name: Any) -> bool:

@@ -89,6 +89,18 @@ def test_round_trip_through_dict() -> None:
         ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}}, "offload_optimizer.device"),
         ({"gradient_clipping": -1}, "gradient_clipping: expected a number >= 0"),
         ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu: expected a positive integer"),
+        (
+            {"train_batch_size": 16},
+            "train_batch_size: 16 is not train_micro_batch_size_per_gpu x "
+            "gradient_accumulation_steps x ranks = 8 x 1 x 1 = 8. Fix: set it to 8",
+        ),
+        (
+            {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betaz": [0.9, 0.99]}}},
+            "optimizer.params.betaz: not a parameter of AdamW as DeepSpeed builds it. Fix: remove it (did you mean "
+            "'betas'?)",
+        ),
+        ({"optimizer": {"type": "AdamW", "params": {"max_grad_norm": 1.0}}}, "(did you mean gradient_clipping at"),
+        ({"optimizer": {"type": "RMSprop", "params": {"lr": 0.1, "momentun": 0.9}}}, "'momentum'?"),
     ],
 )
 def test_deepspeed_config_mistakes_are_named(change: dict, message: str) -> None:
@@ -102,6 +114,19 @@ def test_deepspeed_config_mistakes_are_named(change: dict, message: str) -> None
     with pytest.raises(MeftConfigError, match=re.escape(message)) as error:
         validate_deepspeed_config(resolve_auto(config, max_steps=10))
     assert "Fix:" in str(error.value)
+
+
+def test_deepspeed_config_values_that_are_right_pass() -> None:
+    import json
+    from pathlib import Path
+
+    from meft_ds.ds_config import resolve_auto, validate_deepspeed_config
+
+    config = json.loads((Path(__file__).parents[1] / "ds_configs" / "meft.json").read_text())
+    config["train_batch_size"] = 8 * 2  # 8 a micro-batch x 2 accumulation steps x 1 rank
+    adam_keys = {"lr": 1e-4, "bias_correction": True, "adam_w_mode": True, "torch_adam": False, "amsgrad": False}
+    config["optimizer"] = {"type": "Adam", "params": adam_keys | {"fp32_optimizer_states": True}}
+    validate_deepspeed_config(resolve_auto(config, max_steps=10, gradient_accumulation_steps=2))
 
 
 def test_auto_steps_without_max_steps_is_named() -> None:
