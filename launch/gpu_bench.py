@@ -42,7 +42,7 @@ from deepspeed.accelerator import get_accelerator
 import meft_ds
 from meft_ds import adapter as adapter_module
 from meft_ds.ds_config import compute_dtype, fit_precision_to_cpu, load_deepspeed_config
-from meft_ds.plan import load_model_config
+from meft_ds.model_facts import load_model_config
 from meft_ds.training import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
