@@ -24,7 +24,7 @@ from meft_ds.metrics import normalize_answer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 
-from bench import quality
+from bench import quality, quality_grid
 from bench.common import Section
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,12 +180,12 @@ def fake_results(em: float, device_bytes: int, retained: float | None = 1.0) -> 
     }  # fmt: skip
 
 
-GRID = quality.Grid(
+GRID = quality_grid.Grid(
     facts=25, steps=2, micro_batch=4, eval_limit=8, model="/tiny", name="test",
     cells=(
-        quality.meft("MEFT", 256, (1e-3, 3e-3)),
-        quality.Cell("LoRA", "lora", ("--lora_r", "4"), (3e-3,), seeds=(0, 1)),
-        quality.Cell("PA", "parallel_adapter", ("--adapter_neurons", "8"), (3e-3,), steps=1),  # its own steps
+        quality_grid.meft("MEFT", 256, (1e-3, 3e-3)),
+        quality_grid.Cell("LoRA", "lora", ("--lora_r", "4"), (3e-3,), seeds=(0, 1)),
+        quality_grid.Cell("PA", "parallel_adapter", ("--adapter_neurons", "8"), (3e-3,), steps=1),  # its own steps
     ),
 )  # fmt: skip
 SCORES = {  # (method, lr): (EM, device bytes)
@@ -256,8 +256,8 @@ def test_grid_runs_every_cell_lr_and_seed_once_and_resumes(tmp_path: Path) -> No
 def test_the_headline_grid_is_runs_of_the_capacity_grid(tmp_path: Path) -> None:
     """``--quality-grid headline`` (about an hour) runs four of the capacity grid's runs, at their best rates: after
     the capacity grid has run in the same folder, it finds their records and trains nothing."""
-    capacity, headline = quality.capacity_grid(), quality.headline_grid()
-    expected = [(label, (lr,), (0,)) for label, lr in quality.HEADLINE.items()]
+    capacity, headline = quality_grid.capacity_grid(), quality_grid.headline_grid()
+    expected = [(label, (lr,), (0,)) for label, lr in quality_grid.HEADLINE.items()]
     assert [(c.label, c.lrs, c.seeds) for c in headline.cells] == expected
     runs = {(c.label, c.args, lr, seed) for c in capacity.cells for lr in c.lrs for seed in c.seeds}
     assert {(c.label, c.args, c.lrs[0], 0) for c in headline.cells} <= runs
@@ -267,7 +267,7 @@ def test_the_headline_grid_is_runs_of_the_capacity_grid(tmp_path: Path) -> None:
         trained.append(output_dir.name)
         return fake_results(0.5, 100)
 
-    capacity = dataclasses.replace(capacity, cells=tuple(c for c in capacity.cells if c.label in quality.HEADLINE))
+    capacity = dataclasses.replace(capacity, cells=tuple(c for c in capacity.cells if c.label in quality_grid.HEADLINE))
     quality.run_grid(capacity, tmp_path, runner)
     before = len(trained)
     assert len(quality.run_grid(headline, tmp_path, runner)) == 4 and len(trained) == before
@@ -281,7 +281,7 @@ def test_quick_grid_runs_through_the_launcher(tmp_path: Path) -> None:
     folder = tmp_path / "tiny"
     tiny_model().save_pretrained(folder)
     word_tokenizer(chat=True).save_pretrained(folder)
-    full = quality.quick_grid(str(folder))
+    full = quality_grid.quick_grid(str(folder))
     cell = full.cells[0]
     grid = dataclasses.replace(
         full, cells=(dataclasses.replace(cell, args=(*cell.args, "--activation_checkpointing")),)
