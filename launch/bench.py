@@ -48,7 +48,7 @@ from bench.report import load_results, machine, render_markdown, write_results
 
 from meft_ds.config import MeftConfig
 from meft_ds.host_memory import keep_freed_host_memory
-from meft_ds.training import parse_overrides, run_cli
+from meft_ds.training import UsageError, parse_overrides, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS: dict[str, tuple[ModuleType, str]] = {
@@ -116,9 +116,7 @@ def main(argv: list[str]) -> int:
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise SystemExit(
-            f"error: --out {args.out}: cannot create it ({error}). Fix: choose a writable folder."
-        ) from None
+        raise UsageError(f"--out {args.out}: cannot create it ({error}). Fix: choose a writable folder.") from None
     results_path = args.out / "results.json"
     stored = load_results(results_path)
     if args.render:

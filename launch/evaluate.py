@@ -30,7 +30,7 @@ from meft_ds.export_load import read_adapter_config
 from meft_ds.files import write_json_atomic
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
 from meft_ds.ops import cpu_kernels
-from meft_ds.training import run_cli
+from meft_ds.training import UsageError, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args.output.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise SystemExit(f"error: --output {args.output}: cannot create its folder ({error}). Fix: choose a "
+            raise UsageError(f"--output {args.output}: cannot create its folder ({error}). Fix: choose a "
                              "writable path.") from None  # fmt: skip
     name = model_name(args)
     dtype = model_dtype(args)

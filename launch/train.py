@@ -43,7 +43,7 @@ from meft_ds.evaluation import evaluate_generation, format_scores
 from meft_ds.files import write_json_atomic
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
 from meft_ds.ops import cpu_kernels
-from meft_ds.training import MetricsLog, MicroBatchStream, parse_overrides, progress_bar, run_cli
+from meft_ds.training import MetricsLog, MicroBatchStream, UsageError, parse_overrides, progress_bar, run_cli
 
 logger = logging.getLogger("meft_ds.train")
 
@@ -215,8 +215,8 @@ def enable_checkpointing(model: torch.nn.Module, name: str) -> None:
     """transformers' activation checkpointing, non-reentrant (the inputs need not require gradients: frozen
     embeddings under LoRA or MEFT), in training mode (which it needs; the evaluation switches to eval mode itself)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise SystemExit(
-            f"error: --activation_checkpointing: {name} ({type(model).__name__}) does not support activation "
+        raise UsageError(
+            f"--activation_checkpointing: {name} ({type(model).__name__}) does not support activation "
             "checkpointing in transformers. Fix: drop --activation_checkpointing."
         )
     options = {"use_reentrant": False}
@@ -331,10 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     checkpoints = output_dir / "checkpoints"
     if args.resume and not (checkpoints / "latest").is_file():
-        raise SystemExit(f"error: --resume: no checkpoint in {checkpoints} (no 'latest' file). Fix: drop --resume.")
+        raise UsageError(f"--resume: no checkpoint in {checkpoints} (no 'latest' file). Fix: drop --resume.")
     if not args.resume and (checkpoints / "latest").is_file():
-        raise SystemExit(
-            f"error: --output_dir {output_dir} already holds a run (checkpoints/latest). Fix: add --resume to "
+        raise UsageError(
+            f"--output_dir {output_dir} already holds a run (checkpoints/latest). Fix: add --resume to "
             "continue it, or choose another --output_dir."
         )
 
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"error: --output_dir {output_dir}: cannot create it ({error}). Fix: choose a writable "
+        raise UsageError(f"--output_dir {output_dir}: cannot create it ({error}). Fix: choose a writable "
                          "folder.") from None  # fmt: skip
     ds_config = build_config(args, output_dir)
     if args.dataset in DATASETS and args.dataset_format is not None:

@@ -22,7 +22,14 @@ from meft_ds.ops import KernelBuildError
 from meft_ds.store import CheckpointError
 
 MB = 1e6
-BAD_INPUT = (MeftConfigError, DatasetError, ModelLoadError, CheckpointError, KernelBuildError)
+
+
+class UsageError(ValueError):
+    """A launcher's argument that cannot be used as given (an output folder that cannot be made, ``--resume`` with
+    nothing to resume); the message names the argument and the fix."""
+
+
+BAD_INPUT = (MeftConfigError, DatasetError, ModelLoadError, CheckpointError, KernelBuildError, UsageError)
 
 
 def run_cli(main: Callable[[], int]) -> None:

@@ -25,6 +25,7 @@ from meft_ds.evaluation import evaluate_generation
 from meft_ds.models import load_model_and_tokenizer
 from meft_ds.probe import probe_examples
 from meft_ds.rehearsal import QUESTIONS as REHEARSAL
+from meft_ds.training import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -288,7 +289,12 @@ def test_a_second_run_into_the_same_output_dir_needs_resume(tmp_path: Path, mode
     launch(*common)
     result = subprocess.run([sys.executable, "launch/train.py", *map(str, common)], cwd=ROOT, env=LAUNCH_ENV,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode != 0 and "already holds a run" in result.stderr and "--resume" in result.stderr
+    assert (
+        result.returncode == 2
+        and "error: --output_dir" in result.stderr
+        and "already holds a run" in result.stderr
+        and "--resume" in result.stderr
+    )
 
 
 def test_evaluate_refuses_a_folder_without_an_adapter_in_one_line(tmp_path: Path) -> None:
@@ -367,7 +373,7 @@ def test_an_output_dir_that_cannot_be_made_fails_before_the_model_loads(tmp_path
 
     taken = tmp_path / "a_file"
     taken.write_text("")
-    with pytest.raises(SystemExit, match=rf"^error: --output_dir {taken}: cannot create it \(.*File exists"):
+    with pytest.raises(UsageError, match=rf"^--output_dir {taken}: cannot create it \(.*File exists"):
         main(["--output_dir", str(taken)])
 
 
@@ -404,7 +410,7 @@ def test_activation_checkpointing_is_refused_for_a_model_without_it() -> None:
     sys.path.insert(0, str(ROOT / "launch"))
     from train import enable_checkpointing
 
-    with pytest.raises(SystemExit, match=r"^error: --activation_checkpointing: toy \(Linear\) does not support"):
+    with pytest.raises(UsageError, match=r"^--activation_checkpointing: toy \(Linear\) does not support"):
         enable_checkpointing(torch.nn.Linear(2, 2), "toy")
     model = tiny_model().eval()
     enable_checkpointing(model, "tiny")

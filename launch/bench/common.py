@@ -67,7 +67,7 @@ class Settings:
     # f. scale out: each variant in processes of its own (its memory its own), or all in one launch (tests: faster)
     scaleout_launch_per_variant: bool = True
     # quality
-    quality_grids: str = "all"  # launch/bench/quality_grid.py's grids: "all", "headline" (about an hour) or "quick" (CI)
+    quality_grids: str = "all"  # launch/bench/quality_grid.py: "all", "headline" (about an hour) or "quick" (CI)
 
     @classmethod
     def full(cls) -> Settings:
