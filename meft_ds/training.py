@@ -33,8 +33,8 @@ BAD_INPUT = (MeftConfigError, DatasetError, ModelLoadError, CheckpointError, Ker
 
 
 def run_cli(main: Callable[[], int]) -> None:
-    """Run a launcher's ``main`` and exit with its code. Bad input (config, dataset, model, checkpoint, kernels that
-    cannot be built) ends in one ``error: ...`` line on stderr and exit code 2 rather than a traceback;
+    """Run a launcher's ``main`` and exit with its code. Bad input (config, dataset, model, checkpoint, arguments,
+    kernels that cannot be built) ends in one ``error: ...`` line on stderr and exit code 2 rather than a traceback;
     ``MEFT_DEBUG=1`` shows the traceback.
 
     After a successful ``main`` the process groups are destroyed while the interpreter is whole: left to its teardown,
