@@ -384,14 +384,15 @@ def tokenize_for_training(examples: Sequence[Example], tokenizer: Any, max_lengt
     """``{"input_ids", "labels"}`` per example: prompt then answer, labels ``-100`` on the prompt tokens.
 
     Over ``max_length``, the prompt loses its first tokens (the question's end and the answer cue stay); an answer
-    that alone fills ``max_length`` is cut after one prompt token. Raises ValueError when no answer fits at all.
+    that alone fills ``max_length`` is cut after one prompt token. Raises DatasetError when no answer fits at all.
     """
     encoded = [_encode(tokenizer, example) for example in examples]
     if encoded and all(len(answer) >= max_length for _, answer in encoded):
         shortest = min(len(answer) for _, answer in encoded)
-        raise ValueError(
+        raise DatasetError(
             f"max_length={max_length} is too small for any answer: the shortest answer takes {shortest} tokens and "
-            f"at least one prompt token must precede it; raise max_length well above {shortest} (256 is usual)"
+            f"at least one prompt token must precede it. Fix: raise max_length (train.py --max_length) well above "
+            f"{shortest} (256 is usual)."
         )
     features = []
     for prompt_ids, answer_ids in encoded:
