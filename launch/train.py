@@ -41,6 +41,8 @@ from meft_ds.ds_config import (
 )
 from meft_ds.evaluation import evaluate_generation, format_scores
 from meft_ds.files import write_json_atomic
+from meft_ds.inject import check_model_type
+from meft_ds.model_facts import load_model_config
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
 from meft_ds.ops import cpu_kernels
 from meft_ds.training import MetricsLog, MicroBatchStream, UsageError, parse_overrides, progress_bar, run_cli
@@ -347,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     ds_config = build_config(args, output_dir)
     if args.dataset in DATASETS and args.dataset_format is not None:
         raise DatasetError(f"--dataset_format applies to local files only; drop it for the built-in '{args.dataset}'")
+    if args.method in ("meft", "parallel_adapter"):  # adapters beside the FFNs: their place must be known
+        check_model_type(load_model_config(args.model).model_type, f"--model {args.model}")
     train_examples = [] if args.train_limit == 0 else load_split(args, args.dataset, "train", args.train_limit)
     eval_examples = None if args.no_eval else load_held_out(args)
     probe_examples = None if args.no_eval or args.no_probe else probe.probe_examples()

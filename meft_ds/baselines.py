@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from meft_ds.config import MeftConfig
-from meft_ds.inject import adapters
+from meft_ds.inject import adapters, decoder_layers, locate_ffns
 from meft_ds.plan import (
     Item,
     Setup,
@@ -50,13 +50,14 @@ def _add_output(adapter: DenseParallelAdapter, module: nn.Module, args: tuple, o
 
 
 def add_dense_adapters(model: nn.Module, neurons: int) -> list[nn.Parameter]:
-    """``y = FFN(h) + ReLU(h K^T) V`` on every decoder layer's MLP of a LLaMA-style model; the base stays frozen.
-    Returns the adapters' parameters."""
+    """``y = FFN(h) + ReLU(h K^T) V`` beside every decoder layer's FFN (where :func:`meft_ds.inject` puts MEFT's); the
+    base stays frozen. Returns the adapters' parameters."""
     model.requires_grad_(False)
-    dim = model.config.hidden_size
-    added = nn.ModuleList(DenseParallelAdapter(dim, neurons) for _ in model.model.layers)
-    for layer, adapter in zip(model.model.layers, added, strict=True):
-        layer.mlp.register_forward_hook(functools.partial(_add_output, adapter))
+    location = locate_ffns(model)
+    layers = decoder_layers(model, location)
+    added = nn.ModuleList(DenseParallelAdapter(model.config.hidden_size, neurons) for _ in layers)
+    for layer, adapter in zip(layers, added, strict=True):
+        getattr(layer, location.ffn_attr).register_forward_hook(functools.partial(_add_output, adapter))
     model.add_module("dense_adapters", added)
     return list(added.parameters())
 

@@ -75,16 +75,22 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def locate_ffns(model: nn.Module) -> FFNLocation:
-    """Where the FFNs of ``model``'s architecture are (its registry entry), or a clear error."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def check_model_type(model_type: str | None, what: str) -> None:
+    """A clear error unless the FFNs of ``model_type`` (of the model ``what`` names) are known: a launcher asks it of
+    the model's config before loading the weights."""
     if model_type not in _REGISTRY:
         raise UnsupportedModelError(
-            f"meft_ds does not know where the FFNs of model_type {model_type!r} ({type(model).__name__}) are. "
+            f"meft_ds does not know where the FFNs of model_type {model_type!r} ({what}) are. "
             f"Supported: {', '.join(supported_model_types())}. Fix: call "
             "meft_ds.register_ffn(model_type, layers_path, ffn_attr) first, e.g. "
             "register_ffn('llama', 'model.layers', 'mlp')."
         )
+
+
+def locate_ffns(model: nn.Module) -> FFNLocation:
+    """Where the FFNs of ``model``'s architecture are (its registry entry), or a clear error."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    check_model_type(model_type, type(model).__name__)
     return _REGISTRY[model_type]
 
 

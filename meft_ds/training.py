@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from meft_ds.config import MeftConfigError
 from meft_ds.data import DatasetError
 from meft_ds.files import atomic_file
-from meft_ds.inject import adapters
+from meft_ds.inject import UnsupportedModelError, adapters
 from meft_ds.models import ModelLoadError
 from meft_ds.ops import KernelBuildError
 from meft_ds.store import CheckpointError
@@ -29,7 +29,15 @@ class UsageError(ValueError):
     nothing to resume); the message names the argument and the fix."""
 
 
-BAD_INPUT = (MeftConfigError, DatasetError, ModelLoadError, CheckpointError, KernelBuildError, UsageError)
+BAD_INPUT = (
+    MeftConfigError,
+    DatasetError,
+    ModelLoadError,
+    UnsupportedModelError,
+    CheckpointError,
+    KernelBuildError,
+    UsageError,
+)
 
 
 def run_cli(main: Callable[[], int]) -> None:

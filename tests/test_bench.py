@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from tiny_models import tiny_model, token_batch, word_tokenizer
 import meft_ds
 from meft_ds.baselines import DenseParallelAdapter
 from meft_ds.config import MeftConfigError
+from meft_ds.inject import UnsupportedModelError
 
 TINY = dataclasses.replace(
     Settings.quick(),
@@ -210,6 +212,12 @@ def test_dense_parallel_adapter_is_the_formula() -> None:
     assert sum(p.numel() for p in params) == 2 * (2 * 32 * 64)
     assert [p for p in model.parameters() if p.requires_grad] == params
     torch.testing.assert_close(model(tokens).logits, base_logits)  # V = 0: the base model's output
+    gpt2 = tiny_model("gpt2")  # its FFNs found where inject finds them (transformer.h[i].mlp), not model.layers
+    assert sum(p.numel() for p in steptime.add_dense_adapters(gpt2, 32)) == 2 * (2 * 32 * gpt2.config.hidden_size)
+    toy = torch.nn.Linear(2, 2)
+    toy.config = types.SimpleNamespace(model_type="toy", hidden_size=2)
+    with pytest.raises(UnsupportedModelError, match="model_type 'toy'"):
+        steptime.add_dense_adapters(toy, 8)
 
 
 def test_step_time_runs_every_variant(context: Context) -> None:

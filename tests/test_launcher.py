@@ -377,6 +377,19 @@ def test_an_output_dir_that_cannot_be_made_fails_before_the_model_loads(tmp_path
         main(["--output_dir", str(taken)])
 
 
+@pytest.mark.parametrize("method", ["meft", "parallel_adapter"])
+def test_an_architecture_without_known_ffns_fails_before_the_model_loads(tmp_path: Path, method: str) -> None:
+    """Read from the model's config.json alone (no weights here to load): it failed after loading them."""
+    from transformers import OPTConfig
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    from train import main
+
+    OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2).save_pretrained(tmp_path / "opt")
+    with pytest.raises(meft_ds.UnsupportedModelError, match=r"model_type 'opt' \(--model .*opt\)"):
+        main(["--method", method, "--model", str(tmp_path / "opt"), "--output_dir", str(tmp_path / "run")])
+
+
 def test_method_options_take_their_defaults_only_for_their_method() -> None:
     sys.path.insert(0, str(ROOT / "launch"))
     from train import parse_args
