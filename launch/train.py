@@ -61,7 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("--method", choices=METHODS, default="meft", help="what to train (see the module doc)")
-    parser.add_argument("--lora_r", type=int, help="--method lora: rank on gate/up/down_proj (default 16)")
+    parser.add_argument(
+        "--lora_r",
+        type=int,
+        help="--method lora: rank, on the FFNs' linear layers (LLaMA: gate/up/down_proj; default 16)",
+    )
     parser.add_argument(
         "--adapter_neurons", type=int, help="--method parallel_adapter: neurons r per FFN (default: meft.num_neurons)"
     )
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ds_config = build_config(args, output_dir)
     if args.dataset in DATASETS and args.dataset_format is not None:
         raise DatasetError(f"--dataset_format applies to local files only; drop it for the built-in '{args.dataset}'")
-    if args.method in ("meft", "parallel_adapter"):  # adapters beside the FFNs: their place must be known
+    if args.method != "full":  # adapters beside or inside the FFNs: their place must be known
         check_model_type(load_model_config(args.model).model_type, f"--model {args.model}")
     train_examples = [] if args.train_limit == 0 else load_split(args, args.dataset, "train", args.train_limit)
     eval_examples = None if args.no_eval else load_held_out(args)

@@ -29,7 +29,6 @@ from meft_ds.plan import (
 )
 
 METHODS = ("meft", "lora", "parallel_adapter", "full")
-FFN_TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 
 class DenseParallelAdapter(nn.Module):
@@ -62,6 +61,25 @@ def add_dense_adapters(model: nn.Module, neurons: int) -> list[nn.Parameter]:
     return list(added.parameters())
 
 
+def ffn_linears(model: nn.Module) -> list[str]:
+    """The full names of the linear layers inside every FFN that :func:`meft_ds.inject` adapts (LLaMA-style models:
+    ``gate_proj``, ``up_proj``, ``down_proj``; GPT-2: ``c_fc``, ``c_proj`` of its MLP, not those of its attention):
+    LoRA's targets, so that it adapts what MEFT sits beside on every architecture meft_ds knows."""
+    location = locate_ffns(model)
+    ffns = {id(getattr(layer, location.ffn_attr)) for layer in decoder_layers(model, location)}
+    names = []
+    for name, module in model.named_modules():
+        if id(module) in ffns:
+            names += [f"{name}.{inner}" for inner, sub in module.named_modules() if _is_linear(sub)]
+    return names
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's linear layers, weights stored transposed), which PEFT's
+    LoRA adapts too."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 def add_lora(model: nn.Module, rank: int, targets: list[str]) -> nn.Module:
     """A PEFT ``LoraModel`` of ``model`` (alpha = 2 r, no dropout) on the ``targets`` linear layers."""
     from peft import LoraConfig, get_peft_model
@@ -74,7 +92,7 @@ def prepare_baseline(method: str, model: nn.Module, *, lora_r: int, adapter_neur
     """The model ``method`` (not "meft", which :func:`meft_ds.initialize` sets up) trains: only its trainable part
     requires gradients."""
     if method == "lora":
-        return add_lora(model, lora_r, FFN_TARGETS)
+        return add_lora(model, lora_r, ffn_linears(model))
     if method == "parallel_adapter":
         add_dense_adapters(model, adapter_neurons)
         return model

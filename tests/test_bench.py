@@ -32,7 +32,7 @@ from bench.scaleout_nvme import RAW_MIN
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
-from meft_ds.baselines import DenseParallelAdapter
+from meft_ds.baselines import DenseParallelAdapter, ffn_linears, prepare_baseline
 from meft_ds.config import MeftConfigError
 from meft_ds.inject import UnsupportedModelError
 
@@ -218,6 +218,18 @@ def test_dense_parallel_adapter_is_the_formula() -> None:
     toy.config = types.SimpleNamespace(model_type="toy", hidden_size=2)
     with pytest.raises(UnsupportedModelError, match="model_type 'toy'"):
         steptime.add_dense_adapters(toy, 8)
+
+
+def test_lora_targets_the_linear_layers_of_the_ffns_meft_sits_beside() -> None:
+    llama, gpt2 = tiny_model(), tiny_model("gpt2")
+    assert ffn_linears(llama) == [
+        f"model.layers.{i}.mlp.{name}" for i in (0, 1) for name in ("gate_proj", "up_proj", "down_proj")
+    ]
+    assert ffn_linears(gpt2) == [f"transformer.h.{i}.mlp.{name}" for i in (0, 1) for name in ("c_fc", "c_proj")]
+    targets = ffn_linears(gpt2)
+    lora = prepare_baseline("lora", gpt2, lora_r=4, adapter_neurons=0)  # Conv1D layers (GPT-2's), not attn.c_proj
+    trained = {name.split(".lora_")[0] for name, p in lora.named_parameters() if p.requires_grad}
+    assert trained == {f"base_model.model.{name}" for name in targets}
 
 
 def test_step_time_runs_every_variant(context: Context) -> None:
