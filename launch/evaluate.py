@@ -1,4 +1,5 @@
-"""Evaluate a base model, and the same model with an exported meft_ds adapter, on held-out examples.
+"""Evaluate a base model, and the same model with an exported meft_ds adapter, on held-out examples (or with the LoRA
+or parallel adapter of a ``launch/train.py --method lora|parallel_adapter`` run, its --output_dir as --adapter).
 
     python launch/evaluate.py --adapter outputs/meft-facts
     python launch/evaluate.py --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter out --dataset squad --limit 500
@@ -23,6 +24,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 import meft_ds
+from meft_ds.baselines import exported_method, load_baseline
 from meft_ds.data import DATASETS, FORMATS, load_examples
 from meft_ds.ds_config import DTYPE_NAMES, compute_dtype, fit_precision_to_cpu, resolve_auto
 from meft_ds.evaluation import evaluate_generation, format_scores
@@ -99,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     # every input is checked before the model loads
     split, file_format = ("eval", None) if args.dataset in DATASETS else ("train", args.dataset_format)
     examples = load_examples(args.dataset, split, format=file_format, limit=args.limit or None, seed=args.seed)
-    if args.adapter is not None:
+    method = exported_method(args.adapter) if args.adapter is not None else None
+    if method == "full":
+        raise UsageError(f"--adapter {args.adapter}: holds a whole model (a --method full run). Fix: evaluate it as "
+                         f"--model {args.adapter}, without --adapter.")  # fmt: skip
+    if method == "meft":
         read_adapter_config(args.adapter)
     if args.output is not None:  # made now: a folder that cannot be made fails here, not after the evaluation
         try:
@@ -128,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     if not args.no_base:
         results["before"] = run("before (base model)")
-    if args.adapter is not None:
+    if method == "meft":
         meft_ds.load_adapter(model, args.adapter)
         if not args.host_routing:
             meft_ds.for_inference(model)
+    elif method is not None:  # the launcher's baselines (--method lora / parallel_adapter)
+        model = load_baseline(method, model, args.adapter)
+    if method is not None:
+        results["method"] = method
         results["after"] = run(f"after  ({args.adapter})")
     if args.output is not None:
         write_json_atomic(args.output, results)

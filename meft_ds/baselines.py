@@ -2,14 +2,17 @@
 the dense parallel adapter MEFT sparsifies, and full fine-tuning; and each method's device-resident training bytes,
 from the memory plan's own accounting (:mod:`meft_ds.plan`).
 
-Every method trains the same FFNs of a LLaMA-style model (``gate_proj``, ``up_proj``, ``down_proj``; full
-fine-tuning: every weight) under the same DeepSpeed engine, optimizer, schedule and ZeRO-Offload settings.
+Every method trains at the same FFNs, those :func:`meft_ds.inject` finds (LoRA: their linear layers, e.g. ``gate_proj``,
+``up_proj``, ``down_proj``; full fine-tuning: every weight), under the same DeepSpeed engine, optimizer, schedule and
+ZeRO-Offload settings. :func:`load_baseline` puts an exported LoRA or parallel adapter back onto its base model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from meft_ds.plan import (
 )
 
 METHODS = ("meft", "lora", "parallel_adapter", "full")
+PARALLEL_ADAPTER_FILE = "parallel_adapter.safetensors"
 
 
 class DenseParallelAdapter(nn.Module):
@@ -148,11 +152,43 @@ def training_bytes(
 
 def export_baseline(method: str, model: nn.Module, output_dir: Path) -> None:
     """Write what a baseline trained to ``output_dir``: LoRA as a PEFT adapter, the dense parallel adapters as
-    ``parallel_adapter.safetensors`` (``<layer>.keys``, ``<layer>.values``), full fine-tuning as a whole model."""
+    :data:`PARALLEL_ADAPTER_FILE` (``<layer>.keys``, ``<layer>.values``), full fine-tuning as a whole model."""
     if method == "parallel_adapter":
         from safetensors.torch import save_file
 
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_file(model.dense_adapters.state_dict(), str(output_dir / "parallel_adapter.safetensors"))
+        save_file(model.dense_adapters.state_dict(), str(output_dir / PARALLEL_ADAPTER_FILE))
     else:  # PeftModel.save_pretrained (adapter only) or PreTrainedModel.save_pretrained
         model.save_pretrained(str(output_dir))
+
+
+def exported_method(folder: Path) -> str:
+    """The method whose export ``folder`` holds (a ``launch/train.py --output_dir``), told by its files: "lora" (a PEFT
+    LoRA adapter), "parallel_adapter", "full" (a whole model) or "meft" (anything else: loading it says what is
+    missing)."""
+    config_file = folder / "adapter_config.json"
+    if (folder / PARALLEL_ADAPTER_FILE).is_file():
+        return "parallel_adapter"
+    if config_file.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            if json.loads(config_file.read_text()).get("peft_type") == "LORA":
+                return "lora"
+        return "meft"
+    return "full" if (folder / "config.json").is_file() else "meft"
+
+
+def load_baseline(method: str, model: nn.Module, folder: Path) -> nn.Module:
+    """``model`` with the LoRA or dense parallel adapter :func:`export_baseline` wrote to ``folder``, in the model's
+    dtype and on its device, for evaluation."""
+    if method == "lora":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(folder))
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / PARALLEL_ADAPTER_FILE))
+    add_dense_adapters(model, state["0.keys"].shape[0])
+    model.dense_adapters.load_state_dict(state)
+    weight = next(model.parameters())
+    model.dense_adapters.to(device=weight.device, dtype=weight.dtype)
+    return model

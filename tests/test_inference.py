@@ -18,6 +18,7 @@ import meft_ds.inference
 from meft_ds import InferenceOnlyError, SparseRowAdam
 from meft_ds.inference import DeviceRows
 from meft_ds.routing import union_of
+from meft_ds.training import UsageError
 
 MEFT = {"num_neurons": 256, "num_experts": 16, "top_k": 8, "n_probe": 4, "seed": 3}  # K of 64 probed neurons
 LAYERS = 3
@@ -255,3 +256,46 @@ def test_evaluate_serves_from_the_device_with_the_training_paths_answers(
     predictions = [p["prediction"] for p in results["device"]["after"]["predictions"]]
     assert all(predictions), "the tiny model answers something"
     assert predictions == [p["prediction"] for p in results["host"]["after"]["predictions"]]
+
+
+@pytest.mark.parametrize("method", ["lora", "parallel_adapter"])
+def test_evaluate_loads_the_launchers_baselines_and_answers_as_the_trained_model(tmp_path: Path, method: str) -> None:
+    """A ``launch/train.py --method lora|parallel_adapter`` export evaluates to the answers of the model that wrote it
+    (its adapter made non-trivial here: LoRA's B and the adapter's values start at zero)."""
+    from meft_ds.baselines import export_baseline, exported_method, prepare_baseline
+    from meft_ds.data import load_examples
+    from meft_ds.evaluation import evaluate_generation
+
+    tokenizer = word_tokenizer(chat=True)
+    tiny_model(layers=LAYERS).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)
+    trained = prepare_baseline(method, tiny_model(layers=LAYERS), lora_r=4, adapter_neurons=16)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if param.requires_grad and ("lora_B" in name or name.endswith("values")):
+                param.normal_(0, 0.5)
+    export_baseline(method, trained, tmp_path / "run")
+    assert exported_method(tmp_path / "run") == method
+    examples = load_examples("facts", "eval", limit=6)
+    expected = evaluate_generation(trained.eval(), tokenizer, examples, max_new_tokens=8, batch_size=32)
+    spec = importlib.util.spec_from_file_location("evaluate_cli", Path(__file__).parents[1] / "launch" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    out = tmp_path / "scores.json"
+    argv = ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "run"), "--limit", "6"]
+    assert evaluate.main([*argv, "--max_new_tokens", "8", "--output", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert scores["method"] == method
+    after = [p["prediction"] for p in scores["after"]["predictions"]]
+    assert after == [p["prediction"] for p in expected["predictions"]]
+    assert after != [p["prediction"] for p in scores["before"]["predictions"]], "the adapter changes the answers"
+
+
+def test_evaluate_refuses_a_whole_model_as_adapter(tmp_path: Path) -> None:
+    tiny_model().save_pretrained(tmp_path / "full_run")  # what --method full exports
+    spec = importlib.util.spec_from_file_location("evaluate_cli", Path(__file__).parents[1] / "launch" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    with pytest.raises(UsageError, match=r"holds a whole model \(a --method full run\)\. Fix: evaluate it as --model"):
+        evaluate.main(["--adapter", str(tmp_path / "full_run"), "--limit", "1"])
