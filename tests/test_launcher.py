@@ -3,7 +3,6 @@ evaluation shared out over 2 ranks scores what one process scores."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_inference import evaluate_cli
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
@@ -355,11 +355,8 @@ def test_an_option_out_of_range_or_for_another_method_is_refused_while_parsing(
 def test_evaluate_refuses_an_output_that_is_a_folder_while_parsing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "launch" / "evaluate.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
     with pytest.raises(SystemExit):
-        evaluate.parse_args(["--output", str(tmp_path)])
+        evaluate_cli().parse_args(["--output", str(tmp_path)])
     assert (
         capsys.readouterr()
         .err.strip()
