@@ -133,13 +133,7 @@ def validate_deepspeed_config(ds_config: dict[str, Any]) -> None:
             f"gradient_clipping: expected a number >= 0, got {clip!r}. Fix: e.g. 1.0, or 0 to disable."
         )
     _check_batch_sizes(ds_config)
-    optimizer_type = section(ds_config, "optimizer").get("type")
-    if optimizer_type is not None and not _known_optimizer(optimizer_type):
-        raise MeftConfigError(
-            f"optimizer.type: {optimizer_type!r} is neither a DeepSpeed optimizer nor one of torch.optim. Fix: use "
-            f"one of {', '.join(sorted(DEEPSPEED_OPTIMIZERS))} (AdamW is the usual choice)."
-        )
-    _check_optimizer_params(optimizer_type, section(ds_config, "optimizer", "params"))
+    check_optimizer(ds_config)
     scheduler_type = section(ds_config, "scheduler").get("type")
     if scheduler_type is not None and scheduler_type not in VALID_LR_SCHEDULES:
         raise MeftConfigError(
@@ -171,6 +165,18 @@ def _check_batch_sizes(ds_config: dict[str, Any]) -> None:
             f"ranks = {micro} x {steps} x {ranks} = {micro * steps * ranks}. Fix: set it to {micro * steps * ranks}, "
             "or to 'auto' (DeepSpeed then derives it)."
         )
+
+
+def check_optimizer(ds_config: dict[str, Any]) -> None:
+    """The ``optimizer`` section's type and parameter names, which DeepSpeed checks only when it builds the optimizer,
+    after the model has loaded ("auto" values pass: the Hugging Face Trainer fills them later)."""
+    optimizer_type = section(ds_config, "optimizer").get("type")
+    if optimizer_type is not None and not _known_optimizer(optimizer_type):
+        raise MeftConfigError(
+            f"optimizer.type: {optimizer_type!r} is neither a DeepSpeed optimizer nor one of torch.optim. Fix: use "
+            f"one of {', '.join(sorted(DEEPSPEED_OPTIMIZERS))} (AdamW is the usual choice)."
+        )
+    _check_optimizer_params(optimizer_type, section(ds_config, "optimizer", "params"))
 
 
 def _check_optimizer_params(optimizer_type: Any, params: dict[str, Any]) -> None:

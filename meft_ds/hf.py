@@ -33,7 +33,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from meft_ds.config import MeftConfig, MeftConfigError
-from meft_ds.ds_config import AUTO
+from meft_ds.ds_config import AUTO, check_optimizer
 from meft_ds.engine import attach
 from meft_ds.export import save_adapter
 from meft_ds.inject import adapters, inject
@@ -69,6 +69,7 @@ class MeftTrainer(Trainer):
                 "under `accelerate launch` with a DeepSpeed config."
             )
         ds_config = plugin.hf_ds_config.config
+        check_optimizer(ds_config)  # now, not when train() builds the engine
         section = ds_config.get("meft")
         meft_config = MeftConfig.from_dict(meft if meft is not None else section)
         if isinstance(section, dict):

@@ -150,6 +150,15 @@ def test_meft_settings_from_the_config_a_dict_a_meft_config_or_the_model(tmp_pat
     assert kept.model is injected and meft_ds.adapters(injected)[0].config.num_neurons == 8
 
 
+def test_an_optimizer_parameter_deepspeed_would_refuse_is_named_when_the_trainer_is_made(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    config = meft_json()
+    config["optimizer"]["params"]["betaz"] = [0.9, 0.99]
+    with pytest.raises(meft_ds.MeftConfigError, match=r"^optimizer\.params\.betaz: .*did you mean 'betas'\?"):
+        make_trainer(tokenizer, tmp_path, config)
+
+
 def test_without_deepspeed_it_says_how_to_turn_it_on(tmp_path: Path) -> None:
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
     with pytest.raises(meft_ds.MeftConfigError, match=r"DeepSpeed is off.*deepspeed='ds_configs/meft.json'"):
