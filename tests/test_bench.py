@@ -7,7 +7,6 @@ counters, tables against their data); none is on a timing.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -29,6 +28,7 @@ from bench.common import (
     step_function,
 )
 from bench.scaleout_nvme import RAW_MIN
+from launch_scripts import launch_script
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
@@ -319,11 +319,7 @@ def test_sections_measured_on_other_machines_name_theirs() -> None:
 
 
 def test_cli_checks_its_arguments(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "bench_cli", Path(__file__).resolve().parents[1] / "launch" / "bench.py"
-    )
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = launch_script("bench")
     args = cli.parse_args(["--quick", "--only", "a, e", "--meft", "n_probe=4"])
     assert args.quick and args.only == ["a", "e"] and args.meft == ["n_probe=4"]
     with pytest.raises(SystemExit):

@@ -3,14 +3,13 @@ no byte crosses host<->device per generated token; the rows take the bytes of th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from async_accelerator import async_accelerator
+from launch_scripts import launch_script
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
@@ -233,21 +232,13 @@ def test_a_model_without_adapters_is_refused() -> None:
         meft_ds.for_inference(tiny_model())
 
 
-def evaluate_cli() -> Any:
-    """launch/evaluate.py as a module."""
-    spec = importlib.util.spec_from_file_location("evaluate_cli", Path(__file__).parents[1] / "launch" / "evaluate.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
-    return evaluate
-
-
 def test_evaluate_serves_from_the_device_with_the_training_paths_answers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tiny_model(layers=LAYERS).save_pretrained(tmp_path / "model")
     word_tokenizer(chat=True).save_pretrained(tmp_path / "model")
     meft_ds.save_adapter(adapted_model(), tmp_path / "adapter")
-    evaluate = evaluate_cli()
+    evaluate = launch_script("evaluate")
     served = []
     for_inference = meft_ds.for_inference
     monkeypatch.setattr(meft_ds, "for_inference", lambda model: served.append(model) or for_inference(model))
@@ -286,7 +277,7 @@ def test_evaluate_loads_the_launchers_baselines_and_answers_as_the_trained_model
     assert exported_method(tmp_path / "run") == method
     examples = load_examples("facts", "eval", limit=6)
     expected = evaluate_generation(trained.eval(), tokenizer, examples, max_new_tokens=8, batch_size=32)
-    evaluate = evaluate_cli()
+    evaluate = launch_script("evaluate")
     out = tmp_path / "scores.json"
     argv = ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "run"), "--limit", "6"]
     assert evaluate.main([*argv, "--max_new_tokens", "8", "--output", str(out)]) == 0
@@ -299,6 +290,6 @@ def test_evaluate_loads_the_launchers_baselines_and_answers_as_the_trained_model
 
 def test_evaluate_refuses_a_whole_model_as_adapter(tmp_path: Path) -> None:
     tiny_model().save_pretrained(tmp_path / "full_run")  # what --method full exports
-    evaluate = evaluate_cli()
+    evaluate = launch_script("evaluate")
     with pytest.raises(UsageError, match=r"holds a whole model \(a --method full run\)\. Fix: evaluate it as --model"):
         evaluate.main(["--adapter", str(tmp_path / "full_run"), "--limit", "1"])

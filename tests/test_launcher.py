@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_scripts import launch_script
 from safetensors.torch import load_file
-from test_inference import evaluate_cli
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
@@ -343,8 +343,7 @@ def test_an_option_out_of_range_or_for_another_method_is_refused_while_parsing(
 ) -> None:
     """Each would otherwise fail after the model loaded, or train something other than asked (an ignored --lora_r,
     --adapter_neurons 0 read as "the default size")."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    from train import parse_args
+    parse_args = launch_script("train").parse_args
 
     with pytest.raises(SystemExit) as exit_info:
         parse_args(args)
@@ -356,7 +355,7 @@ def test_evaluate_refuses_an_output_that_is_a_folder_while_parsing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit):
-        evaluate_cli().parse_args(["--output", str(tmp_path)])
+        launch_script("evaluate").parse_args(["--output", str(tmp_path)])
     assert (
         capsys.readouterr()
         .err.strip()
@@ -365,8 +364,7 @@ def test_evaluate_refuses_an_output_that_is_a_folder_while_parsing(
 
 
 def test_an_output_dir_that_cannot_be_made_fails_before_the_model_loads(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "launch"))
-    from train import main
+    main = launch_script("train").main
 
     taken = tmp_path / "a_file"
     taken.write_text("")
@@ -379,8 +377,7 @@ def test_an_architecture_without_known_ffns_fails_before_the_model_loads(tmp_pat
     """Read from the model's config.json alone (no weights here to load): it failed after loading them."""
     from transformers import OPTConfig
 
-    sys.path.insert(0, str(ROOT / "launch"))
-    from train import main
+    main = launch_script("train").main
 
     OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2).save_pretrained(tmp_path / "opt")
     with pytest.raises(meft_ds.UnsupportedModelError, match=r"model_type 'opt' \(--model .*opt\)"):
@@ -388,8 +385,7 @@ def test_an_architecture_without_known_ffns_fails_before_the_model_loads(tmp_pat
 
 
 def test_method_options_take_their_defaults_only_for_their_method() -> None:
-    sys.path.insert(0, str(ROOT / "launch"))
-    from train import parse_args
+    parse_args = launch_script("train").parse_args
 
     assert parse_args(["--method", "lora"]).lora_r == 16
     assert parse_args(["--method", "lora", "--lora_r", "4"]).lora_r == 4
@@ -417,8 +413,7 @@ def test_a_finished_launcher_closes_its_process_groups(code: int, closed: bool) 
 
 
 def test_activation_checkpointing_is_refused_for_a_model_without_it() -> None:
-    sys.path.insert(0, str(ROOT / "launch"))
-    from train import enable_checkpointing
+    enable_checkpointing = launch_script("train").enable_checkpointing
 
     with pytest.raises(UsageError, match=r"^--activation_checkpointing: toy \(Linear\) does not support"):
         enable_checkpointing(torch.nn.Linear(2, 2), "toy")

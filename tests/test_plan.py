@@ -7,13 +7,13 @@ the adapter takes meft_ds's top-K kernel instead, so the tests that compare save
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from async_accelerator import async_accelerator
+from launch_scripts import launch_script
 from tiny_models import tiny_config, tiny_model, token_batch
 
 import meft_ds
@@ -230,10 +230,7 @@ def test_cache_bytes_match_the_device_cache(tiny_plan: MemoryPlan, trained_step:
 # ---------------------------------------------------------------------------------------------- LLaMA-2-7B, the CLI
 @pytest.fixture(scope="module")
 def cli() -> Any:
-    spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "launch" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return launch_script("plan")
 
 
 @pytest.fixture(scope="module")
