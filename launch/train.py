@@ -29,7 +29,8 @@ from deepspeed.accelerator import get_accelerator
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
 from meft_ds.baselines import METHODS, export_baseline, prepare_baseline, trainable_numel, training_bytes
-from meft_ds.data import DATASETS, FORMATS, DatasetError, collate, facts_dataset, load_examples, tokenize_for_training
+from meft_ds.data import DATASETS, FORMATS, DatasetError, facts_dataset, load_examples, tokenize_for_training
+from meft_ds.distill import micro_batch_loss, with_teacher
 from meft_ds.distributed import check_replicas_identical, unlink_cpu_allreduce_buffer
 from meft_ds.ds_config import (
     DTYPE_NAMES,
@@ -113,6 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "or on all of them (all: its wrong and rambling answers too, whose phrasings spill onto similar questions)",
     )
     parser.add_argument(
+        "--rehearsal_target",
+        choices=("tokens", "distribution"),
+        default="tokens",
+        help="--rehearsal: learn the untrained model's answer tokens (cross-entropy), or its next-token "
+        "distribution at each of them (KL divergence, which the untrained model meets: meft_ds/distill.py)",
+    )
+    parser.add_argument(
         "--no_eval_before",
         action="store_true",
         help="evaluate only after training (retention then counts every probe question as known before, as the "
@@ -149,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--rehearsal {args.rehearsal}: use 0 (off) to {len(rehearsal.QUESTIONS)} (every built-in question)"
         )
+    if args.rehearsal_target == "distribution" and not args.rehearsal:
+        parser.error("--rehearsal_target distribution needs --rehearsal N (the questions to rehearse)")
     if args.train_limit is not None and args.train_limit < (0 if args.rehearsal else 1):
         parser.error(f"--train_limit {args.train_limit}: use >= 1, or 0 with --rehearsal N (its answers alone)")
     if args.save_steps < 0:
@@ -268,8 +278,7 @@ def train(
         loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
         for micro in range(gas):
             indices = stream.indices((step * gas + micro) * world + rank)
-            batch = collate([features[i] for i in indices], tokenizer.pad_token_id)
-            loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+            loss = micro_batch_loss(engine, [features[i] for i in indices], tokenizer.pad_token_id, engine.device)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
@@ -389,11 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     general = [e for e in answered if e.prompt in first]
     if args.rehearsal_answers == "right":
         general = rehearsal.answered_right(general)
-    features += tokenize_for_training(general, tokenizer, args.max_length)
+    rehearsed = tokenize_for_training(general, tokenizer, args.max_length)
+    if args.rehearsal_target == "distribution":  # from the untrained model, as the answers
+        rehearsed = with_teacher(model, rehearsed, engine.device, batch_size=args.eval_batch_size)
+    features += rehearsed
     if args.rehearsal:
         logger.info(
-            "rehearsal: %d of %d general questions added to training, with the base model's answers (%s)",
-            len(general), args.rehearsal, args.rehearsal_answers,
+            "rehearsal: %d of %d general questions added to training, with the base model's answers (%s) as %s",
+            len(general), args.rehearsal, args.rehearsal_answers, args.rehearsal_target,
         )  # fmt: skip
     background = fit_background(model, answered, tokenizer, engine.device, args) if selects_rows else 0
     # on the engine's device, with the adapters in place: every method starts at the base model (MEFT's and the
@@ -446,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             "retention": retention and {**retention, "answers": probe_after},
             "rehearsal": [{"question": e.prompt, "answer": e.answers[0]} for e in general],
             "rehearsal_answers": args.rehearsal_answers if args.rehearsal else None,
+            "rehearsal_target": args.rehearsal_target if args.rehearsal else None,
             "background_documents": background,
             "activation_checkpointing": args.activation_checkpointing,
             "trainable_params": trainable_numel(model),

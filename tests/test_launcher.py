@@ -433,8 +433,19 @@ METHODS = {
         2 * 3 * 4 * (64 + 128),
         128 * 4,  # the largest tensor: lora_B of gate_proj / up_proj, lora_A of down_proj
     ),
-    "parallel_adapter": (  # the rehearsal-only control: --train_limit 0, no facts
-        ["--adapter_neurons", "16", "--rehearsal", "2", "--rehearsal_answers", "all", "--train_limit", "0"],
+    "parallel_adapter": (  # the rehearsal-only control (--train_limit 0, no facts), on the distributions
+        [
+            "--adapter_neurons",
+            "16",
+            "--rehearsal",
+            "2",
+            "--rehearsal_answers",
+            "all",
+            "--rehearsal_target",
+            "distribution",
+            "--train_limit",
+            "0",
+        ],
         2 * 2 * 16 * 64,
         16 * 64,  # one layer's keys or values
     ),
@@ -467,6 +478,11 @@ def test_every_method_trains_evaluates_reports_its_device_bytes_and_exports(
     asked = int(extra[extra.index("--rehearsal") + 1]) if "--rehearsal" in extra else 0
     assert rehearsed == [(q, True) for q, _ in REHEARSAL[:asked]]
     assert run["train_examples"] == (0 if "--train_limit" in extra else 32) + len(rehearsed)
+    # rehearsing the untrained model's distributions alone starts at its optimum: zero loss (up to rounding), where
+    # its own answer tokens cost the random tiny model its cross-entropy
+    distribution = "--rehearsal_target" in extra
+    assert run["rehearsal_target"] == ("distribution" if distribution else "tokens" if asked else None)
+    assert (records[0]["loss"] < 1e-5) == distribution
     assert run["trainable_params"] == trainable
     # fp32, ZeRO-2 with the optimizer offloaded: on the device the trainable weights, the bucket, the one gradient
     # outside it and DeepSpeed's offload buffer of its size (the largest tensor's; the others leave through the bucket)

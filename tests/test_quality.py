@@ -15,11 +15,12 @@ import pytest
 import torch
 from test_engine import LR, MEFT, batches, ds_config, train_with_engine
 from test_evaluation import ReferenceAnswerer
-from tiny_models import tiny_model, word_tokenizer
+from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
-from meft_ds import SparseRowAdam, probe, rehearsal
+from meft_ds import SparseRowAdam, distill, probe, rehearsal
 from meft_ds.config import MeftConfigError
+from meft_ds.data import collate
 from meft_ds.metrics import normalize_answer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
@@ -114,6 +115,65 @@ def test_rehearsal_targets_are_the_models_own_first_lines_and_right_ones_are_kep
     assert [e.prompt for e in rehearsal.answered_right(examples)] == [peru, chile]
     with pytest.raises(ValueError, match=r"rehearsal count must be 1\.\.80"):
         rehearsal.rehearsal_examples(model, tokenizer, 81)
+
+
+def rehearsal_features(lengths: list[int], prompt: int = 4) -> list[dict[str, list[int]]]:
+    """Random token sequences of ``lengths``, their first ``prompt`` tokens unlabelled (as tokenize_for_training)."""
+    ids = [token_batch(1, n, seed=n)[0].tolist() for n in lengths]
+    return [{"input_ids": x, "labels": [-100] * prompt + x[prompt:]} for x in ids]
+
+
+def reference_loss(
+    student: torch.Tensor, teacher: torch.Tensor, features: list[dict[str, list[int]]], teacher_rows: list[bool]
+) -> float:
+    """In float64, token by token: cross-entropy on the labelled tokens of rows without a teacher; on the others the
+    KL divergence of the teacher's distribution, its 32 most likely tokens and the rest, from the student's; the
+    mean over every labelled token. ``student`` / ``teacher``: full logits, (rows, width, vocab)."""
+    total, count = 0.0, 0
+    for row, feature in enumerate(features):
+        for t, label in enumerate(feature["labels"]):
+            if label == -100:
+                continue
+            p = torch.softmax(student[row, t - 1].double(), -1)
+            if teacher_rows[row]:
+                q = torch.softmax(teacher[row, t - 1].double(), -1)
+                top = q.topk(32).indices
+                q_coarse = torch.cat([q[top], (1 - q[top].sum()).unsqueeze(0)])
+                p_coarse = torch.cat([p[top], (1 - p[top].sum()).unsqueeze(0)])
+                total += float((q_coarse * (q_coarse / p_coarse).log()).sum())
+            else:
+                total -= math.log(float(p[label]))
+            count += 1
+    return total / count
+
+
+def test_distribution_rehearsal_starts_at_zero_and_is_the_kl_from_the_untrained_model() -> None:
+    model = tiny_model()
+    features = rehearsal_features([12, 9, 15])
+    batch = collate(features, pad_token_id=0)
+    # no teacher rows: the causal LM's own loss
+    assert distill.teacher_batch(features, 15) is None
+    assert distill.micro_batch_loss(model, features, 0, "cpu") == model(**batch).loss
+    no_teacher = distill.teacher_batch(distill.with_teacher(model, features[:1], "cpu"), 15)
+    no_teacher["teacher_rows"][:] = False
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(distill.mixed_loss(logits, batch | no_teacher), model(**batch).loss)
+    # targets from the model itself, in batches of 2: loss and gradients zero up to rounding
+    taught = distill.with_teacher(model, features, "cpu", batch_size=2)
+    assert all(t["teacher_logprobs"][:4].eq(0).all() and t["teacher_logprobs"][4:].lt(0).all() for t in taught)
+    loss = distill.micro_batch_loss(model.train(), taught, 0, "cpu")
+    loss.backward()
+    assert abs(loss.item()) < 1e-6
+    assert max(p.grad.abs().max() for p in model.parameters()) < 1e-5
+    # a moved model, a batch of one taught row and two plain ones: the token-wise reference
+    teacher = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
+    student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+    mixed = [taught[0], features[1], features[2]]
+    expected = reference_loss(student, teacher, features, [True, False, False])
+    assert float(distill.micro_batch_loss(model, mixed, 0, "cpu")) == pytest.approx(expected, rel=1e-4)
+    assert expected > 1e-2  # the moved model is measurably away from its teacher
 
 
 # ----------------------------------------------------------------------------------------------------------------

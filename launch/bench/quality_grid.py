@@ -58,6 +58,7 @@ REHEARSE_ALL = (*REHEARSE, "--rehearsal_answers", "all")  # all of them (the lau
 # a control: the rehearsed answers alone, no facts, for about as many samples of them as the mixed run sees (its
 # passes over facts + rehearsal: 800 samples over 499 examples on 150 facts, 10 steps of 8; 2,400 over 1,249 on 400, 12)
 CONTROL = (*REHEARSE, "--train_limit", "0")
+DISTRIBUTION = ("--rehearsal_target", "distribution")  # the untrained model's next-token distributions rehearsed
 # a quarter of r=32768's default 1,024 experts, probing a quarter as many: the same 256 keys scored per token, a
 # quarter of the routers' device bytes
 FEW_EXPERTS = ("--meft", "num_experts=256", "--meft", "n_probe=2")
@@ -121,6 +122,10 @@ def full_grid() -> Grid:
             Cell("LoRA r=64, rehearsal 80", "lora", ("--lora_r", "64", *REHEARSE), (3e-3,), seeds=(1,)),
             meft("MEFT r=4096, rehearsal 80 alone (control)", 4096, (3e-3,), *CONTROL, seeds=(0, 1), steps=10),
             Cell("LoRA r=64, rehearsal 80 alone (control)", "lora", ("--lora_r", "64", *CONTROL), (3e-3,), (0, 1), 10),
+            meft("MEFT r=4096, distribution rehearsal 80", 4096, (3e-3,), *REHEARSE, *DISTRIBUTION, seeds=(0, 1)),
+            meft("MEFT r=4096, distribution rehearsal 80 alone (control)", 4096, (3e-3,), *CONTROL, *DISTRIBUTION,
+                 steps=10),
+            Cell("LoRA r=64, distribution rehearsal 80", "lora", ("--lora_r", "64", *REHEARSE, *DISTRIBUTION), (3e-3,)),
         ),
     )  # fmt: skip
 
