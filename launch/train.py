@@ -386,9 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     on_cpu = get_accelerator().device_name() == "cpu"
     kept_freed_memory = on_cpu and args.method == "meft" and meft_ds.keep_freed_host_memory()
     # built-in general questions answered by the untrained model (before a resumed run loads its checkpoint), once:
-    # the first --rehearsal of them join the training data, all of them are meft.update_rows' background
+    # the first --rehearsal of them join the training data, the first rehearsal.BACKGROUND are meft.update_rows'
+    # background
     selects_rows = any(adapter.row_selection is not None for adapter in meft_ds.adapters(model))
-    asked = len(rehearsal.QUESTIONS) if selects_rows else args.rehearsal
+    asked = max(args.rehearsal, rehearsal.BACKGROUND) if selects_rows else args.rehearsal
     answered = (
         rehearsal.rehearsal_examples(model, tokenizer, asked, batch_size=args.eval_batch_size, across_ranks=True)
         if asked
@@ -407,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
             "rehearsal: %d of %d general questions added to training, with the base model's answers (%s) as %s",
             len(general), args.rehearsal, args.rehearsal_answers, args.rehearsal_target,
         )  # fmt: skip
-    background = fit_background(model, answered, tokenizer, engine.device, args) if selects_rows else 0
+    background_questions = {question for question, _ in rehearsal.QUESTIONS[: rehearsal.BACKGROUND]}
+    documents = [e for e in answered if e.prompt in background_questions]
+    background = fit_background(model, documents, tokenizer, engine.device, args) if selects_rows else 0
     # on the engine's device, with the adapters in place: every method starts at the base model (MEFT's and the
     # parallel adapter's values and LoRA's B are zero)
     before, probe_before = (

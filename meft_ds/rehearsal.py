@@ -30,6 +30,7 @@ from meft_ds.evaluation import evaluate_generation
 from meft_ds.probe import is_right
 
 NEW_TOKENS = 24  # one sentence, as the probe's answers
+BACKGROUND = 80  # meft.update_rows' TF-IDF background: the first 80 questions (all there were when it was measured)
 
 # (question, accepted answers): the model's answer is rehearsed when one of them appears in it as whole words
 
@@ -114,6 +115,41 @@ QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("What is the currency of the United States?", ("dollar",)),
     ("What language is mainly spoken in Mexico?", ("Spanish",)),
     ("What is the official language of Germany?", ("German",)),
+    # dates (added 2026-12-06): the facts task's birth years pulled the probe's dates to invented ones, and the 80
+    # above hold 7 date questions, 3 of which the built-in model answers right. None of these shares an answer year
+    # or a subject (the world wars, Columbus, the Berlin Wall, the Moon landing...) with the probe's candidates
+    ("In what year did the American Civil War end?", ("1865",)),
+    ("In what year did the American Civil War begin?", ("1861",)),
+    ("In what year did the Great Depression begin?", ("1929",)),
+    ("In what year did the September 11 attacks take place?", ("2001",)),
+    ("In what year did the Chernobyl disaster happen?", ("1986",)),
+    ("In what year was the Eiffel Tower completed?", ("1889",)),
+    ("In what year was the Battle of Waterloo?", ("1815",)),
+    ("In what year did the Wright brothers make their first powered flight?", ("1903",)),
+    ("In what year did Martin Luther publish his Ninety-five Theses?", ("1517",)),
+    ("In what year did the Western Roman Empire fall?", ("476",)),
+    ("In what year was the Great Fire of London?", ("1666",)),
+    ("In what year did India gain independence?", ("1947",)),
+    ("In what year did the Korean War begin?", ("1950",)),
+    ("In what year was the Cuban Missile Crisis?", ("1962",)),
+    ("In what year did Nelson Mandela become president of South Africa?", ("1994",)),
+    ("In what year did the Spanish Armada sail against England?", ("1588",)),
+    ("In what year did William Shakespeare die?", ("1616",)),
+    ("In what year was Abraham Lincoln assassinated?", ("1865",)),
+    ("In what year did the Vietnam War end?", ("1975",)),
+    ("In what year did Queen Victoria become queen?", ("1837",)),
+    ("In what year was the first FIFA World Cup held?", ("1930",)),
+    ("In what year did the Black Death reach Europe?", ("1347", "1348")),
+    ("In what year did the Gulf War begin?", ("1990", "1991")),
+    ("In what year was the Euro introduced as a currency?", ("1999", "2002")),
+    ("In what year was the Battle of Gettysburg?", ("1863",)),
+    ("In what year did the Ottomans capture Constantinople?", ("1453",)),
+    ("In what year did the Mexican Revolution begin?", ("1910",)),
+    ("In what year did the Irish Potato Famine begin?", ("1845",)),
+    ("In what year was the Statue of Liberty dedicated?", ("1886",)),
+    ("In what year did Hurricane Katrina strike New Orleans?", ("2005",)),
+    ("In what year was the first iPhone released?", ("2007",)),
+    ("In what year was the People's Republic of China founded?", ("1949",)),
 )
 
 

@@ -59,6 +59,9 @@ REHEARSE_ALL = (*REHEARSE, "--rehearsal_answers", "all")  # all of them (the lau
 # passes over facts + rehearsal: 800 samples over 499 examples on 150 facts, 10 steps of 8; 2,400 over 1,249 on 400, 12)
 CONTROL = (*REHEARSE, "--train_limit", "0")
 DISTRIBUTION = ("--rehearsal_target", "distribution")  # the untrained model's next-token distributions rehearsed
+REHEARSE_DATES = ("--rehearsal", "112")  # every built-in question, with the 32 dates added on 2026-12-06
+# its control: 67 right answers, ~1.55 passes as in the mixed run (800 samples over 517 examples): 13 steps of 8
+CONTROL_DATES = (*REHEARSE_DATES, "--train_limit", "0")
 # a quarter of r=32768's default 1,024 experts, probing a quarter as many: the same 256 keys scored per token, a
 # quarter of the routers' device bytes
 FEW_EXPERTS = ("--meft", "num_experts=256", "--meft", "n_probe=2")
@@ -126,6 +129,9 @@ def full_grid() -> Grid:
             meft("MEFT r=4096, distribution rehearsal 80 alone (control)", 4096, (3e-3,), *CONTROL, *DISTRIBUTION,
                  steps=10),
             Cell("LoRA r=64, distribution rehearsal 80", "lora", ("--lora_r", "64", *REHEARSE, *DISTRIBUTION), (3e-3,)),
+            meft("MEFT r=4096, rehearsal 112 (dates)", 4096, (3e-3,), *REHEARSE_DATES, seeds=(0, 1)),
+            Cell("LoRA r=64, rehearsal 112 (dates)", "lora", ("--lora_r", "64", *REHEARSE_DATES), (3e-3,)),
+            meft("MEFT r=4096, rehearsal 112 (dates) alone (control)", 4096, (3e-3,), *CONTROL_DATES, steps=13),
         ),
     )  # fmt: skip
 
