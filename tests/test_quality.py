@@ -97,6 +97,9 @@ def test_rehearsal_questions_are_not_the_probe_questions() -> None:
     rehearsed = [normalize_answer(question) for question, _ in rehearsal.QUESTIONS]
     assert len(set(rehearsed)) == len(rehearsed) >= 60
     assert not asked & set(rehearsed), "a probe question in the rehearsal set would score the training data"
+    # nor the year that answers one: rehearsing it would teach a probe answer
+    probe_years = {answer for _, answers in probe.CANDIDATES for answer in answers if answer.isdigit()}
+    assert probe_years and not probe_years & {a for _, answers in rehearsal.QUESTIONS for a in answers}
     assert all(answers for _, answers in rehearsal.QUESTIONS)
 
 
@@ -113,8 +116,8 @@ def test_rehearsal_targets_are_the_models_own_first_lines_and_right_ones_are_kep
         (chile, "The capital of Chile is Santiago."),
     ]
     assert [e.prompt for e in rehearsal.answered_right(examples)] == [peru, chile]
-    with pytest.raises(ValueError, match=r"rehearsal count must be 1\.\.80"):
-        rehearsal.rehearsal_examples(model, tokenizer, 81)
+    with pytest.raises(ValueError, match=r"rehearsal count must be 1\.\.112"):
+        rehearsal.rehearsal_examples(model, tokenizer, 113)
 
 
 def rehearsal_features(lengths: list[int], prompt: int = 4) -> list[dict[str, list[int]]]:

@@ -132,6 +132,8 @@ def full_grid() -> Grid:
             meft("MEFT r=4096, rehearsal 112 (dates)", 4096, (3e-3,), *REHEARSE_DATES, seeds=(0, 1)),
             Cell("LoRA r=64, rehearsal 112 (dates)", "lora", ("--lora_r", "64", *REHEARSE_DATES), (3e-3,)),
             meft("MEFT r=4096, rehearsal 112 (dates) alone (control)", 4096, (3e-3,), *CONTROL_DATES, steps=13),
+            meft("MEFT r=4096, rehearsal 112 (dates)", 4096, (3e-3,), *REHEARSE_DATES, seeds=(2, 3)),
+            meft("MEFT r=4096, global clip (default), rehearsal 80", 4096, (3e-3,), *REHEARSE, seeds=(2, 3)),
         ),
     )  # fmt: skip
 
