@@ -25,11 +25,12 @@ import deepspeed
 import torch
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
+from train_args import parse_args
 
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
-from meft_ds.baselines import METHODS, export_baseline, prepare_baseline, trainable_numel, training_bytes
-from meft_ds.data import DATASETS, FORMATS, DatasetError, facts_dataset, load_examples, tokenize_for_training
+from meft_ds.baselines import export_baseline, prepare_baseline, trainable_numel, training_bytes
+from meft_ds.data import DATASETS, DatasetError, facts_dataset, load_examples, tokenize_for_training
 from meft_ds.distill import micro_batch_loss, with_teacher
 from meft_ds.distributed import check_replicas_identical, unlink_cpu_allreduce_buffer
 from meft_ds.ds_config import (
@@ -44,130 +45,11 @@ from meft_ds.evaluation import evaluate_generation, format_scores
 from meft_ds.files import write_json_atomic
 from meft_ds.inject import check_model_type
 from meft_ds.model_facts import load_model_config
-from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
+from meft_ds.models import load_model_and_tokenizer
 from meft_ds.ops import cpu_kernels
 from meft_ds.training import MetricsLog, MicroBatchStream, UsageError, parse_overrides, progress_bar, run_cli
 
 logger = logging.getLogger("meft_ds.train")
-
-# The built-in demo's settings: tuned so that the 135M model memorises the synthetic facts within ~10 CPU minutes.
-# SPEC.md's paper settings (lr 1e-4, effective batch 64, 256 tokens) are for real tasks on a GPU; see README.
-DEMO_LR = 3e-3
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--deepspeed", default="ds_configs/meft.json", help="DeepSpeed JSON config with a 'meft' section"
-    )
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    parser.add_argument("--method", choices=METHODS, default="meft", help="what to train (see the module doc)")
-    parser.add_argument(
-        "--lora_r",
-        type=int,
-        help="--method lora: rank, on the FFNs' linear layers (LLaMA: gate/up/down_proj; default 16)",
-    )
-    parser.add_argument(
-        "--adapter_neurons", type=int, help="--method parallel_adapter: neurons r per FFN (default: meft.num_neurons)"
-    )
-    parser.add_argument("--model", default=BUILTIN_MODEL, help="hub id, local folder, .gguf file, or the built-in")
-    parser.add_argument("--dataset", default="facts", help=f"one of {', '.join(DATASETS)}, or a local .json/.jsonl")
-    parser.add_argument("--dataset_format", choices=FORMATS, help="schema of a local dataset file's rows")
-    parser.add_argument("--facts", type=int, help="--dataset facts: how many facts (5 per person; default 150)")
-    parser.add_argument(
-        "--eval_dataset",
-        help="held-out set: a built-in name (its eval split) or a local file (default: the eval "
-        "split of a built-in --dataset; a local --dataset needs one)",
-    )
-    parser.add_argument("--output_dir", default="outputs/meft-facts", help="checkpoints, metrics, exported adapter")
-    parser.add_argument("--max_steps", type=int, default=100, help="optimizer steps")
-    parser.add_argument("--learning_rate", type=float, default=DEMO_LR, help="fills 'auto' learning rates")
-    parser.add_argument("--micro_batch_size", type=int, default=8, help="fills 'auto' micro batch per rank")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="fills 'auto'")
-    parser.add_argument("--weight_decay", type=float, default=0.0, help="fills 'auto'")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="fills 'auto' gradient_clipping")
-    parser.add_argument("--max_length", type=int, default=256, help="tokens per example (prompt + answer)")
-    parser.add_argument(
-        "--activation_checkpointing",
-        action="store_true",
-        help="recompute each layer's forward in its backward (transformers' gradient checkpointing): MEFT then "
-        "keeps one layer's fetched rows on the device instead of every layer's, and fetches each row twice",
-    )
-    parser.add_argument("--train_limit", type=int, help="use the first N training examples (0: --rehearsal's only)")
-    parser.add_argument("--eval_limit", type=int, default=200, help="evaluate the first N held-out examples (0: all)")
-    parser.add_argument("--eval_batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task)")
-    parser.add_argument("--no_eval", action="store_true", help="skip the before/after evaluation")
-    parser.add_argument("--no_probe", action="store_true", help="skip the retention probe's general questions")
-    parser.add_argument(
-        "--rehearsal",
-        type=int,
-        default=0,
-        help=f"mix N general questions (1..{len(rehearsal.QUESTIONS)}), answered by the untrained model itself, into "
-        "the training data, to keep what it knew (meft_ds/rehearsal.py)",
-    )
-    parser.add_argument(
-        "--rehearsal_answers",
-        choices=("right", "all"),
-        default="right",
-        help="--rehearsal: train on the untrained model's answers that hold the question's accepted answer (right), "
-        "or on all of them (all: its wrong and rambling answers too, whose phrasings spill onto similar questions)",
-    )
-    parser.add_argument(
-        "--rehearsal_target",
-        choices=("tokens", "distribution"),
-        default="tokens",
-        help="--rehearsal: learn the untrained model's answer tokens (cross-entropy), or its next-token "
-        "distribution at each of them (KL divergence, which the untrained model meets: meft_ds/distill.py)",
-    )
-    parser.add_argument(
-        "--no_eval_before",
-        action="store_true",
-        help="evaluate only after training (retention then counts every probe question as known before, as the "
-        "built-in model knows them all)",
-    )
-    parser.add_argument("--no_save", action="store_true", help="no checkpoints, no export (e.g. for a sweep)")
-    parser.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--meft",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the config's meft section, e.g. --meft num_neurons=8192 (repeatable)",
-    )
-    args = parser.parse_args(argv)
-    for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size",
-                 "lora_r", "adapter_neurons", "max_new_tokens"):  # fmt: skip
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("learning_rate", "weight_decay", "eval_limit"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    # a method's own option given to another method would be ignored: say so instead of training something else
-    # (the config's meft section, and --meft, are read by MEFT and the parallel adapter's default size, and
-    # ignored by the others: one set of arguments serves every method of a comparison)
-    for name, method in (("lora_r", "lora"), ("adapter_neurons", "parallel_adapter")):
-        if getattr(args, name) is not None and args.method != method:
-            parser.error(f"--{name} applies to --method {method}, not {args.method}: drop it")
-    if args.lora_r is None:
-        args.lora_r = 16
-    if not 0 <= args.rehearsal <= len(rehearsal.QUESTIONS):
-        parser.error(
-            f"--rehearsal {args.rehearsal}: use 0 (off) to {len(rehearsal.QUESTIONS)} (every built-in question)"
-        )
-    if args.rehearsal_target == "distribution" and not args.rehearsal:
-        parser.error("--rehearsal_target distribution needs --rehearsal N (the questions to rehearse)")
-    if args.train_limit is not None and args.train_limit < (0 if args.rehearsal else 1):
-        parser.error(f"--train_limit {args.train_limit}: use >= 1, or 0 with --rehearsal N (its answers alone)")
-    if args.save_steps < 0:
-        parser.error(f"--save_steps must be >= 0, got {args.save_steps}")
-    if args.facts is not None and (args.facts < 5 or args.facts % 5 or args.dataset != "facts"):
-        parser.error(f"--facts {args.facts}: needs --dataset facts and a multiple of 5 (5 facts per person)")
-    if args.resume and args.no_save:
-        parser.error("--resume with --no_save: a --no_save run leaves no checkpoint to resume")
-    return args
 
 
 def load_split(args: argparse.Namespace, source: str, split: str, limit: int | None) -> list:
@@ -341,7 +223,7 @@ def resume_hint(checkpoints: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    args = parse_args(argv, description=__doc__)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     output_dir = Path(args.output_dir)
     checkpoints = output_dir / "checkpoints"

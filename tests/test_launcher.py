@@ -167,8 +167,9 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     records = metrics(out)
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
     # meft.update_rows: the first 80 general questions (answered by the base model, once) read as background, right or
-    # not (not the 32 dates added later: the measured TF-IDF runs stand); of the first 3 (--rehearsal 3) only those answered right would be trained on, and the random tiny model answers
-    # none right; each step updates at most update_rows rows per layer (2 layers) of the hundreds it touches
+    # not (not the 32 dates added later: the measured TF-IDF runs stand); of the first 3 (--rehearsal 3) only those
+    # answered right would be trained on, and the random tiny model answers none right; each step updates at most
+    # update_rows rows per layer (2 layers) of the hundreds it touches
     run = results(out)
     assert run["background_documents"] == (80 if update_rows else 0) and len(REHEARSAL) == 112
     assert run["rehearsal"] == [] and run["rehearsal_answers"] == ("right" if update_rows else None)

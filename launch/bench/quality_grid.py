@@ -78,8 +78,11 @@ def full_grid() -> Grid:
     bytes), at two rates and with rehearsal, and MEFT r=4096 with half the rows firing per token (K=32), with and
     without rehearsal, and MEFT's default with rehearsal at two lower rates, and a second seed of LoRA r=64 with
     rehearsal; then the controls of MEFT's default and LoRA r=64 with rehearsal, trained on the rehearsed answers
-    alone (no facts: what rehearsing costs the probe by itself). A second cell with the same label and
-    ``seeds=(1,)`` adds a seed to a configuration, one with other ``lrs`` extends its sweep."""
+    alone (no facts: what rehearsing costs the probe by itself); then two more remedies: rehearsing the untrained
+    model's distributions instead of its tokens (MEFT's default, two seeds; its control; LoRA r=64) and rehearsing 112
+    questions, 32 dates added (the same, MEFT with four seeds), with seeds 2 and 3 of MEFT's rehearsal of 80. A second
+    cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one with other ``lrs`` extends its
+    sweep."""
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
         cells=(
