@@ -86,6 +86,7 @@ def test_the_launcher_stops_in_one_line_before_loading_the_model_without_kernels
         "    raise RuntimeError('no compiler')\n"
         "ops.MeftCPUBuilder.load = broken\n"
         f"sys.argv = ['launch/train.py', '--output_dir', {str(tmp_path)!r}]\n"
+        "sys.path.insert(0, 'launch')\n"  # as `python launch/train.py` does: it imports train_args beside it
         "runpy.run_path('launch/train.py', run_name='__main__')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != ops.TORCH_FALLBACK_ENV}

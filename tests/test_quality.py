@@ -179,6 +179,16 @@ def test_distribution_rehearsal_starts_at_zero_and_is_the_kl_from_the_untrained_
     assert expected > 1e-2  # the moved model is measurably away from its teacher
 
 
+def test_distribution_rehearsal_in_bf16_starts_near_zero_with_fp32_targets() -> None:
+    model = tiny_model().to(torch.bfloat16)
+    taught = distill.with_teacher(model, rehearsal_features([12, 9, 15]), "cpu", batch_size=2)
+    assert all(t["teacher_logprobs"].dtype == torch.float32 for t in taught)
+    loss = distill.micro_batch_loss(model.train(), taught, 0, "cpu")  # other batch shapes: bf16 rounds otherwise
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item()) < 1e-3
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # clipping the rows: global, separate, none
 
