@@ -45,15 +45,15 @@ def with_teacher(
             logits = model(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
             ).logits
-            logprobs, ids = torch.log_softmax(logits.float(), dim=-1).topk(TOP_K, dim=-1)
+            logprobs, ids = (t.cpu() for t in torch.log_softmax(logits.float(), dim=-1).topk(TOP_K, dim=-1))
             for row, feature in enumerate(chunk):
                 length = len(feature["input_ids"])
                 labelled = batch["labels"][row, 1:length] != IGNORE_INDEX
                 teacher_ids = torch.zeros(length, TOP_K, dtype=torch.long)
                 teacher_logprobs = torch.zeros(length, TOP_K, dtype=torch.float32)
                 # the distribution predicted at position t - 1 is the target of token t
-                teacher_ids[1:][labelled] = ids[row, : length - 1][labelled].cpu()
-                teacher_logprobs[1:][labelled] = logprobs[row, : length - 1][labelled].cpu()
+                teacher_ids[1:][labelled] = ids[row, : length - 1][labelled]
+                teacher_logprobs[1:][labelled] = logprobs[row, : length - 1][labelled]
                 out.append({**feature, "teacher_ids": teacher_ids, "teacher_logprobs": teacher_logprobs})
     finally:
         model.train(was_training)
