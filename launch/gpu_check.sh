@@ -7,7 +7,7 @@
 # 1. build: DeepSpeed's CPU Adam and meft_ds's CPU kernels, JIT-built side by side before anything needs them;
 # 2. tests: the tests marked gpu (tests/test_gpu.py): the masked path in bf16 on the device against the CPU kernel in
 #    fp32, training on the device in bf16 against the CPU in fp32 (plain, and with the device cache and
-#    pre-retrieval on);
+#    pre-retrieval on), distribution rehearsal's targets and loss on the device in bf16 against the CPU in fp32;
 # 3. sanitizer: the same tests under PyTorch's CUDA sanitizer (TORCH_CUDA_SANITIZER=1), which fails on any stream race;
 # 4. bench: launch/gpu_bench.py: a randomly initialised LLaMA-2-7B-shaped model in bf16, r = 8464, K = 64,
 #    micro-batch 2 x 256, ZeRO-2: tokens/s against LoRA r = 16 and against no adapter, peak device memory,

@@ -11,7 +11,7 @@ from deepspeed.accelerator import get_accelerator
 from tiny_models import tiny_model, token_batch
 
 import meft_ds
-from meft_ds import SparseRowAdam
+from meft_ds import SparseRowAdam, distill
 from meft_ds.adapter import MaskedAdapterFunction, TopKAdapterFunction
 
 pytestmark = pytest.mark.gpu
@@ -92,3 +92,18 @@ def test_training_on_the_device_in_bf16_follows_the_cpu_in_fp32(meft: dict) -> N
         both = touched & reference_touched
         assert (touched ^ reference_touched).sum() <= 0.1 * reference_touched.sum()
         assert rel_err(got[both], reference[both]) < 0.2
+
+
+def test_distribution_rehearsal_on_the_device_in_bf16_follows_the_cpu_in_fp32() -> None:
+    """The teacher's targets made on the device (its top-k moved to the host) and the mixed loss of a micro-batch of
+    one taught row and two plain ones, against the same in fp32 on the CPU; the student is another model, so the KL is
+    far from zero."""
+    sequences = [token_batch(1, n, seed=n)[0].tolist() for n in (12, 9, 15)]
+    features = [{"input_ids": x, "labels": [-100] * 4 + x[4:]} for x in sequences]
+    losses = []
+    for device, dtype in ((torch.device("cpu"), torch.float32), (DEVICE, torch.bfloat16)):
+        taught = distill.with_teacher(tiny_model().to(device, dtype), features, device, batch_size=2)
+        assert all(t["teacher_ids"].device.type == "cpu" for t in taught)
+        student = tiny_model(seed=1).to(device, dtype)
+        losses.append(distill.micro_batch_loss(student, [taught[0], *features[1:]], 0, device).item())
+    assert losses[0] > 0.1 and abs(losses[1] - losses[0]) < 0.05 * losses[0]
