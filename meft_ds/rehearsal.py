@@ -16,7 +16,8 @@ trains on the same answers). By default only the answers that hold one of the qu
 with a sentence that never reaches the answer ("Who wrote Moby-Dick?" -> "The story of "Moby-Dick" is a timeless tale
 of human imagination ..."), and a model trained on those phrasings repeats them for similar questions: after training
 it answered the probe's "Who wrote Hamlet?" with the same sentence about Hamlet. ``--rehearsal_answers all`` keeps
-them all.
+them all. ``--rehearsal_target distribution`` trains on the untrained model's next-token distributions over those
+answers instead of their tokens (:mod:`meft_ds.distill`; BENCHMARKS.md, quality, measures both).
 """
 
 from __future__ import annotations
