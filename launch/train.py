@@ -204,10 +204,12 @@ def fit_background(
     model: torch.nn.Module, answered: list, tokenizer: Any, device: torch.device, args: argparse.Namespace
 ) -> int:
     """``meft.update_rows``: the TF-IDF background, each of ``answered`` (built-in general questions with the base
-    model's own answers) one document (before a resumed run loads its checkpoint: the base model's routing)."""
+    model's own answers) among the first ``rehearsal.BACKGROUND`` one document (before a resumed run loads its
+    checkpoint: the base model's routing)."""
+    background = {question for question, _ in rehearsal.QUESTIONS[: rehearsal.BACKGROUND]}
     documents = [
         {"input_ids": torch.tensor([f["input_ids"]], device=device)}
-        for f in tokenize_for_training(answered, tokenizer, args.max_length)
+        for f in tokenize_for_training([e for e in answered if e.prompt in background], tokenizer, args.max_length)
     ]
     count = meft_ds.fit_background(model, documents)
     logger.info("update_rows: background of %d general questions answered by the base model", count)
@@ -290,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             "rehearsal: %d of %d general questions added to training, with the base model's answers (%s) as %s",
             len(general), args.rehearsal, args.rehearsal_answers, args.rehearsal_target,
         )  # fmt: skip
-    background_questions = {question for question, _ in rehearsal.QUESTIONS[: rehearsal.BACKGROUND]}
-    documents = [e for e in answered if e.prompt in background_questions]
-    background = fit_background(model, documents, tokenizer, engine.device, args) if selects_rows else 0
+    background = fit_background(model, answered, tokenizer, engine.device, args) if selects_rows else 0
     # on the engine's device, with the adapters in place: every method starts at the base model (MEFT's and the
     # parallel adapter's values and LoRA's B are zero)
     before, probe_before = (
