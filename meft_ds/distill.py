@@ -27,7 +27,6 @@ from torch import nn
 from meft_ds.data import IGNORE_INDEX, collate
 
 TOP_K = 32  # tokens of the untrained model's distribution kept per position (the rest is one outcome)
-TEACHER_KEYS = ("teacher_ids", "teacher_logprobs")
 
 
 @torch.no_grad()
