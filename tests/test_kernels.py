@@ -151,6 +151,45 @@ def test_routing_scores_each_pick_as_the_forward_kernel_does(kernels) -> None:
     assert torch.equal(halved, pick_scores / 2), "known scores are used, not computed"
 
 
+def test_adapter_backward_matches_float64_with_the_same_bits_on_any_thread_count(kernels) -> None:
+    # row-major passes over the rows, token-major over the tokens: each value is summed by one thread, in an order
+    # that does not depend on how many there are
+    torch.manual_seed(0)
+    tokens, dim, n, top_k = 37, 100, 30, 7  # 100: every SIMD tail of the 16-, 8- and 4-lane builds
+    weights = 1.0 / torch.arange(1.0, n + 1)  # skewed: the first rows are picked by most tokens
+    union_pos = torch.stack([torch.multinomial(weights, top_k) for _ in range(tokens)]).contiguous()
+    x, rows = torch.randn(tokens, dim), torch.randn(n, 2, dim)
+    gate = torch.rand(tokens, top_k) * 1.5 - 0.5  # some picks inactive
+    grad_out = torch.randn(tokens, dim)
+    grad_out[-3:] = 0  # padding tokens
+    row_ids = torch.arange(n) * 3
+    _, scores = kernels.sparse_adapter_forward(x, rows, union_pos, gate, torch.empty(0), 1)
+
+    def backward(threads: int) -> tuple[torch.Tensor, ...]:
+        acc, acc_ids = torch.empty(n, 2, dim), torch.empty(n, dtype=torch.long)
+        entry_of = torch.full((3 * n,), -1, dtype=torch.long)
+        grad_x, grad_gate, count, finite = kernels.sparse_adapter_backward(
+            grad_out, x, rows, union_pos, gate, scores, row_ids, acc, acc_ids, entry_of, 0, 0, threads
+        )
+        assert finite
+        return grad_x, grad_gate, acc_ids[:count], acc[:count]
+
+    one = backward(1)
+    for threads in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(backward(threads), one, strict=True)), threads
+    x64, rows64 = x.double().requires_grad_(), rows.double().requires_grad_()
+    gate64 = gate.double().requires_grad_()
+    picked = rows64[union_pos]  # (T, K, 2, d)
+    act = torch.relu(gate64 * torch.einsum("td,tkd->tk", x64, picked[:, :, 0]))
+    torch.einsum("tk,tkd->td", act, picked[:, :, 1]).backward(grad_out.double())
+    grad_x, grad_gate, ids, row_grads = one
+    has_grad = rows64.grad.flatten(1).ne(0).any(1)
+    assert 0 < int(has_grad.sum()) < n, "some rows picked only where inactive or by padding"
+    assert torch.equal(ids, row_ids[has_grad]), "entries taken in the order of U, only for rows with a gradient"
+    for ours, reference in ((grad_x, x64.grad), (grad_gate, gate64.grad), (row_grads, rows64.grad[has_grad])):
+        torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_gate_backward_matches_autograd_through_the_dense_router(kernels) -> None:
     torch.manual_seed(0)
     tokens, dim, num_experts, top_k = 7, 12, 9, 5
