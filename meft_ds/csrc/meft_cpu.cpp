@@ -358,7 +358,6 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor grad_gate, torch::Tensor 
     auto grad_weight = torch::empty_like(weight);
     float* dx = grad_x.data_ptr<float>();
     float* dw = grad_weight.data_ptr<float>();
-    // token t's distinct experts and summed gradients in pair_*[t*K .. t*K + count); unused entries keep the id E
     // token t's distinct experts and their summed gradients: pair_*[t * K .. t * K + count[t])
     std::vector<int64_t> pair_expert(entries), count(tokens);
     std::vector<float> pair_grad(entries);
