@@ -205,71 +205,49 @@ std::vector<torch::Tensor> sparse_adapter_forward(torch::Tensor x, torch::Tensor
 
 namespace {
 
-// A thread's space for one row's entries in row_backward.
-struct RowSpace {
-    std::vector<const float*> sources;
-    std::vector<float> weights, grad_pre;
-    std::vector<int64_t> active;
-    std::vector<meft::vec> partial;
-};
-
-// Row u's part of backward, row-major: its value is read once for all its entries (a token-major pass reads it once
-// per pick), and each product sums the same chunks in the same order as meft::dots (the bits of a token-major pass).
-// Its active entries e (pre > 0, token t live) have d pre = dout_t . value_u, the others
-// 0; each entry's grad_score (d pre * gate) and the gate's gradient (d pre * score) are written, and, if any entry
-// is active, the row's gradient into scratch (2 * dim): grad_key = sum grad_score[e] x_t, grad_value = sum act[e]
-// dout_t, each dout_t read once for its dot and its share of grad_value. Returns whether any entry is active.
-bool row_backward(const EntryGroups& by_row, int64_t u, int64_t top_k, const float* value, const float* act,
-                  const char* live, const float* xs, const float* dout, const float* g, const float* sc, int64_t dim,
-                  float* grad_score, float* dg, float* scratch, RowSpace& s) {
-    s.active.clear();
-    s.sources.clear();
-    s.weights.clear();
-    for (int64_t q = by_row.start[u]; q < by_row.start[u + 1]; ++q) {
-        const int64_t e = by_row.order[q];
-        grad_score[e] = 0.0f;  // d pre, for now
-        if (act[e] > 0.0f && live[e / top_k]) {
-            s.active.push_back(e);
-            s.sources.push_back(dout + e / top_k * dim);
-            s.weights.push_back(act[e]);
-        }
-    }
-    const auto count = static_cast<int64_t>(s.active.size());
-    if (count) {
-        s.grad_pre.resize(count);
-        s.partial.resize(count);
-        meft::weighted_sum_and_dots(s.sources.data(), s.weights.data(), count, dim, value, scratch + dim,
-                                    s.grad_pre.data(), s.partial.data());
-        for (int64_t i = 0; i < count; ++i) grad_score[s.active[i]] = s.grad_pre[i];
-    }
-    s.sources.clear();
-    s.weights.clear();
-    for (int64_t q = by_row.start[u]; q < by_row.start[u + 1]; ++q) {
-        const int64_t e = by_row.order[q];
-        const float d_pre = grad_score[e];
-        if (dg) dg[e] = d_pre * sc[e];
-        grad_score[e] = g ? d_pre * g[e] : d_pre;
-        if (grad_score[e] != 0.0f) {
-            s.sources.push_back(xs + e / top_k * dim);
-            s.weights.push_back(grad_score[e]);
-        }
-    }
-    if (count) meft::weighted_sum(s.sources.data(), s.weights.data(), static_cast<int64_t>(s.sources.size()), dim,
-                                  scratch);
-    return count > 0;
-}
-
-// dx += sum over the picks [e, e + G) of grad_score * key (picks without a gradient read a zero row)
+// One token's picks [e, e + G) (entries of union_pos) in backward: act, grad_score and the gate's gradient of each,
+// and dx += grad_score * key. dout: the token's output gradient; live: whether it is not all zero.
 template <int G>
-void key_axpys(int64_t e, const float* r, const int64_t* pos, const float* grad_score, const float* zeros,
-               int64_t dim, float* dx) {
+void backward_picks(int64_t e, const float* dout, bool live, const float* r, const int64_t* pos, const float* g,
+                    const float* sc, const float* zeros, int64_t dim, float* act, float* grad_score, float* dg,
+                    float* dx) {
     const float* keys[G];
-    float scale[G];
+    const float* values[G];
+    float grad_pre[G] = {}, scale[G];
     for (int j = 0; j < G; ++j) {
-        scale[j] = grad_score[e + j];
-        keys[j] = scale[j] == 0.0f ? zeros : r + pos[e + j] * 2 * dim;
+        keys[j] = r + pos[e + j] * 2 * dim;
+        values[j] = keys[j] + dim;
+    }
+    if (live) meft::dots<G>(dout, values, dim, grad_pre);
+    for (int j = 0; j < G; ++j) {
+        const float pre = g ? g[e + j] * sc[e + j] : sc[e + j];
+        if (!(pre > 0.0f)) grad_pre[j] = 0.0f;
+        act[e + j] = pre > 0.0f ? pre : 0.0f;
+        if (dg) dg[e + j] = grad_pre[j] * sc[e + j];
+        grad_score[e + j] = scale[j] = g ? grad_pre[j] * g[e + j] : grad_pre[j];
+        if (scale[j] == 0.0f) keys[j] = zeros;
     }
     meft::axpys<G>(scale, keys, dx, dim);
+}
+
+// Row u's gradient into scratch (2 * dim): grad_key = sum grad_score[e] x_t, grad_value = sum act[e] dout_t over its
+// entries e (token t); sources and weights: a thread's space for a row's entries.
+void row_gradient(const EntryGroups& by_row, int64_t u, int64_t top_k, const float* act, const float* grad_score,
+                  const char* live, const float* xs, const float* dout, int64_t dim, float* scratch,
+                  std::vector<const float*>& sources, std::vector<float>& weights) {
+    for (const bool key : {true, false}) {
+        sources.clear();
+        weights.clear();
+        for (int64_t q = by_row.start[u]; q < by_row.start[u + 1]; ++q) {
+            const int64_t e = by_row.order[q], t = e / top_k;
+            const float weight = key ? grad_score[e] : (live[t] ? act[e] : 0.0f);
+            if (weight == 0.0f) continue;
+            sources.push_back((key ? xs : dout) + t * dim);
+            weights.push_back(weight);
+        }
+        meft::weighted_sum(sources.data(), weights.data(), static_cast<int64_t>(sources.size()), dim,
+                           key ? scratch : scratch + dim);
+    }
 }
 
 }  // namespace
@@ -305,19 +283,24 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
     float* dx = grad_x.data_ptr<float>();
     float* dg = gate.numel() ? grad_gate.data_ptr<float>() : nullptr;
 
-    // token-parallel: whether each token's output gradient is live, each pick's activation
+    // token-parallel: d pre = (d out . value) on active picks; gate and x gradients
+    const std::vector<float> zeros(dim, 0.0f);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tokens; ++t) {
         bool nonzero = false;
         for (int64_t c = 0; c < dim && !nonzero; ++c) nonzero = dout[t * dim + c] != 0.0f;
         live[t] = nonzero;
-        for (int64_t e = t * top_k; e < (t + 1) * top_k; ++e) {
-            const float pre = g ? g[e] * sc[e] : sc[e];
-            act[e] = pre > 0.0f ? pre : 0.0f;
+        int64_t k = 0;
+        for (; k + kGroup <= top_k; k += kGroup) {
+            backward_picks<kGroup>(t * top_k + k, dout + t * dim, nonzero, r, pos, g, sc, zeros.data(), dim, act.data(),
+                                   grad_score.data(), dg, dx + t * dim);
+        }
+        for (; k < top_k; ++k) {
+            backward_picks<1>(t * top_k + k, dout + t * dim, nonzero, r, pos, g, sc, zeros.data(), dim, act.data(),
+                              grad_score.data(), dg, dx + t * dim);
         }
     }
-    // entries for the rows that get a gradient (an active pick of a live token), taken in the order of U (serially:
-    // the layout is deterministic)
+    // entries for the rows that get a gradient, taken in the order of U (serially: the layout is deterministic)
     const EntryGroups by_row = group_entries(pos, entries, n);
     const int64_t first_new = a.count;
     std::vector<int64_t> target(n, -1);
@@ -325,23 +308,22 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
         bool contributes = false;
         for (int64_t q = by_row.start[u]; q < by_row.start[u + 1] && !contributes; ++q) {
             const int64_t e = by_row.order[q];
-            contributes = act[e] > 0.0f && live[e / top_k];
+            contributes = (act[e] > 0.0f && live[e / top_k]) || grad_score[e] != 0.0f;
         }
         if (contributes) target[u] = entry_for(a, row_id[u]);
     }
-    // row-parallel: each pick's d pre, grad_score and gate gradient, then d value_u and d key_u, without races
+    // row-parallel over the entries of each row: d value_u, d key_u without races
     std::vector<char> came_out_zero(n, 0);
     int64_t nonfinite = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : nonfinite)
     {
-        std::vector<float> scratch(2 * dim);
-        RowSpace space;
+        std::vector<float> scratch(2 * dim), weights;
+        std::vector<const float*> sources;
 #pragma omp for schedule(dynamic, 16)
         for (int64_t u = 0; u < n; ++u) {
-            if (!row_backward(by_row, u, top_k, r + u * 2 * dim + dim, act.data(), live.data(), xs, dout, g, sc, dim,
-                              grad_score.data(), dg, scratch.data(), space)) {
-                continue;  // no active entry: no gradient, no entry taken (target[u] < 0)
-            }
+            if (target[u] < 0) continue;
+            row_gradient(by_row, u, top_k, act.data(), grad_score.data(), live.data(), xs, dout, dim, scratch.data(),
+                         sources, weights);
             if (round_to == 1) {
                 for (int64_t j = 0; j < 2 * dim; ++j) scratch[j] = static_cast<float>(c10::BFloat16(scratch[j]));
             } else if (round_to == 2) {
@@ -355,16 +337,6 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, bool> sparse_adapter_backward(
             }
             if (!commit_row(scratch.data(), a.rows + target[u] * a.width, a.width, target[u] >= first_new)) ++nonfinite;
         }
-    }
-    // token-parallel: dx_t = sum_k grad_score * key over the token's picks, in the order of its picks
-    const std::vector<float> zeros(dim, 0.0f);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tokens; ++t) {
-        int64_t k = 0;
-        for (; k + kGroup <= top_k; k += kGroup) {
-            key_axpys<kGroup>(t * top_k + k, r, pos, grad_score.data(), zeros.data(), dim, dx + t * dim);
-        }
-        for (; k < top_k; ++k) key_axpys<1>(t * top_k + k, r, pos, grad_score.data(), zeros.data(), dim, dx + t * dim);
     }
     std::vector<int64_t> released;
     for (int64_t u = 0; u < n; ++u) {

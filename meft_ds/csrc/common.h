@@ -103,49 +103,6 @@ inline void weighted_sum(const float* const* x, const float* alpha, int64_t coun
     }
 }
 
-// weighted_sum(x, alpha, count, n, out), and dot[q] = x[q] . y for each q, with each x[q] read once for both. Each
-// dot sums the same chunks in the same order as dots<A, G> does (the same bits); partial: space for count vectors.
-inline void weighted_sum_and_dots(const float* const* x, const float* alpha, int64_t count, int64_t n, const float* y,
-                                  float* out, float* dot, vec* partial) {
-    constexpr int64_t kChunk = 4 * kLanes;
-    for (int64_t q = 0; q < count; ++q) partial[q] = vec{};
-    int64_t c0 = 0;
-    for (; c0 + kChunk <= n; c0 += kChunk) {
-        vec acc[4] = {}, yv[4];
-        for (int i = 0; i < 4; ++i) yv[i] = load(y + c0 + i * kLanes);
-        for (int64_t q = 0; q < count; ++q) {
-            vec p = partial[q];
-            for (int i = 0; i < 4; ++i) {
-                const vec xv = load(x[q] + c0 + i * kLanes);
-                acc[i] += alpha[q] * xv;
-                p += xv * yv[i];
-            }
-            partial[q] = p;
-        }
-        for (int i = 0; i < 4; ++i) store(out + c0 + i * kLanes, acc[i]);
-    }
-    for (; c0 + kLanes <= n; c0 += kLanes) {  // columns weighted_sum sums one at a time: per lane, the same sums
-        vec acc = {};
-        const vec yv = load(y + c0);
-        for (int64_t q = 0; q < count; ++q) {
-            const vec xv = load(x[q] + c0);
-            acc += alpha[q] * xv;
-            partial[q] += xv * yv;
-        }
-        store(out + c0, acc);
-    }
-    for (int64_t q = 0; q < count; ++q) {
-        float sum = lane_sum(partial[q]);
-        for (int64_t k = c0; k < n; ++k) sum += x[q][k] * y[k];
-        dot[q] = sum;
-    }
-    for (; c0 < n; ++c0) {
-        float sum = 0.0f;
-        for (int64_t q = 0; q < count; ++q) sum += alpha[q] * x[q][c0];
-        out[c0] = sum;
-    }
-}
-
 inline void check_adapter_inputs(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& union_pos,
                           const torch::Tensor& gate) {
     check_rows(x, "x");
