@@ -159,7 +159,8 @@ def capacity_grid() -> Grid:
     at two rates, third seeds of the pair at ~177 MB (and of the same MEFT without checkpointing), and both
     rehearsal runs' controls (the rehearsed answers alone); then LoRA at the 256-expert MEFT's bytes (r=32), and
     a second seed of each at its best rate; then, the device bytes corrected (ZeRO-2's offloaded gradients), LoRA at
-    the two checkpointed MEFTs' new bytes: r=117 (110 MB, three seeds) and r=42 (52 MB, two seeds)."""
+    the two checkpointed MEFTs' new bytes: r=117 (110 MB, three seeds) and r=42 (52 MB, two seeds); then the
+    checkpointed MEFT r=32768's sweep widened to LoRA r=104's three rates (5e-4, 2e-3)."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -214,6 +215,7 @@ def capacity_grid() -> Grid:
             Cell("LoRA r=32", "lora", ("--lora_r", "32"), (2e-3,), seeds=(1,)),
             Cell("LoRA r=117", "lora", ("--lora_r", "117"), (1e-3,), seeds=(0, 1, 2)),  # bytes = MEFT r=32768 ckpt's
             Cell("LoRA r=42", "lora", ("--lora_r", "42"), (2e-3,), seeds=(0, 1)),  # bytes = the 256-expert MEFT's
+            meft("MEFT r=32768, checkpointed", 32768, (5e-4, 2e-3), "--activation_checkpointing"),  # LoRA r=104's sweep
         ),
     )  # fmt: skip
 
