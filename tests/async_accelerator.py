@@ -147,8 +147,10 @@ class AsyncAccelerator(CPU_Accelerator):
         self.deferred_copies = 0
 
     # ------------------------------------------------------------------ DeepSpeed's accelerator interface
-    def set_device(self, device_index: int) -> None:
-        self._device_index = int(device_index)
+    def set_device(self, device_index: int | torch.device) -> None:
+        # as torch.cuda.set_device: an index or a device (ZeRO-3 passes its local device)
+        index = device_index.index if isinstance(device_index, torch.device) else device_index
+        self._device_index = 0 if index is None else int(index)
 
     def current_device(self) -> int:
         return self._device_index

@@ -82,8 +82,12 @@ def test_nvme_store_is_bit_identical_to_the_synchronous_run(tmp_path: Path) -> N
         assert torch.equal(expected, got)
 
 
-def test_adapter_transfer_cache_prefetch_and_nvme_tests_pass_under_the_harness() -> None:
+def test_adapter_transfer_cache_prefetch_nvme_engine_and_serving_tests_pass_under_the_harness() -> None:
+    # besides the adapter's own: DeepSpeed's ZeRO stages 1-3, offload, fp16 overflow skips and checkpoints, the
+    # attached plugin, and serving with the rows placed on the device, all with CUDA's asynchronous copies
     files = ["test_adapter.py", "test_traffic.py", "test_cache.py", "test_prefetch.py", "test_nvme.py"]
+    files += ["test_engine.py", "test_fp16.py", "test_accumulator.py", "test_sparse_adam.py", "test_attach.py"]
+    files += ["test_inference.py"]
     tests = Path(__file__).parent
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--async-accelerator", *files],
