@@ -152,8 +152,8 @@ def test_routing_scores_each_pick_as_the_forward_kernel_does(kernels) -> None:
 
 
 def test_adapter_backward_matches_float64_with_the_same_bits_on_any_thread_count(kernels) -> None:
-    # row-major passes over the rows, token-major over the tokens: each value is summed by one thread, in an order
-    # that does not depend on how many there are
+    # a token-parallel pass (x's and the gates' gradients) and a row-parallel one (the rows'): each value is summed by
+    # one thread, in an order that does not depend on how many there are
     torch.manual_seed(0)
     tokens, dim, n, top_k = 37, 100, 30, 7  # 100: every SIMD tail of the 16-, 8- and 4-lane builds
     weights = 1.0 / torch.arange(1.0, n + 1)  # skewed: the first rows are picked by most tokens
