@@ -54,22 +54,6 @@ def recover_directory(final: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """``with atomic_directory(path) as tmp:`` write files into ``tmp``; on success it becomes ``path``."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish_directory(staging, final)
-
-
-@contextlib.contextmanager
 def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     """``with atomic_file(path) as tmp:`` write ``tmp``; on success it is flushed and renamed to ``path``."""
     final = Path(final)

@@ -6,10 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+import meft_ds.accumulator
 from meft_ds import MeftConfig, SparseKeyExpertAdapter, SparseRowAdam
 from meft_ds.accumulator import RowGradAccumulator
 
 DIM = 16
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The accumulator's own tests run on the CPU kernel and on the pure-torch code that replaces it where the kernels
+    cannot be built (``MEFT_DS_TORCH_FALLBACK=1``)."""
+    if request.param == "torch":
+        monkeypatch.setattr(meft_ds.accumulator, "cpu_kernels", lambda: None)
+    return request.param
 
 
 def make_adapter(**overrides) -> SparseKeyExpertAdapter:
@@ -19,7 +29,7 @@ def make_adapter(**overrides) -> SparseKeyExpertAdapter:
     return adapter
 
 
-def test_rows_are_summed_by_id_in_one_buffer_and_read_in_first_touch_order() -> None:
+def test_rows_are_summed_by_id_in_one_buffer_and_read_in_first_touch_order(implementation: str) -> None:
     accumulator = RowGradAccumulator(50, DIM)
     dense = torch.zeros(50, 2, DIM)
     generator = torch.Generator().manual_seed(0)
@@ -38,7 +48,7 @@ def test_rows_are_summed_by_id_in_one_buffer_and_read_in_first_touch_order() -> 
     assert torch.equal(accumulator.view()[1], grads)
 
 
-def test_a_buffer_without_room_for_every_row_grows_keeping_what_it_holds() -> None:
+def test_a_buffer_without_room_for_every_row_grows_keeping_what_it_holds(implementation: str) -> None:
     accumulator = RowGradAccumulator(100, DIM, capacity=0)  # as the NVMe tier's
     first, second = torch.randn(2, 2, DIM), torch.randn(14, 2, DIM)
     accumulator.add(torch.tensor([50, 60]), first)
@@ -49,7 +59,7 @@ def test_a_buffer_without_room_for_every_row_grows_keeping_what_it_holds() -> No
     assert torch.equal(grads, torch.cat([first, second]))
 
 
-def test_flags_select_rows_and_low_precision_grads_are_widened_exactly() -> None:
+def test_flags_select_rows_and_low_precision_grads_are_widened_exactly(implementation: str) -> None:
     accumulator = RowGradAccumulator(10, DIM)
     grads = torch.randn(3, 2, DIM).bfloat16()
     accumulator.add(torch.tensor([2, 5, 7]), grads, torch.tensor([True, False, True]))
@@ -58,7 +68,7 @@ def test_flags_select_rows_and_low_precision_grads_are_widened_exactly() -> None
     assert torch.equal(got, grads[[0, 2]].float())
 
 
-def test_finiteness_is_known_from_the_writes_and_outside_writes_are_rechecked() -> None:
+def test_finiteness_is_known_from_the_writes_and_outside_writes_are_rechecked(implementation: str) -> None:
     accumulator = RowGradAccumulator(10, DIM)
     accumulator.add(torch.tensor([1, 2]), torch.full((2, 2, DIM), 3e38))
     assert accumulator.all_finite()

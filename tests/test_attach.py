@@ -1,10 +1,14 @@
 """The three ways into an existing DeepSpeed loop train identically: ``meft_ds.initialize`` with the settings in the
-config's "meft" section or in ``meft=`` (a dict or a MeftConfig), and ``meft_ds.inject`` + ``deepspeed.initialize``
-+ ``meft_ds.attach``."""
+config's "meft" section (given as a dict or as the path a DeepSpeed launcher puts in ``args.deepspeed_config``) or in
+``meft=`` (a dict or a MeftConfig), and ``meft_ds.inject`` + ``deepspeed.initialize`` + ``meft_ds.attach``."""
 
 from __future__ import annotations
 
+import json
+import types
+from argparse import Namespace
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -60,13 +64,23 @@ def train(make_engine: Callable[[torch.nn.Module], Any]) -> tuple[torch.nn.Modul
     return model, losses
 
 
-def test_initialize_with_any_meft_source_and_attach_train_identically() -> None:
+def test_initialize_with_any_meft_source_and_attach_train_identically(tmp_path: Path) -> None:
     untouched = meft_ds.inject(tiny_model(), MEFT)
     reference, losses = train(from_section)
     assert meft_ds.stats(reference)["rows_updated"] > 0
     for a, b in zip(meft_ds.adapters(reference), meft_ds.adapters(untouched), strict=True):
         assert not torch.equal(a.store.rows, b.store.rows)
-    for make_engine in (from_dict, from_meft_config, attached):
+
+    def from_args(model: torch.nn.Module) -> Any:
+        """As a script launched with ``deepspeed script.py --deepspeed ds.json`` passes it: a path in the arguments."""
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps({**CONFIG, "meft": MEFT}))
+        args = Namespace(deepspeed_config=str(path), local_rank=0)
+        engine = meft_ds.initialize(args=args, model=model)[0]
+        assert args.deepspeed_config == str(path), "the caller's arguments are left as they were"
+        return engine
+
+    for make_engine in (from_dict, from_meft_config, from_args, attached):
         model, other_losses = train(make_engine)
         assert other_losses == losses, make_engine.__name__
         for a, b in zip(meft_ds.adapters(model), meft_ds.adapters(reference), strict=True):
@@ -85,3 +99,13 @@ def test_an_engine_whose_data_parallel_group_is_not_the_world_is_refused(monkeyp
         meft_ds.attach(engine)
     monkeypatch.undo()  # the whole world data-parallel again
     assert isinstance(meft_ds.attach(engine), meft_ds.MeftPlugin)
+
+
+def test_initialize_and_attach_name_what_is_missing() -> None:
+    with pytest.raises(meft_ds.MeftConfigError, match=r"model is required\. Fix: pass model="):
+        meft_ds.initialize(model=None, config=CONFIG)
+    with pytest.raises(meft_ds.MeftConfigError, match=r"no DeepSpeed config\. Fix: pass config="):
+        meft_ds.initialize(model=tiny_model(), args=Namespace(local_rank=0))
+    plain = types.SimpleNamespace(module=tiny_model())  # an engine of a model without adapters
+    with pytest.raises(meft_ds.MeftConfigError, match=r"no meft adapters\. Fix: call meft_ds\.inject"):
+        meft_ds.attach(plain)

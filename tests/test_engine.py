@@ -299,6 +299,26 @@ def test_checkpoint_round_trip_restores_store_and_continues_identically(tmp_path
     assert_same_training(resumed_model, straight, atol=1e-6)
 
 
+def test_saving_a_tag_again_replaces_it_whole(tmp_path) -> None:
+    """A tag saved twice (e.g. ``tag="best"``) holds the second save once it returns: the first version is moved
+    aside only while the second is published, and nothing of either is left beside it."""
+    config = ds_config(2)
+    model = tiny_model()
+    engine, *_ = meft_ds.initialize(model=model, config=config)
+    for batch in batches(2):
+        engine.backward(engine(batch, labels=batch).loss)
+        engine.step()
+        engine.save_checkpoint(str(tmp_path), tag="best")
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["best"]  # no "best.old", no staging folder
+
+    resumed_model = tiny_model()
+    resumed, *_ = meft_ds.initialize(model=resumed_model, config=config)
+    resumed.load_checkpoint(str(tmp_path), tag="best")
+    assert resumed.global_steps == 2
+    for a, b in zip(meft_ds.adapters(model), meft_ds.adapters(resumed_model), strict=True):
+        assert torch.equal(a.store.rows, b.store.rows) and torch.equal(a.store.exp_avg, b.store.exp_avg)
+
+
 def test_a_checkpoint_of_other_trainable_parameters_is_refused(tmp_path) -> None:
     """Frozen parameters may be missing from a checkpoint (they are not saved); trainable ones may not, and nothing
     else may be there: the module state of adapters on other layers is refused with the fix. Asked for, the frozen
