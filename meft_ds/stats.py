@@ -32,10 +32,6 @@ class TrafficStats:
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
-    def reset(self) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, 0)
-
 
 def sum_stats(parts: list[TrafficStats]) -> dict[str, int]:
     """Field-wise sum of several adapters' counters."""

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,54 @@ def test_broken_foreign_or_newer_exports_are_refused_with_the_fix(tmp_path: Path
     (export / "adapter_config.json").write_text(json.dumps({**config, "export_id": "0" * 32}))
     with pytest.raises(CheckpointError, match=r"belongs to another export .* Fix: export the adapter again"):
         meft_ds.load_adapter(tiny_model(), export)
+
+
+def rewrite_weights(file: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Rewrite one safetensors file of an export with ``change`` applied to its tensors, keeping its metadata."""
+    with safe_open(str(file), framework="pt") as handle:
+        tensors, metadata = {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata()  # noqa: SIM118
+    change(tensors)
+    save_file(tensors, str(file), metadata=metadata)
+
+
+KEYS_0 = "base_model.model.model.layers.0.mlp.meft_adapter.keys"
+DAMAGES = {  # file -> damage -> what the refusal says
+    "not JSON": ("adapter_config.json", lambda path: path.write_text("{"), r"adapter_config.json: not valid JSON"),
+    "not an object": ("adapter_config.json", lambda path: path.write_text("[]"), r"expected a JSON object"),
+    "a field missing": ("adapter_config.json", lambda path: edit_json(path, lambda c: c.pop("layers")),
+                        r"'layers' is missing\. Fix: re-export the adapter"),
+    "layers and modules apart": ("adapter_config.json", lambda path: edit_json(path, lambda c: c["layers"].pop()),
+                                 r"'layers' and 'target_modules' disagree"),
+    "a tensor missing": ("adapter_model.safetensors", lambda path: rewrite_weights(path, lambda t: t.pop(KEYS_0)),
+                         rf"tensor {KEYS_0} is missing\. Fix: re-export the adapter"),
+    "a tensor cut short": ("adapter_model.safetensors",
+                           lambda path: rewrite_weights(path, lambda t: t.update({KEYS_0: t[KEYS_0][:32]})),
+                           rf"{KEYS_0} is \(32, 64\), the adapter's settings .* give \(64, 64\)"),
+    "an index without its map": ("adapter_model.safetensors.index.json",
+                                 lambda path: edit_json(path, lambda c: c.pop("weight_map")), r"no 'weight_map'"),
+    "a shard missing": ("adapter_model-00002-of-00003.safetensors", lambda path: path.unlink(),
+                        r"00002-of-00003.safetensors: missing \(named by adapter_model.safetensors.index.json\)"),
+}  # fmt: skip
+
+
+def edit_json(path: Path, change: Callable[[dict], object]) -> None:
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_export_files_are_refused_naming_the_file_and_the_fix(
+    tmp_path: Path, trained: tuple, damage: str
+) -> None:
+    file, change, message = DAMAGES[damage]
+    sharded = "index" in file or "-of-" in file
+    meft_ds.save_adapter(trained[0], tmp_path, max_shard_size=40_000 if sharded else "5GB")
+    change(tmp_path / file)
+    model = tiny_model()
+    with pytest.raises(CheckpointError, match=message):
+        meft_ds.load_adapter(model, tmp_path)
+    assert not adapters(model), "nothing is injected before every check has passed"
 
 
 def test_a_save_that_fails_half_way_leaves_the_previous_export_whole(

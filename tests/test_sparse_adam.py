@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import meft_ds
+import meft_ds.sparse_adam
 from meft_ds import MeftConfig, SparseKeyExpertAdapter, SparseRowAdam
 from meft_ds.sparse_adam import adamw_torch_
 
@@ -197,3 +198,11 @@ def test_huge_finite_gradients_are_not_taken_for_nonfinite() -> None:
     adapter.store.accumulate_grad(torch.tensor([3, 4]), torch.full((2, 2, DIM), 3e38))  # their sum overflows
     optimizer.step()
     assert optimizer.nonfinite_steps == 0 and optimizer.global_step == 1
+
+
+def test_without_kernels_auto_takes_the_next_backend_and_fused_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(meft_ds.sparse_adam, "cpu_kernels", lambda: None)  # as where the kernels cannot be built
+    with pytest.warns(UserWarning, match="the sparse Adam uses its slower 'deepspeed' backend"):
+        assert SparseRowAdam([make_adapter()]).backend == "deepspeed"
+    with pytest.raises(RuntimeError, match=r"backend 'fused' could not be built\. Fix: use backend='auto'"):
+        SparseRowAdam([make_adapter()], backend="fused")
