@@ -46,6 +46,9 @@ def test_default_experts_keep_probed_pool_large_enough() -> None:
         ({"betas": [0.9, 1.0]}, "meft.betas[1]", "[0, 1)"),
         ({"eps": 0}, "meft.eps", "> 0"),
         ({"top_kk": 8}, "meft.top_kk", "did you mean 'top_k'"),
+        ({"store": {"device": "nvme"}}, "meft.store.nvme_path", '"nvme_path": "/local_nvme/meft"'),
+        ({"store": {"device": "nvme", "nvme_path": "/tmp/x", "shard": True}}, "meft.store.shard", "shard=false"),
+        ({"store": {"nvme_path": "/tmp/x"}}, "meft.store.nvme_path", '"device": "nvme"'),
     ],
 )
 def test_each_wrong_value_names_field_and_fix(values: dict, field: str, fix: str) -> None:
@@ -156,3 +159,21 @@ def test_every_shipped_config_is_valid(path: Path) -> None:
     config = json.loads(path.read_text())
     validate_deepspeed_config(resolve_auto(config, max_steps=100))
     assert MeftConfig.from_dict(config["meft"]).num_neurons > 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"train_batch_size": 8,}', r"not valid JSON \(line 1, column 24: .*\)\. Fix: correct the file"),
+        ("[1, 2]", r"the top level must be a JSON object\. Fix: wrap the settings in \{\.\.\.\}"),
+    ],
+)
+def test_a_deepspeed_config_file_that_is_not_a_json_object_is_named(tmp_path, text: str, message: str) -> None:
+    from meft_ds.ds_config import load_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(MeftConfigError, match=rf"^{re.escape(str(path))}: {message}"):
+        load_deepspeed_config(path)
+    with pytest.raises(MeftConfigError, match=r"ds_missing\.json: no such file\. Fix: pass the path"):
+        load_deepspeed_config(tmp_path / "ds_missing.json")

@@ -132,6 +132,22 @@ def test_sharded_export_splits_past_the_limit_and_reloads_identically(tmp_path: 
     assert torch.equal(logits(meft_ds.load_adapter(tiny_model(), tmp_path)), reference)
 
 
+class Wrapper(torch.nn.Module):
+    """Holds the model as ``module``, as a DeepSpeed engine and DDP do."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_save_and_load_see_through_an_engine_and_a_meft_model(tmp_path: Path, trained: tuple) -> None:
+    model, reference = trained
+    meft_ds.save_adapter(Wrapper(MeftModel(model)), tmp_path)
+    target = Wrapper(MeftModel(tiny_model(), MEFT))
+    assert meft_ds.load_adapter(target, tmp_path) is target
+    assert torch.equal(logits(target.module.base_model), reference)
+
+
 def write_format_1(model: torch.nn.Module, directory: Path) -> None:
     """What meft_ds 0.1's save_adapter wrote: adapter.safetensors (``layers.<i>.{keys,values,router}``) and its
     adapter_config.json (format_version 1, the meft settings under "meft")."""
