@@ -95,14 +95,26 @@ def row_grad_norm_at_the_sparse_step(engine) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    ("precision", "stage"),
-    [("fp16", 0), ("fp16", 2), ("autocast_fp16", 0), ("autocast_fp16", 2)],
+    ("precision", "stage", "backward"),
+    [
+        ("fp16", 0, "engine.backward"),
+        ("fp16", 2, "engine.backward"),
+        ("autocast_fp16", 0, "engine.backward"),
+        ("autocast_fp16", 2, "engine.backward"),
+        ("fp16", 2, "engine.scale"),  # DeepSpeed refuses a caller's backward at stage 0
+        ("autocast_fp16", 2, "engine.scale"),
+    ],
 )
-def test_row_gradients_and_clip_norm_are_unscaled_like_the_engines(precision: str, stage: int) -> None:
+def test_row_gradients_and_clip_norm_are_unscaled_like_the_engines(precision: str, stage: int, backward: str) -> None:
+    """Whether the engine backpropagates the loss or the caller does, with ``engine.scale(loss).backward()``."""
     batch = token_batch(batch=2, length=12, seed=10)
     engine, *_ = meft_ds.initialize(model=tiny_model(), config=config(precision, stage))
     seen = row_grad_norm_at_the_sparse_step(engine)
-    engine.backward(engine(batch, labels=batch).loss)
+    loss = engine(batch, labels=batch).loss
+    if backward == "engine.scale":
+        engine.scale(loss).backward()
+    else:
+        engine.backward(loss)
     engine.step()
     assert engine.was_step_applied()
     rows, total = reference_row_grads(batch)
