@@ -299,6 +299,16 @@ def test_checkpoint_round_trip_restores_store_and_continues_identically(tmp_path
     assert_same_training(resumed_model, straight, atol=1e-6)
 
 
+def test_loading_from_a_folder_without_a_checkpoint_changes_nothing(tmp_path) -> None:
+    """As DeepSpeed's own: no checkpoint there (a first run's resume) returns ``(None, None)``, and nothing loads."""
+    model = tiny_model()
+    engine, *_ = meft_ds.initialize(model=model, config=ds_config(2))
+    rows = [a.store.rows.clone() for a in meft_ds.adapters(model)]
+    assert engine.load_checkpoint(str(tmp_path)) == (None, None)
+    assert engine.global_steps == 0
+    assert all(torch.equal(a.store.rows, r) for a, r in zip(meft_ds.adapters(model), rows, strict=True))
+
+
 def test_saving_a_tag_again_replaces_it_whole(tmp_path) -> None:
     """A tag saved twice (e.g. ``tag="best"``) holds the second save once it returns: the first version is moved
     aside only while the second is published, and nothing of either is left beside it."""
