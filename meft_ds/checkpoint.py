@@ -16,6 +16,8 @@ from meft_ds.sparse_adam import SparseRowAdam
 from meft_ds.store import CheckpointError
 
 STORE_OPTIMIZER = "optimizer.json"
+STORE_SETTINGS = "meft_settings.json"  # the adapters' settings (since 2026-12-06; older checkpoints lack it)
+SHAPED_SETTINGS = ("num_neurons", "num_experts")  # they give the rows' and the routers' shapes
 BASE_SAMPLE = "base_model_sample.pt"
 SAMPLES_PER_TENSOR = 64
 
@@ -34,13 +36,29 @@ def save_stores(
         state = optimizer.state_dict()
         payload = {"global_step": state["global_step"], "param_groups": state["param_groups"]}
         (directory / STORE_OPTIMIZER).write_text(json.dumps(payload, indent=2))
+        settings = model_adapters[0].config.to_dict() | {"layers": [a.layer_index for a in model_adapters]}
+        (directory / STORE_SETTINGS).write_text(json.dumps(settings, indent=2))
+
+
+def check_stores(directory: Path, model_adapters: list[SparseKeyExpertAdapter]) -> None:
+    """A :class:`meft_ds.store.CheckpointError` naming the setting unless the checkpoint in ``directory`` fits the
+    model's adapters: the same rows and router shapes, a store file for every layer. Called before anything of the
+    checkpoint loads (DeepSpeed's own load would otherwise fail on a router's shape first, without the fix)."""
+    settings_file = directory / STORE_SETTINGS
+    if settings_file.is_file():
+        saved, config = json.loads(settings_file.read_text()), model_adapters[0].config
+        for key in SHAPED_SETTINGS:
+            if saved.get(key) != getattr(config, key):
+                raise CheckpointError(
+                    f"{directory.parent}: meft.{key} is {saved.get(key)} in the checkpoint, {getattr(config, key)} in "
+                    "this run. Fix: resume with the meft settings of the run that wrote the checkpoint."
+                )
+    for adapter in model_adapters:
+        adapter.store.check_saved(directory, adapter.layer_index)
 
 
 def load_stores(directory: Path, model_adapters: list[SparseKeyExpertAdapter], optimizer: SparseRowAdam) -> None:
-    """Restore what :func:`save_stores` wrote; every mismatch is a :class:`meft_ds.store.CheckpointError` before any
-    copy."""
-    for adapter in model_adapters:
-        adapter.store.check_saved(directory, adapter.layer_index)
+    """Restore what :func:`save_stores` wrote, once :func:`check_stores` has passed."""
     state = json.loads((directory / STORE_OPTIMIZER).read_text())
     for adapter in model_adapters:
         adapter.store.load(directory, adapter.layer_index)

@@ -38,6 +38,7 @@ from torch import nn
 from meft_ds.checkpoint import (
     base_sample,
     check_base_sample,
+    check_stores,
     has_base_sample,
     load_stores,
     save_base_sample,
@@ -354,8 +355,9 @@ class MeftPlugin:
         """The engine's checkpoint and the row stores saved with it. A checkpoint without the frozen parameters
         (:meth:`save_checkpoint`'s default) leaves them as the model has them; ``load_module_strict`` then holds for
         the trainable ones: each must be in the checkpoint, and nothing else may be. The frozen parameters must be
-        those the run was saved with (compared by a sample, :func:`meft_ds.checkpoint.check_base_sample`): a
-        :class:`CheckpointError` before anything is loaded otherwise."""
+        those the run was saved with (compared by a sample, :func:`meft_ds.checkpoint.check_base_sample`), and the
+        adapters' shapes those of the checkpoint (:func:`meft_ds.checkpoint.check_stores`): a :class:`CheckpointError`
+        before anything is loaded otherwise."""
         latest = Path(load_dir) / "latest"
         if tag is None and latest.is_file():
             tag = latest.read_text().strip()
@@ -365,6 +367,8 @@ class MeftPlugin:
         stores = Path(load_dir) / str(tag) / STORE_DIR
         if tag is not None and has_base_sample(stores):
             check_base_sample(stores, self._frozen_sample())
+        if tag is not None and stores.parent.is_dir():  # else DeepSpeed finds no checkpoint and loads nothing
+            check_stores(stores, self.adapters)
         if "custom_load_fn" not in kwargs:
             kwargs["custom_load_fn"] = functools.partial(_load_module, strict=load_module_strict)
         load_path, client_state = self._engine_load(load_dir, tag=tag, load_module_strict=load_module_strict, **kwargs)

@@ -309,6 +309,36 @@ def test_loading_from_a_folder_without_a_checkpoint_changes_nothing(tmp_path) ->
     assert all(torch.equal(a.store.rows, r) for a, r in zip(meft_ds.adapters(model), rows, strict=True))
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_neurons": 128}, r"meft\.num_neurons is 64 in the checkpoint, 128 in this run\. Fix: resume with the"),
+        ({"num_experts": 16}, r"meft\.num_experts is 32 in the checkpoint, 16 in this run\. Fix: resume with the"),
+        (  # a checkpoint without the settings (written before they were saved): its row files tell
+            {"num_neurons": 128, "settings": None},
+            r"layer_0\.safetensors: rows have shape \(64, 2, 64\) but layer 0 holds \(128, 2, 64\).* Fix: resume",
+        ),
+    ],
+    ids=["rows", "routers", "older checkpoint"],
+)
+def test_resuming_with_other_adapter_shapes_is_refused_before_anything_loads(
+    tmp_path, change: dict, message: str
+) -> None:
+    engine, *_ = meft_ds.initialize(model=tiny_model(), config=ds_config(2))
+    engine.save_checkpoint(str(tmp_path))
+    if "settings" in change:
+        (tmp_path / "global_step0" / "meft" / "meft_settings.json").unlink()
+    other = tiny_model()
+    meft = {**MEFT, **{k: v for k, v in change.items() if k != "settings"}}
+    resumed, *_ = meft_ds.initialize(model=other, config={**ds_config(2), "meft": meft})
+    before = {name: p.detach().clone() for name, p in other.named_parameters()}
+    rows = [a.store.rows.clone() for a in meft_ds.adapters(other)]
+    with pytest.raises(meft_ds.CheckpointError, match=message):
+        resumed.load_checkpoint(str(tmp_path))
+    assert all(torch.equal(p, before[name]) for name, p in other.named_parameters())
+    assert all(torch.equal(a.store.rows, r) for a, r in zip(meft_ds.adapters(other), rows, strict=True))
+
+
 def test_saving_a_tag_again_replaces_it_whole(tmp_path) -> None:
     """A tag saved twice (e.g. ``tag="best"``) holds the second save once it returns: the first version is moved
     aside only while the second is published, and nothing of either is left beside it."""
