@@ -216,6 +216,11 @@ def capacity_grid() -> Grid:
             Cell("LoRA r=117", "lora", ("--lora_r", "117"), (1e-3,), seeds=(0, 1, 2)),  # bytes = MEFT r=32768 ckpt's
             Cell("LoRA r=42", "lora", ("--lora_r", "42"), (2e-3,), seeds=(0, 1)),  # bytes = the 256-expert MEFT's
             meft("MEFT r=32768, checkpointed", 32768, (5e-4, 2e-3), "--activation_checkpointing"),  # LoRA r=104's sweep
+            # the rows' rate apart from the routers' (--learning_rate: the routers'; meft.lr: the rows')
+            meft("MEFT r=32768, checkpointed, rows at 2e-3", 32768, (1e-3,), "--activation_checkpointing",
+                 "--meft", "lr=2e-3"),
+            meft("MEFT r=32768, checkpointed, rows at 1e-3", 32768, (5e-4,), "--activation_checkpointing",
+                 "--meft", "lr=1e-3"),
         ),
     )  # fmt: skip
 
