@@ -13,8 +13,12 @@ from launch_scripts import launch_script
 from tiny_models import tiny_model, token_batch
 
 import meft_ds
+from meft_ds.ds_config import load_deepspeed_config
 from meft_ds.memory import HEADROOM
 from meft_ds.plan import (
+    CONTEXT_RESERVE,
+    FRAGMENTATION,
+    TIGHT,
     GiB,
     MemoryPlan,
     dense_trainable_items,
@@ -136,6 +140,23 @@ def test_verdict_changes_are_computed_and_fit(llama_plan: MemoryPlan) -> None:
     checkpointed = dataclasses.replace(llama_plan.setup, checkpointing=True)
     fits = sum(i.nbytes for i in plan_items(checkpointed, llama_plan.model) if i.tier == "device") <= verdict.budget
     assert any(c.startswith("enable activation checkpointing") and ("(fits)" in c) == fits for c in verdict.changes)
+
+
+def test_a_narrow_fit_lists_what_frees_memory_without_shrinking_the_run() -> None:
+    """Within 5% of the budget the plan fits, and its verdict lists changes that keep the micro-batch and the rows:
+    checkpointing, a gradient bucket of the routers' size (this one is 10x larger), no device row cache."""
+    config = load_deepspeed_config(ROOT / "ds_configs" / "meft.json")
+    config["zero_optimization"]["reduce_bucket_size"] = 500_000_000
+    narrow = plan("llama-2-7b", config, batch_size=2, seq_len=256, meft={"num_neurons": 8464, "cache_mb": 256})
+    need = narrow.total("device")
+    device_gib = (need / 0.97 + CONTEXT_RESERVE) / (1 - FRAGMENTATION) / GiB  # the plan needs 97% of the budget
+    verdict = narrow.verdict(device_gib=device_gib)
+    assert verdict.fits and verdict.need > TIGHT * verdict.budget
+    starts = ["enable activation checkpointing", "set zero_optimization.reduce_bucket_size=", "set meft.cache_mb=0"]
+    assert [next(c for c in verdict.changes if c.startswith(start)) for start in starts]
+    assert len(verdict.changes) == len(starts)  # no smaller micro-batch or fewer rows: the run fits as it is
+    for change in verdict.changes:
+        assert float(change.split("device ")[1].split(" GiB")[0]) * GiB < need and change.endswith("(fits)")
 
 
 def test_cpu_memory_is_judged_apart_from_the_device(llama_plan: MemoryPlan) -> None:
