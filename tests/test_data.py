@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -141,6 +142,15 @@ def test_a_bad_row_names_file_row_and_field(
     message = str(caught.value)
     assert message.startswith(f"{path} {where}: ") and problem in message
     assert "Fix" in message or "Write each row" in message
+
+
+def test_blank_lines_of_a_jsonl_file_are_skipped_and_still_counted(tmp_path: Path) -> None:
+    path, good = tmp_path / "rows.jsonl", json.dumps(GOOD_ROWS["qa"])
+    path.write_text(f"{good}\n\n{good}\n   \n")
+    assert len(load_examples(path)) == 2
+    path.write_text(f"{good}\n\n{good}\n   \n{BAD_ROWS[0][1]}\n")
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))} line 5: "):
+        load_examples(path)
 
 
 @pytest.mark.parametrize(
