@@ -14,12 +14,11 @@ DIM = 16
 
 
 @pytest.fixture(params=["kernel", "torch"])
-def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """The accumulator's own tests run on the CPU kernel and on the pure-torch code that replaces it where the kernels
     cannot be built (``MEFT_DS_TORCH_FALLBACK=1``)."""
     if request.param == "torch":
         monkeypatch.setattr(meft_ds.accumulator, "cpu_kernels", lambda: None)
-    return request.param
 
 
 def make_adapter(**overrides) -> SparseKeyExpertAdapter:
@@ -29,7 +28,8 @@ def make_adapter(**overrides) -> SparseKeyExpertAdapter:
     return adapter
 
 
-def test_rows_are_summed_by_id_in_one_buffer_and_read_in_first_touch_order(implementation: str) -> None:
+@pytest.mark.usefixtures("implementation")
+def test_rows_are_summed_by_id_in_one_buffer_and_read_in_first_touch_order() -> None:
     accumulator = RowGradAccumulator(50, DIM)
     dense = torch.zeros(50, 2, DIM)
     generator = torch.Generator().manual_seed(0)
@@ -48,7 +48,8 @@ def test_rows_are_summed_by_id_in_one_buffer_and_read_in_first_touch_order(imple
     assert torch.equal(accumulator.view()[1], grads)
 
 
-def test_a_buffer_without_room_for_every_row_grows_keeping_what_it_holds(implementation: str) -> None:
+@pytest.mark.usefixtures("implementation")
+def test_a_buffer_without_room_for_every_row_grows_keeping_what_it_holds() -> None:
     accumulator = RowGradAccumulator(100, DIM, capacity=0)  # as the NVMe tier's
     first, second = torch.randn(2, 2, DIM), torch.randn(14, 2, DIM)
     accumulator.add(torch.tensor([50, 60]), first)
@@ -59,7 +60,8 @@ def test_a_buffer_without_room_for_every_row_grows_keeping_what_it_holds(impleme
     assert torch.equal(grads, torch.cat([first, second]))
 
 
-def test_flags_select_rows_and_low_precision_grads_are_widened_exactly(implementation: str) -> None:
+@pytest.mark.usefixtures("implementation")
+def test_flags_select_rows_and_low_precision_grads_are_widened_exactly() -> None:
     accumulator = RowGradAccumulator(10, DIM)
     grads = torch.randn(3, 2, DIM).bfloat16()
     accumulator.add(torch.tensor([2, 5, 7]), grads, torch.tensor([True, False, True]))
@@ -68,7 +70,8 @@ def test_flags_select_rows_and_low_precision_grads_are_widened_exactly(implement
     assert torch.equal(got, grads[[0, 2]].float())
 
 
-def test_finiteness_is_known_from_the_writes_and_outside_writes_are_rechecked(implementation: str) -> None:
+@pytest.mark.usefixtures("implementation")
+def test_finiteness_is_known_from_the_writes_and_outside_writes_are_rechecked() -> None:
     accumulator = RowGradAccumulator(10, DIM)
     accumulator.add(torch.tensor([1, 2]), torch.full((2, 2, DIM), 3e38))
     assert accumulator.all_finite()

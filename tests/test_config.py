@@ -168,7 +168,7 @@ def test_every_shipped_config_is_valid(path: Path) -> None:
         ("[1, 2]", r"the top level must be a JSON object\. Fix: wrap the settings in \{\.\.\.\}"),
     ],
 )
-def test_a_deepspeed_config_file_that_is_not_a_json_object_is_named(tmp_path, text: str, message: str) -> None:
+def test_a_deepspeed_config_file_missing_or_not_a_json_object_is_named(tmp_path, text: str, message: str) -> None:
     from meft_ds.ds_config import load_deepspeed_config
 
     path = tmp_path / "ds.json"
