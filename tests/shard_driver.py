@@ -1,8 +1,8 @@
 """Run under `torchrun --nproc_per_node 2 shard_driver.py OUTPUT_DIR`: every operation of a sharded store equals the
 replicated store's, each rank holds about half of the rows, data-parallel training with a sharded store and the device
 cache ends exactly where the replicated store without cache does (no rank serves a row another rank's owner updated),
-and MeftTrainer's ``save_model`` gathers a sharded store's whole adapter, which one process reloads to the trained
-model's logits. Two ranks on one node shard the store by default ("auto"), and ranks decide it alike; host
+the end-of-run check of replicated stores finds one that diverged, and MeftTrainer's ``save_model`` gathers a sharded
+store's whole adapter, which one process reloads to the trained model's logits. Two ranks on one node shard the store by default ("auto"), and ranks decide it alike; host
 collectives go through a gloo group where the default group is NCCL. Exits non-zero (with the failed assertion)
 otherwise."""
 
@@ -19,7 +19,7 @@ from tiny_models import tiny_model, token_batch
 
 import meft_ds
 from meft_ds import MeftConfig, SparseKeyExpertAdapter, SparseRowAdam
-from meft_ds.distributed import exchange_row_grads
+from meft_ds.distributed import check_replicas_identical, exchange_row_grads
 from meft_ds.routing import score_probed_keys
 from meft_ds.shard import all_gather_rows, host_group, resolve_shard
 
@@ -85,6 +85,7 @@ def main() -> None:
         assert torch.equal(expected, got), f"sharded + cache ends {(expected - got).abs().max():.3g} away"
     ranks_choose_the_same_rows_to_update(world, replicated_rows)
     ranks_agree_on_sharding()
+    diverged_replicas_are_found(sharded, replicated)
     host_collectives_where_the_default_group_is_nccl(world)
     trainer_saves_the_whole_sharded_adapter(Path(sys.argv[1]))
     print(f"rank {rank}: OK")
@@ -115,6 +116,28 @@ def a_rank_without_tokens_joins_the_routing_collectives(sharded: SparseKeyExpert
     probe = torch.stack([torch.randperm(12, generator=generator)[:3] for _ in range(4)])[:tokens]
     scores = sharded.store.score_probed(hidden, probe, 8)
     assert torch.equal(scores, score_probed_keys(hidden, probe, replicated.store.keys, 8))
+
+
+def diverged_replicas_are_found(sharded: list[SparseKeyExpertAdapter],
+                                replicated: list[SparseKeyExpertAdapter]) -> None:  # fmt: skip
+    """launch/train.py's end-of-run check: replicas that agree give every rank the same digest; one value changed on
+    one rank is found on every rank (the check is collective); sharded stores hold different rows by design and are
+    not compared."""
+    digest = check_replicas_identical(replicated)
+    gathered = [torch.empty(len(digest), dtype=torch.uint8) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, torch.frombuffer(bytearray(digest), dtype=torch.uint8))
+    assert all(torch.equal(gathered[0], other) for other in gathered), "equal replicas, different digests"
+    assert check_replicas_identical(sharded) is None
+    if dist.get_rank() == 1:
+        replicated[1].store.values[5, 3] += 1.0
+    try:
+        check_replicas_identical(replicated)
+    except RuntimeError as error:
+        assert "replicated row stores differ between ranks" in str(error), error
+    else:
+        raise AssertionError("a diverged replica went unnoticed")
+    if dist.get_rank() == 1:
+        replicated[1].store.values[5, 3] -= 1.0
 
 
 def ranks_agree_on_sharding() -> None:
