@@ -80,3 +80,19 @@ def test_model_stats_sum_over_adapters_and_fetch_fewer_rows_than_dense() -> None
     assert stats["rows_fetched"] == sum(per_layer)
     assert all(0 < n <= 8 * 8 for n in per_layer), "at most T x K rows per layer, never all r"
     assert stats["row_bytes_to_device"] == stats["rows_fetched"] * 64 * 2 * 4
+
+
+@pytest.mark.parametrize(
+    ("index", "dtype"),
+    [
+        (0, torch.int16), (2**15, torch.int16), (2**15 + 1, torch.int32), (2**31, torch.int32),
+        (2**31 + 1, torch.int64), (torch.tensor([2**15 - 1]), torch.int16), (torch.tensor([5, 2**15]), torch.int32),
+        (torch.tensor([2**31]), torch.int64), (torch.empty(0, dtype=torch.int64), torch.int16),
+    ],
+)  # fmt: skip
+def test_indices_cross_in_the_narrowest_dtype_that_holds_them(index: int | torch.Tensor, dtype: torch.dtype) -> None:
+    """A bound (row or expert count) holds values below it; a tensor its own values: int64 only past 2^31 - 1 (a
+    store of more than 2^31 rows per layer)."""
+    from meft_ds.transfer import narrowest_index_dtype
+
+    assert narrowest_index_dtype(index) == dtype
