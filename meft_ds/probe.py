@@ -131,7 +131,7 @@ def retained(before: Sequence[dict[str, Any]] | None, after: Sequence[dict[str, 
     return {"known": len(known), "still_right": len(kept), "fraction": len(kept) / len(known) if known else None}
 
 
-def build(model: nn.Module, tokenizer: Any, model_name: str, path: Path = PROBE_FILE) -> dict[str, Any]:
+def build(model: nn.Module, tokenizer: Any, model_name: str, path: Path) -> dict[str, Any]:
     """Ask every candidate and store the ones ``model`` answers right (with what it answered) in ``path``."""
     answers = answer_probe(model, tokenizer, as_examples(CANDIDATES), batch_size=16)
     kept = [
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("pass --build or --check DTYPE")
     model, tokenizer = load_model_and_tokenizer(None, dtype=getattr(torch, args.check or "float32"))
     if args.build:
-        record = build(model, tokenizer, BUILTIN_MODEL)
+        record = build(model, tokenizer, BUILTIN_MODEL, PROBE_FILE)
         print(f"kept {len(record['questions'])} of {record['candidates']} questions in {PROBE_FILE}")
         return
     answers = answer_probe(model, tokenizer, probe_examples(), batch_size=16)

@@ -78,6 +78,32 @@ def test_probe_check_counts_the_kept_questions_a_model_still_answers(
         probe.main([])  # neither --build nor --check
 
 
+def test_building_the_probe_keeps_the_candidates_answered_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--build`` asks every candidate of the built-in model in fp32 and keeps those it answers right, each with its
+    answer, in the probe file."""
+    tokenizer = word_tokenizer(chat=True)
+    replies = [answers[0] if i % 3 else "Tellarby" for i, (_, answers) in enumerate(probe.CANDIDATES)]
+    loaded = []
+    monkeypatch.setattr(
+        meft_ds.models, "load_model_and_tokenizer",
+        lambda name, dtype: loaded.append((name, dtype)) or (ReferenceAnswerer(tokenizer, replies), tokenizer),
+    )  # fmt: skip
+    monkeypatch.setattr(probe, "PROBE_FILE", tmp_path / "probe_questions.json")
+    probe.main(["--build"])
+    assert loaded == [(None, torch.float32)]
+    stored = json.loads((tmp_path / "probe_questions.json").read_text())
+    right = [(q, list(a)) for i, (q, a) in enumerate(probe.CANDIDATES) if i % 3]
+    assert [(q["question"], q["answers"]) for q in stored["questions"]] == right
+    base_answers = [normalize_answer(q["base_answer"]) for q in stored["questions"]]
+    assert base_answers == [normalize_answer(answers[0]) for _, answers in right]  # what the model said, kept
+    assert stored["candidates"] == len(probe.CANDIDATES) and stored["model"] == meft_ds.models.BUILTIN_MODEL
+    assert capsys.readouterr().out.strip().endswith(f"kept {len(right)} of {len(probe.CANDIDATES)} questions in "
+                                                    f"{tmp_path / 'probe_questions.json'}")  # fmt: skip
+    assert probe.probe_examples(tmp_path / "probe_questions.json")[0].prompt == right[0][0]
+
+
 @pytest.mark.slow
 def test_the_builtin_model_answers_every_kept_question() -> None:
     from meft_ds.models import load_model_and_tokenizer
