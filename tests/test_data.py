@@ -343,6 +343,50 @@ def test_the_builtin_model_is_converted_once_into_the_cache_and_loaded_from_ther
         assert torch.equal(model.state_dict()[name], weight)
 
 
+def test_model_arguments_resolve_to_what_from_pretrained_loads_or_one_clear_error(tmp_path: Path) -> None:
+    """A .gguf file, a folder with config.json, a folder holding exactly one .gguf file, a hub id; a path to nothing,
+    and a folder with neither a config nor one GGUF file, are refused naming the argument and the fix."""
+    (tmp_path / "model.gguf").touch()
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "config.json").write_text("{}")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "weights.gguf").touch()
+    (tmp_path / "two").mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / "two" / name).touch()
+    assert models.resolve_model(str(tmp_path / "model.gguf")) == (str(tmp_path), "model.gguf")
+    assert models.resolve_model(str(tmp_path / "saved")) == (str(tmp_path / "saved"), None)
+    assert models.resolve_model(str(tmp_path / "one")) == (str(tmp_path / "one"), "weights.gguf")
+    assert models.resolve_model("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", None)
+    builtin = models.resolve_model(None)
+    assert builtin == models.resolve_model(models.BUILTIN_MODEL) == (str(models.builtin_model_file().parent),
+                                                                     models.builtin_model_file().name)  # fmt: skip
+    for argument, error in [
+        (tmp_path / "missing.gguf", "no such GGUF file"),
+        (tmp_path / "two", "the folder has no config.json \\(nor exactly one .gguf file\\)"),
+        (tmp_path / "nowhere", "no such file or folder"),
+    ]:
+        with pytest.raises(models.ModelLoadError, match=f"--model {re.escape(str(argument))}: {error}.*Fix: "):
+            models.resolve_model(str(argument))
+
+
+def test_a_model_the_hub_cannot_give_is_refused_naming_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline (or a wrong id), transformers raises an OSError; the loader says what was asked and what to do."""
+    import transformers
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(models.ModelLoadError) as error:
+        models.load_model_and_tokenizer("someone/some-model")
+    assert str(error.value).startswith(
+        "--model someone/some-model: not a local model and it could not be loaded from the Hugging Face hub (OSError: "
+        "We couldn't connect to 'https://huggingface.co' to load the files.). Fix: pass a local folder or .gguf file"
+    )
+    assert f"--model {models.BUILTIN_MODEL}" in str(error.value)
+
+
 @pytest.mark.slow
 def test_smollm2_chat_template_masks_its_prompt() -> None:
     tokenizer = AutoTokenizer.from_pretrained(models.builtin_model_folder())  # what every entry point loads
