@@ -8,6 +8,7 @@ DeepSpeed's CPU accelerator reports fp16 support only where oneDNN has fp16 kern
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -187,6 +188,37 @@ def test_row_overflow_skips_the_step_and_lowers_the_loss_scale(stage: int, offlo
     engine.step()
     assert engine.was_step_applied() and plugin.sparse_optimizer.global_step == 1
     assert not torch.equal(adapters[0].store.rows, rows)
+
+
+def test_an_engine_that_cannot_be_told_of_the_rows_overflow_steps_and_only_the_rows_skip(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An fp16 optimizer without any of the overflow checks the plugin answers (another DeepSpeed's) steps the
+    routers anyway (unclipped here: a global norm over infinite rows would zero their gradients): the rows skip their
+    step (counted as a non-finite step, not as a skipped one) and a warning says so."""
+    from meft_ds import plugin as plugin_module
+
+    monkeypatch.setattr(plugin_module, "OVERFLOW_CHECKS", ())
+    model = tiny_model()
+    engine, *_ = meft_ds.initialize(model=model, config=config("fp16", 0, clip=0.0))
+    adapter = meft_ds.adapters(model)[0]
+    batch = token_batch(batch=2, length=12, seed=10)
+    engine.backward(engine(batch, labels=batch).loss)
+    engine.step()  # the values leave zero: from now on the routers have gradients
+    rows, router = adapter.store.rows.clone(), router_master(engine)
+    engine.backward(engine(batch, labels=batch).loss)
+    adapter.collect_row_grads()
+    adapter.store.accumulated_grads()[1][0, 0, 0] = float("inf")
+    with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        engine.step()
+    assert engine.was_step_applied() and not torch.equal(router_master(engine), router)
+    assert torch.equal(adapter.store.rows, rows)
+    plugin = engine.meft
+    assert plugin.skipped_steps == plugin.row_overflow_steps == 0 and plugin.sparse_optimizer.nonfinite_steps == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "meft_ds"] == [
+        "meft_ds: the engine stepped despite the rows' fp16 overflow; only the row step is skipped.",
+        "meft_ds: NaN or inf in the row gradients; the row step is skipped (1 in a row, 1 in total).",
+    ]
 
 
 def test_in_fp32_a_row_overflow_still_counts_towards_the_abort() -> None:
