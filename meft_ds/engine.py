@@ -63,6 +63,7 @@ def initialize(
     meft_config = MeftConfig.from_dict(meft if meft is not None else ds_config.get("meft"))
     resolve_auto(ds_config)
     validate_deepspeed_config(ds_config)
+    rows_lr_scale(meft_config, ds_config)  # refused here, before the engine is built, as well as at attach
     fit_precision_to_cpu(ds_config)
 
     if not adapters(model):
@@ -105,10 +106,30 @@ def attach(engine: Any) -> MeftPlugin:
     ds_config = load_deepspeed_config(config)
     meft_config = model_adapters[0].config
     sparse = build_sparse_optimizer(engine.module, meft_config, ds_config)
-    peak = peak_lr(ds_config)
-    lr_scale = meft_config.lr / peak if meft_config.lr is not None and peak else None
+    lr_scale = rows_lr_scale(meft_config, ds_config)
     unlink_cpu_allreduce_buffer()  # a DeepSpeed leak on CPUs, 67 MB per rank and run
     return MeftPlugin(engine, sparse, lr_scale=lr_scale).attach()
+
+
+def rows_lr_scale(meft_config: MeftConfig, ds_config: dict[str, Any]) -> float | None:
+    """``meft.lr`` over the engine's peak learning rate: the rows follow the engine's schedule scaled by it (``None``:
+    no ``meft.lr``, the rows take the engine's rate). Without a peak rate in the config, or with a peak of 0, there is
+    nothing to scale, and a ``meft.lr`` that would be ignored is refused."""
+    lr = meft_config.lr
+    if lr is None:
+        return None
+    peak = peak_lr(ds_config)
+    if peak:
+        return lr / peak
+    if lr == 0:
+        return 0.0
+    what = "this DeepSpeed config names none (scheduler.params.warmup_max_lr or cycle_max_lr, optimizer.params.lr)"
+    fix = "set one of them" if peak is None else "give the engine a nonzero learning rate"
+    raise MeftConfigError(
+        f"meft.lr = {lr:g}: the rows follow the engine's learning-rate schedule, scaled by meft.lr over its peak "
+        f"rate, and {what if peak is None else 'that peak is 0 here: the rows would not train'}. Fix: {fix}, or drop "
+        "meft.lr (the rows then take the engine's rate)."
+    )
 
 
 def build_sparse_optimizer(model: nn.Module, meft_config: MeftConfig, ds_config: dict[str, Any]) -> SparseRowAdam:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import deepspeed
 import pytest
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
@@ -14,7 +15,8 @@ from tiny_models import tiny_model, token_batch
 
 import meft_ds
 import meft_ds.ds_config
-from meft_ds import SparseRowAdam
+import meft_ds.engine
+from meft_ds import MeftConfig, MeftConfigError, SparseRowAdam
 
 MEFT = {"num_neurons": 64, "top_k": 4, "seed": 3}
 LR = 1e-2
@@ -216,6 +218,36 @@ def test_meft_lr_scales_with_the_schedule() -> None:
         engine.backward(engine(batch, labels=batch).loss)
         engine.step()
     assert engine.meft.last_lr == pytest.approx(0.1 * 1 / 4)  # third step of DeepSpeed's 4-step warmup, peak 0.1
+
+
+@pytest.mark.parametrize("peak", ["zero", "none"])
+def test_a_meft_lr_without_a_peak_rate_to_scale_is_refused(peak: str) -> None:
+    """meft.lr scales the engine's schedule by meft.lr over its peak: with a peak of 0 the rows would not train, and
+    without one named the scale is unknown (both used to leave meft.lr ignored); refused before the engine is built,
+    and by attach for an engine built elsewhere. An explicit meft.lr of 0 stays allowed: it freezes the rows."""
+    config = ds_config(0)
+    if peak == "zero":
+        config["optimizer"]["params"]["lr"] = config["scheduler"]["params"]["warmup_max_lr"] = 0.0
+        expected = "that peak is 0 here: the rows would not train. Fix: give the engine a nonzero learning rate"
+    else:
+        del config["optimizer"]["params"]["lr"], config["scheduler"]
+        expected = "this DeepSpeed config names none .*Fix: set one of them"
+    config["meft"] = {**MEFT, "lr": 0.1}
+    model = tiny_model()
+    with pytest.raises(MeftConfigError, match=f"^meft.lr = 0.1: the rows follow .*{expected}, or drop meft.lr"):
+        meft_ds.initialize(model=model, config=config)
+    assert not meft_ds.adapters(model)  # refused before anything was built
+    assert meft_ds.engine.rows_lr_scale(MeftConfig(**MEFT, lr=0.0), config) == 0.0
+
+
+def test_attach_refuses_a_meft_lr_the_engine_gives_no_peak_to_scale() -> None:
+    config = ds_config(0)
+    config["optimizer"]["params"]["lr"] = config["scheduler"]["params"]["warmup_max_lr"] = 0.0
+    model = meft_ds.inject(tiny_model(), {**MEFT, "lr": 0.1})
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config={k: v for k, v in config.items() if k != "meft"})  # fmt: skip
+    with pytest.raises(MeftConfigError, match=r"^meft.lr = 0.1: .*that peak is 0 here"):
+        meft_ds.attach(engine)
 
 
 def test_skipped_step_drops_row_gradients_and_leaves_store_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
