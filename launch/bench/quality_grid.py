@@ -65,6 +65,9 @@ CONTROL_DATES = (*REHEARSE_DATES, "--train_limit", "0")
 # a quarter of r=32768's default 1,024 experts, probing a quarter as many: the same 256 keys scored per token, a
 # quarter of the routers' device bytes
 FEW_EXPERTS = ("--meft", "num_experts=256", "--meft", "n_probe=2")
+# the rows' peak rate apart from the routers' (the launcher's --learning_rate): with the routers at 1e-12, routing stays
+# where it started and only the rows learn
+ROWS_AT_3E3 = ("--meft", "lr=0.003")
 
 
 def full_grid() -> Grid:
@@ -80,9 +83,9 @@ def full_grid() -> Grid:
     rehearsal; then the controls of MEFT's default and LoRA r=64 with rehearsal, trained on the rehearsed answers
     alone (no facts: what rehearsing costs the probe by itself); then two more remedies: rehearsing the untrained
     model's distributions instead of its tokens (MEFT's default, two seeds; its control; LoRA r=64) and rehearsing 112
-    questions, 32 dates added (the same, MEFT with four seeds), with seeds 2 and 3 of MEFT's rehearsal of 80. A second
-    cell with the same label and ``seeds=(1,)`` adds a seed to a configuration, one with other ``lrs`` extends its
-    sweep."""
+    questions, 32 dates added (the same, MEFT with four seeds), with seeds 2 and 3 of MEFT's rehearsal of 80; then
+    (2026-12-07) MEFT's default with its routers frozen. A second cell with the same label and ``seeds=(1,)`` adds a
+    seed to a configuration, one with other ``lrs`` extends its sweep."""
     return Grid(
         facts=150, steps=100, micro_batch=8, eval_limit=100,
         cells=(
@@ -137,6 +140,7 @@ def full_grid() -> Grid:
             meft("MEFT r=4096, rehearsal 112 (dates) alone (control)", 4096, (3e-3,), *CONTROL_DATES, steps=13),
             meft("MEFT r=4096, rehearsal 112 (dates)", 4096, (3e-3,), *REHEARSE_DATES, seeds=(2, 3)),
             meft("MEFT r=4096, global clip (default), rehearsal 80", 4096, (3e-3,), *REHEARSE, seeds=(2, 3)),
+            meft("MEFT r=4096, routers frozen", 4096, (1e-12,), *ROWS_AT_3E3, seeds=(0, 1)),
         ),
     )  # fmt: skip
 
