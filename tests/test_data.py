@@ -327,14 +327,19 @@ def test_the_builtin_model_is_converted_once_into_the_cache_and_loaded_from_ther
         if gguf_file is None:
             return real(source, gguf_file, dtype, name)
         ggufs_loaded.append(gguf_file)
-        return tiny_model(), word_tokenizer(chat=True)
+        model = tiny_model()  # as transformers 5 leaves a model it dequantized from a GGUF file:
+        model.config.quantization_config = {"quant_method": "gguf", "gguf_file": gguf_file, "dequantize": False}
+        return model, word_tokenizer(chat=True)
 
     monkeypatch.setattr(models, "_from_pretrained", from_pretrained)
     model, tokenizer = models.load_model_and_tokenizer(None)
     again, _ = models.load_model_and_tokenizer(models.BUILTIN_MODEL, dtype=torch.bfloat16)
     assert ggufs_loaded == [models.builtin_model_file().name], "converted once, then loaded from the cache"
     (folder,) = tmp_path.iterdir()  # published; no staging folder left behind
-    assert folder.name == f"{models.BUILTIN_MODEL}-{models.builtin_model_file().stat().st_size}"
+    assert folder.name == f"{models.BUILTIN_MODEL}-{models.builtin_model_file().stat().st_size}-v2"
+    # a plain model, not a quantized one (which the Trainer refuses to train and save_pretrained to save)
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
     assert (
         models.is_builtin_model(model) and models.is_builtin_model(again) and not models.is_builtin_model(tiny_model())
     )
@@ -385,6 +390,17 @@ def test_a_model_the_hub_cannot_give_is_refused_naming_the_fix(monkeypatch: pyte
         "We couldn't connect to 'https://huggingface.co' to load the files.). Fix: pass a local folder or .gguf file"
     )
     assert f"--model {models.BUILTIN_MODEL}" in str(error.value)
+
+
+@pytest.mark.slow
+def test_the_builtin_model_loads_as_a_plain_model_that_trains_and_saves(tmp_path: Path) -> None:
+    """Converted from a GGUF file, it is still an ordinary fp32 model: transformers does not take it for a quantized
+    one (the Hugging Face Trainer then refused to train it, and save_pretrained, at the end of a full fine-tuning run,
+    to save it)."""
+    model, _ = models.load_model_and_tokenizer(None)
+    assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None  # the Trainer's
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").stat().st_size > 4 * 134_000_000  # every weight, in fp32
 
 
 @pytest.mark.slow
