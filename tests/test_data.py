@@ -327,8 +327,9 @@ def test_the_builtin_model_is_converted_once_into_the_cache_and_loaded_from_ther
         if gguf_file is None:
             return real(source, gguf_file, dtype, name)
         ggufs_loaded.append(gguf_file)
-        model = tiny_model()  # as transformers 5 leaves a model it dequantized from a GGUF file:
+        model = tiny_model()  # marked quantized, as transformers 5 leaves a model it dequantized from a GGUF file
         model.config.quantization_config = {"quant_method": "gguf", "gguf_file": gguf_file, "dequantize": False}
+        model.hf_quantizer, model.is_quantized = object(), True
         return model, word_tokenizer(chat=True)
 
     monkeypatch.setattr(models, "_from_pretrained", from_pretrained)
@@ -373,6 +374,28 @@ def test_model_arguments_resolve_to_what_from_pretrained_loads_or_one_clear_erro
     ]:
         with pytest.raises(models.ModelLoadError, match=f"--model {re.escape(str(argument))}: {error}.*Fix: "):
             models.resolve_model(str(argument))
+
+
+def test_a_gguf_file_dequantized_on_load_gives_an_ordinary_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers 5 marks a model it dequantized from a GGUF file as quantized (the Trainer then refuses to train
+    it, save_pretrained to save it): the loader unmarks it; weights left packed (integer blocks) stay marked."""
+    (tmp_path / "model.gguf").touch()
+
+    def marked(packed: bool) -> torch.nn.Module:
+        model = tiny_model()
+        if packed:
+            model.packed = torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
+        model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "model.gguf", "dequantize": False}
+        model.hf_quantizer, model.is_quantized = object(), True
+        return model
+
+    for packed in (False, True):
+        monkeypatch.setattr(models, "_from_pretrained", lambda *args, packed=packed: (marked(packed), None))
+        model, _ = models.load_model_and_tokenizer(str(tmp_path / "model.gguf"))
+        assert model.is_quantized == packed and (model.hf_quantizer is not None) == packed
+        assert ("quantization_config" in model.config.to_dict()) == packed
 
 
 def test_a_model_the_hub_cannot_give_is_refused_naming_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
