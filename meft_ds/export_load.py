@@ -35,6 +35,7 @@ from meft_ds.export import (
     unwrap,
 )
 from meft_ds.inject import adapters, decoder_layers, inject, locate_ffns
+from meft_ds.models import is_builtin_model, names_builtin_model
 from meft_ds.store import CheckpointError
 
 # the settings that decide what an adapter computes: a model that already has adapters must agree on them
@@ -175,7 +176,8 @@ def _check_base_model(model: nn.Module, export: AdapterExport) -> None:
             f"({trained_on}), this model has {depth}. Fix: load it into the base model it was trained on."
         )
     name = getattr(model_config, "_name_or_path", None)
-    if export.base_model_name_or_path and name and name != export.base_model_name_or_path:
+    builtin = names_builtin_model(export.base_model_name_or_path) and is_builtin_model(model)  # loaded from its cache
+    if export.base_model_name_or_path and name and name != export.base_model_name_or_path and not builtin:
         logger.warning(
             "meft_ds: %s was trained on %s; loading it into %s (same architecture and shape).",
             export.directory, export.base_model_name_or_path, name,

@@ -212,6 +212,33 @@ def test_a_mismatched_model_is_refused_before_anything_changes(
     assert all(torch.equal(a.store.rows, rows) for a, rows in zip(adapters(model), rows_before, strict=True))
 
 
+def test_loading_into_another_base_of_the_same_shape_warns_but_not_into_the_built_in_model_s_cache(
+    tmp_path: Path, trained: tuple, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """launch/train.py records the built-in model by its name; loaded, it is a folder of meft_ds's cache: the same
+    model, so `launch/evaluate.py --adapter` of a default run says nothing (it used to warn of another base)."""
+    import logging
+
+    from meft_ds.models import BUILTIN_MODEL
+
+    monkeypatch.setenv("MEFT_DS_CACHE", str(tmp_path / "cache"))
+    for recorded, loaded, warned in [
+        (BUILTIN_MODEL, str(tmp_path / "cache" / f"{BUILTIN_MODEL}-98362432-v2"), False),
+        ("my-org/tiny-llama", "my-org/tiny-llama", False),
+        ("my-org/tiny-llama", "your-org/tiny-llama", True),
+        (BUILTIN_MODEL, str(tmp_path / "elsewhere" / BUILTIN_MODEL), True),
+    ]:
+        meft_ds.save_adapter(trained[0], tmp_path / "export", base_model_name_or_path=recorded)
+        model = tiny_model()
+        model.config._name_or_path = loaded
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="meft_ds"):
+            meft_ds.load_adapter(model, tmp_path / "export")
+        expected = [f"meft_ds: {tmp_path / 'export'} was trained on {recorded}; loading it into {loaded} (same "
+                    "architecture and shape)."] if warned else []  # fmt: skip
+        assert [r.getMessage() for r in caplog.records if r.name == "meft_ds"] == expected, (recorded, loaded)
+
+
 def test_broken_foreign_or_newer_exports_are_refused_with_the_fix(tmp_path: Path, trained: tuple) -> None:
     with pytest.raises(CheckpointError, match=r"no exported meft adapter here .*Fix: point at"):
         meft_ds.load_adapter(tiny_model(), tmp_path / "missing")
