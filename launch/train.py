@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.method == "meft":  # every rank: sharded rows are gathered; rank 0 writes the PEFT-style adapter files
         meft_ds.save_adapter(model, output_dir, base_model_name_or_path=args.model)
     elif rank == 0:
-        export_baseline(args.method, model, output_dir)
+        export_baseline(args.method, model, tokenizer, output_dir)
     after, probe_after = evaluate(model, tokenizer, eval_examples, probe_examples, args)
     retention = probe.retained(probe_before, probe_after) if probe_examples else None
     if rank == 0:

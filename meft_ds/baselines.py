@@ -150,16 +150,19 @@ def training_bytes(
     return TrainingBytes(training_items(setup, adapters=len(found), dim=dim))
 
 
-def export_baseline(method: str, model: nn.Module, output_dir: Path) -> None:
+def export_baseline(method: str, model: nn.Module, tokenizer: Any, output_dir: Path) -> None:
     """Write what a baseline trained to ``output_dir``: LoRA as a PEFT adapter, the dense parallel adapters as
-    :data:`PARALLEL_ADAPTER_FILE` (``<layer>.keys``, ``<layer>.values``), full fine-tuning as a whole model."""
+    :data:`PARALLEL_ADAPTER_FILE` (``<layer>.keys``, ``<layer>.values``), full fine-tuning as a whole model with its
+    tokenizer (a folder that ``--model`` loads)."""
     if method == "parallel_adapter":
         from safetensors.torch import save_file
 
         output_dir.mkdir(parents=True, exist_ok=True)
         save_file(model.dense_adapters.state_dict(), str(output_dir / PARALLEL_ADAPTER_FILE))
-    else:  # PeftModel.save_pretrained (adapter only) or PreTrainedModel.save_pretrained
-        model.save_pretrained(str(output_dir))
+        return
+    model.save_pretrained(str(output_dir))  # PeftModel's: the adapter only; PreTrainedModel's: every weight
+    if method == "full":
+        tokenizer.save_pretrained(str(output_dir))
 
 
 def exported_method(folder: Path) -> str:

@@ -149,7 +149,14 @@ def _from_pretrained(source: str, gguf_file: str | None, dtype: torch.dtype, nam
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        except ValueError as error:  # it found no tokenizer it can read (e.g. a folder holding only a model)
+            why = " ".join(str(error).split())[:240]
+            raise ModelLoadError(
+                f"--model {name}: no tokenizer could be loaded from {source} ({why}). Fix: save the model's tokenizer "
+                "into it (tokenizer.save_pretrained), or point at a folder that holds one."
+            ) from error
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     except OSError as error:
         raise ModelLoadError(

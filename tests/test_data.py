@@ -398,6 +398,12 @@ def test_a_gguf_file_dequantized_on_load_gives_an_ordinary_model(
         assert ("quantization_config" in model.config.to_dict()) == packed
 
 
+def test_a_model_folder_without_a_tokenizer_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    tiny_model().save_pretrained(tmp_path / "model")
+    with pytest.raises(models.ModelLoadError, match=r"no tokenizer could be loaded from .*Fix: save the model's "):
+        models.load_model_and_tokenizer(str(tmp_path / "model"))
+
+
 def test_a_model_the_hub_cannot_give_is_refused_naming_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     """Offline (or a wrong id), transformers raises an OSError; the loader says what was asked and what to do."""
     import transformers
