@@ -41,6 +41,7 @@ from deepspeed.accelerator import get_accelerator
 
 import meft_ds
 from meft_ds import adapter as adapter_module
+from meft_ds.config import merge_settings
 from meft_ds.ds_config import compute_dtype, fit_precision_to_cpu, load_deepspeed_config
 from meft_ds.model_facts import load_model_config
 from meft_ds.training import parse_overrides
@@ -245,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     accelerator.reset_peak_memory_stats()
     overrides = parse_overrides(args.meft)
-    meft = {"num_neurons": size["neurons"], "top_k": 64, **overrides}
+    meft = merge_settings({"num_neurons": size["neurons"], "top_k": 64}, overrides)
     engine, *_ = meft_ds.initialize(model=model, config=engine_config(accumulation, batch, meft))
     timer = WaitTimer()
     with timer.installed():

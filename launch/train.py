@@ -30,6 +30,7 @@ from train_args import parse_args
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
 from meft_ds.baselines import export_baseline, prepare_baseline, trainable_numel, training_bytes
+from meft_ds.config import merge_settings
 from meft_ds.data import DATASETS, DatasetError, facts_dataset, load_examples, tokenize_for_training
 from meft_ds.distill import micro_batch_loss, with_teacher
 from meft_ds.distributed import check_replicas_identical, unlink_cpu_allreduce_buffer
@@ -63,10 +64,10 @@ def load_split(args: argparse.Namespace, source: str, split: str, limit: int | N
 def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
     """The DeepSpeed config with 'auto' values filled from the command line, validated before any long work."""
     ds_config = load_deepspeed_config(args.deepspeed)
-    section = ds_config.setdefault("meft", {})
+    section = ds_config.get("meft", {})
     if not isinstance(section, dict):
         raise meft_ds.MeftConfigError(f"{args.deepspeed}: 'meft' must be a JSON object. Fix: write \"meft\": {{...}}.")
-    section.update(parse_overrides(args.meft))
+    ds_config["meft"] = section = merge_settings(section, parse_overrides(args.meft))
     meft = meft_ds.MeftConfig.from_dict(section)
     if args.activation_checkpointing and args.method == "meft":
         meft.check_activation_checkpointing()

@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a key of the config's meft section, e.g. --meft num_neurons=8192 (repeatable)",
+        help="override a key of the config's meft section, e.g. --meft num_neurons=8192, or one setting of its store: "
+        "--meft store.shard=false (repeatable)",
     )
     args = parser.parse_args(argv)
     for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size",

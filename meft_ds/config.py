@@ -74,6 +74,18 @@ def default_num_experts(num_neurons: int, top_k: int, n_probe: int) -> int:
 STORE_DEVICES = ("cpu", "nvme")
 
 
+def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` (neither changed): a setting that is a section (a dict) on both sides is merged
+    key by key, e.g. ``{"store": {"shard": False}}`` into a config's ``"store"`` section; any other value replaces."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 @dataclass
 class StoreConfig:
     """Where the row stores live (the ``"store"`` object of the meft section).

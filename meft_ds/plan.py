@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from meft_ds.activations import meta_model
-from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.config import MeftConfig, MeftConfigError, merge_settings
 from meft_ds.ds_config import AUTO, load_deepspeed_config, section
 from meft_ds.memory import HEADROOM, store_bytes
 from meft_ds.model_facts import ModelFacts, load_model_config, model_facts
@@ -385,7 +385,7 @@ def plan(
     ``union``: rows a micro-step fetches per layer, measured on the task's data (``rows_fetched`` per adapter and
     micro-step), in place of the uniform-routing upper estimate; changes the plan proposes scale it alike."""
     ds = load_deepspeed_config(ds_config)
-    meft_config = MeftConfig.from_dict({**section(ds, "meft"), **(meft or {})})
+    meft_config = MeftConfig.from_dict(merge_settings(section(ds, "meft"), meft or {}))
     if activation_checkpointing:
         meft_config.check_activation_checkpointing()
     config = load_model_config(model)

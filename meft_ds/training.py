@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from meft_ds.config import MeftConfigError
+from meft_ds.config import MeftConfigError, merge_settings
 from meft_ds.data import DatasetError
 from meft_ds.files import atomic_file
 from meft_ds.inject import UnsupportedModelError, adapters
@@ -62,17 +62,29 @@ def run_cli(main: Callable[[], int]) -> None:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["num_neurons=8192", "gate=none", "layers=[0,1]"]`` -> a dict; values are JSON when they parse."""
+    """``["num_neurons=8192", "gate=none", "layers=[0,1]", "store.shard=false"]`` -> a dict; values are JSON when
+    they parse. A dotted key sets one setting of a section (``{"store": {"shard": False}}``), which
+    :func:`meft_ds.config.merge_settings` merges into the config's section instead of replacing it."""
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise MeftConfigError(f"--meft {pair!r}: expected KEY=VALUE. Fix: e.g. --meft num_neurons=8192.")
+        path = key.split(".")
+        if not sep or not all(path):
+            raise MeftConfigError(f"--meft {pair!r}: expected KEY=VALUE. Fix: e.g. --meft num_neurons=8192 or --meft "
+                                  "store.shard=false.")  # fmt: skip
         try:
-            overrides[key] = json.loads(raw)
+            value = json.loads(raw)
         except json.JSONDecodeError:
-            overrides[key] = raw
+            value = raw
+        overrides = merge_settings(overrides, _nested(path, value))
     return overrides
+
+
+def _nested(path: list[str], value: Any) -> dict[str, Any]:
+    """``{"a": {"b": value}}`` for the path ``["a", "b"]``."""
+    for name in reversed(path):
+        value = {name: value}
+    return value
 
 
 class MicroBatchStream:

@@ -2,9 +2,9 @@
 replicated store's, each rank holds about half of the rows, data-parallel training with a sharded store and the device
 cache ends exactly where the replicated store without cache does (no rank serves a row another rank's owner updated),
 the end-of-run check of replicated stores finds one that diverged, and MeftTrainer's ``save_model`` gathers a sharded
-store's whole adapter, which one process reloads to the trained model's logits. Two ranks on one node shard the store by default ("auto"), and ranks decide it alike; host
-collectives go through a gloo group where the default group is NCCL. Exits non-zero (with the failed assertion)
-otherwise."""
+store's whole adapter, which one process reloads to the trained model's logits. Two ranks on one node shard the
+store by default ("auto"), and ranks decide it alike; host collectives go through a gloo group where the default
+group is NCCL. Exits non-zero (with the failed assertion) otherwise."""
 
 from __future__ import annotations
 

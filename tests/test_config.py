@@ -177,3 +177,19 @@ def test_a_deepspeed_config_file_missing_or_not_a_json_object_is_named(tmp_path,
         load_deepspeed_config(path)
     with pytest.raises(MeftConfigError, match=r"ds_missing\.json: no such file\. Fix: pass the path"):
         load_deepspeed_config(tmp_path / "ds_missing.json")
+
+
+def test_overrides_set_one_setting_of_a_section_and_merge_into_it() -> None:
+    from meft_ds.config import merge_settings
+    from meft_ds.training import parse_overrides
+
+    base = {"num_neurons": 64, "store": {"device": "nvme", "nvme_path": "/x", "shard": True}}
+    overrides = parse_overrides(["store.shard=false", "top_k=8", 'store={"ram_budget_mb": 512}'])
+    assert overrides == {"store": {"shard": False, "ram_budget_mb": 512}, "top_k": 8}
+    store = {"device": "nvme", "nvme_path": "/x", "shard": False, "ram_budget_mb": 512}
+    assert merge_settings(base, overrides) == {"num_neurons": 64, "top_k": 8, "store": store}
+    assert base["store"]["shard"] is True, "the base is not changed"
+    assert merge_settings(base, {"store": None}) == {"num_neurons": 64, "store": None}  # not a section: replaces
+    for bad in ("store.=1", ".shard=1", "store..shard=1", "=1"):
+        with pytest.raises(MeftConfigError, match=r"expected KEY=VALUE\. Fix: e\.g\. --meft num_neurons=8192 or "):
+            parse_overrides([bad])

@@ -384,6 +384,17 @@ def test_an_architecture_without_known_ffns_fails_before_the_model_loads(tmp_pat
         main(["--method", method, "--model", str(tmp_path / "opt"), "--output_dir", str(tmp_path / "run")])
 
 
+def test_a_dotted_meft_override_sets_one_setting_of_a_section(tmp_path: Path) -> None:
+    """``--meft store.shard=false`` over ds_configs/meft_nvme.json keeps the config's NVMe settings (a whole
+    ``store={...}`` merges the same way); it was refused as an unknown setting."""
+    train = launch_script("train")
+    args = train.parse_args(["--deepspeed", "ds_configs/meft_nvme.json", "--meft", "store.shard=false", "--meft",
+                             "store.ram_budget_mb=512", "--meft", "top_k=8"])  # fmt: skip
+    section = train.build_config(args, tmp_path)["meft"]
+    assert section["store"] == {"device": "nvme", "nvme_path": "/local_nvme/meft", "ram_budget_mb": 512, "shard": False}
+    assert section["top_k"] == 8 and section["num_neurons"] == 4096
+
+
 def test_method_options_take_their_defaults_only_for_their_method() -> None:
     parse_args = launch_script("train").parse_args
 

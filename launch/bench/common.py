@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meft_ds.config import MeftConfig
+from meft_ds.config import MeftConfig, merge_settings
 
 GB = 1e9
 MB = 1e6
@@ -165,7 +165,7 @@ class Context:
     def meft(self, values: dict[str, Any], variant: dict[str, Any] | None = None) -> MeftConfig:
         """``MeftConfig`` from the experiment's values, the user's ``--meft`` overrides and the variant's own keys
         (which win)."""
-        return MeftConfig.from_dict({**values, **self.overrides, **(variant or {})})
+        return MeftConfig.from_dict(merge_settings(merge_settings(values, self.overrides), variant or {}))
 
 
 def packed_batches(tokenizer: Any, micro_batch: int, seq_len: int) -> list[dict[str, torch.Tensor]]:

@@ -23,6 +23,7 @@ import torch
 import meft_ds
 from bench import common, formulas, plots, scaleout_nvme
 from bench.common import GB, MB, Context, Section, fmt_bytes, fmt_ratio, section, text
+from meft_ds.config import merge_settings
 from meft_ds.models import is_builtin_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,7 +186,7 @@ def run(context: Context) -> Section:
     model = f"the context's model ({type(context.model).__name__})" if own else BUILTIN
     values = {"s": s, "ranks": RANKS, "model": model, "layers": ADAPTER_LAYERS}
     layers = adapter_layers(context.base().config.num_hidden_layers)
-    meft = {"num_neurons": s.step_neurons, "top_k": s.top_k, "layers": layers, **context.overrides}
+    meft = merge_settings({"num_neurons": s.step_neurons, "top_k": s.top_k, "layers": layers}, context.overrides)
     between = measure_between_ranks(context, meft, notes)
     nvme = scaleout_nvme.measure(context, meft, notes)
     how, verdict, rows = [], [text("f", "skipped")], []
