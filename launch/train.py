@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,13 @@ def fit_background(
     return count
 
 
+def checkpoint_step(checkpoints: Path) -> int | None:
+    """The optimizer step of the latest checkpoint, read from its tag (DeepSpeed's ``global_step<N>``, which this
+    launcher keeps), or None for a tag of another form."""
+    match = re.fullmatch(r"global_step(\d+)", (checkpoints / "latest").read_text().strip())
+    return int(match.group(1)) if match else None
+
+
 def resume_hint(checkpoints: Path) -> str:
     latest = checkpoints / "latest"
     if not latest.is_file():
@@ -232,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = output_dir / "checkpoints"
     if args.resume and not (checkpoints / "latest").is_file():
         raise UsageError(f"--resume: no checkpoint in {checkpoints} (no 'latest' file). Fix: drop --resume.")
+    reached = checkpoint_step(checkpoints) if args.resume else None
+    if reached is not None and reached >= args.max_steps:
+        raise UsageError(
+            f"--resume: the run in {output_dir} has reached step {reached}, and --max_steps is {args.max_steps}: "
+            f"nothing is left to train. Fix: raise --max_steps to train on, or evaluate its export with python "
+            f"launch/evaluate.py --adapter {output_dir}."
+        )
     if not args.resume and (checkpoints / "latest").is_file():
         raise UsageError(
             f"--output_dir {output_dir} already holds a run (checkpoints/latest). Fix: add --resume to "

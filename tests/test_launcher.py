@@ -294,6 +294,10 @@ def test_a_second_run_into_the_same_output_dir_needs_resume(tmp_path: Path, mode
         and "already holds a run" in result.stderr
         and "--resume" in result.stderr
     )
+    # resuming the finished run: refused before the model loads (it crashed after loading it, training 0 steps)
+    with pytest.raises(UsageError, match=rf"^--resume: the run in {out} has reached step 1, and --max_steps is 1: "
+                                         "nothing is left to train. Fix: raise --max_steps"):  # fmt: skip
+        launch_script("train").main([*map(str, common), "--resume"])
 
 
 def test_evaluate_refuses_a_folder_without_an_adapter_in_one_line(tmp_path: Path) -> None:
