@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -179,10 +180,29 @@ def train(
         )
         periodic = args.save_steps and not args.no_save
         if periodic and engine.global_steps % args.save_steps == 0 and engine.global_steps < args.max_steps:
-            engine.save_checkpoint(str(checkpoints))
+            save_checkpoint(engine, checkpoints, args.save_total_limit)
     bar.close()
     if not args.no_save:
-        engine.save_checkpoint(str(checkpoints))
+        save_checkpoint(engine, checkpoints, args.save_total_limit)
+
+
+def save_checkpoint(engine: Any, checkpoints: Path, keep: int) -> None:
+    """A checkpoint of the engine (meft_ds saves the row stores with it), then only the ``keep`` latest of the run's
+    (0: all): each holds the whole row store and its moments (1.7 GB for the demo, tens of GB for a 7B model), so
+    keeping every one fills the disk. Older ones go once every rank has written the new one, deleted by each node's
+    local rank 0 (ranks sharing a file system overlook what another already removed)."""
+    engine.save_checkpoint(str(checkpoints))
+    if not keep:
+        return
+    dist.barrier()
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    latest = (checkpoints / "latest").read_text().strip()
+    steps = {path: checkpoint_step_of(path.name) for path in checkpoints.iterdir() if path.is_dir()}
+    saved = sorted((step, path) for path, step in steps.items() if step is not None)
+    for _, path in saved[:-keep]:
+        if path.name != latest:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def run_training_bytes(
@@ -218,10 +238,10 @@ def fit_background(
     return count
 
 
-def checkpoint_step(checkpoints: Path) -> int | None:
-    """The optimizer step of the latest checkpoint, read from its tag (DeepSpeed's ``global_step<N>``, which this
-    launcher keeps), or None for a tag of another form."""
-    match = re.fullmatch(r"global_step(\d+)", (checkpoints / "latest").read_text().strip())
+def checkpoint_step_of(tag: str) -> int | None:
+    """The optimizer step of a checkpoint tag (DeepSpeed's ``global_step<N>``, which this launcher keeps), or None
+    for a tag of another form."""
+    match = re.fullmatch(r"global_step(\d+)", tag)
     return int(match.group(1)) if match else None
 
 
@@ -240,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = output_dir / "checkpoints"
     if args.resume and not (checkpoints / "latest").is_file():
         raise UsageError(f"--resume: no checkpoint in {checkpoints} (no 'latest' file). Fix: drop --resume.")
-    reached = checkpoint_step(checkpoints) if args.resume else None
+    reached = checkpoint_step_of((checkpoints / "latest").read_text().strip()) if args.resume else None
     if reached is not None and reached >= args.max_steps:
         raise UsageError(
             f"--resume: the run in {output_dir} has reached step {reached}, and --max_steps is {args.max_steps}: "

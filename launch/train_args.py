@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     )
     parser.add_argument("--no_save", action="store_true", help="no checkpoints, no export (e.g. for a sweep)")
     parser.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument(
+        "--save_total_limit",
+        type=int,
+        default=2,
+        help="keep only the N latest checkpoints (0: all); each holds the whole row store and its moments",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -123,8 +129,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         parser.error("--rehearsal_target distribution needs --rehearsal N (the questions to rehearse)")
     if args.train_limit is not None and args.train_limit < (0 if args.rehearsal else 1):
         parser.error(f"--train_limit {args.train_limit}: use >= 1, or 0 with --rehearsal N (its answers alone)")
-    if args.save_steps < 0:
-        parser.error(f"--save_steps must be >= 0, got {args.save_steps}")
+    for name in ("save_steps", "save_total_limit"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.facts is not None and (args.facts < 5 or args.facts % 5 or args.dataset != "facts"):
         parser.error(f"--facts {args.facts}: needs --dataset facts and a multiple of 5 (5 facts per person)")
     if args.resume and args.no_save:

@@ -250,10 +250,10 @@ def test_a_run_killed_mid_training_resumes_to_the_same_losses_store_and_routers(
     tmp_path: Path, model_dirs: dict[str, Path]
 ) -> None:
     """Killed between two checkpoints and resumed to step 10, then the finished run continued to step 12: every
-    loss, row and router weight of the run that went straight to 12."""
+    loss, row and router weight of the run that went straight to 12; of its checkpoints, the two latest are kept."""
     config = write_config(tmp_path, total_steps=12)  # one schedule for the whole run, however it is cut
     common = ["--deepspeed", config, "--model", model_dirs["chat"], "--no_eval", "--save_steps", "4", *TINY_RUN]
-    launch(*common, "--output_dir", tmp_path / "straight", "--max_steps", "12")
+    launch(*common, "--output_dir", tmp_path / "straight", "--max_steps", "12", "--save_total_limit", "0")
 
     cut = tmp_path / "cut"
     command = launcher_command(*common, "--output_dir", cut, "--max_steps", "12")
@@ -274,6 +274,12 @@ def test_a_run_killed_mid_training_resumes_to_the_same_losses_store_and_routers(
     assert (cut / "checkpoints" / "latest").read_text() == "global_step10", "a run saves its last step"
     launch(*common, "--output_dir", cut, "--max_steps", "12", "--resume")
     assert [r["step"] for r in metrics(cut)] == list(range(1, 13)), "each step logged once after the resumes"
+    tags = {
+        run: sorted(p.name for p in (tmp_path / run / "checkpoints").glob("global_step*"))
+        for run in ("straight", "cut")
+    }
+    assert tags == {"straight": ["global_step12", "global_step4", "global_step8"],  # --save_total_limit 0: all
+                    "cut": ["global_step10", "global_step12"]}, "the two latest only (the default)"  # fmt: skip
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(tmp_path / "straight")]
     a = meft_ds.load_adapter(tiny_model(), tmp_path / "straight")
     b = meft_ds.load_adapter(tiny_model(), cut)
