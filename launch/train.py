@@ -19,6 +19,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -155,33 +157,32 @@ def train(
     rank, world = dist.get_rank(), dist.get_world_size()
     gas = engine.gradient_accumulation_steps()
     stream = MicroBatchStream(len(features), engine.train_micro_batch_size_per_gpu(), seed=args.seed)
-    bar = progress_bar(args.max_steps, initial=engine.global_steps, enabled=rank == 0)
-    while engine.global_steps < args.max_steps:
-        step = engine.global_steps
-        traffic_before = meft_ds.stats(model)
-        step_started = time.time()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
-        for micro in range(gas):
-            indices = stream.indices((step * gas + micro) * world + rank)
-            loss = micro_batch_loss(engine, [features[i] for i in indices], tokenizer.pad_token_id, engine.device)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
-        dist.all_reduce(loss_sum)  # the step's loss: mean over ranks and micro-batches
-        mean_loss = loss_sum.item() / (gas * world)
-        record = log.step_record(engine, model, traffic_before, mean_loss, time.time() - step_started)
-        log.write(record)
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{record['loss']:.3f}",
-            lr=f"{record['lr']:.1e}",
-            rows=record["rows_fetched"],
-            MB=f"{record['mb_moved']:.1f}",
-        )
-        periodic = args.save_steps and not args.no_save
-        if periodic and engine.global_steps % args.save_steps == 0 and engine.global_steps < args.max_steps:
-            save_checkpoint(engine, checkpoints, args.save_total_limit)
-    bar.close()
+    with progress_bar(args.max_steps, initial=engine.global_steps, enabled=rank == 0) as bar:  # closed if stopped
+        while engine.global_steps < args.max_steps:
+            step = engine.global_steps
+            traffic_before = meft_ds.stats(model)
+            step_started = time.time()
+            loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
+            for micro in range(gas):
+                indices = stream.indices((step * gas + micro) * world + rank)
+                loss = micro_batch_loss(engine, [features[i] for i in indices], tokenizer.pad_token_id, engine.device)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().float()
+            dist.all_reduce(loss_sum)  # the step's loss: mean over ranks and micro-batches
+            mean_loss = loss_sum.item() / (gas * world)
+            record = log.step_record(engine, model, traffic_before, mean_loss, time.time() - step_started)
+            log.write(record)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                lr=f"{record['lr']:.1e}",
+                rows=record["rows_fetched"],
+                MB=f"{record['mb_moved']:.1f}",
+            )
+            periodic = args.save_steps and not args.no_save
+            if periodic and engine.global_steps % args.save_steps == 0 and engine.global_steps < args.max_steps:
+                save_checkpoint(engine, checkpoints, args.save_total_limit)
     if not args.no_save:
         save_checkpoint(engine, checkpoints, args.save_total_limit)
 
@@ -238,6 +239,20 @@ def fit_background(
     return count
 
 
+def as_one_process_without_a_launcher() -> None:
+    """``python launch/train.py``, with no launcher: one process, given the environment a launcher gives the only rank
+    (DeepSpeed would look for MPI instead, and stop on a missing mpi4py). Left alone under any launcher, mpirun or a
+    multi-task Slurm step."""
+    launched = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    if any(name in os.environ for name in launched) or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return
+    with socket.socket() as sock:  # a free port for the rendezvous of one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
 def checkpoint_step_of(tag: str) -> int | None:
     """The optimizer step of a checkpoint tag (DeepSpeed's ``global_step<N>``, which this launcher keeps), or None
     for a tag of another form."""
@@ -245,16 +260,18 @@ def checkpoint_step_of(tag: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def resume_hint(checkpoints: Path) -> str:
+def resume_hint(checkpoints: Path, *, without: str) -> str:
+    """Where a stopped run goes on from: its latest checkpoint, or ``without`` one (what to do instead)."""
     latest = checkpoints / "latest"
     if not latest.is_file():
-        return "No checkpoint was saved yet: start again with a lower --learning_rate."
+        return f"No checkpoint was saved yet: {without}."
     return f"Last checkpoint: {checkpoints / latest.read_text().strip()}; resume with the same command plus --resume."
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv, description=__doc__)
+    as_one_process_without_a_launcher()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     output_dir = Path(args.output_dir)
     checkpoints = output_dir / "checkpoints"
@@ -343,7 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(engine, model, tokenizer, features, log, args, checkpoints)
     except NonFiniteGradientError as error:
-        raise SystemExit(f"error: {error}\n{resume_hint(checkpoints)}") from error
+        raise SystemExit(
+            f"error: {error}\n{resume_hint(checkpoints, without='start again with a lower --learning_rate')}"
+        ) from error
+    except KeyboardInterrupt:  # Ctrl-C (every rank of the terminal's process group gets it): one line, no traceback
+        hint = resume_hint(checkpoints, without="run the same command again")
+        print(f"\ninterrupted at step {engine.global_steps}. {hint}", file=sys.stderr)
+        raise SystemExit(130) from None
     # rows fetched per adapter and forward: a checkpointed micro-step runs each layer's forward twice
     forwards = (engine.global_steps - first_step) * engine.gradient_accumulation_steps()
     forwards *= len(meft_ds.adapters(model)) * (2 if args.activation_checkpointing else 1)

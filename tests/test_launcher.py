@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -286,6 +287,35 @@ def test_a_run_killed_mid_training_resumes_to_the_same_losses_store_and_routers(
     for x, y in zip(meft_ds.adapters(a), meft_ds.adapters(b), strict=True):
         assert torch.equal(x.store.rows, y.store.rows)
         assert torch.equal(x.router.weight, y.router.weight)
+
+
+def test_without_a_launcher_it_runs_as_one_process_and_ctrl_c_says_where_to_resume(
+    tmp_path: Path, model_dirs: dict[str, Path]
+) -> None:
+    """``python launch/train.py`` (no launcher: DeepSpeed looked for MPI and stopped on a missing mpi4py) trains as the
+    only rank; SIGINT mid-run ends it with one line naming the checkpoint to resume from, exit code 130."""
+    out = tmp_path / "run"
+    command = [sys.executable, "launch/train.py", "--model", str(model_dirs["chat"]), "--no_eval", "--output_dir",
+               str(out), "--max_steps", "200", "--save_steps", "2", *TINY_RUN]  # fmt: skip
+    env = {k: v for k, v in LAUNCH_ENV.items() if k not in ("MASTER_ADDR", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if (out / "metrics.jsonl").exists() and any(r["step"] >= 3 for r in metrics(out)):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=300)[1]
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    step = int(re.search(r"interrupted at step (\d+)\. ", stderr).group(1))
+    latest = (out / "checkpoints" / "latest").read_text()
+    saved = int(latest.removeprefix("global_step"))  # the last save, or the one before if the signal cut a save short
+    assert 3 <= step < 200 and saved % 2 == 0 and step - 2 <= saved <= step
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted at step {step}. Last checkpoint: {out / 'checkpoints' / latest}; resume with the same command "
+        "plus --resume."
+    )
 
 
 def test_a_second_run_into_the_same_output_dir_needs_resume(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
