@@ -30,13 +30,14 @@ I/O op are flat page-locked tensors (DeepSpeed's op raises on 2-D buffers and th
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import itertools
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import torch
 
@@ -69,8 +70,36 @@ def nvme_ram_needed(num_rows: int, dim: int) -> int:
     return num_rows * dim * FP32 + 2 * block_rows(dim) * dim * FP32
 
 
+_HELD: dict[Path, IO[str]] = {}  # NVMe folders this process holds, and their lock files (kept open while it lives)
+
+
+def hold_nvme_folder(folder: Path) -> None:
+    """Take ``folder`` for this process, for as long as it lives: another process's stores there would write the same
+    files (``layer_<i>.*.bin``) under this one's, e.g. two runs started with the shipped ``meft_nvme.json``. The lock
+    is an ``flock`` on ``.lock`` (released by the kernel when the process ends, however it ends), naming its pid."""
+    key = folder.resolve()
+    if key in _HELD:
+        return
+    lock = open(key / ".lock", "a+")  # noqa: SIM115 (kept open: the lock lasts as long as the file stays open)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        lock.close()
+        raise MeftConfigError(
+            f"meft.store.nvme_path: {folder} is in use by another process (pid {owner}), whose stores would write "
+            "the same files as this run's. Fix: give each run that trains at the same time its own nvme_path."
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _HELD[key] = lock
+
+
 def check_nvme_path(path: str, needed_bytes: int) -> Path:
-    """The NVMe folder, created and proven writable, with room for ``needed_bytes``; else a clear error."""
+    """The NVMe folder, created, proven writable and held for this process (:func:`hold_nvme_folder`), with room for
+    ``needed_bytes``; else a clear error."""
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -88,6 +117,7 @@ def check_nvme_path(path: str, needed_bytes: int) -> Path:
             f"meft.store.nvme_path: {folder} has {free / 2**30:.1f} GiB free but the stores of this node's ranks "
             f"need {needed_bytes / 2**30:.1f} GiB. Fix: free space, choose another drive, or lower meft.num_neurons."
         )
+    hold_nvme_folder(folder)
     return folder
 
 

@@ -5,6 +5,7 @@ small."""
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,8 @@ def test_store_4x_its_ram_budget_trains_at_2x256_tokens_like_the_in_memory_store
         assert 0 < memory.traffic.rows_updated <= 3 * 1024
         assert disk.traffic.nvme_bytes_written > 0
     files = sorted(p.name for p in (tmp_path / "nvme" / "rank_0").iterdir())
-    assert files == [f"layer_{i}.{name}.bin" for i in range(2) for name in ("exp_avg", "exp_avg_sq", "values")]
+    layer_files = [f"layer_{i}.{name}.bin" for i in range(2) for name in ("exp_avg", "exp_avg_sq", "values")]
+    assert files == [".lock", *layer_files]  # and the lock of the process that trains in the folder
 
 
 def read_requests(store: meft_ds.swap.NvmeRowStore) -> list[int]:
@@ -265,6 +267,26 @@ def test_budget_too_small_names_the_mib_it_needs(tmp_path: Path) -> None:
     needed = 2 * (KEYS + 2 * 16 * 64 * 4) / 2**20  # 2 layers x (keys + two 4 KiB blocks of values)
     with pytest.raises(MeftConfigError, match=rf"raise ram_budget_mb to at least {needed:.2f} "):
         meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path, ram_mb=needed * 0.9)})
+
+
+def test_a_folder_another_process_trains_in_is_refused(tmp_path: Path) -> None:
+    """Two runs with the same nvme_path (e.g. both with the shipped meft_nvme.json) wrote the same files, each under
+    the other's rows. The folder is locked for the process that holds it (an flock: released when it ends, however);
+    the lock here is taken through another open file, as another process's would be."""
+    import fcntl
+
+    folder = tmp_path / "nvme" / "rank_0"
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("4242\n")
+        other.flush()
+        in_use = r"nvme_path: .*rank_0 is in use by another process \(pid 4242\).*Fix: give each run that trains at"
+        with pytest.raises(MeftConfigError, match=in_use):
+            meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path)})
+    meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path)})  # released: this process takes it
+    assert (folder / ".lock").read_text() == f"{os.getpid()}\n"
+    meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path)})  # and keeps it for its later models
 
 
 def test_free_space_is_checked_for_every_rank_of_the_node(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
