@@ -298,7 +298,10 @@ def test_without_a_launcher_it_runs_as_one_process_and_ctrl_c_says_where_to_resu
     command = [sys.executable, "launch/train.py", "--model", str(model_dirs["chat"]), "--no_eval", "--output_dir",
                str(out), "--max_steps", "200", "--save_steps", "2", *TINY_RUN]  # fmt: skip
     env = {k: v for k, v in LAUNCH_ENV.items() if k not in ("MASTER_ADDR", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    # SIGINT's default action in the child whatever this process inherited (a disposition of SIG_IGN is inherited,
+    # and Python then installs no KeyboardInterrupt handler: the CI run's child trained on to the end)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:
         if (out / "metrics.jsonl").exists() and any(r["step"] >= 3 for r in metrics(out)):
