@@ -123,12 +123,12 @@ def rows_lr_scale(meft_config: MeftConfig, ds_config: dict[str, Any]) -> float |
         return lr / peak
     if lr == 0:
         return 0.0
-    what = "this DeepSpeed config names none (scheduler.params.warmup_max_lr or cycle_max_lr, optimizer.params.lr)"
+    unnamed = "this DeepSpeed config names none (scheduler.params.warmup_max_lr or cycle_max_lr, optimizer.params.lr)"
+    why = unnamed if peak is None else "that peak is 0 here: the rows would not train"
     fix = "set one of them" if peak is None else "give the engine a nonzero learning rate"
     raise MeftConfigError(
         f"meft.lr = {lr:g}: the rows follow the engine's learning-rate schedule, scaled by meft.lr over its peak "
-        f"rate, and {what if peak is None else 'that peak is 0 here: the rows would not train'}. Fix: {fix}, or drop "
-        "meft.lr (the rows then take the engine's rate)."
+        f"rate, and {why}. Fix: {fix}, or drop meft.lr (the rows then take the engine's rate)."
     )
 
 
