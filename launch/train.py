@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,15 @@ from meft_ds.inject import check_model_type
 from meft_ds.model_facts import load_model_config
 from meft_ds.models import load_model_and_tokenizer
 from meft_ds.ops import cpu_kernels
-from meft_ds.training import MetricsLog, MicroBatchStream, UsageError, parse_overrides, progress_bar, run_cli
+from meft_ds.training import (
+    MetricsLog,
+    MicroBatchStream,
+    UsageError,
+    free_port,
+    parse_overrides,
+    progress_bar,
+    run_cli,
+)
 
 logger = logging.getLogger("meft_ds.train")
 
@@ -246,12 +253,9 @@ def as_one_process_without_a_launcher() -> None:
     launched = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
     if any(name in os.environ for name in launched) or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return
-    with socket.socket() as sock:  # a free port for the rendezvous of one
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def checkpoint_step_of(tag: str) -> int | None:

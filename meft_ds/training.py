@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,13 @@ def run_cli(main: Callable[[], int]) -> None:
     if not code and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     sys.exit(code)
+
+
+def free_port() -> int:
+    """A free TCP port on this host (a launcher's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

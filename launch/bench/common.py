@@ -12,7 +12,6 @@ import gc
 import os
 import re
 import shlex
-import socket
 import statistics
 import string
 import subprocess
@@ -279,13 +278,6 @@ def fits_in_memory(needed: float, what: str, notes: list[str]) -> bool:
     print(f"  note: {note}")
     notes.append(note)
     return False
-
-
-def free_port() -> int:
-    """A free TCP port on this host (a launcher's rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_process(command: list[str], cwd: Path, timeout: float | None = None, **env: str) -> None:

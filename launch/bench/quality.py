@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import common, plots
-from bench.common import MB, Context, Section, free_port, run_process
+from bench.common import MB, Context, Section, run_process
 from bench.quality_grid import Cell, Grid, capacity_grid, full_grid, headline_grid, quick_grid
 from meft_ds.models import builtin_model_folder
+from meft_ds.training import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = 5_000_000  # elements of DeepSpeed's gradient bucket, the same for every method (its default is 5e8)

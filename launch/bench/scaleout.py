@@ -25,6 +25,7 @@ from bench import common, formulas, plots, scaleout_nvme
 from bench.common import GB, MB, Context, Section, fmt_bytes, fmt_ratio, section, text
 from meft_ds.config import merge_settings
 from meft_ds.models import is_builtin_model
+from meft_ds.training import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("scaleout_driver.py")
@@ -53,7 +54,7 @@ def run_ranks(spec: dict[str, Any], workdir: Path, timeout: float = 1200) -> lis
     """Run the driver on ``RANKS`` processes (this package and meft_ds importable); every rank's JSON, in rank order."""
     (workdir / "spec.json").write_text(json.dumps(spec, indent=1))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS), "--master_port",
-               str(common.free_port()), str(DRIVER), str(workdir / "spec.json")]  # fmt: skip
+               str(free_port()), str(DRIVER), str(workdir / "spec.json")]  # fmt: skip
     print(f"  {shlex.join(command)}", flush=True)
     paths = [str(ROOT), str(ROOT / "launch"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {"PYTHONPATH": os.pathsep.join(paths), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
