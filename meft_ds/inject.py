@@ -49,15 +49,18 @@ class FFNLocation:
     ffn_attr: str
 
 
-_REGISTRY: dict[str, FFNLocation] = {
-    "llama": FFNLocation("model.layers", "mlp"),
-    "mistral": FFNLocation("model.layers", "mlp"),
-    "qwen2": FFNLocation("model.layers", "mlp"),
-    "qwen3": FFNLocation("model.layers", "mlp"),
-    "gemma": FFNLocation("model.layers", "mlp"),
-    "gemma2": FFNLocation("model.layers", "mlp"),
-    "phi3": FFNLocation("model.layers", "mlp"),
+# Families whose decoder layers are ``model.layers`` and whose FFN is each layer's ``mlp``, a module that takes the
+# hidden states alone and returns a tensor of their shape (each checked on a tiny model by tests/test_inject.py)
+_MODEL_LAYERS_MLP = (
+    "apertus", "arcee", "cohere", "cohere2", "ernie4_5", "exaone4", "gemma", "gemma2", "gemma3_text", "glm", "glm4",
+    "granite", "helium", "llama", "mistral", "nemotron", "olmo", "olmo2", "olmo3", "phi", "phi3", "qwen2", "qwen3",
+    "seed_oss", "smollm3", "stablelm", "starcoder2",
+)  # fmt: skip
+_REGISTRY: dict[str, FFNLocation] = {model_type: FFNLocation("model.layers", "mlp") for model_type in _MODEL_LAYERS_MLP}
+_REGISTRY |= {
+    "falcon": FFNLocation("transformer.h", "mlp"),
     "gpt2": FFNLocation("transformer.h", "mlp"),
+    "gptj": FFNLocation("transformer.h", "mlp"),
     "gpt_neox": FFNLocation("gpt_neox.layers", "mlp"),
 }
 

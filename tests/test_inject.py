@@ -1,4 +1,5 @@
-"""inject(): every supported family, base logits unchanged, training moves only the adapters."""
+"""inject(): every supported family (each built tiny from its own config class), base logits unchanged, training moves
+only the adapters."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from transformers import PretrainedConfig
 
 import meft_ds
 from meft_ds import MeftConfig, MeftConfigError, SparseRowAdam, UnsupportedModelError
+from meft_ds.baselines import ffn_linears
 
-FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+FAMILIES = meft_ds.supported_model_types()  # each built tiny from its own config class (tiny_models.tiny_config)
 CONFIG = MeftConfig(num_neurons=256, top_k=8)
 
 
@@ -22,6 +24,8 @@ def test_injected_model_gives_base_logits_then_trains(family: str) -> None:
     with torch.no_grad():
         base_logits = model(batch).logits
     base_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    lora_targets = ffn_linears(model)  # --method lora adapts the linear layers of the FFNs MEFT sits beside
+    assert len(lora_targets) >= 2 * 2 and all(".mlp." in name for name in lora_targets), lora_targets
 
     assert meft_ds.inject(model, CONFIG) is model
     adapters = meft_ds.adapters(model)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
-    LlamaConfig,
-    MistralConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
-    Qwen2Config,
 )
 
 from meft_ds.data import facts_dataset
@@ -23,7 +21,12 @@ CHATML = (
 )
 
 
+# what a family's tiny config needs beyond the common sizes: a head size or rotary size that fits them
+_EXTRA: dict[str, dict[str, int]] = {"gptj": {"rotary_dim": 8}, "helium": {"head_dim": 16}}
+
+
 def tiny_config(family: str = "llama", layers: int = 2) -> PretrainedConfig:
+    """A tiny config of ``family`` (a ``model_type``): hidden size 64, 4 heads, ``VOCAB`` tokens."""
     if family == "gpt2":
         return GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=128, vocab_size=VOCAB)
     common = dict(
@@ -35,7 +38,13 @@ def tiny_config(family: str = "llama", layers: int = 2) -> PretrainedConfig:
         vocab_size=VOCAB,
         max_position_embeddings=128,
     )
-    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family](**common)
+    config = AutoConfig.for_model(family, **common, **_EXTRA.get(family, {}))
+    # some families' default special tokens lie past the tiny vocabulary
+    for name, tiny_id in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+        ids = getattr(config, name, None)
+        if any(i >= VOCAB for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int)):
+            setattr(config, name, tiny_id)
+    return config
 
 
 def tiny_model(family: str = "llama", layers: int = 2, seed: int = 0) -> torch.nn.Module:
