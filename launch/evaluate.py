@@ -5,12 +5,13 @@ or parallel adapter of a ``launch/train.py --method lora|parallel_adapter`` run,
     python launch/evaluate.py --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter out --dataset squad --limit 500
 
 Greedy decoding; exact match and F1 for QA (facts, nq, squad), IoU of the API calls for ToolBench, final-answer
-accuracy for GSM8K. Prints the base model's scores ("before") and, with ``--adapter``, the adapted model's ("after");
-``--output`` also writes them, with every prediction, as JSON. The model's name and the dtype it computes in come
-from the adapter's ``results.json`` when ``--model`` / ``--dtype`` are not given, so the scores are the training
+accuracy for GSM8K. Prints the base model's scores ("before") and, with ``--adapter``, the adapted model's
+("after"); ``--output`` also writes them, with every prediction, as JSON. The model's name, the dtype it computes in
+and the held-out set (with the built-in facts set's size and seed) come from the adapter's ``results.json`` when
+``--model``, ``--dtype``, ``--dataset``, ``--facts`` / ``--seed`` are not given, so the scores are the training
 run's. No GPU needed; the model runs on DeepSpeed's accelerator. The adapted model is served from the device
-(``meft_ds.for_inference``: rows on the device, routed there, no host copy per token and layer; the same greedy answers
-as the training path, which ``--host_routing`` uses instead).
+(``meft_ds.for_inference``: rows on the device, routed there, no host copy per token and layer; the same greedy
+answers as the training path, which ``--host_routing`` uses instead).
 """
 
 from __future__ import annotations
@@ -46,14 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fp32 on a CPU)",
     )
     parser.add_argument("--adapter", type=Path, help="an exported adapter (the --output_dir of launch/train.py)")
-    parser.add_argument("--dataset", default="facts", help=f"one of {', '.join(DATASETS)} (its eval split) or a file")
+    parser.add_argument(
+        "--dataset",
+        help=f"one of {', '.join(DATASETS)} (its eval split) or a file (default: the adapter's run's held-out set, "
+        "else facts)",
+    )
     parser.add_argument("--dataset_format", choices=FORMATS, help="schema of a local file's rows")
-    parser.add_argument("--limit", type=int, default=200, help="evaluate the first N examples (0: all)")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--facts", type=int, help="--dataset facts: how many facts (default: the adapter's run's, 150)")
+    parser.add_argument("--limit", "--eval_limit", type=int, default=200, help="evaluate the first N examples (0: all)")
+    parser.add_argument("--batch_size", "--eval_batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task)")
     parser.add_argument("--no_base", action="store_true", help="skip the base model's evaluation")
     parser.add_argument("--output", type=Path, help="write the scores and predictions to this JSON file")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in facts set (must match training)")
+    parser.add_argument("--seed", type=int, help="seed of the built-in facts set (default: the adapter's run's, 0)")
     parser.add_argument(
         "--host_routing", action="store_true", help="route on the host as training does (slower; the same answers)"
     )
@@ -71,26 +77,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_name(args: argparse.Namespace) -> str:
-    """--model, else the model the adapter was trained on (its run's results.json), else the built-in model."""
-    if args.model:
-        return args.model
+def trained_with(args: argparse.Namespace) -> dict[str, Any]:
+    """What the adapter's run recorded (its ``results.json``), or nothing (no adapter, or an export without it)."""
     results = args.adapter / "results.json" if args.adapter else None
-    if results is not None and results.is_file():
-        return json.loads(results.read_text()).get("model") or BUILTIN_MODEL
-    return BUILTIN_MODEL
+    return json.loads(results.read_text()) if results is not None and results.is_file() else {}
 
 
-def model_dtype(args: argparse.Namespace) -> torch.dtype:
+def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, int | None, int]:
+    """The dataset, facts count and seed to evaluate on: those given, else the ones the adapter's run held out (its
+    --eval_dataset, else its built-in --dataset's eval split, with its --facts and --seed: another size or seed of the
+    built-in facts set asks about other people), else the built-in facts."""
+    run_dataset = trained.get("dataset")
+    run_held_out = trained.get("eval_dataset") or (run_dataset if run_dataset in DATASETS else None)
+    if args.dataset is None and run_dataset is not None and run_held_out is None:
+        raise UsageError(f"--adapter {args.adapter}: its run trained on {run_dataset} and held no file out (no "
+                         "--eval_dataset). Fix: pass --dataset with a held-out file.")  # fmt: skip
+    dataset = args.dataset or run_held_out or "facts"
+    run_facts = dataset == "facts" == run_held_out  # the run's facts set: its size and seed apply
+    facts = args.facts if args.facts is not None else trained.get("facts") if run_facts else None
+    seed = args.seed if args.seed is not None else trained.get("seed", 0) if run_facts else 0
+    return dataset, facts, seed
+
+
+def model_name(args: argparse.Namespace, trained: dict[str, Any]) -> str:
+    """--model, else the model the adapter was trained on (its run's results.json), else the built-in model."""
+    return args.model or trained.get("model") or BUILTIN_MODEL
+
+
+def model_dtype(args: argparse.Namespace, trained: dict[str, Any]) -> torch.dtype:
     """--dtype, else the dtype the adapter's run trained in (its results.json), else what ds_configs/meft.json's
     ``"bf16": {"enabled": "auto"}`` gives on this machine (bf16 on a GPU that supports it, fp32 on a CPU)."""
     by_name = {name: dtype for dtype, name in DTYPE_NAMES.items()}
     if args.dtype != "auto":
         return by_name[args.dtype]
-    results = args.adapter / "results.json" if args.adapter else None
-    trained = json.loads(results.read_text()).get("dtype") if results is not None and results.is_file() else None
-    if trained in by_name:
-        return by_name[trained]
+    if trained.get("dtype") in by_name:
+        return by_name[trained["dtype"]]
     config = resolve_auto({"bf16": {"enabled": "auto"}})
     fit_precision_to_cpu(config)
     return compute_dtype(config)
@@ -99,8 +120,10 @@ def model_dtype(args: argparse.Namespace) -> torch.dtype:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # every input is checked before the model loads
-    split, file_format = ("eval", None) if args.dataset in DATASETS else ("train", args.dataset_format)
-    examples = load_examples(args.dataset, split, format=file_format, limit=args.limit or None, seed=args.seed)
+    trained = trained_with(args)
+    dataset, facts, seed = held_out(args, trained)
+    split, file_format = ("eval", None) if dataset in DATASETS else ("train", args.dataset_format)
+    examples = load_examples(dataset, split, format=file_format, limit=args.limit or None, seed=seed, facts=facts)
     method = exported_method(args.adapter) if args.adapter is not None else None
     if method == "full":
         raise UsageError(f"--adapter {args.adapter}: holds a whole model (a --method full run). Fix: evaluate it as "
@@ -113,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as error:
             raise UsageError(f"--output {args.output}: cannot create its folder ({error}). Fix: choose a "
                              "writable path.") from None  # fmt: skip
-    name = model_name(args)
-    dtype = model_dtype(args)
+    name = model_name(args, trained)
+    dtype = model_dtype(args, trained)
     cpu_kernels()  # built (or found in the extension cache) now, not after the model has loaded
     model, tokenizer = load_model_and_tokenizer(name, dtype=dtype)
     model.to(get_accelerator().current_device_name())
     print(f"model {name} in {DTYPE_NAMES[dtype]} on {get_accelerator().current_device_name()}")
+    sized = f", {facts or 150} facts, seed {seed}" if dataset == "facts" else ""
+    print(f"held-out set: {dataset} ({split} split{sized}), {len(examples)} examples")
 
     def run(label: str) -> dict[str, Any]:
         result = evaluate_generation(
@@ -129,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return result
 
     results: dict[str, Any] = {
-        "model": name, "dtype": DTYPE_NAMES[dtype], "dataset": args.dataset, "adapter": str(args.adapter or ""),
-        "routing": "host" if args.host_routing else "device",
+        "model": name, "dtype": DTYPE_NAMES[dtype], "dataset": dataset, "facts": facts, "seed": seed,
+        "adapter": str(args.adapter or ""), "routing": "host" if args.host_routing else "device",
     }  # fmt: skip
     if not args.no_base:
         results["before"] = run("before (base model)")

@@ -34,7 +34,7 @@ import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
 from meft_ds.baselines import export_baseline, prepare_baseline, trainable_numel, training_bytes
 from meft_ds.config import merge_settings
-from meft_ds.data import DATASETS, DatasetError, facts_dataset, load_examples, tokenize_for_training
+from meft_ds.data import DATASETS, DatasetError, load_examples, tokenize_for_training
 from meft_ds.distill import micro_batch_loss, with_teacher
 from meft_ds.distributed import check_replicas_identical, unlink_cpu_allreduce_buffer
 from meft_ds.ds_config import (
@@ -66,10 +66,9 @@ logger = logging.getLogger("meft_ds.train")
 
 def load_split(args: argparse.Namespace, source: str, split: str, limit: int | None) -> list:
     """Examples of ``source`` (``--facts`` sizes the built-in facts set); a local file's format is --dataset_format."""
-    if source == "facts" and args.facts:
-        return facts_dataset(split, num_entities=args.facts // 5, seed=args.seed)[:limit]
     file_format = None if source in DATASETS else args.dataset_format
-    return load_examples(source, split, format=file_format, limit=limit, seed=args.seed)
+    facts = args.facts if source == "facts" else None
+    return load_examples(source, split, format=file_format, limit=limit, seed=args.seed, facts=facts)
 
 
 def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
@@ -398,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             "kept_freed_host_memory": kept_freed_memory,
             "dataset": args.dataset,
             "facts": args.facts,
+            "seed": args.seed,
+            "eval_dataset": args.eval_dataset,
             "train_examples": len(features),
             "steps": engine.global_steps,
             "first_loss": log.first_loss,

@@ -282,6 +282,7 @@ def load_examples(
     format: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    facts: int | None = None,
     with_context: bool = False,
 ) -> list[Example]:
     """Load and validate every example of a built-in dataset or a local file.
@@ -295,7 +296,8 @@ def load_examples(
     ``seed`` does not apply to it.
 
     ``format``: the schema of a local file's rows (one of :data:`FORMATS`; "qa" is ``{"question", "answers"}``),
-    inferred from the first row when None. ``limit``: keep the first ``limit`` examples. ``with_context``: show
+    inferred from the first row when None. ``limit``: keep the first ``limit`` examples. ``facts``: the size of the
+    built-in ``facts`` set (a multiple of 5, 5 facts per person; None: 150). ``with_context``: show
     SQuAD's passage before the question (open-book); by default SQuAD is closed-book, as in the MEFT paper.
     """
     _check_split(split)
@@ -306,8 +308,11 @@ def load_examples(
     name = str(name_or_path)
     if name in DATASETS and format is not None:
         raise DatasetError(f"--dataset_format (format=) applies to local files only; drop it for the built-in '{name}'")
+    if facts is not None and (name != "facts" or facts < 5 or facts % 5):
+        raise DatasetError(f"--facts {facts}: needs --dataset facts and a multiple of 5 (5 facts per person)")
     if name == "facts":
-        examples = facts_dataset(split, seed=seed)
+        sized = {} if facts is None else {"num_entities": facts // 5}
+        examples = facts_dataset(split, seed=seed, **sized)
     elif name == "toolbench":
         raise _toolbench_not_on_hub()
     elif name in _HUB:

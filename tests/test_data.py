@@ -46,6 +46,14 @@ def test_facts_is_deterministic_per_seed_and_differs_across_seeds() -> None:
     assert {e.prompt for e in load_examples("facts", seed=0)} != {e.prompt for e in load_examples("facts", seed=1)}
 
 
+def test_facts_sized_by_count() -> None:
+    assert load_examples("facts", "eval", facts=40, seed=2) == facts_dataset("eval", num_entities=8, seed=2)
+    assert len(load_examples("facts", facts=40)) == 3 * 40 and load_examples("facts", facts=None) == facts_dataset()
+    for facts, name in ((42, "facts"), (0, "facts"), (40, "squad")):
+        with pytest.raises(DatasetError, match=rf"--facts {facts}: needs --dataset facts and a multiple of 5"):
+            load_examples(name, facts=facts)
+
+
 def test_facts_default_shape() -> None:
     facts = make_facts()
     assert len(facts) == 150 and len({fact.entity for fact in facts}) == 30

@@ -314,3 +314,11 @@ def test_evaluate_refuses_a_whole_model_as_adapter(tmp_path: Path) -> None:
     evaluate = launch_script("evaluate")
     with pytest.raises(UsageError, match=r"holds a whole model \(a --method full run\)\. Fix: evaluate it as --model"):
         evaluate.main(["--adapter", str(tmp_path / "full_run"), "--limit", "1"])
+
+
+def test_evaluate_refuses_a_run_that_held_no_file_out(tmp_path: Path) -> None:
+    """A run on a local file with --no_eval recorded no held-out set: its training file is not one to score."""
+    (tmp_path / "results.json").write_text(json.dumps({"dataset": "my_data.jsonl", "eval_dataset": None}))
+    evaluate = launch_script("evaluate")
+    with pytest.raises(UsageError, match=r"its run trained on my_data\.jsonl and held no file out .* Fix: pass --data"):
+        evaluate.main(["--adapter", str(tmp_path), "--limit", "1"])

@@ -116,7 +116,7 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     out = tmp_path / "run"
     launch(
         "--deepspeed", ROOT / "ds_configs" / "meft.json", "--model", model_dirs["chat"], "--output_dir", out,
-        "--max_steps", "8", "--eval_limit", "8", "--max_new_tokens", "4", *TINY_RUN,
+        "--max_steps", "8", "--eval_limit", "8", "--max_new_tokens", "4", *TINY_RUN, "--facts", "40", "--seed", "2",
     )  # fmt: skip
     records = metrics(out)
     assert [r["step"] for r in records] == list(range(1, 9))
@@ -138,7 +138,8 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     assert torch.count_nonzero(meft_ds.adapters(trained)[0].store.values) > 0
 
     # launch/evaluate.py on the exported adapter scores exactly what the run scored before and after training (in the
-    # run's dtype; its "before" has no adapters: the run's, with adapters fresh from inject, is the base model's)
+    # run's dtype, on its held-out questions: its facts set's size and seed; its "before" has no adapters: the run's,
+    # with adapters fresh from inject, is the base model's)
     command = [
         sys.executable, "launch/evaluate.py", "--model", str(model_dirs["chat"]), "--adapter", str(out),
         "--limit", "8", "--max_new_tokens", "4", "--output", str(tmp_path / "eval.json"),
@@ -146,7 +147,7 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     result = subprocess.run(command, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     evaluated = json.loads((tmp_path / "eval.json").read_text())
-    assert evaluated["dtype"] == run["dtype"]
+    assert (evaluated["dtype"], evaluated["facts"], evaluated["seed"]) == (run["dtype"], 40, 2)
     for phase in ("before", "after"):
         assert evaluated[phase]["predictions"] == run[phase]["predictions"]
         assert evaluated[phase]["exact_match"] == run[phase]["exact_match"]
