@@ -43,8 +43,9 @@ BAD_INPUT = (
 
 def run_cli(main: Callable[[], int]) -> None:
     """Run a launcher's ``main`` and exit with its code. Bad input (config, dataset, model, checkpoint, arguments,
-    kernels that cannot be built) ends in one ``error: ...`` line on stderr and exit code 2 rather than a traceback;
-    ``MEFT_DEBUG=1`` shows the traceback.
+    kernels that cannot be built) ends in one ``error: ...`` line on stderr and exit code 2 rather than a traceback,
+    Ctrl-C in one ``interrupted`` line and exit code 130 (as a shell reports SIGINT); ``MEFT_DEBUG=1`` shows the
+    traceback.
 
     After a successful ``main`` the process groups are destroyed while the interpreter is whole: left to its teardown,
     gloo's worker threads can abort a finished run ("terminate called without an active exception", exit code -6;
@@ -57,6 +58,11 @@ def run_cli(main: Callable[[], int]) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C where the launcher has nothing more to say (loading, evaluating): no traceback
+        if os.environ.get("MEFT_DEBUG"):
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     if not code and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     sys.exit(code)

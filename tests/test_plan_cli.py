@@ -220,6 +220,17 @@ def test_cli_bad_input_is_one_error_line(cli: Any, capsys: Any, argv: list[str],
     assert err.startswith(f"error: {field}") and "Fix:" in err
 
 
+def test_cli_interrupted_is_one_line_and_exit_code_130(capsys: Any) -> None:
+    """Ctrl-C while a launcher loads or evaluates (train.py's training loop says more: test_launcher.py)."""
+
+    def main() -> int:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main)
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
 @pytest.mark.parametrize("argv", [["--device_gb", "0"], ["--host_gb", "-1"], ["--world_size", "0"]])
 def test_cli_sizes_out_of_range_are_refused_while_parsing(cli: Any, capsys: Any, argv: list[str]) -> None:
     """A negative --host_gb gave a plan: "DOES NOT FIT a 24 GiB device" for a device it fitted."""
