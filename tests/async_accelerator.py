@@ -10,9 +10,12 @@ that exist, and a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that 
 * a ``non_blocking`` copy issued on a side stream does not happen until another stream waits for it (``wait_event``,
   ``wait_stream``) or the host synchronizes; until then its destination holds poison;
 * the pinned buffer a copy reads from is "in flight" until the host has synchronized with that copy: rewriting it
-  before is an error (checked at the write where torch dispatches it, and by comparing the buffer with what the copy
-  read, which also catches writes by compiled kernels), and so is freeing it (DeepSpeed's native pinning frees the
-  memory when the tensor is collected; only torch's caching host allocator waits for the copy);
+  before is an error (checked at the write where torch dispatches it, and by comparing the buffer's bytes with what
+  the copy read, which also catches writes by compiled kernels), and so is freeing it, or the pinned buffer a copy
+  writes into (DeepSpeed's native pinning frees the memory when the tensor is collected; only torch's caching host
+  allocator waits for the copy);
+* a copy on one stream reads its source when that stream gets to it: another stream may not write the source before
+  it has waited for the copy;
 * the caching allocator's cross-stream rules: an op on stream S may not write a tensor allocated on stream C unless S
   waited for C after the allocation (C's queued kernels may still use the block), may not read a tensor last written
   on C unless S waited for that write, and a tensor allocated on one stream and used on another needs
@@ -62,13 +65,23 @@ def _poison(tensor: torch.Tensor) -> None:
         tensor.fill_(torch.iinfo(tensor.dtype).min)
 
 
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same bits (``torch.equal`` tells NaN from NaN apart)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(*(_bytes(t) for t in (a, b)))
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
 @dataclass(eq=False)
 class _Copy:
     """One deferred ``non_blocking`` copy."""
 
     stream: FakeStream
     time: int
-    dst: torch.Tensor
+    dst: Callable[[], torch.Tensor | None]  # the destination, as it is now (None: freed)
+    dst_key: int
     src: torch.Tensor  # what the copy read (a snapshot)
     source: Callable[[], torch.Tensor | None]  # the tensor passed as the source, as it is now (None: freed)
     source_key: int
@@ -80,7 +93,9 @@ class _Copy:
         if not self.landed:
             self.check_source()
             with _disable_current_modes():
-                self.dst.copy_(self.src)
+                dst = self.dst()
+                if dst is not None:  # freed: pinned memory is reported by AsyncAccelerator, device memory is safe
+                    dst.copy_(self.src)
             self.landed = True
 
     def check_source(self) -> None:
@@ -89,7 +104,7 @@ class _Copy:
             return
         with _disable_current_modes():
             source = self.source()
-            unchanged = source is None or torch.equal(self.src, source)  # freed: reported by AsyncAccelerator
+            unchanged = source is None or _same_bytes(self.src, source)  # freed: reported by AsyncAccelerator
         if not unchanged:
             raise AsyncHazard(
                 f"a pinned host buffer was rewritten while a non_blocking copy out of it (issued on {self.stream}) was "
@@ -214,14 +229,14 @@ class AsyncAccelerator(CPU_Accelerator):
     def _pinned_freed(self, key: int) -> None:
         made_at = self.pinned.pop(key, None)
         self.facts.pop(key, None)  # the address may be reused: what was written into this buffer is not the next's
-        if any(c.source_key == key and not (c.to_host or c.host_done) for c in self.copies):
+        if any((c.dst_key if c.to_host else c.source_key) == key and not c.host_done for c in self.copies):
             self.freed_in_flight.append(made_at)
 
     def check_nothing_freed_in_flight(self) -> None:
         if self.freed_in_flight:
             raise AsyncHazard(
-                f"pinned host memory (made at {self.freed_in_flight[0]}) was freed while a non_blocking copy out of "
-                "it was pending: keep it until an event recorded after the copy is synchronized"
+                f"pinned host memory (made at {self.freed_in_flight[0]}) was freed while a non_blocking copy into or "
+                "out of it was pending: keep it until an event recorded after the copy is synchronized"
             )
 
     def is_pinned(self, tensor: torch.Tensor) -> bool:
@@ -267,11 +282,12 @@ class AsyncAccelerator(CPU_Accelerator):
         stream, now = self.current, self.tick()
         self.check_access(src, write=False)
         self.check_access(dst, write=True)
+        read = (_weak_view(dst), _key(dst), src.detach().clone(), _weak_view(src), _key(src))
         if to_host:  # the device may change src after this point in stream order: the copy reads it now
-            copy = _Copy(stream, now, dst, src.detach().clone(), _weak_view(src), _key(src), to_host=True)
+            copy = _Copy(stream, now, *read, to_host=True)
             _poison(dst)
         else:
-            copy = _Copy(stream, now, dst, src.detach().clone(), _weak_view(src), _key(src), to_host=False)
+            copy = _Copy(stream, now, *read, to_host=False)
             if stream is self.default_stream(stream.device_index):
                 copy.land()  # kernels queued after it on the same stream see it
             else:
@@ -288,7 +304,7 @@ class AsyncAccelerator(CPU_Accelerator):
             return
         stream, key = self.current, _key(tensor)
         for copy in self.copies:
-            if _key(copy.dst) == key and not copy.host_done:
+            if copy.dst_key == key and not copy.host_done:
                 if copy.to_host:
                     raise AsyncHazard(
                         "the host used a pinned buffer whose non_blocking copy from the device has not completed: "
@@ -305,6 +321,13 @@ class AsyncAccelerator(CPU_Accelerator):
                 raise AsyncHazard(
                     f"a pinned host buffer was rewritten while a non_blocking copy out of it (on {copy.stream}) was "
                     "still pending: synchronize an event recorded after the copy before reusing the buffer"
+                )
+            # the same tensor still alive (a freed one's memory is the allocator's business: record_stream)
+            read_by_copy = write and copy.source_key == key and not copy.host_done and copy.source() is not None
+            if read_by_copy and not stream.knows(copy.stream, copy.time):
+                raise AsyncHazard(
+                    f"{stream} writes a tensor that a non_blocking copy on {copy.stream} still reads: make it "
+                    "wait_event() on an event recorded after the copy first"
                 )
         self.check_nothing_freed_in_flight()
         if key in self.pinned:

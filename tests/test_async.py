@@ -343,3 +343,48 @@ def test_the_harness_itself_flags_each_hazard() -> None:
             host.sum()
         harness.synchronize()
         assert torch.equal(host, torch.arange(4.0))
+
+
+def test_the_harness_flags_pinned_memory_freed_while_a_copy_into_it_is_pending() -> None:
+    # DeepSpeed's native pinning frees a buffer's memory when the tensor is collected: a device->host copy still
+    # pending writes into freed memory (the harness kept every copy's destination alive, so it could not see this)
+    with pytest.raises(AsyncHazard, match="freed while a non_blocking copy"), async_accelerator() as harness:
+        host = harness.pinned_copy(torch.zeros(4))
+        host.copy_(torch.arange(4.0), non_blocking=True)
+        del host
+
+
+def test_the_harness_flags_a_tensor_rewritten_while_a_copy_on_another_stream_reads_it() -> None:
+    # a copy on a side stream reads its source when that stream gets to it: the compute stream may not write the
+    # source before it has waited for the copy (the harness read the source when the copy was issued)
+    with async_accelerator() as harness:
+        side = harness.Stream()
+        grads = torch.arange(4.0)
+        host = harness.pinned_copy(torch.zeros(4))
+        produced = harness.Event()
+        produced.record()
+        with harness.stream(side):
+            side.wait_event(produced)
+            grads.record_stream(side)
+            host.copy_(grads, non_blocking=True)
+        copied = harness.Event()
+        copied.record(side)
+        with pytest.raises(AsyncHazard, match="still reads"):
+            grads.zero_()
+        harness.current_stream().wait_event(copied)
+        grads.zero_()  # ordered after the copy now
+        copied.synchronize()
+        assert torch.equal(host, torch.arange(4.0))
+
+
+def test_the_harness_compares_what_a_copy_read_bit_for_bit() -> None:
+    # a staged NaN (a diverged row) is not a rewritten buffer: NaN != NaN made the harness report one
+    with async_accelerator() as harness:
+        side = harness.Stream()
+        staging = harness.pinned_copy(torch.tensor([1.0, float("nan")]))
+        with harness.stream(side):
+            rows = torch.empty(2)
+            rows.copy_(staging, non_blocking=True)
+        copied = harness.Event()
+        copied.record(side)
+        copied.synchronize()
