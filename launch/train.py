@@ -45,7 +45,7 @@ from meft_ds.ds_config import (
     resolve_auto,
     validate_deepspeed_config,
 )
-from meft_ds.evaluation import evaluate_generation, format_scores
+from meft_ds.evaluation import evaluate_generation, evaluate_loss, format_scores
 from meft_ds.files import write_json_atomic
 from meft_ds.inject import check_model_type
 from meft_ds.model_facts import load_model_config
@@ -157,9 +157,10 @@ def train(
     log: MetricsLog,
     args: argparse.Namespace,
     checkpoints: Path,
+    held_out: list | None,
 ) -> None:
     """Optimizer steps from the engine's current one up to --max_steps, with a checkpoint every --save_steps and
-    one at the end."""
+    one at the end, and the loss of the ``held_out`` features every --eval_steps."""
     rank, world = dist.get_rank(), dist.get_world_size()
     gas = engine.gradient_accumulation_steps()
     stream = MicroBatchStream(len(features), engine.train_micro_batch_size_per_gpu(), seed=args.seed)
@@ -178,6 +179,13 @@ def train(
             dist.all_reduce(loss_sum)  # the step's loss: mean over ranks and micro-batches
             mean_loss = loss_sum.item() / (gas * world)
             record = log.step_record(engine, model, traffic_before, mean_loss, time.time() - step_started)
+            if held_out and (engine.global_steps % args.eval_steps == 0 or engine.global_steps == args.max_steps):
+                record["eval_loss"] = evaluate_loss(
+                    model, held_out, tokenizer.pad_token_id, engine.device, batch_size=args.eval_batch_size,
+                    across_ranks=True,
+                )  # fmt: skip
+                if rank == 0:
+                    bar.write(f"step {engine.global_steps}: held-out loss {record['eval_loss']:.4f}")
             log.write(record)
             bar.update(1)
             bar.set_postfix(
@@ -306,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.method != "full":  # adapters beside or inside the FFNs: their place must be known
         check_model_type(load_model_config(args.model).model_type, f"--model {args.model}")
     train_examples = [] if args.train_limit == 0 else load_split(args, args.dataset, "train", args.train_limit)
-    eval_examples = None if args.no_eval else load_held_out(args)
+    held_out = load_held_out(args) if args.eval_steps or not args.no_eval else None
+    eval_examples = None if args.no_eval else held_out
     probe_examples = None if args.no_eval or args.no_probe else probe.probe_examples()
     cpu_kernels()  # built (or found in the extension cache) now: without them the run would stop after loading
     started = time.time()
@@ -362,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     log = MetricsLog(output_dir, enabled=rank == 0, start_step=engine.global_steps, monitor=engine.monitor)
     first_step, fetched_before = engine.global_steps, meft_ds.stats(model)["rows_fetched"]
     try:
-        train(engine, model, tokenizer, features, log, args, checkpoints)
+        held_out_features = tokenize_for_training(held_out, tokenizer, args.max_length) if args.eval_steps else None
+        train(engine, model, tokenizer, features, log, args, checkpoints, held_out_features)
     except NonFiniteGradientError as error:
         raise SystemExit(
             f"error: {error}\n{resume_hint(checkpoints, without='start again with a lower --learning_rate')}"

@@ -59,6 +59,13 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task)")
     parser.add_argument("--no_eval", action="store_true", help="skip the before/after evaluation")
+    parser.add_argument(
+        "--eval_steps",
+        type=int,
+        default=0,
+        help="every N optimizer steps (and at the last), the held-out set's loss per answer token, teacher-forced: "
+        "eval_loss in the metrics and TensorBoard (0: off; with --no_eval too, which skips the generation)",
+    )
     parser.add_argument("--no_probe", action="store_true", help="skip the retention probe's general questions")
     parser.add_argument(
         "--rehearsal",
@@ -110,7 +117,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
                  "lora_r", "adapter_neurons", "max_new_tokens"):  # fmt: skip
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("learning_rate", "weight_decay", "eval_limit"):
+    for name in ("learning_rate", "weight_decay", "eval_limit", "eval_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     # a method's own option given to another method would be ignored: say so instead of training something else

@@ -18,7 +18,7 @@ import torch.distributed
 from torch import nn
 from tqdm import tqdm
 
-from meft_ds.data import Example, format_prompt, has_chat_template
+from meft_ds.data import IGNORE_INDEX, Example, collate, format_prompt, has_chat_template
 from meft_ds.inject import adapters
 from meft_ds.metrics import score
 
@@ -159,6 +159,49 @@ def evaluate_generation(
         predictions.append({"prompt": example.prompt, "prediction": prediction, "answers": example.answers})
     means = {metric: sum(values) / len(values) for metric, values in totals.items()}
     return {**means, "n": len(examples), "predictions": predictions}
+
+
+def evaluate_loss(
+    model: nn.Module,
+    features: Sequence[dict[str, list[int]]],
+    pad_token_id: int,
+    device: Any,
+    *,
+    batch_size: int = 8,
+    across_ranks: bool = False,
+) -> float:
+    """The mean loss per answer token of ``features`` (:func:`meft_ds.data.tokenize_for_training`'s), teacher-forced:
+    the held-out counterpart of the training loss (which weights micro-batches alike, not tokens).
+
+    ``across_ranks=True`` shares the batches out as :func:`evaluate_generation` does (in lockstep where forwards run
+    collectives) and sums the ranks' totals: every rank returns what one rank computes alone, up to float rounding.
+    The model runs in eval mode under ``torch.no_grad()``; its mode is restored after."""
+    if not features:
+        raise ValueError("evaluate_loss needs at least one feature")
+    rank, world_size = _ranks(across_ranks)
+    lockstep = world_size > 1 and forwards_need_every_rank(model)
+    totals = torch.zeros(2, dtype=torch.float32, device=device)  # loss summed over answer tokens, their count
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for indices in batch_plan(len(features), batch_size, rank, world_size, lockstep=lockstep):
+                chosen = indices if indices is not None else range(min(batch_size, len(features)))
+                batch = {
+                    key: value.to(device) for key, value in collate([features[i] for i in chosen], pad_token_id).items()
+                }
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                labels = batch["labels"][:, 1:]
+                loss = nn.functional.cross_entropy(
+                    logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+                if indices is not None:
+                    totals += torch.stack([loss, (labels != IGNORE_INDEX).sum().float()])
+    finally:
+        model.train(training)
+    if world_size > 1:
+        torch.distributed.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
 
 
 def format_scores(result: dict[str, Any] | None) -> str:

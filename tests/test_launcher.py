@@ -18,9 +18,10 @@ import pytest
 import torch
 from launch_scripts import launch_script
 from tiny_models import tiny_model, token_batch, word_tokenizer
+from transformers import AutoTokenizer
 
 import meft_ds
-from meft_ds.data import load_examples
+from meft_ds.data import IGNORE_INDEX, load_examples, tokenize_for_training
 from meft_ds.evaluation import evaluate_generation
 from meft_ds.models import load_model_and_tokenizer
 from meft_ds.rehearsal import QUESTIONS as REHEARSAL
@@ -117,9 +118,11 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     launch(
         "--deepspeed", ROOT / "ds_configs" / "meft.json", "--model", model_dirs["chat"], "--output_dir", out,
         "--max_steps", "8", "--eval_limit", "8", "--max_new_tokens", "4", *TINY_RUN, "--facts", "40", "--seed", "2",
+        "--eval_steps", "3",
     )  # fmt: skip
     records = metrics(out)
     assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6, 8]  # every 3 steps and at the last
     assert records[-1]["loss"] < records[0]["loss"]
     assert all(r["rows_fetched"] > 0 and r["mb_moved"] > 0 for r in records)
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,lr")
@@ -136,6 +139,17 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     with torch.no_grad():
         assert not torch.allclose(trained(batch).logits, tiny_model()(batch).logits)
     assert torch.count_nonzero(meft_ds.adapters(trained)[0].store.values) > 0
+    # the last eval_loss: the trained model's loss per answer token on the 8 held-out questions, one at a time
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["chat"])
+    held_out = tokenize_for_training(load_examples("facts", "eval", facts=40, seed=2, limit=8), tokenizer, 64)
+    summed, tokens = 0.0, 0
+    with torch.no_grad():
+        for feature in held_out:
+            answer_tokens = sum(label != IGNORE_INDEX for label in feature["labels"][1:])
+            ids, labels = (torch.tensor([feature[key]]) for key in ("input_ids", "labels"))
+            summed += trained(input_ids=ids, labels=labels).loss.item() * answer_tokens
+            tokens += answer_tokens
+    assert records[-1]["eval_loss"] == pytest.approx(summed / tokens, rel=1e-5)
 
     # launch/evaluate.py on the exported adapter scores exactly what the run scored before and after training (in the
     # run's dtype, on its held-out questions: its facts set's size and seed; its "before" has no adapters: the run's,
@@ -183,7 +197,18 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, Pa
     double accumulation and the sharded run are compared with. Its arguments, output folder and launcher result."""
     tmp_path = tmp_path_factory.mktemp("two_ranks")
     config = write_config(tmp_path, total_steps=6)
-    common = ["--deepspeed", config, "--model", model_dirs["chat"], "--max_steps", "6", *EVAL, *TINY_RUN]
+    common = [
+        "--deepspeed",
+        config,
+        "--model",
+        model_dirs["chat"],
+        "--max_steps",
+        "6",
+        "--eval_steps",
+        "3",
+        *EVAL,
+        *TINY_RUN,
+    ]
     out = tmp_path / "replicated"
     result = launch(*common, "--output_dir", out, "--meft", 'store={"shard": false}', ranks=2)
     return {"common": common, "out": out, "result": result}
@@ -198,6 +223,9 @@ def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path: Path, model
     two_losses = [r["loss"] for r in metrics(two_dir)]
     one_losses = [r["loss"] for r in metrics(tmp_path / "one")]
     assert two_losses == pytest.approx(one_losses, rel=1e-4)
+    # the held-out loss shared out over the ranks: what one process computes
+    two_eval, one_eval = ([r.get("eval_loss") for r in metrics(out)] for out in (two_dir, tmp_path / "one"))
+    assert two_eval == pytest.approx(one_eval, rel=1e-4) and two_eval[2] is not None and two_eval[5] is not None
     assert all(r["rows_fetched"] > 0 for r in metrics(two_dir))
     a = meft_ds.load_adapter(tiny_model(), two_dir)
     b = meft_ds.load_adapter(tiny_model(), tmp_path / "one")
@@ -220,9 +248,10 @@ def test_sharded_store_trains_like_the_replicated_one_with_half_the_memory(
 ) -> None:
     common, replicated_dir = two_ranks["common"], two_ranks["out"]
     sharded = launch(*common, "--output_dir", tmp_path / "sharded", "--meft", 'store={"shard": true}', ranks=2)
-    assert [r["loss"] for r in metrics(tmp_path / "sharded")] == pytest.approx(
-        [r["loss"] for r in metrics(replicated_dir)], rel=1e-5
-    )
+    for key in ("loss", "eval_loss"):  # eval_loss: in lockstep, a sharded store's forwards run collectives
+        assert [r.get(key) for r in metrics(tmp_path / "sharded")] == pytest.approx(
+            [r.get(key) for r in metrics(replicated_dir)], rel=1e-5
+        )
     full, halves = store_bytes_per_rank(two_ranks["result"]), store_bytes_per_rank(sharded)
     assert len(full) == len(halves) == 2 and halves[0] + halves[1] == full[0] and halves[0] == halves[1]
     a = meft_ds.load_adapter(tiny_model(), replicated_dir)
