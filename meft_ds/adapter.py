@@ -322,6 +322,13 @@ class SparseKeyExpertAdapter(nn.Module):
         rows = self.transfer.fetch(routing.row_ids, dtype=self.config.row_torch_dtype(dtype), device=device)
         return ChosenRows(routing, rows)
 
+    def pre_retrieve_for(self, target: SparseKeyExpertAdapter) -> None:
+        """Make this adapter pre-retrieve ``target``'s rows (``prefetch_target``). A plain reference, not a submodule:
+        assigned as a module attribute, the target would be registered again under this adapter, its router named
+        ``prefetch_target.router`` and saved once more in every state dict (the chain nests: L layers, ~L^2/2
+        copies)."""
+        object.__setattr__(self, "prefetch_target", target)
+
     def start_prefetch(self, hidden: torch.Tensor) -> None:
         """Pre-retrieval, first half: this adapter's router on an earlier layer's ``hidden`` states, and the routing
         inputs on their way to the host (SPEC.md, method step 6; exactness traded for overlap)."""

@@ -234,7 +234,7 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
     chain = list(registered.values())
     for source, target in zip(chain, chain[config.prefetch_layers :], strict=False):
         if config.prefetch_layers:
-            source.prefetch_target = target
+            source.pre_retrieve_for(target)
     model.meft_config = config
     if callable(getattr(model, "save_pretrained", None)):  # a transformers model: see _save_pretrained
         model.save_pretrained = functools.partial(_save_pretrained, model)

@@ -18,6 +18,10 @@ def test_rows_come_from_the_earlier_layers_hidden_states() -> None:
     model = meft_ds.inject(tiny_model(layers=3), {**MEFT, "prefetch_layers": 1})
     adapters = meft_ds.adapters(model)
     assert [a.prefetch_target for a in adapters] == [adapters[1], adapters[2], None]
+    # a reference, not a submodule: each router is named and saved once, as without pre-retrieval
+    plain = meft_ds.inject(tiny_model(layers=3), MEFT)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
     ffn_inputs, used_rows = {}, {}
     for index, layer in enumerate(model.model.layers):
         layer.mlp.register_forward_pre_hook(lambda m, args, i=index: ffn_inputs.__setitem__(i, args[0].detach()))
