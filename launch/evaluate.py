@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model_and_tokenizer(name, dtype=dtype)
     model.to(get_accelerator().current_device_name())
     print(f"model {name} in {DTYPE_NAMES[dtype]} on {get_accelerator().current_device_name()}")
-    sized = f", {facts or 150} facts, seed {seed}" if dataset == "facts" else ""
-    print(f"held-out set: {dataset} ({split} split{sized}), {len(examples)} examples")
+    which = f"{split} split" + (f", {facts} facts" if facts else "") + (f", seed {seed}" if dataset == "facts" else "")
+    print(f"held-out set: {dataset} ({which}), {len(examples)} examples")
 
     def run(label: str) -> dict[str, Any]:
         result = evaluate_generation(
