@@ -250,6 +250,7 @@ class SparseKeyExpertAdapter(nn.Module):
         )
         self.transfer = RowTransfer(self.store, self.traffic, cache_bytes=cache_bytes, buffers=pinned_buffers)
         self.prefetch_target: SparseKeyExpertAdapter | None = None
+        self.rows_pre_retrieved = False  # an earlier adapter pre-retrieves this one's rows
         self.pending: PendingRouting | None = None  # set between the FFN's pre-hook and hook
         self._prefetch_routing: PendingRouting | None = None  # started by the source layer's begin
         self._prefetched: ChosenRows | None = None
@@ -282,6 +283,10 @@ class SparseKeyExpertAdapter(nn.Module):
         prefetched = self._prefetched
         if prefetched is not None and prefetched.routing.union_pos.shape[0] == x.shape[0]:
             return PendingRouting(logits)
+        if self.rows_pre_retrieved and self.training and torch.is_grad_enabled():
+            # the source layer's forward did not run first: a recomputation (activation checkpointing applied around
+            # the layers, not through transformers, whose flag _begin_adapter reads), which cannot pre-retrieve
+            self.config.check_activation_checkpointing()
         self._prefetched = None  # stale (another batch shape): route from this layer's own hidden states
         pending = self._start_routing(x, logits)
         if pending.copied is None and self.store.reads_ahead:  # the routing inputs are on the host already (a CPU)
@@ -328,6 +333,7 @@ class SparseKeyExpertAdapter(nn.Module):
         ``prefetch_target.router`` and saved once more in every state dict (the chain nests: L layers, ~L^2/2
         copies)."""
         object.__setattr__(self, "prefetch_target", target)
+        target.rows_pre_retrieved = True
 
     def start_prefetch(self, hidden: torch.Tensor) -> None:
         """Pre-retrieval, first half: this adapter's router on an earlier layer's ``hidden`` states, and the routing

@@ -3,9 +3,14 @@ earlier, with layer i's own router, and fetched while the layers in between run.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 from tiny_models import tiny_model, token_batch
+from torch.utils.checkpoint import checkpoint
 
 import meft_ds
 from meft_ds import SparseRowAdam
@@ -57,6 +62,25 @@ def test_prefetched_model_trains() -> None:
         sparse.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_applied_around_the_layers_is_refused(reentrant: bool) -> None:
+    """Checkpointing not through transformers (torch.utils.checkpoint around each layer, as DeepSpeed's does): the
+    recomputed forward of a layer whose rows were pre-retrieved would route from its own hidden states (other rows,
+    or with reentrant checkpointing gradients of rows the forward did not use)."""
+    model = meft_ds.inject(tiny_model(layers=3), {**MEFT, "prefetch_layers": 1}).train()
+    model.enable_input_require_grads()  # reentrant checkpointing differentiates only through inputs that need it
+
+    def checkpointed(*args: Any, forward: Callable, **kwargs: Any) -> Any:
+        return checkpoint(functools.partial(forward, **kwargs), *args, use_reentrant=reentrant)
+
+    for layer in model.model.layers:
+        layer.forward = functools.partial(checkpointed, forward=layer.forward)
+    batch = token_batch(batch=2, length=12)
+    loss = model(batch, labels=batch).loss  # the forward itself pre-retrieves as usual
+    with pytest.raises(meft_ds.MeftConfigError, match=r"meft.prefetch_layers: 1 pre-retrieves rows .* checkpointing"):
+        loss.backward()
 
 
 def test_prefetch_distance_must_stay_within_the_adapters() -> None:
