@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model_and_tokenizer(name, dtype=dtype)
     model.to(get_accelerator().current_device_name())
     print(f"model {name} in {DTYPE_NAMES[dtype]} on {get_accelerator().current_device_name()}")
-    which = f"{split} split" + (f", {facts} facts" if facts else "") + (f", seed {seed}" if dataset == "facts" else "")
-    print(f"held-out set: {dataset} ({which}), {len(examples)} examples")
+    details = ["eval split", *([f"{facts} facts"] if facts else []), *([f"seed {seed}"] if dataset == "facts" else [])]
+    described = f"{dataset} ({', '.join(details)})" if dataset in DATASETS else dataset  # a file: all held out
+    print(f"held-out set: {described}, {len(examples)} examples")
 
     def run(label: str) -> dict[str, Any]:
         result = evaluate_generation(
