@@ -78,8 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def trained_with(args: argparse.Namespace) -> dict[str, Any]:
-    """What the adapter's run recorded (its ``results.json``), or nothing (no adapter, or an export without it)."""
-    results = args.adapter / "results.json" if args.adapter else None
+    """What the run recorded (its ``results.json``): the --adapter's run, or the run that wrote --model (a ``--method
+    full`` run's folder); nothing for another model or an export without it."""
+    run = args.adapter or (Path(args.model) if args.model else None)
+    results = run / "results.json" if run is not None else None
     return json.loads(results.read_text()) if results is not None and results.is_file() else {}
 
 
