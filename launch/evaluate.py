@@ -2,6 +2,7 @@
 or parallel adapter of a ``launch/train.py --method lora|parallel_adapter`` run, its --output_dir as --adapter).
 
     python launch/evaluate.py --adapter outputs/meft-facts
+    python launch/evaluate.py --adapter outputs/meft-facts --prompt "Where was Drical Calxan born?"
     python launch/evaluate.py --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter out --dataset squad --limit 500
 
 Greedy decoding; exact match and F1 for QA (facts, nq, squad), IoU of the API calls for ToolBench, final-answer
@@ -26,7 +27,7 @@ from deepspeed.accelerator import get_accelerator
 
 import meft_ds
 from meft_ds.baselines import exported_method, load_baseline
-from meft_ds.data import DATASETS, FORMATS, load_examples
+from meft_ds.data import DATASETS, FORMATS, Example, load_examples
 from meft_ds.ds_config import DTYPE_NAMES, compute_dtype, fit_precision_to_cpu, resolve_auto
 from meft_ds.evaluation import evaluate_generation, format_scores
 from meft_ds.export_load import read_adapter_config
@@ -52,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"one of {', '.join(DATASETS)} (its eval split) or a file (default: the adapter's run's held-out set, "
         "else facts)",
     )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        help="ask this question instead of a held-out set, and print the answers (repeatable)",
+    )
     parser.add_argument("--dataset_format", choices=FORMATS, help="schema of a local file's rows")
     parser.add_argument("--facts", type=int, help="--dataset facts: how many facts (default: the adapter's run's, 150)")
     parser.add_argument("--limit", "--eval_limit", type=int, default=200, help="evaluate the first N examples (0: all)")
@@ -70,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1, got {value}")
     if args.limit < 0:
         parser.error(f"--limit must be >= 0, got {args.limit}")
+    if args.prompt and (args.dataset or args.dataset_format or args.facts is not None):
+        parser.error("--prompt asks its own questions: drop --dataset, --dataset_format and --facts")
     if args.no_base and args.adapter is None:
         parser.error("--no_base leaves nothing to evaluate. Fix: pass --adapter, or drop --no_base.")
     if args.output is not None and args.output.is_dir():
@@ -101,6 +109,15 @@ def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, in
     return dataset, facts, seed
 
 
+def describe(dataset: str, facts: int | None, seed: int) -> str:
+    """The held-out set as the output names it: a built-in set's split (its size and seed for facts); a file by its
+    path (all of it held out)."""
+    if dataset not in DATASETS:
+        return dataset
+    details = ["eval split"] + ([f"{facts} facts"] if facts else []) + ([f"seed {seed}"] if dataset == "facts" else [])
+    return f"{dataset} ({', '.join(details)})"
+
+
 def model_name(args: argparse.Namespace, trained: dict[str, Any]) -> str:
     """--model, else the model the adapter was trained on (its run's results.json), else the built-in model."""
     return args.model or trained.get("model") or BUILTIN_MODEL
@@ -123,9 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # every input is checked before the model loads
     trained = trained_with(args)
-    dataset, facts, seed = held_out(args, trained)
-    split, file_format = ("eval", None) if dataset in DATASETS else ("train", args.dataset_format)
-    examples = load_examples(dataset, split, format=file_format, limit=args.limit or None, seed=seed, facts=facts)
+    if args.prompt:
+        dataset, facts, seed, described = None, None, None, None
+        examples = [Example(prompt, answers=[]) for prompt in args.prompt]  # nothing to score: answers are printed
+    else:
+        dataset, facts, seed = held_out(args, trained)
+        split, file_format = ("eval", None) if dataset in DATASETS else ("train", args.dataset_format)
+        examples = load_examples(dataset, split, format=file_format, limit=args.limit or None, seed=seed, facts=facts)
+        described = describe(dataset, facts, seed)
     method = exported_method(args.adapter) if args.adapter is not None else None
     if method == "full":
         raise UsageError(f"--adapter {args.adapter}: holds a whole model (a --method full run). Fix: evaluate it as "
@@ -144,16 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model_and_tokenizer(name, dtype=dtype)
     model.to(get_accelerator().current_device_name())
     print(f"model {name} in {DTYPE_NAMES[dtype]} on {get_accelerator().current_device_name()}")
-    details = ["eval split", *([f"{facts} facts"] if facts else []), *([f"seed {seed}"] if dataset == "facts" else [])]
-    described = f"{dataset} ({', '.join(details)})" if dataset in DATASETS else dataset  # a file: all held out
-    print(f"held-out set: {described}, {len(examples)} examples")
+    if described is not None:
+        print(f"held-out set: {described}, {len(examples)} examples")
 
     def run(label: str) -> dict[str, Any]:
         result = evaluate_generation(
             model, tokenizer, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             show_progress=True,
         )  # fmt: skip
-        print(f"{label}: {format_scores(result)} (n={result['n']})")
+        if args.prompt:
+            result = {"predictions": result["predictions"]}  # no reference answers: no scores
+            for prediction in result["predictions"]:
+                print(f"{label}: {prediction['prompt']} -> {prediction['prediction']}")
+        else:
+            print(f"{label}: {format_scores(result)} (n={result['n']})")
         return result
 
     results: dict[str, Any] = {

@@ -16,6 +16,9 @@ import meft_ds
 import meft_ds.adapter
 import meft_ds.inference
 from meft_ds import InferenceOnlyError, SparseRowAdam
+from meft_ds.baselines import export_baseline, exported_method, prepare_baseline
+from meft_ds.data import Example, load_examples
+from meft_ds.evaluation import evaluate_generation
 from meft_ds.inference import DeviceRows
 from meft_ds.routing import union_of
 from meft_ds.training import UsageError
@@ -260,9 +263,6 @@ def test_evaluate_serves_from_the_device_with_the_training_paths_answers(
 def test_evaluate_loads_the_launchers_baselines_and_answers_as_the_trained_model(tmp_path: Path, method: str) -> None:
     """A ``launch/train.py --method lora|parallel_adapter`` export evaluates to the answers of the model that wrote it
     (its adapter made non-trivial here: LoRA's B and the adapter's values start at zero)."""
-    from meft_ds.baselines import export_baseline, exported_method, prepare_baseline
-    from meft_ds.data import load_examples
-    from meft_ds.evaluation import evaluate_generation
 
     tokenizer = word_tokenizer(chat=True)
     tiny_model(layers=LAYERS).save_pretrained(tmp_path / "model")
@@ -292,9 +292,6 @@ def test_a_full_fine_tuning_export_evaluates_as_a_model(tmp_path: Path) -> None:
     """``--method full`` exports the whole model with its tokenizer: ``--model`` loads it (without the tokenizer, the
     folder did not load) and it answers as the model that wrote it, on the run's held-out set (its results.json:
     here 40 facts of seed 2)."""
-    from meft_ds.baselines import export_baseline, exported_method, prepare_baseline
-    from meft_ds.data import load_examples
-    from meft_ds.evaluation import evaluate_generation
 
     tokenizer = word_tokenizer(chat=True)
     torch.manual_seed(0)
@@ -323,3 +320,28 @@ def test_evaluate_refuses_a_run_that_held_no_file_out(tmp_path: Path) -> None:
     evaluate = launch_script("evaluate")
     with pytest.raises(UsageError, match=r"its run trained on my_data\.jsonl and held no file out .* Fix: pass --data"):
         evaluate.main(["--adapter", str(tmp_path), "--limit", "1"])
+
+
+def test_evaluate_answers_questions_given_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--prompt: the base model's and the adapted model's answers to the user's own questions, printed and written."""
+    tiny_model(layers=LAYERS).save_pretrained(tmp_path / "model")
+    word_tokenizer(chat=True).save_pretrained(tmp_path / "model")
+    adapted = adapted_model()
+    meft_ds.save_adapter(adapted, tmp_path / "adapter")
+    questions = ["Where was Drical Calxan born?", "Who owns a pet called Grizzop?"]
+    evaluate = launch_script("evaluate")
+    out = tmp_path / "answers.json"
+    argv = ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--max_new_tokens", "6"]
+    assert evaluate.main([*argv, "--prompt", questions[0], "--prompt", questions[1], "--output", str(out)]) == 0
+    written = json.loads(out.read_text())
+    expected = evaluate_generation(
+        adapted, word_tokenizer(chat=True), [Example(q, []) for q in questions], max_new_tokens=6
+    )
+    assert written["after"] == {"predictions": expected["predictions"]}  # answers, no scores
+    assert [p["prompt"] for p in written["before"]["predictions"]] == questions
+    printed = capsys.readouterr().out
+    for phase, label in (("before", "before (base model)"), ("after", f"after  ({tmp_path / 'adapter'})")):
+        for answer in written[phase]["predictions"]:
+            assert f"{label}: {answer['prompt']} -> {answer['prediction']}\n" in printed
+    with pytest.raises(SystemExit):  # its own questions, not a dataset's
+        evaluate.parse_args([*argv, "--prompt", questions[0], "--dataset", "facts"])
