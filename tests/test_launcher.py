@@ -198,17 +198,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, Pa
     tmp_path = tmp_path_factory.mktemp("two_ranks")
     config = write_config(tmp_path, total_steps=6)
     common = [
-        "--deepspeed",
-        config,
-        "--model",
-        model_dirs["chat"],
-        "--max_steps",
-        "6",
-        "--eval_steps",
-        "3",
-        *EVAL,
-        *TINY_RUN,
-    ]
+        "--deepspeed", config, "--model", model_dirs["chat"], "--max_steps", "6", "--eval_steps", "3", *EVAL, *TINY_RUN,
+    ]  # fmt: skip
     out = tmp_path / "replicated"
     result = launch(*common, "--output_dir", out, "--meft", 'store={"shard": false}', ranks=2)
     return {"common": common, "out": out, "result": result}
