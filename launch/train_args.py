@@ -7,7 +7,7 @@ import argparse
 
 from meft_ds import rehearsal
 from meft_ds.baselines import METHODS
-from meft_ds.data import DATASETS, FORMATS
+from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts
 from meft_ds.models import BUILTIN_MODEL
 
 # The built-in demo's settings: tuned so that the 135M model memorises the synthetic facts within ~10 CPU minutes.
@@ -139,8 +139,10 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     for name in ("save_steps", "save_total_limit"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.facts is not None and (args.facts < 5 or args.facts % 5 or args.dataset != "facts"):
-        parser.error(f"--facts {args.facts}: needs --dataset facts and a multiple of 5 (5 facts per person)")
+    try:
+        check_facts(args.facts, args.dataset)
+    except DatasetError as error:
+        parser.error(str(error))
     if args.resume and args.no_save:
         parser.error("--resume with --no_save: a --no_save run leaves no checkpoint to resume")
     return args

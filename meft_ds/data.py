@@ -275,6 +275,13 @@ def _check_split(split: str) -> None:
         raise DatasetError(f"unknown split {split!r}: use 'train' or 'eval'")
 
 
+def check_facts(facts: int | None, dataset: str) -> None:
+    """``facts`` (a size of the built-in ``facts`` set, or None) fits ``dataset``: a multiple of 5 (5 facts per
+    person), for ``facts`` only."""
+    if facts is not None and (dataset != "facts" or facts < 5 or facts % 5):
+        raise DatasetError(f"--facts {facts}: needs --dataset facts and a multiple of 5 (5 facts per person)")
+
+
 def load_examples(
     name_or_path: str | Path,
     split: str = "train",
@@ -308,8 +315,7 @@ def load_examples(
     name = str(name_or_path)
     if name in DATASETS and format is not None:
         raise DatasetError(f"--dataset_format (format=) applies to local files only; drop it for the built-in '{name}'")
-    if facts is not None and (name != "facts" or facts < 5 or facts % 5):
-        raise DatasetError(f"--facts {facts}: needs --dataset facts and a multiple of 5 (5 facts per person)")
+    check_facts(facts, name)
     if name == "facts":
         sized = {} if facts is None else {"num_entities": facts // 5}
         examples = facts_dataset(split, seed=seed, **sized)
