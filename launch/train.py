@@ -280,8 +280,19 @@ def resume_hint(checkpoints: Path, *, without: str) -> str:
     return f"Last checkpoint: {checkpoints / latest.read_text().strip()}; resume with the same command plus --resume."
 
 
+class NameOnceFormatter(logging.Formatter):
+    """``time name: message``, but the library's own messages say "meft_ds: " themselves (they must, for programs
+    that configure no logging) and are not prefixed twice."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        return text.replace(f"{record.name}: meft_ds: ", f"{record.name}: ", 1)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(NameOnceFormatter("%(asctime)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     args = parse_args(argv, description=__doc__)
     as_one_process_without_a_launcher()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -4,6 +4,7 @@ evaluation shared out over 2 ranks scores what one process scores."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import re
@@ -495,3 +496,13 @@ def test_activation_checkpointing_is_refused_for_a_model_without_it() -> None:
     model = tiny_model().eval()
     enable_checkpointing(model, "tiny")
     assert model.training and model.is_gradient_checkpointing
+
+
+def test_the_log_names_the_library_once() -> None:
+    formatter = launch_script("train").NameOnceFormatter("%(name)s: %(message)s")
+
+    def line(name: str, message: str) -> str:
+        return formatter.format(logging.LogRecord(name, logging.WARNING, __file__, 1, message, (), None))
+
+    assert line("meft_ds", "meft_ds: NaN or inf in the row gradients") == "meft_ds: NaN or inf in the row gradients"
+    assert line("meft_ds.train", "resumed at step 3") == "meft_ds.train: resumed at step 3"
