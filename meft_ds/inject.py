@@ -28,7 +28,7 @@ from meft_ds.memory import check_store_fits, store_bytes
 from meft_ds.ops import local_world_size
 from meft_ds.pinned import PinnedBuffers
 from meft_ds.shard import resolve_shard
-from meft_ds.swap import check_nvme_path
+from meft_ds.swap import check_files_free, check_nvme_path
 
 ADAPTERS_ATTR = "meft_adapters"
 logger = logging.getLogger("meft_ds")
@@ -161,16 +161,19 @@ def _add_adapter_output(
     return output + adapter.finish(hidden, pending if pending is not None else adapter.begin(hidden))
 
 
-def _nvme_folder(config: MeftConfig, num_layers: int, dim: int) -> Path | None:
-    """This rank's folder of the NVMe tier (checked writable, with room, and libaio present), or None."""
+def _nvme_folder(config: MeftConfig, layer_indices: list[int], dim: int) -> Path | None:
+    """This rank's folder of the NVMe tier (checked writable, with room, libaio present, and its layers' files not
+    another live model's), or None."""
     if config.store.device != "nvme":
         return None
     aio_queues()  # fails now, with the fix, if DeepSpeed's async I/O op cannot be built
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     # rows and two moments, for every rank of this node: they share the folder's drive (and each checks it before any
     # writes: the files start sparse)
-    needed = local_world_size() * 3 * store_bytes(num_layers, config.num_neurons, dim) // 4
-    return check_nvme_path(str(Path(config.store.nvme_path) / f"rank_{rank}"), needed)
+    needed = local_world_size() * 3 * store_bytes(len(layer_indices), config.num_neurons, dim) // 4
+    folder = check_nvme_path(str(Path(config.store.nvme_path) / f"rank_{rank}"), needed)
+    check_files_free(folder, layer_indices)
+    return folder
 
 
 def adapters(model: nn.Module) -> list[SparseKeyExpertAdapter]:
@@ -207,10 +210,10 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
             f"0 (exact, the default) up to {len(ffns) - 1}."
         )
     check_store_fits(config, len(ffns), dim)
+    nvme_folder = _nvme_folder(config, list(ffns), dim)
     for param in model.parameters():
         param.requires_grad_(False)
     cache_bytes = int(config.cache_mb * 2**20) // len(ffns)
-    nvme_folder = _nvme_folder(config, len(ffns), dim)
     store_ram_bytes = int(config.store.ram_budget_mb * 2**20) // len(ffns)
     pinned_buffers = PinnedBuffers()  # the layers run one after the other: they share rings of staging buffers
     registered = nn.ModuleDict()

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
 import itertools
 import os
 import shutil
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -144,6 +146,27 @@ class UpdateReads(NamedTuple):
 
 
 _stores_created = itertools.count()  # which pair of queues a new store takes: consecutive layers alternate
+_LIVE: weakref.WeakValueDictionary[Path, NvmeRowStore] = weakref.WeakValueDictionary()  # by values file
+
+
+def layer_files(folder: Path, layer_index: int) -> dict[str, Path]:
+    return {name: folder / f"layer_{layer_index}.{name}.bin" for name in FILES}
+
+
+def check_files_free(folder: Path, layer_indices: list[int]) -> None:
+    """Refuse the files of layers that a store alive in this process uses (another model injected with the same
+    ``nvme_path``): creating them again would zero that model's rows under it. A store dropped with its model frees
+    them."""
+    keys = {index: layer_files(folder, index)["values"].resolve() for index in layer_indices}
+    if any(key in _LIVE for key in keys.values()):
+        gc.collect()  # a dropped model still held in a reference cycle
+    busy = [index for index, key in keys.items() if _LIVE.get(key) is not None]
+    if busy:
+        raise MeftConfigError(
+            f"meft.store.nvme_path: the files of layers {busy} in {folder} belong to another model alive in this "
+            "process, whose rows this one would overwrite. Fix: give each model its own nvme_path, or drop the other "
+            "model (and its optimizer and engine) first."
+        )
 
 
 class NvmeRowStore(RowStore):
@@ -169,7 +192,9 @@ class NvmeRowStore(RowStore):
                 f"({self.num_rows} x {self.dim} x 4 bytes) with a read buffer: at least {needed / 2**20:.2f} MiB. "
                 "Fix: raise ram_budget_mb to the number of layers x that."
             )
-        self.files = {name: folder / f"layer_{layer_index}.{name}.bin" for name in FILES}
+        check_files_free(folder, [layer_index])
+        self.files = layer_files(folder, layer_index)
+        _LIVE[self.files["values"].resolve()] = self
         self.stats = stats
         pair = next(_stores_created) % 2
         self.queues = aio_queues()[2 * pair : 2 * pair + 2]

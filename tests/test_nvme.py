@@ -302,3 +302,19 @@ def test_free_space_is_checked_for_every_rank_of_the_node(monkeypatch: pytest.Mo
     gib = 2 * one_rank / 2**30
     with pytest.raises(MeftConfigError, match=rf"the stores of this node's ranks need {gib:.1f} GiB"):
         meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path / "two")})
+
+
+def test_a_folder_another_live_model_of_this_process_uses_is_refused(tmp_path: Path) -> None:
+    """A second model injected with the same nvme_path while the first lives created the same files again, zeroing
+    the first one's rows under it; once the first model is dropped its files are free."""
+    first = meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path)})
+    rows = [a.store.full_rows().clone() for a in meft_ds.adapters(first)]
+    second = tiny_model()
+    with pytest.raises(MeftConfigError, match=r"files of layers \[0, 1\] in .*rank_0 belong to another model alive in"):
+        meft_ds.inject(second, {**MEFT, "store": nvme(tmp_path)})
+    assert all(p.requires_grad for p in second.parameters()) and not meft_ds.adapters(second)  # left as it was
+    for adapter, before in zip(meft_ds.adapters(first), rows, strict=True):
+        assert torch.equal(adapter.store.full_rows(), before)
+    meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path / "other")})  # its own folder
+    del first, adapter  # (the loop variable held layer 1's adapter)
+    meft_ds.inject(tiny_model(), {**MEFT, "store": nvme(tmp_path)})
