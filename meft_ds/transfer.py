@@ -243,6 +243,8 @@ class RowTransfer:
         cache = self._cache_for(dtype)
         if cache is None:
             return self._upload(row_ids, dtype, device)
+        if cache.rows is not None and (cache.rows.dtype, cache.rows.device) != (dtype, device):
+            self._download_pending()  # the cache starts again in the new dtype or device: its gradients go first
         cache.allocate(self.store.dim, dtype, device)
         cache_slots = cache.lookup(row_ids)
         hit = cache_slots >= 0
@@ -352,6 +354,13 @@ class RowTransfer:
         cache.pending[cache_slots] = False
         self._send_grads(row_ids, grads, has_grad, "cached")
 
+    def _download_pending(self) -> None:
+        """Send every gradient accumulated in the device cache to the store."""
+        cache = self.cache
+        if cache is not None and cache.pending.any():
+            cache_slots = cache.pending.nonzero().flatten()
+            self._download_cached(cache_slots, cache.row_id_of[cache_slots])
+
     def _grad_travel_dtype(self) -> torch.dtype:
         """Accumulated gradients go back in the dtype rows travel in (as every row gradient does without the cache),
         except fp16: a sum over micro-steps of loss-scaled gradients may overflow fp16's range, so those stay fp32."""
@@ -361,10 +370,7 @@ class RowTransfer:
     def flush(self) -> None:
         """Bring every row gradient into the store: the device cache's, and those still on their way (at an
         optimizer boundary)."""
-        cache = self.cache
-        if cache is not None and cache.pending.any():
-            cache_slots = cache.pending.nonzero().flatten()
-            self._download_cached(cache_slots, cache.row_id_of[cache_slots])
+        self._download_pending()
         for handover in self._handovers:
             handover.complete()
         self._handovers = []

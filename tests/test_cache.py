@@ -102,3 +102,32 @@ def test_a_first_forward_under_inference_mode_leaves_training_intact(cache_mb: f
         assert losses[0].item() == losses[1].item()
     if cache_mb:
         assert meft_ds.stats(model)["cache_hits"] > 0, "the cache was used"
+
+
+def accumulated(model: torch.nn.Module) -> list[dict[int, torch.Tensor]]:
+    """Per adapter, every row gradient of the step so far, by row id (the device cache flushed)."""
+    found = []
+    for adapter in meft_ds.adapters(model):
+        adapter.collect_row_grads()
+        row_ids, grads = adapter.store.accumulated_grads()
+        found.append(dict(zip(row_ids.tolist(), grads, strict=True)))
+    return found
+
+
+def test_a_forward_in_another_dtype_within_the_window_keeps_the_cached_gradients() -> None:
+    """A forward in another dtype (the model cast to evaluate in bf16, between micro-steps) re-creates the cache's
+    device tensors in that dtype; the gradients they held were dropped with them, silently. They go to the store
+    first."""
+    plain = meft_ds.inject(tiny_model(), {**MEFT, "cache_mb": 0})
+    cached = meft_ds.inject(tiny_model(), {**MEFT, "cache_mb": 64})
+    batch = token_batch(batch=2, length=8)
+    for model in (plain, cached):
+        model(batch, labels=batch).loss.backward()
+    with torch.no_grad():
+        cached.to(torch.bfloat16)(batch)
+    cached.float()
+    expected, found = accumulated(plain), accumulated(cached)
+    for plain_grads, cached_grads in zip(expected, found, strict=True):
+        assert plain_grads.keys() == cached_grads.keys() and plain_grads
+        for row_id, grad in plain_grads.items():
+            torch.testing.assert_close(cached_grads[row_id], grad, rtol=1e-6, atol=1e-7)
