@@ -143,6 +143,9 @@ def _ffn_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
 
 
+# Both hooks run eagerly under torch.compile: their host-side routing and unions of data-dependent sizes would break
+# the graphs inside them and compile new ones for every batch (tests/test_compile.py).
+@torch.compiler.disable
 def _begin_adapter(
     adapter: SparseKeyExpertAdapter, layer: nn.Module, ffn: nn.Module, args: tuple, kwargs: dict
 ) -> None:
@@ -152,6 +155,7 @@ def _begin_adapter(
     adapter.pending = adapter.begin(_ffn_input(args, kwargs))
 
 
+@torch.compiler.disable
 def _add_adapter_output(
     adapter: SparseKeyExpertAdapter, ffn: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
 ) -> torch.Tensor:
