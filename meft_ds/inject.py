@@ -165,6 +165,16 @@ def _add_adapter_output(
     return output + adapter.finish(hidden, pending if pending is not None else adapter.begin(hidden))
 
 
+def _compute_dtype(ffn: nn.Module, layer: nn.Module) -> torch.dtype | None:
+    """The dtype the FFN computes in: its first floating-point parameter's, else its layer's (a quantized FFN, e.g.
+    bitsandbytes' 4-bit weights, computes in the dtype of its input, which the layer's norms have)."""
+    for module in (ffn, layer):
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+        if dtype is not None:
+            return dtype
+    return None
+
+
 def _nvme_folder(config: MeftConfig, layer_indices: list[int], dim: int) -> Path | None:
     """This rank's folder of the NVMe tier (checked writable, with room, libaio present, and its layers' files not
     another live model's), or None."""
@@ -228,7 +238,7 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
             config,
             index,
             device=reference.device if reference is not None else None,
-            dtype=reference.dtype if reference is not None else None,
+            dtype=_compute_dtype(ffn, layers[index]),
             cache_bytes=cache_bytes,
             nvme_folder=nvme_folder,
             store_ram_bytes=store_ram_bytes,

@@ -217,3 +217,42 @@ def test_the_kernel_takes_routings_scores_where_they_are_its_own(
     _, computed = trained(reuse=False)
     assert all(torch.equal(a, b) for a, b in zip(reused, computed, strict=True))
     assert not torch.equal(computed[0], meft_ds.inject(tiny_model(), CONFIG).meft_adapters["0"].store.rows)
+
+
+class Int8Linear(nn.Module):
+    """A quantized linear layer, as bitsandbytes' ``Linear4bit`` is to the FFN: integer weights (a parameter that
+    needs no gradient) and a scale, computing in its input's dtype."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        scale = linear.weight.detach().abs().amax() / 127
+        self.weight = nn.Parameter(torch.round(linear.weight.detach() / scale).to(torch.int8), requires_grad=False)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (self.weight.to(x.dtype) * self.scale.to(x.dtype)).T
+
+
+def test_a_quantized_ffn_gets_adapters_in_its_layers_dtype() -> None:
+    """A 4-bit base (bitsandbytes, QLoRA-style) has integer FFN weights: the router was made in their dtype and
+    failed ("Only Tensors of floating point and complex dtype can require gradients"). It computes in the dtype of
+    the layer, whose norms hold the hidden states' dtype."""
+    model = tiny_model().to(torch.bfloat16)
+    for layer in model.model.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(layer.mlp, name, Int8Linear(getattr(layer.mlp, name)))
+    quantized = {k: v.clone() for k, v in model.state_dict().items() if v.dtype == torch.int8}
+    meft_ds.inject(model, CONFIG)
+    adapters = meft_ds.adapters(model)
+    assert [a.router.weight.dtype for a in adapters] == [torch.bfloat16] * 2
+    sparse = SparseRowAdam(adapters, lr=1e-2)
+    batch = token_batch()
+    losses = []
+    for _ in range(4):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        sparse.step()
+        sparse.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in quantized.items()) and len(quantized) == 6
