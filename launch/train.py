@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset in DATASETS and args.dataset_format is not None:
         raise DatasetError(f"--dataset_format applies to local files only; drop it for the built-in '{args.dataset}'")
     if args.method != "full":  # adapters beside or inside the FFNs: their place must be known
-        check_model_type(load_model_config(args.model).model_type, f"--model {args.model}")
+        check_model_type(load_model_config(args.model, weights=True).model_type, f"--model {args.model}")
     train_examples = [] if args.train_limit == 0 else load_split(args, args.dataset, "train", args.train_limit)
     held_out = load_held_out(args) if args.eval_steps or not args.no_eval else None
     eval_examples = None if args.no_eval else held_out

@@ -14,7 +14,7 @@ from torch import nn
 
 from meft_ds.activations import SavedBytes, analytic_saved_bytes, measure_saved_bytes
 from meft_ds.config import MeftConfig
-from meft_ds.models import BUILTIN_MODEL, ModelLoadError, resolve_model
+from meft_ds.models import BUILTIN_MODEL, ModelLoadError, names_builtin_model, not_loadable, resolve_model
 
 # Known configurations, so that a plan needs no hub: LLaMA-2-7B's config.json, and the built-in SmolLM2 GGUF's.
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -26,12 +26,21 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def load_model_config(source: Any) -> Any:
-    """A ``PretrainedConfig`` from a built-in name, a config.json, a folder, a .gguf file or a hub id (no weights)."""
+def load_model_config(source: Any, *, weights: bool = False) -> Any:
+    """A ``PretrainedConfig`` from a built-in name, a config.json, a folder, a .gguf file or a hub id (no weights).
+    ``weights``: the model itself is to be loaded next (``launch/train.py``), so a source without weights (a
+    config.json, a built-in configuration other than the built-in model) is refused, and the fixes say what loads."""
     from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
     if isinstance(source, PretrainedConfig):
         return source
+    without_weights = (source in BUILTIN_CONFIGS and not names_builtin_model(source)) or str(source).endswith(".json")
+    if weights and without_weights:
+        raise ModelLoadError(
+            f"--model {source}: a configuration without weights, which only the memory plan (launch/plan.py) takes. "
+            f"Fix: pass a local folder (save_pretrained) or .gguf file, or a hub id; the built-in default needs no "
+            f"hub (--model {BUILTIN_MODEL})."
+        )
     if source in BUILTIN_CONFIGS:
         return LlamaConfig(**BUILTIN_CONFIGS[source])
     if str(source).endswith(".json"):
@@ -43,6 +52,8 @@ def load_model_config(source: Any) -> Any:
     try:
         return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as error:
+        if weights:
+            raise not_loadable(str(source), error) from error
         raise ModelLoadError(
             f"--model {source}: not a built-in name ({', '.join(BUILTIN_CONFIGS)}), a local config.json, folder or "
             f".gguf file, nor a config on the hub ({type(error).__name__}: {str(error).splitlines()[0][:160]}). Fix: "

@@ -116,6 +116,11 @@ def resolve_model(name_or_path: str | None) -> tuple[str, str | None]:
                 "a folder written by save_pretrained, or at the .gguf file itself."
             )
         return str(path), None
+    if path.is_file():
+        raise ModelLoadError(
+            f"--model {name_or_path}: a file, but not a .gguf file. Fix: point at the folder holding the model's "
+            "config.json and weights (save_pretrained), or at a .gguf file."
+        )
     if name_or_path.startswith((".", "/", "~")) or path.exists():
         raise ModelLoadError(f"--model {name_or_path}: no such file or folder. Fix: check the path.")
     return name_or_path, None  # a hub id
@@ -144,6 +149,16 @@ def unmark_dequantized(model: Any) -> None:
         del model.config.quantization_config
 
 
+def not_loadable(name: str, error: Exception) -> ModelLoadError:
+    """The error for a model argument that names nothing local and nothing the hub gave."""
+    return ModelLoadError(
+        f"--model {name}: not a local model and it could not be loaded from the Hugging Face hub "
+        f"({error.__class__.__name__}: {str(error).splitlines()[0]}). Fix: pass a local folder (save_pretrained) or "
+        f".gguf file, or a hub id where the hub is reachable; the built-in default needs no hub (--model "
+        f"{BUILTIN_MODEL})."
+    )
+
+
 def _from_pretrained(source: str, gguf_file: str | None, dtype: torch.dtype, name: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -159,11 +174,7 @@ def _from_pretrained(source: str, gguf_file: str | None, dtype: torch.dtype, nam
             ) from error
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     except OSError as error:
-        raise ModelLoadError(
-            f"--model {name}: not a local model and it could not be loaded from the Hugging Face hub "
-            f"({error.__class__.__name__}: {str(error).splitlines()[0]}). Fix: pass a local folder or .gguf file, "
-            f"or run where the hub is reachable; the built-in default needs no hub (--model {BUILTIN_MODEL})."
-        ) from error
+        raise not_loadable(name, error) from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -25,6 +25,7 @@ from meft_ds.data import (
     tokenize_for_training,
 )
 from meft_ds.facts import make_facts
+from meft_ds.model_facts import load_model_config
 
 DATA = Path(__file__).parent / "data"
 
@@ -424,9 +425,28 @@ def test_a_model_the_hub_cannot_give_is_refused_naming_the_fix(monkeypatch: pyte
         models.load_model_and_tokenizer("someone/some-model")
     assert str(error.value).startswith(
         "--model someone/some-model: not a local model and it could not be loaded from the Hugging Face hub (OSError: "
-        "We couldn't connect to 'https://huggingface.co' to load the files.). Fix: pass a local folder or .gguf file"
+        "We couldn't connect to 'https://huggingface.co' to load the files.). Fix: pass a local folder "
+        "(save_pretrained) or .gguf file"
     )
     assert f"--model {models.BUILTIN_MODEL}" in str(error.value)
+    with pytest.raises(models.ModelLoadError) as checked:  # train.py's check before loading says the same
+        load_model_config("someone/some-model", weights=True)
+    assert str(checked.value).startswith("--model someone/some-model: not a local model and it could not be loaded")
+
+
+def test_a_source_without_weights_is_refused_for_training_and_taken_for_the_plan(tmp_path: Path) -> None:
+    """The memory plan takes a config.json or a built-in configuration (llama-2-7b); training cannot: train.py
+    passed its check, then failed loading ("no such file or folder" for an existing config.json, a hub timeout for
+    llama-2-7b). A file that is not a .gguf file is named as such."""
+    tiny_model().config.save_pretrained(tmp_path)
+    config_file = str(tmp_path / "config.json")
+    for source in ("llama-2-7b", config_file):
+        assert load_model_config(source).num_hidden_layers > 0
+        with pytest.raises(models.ModelLoadError, match=r"a configuration without weights, which only the memory plan"):
+            load_model_config(source, weights=True)
+    assert load_model_config(models.BUILTIN_MODEL, weights=True).num_hidden_layers == 30
+    with pytest.raises(models.ModelLoadError, match=r"config.json: a file, but not a .gguf file\. Fix: point at the f"):
+        models.load_model_and_tokenizer(config_file)
 
 
 @pytest.mark.slow
