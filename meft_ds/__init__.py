@@ -7,6 +7,7 @@ from torch import nn
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.background import fit_background
 from meft_ds.config import MeftConfig, MeftConfigError
+from meft_ds.distributed import exchange_row_grads
 from meft_ds.engine import attach, initialize
 from meft_ds.export import save_adapter
 from meft_ds.export_load import load_adapter
@@ -42,6 +43,7 @@ __all__ = [
     "UnsupportedModelError",
     "adapters",
     "attach",
+    "exchange_row_grads",
     "fit_background",
     "for_inference",
     "for_training",

@@ -32,6 +32,8 @@ class RowGradAccumulator:
         self.ids = torch.empty(0, dtype=torch.int64)
         self.count = 0
         self._finite: bool | None = True  # every value written was finite (None: unknown, something else wrote)
+        # averaged over the data-parallel ranks (meft_ds.distributed.exchange_row_grads) since the last gradient came
+        self.averaged_over_ranks = False
         self._version = self.grads._version  # the buffer's version counter after our last write
 
     def _note_outside_writes(self) -> None:
@@ -64,6 +66,7 @@ class RowGradAccumulator:
         """A kernel wrote into :meth:`kernel_state`: entries ``[old count, count)`` are new, and its values were
         ``finite`` or not."""
         self.count = count
+        self.averaged_over_ranks = False
         self._note_outside_writes()
         if self._finite is not None:
             self._finite = self._finite and finite
@@ -124,4 +127,5 @@ class RowGradAccumulator:
         """Forget every gradient (the buffer is kept)."""
         self.entry_of[self.ids[: self.count]] = -1
         self.count = 0
+        self.averaged_over_ranks = False
         self._finite, self._version = True, self.grads._version

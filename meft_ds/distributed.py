@@ -25,7 +25,7 @@ import torch
 from deepspeed import comm as dist
 
 from meft_ds.adapter import SparseKeyExpertAdapter
-from meft_ds.shard import OwnerExchange, all_gather_rows, host_group
+from meft_ds.shard import OwnerExchange, adopt_torch_process_group, all_gather_rows, host_group
 
 
 def _touched(adapters: list[SparseKeyExpertAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,16 +90,22 @@ def _send_to_owners(adapters: list[SparseKeyExpertAdapter], group: Any, world_si
 
 
 def exchange_row_grads(adapters: list[SparseKeyExpertAdapter], *, group: Any = None) -> None:
-    """Average the accumulated row gradients over the data-parallel ranks of ``group`` (see the module docstring).
-    Gradients are means over ranks, as the engine makes its own."""
+    """Average the accumulated row gradients over the data-parallel ranks of ``group`` (see the module docstring),
+    the device cache's and those on their way included. Gradients are means over ranks, as the engine makes its own.
+    Every rank calls it before :meth:`SparseRowAdam.step`, which refuses gradients that were not averaged."""
+    adopt_torch_process_group()
     if not adapters or dist.get_world_size(group=group) == 1:
         return
+    for adapter in adapters:
+        adapter.collect_row_grads()
     store = adapters[0].store
     if store.is_shard:
         _send_to_owners(adapters, store.group, store.world_size)
     else:
         group = host_group(group)
         _allreduce(adapters, group, dist.get_world_size(group=group))
+    for adapter in adapters:
+        adapter.store.grad_accumulator.averaged_over_ranks = True
 
 
 SQUARED_NORM_BLOCK = 1 << 20

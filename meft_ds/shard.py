@@ -97,6 +97,15 @@ def host_group(group: Any = None) -> Any:
     return _gloo_group(tuple(torch.distributed.get_process_group_ranks(group)))
 
 
+def adopt_torch_process_group() -> None:
+    """DeepSpeed's communication over the process group torch.distributed already has, where only torch's was set up
+    (a torchrun + DDP loop that never called deepspeed.init_distributed): DeepSpeed adopts it, creating none."""
+    if torch.distributed.is_initialized() and not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+
+
 def shard_bounds(num_rows: int, expert_size: int, world_size: int) -> list[int]:
     """Row boundaries of the ranks' shards: whole experts, as evenly as possible."""
     num_experts = num_rows // expert_size
@@ -184,6 +193,7 @@ class ShardedRowStore(CpuRowStore):
                 "injected. Fix: use meft_ds.initialize (it initializes it), or call deepspeed.init_distributed() "
                 "before meft_ds.inject."
             )
+        adopt_torch_process_group()
         self.group = host_group(group)
         # hidden states are gathered where they are: on an accelerator over its backend (NCCL), before they go to
         # the host (routing_hidden); on the CPU over gloo, on the host (score_probed)

@@ -204,6 +204,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                 loss = closure()
         for adapter in self.adapters:
             adapter.collect_row_grads()
+        self._check_averaged_over_ranks()
         if not self.row_grads_finite():
             self._skip_nonfinite_step()
             return loss
@@ -223,6 +224,21 @@ class SparseRowAdam(torch.optim.Optimizer):
             adapter.rows_updated(updated)  # every rank, every adapter (a sharded store's collectives pair up)
             adapter.store.drop_grads()
         return loss
+
+    def _check_averaged_over_ranks(self) -> None:
+        """With several ranks, each rank's row gradients must have been averaged over them (as the engine's plugin
+        does): stepping with its own alone, each replica would drift from the others, and a sharded store's owners
+        would miss the other ranks' gradients, silently."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world > 1 and not all(a.store.grad_accumulator.averaged_over_ranks for a in self.adapters):
+            raise RuntimeError(
+                f"SparseRowAdam.step() in a run of {world} ranks, but the rows' gradients were not averaged over the "
+                "ranks: each rank would update its rows with its own gradients alone. Fix: train through "
+                "meft_ds.initialize or meft_ds.attach (the engine's step averages them), or call "
+                "meft_ds.exchange_row_grads(meft_ds.adapters(model)) on every rank before step()."
+            )
 
     def row_grads_finite(self) -> bool:
         """Whether every row gradient of every adapter is finite, checked before any row is updated (a skipped step
