@@ -25,7 +25,7 @@ from meft_ds.ds_config import (
     section,
     validate_deepspeed_config,
 )
-from meft_ds.inject import adapters, inject
+from meft_ds.inject import adapters, inject, warn_settings_not_used
 from meft_ds.plugin import MeftPlugin
 from meft_ds.sparse_adam import SparseRowAdam
 
@@ -69,6 +69,8 @@ def initialize(
     if not adapters(model):
         deepspeed.init_distributed()  # a sharded store partitions rows across the ranks as it is built
         inject(model, meft_config)
+    elif meft is not None or "meft" in ds_config:
+        warn_settings_not_used(model, meft_config, from_argument=meft is not None)
     if model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(

@@ -36,7 +36,7 @@ from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.ds_config import AUTO, check_optimizer
 from meft_ds.engine import attach
 from meft_ds.export import save_adapter
-from meft_ds.inject import adapters, inject
+from meft_ds.inject import adapters, inject, warn_settings_not_used
 
 # meft keys whose default is "auto": in a "meft" section, "auto" there means "the default"
 _AUTO_DEFAULT_KEYS = frozenset(f.name for f in dataclasses.fields(MeftConfig) if f.default == AUTO)
@@ -76,6 +76,8 @@ class MeftTrainer(Trainer):
             _drop_auto_defaults(section)
         if not adapters(self.model):
             inject(self.model, meft_config)
+        elif meft is not None or section is not None:
+            warn_settings_not_used(self.model, meft_config, from_argument=meft is not None)
 
     @property
     def model_wrapped(self) -> Any:

@@ -196,6 +196,23 @@ def adapters(model: nn.Module) -> list[SparseKeyExpertAdapter]:
     return sorted(found, key=lambda a: a.layer_index)
 
 
+def warn_settings_not_used(model: nn.Module, given: MeftConfig, *, from_argument: bool) -> None:
+    """``model`` already has adapters, which keep their settings (shapes, and the sparse Adam's hyperparameters):
+    name those of ``given`` (the caller's ``meft=`` argument if ``from_argument``, else the DeepSpeed config's
+    ``"meft"`` section) that differ and so take no effect."""
+    source = "meft=" if from_argument else "the DeepSpeed config's meft section"
+    kept, wanted = adapters(model)[0].config.to_dict(), given.to_dict()
+    if wanted["store"]["shard"] == "auto":  # decided for this run as the adapters were made
+        wanted["store"]["shard"] = kept["store"]["shard"]
+    differing = [f"{key}={wanted[key]!r} (the adapters': {kept[key]!r})" for key in wanted if wanted[key] != kept[key]]
+    if differing:
+        logger.warning(
+            "meft_ds: the model already has adapters, which keep their own settings; these of %s differ and take no "
+            "effect: %s. Fix: drop them, or start from a model without adapters to train ones with these settings.",
+            source, ", ".join(differing),
+        )  # fmt: skip
+
+
 def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Module:
     """Attach sparse key-expert adapters to the FFNs chosen by ``config.layers`` and freeze the base model.
 

@@ -4,6 +4,7 @@ checkpoints restore the store, exported adapters reload to identical logits."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, NamedTuple
 
@@ -207,6 +208,20 @@ def test_scheduler_learning_rate_reaches_the_store() -> None:
     assert [u[0] for u in used] == pytest.approx([0.0, 0.0, LR / 4, LR / 2, 3 * LR / 4])  # DeepSpeed's WarmupLR
     for engine_lr, store_lr, group_lr in used:
         assert store_lr == engine_lr == group_lr
+
+
+def test_settings_for_a_model_that_has_adapters_are_named_where_they_take_no_effect(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A model that already has adapters (an exported adapter reloaded to train further) keeps their settings: other
+    ones passed to initialize (the sparse Adam's weight decay, another top_k) were ignored silently."""
+    with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        meft_ds.initialize(model=meft_ds.inject(tiny_model(), MEFT), config=ds_config(2), meft=MEFT)
+        assert not [r for r in caplog.records if "keep their own settings" in r.getMessage()]  # the same: no word
+        given = {**MEFT, "top_k": 8, "weight_decay": 0.1}
+        meft_ds.initialize(model=meft_ds.inject(tiny_model(), MEFT), config=ds_config(2), meft=given)
+    (message,) = [r.getMessage() for r in caplog.records if "keep their own settings" in r.getMessage()]
+    assert "these of meft= differ and take no effect: top_k=8 (the adapters': 4), weight_decay=0.1 (the " in message
 
 
 def test_meft_lr_scales_with_the_schedule() -> None:

@@ -6,6 +6,7 @@ export into each checkpoint) writes the whole adapter, which a fresh base model 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,9 @@ def test_trains_with_the_schedule_checkpoints_saves_and_resumes_the_same_run(tmp
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def test_meft_settings_from_the_config_a_dict_a_meft_config_or_the_model(tmp_path: Path, tokenizer: Any) -> None:
+def test_meft_settings_from_the_config_a_dict_a_meft_config_or_the_model(
+    tmp_path: Path, tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     from_section, _ = make_trainer(tokenizer, tmp_path / "a")
     assert meft_ds.adapters(from_section.model)[0].config.num_neurons == MEFT["num_neurons"]
     assert "row_dtype" not in from_section.args.hf_deepspeed_config.config["meft"]  # "auto" would stop Accelerate
@@ -146,8 +149,10 @@ def test_meft_settings_from_the_config_a_dict_a_meft_config_or_the_model(tmp_pat
     from_config, _ = make_trainer(tokenizer, tmp_path / "c", meft=meft_ds.MeftConfig(16, top_k=2, layers=[1]))
     assert [a.layer_index for a in meft_ds.adapters(from_config.model)] == [1]
     injected = meft_ds.inject(tiny_model(), {"num_neurons": 8, "top_k": 2})
-    kept, _ = make_trainer(tokenizer, tmp_path / "d", model=injected)
+    with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        kept, _ = make_trainer(tokenizer, tmp_path / "d", model=injected)
     assert kept.model is injected and meft_ds.adapters(injected)[0].config.num_neurons == 8
+    assert "these of the DeepSpeed config's meft section differ and take no effect: num_neurons=64" in caplog.text
 
 
 def test_an_optimizer_parameter_deepspeed_would_refuse_is_named_when_the_trainer_is_made(
