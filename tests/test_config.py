@@ -193,3 +193,17 @@ def test_overrides_set_one_setting_of_a_section_and_merge_into_it() -> None:
     for bad in ("store.=1", ".shard=1", "store..shard=1", "=1"):
         with pytest.raises(MeftConfigError, match=r"expected KEY=VALUE\. Fix: e\.g\. --meft num_neurons=8192 or "):
             parse_overrides([bad])
+
+
+def test_every_meft_setting_is_explained_in_the_configs_readme() -> None:
+    """ds_configs/README.md explains the "meft" section key by key (three keys were missing from its table)."""
+    import dataclasses
+
+    from meft_ds.config import StoreConfig
+
+    text = (Path(__file__).parents[1] / "ds_configs" / "README.md").read_text()
+    table = text.split('## The `"meft"` section', 1)[1]
+    keys = [f.name for f in dataclasses.fields(MeftConfig) if f.init and f.name != "store"]
+    keys += [f"store.{f.name}" for f in dataclasses.fields(StoreConfig) if f.init]
+    missing = [key for key in keys if f"`{key}`" not in table]
+    assert not missing, f"not in ds_configs/README.md's meft table: {missing}"
