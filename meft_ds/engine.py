@@ -7,6 +7,7 @@ Face Trainer, Accelerate, an existing ``deepspeed.initialize`` call).
 
 from __future__ import annotations
 
+import logging
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from meft_ds.ds_config import (
 from meft_ds.inject import adapters, inject, warn_settings_not_used
 from meft_ds.plugin import MeftPlugin
 from meft_ds.sparse_adam import SparseRowAdam
+
+logger = logging.getLogger("meft_ds")
 
 
 def initialize(
@@ -95,6 +98,15 @@ def attach(engine: Any) -> MeftPlugin:
         raise MeftConfigError(
             "attach: the engine's model has no meft adapters. Fix: call meft_ds.inject(model, config) before "
             "creating the engine, or use meft_ds.initialize in place of deepspeed.initialize."
+        )
+    frozen = [a.layer_index for a in model_adapters if not a.router.weight.requires_grad]
+    if frozen:
+        logger.warning(
+            "meft_ds: the routers of layers %s do not require gradients, so the engine will not train them (PEFT's "
+            "get_peft_model freezes every parameter it did not add). Fix: inject after get_peft_model "
+            "(meft_ds.inject(peft_model, settings)), or set router.requires_grad_(True) on meft_ds.adapters(model) "
+            "before the engine is made.",
+            frozen,
         )
     if dist.is_initialized():
         data_parallel, world = dist.get_world_size(group=engine.data_parallel_group), dist.get_world_size()

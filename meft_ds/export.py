@@ -40,7 +40,7 @@ from torch import nn
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.checkpoint import gathered
 from meft_ds.files import fsync_dir, fsync_tree
-from meft_ds.inject import adapters, decoder_layers, locate_ffns, register_adapter_saver
+from meft_ds.inject import adapters, decoder_layers, locate_ffns, register_adapter_saver, without_peft_wrapper
 from meft_ds.store import CheckpointError
 
 FORMAT_VERSION = 2
@@ -104,12 +104,15 @@ class BaseModelWrapper(nn.Module):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a :class:`meft_ds.MeftModel`, a DeepSpeed engine or a DDP wrapper."""
+    """The Hugging Face model inside a :class:`meft_ds.MeftModel`, a DeepSpeed engine, a DDP wrapper or a PEFT
+    model."""
     while True:
         if isinstance(model, BaseModelWrapper):
             model = model.base_model
         elif isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
+        elif without_peft_wrapper(model) is not model:
+            model = without_peft_wrapper(model)
         else:
             return model
 

@@ -36,10 +36,12 @@ from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.ds_config import AUTO, check_optimizer
 from meft_ds.engine import attach
 from meft_ds.export import save_adapter
-from meft_ds.inject import adapters, inject, warn_settings_not_used
+from meft_ds.inject import adapters, inject, warn_settings_not_used, without_peft_wrapper
 
 # meft keys whose default is "auto": in a "meft" section, "auto" there means "the default"
 _AUTO_DEFAULT_KEYS = frozenset(f.name for f in dataclasses.fields(MeftConfig) if f.default == AUTO)
+
+PEFT_FOLDER = "peft"  # where save_model writes a PEFT model's own adapters
 
 
 class MeftTrainer(Trainer):
@@ -96,11 +98,17 @@ class MeftTrainer(Trainer):
         The Trainer calls this on every rank (for each ``checkpoint-N``, and scripts call ``trainer.save_model()`` at
         the end): every rank takes part in gathering sharded stores' rows, the writing rank (``args.should_save``)
         writes. The base model's weights are not written: they are frozen, and ``adapter_config.json`` names them
-        (``base_model_name_or_path``), as a PEFT adapter does. Resuming needs none of this: the DeepSpeed checkpoint
-        in ``checkpoint-N/global_stepN`` holds the routers and the row store.
+        (``base_model_name_or_path``), as a PEFT adapter does. A PEFT model's own adapters (LoRA beside MEFT) go to
+        ``<output_dir>/peft``, as PEFT saves them (its files have the names of MEFT's). Resuming needs none of this:
+        the DeepSpeed checkpoint in ``checkpoint-N/global_stepN`` holds the routers and the row store.
         """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         save_adapter(self.model, output_dir, is_main_process=self.args.should_save)
+        if without_peft_wrapper(self.model) is not self.model:  # PEFT's adapters beside MEFT's (e.g. LoRA)
+            engine = getattr(self, "deepspeed", None)  # (None before train(): the model's own state then)
+            state_dict = self.accelerator.get_state_dict(engine) if engine is not None else None  # ZeRO-3: gathered
+            if self.args.should_save:
+                self.model.save_pretrained(os.path.join(output_dir, PEFT_FOLDER), state_dict=state_dict)
         if self.args.should_save:
             tokenizer = getattr(self, "processing_class", None) or getattr(self.data_collator, "tokenizer", None)
             if tokenizer is not None:

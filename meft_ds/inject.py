@@ -97,6 +97,14 @@ def locate_ffns(model: nn.Module) -> FFNLocation:
     return _REGISTRY[model_type]
 
 
+def without_peft_wrapper(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT ``PeftModel`` (LoRA on the attention beside MEFT on the FFNs), else
+    ``model`` itself. (PEFT saves its own adapters with its ``save_pretrained``; meft_ds.save_adapter saves MEFT's.)"""
+    if type(model).__module__.split(".")[0] == "peft" and callable(getattr(model, "get_base_model", None)):
+        return model.get_base_model()
+    return model
+
+
 def decoder_layers(model: nn.Module, location: FFNLocation) -> nn.ModuleList:
     """The ``nn.ModuleList`` of decoder layers at ``location``, or a clear error."""
     layers: object = model
@@ -217,21 +225,23 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
     """Attach sparse key-expert adapters to the FFNs chosen by ``config.layers`` and freeze the base model.
 
     Returns the same model object. Only the adapters' routers are trainable parameters; the key/value rows live in
-    each adapter's CPU row store and are trained by :class:`meft_ds.SparseRowAdam`.
+    each adapter's CPU row store and are trained by :class:`meft_ds.SparseRowAdam`. A PEFT model (e.g. LoRA on the
+    attention) gets them in the model it wraps, its own trainable parameters left as PEFT set them.
     """
     config = resolve_shard(MeftConfig.from_dict(config))
     if adapters(model):
         raise MeftConfigError("meft: this model already has meft adapters. Fix: inject once per model.")
-    location = locate_ffns(model)
-    layers = decoder_layers(model, location)
-    dim = model.config.hidden_size
+    base = without_peft_wrapper(model)
+    location = locate_ffns(base)
+    layers = decoder_layers(base, location)
+    dim = base.config.hidden_size
     chosen = config.resolve_layers(len(layers))
     ffns = {}
     for index in chosen:
         ffn = getattr(layers[index], location.ffn_attr, None)
         if not isinstance(ffn, nn.Module):
             raise UnsupportedModelError(
-                f"layer {index} of {type(model).__name__} has no FFN module {location.ffn_attr!r}. Fix: register "
+                f"layer {index} of {type(base).__name__} has no FFN module {location.ffn_attr!r}. Fix: register "
                 "the right name with meft_ds.register_ffn(model_type, layers_path, ffn_attr)."
             )
         ffns[index] = ffn
@@ -242,8 +252,9 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
         )
     check_store_fits(config, len(ffns), dim)
     nvme_folder = _nvme_folder(config, list(ffns), dim)
-    for param in model.parameters():
-        param.requires_grad_(False)
+    if base is model:  # (PEFT froze the base model itself and trains its own adapters)
+        for param in model.parameters():
+            param.requires_grad_(False)
     cache_bytes = int(config.cache_mb * 2**20) // len(ffns)
     store_ram_bytes = int(config.store.ram_budget_mb * 2**20) // len(ffns)
     pinned_buffers = PinnedBuffers()  # the layers run one after the other: they share rings of staging buffers
@@ -264,12 +275,12 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
         registered[str(index)] = adapter
         ffn.register_forward_pre_hook(functools.partial(_begin_adapter, adapter, layers[index]), with_kwargs=True)
         ffn.register_forward_hook(functools.partial(_add_adapter_output, adapter), with_kwargs=True)
-    model.add_module(ADAPTERS_ATTR, registered)
+    base.add_module(ADAPTERS_ATTR, registered)
     chain = list(registered.values())
     for source, target in zip(chain, chain[config.prefetch_layers :], strict=False):
         if config.prefetch_layers:
             source.pre_retrieve_for(target)
-    model.meft_config = config
-    if callable(getattr(model, "save_pretrained", None)):  # a transformers model: see _save_pretrained
-        model.save_pretrained = functools.partial(_save_pretrained, model)
+    base.meft_config = config
+    if callable(getattr(base, "save_pretrained", None)):  # a transformers model: see _save_pretrained
+        base.save_pretrained = functools.partial(_save_pretrained, base)
     return model

@@ -1,0 +1,60 @@
+"""MEFT beside PEFT's LoRA in one model (LoRA on the attention, MEFT on the FFNs): injected into a PEFT model, both
+train; each saves and reloads its own part."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import tiny_model, token_batch
+
+import meft_ds
+
+MEFT = {"num_neurons": 128, "top_k": 8, "seed": 1}
+LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+
+
+def test_meft_injected_into_a_peft_model_trains_beside_lora_and_both_reload(tmp_path: Path) -> None:
+    """inject looked for the decoder layers on the PeftModel itself ("PeftModel has no nn.ModuleList at
+    'model.layers'", with a fix about register_ffn), and would have frozen LoRA's parameters."""
+    model = get_peft_model(tiny_model(), LORA)
+    assert meft_ds.inject(model, MEFT) is model
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert sum("lora_" in name for name in trainable) == 8 and sum(".router." in name for name in trainable) == 2
+    assert len(trainable) == 10
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    rows = [adapter.store.rows.clone() for adapter in meft_ds.adapters(model)]
+    sparse = meft_ds.SparseRowAdam(meft_ds.adapters(model), lr=1e-2)
+    dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = token_batch(batch=2, length=8)
+    for _ in range(2):
+        model(input_ids=batch, labels=batch).loss.backward()
+        for optimizer in (sparse, dense):
+            optimizer.step()
+            optimizer.zero_grad()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+    assert changed == set(trainable), "LoRA and the routers train, nothing else"
+    assert all(not torch.equal(r, a.store.rows) for r, a in zip(rows, meft_ds.adapters(model), strict=True))
+
+    meft_ds.save_adapter(model, tmp_path / "meft")  # MEFT's part; PEFT's save_pretrained writes LoRA's
+    model.save_pretrained(tmp_path / "lora")
+    reloaded = PeftModel.from_pretrained(meft_ds.load_adapter(tiny_model(), tmp_path / "meft"), tmp_path / "lora")
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=batch).logits, model.eval()(input_ids=batch).logits)
+
+
+def test_routers_frozen_by_get_peft_model_are_named_when_the_engine_is_made(caplog: pytest.LogCaptureFixture) -> None:
+    """get_peft_model after inject freezes every parameter PEFT did not add, the routers too: they did not train,
+    silently."""
+    model = get_peft_model(meft_ds.inject(tiny_model(), MEFT), LORA)
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+        "zero_optimization": {"stage": 0},
+    }
+    with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        meft_ds.initialize(model=model, config=config)
+    assert "the routers of layers [0, 1] do not require gradients, so the engine will not train them" in caplog.text
