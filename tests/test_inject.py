@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model, token_batch
+from tiny_models import VOCAB, tiny_model, token_batch, train_losses
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -40,15 +40,7 @@ def test_injected_model_gives_base_logits_then_trains(family: str) -> None:
     sparse = SparseRowAdam(adapters, lr=1e-2)
     dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     values_before = adapters[0].store.values.clone()
-    losses = []
-    for _ in range(4):
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        sparse.step()
-        dense.step()
-        sparse.zero_grad()
-        dense.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, [sparse, dense], batch)
     assert losses[-1] < losses[0]
     assert not torch.equal(adapters[0].store.values, values_before)
     for name, weight in model.state_dict().items():
@@ -245,14 +237,6 @@ def test_a_quantized_ffn_gets_adapters_in_its_layers_dtype() -> None:
     meft_ds.inject(model, CONFIG)
     adapters = meft_ds.adapters(model)
     assert [a.router.weight.dtype for a in adapters] == [torch.bfloat16] * 2
-    sparse = SparseRowAdam(adapters, lr=1e-2)
-    batch = token_batch()
-    losses = []
-    for _ in range(4):
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        sparse.step()
-        sparse.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, [SparseRowAdam(adapters, lr=1e-2)], token_batch())
     assert losses[-1] < losses[0]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in quantized.items()) and len(quantized) == 6

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_models import tiny_model, token_batch
+from tiny_models import tiny_model, token_batch, train_losses
 
 import meft_ds
 
@@ -30,11 +30,7 @@ def test_meft_injected_into_a_peft_model_trains_beside_lora_and_both_reload(tmp_
     sparse = meft_ds.SparseRowAdam(meft_ds.adapters(model), lr=1e-2)
     dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = token_batch(batch=2, length=8)
-    for _ in range(2):
-        model(input_ids=batch, labels=batch).loss.backward()
-        for optimizer in (sparse, dense):
-            optimizer.step()
-            optimizer.zero_grad()
+    train_losses(model, [sparse, dense], batch, steps=2)
     changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
     assert changed == set(trainable), "LoRA and the routers train, nothing else"
     assert all(not torch.equal(r, a.store.rows) for r, a in zip(rows, meft_ds.adapters(model), strict=True))

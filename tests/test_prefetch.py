@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import tiny_model, token_batch
+from tiny_models import tiny_model, token_batch, train_losses
 from torch.utils.checkpoint import checkpoint
 
 import meft_ds
@@ -52,15 +52,7 @@ def test_rows_come_from_the_earlier_layers_hidden_states() -> None:
 
 def test_prefetched_model_trains() -> None:
     model = meft_ds.inject(tiny_model(layers=3), {**MEFT, "prefetch_layers": 2})
-    sparse = SparseRowAdam(meft_ds.adapters(model), lr=1e-2)
-    batch = token_batch(batch=2, length=12)
-    losses = []
-    for _ in range(4):
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        sparse.step()
-        sparse.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, [SparseRowAdam(meft_ds.adapters(model), lr=1e-2)], token_batch(batch=2, length=12))
     assert losses[-1] < losses[0]
 
 

@@ -56,6 +56,19 @@ def token_batch(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def train_losses(model: torch.nn.Module, optimizers: list, batch: torch.Tensor, steps: int = 4) -> list[float]:
+    """``steps`` training steps on ``batch`` (its tokens as labels), every optimizer stepping; the losses."""
+    losses = []
+    for _ in range(steps):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def word_tokenizer(*, chat: bool) -> PreTrainedTokenizerFast:
     """A real byte-level BPE tokenizer (vocabulary < 1000, the tiny models' size) trained offline on the facts
     prompts; with ``chat`` a ChatML template whose end-of-turn token is EOS, else a plain EOS and no template."""
