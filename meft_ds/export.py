@@ -111,8 +111,8 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.base_model
         elif isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
-        elif without_peft_wrapper(model) is not model:
-            model = without_peft_wrapper(model)
+        elif (inner := without_peft_wrapper(model)) is not model:
+            model = inner
         else:
             return model
 
