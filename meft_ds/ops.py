@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,32 @@ class KernelBuildError(RuntimeError):
     """meft_ds's CPU kernels could not be built, and the slow pure-torch fallback was not asked for."""
 
 
+STALE_LOCK_SECONDS = 600  # longer than a build of any op takes (these kernels: about a minute on 2 cores)
+
+
+@functools.cache
+def check_build_locks() -> None:
+    """Refuse a JIT build's ``lock`` file older than any build takes: a build killed mid-way (Ctrl-C during a first
+    run's kernel build) leaves it, and torch then waits for it to go before it builds or loads that op again (ours or
+    DeepSpeed's), forever and silently. Checked once per process, before the first kernel is built or loaded."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    # $TORCH_EXTENSIONS_DIR/<op>/lock, or <default root>/<python and device, e.g. py311_cpu>/<op>/lock
+    for lock in sorted((*root.glob("*/lock"), *root.glob("*/*/lock"))):
+        try:
+            minutes = (now - lock.stat().st_mtime) / 60
+        except FileNotFoundError:  # released since it was listed
+            continue
+        if minutes > STALE_LOCK_SECONDS / 60:
+            raise KernelBuildError(
+                f"{lock}: the lock of a kernel build that was interrupted, {minutes:.0f} minutes ago; torch waits for "
+                f"it to go, forever, before it builds or loads that op again. Fix: delete it (rm {lock}) if no process "
+                "is building kernels now."
+            )
+
+
 @functools.cache
 def _build() -> tuple[Any | None, Exception | None]:
     """The compiled kernels, or why they could not be built (built once per process)."""
@@ -92,6 +119,7 @@ def cpu_kernels() -> Any | None:
     When they cannot be built this raises :class:`KernelBuildError` with the fix: a run several times slower than it
     should be is worse than a clear message. With ``MEFT_DS_TORCH_FALLBACK=1`` it returns ``None`` instead (warning
     once) and callers run pure-torch code that computes the same."""
+    check_build_locks()
     kernels, error = _build()
     if error is None:
         return kernels

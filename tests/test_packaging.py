@@ -4,9 +4,11 @@ with the fix unless the user asked for the pure-torch fallback."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -95,3 +97,20 @@ def test_the_launcher_stops_in_one_line_before_loading_the_model_without_kernels
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: meft_ds: its CPU kernels could not be built (RuntimeError: no compiler). Fix:")
     assert "loaded in" not in result.stderr, "the model must not load first"
+
+
+def test_a_lock_left_by_an_interrupted_build_is_named_instead_of_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel build killed mid-way leaves its lock file, and torch waited for it forever before building or loading
+    that op again: the next run hung without a word."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "cpu_adam" / "lock"  # $TORCH_EXTENSIONS_DIR/<op>/lock, as torch builds there
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    ops.check_build_locks.__wrapped__()  # a build that may be running now: waited for, as torch does
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    expected = rf"{re.escape(str(lock))}: the lock of a kernel build that was interrupted, 60 minutes ago; .*Fix: del"
+    with pytest.raises(ops.KernelBuildError, match=expected):
+        ops.check_build_locks.__wrapped__()
