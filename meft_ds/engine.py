@@ -27,6 +27,7 @@ from meft_ds.ds_config import (
     validate_deepspeed_config,
 )
 from meft_ds.inject import adapters, inject, warn_settings_not_used
+from meft_ds.ops import check_build_locks
 from meft_ds.plugin import MeftPlugin
 from meft_ds.sparse_adam import SparseRowAdam
 
@@ -68,6 +69,7 @@ def initialize(
     validate_deepspeed_config(ds_config)
     rows_lr_scale(meft_config, ds_config)  # refused here, before the engine is built, as well as at attach
     fit_precision_to_cpu(ds_config)
+    check_build_locks()  # DeepSpeed builds its CPU Adam in deepspeed.initialize, before meft_ds's kernels load
 
     if not adapters(model):
         deepspeed.init_distributed()  # a sharded store partitions rows across the ranks as it is built
