@@ -44,6 +44,7 @@ from meft_ds.inject import adapters, decoder_layers, locate_ffns, register_adapt
 from meft_ds.store import CheckpointError
 
 FORMAT_VERSION = 2
+PEFT_FOLDER = "peft"  # where MeftTrainer.save_model writes a PEFT model's own adapters, beside MEFT's
 PEFT_TYPE = "MEFT"
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

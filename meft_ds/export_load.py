@@ -27,6 +27,7 @@ from meft_ds.export import (
     EXPORT_KEYS,
     FORMAT_VERSION,
     LEGACY_WEIGHTS,
+    PEFT_FOLDER,
     PEFT_TYPE,
     WEIGHTS,
     WEIGHTS_INDEX,
@@ -252,4 +253,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             with torch.no_grad():
                 adapter.router.weight.copy_(tensors["router"])
             adapter.rows_changed()
+    if (Path(directory) / PEFT_FOLDER).is_dir():
+        logger.warning(
+            "meft_ds: %s also holds PEFT adapters (e.g. LoRA, saved beside MEFT's by MeftTrainer.save_model); "
+            "load_adapter loads MEFT's only. Fix: load them too, PeftModel.from_pretrained(model, %r).",
+            directory, str(Path(directory) / PEFT_FOLDER),
+        )  # fmt: skip
     return model

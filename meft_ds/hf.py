@@ -35,13 +35,11 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.ds_config import AUTO, check_optimizer
 from meft_ds.engine import attach
-from meft_ds.export import save_adapter
+from meft_ds.export import PEFT_FOLDER, save_adapter
 from meft_ds.inject import adapters, inject, warn_settings_not_used, without_peft_wrapper
 
 # meft keys whose default is "auto": in a "meft" section, "auto" there means "the default"
 _AUTO_DEFAULT_KEYS = frozenset(f.name for f in dataclasses.fields(MeftConfig) if f.default == AUTO)
-
-PEFT_FOLDER = "peft"  # where save_model writes a PEFT model's own adapters
 
 
 class MeftTrainer(Trainer):

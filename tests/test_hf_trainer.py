@@ -175,7 +175,7 @@ def test_a_peft_model_trains_lora_beside_meft_and_save_model_writes_both(tmp_pat
     wrote MEFT's adapter alone, and LoRA's was lost. PEFT's files go to <output_dir>/peft."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from meft_ds.hf import PEFT_FOLDER
+    from meft_ds.export import PEFT_FOLDER
 
     model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     lora = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_B" in name}

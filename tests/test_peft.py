@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import tiny_model, token_batch, train_losses
 
 import meft_ds
+from meft_ds.export import PEFT_FOLDER
 
 MEFT = {"num_neurons": 128, "top_k": 8, "seed": 1}
 LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
@@ -40,6 +41,21 @@ def test_meft_injected_into_a_peft_model_trains_beside_lora_and_both_reload(tmp_
     reloaded = PeftModel.from_pretrained(meft_ds.load_adapter(tiny_model(), tmp_path / "meft"), tmp_path / "lora")
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(input_ids=batch).logits, model.eval()(input_ids=batch).logits)
+
+
+def test_an_exported_adapter_loads_into_a_peft_model_leaving_lora_trainable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """load_adapter injected into the model inside the PEFT model, which froze LoRA's layers with it. A folder that
+    also holds PEFT's adapters (MeftTrainer.save_model of a PEFT model) loads MEFT's, and says how to load the rest."""
+    meft_ds.save_adapter(meft_ds.inject(tiny_model(), MEFT), tmp_path)
+    model = meft_ds.load_adapter(get_peft_model(tiny_model(), LORA), tmp_path)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert sum("lora_" in name for name in trainable) == 8 and sum(".router." in name for name in trainable) == 2
+    get_peft_model(tiny_model(), LORA).save_pretrained(tmp_path / PEFT_FOLDER)
+    with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        meft_ds.load_adapter(tiny_model(), tmp_path)
+    assert "also holds PEFT adapters" in caplog.text and "PeftModel.from_pretrained(model, " in caplog.text
 
 
 def test_routers_frozen_by_get_peft_model_are_named_when_the_engine_is_made(caplog: pytest.LogCaptureFixture) -> None:
