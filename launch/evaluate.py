@@ -1,5 +1,6 @@
 """Evaluate a base model, and the same model with an exported meft_ds adapter, on held-out examples (or with the LoRA
-or parallel adapter of a ``launch/train.py --method lora|parallel_adapter`` run, its --output_dir as --adapter).
+or parallel adapter of a ``launch/train.py --method lora|parallel_adapter`` run, its --output_dir as --adapter; a
+PEFT model's LoRA saved beside MEFT's, in the export's ``peft/``, loads with it).
 
     python launch/evaluate.py --adapter outputs/meft-facts
     python launch/evaluate.py --adapter outputs/meft-facts --prompt "Where was Drical Calxan born?"
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_base:
         results["before"] = run("before (base model)")
     if method == "meft":
-        meft_ds.load_adapter(model, args.adapter)
+        model = meft_ds.MeftModel.from_pretrained(model, args.adapter)  # with PEFT's adapters saved beside (peft/)
         if not args.host_routing:
             meft_ds.for_inference(model)
     elif method is not None:  # the launcher's baselines (--method lora / parallel_adapter)

@@ -40,11 +40,17 @@ from torch import nn
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.checkpoint import gathered
 from meft_ds.files import fsync_dir, fsync_tree
-from meft_ds.inject import adapters, decoder_layers, locate_ffns, register_adapter_saver, without_peft_wrapper
+from meft_ds.inject import (
+    adapters,
+    decoder_layers,
+    locate_ffns,
+    register_adapter_saver,
+    without_peft_wrapper,
+)
 from meft_ds.store import CheckpointError
 
 FORMAT_VERSION = 2
-PEFT_FOLDER = "peft"  # where MeftTrainer.save_model writes a PEFT model's own adapters, beside MEFT's
+PEFT_FOLDER = "peft"  # a PEFT model's own adapters (e.g. LoRA beside MEFT), saved into <export>/peft
 PEFT_TYPE = "MEFT"
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -151,8 +157,7 @@ def save_adapter(
     model_adapters = adapters(model)
     if not model_adapters:
         raise CheckpointError("save_adapter: the model has no meft adapters. Fix: call meft_ds.inject(model) first.")
-    if is_main_process is None:
-        is_main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    is_main_process = _writes(is_main_process)
     directory = Path(directory)
     location = locate_ffns(model)
     ffn_paths = {a.layer_index: f"{location.layers_path}.{a.layer_index}.{location.ffn_attr}" for a in model_adapters}
@@ -208,6 +213,28 @@ def _remove_dead_staging(directory: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
         except PermissionError:
             pass  # alive, another user's
+
+
+def save_peft_adapters(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    is_main_process: bool | None = None,
+    state_dict: dict | None = None,
+) -> None:
+    """A PEFT model's own adapters (e.g. LoRA beside MEFT) into ``<directory>/peft``, written by PEFT's
+    ``save_pretrained`` (its file names are those of MEFT's export, hence a folder of their own); nothing when
+    ``model`` is not a PEFT model. ``is_main_process`` as in :func:`save_adapter`; ``state_dict``: the weights
+    gathered where ZeRO-3 partitions them."""
+    if without_peft_wrapper(model) is not model and _writes(is_main_process):
+        model.save_pretrained(os.path.join(directory, PEFT_FOLDER), state_dict=state_dict)
+
+
+def _writes(is_main_process: bool | None) -> bool:
+    """Whether this process writes an export: as given, else rank 0 or the only process."""
+    if is_main_process is not None:
+        return is_main_process
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def _plan_shards(

@@ -35,7 +35,7 @@ from meft_ds.export import (
     tensor_names,
     unwrap,
 )
-from meft_ds.inject import adapters, decoder_layers, inject, locate_ffns
+from meft_ds.inject import adapters, decoder_layers, holds_peft_layers, inject, locate_ffns
 from meft_ds.models import is_builtin_model, names_builtin_model
 from meft_ds.store import CheckpointError
 
@@ -232,7 +232,38 @@ def _check_tensors(export: AdapterExport, handles: dict[Path, Any]) -> None:
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load an exported adapter into ``model`` (a base model, injected here with the saved settings, or one with
     adapters on the same layers and the same settings). Every check runs before anything changes; returns ``model``.
-    Reads this module's format and meft_ds 0.1's."""
+    Reads this module's format and meft_ds 0.1's. PEFT adapters saved beside it (``<directory>/peft``) are not
+    loaded: :func:`load_with_peft` loads both."""
+    _load_meft(model, directory)
+    if (Path(directory) / PEFT_FOLDER).is_dir() and not holds_peft_layers(model):
+        logger.warning(
+            "meft_ds: %s also holds PEFT adapters (e.g. LoRA, saved beside MEFT's by MeftTrainer.save_model); "
+            "load_adapter loads MEFT's only. Fix: meft_ds.MeftModel.from_pretrained(base_model, %r) loads both.",
+            directory, str(directory),
+        )  # fmt: skip
+    return model
+
+
+def load_with_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """:func:`load_adapter`, then the PEFT adapters saved beside MEFT's (``<directory>/peft``, e.g. LoRA, as
+    ``MeftTrainer.save_model`` and ``MeftModel.save_pretrained`` write them) with PEFT's ``PeftModel.from_pretrained``:
+    returns that PEFT model, or ``model`` when the folder holds no PEFT adapters."""
+    folder = Path(directory) / PEFT_FOLDER
+    if not folder.is_dir():
+        _load_meft(model, directory)
+        return model
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise CheckpointError(
+            f"{folder}: PEFT adapters (e.g. LoRA) saved beside MEFT's, and the peft package is not installed. Fix: "
+            "pip install peft."
+        ) from None
+    _load_meft(model, directory)
+    return PeftModel.from_pretrained(model, str(folder))
+
+
+def _load_meft(model: nn.Module, directory: str | os.PathLike) -> None:
     export = read_export(directory)
     target = unwrap(model)
     _check_base_model(target, export)
@@ -253,10 +284,3 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             with torch.no_grad():
                 adapter.router.weight.copy_(tensors["router"])
             adapter.rows_changed()
-    if (Path(directory) / PEFT_FOLDER).is_dir():
-        logger.warning(
-            "meft_ds: %s also holds PEFT adapters (e.g. LoRA, saved beside MEFT's by MeftTrainer.save_model); "
-            "load_adapter loads MEFT's only. Fix: load them too, PeftModel.from_pretrained(model, %r).",
-            directory, str(Path(directory) / PEFT_FOLDER),
-        )  # fmt: skip
-    return model

@@ -15,8 +15,8 @@ the same folder) and ``resume_from_checkpoint`` calls ``engine.load_checkpoint``
 
 ``trainer.save_model(dir)`` (and the copy the Trainer saves into every ``checkpoint-N``) writes the trained adapter in
 PEFT's layout (:mod:`meft_ds.export`: ``adapter_config.json``, ``adapter_model.safetensors``), with the tokenizer and
-the training arguments, and not the frozen base model's weights; ``meft_ds.MeftModel.from_pretrained(base, dir)``
-loads it.
+the training arguments, and not the frozen base model's weights (a PEFT model's own adapters, e.g. LoRA beside MEFT,
+go to ``<dir>/peft``); ``meft_ds.MeftModel.from_pretrained(base, dir)`` loads it, PEFT's part included.
 
 This module imports ``transformers``; the core of meft_ds does not.
 """
@@ -35,7 +35,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.ds_config import AUTO, check_optimizer
 from meft_ds.engine import attach
-from meft_ds.export import PEFT_FOLDER, save_adapter
+from meft_ds.export import save_adapter, save_peft_adapters
 from meft_ds.inject import adapters, inject, warn_settings_not_used, without_peft_wrapper
 
 # meft keys whose default is "auto": in a "meft" section, "auto" there means "the default"
@@ -105,8 +105,7 @@ class MeftTrainer(Trainer):
         if without_peft_wrapper(self.model) is not self.model:  # PEFT's adapters beside MEFT's (e.g. LoRA)
             engine = getattr(self, "deepspeed", None)  # (None before train(): the model's own state then)
             state_dict = self.accelerator.get_state_dict(engine) if engine is not None else None  # ZeRO-3: gathered
-            if self.args.should_save:
-                self.model.save_pretrained(os.path.join(output_dir, PEFT_FOLDER), state_dict=state_dict)
+            save_peft_adapters(self.model, output_dir, is_main_process=self.args.should_save, state_dict=state_dict)
         if self.args.should_save:
             tokenizer = getattr(self, "processing_class", None) or getattr(self.data_collator, "tokenizer", None)
             if tokenizer is not None:

@@ -105,7 +105,7 @@ def without_peft_wrapper(model: nn.Module) -> nn.Module:
     return model
 
 
-def _holds_peft_layers(model: nn.Module) -> bool:
+def holds_peft_layers(model: nn.Module) -> bool:
     """Whether PEFT put its tuner layers (e.g. LoRA's) into ``model``, a PEFT model's or the model it wraps."""
     return any(type(module).__module__.split(".")[0] == "peft" for module in model.modules())
 
@@ -257,7 +257,7 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
         )
     check_store_fits(config, len(ffns), dim)
     nvme_folder = _nvme_folder(config, list(ffns), dim)
-    if not _holds_peft_layers(base):  # (PEFT froze the base model itself and trains its own layers)
+    if not holds_peft_layers(base):  # (PEFT froze the base model itself and trains its own layers)
         for param in model.parameters():
             param.requires_grad_(False)
     cache_bytes = int(config.cache_mb * 2**20) // len(ffns)

@@ -21,8 +21,8 @@ from typing import Any
 from torch import nn
 
 from meft_ds.config import MeftConfig
-from meft_ds.export import DEFAULT_MAX_SHARD_SIZE, BaseModelWrapper, save_adapter
-from meft_ds.export_load import load_adapter
+from meft_ds.export import DEFAULT_MAX_SHARD_SIZE, BaseModelWrapper, save_adapter, save_peft_adapters
+from meft_ds.export_load import load_with_peft
 from meft_ds.inject import adapters, inject
 
 
@@ -40,8 +40,10 @@ class MeftModel(BaseModelWrapper):
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike) -> MeftModel:
         """``base_model`` with the exported adapter at ``path`` (checked against the model first: architecture,
-        hidden size, depth, and the settings of adapters it already has)."""
-        return cls(load_adapter(base_model, path))
+        hidden size, depth, and the settings of adapters it already has), and with the PEFT adapters saved beside it
+        in ``<path>/peft`` if any (e.g. LoRA: :meth:`save_pretrained` of a PEFT model, ``MeftTrainer.save_model``);
+        ``get_base_model()`` is then PEFT's model."""
+        return cls(load_with_peft(base_model, path))
 
     def save_pretrained(
         self,
@@ -50,8 +52,11 @@ class MeftModel(BaseModelWrapper):
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         is_main_process: bool | None = None,
     ) -> Path:
-        """The adapter in PEFT's layout (see :func:`meft_ds.save_adapter`; every rank calls it for sharded stores)."""
-        return save_adapter(self.base_model, path, max_shard_size=max_shard_size, is_main_process=is_main_process)
+        """The adapter in PEFT's layout (see :func:`meft_ds.save_adapter`; every rank calls it for sharded stores),
+        and a PEFT model's own adapters (LoRA beside MEFT) in ``<path>/peft``."""
+        directory = save_adapter(self.base_model, path, max_shard_size=max_shard_size, is_main_process=is_main_process)
+        save_peft_adapters(self.base_model, directory, is_main_process=is_main_process)
+        return directory
 
     def get_base_model(self) -> nn.Module:
         return self.base_model

@@ -173,9 +173,7 @@ def test_without_deepspeed_it_says_how_to_turn_it_on(tmp_path: Path) -> None:
 def test_a_peft_model_trains_lora_beside_meft_and_save_model_writes_both(tmp_path: Path, tokenizer: Any) -> None:
     """A PEFT model (LoRA on the attention) given to MeftTrainer gets MEFT on its FFNs and trains both; save_model
     wrote MEFT's adapter alone, and LoRA's was lost. PEFT's files go to <output_dir>/peft."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    from meft_ds.export import PEFT_FOLDER
+    from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     lora = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_B" in name}
@@ -183,9 +181,8 @@ def test_a_peft_model_trains_lora_beside_meft_and_save_model_writes_both(tmp_pat
     trainer.train()
     assert all(not torch.equal(p, lora[name]) for name, p in model.named_parameters() if name in lora)
     trainer.save_model(str(tmp_path / "final"))
-    reloaded = PeftModel.from_pretrained(
-        meft_ds.load_adapter(tiny_model(), tmp_path / "final"), tmp_path / "final" / PEFT_FOLDER
-    )
+    assert (tmp_path / "final" / "peft" / "adapter_model.safetensors").is_file()
+    reloaded = meft_ds.MeftModel.from_pretrained(tiny_model(), tmp_path / "final")  # both parts
     batch = collator(tokenizer)(features(tokenizer, 4))
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(**batch).logits, model.eval()(**batch).logits)

@@ -345,3 +345,36 @@ def test_evaluate_answers_questions_given_on_the_command_line(tmp_path: Path, ca
             assert f"{label}: {answer['prompt']} -> {answer['prediction']}\n" in printed
     with pytest.raises(SystemExit):  # its own questions, not a dataset's
         evaluate.parse_args([*argv, "--prompt", questions[0], "--dataset", "facts"])
+
+
+def test_evaluate_loads_the_lora_saved_beside_meft(tmp_path: Path) -> None:
+    """A PEFT model's export (MEFT's adapter, LoRA's in ``peft/``: ``MeftModel.save_pretrained``,
+    ``MeftTrainer.save_model``) evaluates to the answers of the model that wrote it: evaluate loaded MEFT's part
+    alone, and answered as a model that was never trained."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = word_tokenizer(chat=True)
+    tiny_model(layers=LAYERS).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)
+    trained = get_peft_model(tiny_model(layers=LAYERS), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    meft_ds.inject(trained, MEFT)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    for adapter in meft_ds.adapters(trained):
+        adapter.store.values.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(adapter.layer_index))
+    meft_ds.MeftModel(trained).save_pretrained(tmp_path / "run")
+    examples = load_examples("facts", "eval", limit=6)
+
+    def answers(model: torch.nn.Module) -> list[str]:
+        result = evaluate_generation(model.eval(), tokenizer, examples, max_new_tokens=8, batch_size=32)
+        return [p["prediction"] for p in result["predictions"]]
+
+    expected = answers(trained)
+    assert expected != answers(meft_ds.load_adapter(tiny_model(layers=LAYERS), tmp_path / "run")), "LoRA matters"
+    out = tmp_path / "scores.json"
+    argv = ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "run"), "--limit", "6", "--no_base"]
+    assert launch_script("evaluate").main([*argv, "--max_new_tokens", "8", "--output", str(out)]) == 0
+    assert [p["prediction"] for p in json.loads(out.read_text())["after"]["predictions"]] == expected

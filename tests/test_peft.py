@@ -4,6 +4,7 @@ train; each saves and reloads its own part."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import tiny_model, token_batch, train_losses
 
 import meft_ds
+from meft_ds import CheckpointError
 from meft_ds.export import PEFT_FOLDER
 
 MEFT = {"num_neurons": 128, "top_k": 8, "seed": 1}
@@ -39,8 +41,14 @@ def test_meft_injected_into_a_peft_model_trains_beside_lora_and_both_reload(tmp_
     meft_ds.save_adapter(model, tmp_path / "meft")  # MEFT's part; PEFT's save_pretrained writes LoRA's
     model.save_pretrained(tmp_path / "lora")
     reloaded = PeftModel.from_pretrained(meft_ds.load_adapter(tiny_model(), tmp_path / "meft"), tmp_path / "lora")
+    meft_ds.MeftModel(model).save_pretrained(tmp_path / "both")  # LoRA's into both/peft
+    assert {p.name for p in (tmp_path / "both" / PEFT_FOLDER).iterdir()} >= {"adapter_model.safetensors"}
+    in_one_call = meft_ds.MeftModel.from_pretrained(tiny_model(), tmp_path / "both")
+    assert isinstance(in_one_call.get_base_model(), PeftModel)
     with torch.no_grad():
-        assert torch.equal(reloaded.eval()(input_ids=batch).logits, model.eval()(input_ids=batch).logits)
+        expected = model.eval()(input_ids=batch).logits
+        assert torch.equal(reloaded.eval()(input_ids=batch).logits, expected)
+        assert torch.equal(in_one_call.eval()(input_ids=batch).logits, expected)
 
 
 def test_an_exported_adapter_loads_into_a_peft_model_leaving_lora_trainable(
@@ -54,8 +62,10 @@ def test_an_exported_adapter_loads_into_a_peft_model_leaving_lora_trainable(
     assert sum("lora_" in name for name in trainable) == 8 and sum(".router." in name for name in trainable) == 2
     get_peft_model(tiny_model(), LORA).save_pretrained(tmp_path / PEFT_FOLDER)
     with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        meft_ds.load_adapter(get_peft_model(tiny_model(), LORA), tmp_path)  # PEFT's part loaded by the caller
+        assert not caplog.text
         meft_ds.load_adapter(tiny_model(), tmp_path)
-    assert "also holds PEFT adapters" in caplog.text and "PeftModel.from_pretrained(model, " in caplog.text
+    assert "also holds PEFT adapters" in caplog.text and "MeftModel.from_pretrained(base_model, " in caplog.text
 
 
 def test_routers_frozen_by_get_peft_model_are_named_when_the_engine_is_made(caplog: pytest.LogCaptureFixture) -> None:
@@ -70,3 +80,15 @@ def test_routers_frozen_by_get_peft_model_are_named_when_the_engine_is_made(capl
     with caplog.at_level(logging.WARNING, logger="meft_ds"):
         meft_ds.initialize(model=model, config=config)
     assert "the routers of layers [0, 1] do not require gradients, so the engine will not train them" in caplog.text
+
+
+def test_lora_beside_meft_without_peft_installed_is_refused_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meft_ds.save_adapter(meft_ds.inject(tiny_model(), MEFT), tmp_path)
+    get_peft_model(tiny_model(), LORA).save_pretrained(tmp_path / PEFT_FOLDER)
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft fails
+    model = tiny_model()
+    with pytest.raises(CheckpointError, match=r"peft package is not installed\. Fix: pip install peft\.$"):
+        meft_ds.MeftModel.from_pretrained(model, tmp_path)
+    assert not meft_ds.adapters(model), "nothing loaded"
