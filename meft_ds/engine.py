@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import torch
 from deepspeed import comm as dist
 from torch import nn
 
@@ -49,7 +50,8 @@ def initialize(
     """``deepspeed.initialize`` with meft_ds adapters: same arguments, same return values.
 
     The ``"meft"`` section comes from ``meft=`` (a dict or :class:`MeftConfig`) or from the DeepSpeed config (a
-    path or dict, passed as ``config=`` or ``args.deepspeed_config``). The model gets adapters unless it has them.
+    path or dict, passed as ``config=`` or ``args.deepspeed_config``). The model gets adapters unless it has them;
+    ``model_parameters`` made before the call are fitted to them (:func:`parameters_for_engine`).
     """
     if model is None:
         raise MeftConfigError("initialize: model is required. Fix: pass model=your_model.")
@@ -76,14 +78,63 @@ def initialize(
         inject(model, meft_config)
     elif meft is not None or "meft" in ds_config:
         warn_settings_not_used(model, meft_config, from_argument=meft is not None)
-    if model_parameters is None:
-        model_parameters = [p for p in model.parameters() if p.requires_grad]
+    check_client_optimizer(model, optimizer)
+    model_parameters = parameters_for_engine(model, model_parameters)
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, config=ds_config, **kwargs,
     )  # fmt: skip
     attach(engine)
     return engine, engine_optimizer, loader, scheduler
+
+
+def parameters_for_engine(model: nn.Module, model_parameters: Any) -> Any:
+    """The ``model_parameters`` to build the engine with: the model's trainable ones when none are given, else those
+    given (parameters, or groups as dicts) made to agree with the model as it now is. A list made before the adapters
+    existed (``[p for p in model.parameters() if p.requires_grad]``, or weight-decay groups, made before calling
+    :func:`initialize`) holds the base model's parameters, which inject froze, and not the routers: ZeRO-1/2 then
+    failed on a group of frozen parameters (IndexError), and without ZeRO the routers never trained. Frozen parameters
+    are taken out (a group left empty is dropped) and the missing trainable ones added, in a group of their own where
+    the parameters come in groups."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if model_parameters is None:
+        return trainable
+    given = list(model_parameters)
+    grouped = bool(given) and all(isinstance(item, dict) for item in given)
+    groups = [dict(group, params=list(group["params"])) for group in given] if grouped else [{"params": given}]
+    if not all(isinstance(p, nn.Parameter) for group in groups for p in group["params"]):
+        return given  # named parameters or another form: DeepSpeed's to read as it is
+    listed = {id(p) for group in groups for p in group["params"]}
+    missing = [p for p in trainable if id(p) not in listed]
+    for group in groups:
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+    if missing:
+        logger.warning(
+            "meft_ds: model_parameters lacks %d trainable parameters (the routers meft_ds added: the list was made "
+            "before the adapters existed); they are added%s. To choose their group, make the list after "
+            "meft_ds.inject(model, settings).",
+            len(missing), ", as a group of their own with the optimizer's settings" if grouped else "",
+        )  # fmt: skip
+    if not grouped:
+        return groups[0]["params"] + missing
+    return [group for group in groups if group["params"]] + ([{"params": missing}] if missing else [])
+
+
+def check_client_optimizer(model: nn.Module, optimizer: Any) -> None:
+    """A :class:`MeftConfigError` when ``optimizer`` is an optimizer made before the adapters existed: it lacks the
+    routers, which would never train (parameters a list lacks are added: :func:`parameters_for_engine`, but an
+    optimizer's groups are its own)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return  # None (DeepSpeed makes it from the config) or a callable DeepSpeed gives model_parameters to
+    listed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in listed]
+    if missing:
+        raise MeftConfigError(
+            f"initialize: optimizer lacks {len(missing)} trainable parameters (first: {missing[0]}; the routers "
+            "meft_ds adds when it injects the adapters), so they would never train. Fix: create the optimizer after "
+            "meft_ds.inject(model, settings), pass it as a callable (lambda params: torch.optim.AdamW(params, ...)), "
+            'or leave it to the DeepSpeed config\'s "optimizer" section.'
+        )
 
 
 def attach(engine: Any) -> MeftPlugin:

@@ -65,9 +65,9 @@ class Run(NamedTuple):
     row_grad_dtypes: set[torch.dtype]  # of the rows' accumulated gradients at the first boundary
 
 
-def train_with_engine(config: dict, steps: int) -> Run:
-    model = tiny_model()
-    engine, *_ = meft_ds.initialize(model=model, config=config)
+def train_with_engine(config: dict, steps: int, model_parameters: Any = None, model: Any = None) -> Run:
+    model = model or tiny_model()
+    engine, *_ = meft_ds.initialize(model=model, config=config, model_parameters=model_parameters)
     losses, lrs, norms, grad_dtypes = [], [], [], set()
     for i, batch in enumerate(batches(steps * config["gradient_accumulation_steps"])):
         loss = engine(batch, labels=batch).loss
@@ -222,6 +222,50 @@ def test_settings_for_a_model_that_has_adapters_are_named_where_they_take_no_eff
         meft_ds.initialize(model=meft_ds.inject(tiny_model(), MEFT), config=ds_config(2), meft=given)
     (message,) = [r.getMessage() for r in caplog.records if "keep their own settings" in r.getMessage()]
     assert "these of meft= differ and take no effect: top_k=8 (the adapters': 4), weight_decay=0.1 (the " in message
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["a list", "weight-decay groups"])
+@pytest.mark.parametrize("stage", [0, 2])
+def test_model_parameters_made_before_the_adapters_existed_train_the_routers(
+    stage: int, grouped: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``model_parameters`` made before calling initialize (as a DeepSpeed loop makes them) hold the base model's
+    parameters, which inject freezes, and not the routers, which it adds: ZeRO-2 failed inside DeepSpeed (IndexError
+    on a group of frozen parameters), and without ZeRO the routers never trained. They train as with the default."""
+    model = tiny_model()
+    if grouped:
+        norms = [p for name, p in model.named_parameters() if "norm" in name]
+        others = [p for name, p in model.named_parameters() if "norm" not in name]
+        given: Any = [{"params": others, "weight_decay": 0.1}, {"params": norms, "weight_decay": 0.0}]
+    else:
+        given = [p for p in model.parameters() if p.requires_grad]
+    expected = train_with_engine(ds_config(stage), steps=4)  # (the routers' gradients are 0 until the values move)
+    with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        run = train_with_engine(ds_config(stage), steps=4, model_parameters=given, model=model)
+    assert "model_parameters lacks 2 trainable parameters (the routers meft_ds added" in caplog.text
+    assert run.losses == expected.losses
+    assert_same_training(run.model, expected.model, atol=0)
+    start = meft_ds.inject(tiny_model(), MEFT)
+    assert all(
+        not torch.equal(a.router.weight, b.router.weight)
+        for a, b in zip(*map(meft_ds.adapters, (model, start)), strict=True)
+    )
+
+
+def test_an_optimizer_made_before_the_adapters_existed_is_refused() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    config = {key: value for key, value in ds_config(0).items() if key != "optimizer"}
+    with pytest.raises(
+        MeftConfigError,
+        match=r"^initialize: optimizer lacks 2 trainable parameters \(first: meft_adapters\.0\.router\.weight; ",
+    ):
+        meft_ds.initialize(model=model, optimizer=optimizer, config=config)
+    engine, *_ = meft_ds.initialize(  # made after the adapters: it has the routers
+        model=model, optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR),
+        config=config,
+    )  # fmt: skip
+    assert engine.meft is not None
 
 
 def test_meft_lr_scales_with_the_schedule() -> None:
