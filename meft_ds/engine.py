@@ -78,7 +78,8 @@ def initialize(
         inject(model, meft_config)
     elif meft is not None or "meft" in ds_config:
         warn_settings_not_used(model, meft_config, from_argument=meft is not None)
-    check_client_optimizer(model, optimizer)
+    if isinstance(optimizer, torch.optim.Optimizer):  # (else None, made from the config, or a callable)
+        check_optimizer_has_routers(model, [p for g in optimizer.param_groups for p in g["params"]], "initialize")
     model_parameters = parameters_for_engine(model, model_parameters)
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
@@ -120,21 +121,34 @@ def parameters_for_engine(model: nn.Module, model_parameters: Any) -> Any:
     return [group for group in groups if group["params"]] + ([{"params": missing}] if missing else [])
 
 
-def check_client_optimizer(model: nn.Module, optimizer: Any) -> None:
-    """A :class:`MeftConfigError` when ``optimizer`` is an optimizer made before the adapters existed: it lacks the
-    routers, which would never train (parameters a list lacks are added: :func:`parameters_for_engine`, but an
-    optimizer's groups are its own)."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        return  # None (DeepSpeed makes it from the config) or a callable DeepSpeed gives model_parameters to
-    listed = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in listed]
-    if missing:
+def check_optimizer_has_routers(model: nn.Module, optimized: list[torch.Tensor], where: str) -> None:
+    """A :class:`MeftConfigError` naming the layers whose trainable routers are not among ``optimized`` (the
+    parameters an optimizer steps): an optimizer made before the adapters existed lacks them, and they would never
+    train. Judged only where ``optimized`` holds some of the model's parameters (an optimizer that holds flat copies
+    cannot tell)."""
+    listed = {id(p) for p in optimized}
+    if not listed & {id(p) for p in model.parameters()}:
+        return
+    layers = [
+        a.layer_index for a in adapters(model) if a.router.weight.requires_grad and id(a.router.weight) not in listed
+    ]
+    if layers:
         raise MeftConfigError(
-            f"initialize: optimizer lacks {len(missing)} trainable parameters (first: {missing[0]}; the routers "
-            "meft_ds adds when it injects the adapters), so they would never train. Fix: create the optimizer after "
-            "meft_ds.inject(model, settings), pass it as a callable (lambda params: torch.optim.AdamW(params, ...)), "
-            'or leave it to the DeepSpeed config\'s "optimizer" section.'
+            f"{where}: the optimizer lacks the routers of layers {layers} (it was made before meft_ds.inject added "
+            "them), so they would never train. Fix: create the optimizer after meft_ds.inject(model, settings), or "
+            'leave it to the DeepSpeed config\'s "optimizer" section (meft_ds.initialize also takes a callable, '
+            "lambda params: torch.optim.AdamW(params, ...))."
         )
+
+
+def _engine_optimized(optimizer: Any) -> list[torch.Tensor]:
+    """The model parameters an engine's optimizer steps: ZeRO stages 1-2 keep them in ``bit16_groups``, stage 3 and
+    DeepSpeed's fp16/bf16 optimizer without ZeRO in ``fp16_groups``, a torch optimizer in its ``param_groups``."""
+    for name in ("bit16_groups", "fp16_groups", "bf16_groups"):
+        groups = getattr(optimizer, name, None)
+        if groups is not None:
+            return [p for group in groups for p in group]
+    return [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
 
 
 def attach(engine: Any) -> MeftPlugin:
@@ -161,6 +175,7 @@ def attach(engine: Any) -> MeftPlugin:
             "before the engine is made.",
             frozen,
         )
+    check_optimizer_has_routers(engine.module, _engine_optimized(engine.optimizer), "attach")
     if dist.is_initialized():
         data_parallel, world = dist.get_world_size(group=engine.data_parallel_group), dist.get_world_size()
         if data_parallel != world:

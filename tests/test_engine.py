@@ -253,18 +253,19 @@ def test_model_parameters_made_before_the_adapters_existed_train_the_routers(
 
 
 def test_an_optimizer_made_before_the_adapters_existed_is_refused() -> None:
+    """Its groups lack the routers, which never trained: refused by initialize before DeepSpeed builds anything, and
+    by attach for an engine made elsewhere (your own deepspeed.initialize, Accelerate's prepare)."""
+    config = {key: value for key, value in ds_config(0).items() if key != "optimizer"}
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    config = {key: value for key, value in ds_config(0).items() if key != "optimizer"}
-    with pytest.raises(
-        MeftConfigError,
-        match=r"^initialize: optimizer lacks 2 trainable parameters \(first: meft_adapters\.0\.router\.weight; ",
-    ):
+    lacks = r"the optimizer lacks the routers of layers \[0, 1\] \(it was made before meft_ds\.inject added them\)"
+    with pytest.raises(MeftConfigError, match=rf"^initialize: {lacks}, so they would never train\. Fix: create"):
         meft_ds.initialize(model=model, optimizer=optimizer, config=config)
-    engine, *_ = meft_ds.initialize(  # made after the adapters: it has the routers
-        model=model, optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR),
-        config=config,
-    )  # fmt: skip
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    with pytest.raises(MeftConfigError, match=rf"^attach: {lacks}"):
+        meft_ds.attach(engine)
+    made_after = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    engine, *_ = meft_ds.initialize(model=model, optimizer=made_after, config=config)
     assert engine.meft is not None
 
 
