@@ -111,9 +111,15 @@ def holds_peft_layers(model: nn.Module) -> bool:
 
 
 def decoder_layers(model: nn.Module, location: FFNLocation) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of decoder layers at ``location``, or a clear error."""
+    """The ``nn.ModuleList`` of decoder layers at ``location``, or a clear error. In a bare base model (``AutoModel``'s
+    ``LlamaModel``: no head, its decoder at the top) the path goes without the base model's prefix (``layers`` for
+    ``model.layers``); exports name the FFNs by the registered path all the same, so that they load into either."""
+    path = location.layers_path
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and path.startswith(prefix + ".") and not isinstance(getattr(model, prefix, None), nn.Module):
+        path = path.removeprefix(prefix + ".")
     layers: object = model
-    for name in location.layers_path.split("."):
+    for name in path.split("."):
         layers = getattr(layers, name, None)
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedModelError(

@@ -110,6 +110,26 @@ def test_register_ffn_extends_the_registry() -> None:
     assert torch.equal(model(ids), before)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_bare_base_model_takes_adapters_that_load_into_its_causal_lm(family: str, tmp_path) -> None:
+    """``AutoModel``'s bare base model (``LlamaModel``: no head, as embedding and reward models fine-tune it) has its
+    decoder layers at the top (``layers``, not ``model.layers``): inject failed ("LlamaModel has no nn.ModuleList at
+    'model.layers'"). Its export loads into the causal LM of the same weights, which then computes the same."""
+    bare = tiny_model(family).base_model  # the causal LM's own base model, weights and all
+    assert bare is not tiny_model(family) and not hasattr(bare, "lm_head")
+    meft_ds.inject(bare, CONFIG)
+    assert [a.layer_index for a in meft_ds.adapters(bare)] == [0, 1]
+    for adapter in meft_ds.adapters(bare):
+        adapter.store.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(adapter.layer_index))
+    meft_ds.save_adapter(bare, tmp_path)
+    causal_lm = meft_ds.load_adapter(tiny_model(family), tmp_path)
+    batch = token_batch()
+    with torch.no_grad():
+        expected = bare(batch).last_hidden_state
+        assert not torch.equal(expected, tiny_model(family).base_model(batch).last_hidden_state), "the adapters count"
+        assert torch.equal(causal_lm.base_model(batch).last_hidden_state, expected)
+
+
 def test_wrong_registered_path_is_a_clear_error() -> None:
     meft_ds.register_ffn("toy_lm", "layers", "feed_forward")
     with pytest.raises(UnsupportedModelError, match=r"no nn\.ModuleList at 'layers'"):
