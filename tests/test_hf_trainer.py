@@ -186,3 +186,30 @@ def test_a_peft_model_trains_lora_beside_meft_and_save_model_writes_both(tmp_pat
     batch = collator(tokenizer)(features(tokenizer, 4))
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_load_best_model_at_end_brings_the_row_store_back_with_the_best_checkpoint(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    """The Trainer loads the best checkpoint through the engine (deepspeed_load_checkpoint): the rows come back with
+    the routers. Here the best is the first checkpoint (greater_is_better on the loss), and save_total_limit=1 keeps
+    it while the last one is rotated out."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path), deepspeed=meft_json(), max_steps=STEPS, save_steps=SAVE_EVERY,
+        eval_strategy="steps", eval_steps=SAVE_EVERY, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        greater_is_better=True, save_total_limit=1, learning_rate=LR, per_device_train_batch_size=2, report_to=[],
+        disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    recorder = Recorder()
+    trainer = MeftTrainer(
+        model=tiny_model(), args=args, train_dataset=features(tokenizer), eval_dataset=features(tokenizer, 8),
+        data_collator=collator(tokenizer), processing_class=tokenizer, callbacks=[recorder],
+    )  # fmt: skip
+    recorder.trainer = trainer
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{SAVE_EVERY}")
+    assert not all(map(torch.equal, recorder.rows_at[STEPS], recorder.rows_at[SAVE_EVERY])), "the rows moved on"
+    for rows, at_best in zip(store_rows(trainer.model), recorder.rows_at[SAVE_EVERY], strict=True):
+        assert torch.equal(rows, at_best)
+    for adapter, at_best in zip(adapters(trainer.model), recorder.routers_at[SAVE_EVERY], strict=True):
+        assert torch.equal(adapter.router.weight, at_best)
