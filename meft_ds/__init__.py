@@ -6,6 +6,7 @@ from torch import nn
 
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.background import fit_background
+from meft_ds.clipping import clip_grad_norm_
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.distributed import exchange_row_grads
 from meft_ds.engine import attach, initialize
@@ -43,6 +44,7 @@ __all__ = [
     "UnsupportedModelError",
     "adapters",
     "attach",
+    "clip_grad_norm_",
     "exchange_row_grads",
     "fit_background",
     "for_inference",

@@ -138,6 +138,14 @@ def row_grad_squared_norm(adapters: list[SparseKeyExpertAdapter]) -> float:
     return float(squared)
 
 
+def scale_row_grads(adapters: list[SparseKeyExpertAdapter], factor: float) -> None:
+    """Multiply every row gradient accumulated in the stores by ``factor`` (clipping, unscaling)."""
+    for adapter in adapters:
+        accumulated = adapter.store.accumulated_grads()
+        if accumulated is not None:
+            accumulated[1].mul_(factor)
+
+
 def check_replicas_identical(adapters: list[SparseKeyExpertAdapter], *, group: Any = None) -> bytes | None:
     """Raise if the replicated stores differ between the ranks of ``group``; returns this rank's digest of its
     stores, or ``None`` where there is nothing to compare (one rank; sharded stores, which hold different rows by

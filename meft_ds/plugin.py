@@ -47,6 +47,7 @@ from meft_ds.checkpoint import (
 from meft_ds.distributed import (
     exchange_row_grads,
     row_grad_squared_norm,
+    scale_row_grads,
     squared_norm,
 )
 from meft_ds.files import atomic_file, publish_directory, recover_directory
@@ -276,10 +277,7 @@ class MeftPlugin:
             return  # non-finite: the engine detects the overflow and skips the step
         for param, grad in dense:
             safe_set_full_grad(param, grad * coefficient)
-        for adapter in self.adapters:
-            accumulated = adapter.store.accumulated_grads()
-            if accumulated is not None:
-                accumulated[1].mul_(coefficient)
+        scale_row_grads(self.adapters, coefficient)
 
     def _clip_rows_apart(self, max_norm: float) -> None:
         """Clip the rows' gradients by their own norm (``last_grad_norm``); ``max_norm=inf`` only measures it."""
@@ -288,10 +286,7 @@ class MeftPlugin:
         coefficient = max_norm / (norm + 1e-6)
         if coefficient >= 1.0 or not math.isfinite(norm):
             return
-        for adapter in self.adapters:
-            accumulated = adapter.store.accumulated_grads()
-            if accumulated is not None:
-                accumulated[1].mul_(coefficient)
+        scale_row_grads(self.adapters, coefficient)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(

@@ -195,6 +195,33 @@ def test_clipping_changes_the_result() -> None:
     assert unclipped.grad_norms == pytest.approx(reference_norms, rel=1e-4)
 
 
+def test_clip_grad_norm_for_a_plain_loop_takes_one_norm_over_routers_and_rows() -> None:
+    """torch's clip_grad_norm_ sees the routers only (the rows are not parameters): meft_ds.clip_grad_norm_ takes the
+    norm the engine clips by, and scales both kinds of gradient."""
+    model = meft_ds.inject(tiny_model(), MEFT)
+    for adapter in meft_ds.adapters(model):
+        adapter.store.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(adapter.layer_index))
+    batch = batches(1)[0]
+    model(batch, labels=batch).loss.backward()
+    routers = [p for p in model.parameters() if p.requires_grad]
+    router_grads = [p.grad.clone() for p in routers]
+    for adapter in meft_ds.adapters(model):
+        adapter.collect_row_grads()
+    row_grads = [a.store.accumulated_grads()[1].clone() for a in meft_ds.adapters(model)]
+    norm = math.sqrt(sum(g.double().pow(2).sum().item() for g in router_grads + row_grads))
+    routers_norm = math.sqrt(sum(g.double().pow(2).sum().item() for g in router_grads))
+    assert routers_norm < 0.9 * norm, "the rows' gradients weigh in the norm"
+
+    assert meft_ds.clip_grad_norm_(model, max_norm=2 * norm).item() == pytest.approx(norm, rel=1e-6)
+    assert all(torch.equal(p.grad, g) for p, g in zip(routers, router_grads, strict=True)), "under the norm: unchanged"
+    assert meft_ds.clip_grad_norm_(model, max_norm=norm / 4).item() == pytest.approx(norm, rel=1e-6)
+    coefficient = (norm / 4) / (norm + 1e-6)
+    for param, grad in zip(routers, router_grads, strict=True):
+        torch.testing.assert_close(param.grad, grad * coefficient)
+    for adapter, grad in zip(meft_ds.adapters(model), row_grads, strict=True):
+        torch.testing.assert_close(adapter.store.accumulated_grads()[1], grad * coefficient)
+
+
 def test_scheduler_learning_rate_reaches_the_store() -> None:
     model = tiny_model()
     engine, *_ = meft_ds.initialize(model=model, config=ds_config(2, gas=2))
