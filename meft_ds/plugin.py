@@ -50,6 +50,7 @@ from meft_ds.distributed import (
     scale_row_grads,
     squared_norm,
 )
+from meft_ds.export import save_adapter
 from meft_ds.files import atomic_file, publish_directory, recover_directory
 from meft_ds.sparse_adam import SparseRowAdam
 from meft_ds.store import CheckpointError
@@ -130,6 +131,7 @@ class MeftPlugin:
         self._engine_load = engine.load_checkpoint
         self._engine_grad_norm = engine.get_global_grad_norm
         self._engine_module_state_dict = engine.module_state_dict
+        self._engine_save_16bit_model = engine.save_16bit_model
         self._base_sample: dict[str, torch.Tensor] | None = None  # of the frozen base model (:meth:`_frozen_sample`)
 
     def attach(self) -> MeftPlugin:
@@ -142,6 +144,7 @@ class MeftPlugin:
         engine.load_checkpoint = self.load_checkpoint
         engine.get_global_grad_norm = self.global_grad_norm
         engine.module_state_dict = self.module_state_dict
+        engine.save_16bit_model = self.save_16bit_model  # (save_fp16_model calls it too)
         engine.meft = self
         return self
 
@@ -343,6 +346,18 @@ class MeftPlugin:
             for name in _frozen_names(self.engine.module):
                 state.pop(prefix + name, None)
         return state
+
+    def save_16bit_model(
+        self, save_dir: str, save_filename: str = "pytorch_model.bin", exclude_frozen_parameters: bool = False
+    ) -> bool:
+        """The engine's, which saves the module's parameters (the frozen base model and the routers; the rows are not
+        parameters and were lost), and the trained adapter beside it, in ``save_dir`` (:func:`meft_ds.save_adapter`:
+        what ``meft_ds.MeftModel.from_pretrained`` loads). Every rank calls it, as DeepSpeed requires; a sharded
+        store's rows are gathered."""
+        saved = self._engine_save_16bit_model(save_dir, save_filename, exclude_frozen_parameters)
+        save_adapter(self.engine.module, save_dir)
+        logger.info("meft_ds: save_16bit_model also wrote the meft adapter (rows and routers) into %s.", save_dir)
+        return saved
 
     def load_checkpoint(
         self, load_dir: str, tag: Any = None, load_module_strict: bool = True, **kwargs: Any
