@@ -12,7 +12,7 @@ import deepspeed
 import pytest
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
-from tiny_models import tiny_model, token_batch
+from tiny_models import SMALL_BUCKET, tiny_model, token_batch
 
 import meft_ds
 import meft_ds.ds_config
@@ -25,7 +25,7 @@ DIM = 64  # the tiny model's width
 
 
 def ds_config(stage: int, *, clip: float = 0.0, offload: bool = True, gas: int = 1, precision: str = "fp32") -> dict:
-    zero = {"stage": stage}
+    zero = {"stage": stage, "reduce_bucket_size": SMALL_BUCKET}
     if stage and offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {

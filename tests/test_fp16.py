@@ -18,7 +18,7 @@ from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 from deepspeed.runtime import torch_autocast
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import safe_get_full_fp32_param
-from tiny_models import tiny_model, token_batch
+from tiny_models import SMALL_BUCKET, tiny_model, token_batch
 
 import meft_ds
 from meft_ds import NonFiniteGradientError
@@ -50,7 +50,7 @@ def fp16_cpu_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def config(precision: str, stage: int, *, offload: bool = False, fused: bool = False, clip: float = 1e6) -> dict:
     """``clip`` defaults to a bound no gradient reaches: the plugin then computes the global norm, clipping nothing."""
-    zero = {"stage": stage}
+    zero = {"stage": stage, "reduce_bucket_size": SMALL_BUCKET}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     result = {

@@ -15,6 +15,11 @@ from transformers import (
 from meft_ds.data import facts_dataset
 
 VOCAB = 1000
+# zero_optimization.reduce_bucket_size for tests' engines. A ZeRO-3 engine reserves its bucket up front (DeepSpeed's
+# default 5e8 elements: 2 GB of fp32, untouched, so committed memory rather than resident), and a test session's
+# engines are not freed: two dozen of them took the pytest process past the machine's memory, and its next fork of a
+# subprocess failed (ENOMEM).
+SMALL_BUCKET = 1_000_000
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
