@@ -139,7 +139,7 @@ def row_grad_squared_norm(adapters: list[SparseKeyExpertAdapter]) -> float:
 
 
 def scale_row_grads(adapters: list[SparseKeyExpertAdapter], factor: float) -> None:
-    """Multiply every row gradient accumulated in the stores by ``factor`` (clipping, unscaling)."""
+    """Multiply every row gradient accumulated in the stores by ``factor`` (clipping)."""
     for adapter in adapters:
         accumulated = adapter.store.accumulated_grads()
         if accumulated is not None:

@@ -40,13 +40,7 @@ from torch import nn
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.checkpoint import gathered
 from meft_ds.files import fsync_dir, fsync_tree
-from meft_ds.inject import (
-    adapters,
-    decoder_layers,
-    locate_ffns,
-    register_adapter_saver,
-    without_peft_wrapper,
-)
+from meft_ds.inject import adapters, decoder_layers, locate_ffns, register_adapter_saver, without_peft_wrapper
 from meft_ds.store import CheckpointError
 
 FORMAT_VERSION = 2
