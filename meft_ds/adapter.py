@@ -13,6 +13,7 @@ over all of ``U`` with a ``(T, |U|)`` mask (what tensor cores are good at). When
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -27,12 +28,33 @@ from meft_ds.pinned import PinnedBuffers
 from meft_ds.routing import Routing, select_from_scores
 from meft_ds.row_selection import RowSelection
 from meft_ds.shard import ShardedRowStore, resolve_shard
+from meft_ds.sparse_adam import has_row_optimizer
 from meft_ds.stats import TrafficStats
 from meft_ds.store import CpuRowStore, RowStore, initial_keys
 from meft_ds.swap import NvmeRowStore
 from meft_ds.transfer import RowGradSink, RowsInFlight, RowTransfer, by_union_pos, narrowest_index_dtype
 
 _DEVICE_TYPE = get_accelerator().device_name()
+logger = logging.getLogger("meft_ds")
+_warned_unstepped = False
+
+
+def _check_rows_are_stepped(adapter: SparseKeyExpertAdapter) -> None:
+    """One warning per process at the first training forward of an adapter that no SparseRowAdam steps: a model
+    trained by transformers' own Trainer, an engine meft_ds was not attached to, or a plain loop without SparseRowAdam
+    accumulates the rows' gradients and never applies them (and with the values at zero the routers get no gradient
+    either): the model stays the base model, silently."""
+    global _warned_unstepped
+    if _warned_unstepped or has_row_optimizer(adapter):
+        return
+    _warned_unstepped = True
+    logger.warning(
+        "meft_ds: the meft adapter of layer %d trains, but no SparseRowAdam steps its rows: their gradients accumulate "
+        "and are never applied, and the model stays the base model. Fix: with DeepSpeed, meft_ds.initialize (or "
+        "meft_ds.attach(engine)); with the Hugging Face Trainer, meft_ds.hf.MeftTrainer; in a plain loop, "
+        "meft_ds.SparseRowAdam(meft_ds.adapters(model), lr=...) stepped beside the routers' optimizer.",
+        adapter.layer_index,
+    )
 
 
 class ServingRows(Protocol):
@@ -376,6 +398,8 @@ class SparseKeyExpertAdapter(nn.Module):
         )
         rows = in_flight.wait()
         rows.requires_grad_(torch.is_grad_enabled())  # so backward runs; the gradient goes to the store
+        if rows.requires_grad:
+            _check_rows_are_stepped(self)
         sink = RowGradSink(self.transfer, routing.row_ids)
         self.traffic.forward_calls += 1
         logits = pending.logits

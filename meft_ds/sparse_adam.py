@@ -28,6 +28,7 @@ import itertools
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -72,6 +73,12 @@ class NonFiniteGradientError(RuntimeError):
 
 
 _KERNEL_IDS = itertools.count(1 << 20)  # far from DeepSpeedCPUAdam's own ids, which count up from 0
+_STEPPED: weakref.WeakSet = weakref.WeakSet()  # every adapter a SparseRowAdam was made for
+
+
+def has_row_optimizer(adapter: AdapterRows) -> bool:
+    """Whether a :class:`SparseRowAdam` was made for ``adapter``: without one, nothing steps its rows."""
+    return adapter in _STEPPED
 
 
 @functools.cache
@@ -191,6 +198,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         if self.backend == "deepspeed":
             self._deepspeed_id = next(_KERNEL_IDS)
             _deepspeed_adam().create_adam(self._deepspeed_id, lr, betas[0], betas[1], eps, weight_decay, True, False)
+        _STEPPED.update(self.adapters)
 
     def __del__(self) -> None:
         if getattr(self, "_deepspeed_id", None) is not None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 import torch
 from deepspeed.accelerator import real_accelerator
 from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+from tiny_models import tiny_model, token_batch
 
+import meft_ds
 import meft_ds.adapter
 from meft_ds import MeftConfig, SparseKeyExpertAdapter
 from meft_ds.adapter import MaskedAdapterFunction, TopKAdapterFunction
@@ -256,3 +259,28 @@ def test_a_model_left_on_the_cpu_beside_a_gpu_copies_synchronously() -> None:
     finally:
         real_accelerator.ds_accelerator = previous
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_a_training_forward_that_no_sparse_adam_steps_is_named_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain loop with the routers' optimizer alone: the rows' gradients accumulate, never applied."""
+    monkeypatch.setattr(meft_ds.adapter, "_warned_unstepped", False)
+    batch = token_batch(batch=2, length=8)
+    with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        model = meft_ds.inject(tiny_model(), MeftConfig(num_neurons=64, top_k=4))
+        with torch.no_grad():
+            model(batch)  # evaluation: nothing to step
+        assert not caplog.text
+        for _ in range(2):
+            model(batch, labels=batch).loss.backward()
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("meft_ds: the meft adapter of layer 0 trains, but no SparseRowAdam steps its rows")
+
+    caplog.clear()
+    monkeypatch.setattr(meft_ds.adapter, "_warned_unstepped", False)
+    with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        model = meft_ds.inject(tiny_model(), MeftConfig(num_neurons=64, top_k=4))
+        meft_ds.SparseRowAdam(meft_ds.adapters(model))
+        model(batch, labels=batch).loss.backward()
+    assert not caplog.text

@@ -19,6 +19,7 @@ from tiny_models import tiny_model, word_tokenizer
 from transformers import TrainerCallback, TrainingArguments
 
 import meft_ds
+import meft_ds.adapter
 from meft_ds import adapters
 from meft_ds.hf import MeftTrainer
 
@@ -213,3 +214,30 @@ def test_load_best_model_at_end_brings_the_row_store_back_with_the_best_checkpoi
         assert torch.equal(rows, at_best)
     for adapter, at_best in zip(adapters(trainer.model), recorder.routers_at[SAVE_EVERY], strict=True):
         assert torch.equal(adapter.router.weight, at_best)
+
+
+def test_transformers_own_trainer_is_told_that_nothing_steps_the_rows(
+    tmp_path: Path, tokenizer: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An injected model given to transformers' Trainer (not MeftTrainer) trained nothing: the rows' gradients
+    accumulated and were never applied, and with the values at zero the routers got no gradient either."""
+    from transformers import Trainer
+
+    monkeypatch.setattr(meft_ds.adapter, "_warned_unstepped", False)
+    model = meft_ds.inject(tiny_model(), MEFT)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), deepspeed=meft_json(meft=None), max_steps=2, learning_rate=LR,
+        per_device_train_batch_size=2, report_to=[], disable_tqdm=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=features(tokenizer), data_collator=collator(tokenizer))
+    rows = store_rows(model)
+    with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        trainer.train()
+    assert all(map(torch.equal, rows, store_rows(model))), "nothing stepped the rows"
+    assert "no SparseRowAdam steps its rows" in caplog.text and "meft_ds.hf.MeftTrainer" in caplog.text
+
+    caplog.clear()
+    monkeypatch.setattr(meft_ds.adapter, "_warned_unstepped", False)
+    with fresh_accelerate(), caplog.at_level(logging.WARNING, logger="meft_ds"):
+        make_trainer(tokenizer, tmp_path / "meft")[0].train()
+    assert "no SparseRowAdam" not in caplog.text
