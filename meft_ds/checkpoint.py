@@ -33,7 +33,7 @@ def save_stores(
         if rank == 0 or adapter.store.is_shard:
             adapter.store.save(directory, adapter.layer_index)
     if rank == 0:
-        state = optimizer.state_dict()
+        state = optimizer.state_dict(with_rows=False)  # the stores wrote theirs above
         payload = {"global_step": state["global_step"], "param_groups": state["param_groups"]}
         (directory / STORE_OPTIMIZER).write_text(json.dumps(payload, indent=2))
         settings = model_adapters[0].config.to_dict() | {"layers": [a.layer_index for a in model_adapters]}

@@ -55,6 +55,9 @@ class StoreRows(Protocol):
         self, row_ids: torch.Tensor
     ) -> AbstractContextManager[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]: ...
     def drop_grads(self) -> None: ...
+    def training_state(self) -> dict[str, torch.Tensor]: ...
+    def check_training_state(self, state: dict[str, torch.Tensor]) -> None: ...
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 class AdapterRows(Protocol):
@@ -66,6 +69,7 @@ class AdapterRows(Protocol):
     def drop_row_grads(self) -> None: ...
     def rows_updated(self, row_ids: torch.Tensor) -> None: ...
     def rows_to_update(self, row_ids: torch.Tensor) -> torch.Tensor | None: ...
+    def rows_changed(self) -> None: ...
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -341,13 +345,34 @@ class SparseRowAdam(torch.optim.Optimizer):
         for adapter in self.adapters:
             adapter.drop_row_grads()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Hyperparameters and the global step; rows and moments are saved with the stores."""
+    def state_dict(self, *, with_rows: bool = True) -> dict[str, Any]:
+        """Hyperparameters, the global step and, ``with_rows``, each adapter's rows with their moments and per-row
+        step counts (``"rows"``: the stores' own tensors, not copies). The rows are not parameters, so a model's
+        ``state_dict`` never holds them: this is what resuming a plain loop needs (``torch.save(opt.state_dict())``,
+        Accelerate's ``save_state`` of a prepared optimizer; before, both lost the rows silently). A store whose rows
+        are not all in this process's memory (NVMe, sharded) refuses, naming the fix. DeepSpeed's checkpoints save the
+        stores in files of their own, and take the rest ``with_rows=False``."""
         state = super().state_dict()
         state["global_step"] = self.global_step
+        if with_rows:
+            state["rows"] = [adapter.store.training_state() for adapter in self.adapters]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; with ``"rows"``, into the stores (checked against every layer first)."""
         state_dict = dict(state_dict)
+        rows = state_dict.pop("rows", None)
+        if rows is not None:
+            if len(rows) != len(self.adapters):
+                raise ValueError(
+                    f"SparseRowAdam.load_state_dict: the state holds the rows of {len(rows)} layers, this optimizer "
+                    f"steps {len(self.adapters)}. Fix: load it into the model and meft settings it was saved from."
+                )
+            for adapter, saved in zip(self.adapters, rows, strict=True):
+                adapter.store.check_training_state(saved)
         self.global_step = int(state_dict.pop("global_step"))
         super().load_state_dict(state_dict)
+        for adapter, saved in zip(self.adapters, rows or [], strict=False):
+            adapter.store.load_training_state(saved)
+            adapter.drop_row_grads()
+            adapter.rows_changed()

@@ -185,6 +185,17 @@ class RowStore(abc.ABC):
     def digest(self, into: hashlib._Hash) -> None:
         """Feed the rows and moments held here to a hash."""
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The rows, their moments and per-row step counts, as tensors (the store's own, not copies), for an
+        optimizer's ``state_dict``: what a plain loop saves to resume. Only a store that holds every row in this
+        process's memory has them to give."""
+        raise CheckpointError(
+            f"{type(self).__name__}: the rows are not all in this process's memory (the NVMe tier, or sharded over the "
+            "ranks), so SparseRowAdam.state_dict() cannot hold them. Fix: train with DeepSpeed "
+            "(meft_ds.initialize, or meft_ds.attach with Accelerate), whose checkpoints save every store tier; or "
+            "save the trained adapter alone with meft_ds.save_adapter."
+        )
+
 
 class CpuRowStore(RowStore):
     """Owns the fp32 master rows ``[row_start, row_stop)`` of one adapter in CPU memory (all ``num_rows`` unless a
@@ -275,6 +286,27 @@ class CpuRowStore(RowStore):
             target.copy_(tensors[name])
         # checkpoints written before per-row bias correction have no step counts: their rows count from 0
         self.row_steps.copy_(tensors.get("row_steps", torch.zeros_like(self.row_steps)))
+        self.drop_grads()
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        if self.is_shard:
+            return super().training_state()
+        return {"rows": self.rows, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "row_steps": self.row_steps}
+
+    def check_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """A :class:`CheckpointError` unless ``state`` (a :meth:`training_state`) fits this store."""
+        mine = self.training_state()
+        if state.keys() != mine.keys() or any(state[k].shape != mine[k].shape for k in mine):
+            saved = tuple(state["rows"].shape) if "rows" in state else sorted(state)
+            raise CheckpointError(
+                f"SparseRowAdam.load_state_dict: saved rows {saved} do not fit this layer's {tuple(self.rows.shape)} "
+                "(rows, 2, hidden size). Fix: load the state into the model and meft settings it was saved from."
+            )
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a :meth:`training_state` (:meth:`check_training_state` first); drops the gradients."""
+        for name, target in self.training_state().items():
+            target.copy_(state[name])
         self.drop_grads()
 
     def digest(self, into: hashlib._Hash) -> None:

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin
 from hf_support import MEFT, batch_loss, collator, features, fresh_accelerate, meft_json, store_rows
-from tiny_models import tiny_model, word_tokenizer
+from tiny_models import tiny_model, token_batch, word_tokenizer
 from torch.utils.data import DataLoader
 
 import meft_ds
@@ -82,3 +82,35 @@ def test_attach_trains_with_the_schedule_and_save_load_state_resume_the_run(tmp_
     assert resumed.losses == pytest.approx(straight.losses[SAVE_AT * ACCUMULATE :], rel=1e-5)
     for a, b in zip(store_rows(resumed.model), store_rows(straight.model), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_without_deepspeed_save_state_and_load_state_resume_the_rows(tmp_path: Path) -> None:
+    """Accelerate without DeepSpeed saves a prepared optimizer's state_dict: the sparse Adam's held no rows, so
+    load_state resumed the routers with untrained rows, silently."""
+
+    def prepared() -> tuple[Accelerator, Any, list[Any]]:
+        accelerator = Accelerator(cpu=True)
+        model = meft_ds.inject(tiny_model(), MEFT)
+        sparse = meft_ds.SparseRowAdam(meft_ds.adapters(model), lr=1e-2)
+        dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model, sparse, dense = accelerator.prepare(model, sparse, dense)
+        return accelerator, model, [sparse, dense]
+
+    def train(accelerator: Accelerator, model: Any, optimizers: list[Any], steps: range) -> None:
+        for step in steps:
+            batch = token_batch(batch=2, length=8, seed=step)
+            accelerator.backward(model(batch, labels=batch).loss)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad()
+
+    with fresh_accelerate():
+        straight = prepared()
+        train(*straight, range(3))
+        straight[0].save_state(str(tmp_path))
+        train(*straight, range(3, 6))
+    with fresh_accelerate():
+        resumed = prepared()
+        resumed[0].load_state(str(tmp_path))
+        train(*resumed, range(3, 6))
+    assert all(map(torch.equal, store_rows(straight[1]), store_rows(resumed[1])))

@@ -17,7 +17,7 @@ import meft_ds
 import meft_ds.aio
 import meft_ds.memory
 import meft_ds.swap
-from meft_ds import MeftConfigError, SparseRowAdam
+from meft_ds import CheckpointError, MeftConfigError, SparseRowAdam
 
 MEFT = {"num_neurons": 1024, "top_k": 8, "num_experts": 128, "n_probe": 4, "seed": 1}
 KEYS = 1024 * 64 * 4  # a layer's keys: 1024 rows x d=64 x fp32, what the tier keeps in RAM
@@ -219,6 +219,15 @@ def test_exported_nvme_adapter_reloads_in_memory(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model.eval()(batch).logits
         assert torch.equal(meft_ds.load_adapter(tiny_model(), tmp_path / "export")(batch).logits, expected)
+
+
+def test_the_sparse_adams_state_dict_refuses_rows_on_nvme_with_the_fix(tmp_path: Path) -> None:
+    """The rows of the NVMe tier are not in memory for a plain loop's torch.save: refused, not left out silently."""
+    model = train(nvme(tmp_path), steps=1)
+    optimizer = SparseRowAdam(meft_ds.adapters(model))
+    with pytest.raises(CheckpointError, match=r"^NvmeRowStore: the rows are not all in this process's memory .* Fix: "):
+        optimizer.state_dict()
+    assert "rows" not in optimizer.state_dict(with_rows=False)
 
 
 def test_engine_checkpoint_round_trip_with_the_nvme_store(tmp_path: Path) -> None:

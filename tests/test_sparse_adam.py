@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from tiny_models import tiny_model, token_batch
 
 import meft_ds
 import meft_ds.sparse_adam
-from meft_ds import MeftConfig, SparseKeyExpertAdapter, SparseRowAdam
+from meft_ds import CheckpointError, MeftConfig, SparseKeyExpertAdapter, SparseRowAdam
 from meft_ds.sparse_adam import adamw_torch_
 
 DIM = 16
@@ -123,6 +126,45 @@ def test_lr_scheduler_drives_the_learning_rate() -> None:
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == 0.125
+
+
+def plain_loop(steps: int, *, resume_from: Path | None = None, save_to: Path | None = None) -> torch.nn.Module:
+    """A tiny model trained by the README's plain loop, saved with torch.save of the state dicts, or resumed from
+    them (the routers and their AdamW from ``model``/``dense``, the rows and their moments from ``sparse``)."""
+    model = meft_ds.inject(tiny_model(), MeftConfig(num_neurons=64, top_k=4, seed=1))
+    sparse = SparseRowAdam(meft_ds.adapters(model), lr=1e-2)
+    dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    if resume_from is not None:
+        state = torch.load(resume_from, weights_only=True)
+        model.load_state_dict(state["model"])
+        dense.load_state_dict(state["dense"])
+        sparse.load_state_dict(state["sparse"])
+    for step in range(sparse.global_step, steps):
+        batch = token_batch(batch=2, length=8, seed=step)
+        model(batch, labels=batch).loss.backward()
+        for optimizer in (sparse, dense):
+            optimizer.step()
+            optimizer.zero_grad()
+        if save_to is not None and step + 1 == steps // 2:
+            state = {"model": model.state_dict(), "dense": dense.state_dict(), "sparse": sparse.state_dict()}
+            torch.save(state, save_to)
+    return model
+
+
+def test_a_plain_loop_resumes_from_the_optimizers_state_dict(tmp_path: Path) -> None:
+    """The rows are not parameters: the model's state_dict never held them, and the sparse Adam's held its
+    hyperparameters alone, so a plain loop (or Accelerate's save_state) resumed with untrained rows, silently."""
+    straight = plain_loop(6, save_to=tmp_path / "state.pt")
+    resumed = plain_loop(6, resume_from=tmp_path / "state.pt")
+    for a, b in zip(meft_ds.adapters(straight), meft_ds.adapters(resumed), strict=True):
+        assert torch.equal(a.store.rows, b.store.rows) and torch.equal(a.store.exp_avg_sq, b.store.exp_avg_sq)
+        assert torch.equal(a.router.weight, b.router.weight)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)["sparse"]
+    other = meft_ds.inject(tiny_model(), MeftConfig(num_neurons=128, top_k=4))
+    rows = other.meft_adapters["0"].store.rows.clone()
+    with pytest.raises(CheckpointError, match=r"saved rows \(64, 2, 64\) do not fit this layer's \(128, 2, 64\)"):
+        SparseRowAdam(meft_ds.adapters(other)).load_state_dict(state)
+    assert torch.equal(other.meft_adapters["0"].store.rows, rows), "checked before anything loads"
 
 
 def test_state_dict_round_trip_keeps_global_step() -> None:
