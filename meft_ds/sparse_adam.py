@@ -345,16 +345,19 @@ class SparseRowAdam(torch.optim.Optimizer):
         for adapter in self.adapters:
             adapter.drop_row_grads()
 
-    def state_dict(self, *, with_rows: bool = True) -> dict[str, Any]:
+    def state_dict(self, *, with_rows: bool | None = None) -> dict[str, Any]:
         """Hyperparameters, the global step and, ``with_rows``, each adapter's rows with their moments and per-row
         step counts (``"rows"``: the stores' own tensors, not copies). The rows are not parameters, so a model's
         ``state_dict`` never holds them: this is what resuming a plain loop needs (``torch.save(opt.state_dict())``,
         Accelerate's ``save_state`` of a prepared optimizer; before, both lost the rows silently). A store whose rows
-        are not all in this process's memory (NVMe, sharded) refuses, naming the fix. DeepSpeed's checkpoints save the
-        stores in files of their own, and take the rest ``with_rows=False``."""
+        are not all in this process's memory (NVMe, sharded) refuses, naming the fix.
+
+        ``with_rows`` defaults to whether this optimizer has stepped: before, the rows are the model's own, and
+        Accelerate's ``prepare`` reads a fresh optimizer's state to move it to the device (the whole store would
+        travel there and back). DeepSpeed's checkpoints save the stores in files of their own, ``with_rows=False``."""
         state = super().state_dict()
         state["global_step"] = self.global_step
-        if with_rows:
+        if with_rows if with_rows is not None else self.global_step > 0:
             state["rows"] = [adapter.store.training_state() for adapter in self.adapters]
         return state
 

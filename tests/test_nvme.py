@@ -225,6 +225,8 @@ def test_the_sparse_adams_state_dict_refuses_rows_on_nvme_with_the_fix(tmp_path:
     """The rows of the NVMe tier are not in memory for a plain loop's torch.save: refused, not left out silently."""
     model = train(nvme(tmp_path), steps=1)
     optimizer = SparseRowAdam(meft_ds.adapters(model))
+    assert "rows" not in optimizer.state_dict(), "a fresh optimizer's state (Accelerate's prepare reads it)"
+    optimizer.step()
     with pytest.raises(CheckpointError, match=r"^NvmeRowStore: the rows are not all in this process's memory .* Fix: "):
         optimizer.state_dict()
     assert "rows" not in optimizer.state_dict(with_rows=False)
