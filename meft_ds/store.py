@@ -196,6 +196,23 @@ class RowStore(abc.ABC):
             "save the trained adapter alone with meft_ds.save_adapter."
         )
 
+    def check_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """A :class:`CheckpointError` unless ``state`` (a :meth:`training_state`) fits this store."""
+        mine = self.training_state()
+        if state.keys() != mine.keys() or any(state[k].shape != mine[k].shape for k in mine):
+            saved = tuple(state["rows"].shape) if "rows" in state else sorted(state)
+            raise CheckpointError(
+                f"SparseRowAdam.load_state_dict: saved rows {saved} do not fit this layer's "
+                f"{tuple(mine['rows'].shape)} (rows, 2, hidden size). Fix: load the state into the model and meft "
+                "settings it was saved from."
+            )
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a :meth:`training_state` (:meth:`check_training_state` first); drops the gradients."""
+        for name, target in self.training_state().items():
+            target.copy_(state[name])
+        self.drop_grads()
+
 
 class CpuRowStore(RowStore):
     """Owns the fp32 master rows ``[row_start, row_stop)`` of one adapter in CPU memory (all ``num_rows`` unless a
@@ -292,22 +309,6 @@ class CpuRowStore(RowStore):
         if self.is_shard:
             return super().training_state()
         return {"rows": self.rows, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "row_steps": self.row_steps}
-
-    def check_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        """A :class:`CheckpointError` unless ``state`` (a :meth:`training_state`) fits this store."""
-        mine = self.training_state()
-        if state.keys() != mine.keys() or any(state[k].shape != mine[k].shape for k in mine):
-            saved = tuple(state["rows"].shape) if "rows" in state else sorted(state)
-            raise CheckpointError(
-                f"SparseRowAdam.load_state_dict: saved rows {saved} do not fit this layer's {tuple(self.rows.shape)} "
-                "(rows, 2, hidden size). Fix: load the state into the model and meft settings it was saved from."
-            )
-
-    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore a :meth:`training_state` (:meth:`check_training_state` first); drops the gradients."""
-        for name, target in self.training_state().items():
-            target.copy_(state[name])
-        self.drop_grads()
 
     def digest(self, into: hashlib._Hash) -> None:
         for tensor in (self.rows, self.exp_avg, self.exp_avg_sq):
