@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from meft_ds.distributed import row_grad_squared_norm, scale_row_grads, squared_norm
+from meft_ds.distributed import clip_coefficient, row_grad_squared_norm, scale_row_grads, squared_norm
 from meft_ds.inject import adapters
 
 
@@ -25,8 +25,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     squared = sum((squared_norm(g).item() for g in grads), 0.0) + row_grad_squared_norm(model_adapters)
     norm = math.sqrt(squared)
-    coefficient = max_norm / (norm + 1e-6)
-    if coefficient < 1.0 and math.isfinite(norm):
+    coefficient = clip_coefficient(norm, max_norm)
+    if coefficient is not None:
         for grad in grads:
             grad.mul_(coefficient)
         scale_row_grads(model_adapters, coefficient)

@@ -17,6 +17,7 @@ All layers travel together, each layer's row ids offset by ``position * r``.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,13 @@ def row_grad_squared_norm(adapters: list[SparseKeyExpertAdapter]) -> float:
     if adapters:
         squared = adapters[0].store.sum_over_shards(squared)
     return float(squared)
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float | None:
+    """The factor that brings gradients of ``norm`` down to ``max_norm``, as torch clips; ``None`` where there is
+    nothing to scale: the norm is within the bound, or not finite (the step is skipped then)."""
+    coefficient = max_norm / (norm + 1e-6)
+    return coefficient if coefficient < 1.0 and math.isfinite(norm) else None
 
 
 def scale_row_grads(adapters: list[SparseKeyExpertAdapter], factor: float) -> None:

@@ -45,6 +45,7 @@ from meft_ds.checkpoint import (
     save_stores,
 )
 from meft_ds.distributed import (
+    clip_coefficient,
     exchange_row_grads,
     row_grad_squared_norm,
     scale_row_grads,
@@ -275,9 +276,9 @@ class MeftPlugin:
         squared += row_grad_squared_norm(self.adapters)
         norm = math.sqrt(squared)
         self.last_grad_norm = norm
-        coefficient = max_norm / (norm + 1e-6)
-        if coefficient >= 1.0 or not math.isfinite(norm):
-            return  # non-finite: the engine detects the overflow and skips the step
+        coefficient = clip_coefficient(norm, max_norm)
+        if coefficient is None:
+            return  # (non-finite: the engine detects the overflow and skips the step)
         for param, grad in dense:
             safe_set_full_grad(param, grad * coefficient)
         scale_row_grads(self.adapters, coefficient)
@@ -286,8 +287,8 @@ class MeftPlugin:
         """Clip the rows' gradients by their own norm (``last_grad_norm``); ``max_norm=inf`` only measures it."""
         norm = math.sqrt(row_grad_squared_norm(self.adapters))
         self.last_grad_norm = norm
-        coefficient = max_norm / (norm + 1e-6)
-        if coefficient >= 1.0 or not math.isfinite(norm):
+        coefficient = clip_coefficient(norm, max_norm)
+        if coefficient is None:
             return
         scale_row_grads(self.adapters, coefficient)
 

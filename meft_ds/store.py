@@ -277,9 +277,12 @@ class CpuRowStore(RowStore):
     def file_name(self, layer_index: int) -> str:
         return f"layer_{layer_index}.safetensors"
 
+    def _held(self) -> dict[str, torch.Tensor]:
+        """The rows held here, their moments and step counts: what a checkpoint file and an optimizer state keep."""
+        return {"rows": self.rows, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "row_steps": self.row_steps}
+
     def save(self, directory: Path, layer_index: int) -> None:
-        tensors = {"rows": self.rows, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
-        save_file({**tensors, "row_steps": self.row_steps}, str(directory / self.file_name(layer_index)))
+        save_file(self._held(), str(directory / self.file_name(layer_index)))
 
     def check_saved(self, directory: Path, layer_index: int) -> None:
         file = directory / self.file_name(layer_index)
@@ -306,9 +309,7 @@ class CpuRowStore(RowStore):
         self.drop_grads()
 
     def training_state(self) -> dict[str, torch.Tensor]:
-        if self.is_shard:
-            return super().training_state()
-        return {"rows": self.rows, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "row_steps": self.row_steps}
+        return super().training_state() if self.is_shard else self._held()
 
     def digest(self, into: hashlib._Hash) -> None:
         for tensor in (self.rows, self.exp_avg, self.exp_avg_sq):
