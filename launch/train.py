@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -33,6 +32,7 @@ from train_args import parse_args
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
 from meft_ds.baselines import export_baseline, prepare_baseline, trainable_numel, training_bytes
+from meft_ds.checkpoint import checkpoint_step
 from meft_ds.config import merge_settings
 from meft_ds.data import DATASETS, DatasetError, load_examples, tokenize_for_training
 from meft_ds.distill import micro_batch_loss, with_teacher
@@ -94,6 +94,8 @@ def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
     fit_precision_to_cpu(ds_config)  # decided here, so that the model loads in the dtype the engine computes in
     if isinstance(ds_config.get("tensorboard"), dict):
         ds_config["tensorboard"]["output_path"] = str(output_dir / "tensorboard")
+    if args.resume_universal:  # the checkpoint latest_universal names, partitioned anew over this run's ranks
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return ds_config
 
 
@@ -213,7 +215,7 @@ def save_checkpoint(engine: Any, checkpoints: Path, keep: int) -> None:
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
     latest = (checkpoints / "latest").read_text().strip()
-    steps = {path: checkpoint_step_of(path.name) for path in checkpoints.iterdir() if path.is_dir()}
+    steps = {path: checkpoint_step(path.name) for path in checkpoints.iterdir() if path.is_dir()}
     saved = sorted((step, path) for path, step in steps.items() if step is not None)
     for _, path in saved[:-keep]:
         if path.name != latest:
@@ -265,13 +267,6 @@ def as_one_process_without_a_launcher() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def checkpoint_step_of(tag: str) -> int | None:
-    """The optimizer step of a checkpoint tag (DeepSpeed's ``global_step<N>``, which this launcher keeps), or None
-    for a tag of another form."""
-    match = re.fullmatch(r"global_step(\d+)", tag)
-    return int(match.group(1)) if match else None
-
-
 def resume_hint(checkpoints: Path, *, without: str) -> str:
     """Where a stopped run goes on from: its latest checkpoint, or ``without`` one (what to do instead)."""
     latest = checkpoints / "latest"
@@ -298,12 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     output_dir = Path(args.output_dir)
     checkpoints = output_dir / "checkpoints"
-    if args.resume and not (checkpoints / "latest").is_file():
-        raise UsageError(f"--resume: no checkpoint in {checkpoints} (no 'latest' file). Fix: drop --resume.")
-    reached = checkpoint_step_of((checkpoints / "latest").read_text().strip()) if args.resume else None
+    resume = "--resume_universal" if args.resume_universal else "--resume"
+    pointer = checkpoints / ("latest_universal" if args.resume_universal else "latest")
+    if args.resume and not pointer.is_file():
+        fix = f"convert one: python -m meft_ds.universal {checkpoints}" if args.resume_universal else "drop --resume"
+        raise UsageError(f"{resume}: no checkpoint in {checkpoints} (no '{pointer.name}' file). Fix: {fix}.")
+    tag = pointer.read_text().strip().removesuffix("_universal") if args.resume else ""
+    reached = checkpoint_step(tag)
     if reached is not None and reached >= args.max_steps:
         raise UsageError(
-            f"--resume: the run in {output_dir} has reached step {reached}, and --max_steps is {args.max_steps}: "
+            f"{resume}: the run in {output_dir} has reached step {reached}, and --max_steps is {args.max_steps}: "
             f"nothing is left to train. Fix: raise --max_steps to train on, or evaluate its export with python "
             f"launch/evaluate.py --adapter {output_dir}."
         )

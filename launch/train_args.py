@@ -103,6 +103,11 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         help="keep only the N latest checkpoints (0: all); each holds the whole row store and its moments",
     )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    parser.add_argument(
+        "--resume_universal",
+        action="store_true",
+        help="continue, on any number of ranks, from the universal checkpoint python -m meft_ds.universal made of it",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--meft",
@@ -143,6 +148,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         check_facts(args.facts, args.dataset)
     except DatasetError as error:
         parser.error(str(error))
+    args.resume = args.resume or args.resume_universal
     if args.resume and args.no_save:
         parser.error("--resume with --no_save: a --no_save run leaves no checkpoint to resume")
     return args

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.sparse_adam import SparseRowAdam
 from meft_ds.store import CheckpointError
 
+STORE_DIR = "meft"  # in a checkpoint's tag folder, beside DeepSpeed's files
 STORE_OPTIMIZER = "optimizer.json"
 STORE_SETTINGS = "meft_settings.json"  # the adapters' settings (since 2026-12-06; older checkpoints lack it)
 SHAPED_SETTINGS = ("num_neurons", "num_experts")  # they give the rows' and the routers' shapes
@@ -65,6 +67,61 @@ def load_stores(directory: Path, model_adapters: list[SparseKeyExpertAdapter], o
         adapter.drop_row_grads()
         adapter.rows_changed()
     optimizer.load_state_dict({"state": {}, **state})
+
+
+# --------------------------------------------------------------------------- which checkpoint, and whether it fits
+def latest_tag(load_dir: Path, *, universal: bool) -> str | None:
+    """The tag DeepSpeed's ``load_checkpoint`` resumes from when given none: ``latest``'s, or under
+    ``"checkpoint": {"load_universal": true}`` ``latest_universal``'s. A :class:`CheckpointError` where the universal
+    one is older than ``latest`` (a run resumed from a universal checkpoint and saved again, the setting left on: every
+    restart would go back to the universal one)."""
+    pointer = load_dir / ("latest_universal" if universal else "latest")
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    newer = (load_dir / "latest").read_text().strip() if universal and (load_dir / "latest").is_file() else ""
+    newer_step, step = checkpoint_step(newer), checkpoint_step(tag.removesuffix("_universal"))
+    if newer_step is not None and step is not None and newer_step > step:
+        raise CheckpointError(
+            f"{load_dir}: checkpoint.load_universal resumes from {tag}, but a later checkpoint, {newer}, was saved "
+            f"since. Fix: to resume from {newer} with as many ranks as saved it, remove load_universal from the "
+            f"DeepSpeed config's checkpoint section (launch/train.py: --resume, not --resume_universal); with another "
+            f"number of ranks, convert it first: "
+            f"python -m meft_ds.universal {load_dir / newer}."
+        )
+    return tag
+
+
+def checkpoint_step(tag: str) -> int | None:
+    """The optimizer step of a checkpoint tag (DeepSpeed's ``global_step<N>``), or None for a tag of another form."""
+    found = re.fullmatch(r"global_step(\d+)", tag)
+    return int(found.group(1)) if found else None
+
+
+def check_world_size(tag_dir: Path, world_size: int, *, universal: bool) -> None:
+    """A :class:`CheckpointError` with the fix where ``tag_dir``'s ZeRO optimizer state is partitioned over another
+    number of data-parallel ranks than ``world_size`` (DeepSpeed cannot repartition it; its universal checkpoint can).
+    The row stores load at any number of ranks (:meth:`meft_ds.store.CpuRowStore.load`)."""
+    saved = len(list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    if universal or saved in (0, world_size):
+        return
+    raise CheckpointError(
+        f"{tag_dir}: ZeRO's optimizer state was saved by {saved} data-parallel ranks, and this run has {world_size}. "
+        f"Fix: convert it to a universal checkpoint (python -m meft_ds.universal {tag_dir}: DeepSpeed's converter, "
+        'with the row stores) and resume with "checkpoint": {"load_universal": true} in the DeepSpeed config '
+        f"(launch/train.py: --resume_universal); or resume with {saved} ranks."
+    )
+
+
+def check_has_stores(tag_dir: Path) -> None:
+    """A :class:`CheckpointError` where a checkpoint folder holds DeepSpeed's files but not meft_ds's."""
+    if tag_dir.is_dir() and not (tag_dir / STORE_DIR).is_dir():
+        raise CheckpointError(
+            f"{tag_dir}: no {STORE_DIR}/ folder (the row stores) beside DeepSpeed's files: a checkpoint saved without "
+            "meft_ds attached, or converted by DeepSpeed's ds_to_universal alone, which leaves it out. Fix: resume "
+            f"from a checkpoint the plugin saved; to convert one, use python -m meft_ds.universal (it copies "
+            f"{STORE_DIR}/)."
+        )
 
 
 # --------------------------------------------------------------------------- the frozen base model

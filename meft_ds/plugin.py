@@ -36,10 +36,14 @@ from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 from torch import nn
 
 from meft_ds.checkpoint import (
+    STORE_DIR,
     base_sample,
     check_base_sample,
+    check_has_stores,
     check_stores,
+    check_world_size,
     has_base_sample,
+    latest_tag,
     load_stores,
     save_base_sample,
     save_stores,
@@ -56,7 +60,6 @@ from meft_ds.files import atomic_file, publish_directory, recover_directory
 from meft_ds.sparse_adam import SparseRowAdam
 from meft_ds.store import CheckpointError
 
-STORE_DIR = "meft"
 logger = logging.getLogger("meft_ds")
 # the methods by which DeepSpeed's fp16 optimizers decide that a step overflowed: ``has_overflow`` on ZeRO 1-3's
 # optimizers and on the ``overflow_checker`` of ZeRO stage 0's FP16_Optimizer / FP16_UnfusedOptimizer (which also
@@ -369,16 +372,18 @@ class MeftPlugin:
         those the run was saved with (compared by a sample, :func:`meft_ds.checkpoint.check_base_sample`), and the
         adapters' shapes those of the checkpoint (:func:`meft_ds.checkpoint.check_stores`): a :class:`CheckpointError`
         before anything is loaded otherwise."""
-        latest = Path(load_dir) / "latest"
-        if tag is None and latest.is_file():
-            tag = latest.read_text().strip()
+        universal = self.engine.load_universal_checkpoint()
+        if tag is None:
+            tag = latest_tag(Path(load_dir), universal=universal)
         if tag is not None and dist.get_rank() == 0:
             recover_directory(Path(load_dir) / str(tag))
         dist.barrier()
         stores = Path(load_dir) / str(tag) / STORE_DIR
-        if tag is not None and has_base_sample(stores):
-            check_base_sample(stores, self._frozen_sample())
         if tag is not None and stores.parent.is_dir():  # else DeepSpeed finds no checkpoint and loads nothing
+            check_has_stores(stores.parent)
+            check_world_size(stores.parent, self.engine.dp_world_size, universal=universal)
+            if has_base_sample(stores):
+                check_base_sample(stores, self._frozen_sample())
             check_stores(stores, self.adapters)
         if "custom_load_fn" not in kwargs:
             kwargs["custom_load_fn"] = functools.partial(_load_module, strict=load_module_strict)

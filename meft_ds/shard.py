@@ -38,7 +38,7 @@ from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.ops import local_world_size
 from meft_ds.routing import score_probed_keys
 from meft_ds.stats import TrafficStats
-from meft_ds.store import CpuRowStore
+from meft_ds.store import CpuRowStore, shard_file_name
 from meft_ds.transfer import narrowest_index_dtype
 
 logger = logging.getLogger("meft_ds")
@@ -284,4 +284,4 @@ class ShardedRowStore(CpuRowStore):
 
     # ------------------------------------------------------------------ files: each rank writes its part
     def file_name(self, layer_index: int) -> str:
-        return f"layer_{layer_index}.shard_{self.rank}_of_{self.world_size}.safetensors"
+        return shard_file_name(layer_index, self.rank, self.world_size)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from meft_ds.accumulator import RowGradAccumulator
 from meft_ds.ops import cpu_kernels, kernel_threads
@@ -285,27 +285,32 @@ class CpuRowStore(RowStore):
         save_file(self._held(), str(directory / self.file_name(layer_index)))
 
     def check_saved(self, directory: Path, layer_index: int) -> None:
-        file = directory / self.file_name(layer_index)
-        if not file.exists():
+        pieces = saved_pieces(directory, layer_index)
+        shapes = {path.name: saved_rows_shape(path) for _, path in pieces}
+        total = sum(shape[0] for shape in shapes.values())
+        if any(shape[1:] != (2, self.dim) for shape in shapes.values()) or total != self.num_rows:
             raise CheckpointError(
-                f"{file}: the checkpoint has no row store for layer {layer_index} here. Fix: resume with the same "
-                "meft.layers, meft.store settings and number of ranks as the run that wrote it."
-            )
-        with safe_open(str(file), framework="pt") as saved:
-            shape = tuple(saved.get_slice("rows").get_shape())
-        if shape != tuple(self.rows.shape):
-            raise CheckpointError(
-                f"{file}: rows have shape {shape} but layer {layer_index} holds {tuple(self.rows.shape)} (rows, 2, "
-                "hidden size). Fix: resume with the meft settings, model and number of ranks of the run that wrote "
-                "the checkpoint."
+                f"{directory}: layer {layer_index}'s saved rows {shapes} do not make the ({self.num_rows}, 2, "
+                f"{self.dim}) (rows, 2, hidden size) it holds. Fix: resume with the meft settings and model of the run "
+                "that wrote the checkpoint."
             )
 
     def load(self, directory: Path, layer_index: int) -> None:
-        tensors = load_file(str(directory / self.file_name(layer_index)))
-        for name, target in (("rows", self.rows), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            target.copy_(tensors[name])
-        # checkpoints written before per-row bias correction have no step counts: their rows count from 0
-        self.row_steps.copy_(tensors.get("row_steps", torch.zeros_like(self.row_steps)))
+        """Read this store's rows ``[row_start, row_stop)`` from the saved files that hold them, whatever number of
+        ranks wrote them: a whole layer's file or every rank's shard (only the rows held here are read)."""
+        for start, path in saved_pieces(directory, layer_index):
+            with safe_open(str(path), framework="pt") as saved:
+                stop = start + saved.get_slice("rows").get_shape()[0]
+                lo, hi = max(start, self.row_start), min(stop, self.row_stop)
+                if lo >= hi:
+                    continue
+                names = set(saved.keys())
+                for name, target in self._held().items():
+                    held = target[lo - self.row_start : hi - self.row_start]
+                    if name in names:
+                        held.copy_(saved.get_slice(name)[lo - start : hi - start])
+                    else:  # checkpoints written before per-row bias correction have no step counts: rows count from 0
+                        held.zero_()
         self.drop_grads()
 
     def training_state(self) -> dict[str, torch.Tensor]:
@@ -314,3 +319,47 @@ class CpuRowStore(RowStore):
     def digest(self, into: hashlib._Hash) -> None:
         for tensor in (self.rows, self.exp_avg, self.exp_avg_sq):
             into.update(memoryview(tensor.contiguous().numpy()))
+
+
+def shard_file_name(layer_index: int, rank: int, world_size: int) -> str:
+    """The file of ``rank``'s part of ``layer_index``'s rows, in a checkpoint of ``world_size`` sharded ranks."""
+    return f"layer_{layer_index}.shard_{rank}_of_{world_size}.safetensors"
+
+
+def saved_pieces(directory: Path, layer_index: int) -> list[tuple[int, Path]]:
+    """The files holding ``layer_index``'s rows in a checkpoint ``directory``, each with its first row: the whole
+    layer's (a replicated store's, written by one rank) or every rank's shard of one sharded run, in row order. A
+    :class:`CheckpointError` where there is none, or a shard is missing."""
+    whole = directory / f"layer_{layer_index}.safetensors"
+    if whole.is_file():
+        return [(0, whole)]
+    shards = sorted(directory.glob(f"layer_{layer_index}.shard_*_of_*.safetensors"))
+    worlds = {int(path.name.rsplit("_of_", 1)[1].split(".")[0]) for path in shards}
+    if not shards:
+        raise CheckpointError(
+            f"{directory}: the checkpoint has no row store for layer {layer_index}. Fix: resume with the same "
+            "meft.layers and meft.store.device as the run that wrote it."
+        )
+    if len(worlds) > 1:
+        raise CheckpointError(
+            f"{directory}: layer {layer_index}'s rows are saved by sharded runs of {sorted(worlds)} ranks, one "
+            "checkpoint over another. Fix: resume from a checkpoint folder one run wrote."
+        )
+    world = worlds.pop()
+    paths = [directory / shard_file_name(layer_index, rank, world) for rank in range(world)]
+    missing = [path.name for path in paths if not path.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: the shards {missing} of layer {layer_index}'s rows are missing (each of the {world} ranks "
+            "that wrote the checkpoint saves its own). Fix: copy every rank's files into the checkpoint folder."
+        )
+    pieces, start = [], 0
+    for path in paths:
+        pieces.append((start, path))
+        start += saved_rows_shape(path)[0]
+    return pieces
+
+
+def saved_rows_shape(path: Path) -> tuple[int, ...]:
+    with safe_open(str(path), framework="pt") as saved:
+        return tuple(saved.get_slice("rows").get_shape())

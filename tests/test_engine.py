@@ -435,7 +435,7 @@ def test_loading_from_a_folder_without_a_checkpoint_changes_nothing(tmp_path) ->
         ({"num_experts": 16}, r"meft\.num_experts is 32 in the checkpoint, 16 in this run\. Fix: resume with the"),
         (  # a checkpoint without the settings (written before they were saved): its row files tell
             {"num_neurons": 128, "settings": None},
-            r"layer_0\.safetensors: rows have shape \(64, 2, 64\) but layer 0 holds \(128, 2, 64\).* Fix: resume",
+            r"layer 0's saved rows \{'layer_0\.safetensors': \(64, 2, 64\)\} do not make the \(128, 2, 64\).* Fix",
         ),
     ],
     ids=["rows", "routers", "older checkpoint"],

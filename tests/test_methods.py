@@ -9,15 +9,15 @@ import platform
 from pathlib import Path
 
 import pytest
+from launcher_support import EVAL, TINY_RUN, launch, metrics, model_dirs, results, write_config
 from safetensors.torch import load_file
-from test_launcher import EVAL, TINY_RUN, launch, metrics, model_dirs, results, write_config
 from tiny_models import tiny_model
 
 from meft_ds.data import facts_dataset
 from meft_ds.probe import probe_examples
 from meft_ds.rehearsal import QUESTIONS as REHEARSAL
 
-__all__ = ["model_dirs"]  # the launcher tests' module-scoped fixture, used here too
+__all__ = ["model_dirs"]  # the module-scoped fixture of launcher_support, used here
 
 # --method: one short run of each baseline on the tiny LLaMA (d=64, FFN 128, 2 layers), with trainable values and
 # device bytes counted by hand: LoRA r=4 on gate/up/down = 4 (64+128) per matrix, 3 per layer; the parallel adapter's
