@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine import LR, MEFT, batches, ds_config, train_with_engine
+from engine_support import LR, MEFT, batches, ds_config, train_with_engine
 from test_evaluation import ReferenceAnswerer
 from tiny_models import tiny_model, token_batch, word_tokenizer
 
