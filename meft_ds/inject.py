@@ -25,10 +25,10 @@ from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.aio import aio_queues
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.memory import check_store_fits, store_bytes
+from meft_ds.nvme_folder import check_files_free, check_nvme_path
 from meft_ds.ops import local_world_size
 from meft_ds.pinned import PinnedBuffers
 from meft_ds.shard import resolve_shard
-from meft_ds.swap import check_files_free, check_nvme_path
 
 ADAPTERS_ATTR = "meft_adapters"
 logger = logging.getLogger("meft_ds")

@@ -66,7 +66,7 @@ def check_store_fits(config: MeftConfig, num_layers: int, dim: int, *, available
 
 def check_nvme_ram(config: MeftConfig, num_layers: int, dim: int, available: int) -> None:
     """The NVMe tier's RAM budget holds every layer's keys and read buffers, and fits in memory."""
-    from meft_ds.swap import nvme_ram_needed  # the tier's own arithmetic (and only needed with it)
+    from meft_ds.nvme_folder import nvme_ram_needed  # the tier's own arithmetic (and only needed with it)
 
     budget = int(config.store.ram_budget_mb * 2**20)
     needed = num_layers * nvme_ram_needed(config.num_neurons, dim)

@@ -203,7 +203,7 @@ def test_writes_in_flight_complete_before_their_queues_are_destroyed(tmp_path: P
 
 def test_store_at_its_smallest_budget_trains_like_the_in_memory_store(tmp_path: Path) -> None:
     """A read area of two blocks of values: chunks of one block, a block of moments read in the whole area."""
-    smallest = 2 * meft_ds.swap.nvme_ram_needed(1024, 64) / 2**20
+    smallest = 2 * meft_ds.nvme_folder.nvme_ram_needed(1024, 64) / 2**20
     in_memory = train(None, steps=2, batch=2, length=16)
     on_nvme = train(nvme(tmp_path, ram_mb=smallest), steps=2, batch=2, length=16)
     for memory, disk in zip(meft_ds.adapters(in_memory), meft_ds.adapters(on_nvme), strict=True):
