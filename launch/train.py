@@ -296,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     resume = "--resume_universal" if args.resume_universal else "--resume"
     pointer = checkpoints / ("latest_universal" if args.resume_universal else "latest")
     if args.resume and not pointer.is_file():
-        fix = f"convert one: python -m meft_ds.universal {checkpoints}" if args.resume_universal else "drop --resume"
+        fix = "drop --resume"
+        if args.resume_universal:
+            fix = f"convert one: python -m meft_ds.universal {checkpoints} (a ZeRO stage 0 run needs none: --resume)"
         raise UsageError(f"{resume}: no checkpoint in {checkpoints} (no '{pointer.name}' file). Fix: {fix}.")
     tag = pointer.read_text().strip().removesuffix("_universal") if args.resume else ""
     reached = checkpoint_step(tag)

@@ -40,8 +40,9 @@ def convert_to_universal(checkpoint: Path) -> Path:
     check_has_stores(checkpoint)
     if not any(checkpoint.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")):
         raise CheckpointError(
-            f"{checkpoint}: nothing to convert: its optimizer state is not partitioned over the ranks (ZeRO stage 0, "
-            "without bf16), so it resumes at any number of ranks as it is."
+            f"{checkpoint}: nothing to convert: its optimizer state is not partitioned over the ranks (no "
+            "*zero_pp_rank_* files, as ZeRO stage 0 saves it), so it resumes at any number of ranks as it is "
+            "(launch/train.py: --resume)."
         )
     root, name = checkpoint.parent, f"{checkpoint.name}_universal"
     staging = root / f".staging-{name}"  # DeepSpeed's converter writes its own latest_universal beside its output
