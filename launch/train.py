@@ -55,6 +55,7 @@ from meft_ds.training import (
     MetricsLog,
     MicroBatchStream,
     UsageError,
+    changed_batch_warning,
     free_port,
     parse_overrides,
     progress_bar,
@@ -208,7 +209,7 @@ def save_checkpoint(engine: Any, checkpoints: Path, keep: int) -> None:
     (0: all): each holds the whole row store and its moments (1.7 GB for the demo, tens of GB for a 7B model), so
     keeping every one fills the disk. Older ones go once every rank has written the new one, deleted by each node's
     local rank 0 (ranks sharing a file system overlook what another already removed)."""
-    engine.save_checkpoint(str(checkpoints))
+    engine.save_checkpoint(str(checkpoints), client_state={"global_batch": engine.train_batch_size()})
     if not keep:
         return
     dist.barrier()
@@ -377,8 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         (None, None) if args.no_eval_before else evaluate(model, tokenizer, eval_examples, probe_examples, args)
     )
     if args.resume:
-        engine.load_checkpoint(str(checkpoints))
+        _, client_state = engine.load_checkpoint(str(checkpoints))
         logger.info("resumed at step %d", engine.global_steps)
+        saved_batch = (client_state or {}).get("global_batch")
+        if changed := changed_batch_warning(saved_batch, engine.train_batch_size(), engine.global_steps):
+            logger.warning(changed)
 
     log = MetricsLog(output_dir, enabled=rank == 0, start_step=engine.global_steps, monitor=engine.monitor)
     first_step, fetched_before = engine.global_steps, meft_ds.stats(model)["rows_fetched"]

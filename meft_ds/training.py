@@ -129,6 +129,25 @@ class MicroBatchStream:
         return [self._order(p // self.num_examples)[p % self.num_examples] for p in positions]
 
 
+def changed_batch_warning(saved_batch: int | None, batch: int, step: int) -> str | None:
+    """What a run resumed at ``step`` with ``batch`` examples a step (micro-batch x accumulation x ranks) must be told
+    where the checkpoint trained with ``saved_batch``: the batch order is a function of the step
+    (:class:`MicroBatchStream`), so it goes on from another example than the one the run had reached. None where the
+    batch is the same (or the checkpoint, older, does not say)."""
+    if saved_batch is None or saved_batch == batch:
+        return None
+    reached, goes_on = step * saved_batch, step * batch
+    skipped = f"skips examples {reached}-{goes_on - 1} of its stream"
+    repeated = f"sees examples {goes_on}-{reached - 1} of its stream again"
+    what = skipped if goes_on > reached else repeated
+    return (
+        f"resumed at step {step} with {batch} examples a step (micro-batch x accumulation x ranks), where the "
+        f"checkpoint trained with {saved_batch}: the data order goes by the step, so this run {what}. To go "
+        f"on where it stopped, keep --micro_batch_size x --gradient_accumulation_steps x ranks at "
+        f"{saved_batch}."
+    )
+
+
 def progress_bar(total: int, *, initial: int = 0, enabled: bool = True) -> tqdm:
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from meft_ds.checkpoint import check_world_size, latest_tag
 from meft_ds.store import CheckpointError, CpuRowStore, shard_file_name
+from meft_ds.training import changed_batch_warning
 from meft_ds.universal import convert_to_universal
 
 __all__ = ["model_dirs"]  # the module-scoped fixture of launcher_support, used here
@@ -118,6 +119,15 @@ def test_the_converter_refuses_what_it_cannot_convert(tmp_path: Path) -> None:
         convert_to_universal(tmp_path)
 
 
+def test_a_resumed_run_with_another_global_batch_is_told_which_examples_it_skips_or_repeats() -> None:
+    assert changed_batch_warning(8, 8, 3) is None and changed_batch_warning(None, 16, 3) is None  # same, or not saved
+    assert "with 16 examples a step (micro-batch x accumulation x ranks), where the checkpoint trained with 8: " in (
+        changed_batch_warning(8, 16, 3) or ""
+    )
+    assert "so this run skips examples 24-47 of its stream." in (changed_batch_warning(8, 16, 3) or "")
+    assert "so this run sees examples 12-23 of its stream again." in (changed_batch_warning(8, 4, 3) or "")
+
+
 @pytest.mark.slow
 def test_a_two_rank_sharded_run_resumes_on_one_rank_through_a_universal_checkpoint(
     tmp_path: Path, model_dirs: dict[str, Path]
@@ -130,8 +140,8 @@ def test_a_two_rank_sharded_run_resumes_on_one_rank_through_a_universal_checkpoi
     launch(*common, tmp_path / "one", "--max_steps", "6", *one_rank)
     launch(*common, tmp_path / "cut", "--max_steps", "3", "--meft", 'store={"shard": true}', ranks=2)
 
-    def resume(how: str, steps: int) -> subprocess.CompletedProcess:
-        command = launcher_command(*common, tmp_path / "cut", "--max_steps", steps, *one_rank, how)
+    def resume(how: str, steps: int, *extra: str) -> subprocess.CompletedProcess:
+        command = launcher_command(*common, tmp_path / "cut", "--max_steps", steps, *one_rank, how, *extra)
         return subprocess.run(command, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=900)
 
     refused = resume("--resume", 6)  # ZeRO's state of 2 ranks, not converted
@@ -146,8 +156,14 @@ def test_a_two_rank_sharded_run_resumes_on_one_rank_through_a_universal_checkpoi
     )
     a, b = (saved_rows(tmp_path / name / "checkpoints" / "global_step6" / "meft") for name in ("cut", "one"))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert "examples a step" not in resumed.stderr  # 4 x 1 x 2 ranks, then 4 x 2 x 1 rank: the same global batch
     again = resume("--resume_universal", 8)  # the same command again, after the resumed run saved step 6
     assert again.returncode == 2 and "a later checkpoint, global_step6, was saved since. Fix: " in again.stderr
+    halved = resume("--resume", 7, "--gradient_accumulation_steps", "1")  # the checkpoint says what it trained with
+    assert halved.returncode == 0, halved.stderr[-3000:]
+    assert "with 4 examples a step (micro-batch x accumulation x ranks), where the checkpoint trained with 8" in (
+        halved.stderr
+    )
 
 
 def saved_rows(directory: Path) -> torch.Tensor:
