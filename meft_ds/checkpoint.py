@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from meft_ds.store import CheckpointError
 STORE_DIR = "meft"  # in a checkpoint's tag folder, beside DeepSpeed's files
 STORE_OPTIMIZER = "optimizer.json"
 STORE_SETTINGS = "meft_settings.json"  # the adapters' settings (since 2026-12-06; older checkpoints lack it)
+PARTITIONED_STATE = "*zero_pp_rank_*_mp_rank_00_optim_states.pt"  # ZeRO's optimizer state, a file per saving rank
 SHAPED_SETTINGS = ("num_neurons", "num_experts")  # they give the rows' and the routers' shapes
 BASE_SAMPLE = "base_model_sample.pt"
 SAMPLES_PER_TENSOR = 64
@@ -70,26 +72,46 @@ def load_stores(directory: Path, model_adapters: list[SparseKeyExpertAdapter], o
 
 
 # --------------------------------------------------------------------------- which checkpoint, and whether it fits
-def latest_tag(load_dir: Path, *, universal: bool) -> str | None:
-    """The tag DeepSpeed's ``load_checkpoint`` resumes from when given none: ``latest``'s, or under
-    ``"checkpoint": {"load_universal": true}`` ``latest_universal``'s. A :class:`CheckpointError` where the universal
-    one is older than ``latest`` (a run resumed from a universal checkpoint and saved again, the setting left on: every
-    restart would go back to the universal one)."""
-    pointer = load_dir / ("latest_universal" if universal else "latest")
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    newer = (load_dir / "latest").read_text().strip() if universal and (load_dir / "latest").is_file() else ""
-    newer_step, step = checkpoint_step(newer), checkpoint_step(tag.removesuffix("_universal"))
+def tag_to_load(load_dir: Path, tag: Any, *, universal: bool) -> str | None:
+    """The checkpoint ``load_checkpoint(load_dir, tag)`` loads. Without a tag, DeepSpeed's: the one ``latest`` names,
+    or under ``"checkpoint": {"load_universal": true}`` the one ``latest_universal`` names. Under ``load_universal``,
+    a tag that is not a universal checkpoint stands for its conversion, ``<tag>_universal`` (Accelerate's
+    ``load_state`` names its tag, ``pytorch_model``, itself). A :class:`CheckpointError` where the universal checkpoint
+    is older than ``latest`` (a run resumed from one and saved again, the setting left on: every restart would go back
+    to it), or a partitioned one has no conversion."""
+    tag = None if tag is None else str(tag)  # DeepSpeed takes any tag, and names the folder str(tag)
+    if tag is None:
+        pointer = load_dir / ("latest_universal" if universal else "latest")
+        tag = pointer.read_text().strip() if pointer.is_file() else None
+        if tag is not None and universal:
+            _check_newer_than(load_dir, tag)
+    folder = load_dir / str(tag)
+    if tag is None or not universal or (folder / "zero").is_dir() or not holds_partitioned_state(folder):
+        return tag
+    if (load_dir / f"{tag}_universal").is_dir():
+        return f"{tag}_universal"
+    raise CheckpointError(
+        f"{folder}: checkpoint.load_universal is set, but this is not a universal checkpoint (no zero/ folder) and "
+        f"has no conversion beside it. Fix: python -m meft_ds.universal {folder}; or, to resume with as many ranks "
+        "as saved it, remove load_universal from the DeepSpeed config's checkpoint section."
+    )
+
+
+def _check_newer_than(load_dir: Path, universal_tag: str) -> None:
+    newer = (load_dir / "latest").read_text().strip() if (load_dir / "latest").is_file() else ""
+    newer_step, step = checkpoint_step(newer), checkpoint_step(universal_tag.removesuffix("_universal"))
     if newer_step is not None and step is not None and newer_step > step:
         raise CheckpointError(
-            f"{load_dir}: checkpoint.load_universal resumes from {tag}, but a later checkpoint, {newer}, was saved "
-            f"since. Fix: to resume from {newer} with as many ranks as saved it, remove load_universal from the "
+            f"{load_dir}: checkpoint.load_universal resumes from {universal_tag}, but a later checkpoint, {newer}, was "
+            f"saved since. Fix: to resume from {newer} with as many ranks as saved it, remove load_universal from the "
             f"DeepSpeed config's checkpoint section (launch/train.py: --resume, not --resume_universal); with another "
-            f"number of ranks, convert it first: "
-            f"python -m meft_ds.universal {load_dir / newer}."
+            f"number of ranks, convert it first: python -m meft_ds.universal {load_dir / newer}."
         )
-    return tag
+
+
+def holds_partitioned_state(folder: Path) -> bool:
+    """Whether a checkpoint folder holds ZeRO's optimizer state partitioned over the ranks that saved it."""
+    return any(folder.glob(PARTITIONED_STATE))
 
 
 def checkpoint_step(tag: str) -> int | None:
@@ -102,7 +124,7 @@ def check_world_size(tag_dir: Path, world_size: int, *, universal: bool) -> None
     """A :class:`CheckpointError` with the fix where ``tag_dir``'s ZeRO optimizer state is partitioned over another
     number of data-parallel ranks than ``world_size`` (DeepSpeed cannot repartition it; its universal checkpoint can).
     The row stores load at any number of ranks (:meth:`meft_ds.store.CpuRowStore.load`)."""
-    saved = len(list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    saved = len(list(tag_dir.glob(PARTITIONED_STATE)))
     if universal or saved in (0, world_size):
         return
     raise CheckpointError(

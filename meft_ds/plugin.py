@@ -43,10 +43,10 @@ from meft_ds.checkpoint import (
     check_stores,
     check_world_size,
     has_base_sample,
-    latest_tag,
     load_stores,
     save_base_sample,
     save_stores,
+    tag_to_load,
 )
 from meft_ds.distributed import (
     clip_coefficient,
@@ -373,8 +373,7 @@ class MeftPlugin:
         adapters' shapes those of the checkpoint (:func:`meft_ds.checkpoint.check_stores`): a :class:`CheckpointError`
         before anything is loaded otherwise."""
         universal = self.engine.load_universal_checkpoint()
-        if tag is None:
-            tag = latest_tag(Path(load_dir), universal=universal)
+        tag = tag_to_load(Path(load_dir), tag, universal=universal)
         if tag is not None and dist.get_rank() == 0:
             recover_directory(Path(load_dir) / str(tag))
         dist.barrier()

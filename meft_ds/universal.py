@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meft_ds.checkpoint import STORE_DIR, check_has_stores
+from meft_ds.checkpoint import STORE_DIR, check_has_stores, holds_partitioned_state
 from meft_ds.files import atomic_file, publish_directory, recover_directory
 from meft_ds.store import CheckpointError
 from meft_ds.training import run_cli
@@ -38,7 +38,7 @@ def convert_to_universal(checkpoint: Path) -> Path:
             "checkpoints holding 'latest', or one of its global_step* folders."
         )
     check_has_stores(checkpoint)
-    if not any(checkpoint.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")):
+    if not holds_partitioned_state(checkpoint):
         raise CheckpointError(
             f"{checkpoint}: nothing to convert: its optimizer state is not partitioned over the ranks (no "
             "*zero_pp_rank_* files, as ZeRO stage 0 saves it), so it resumes at any number of ranks as it is "

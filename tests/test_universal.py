@@ -12,7 +12,7 @@ import torch
 from launcher_support import LAUNCH_ENV, ROOT, TINY_RUN, launch, launcher_command, metrics, model_dirs, write_config
 from safetensors.torch import load_file
 
-from meft_ds.checkpoint import check_world_size, latest_tag
+from meft_ds.checkpoint import check_world_size, tag_to_load
 from meft_ds.store import CheckpointError, CpuRowStore, shard_file_name
 from meft_ds.training import changed_batch_warning
 from meft_ds.universal import convert_to_universal
@@ -89,13 +89,26 @@ def test_saved_shards_that_do_not_make_a_layer_are_refused(tmp_path: Path) -> No
 
 def test_the_universal_pointer_is_refused_once_a_later_checkpoint_was_saved(tmp_path: Path) -> None:
     (tmp_path / "latest").write_text("global_step3")
-    assert latest_tag(tmp_path, universal=False) == "global_step3"
-    assert latest_tag(tmp_path, universal=True) is None  # no universal checkpoint: DeepSpeed says so
+    assert tag_to_load(tmp_path, None, universal=False) == "global_step3"
+    assert tag_to_load(tmp_path, None, universal=True) is None  # no universal checkpoint: DeepSpeed says so
     (tmp_path / "latest_universal").write_text("global_step3_universal")
-    assert latest_tag(tmp_path, universal=True) == "global_step3_universal"
+    assert tag_to_load(tmp_path, None, universal=True) == "global_step3_universal"
     (tmp_path / "latest").write_text("global_step9")  # the resumed run saved again, the setting left on
     with pytest.raises(CheckpointError, match=r"later checkpoint, global_step9, was saved since\. Fix: .*remove "):
-        latest_tag(tmp_path, universal=True)
+        tag_to_load(tmp_path, None, universal=True)
+
+
+def test_a_named_tag_stands_for_its_universal_conversion_under_load_universal(tmp_path: Path) -> None:
+    """As Accelerate's load_state names its tag, pytorch_model, itself."""
+    saved = tmp_path / "pytorch_model"
+    saved.mkdir()
+    (saved / "zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
+    assert tag_to_load(tmp_path, "pytorch_model", universal=False) == "pytorch_model"
+    with pytest.raises(CheckpointError, match=r"not a universal checkpoint .* Fix: python -m meft_ds\.universal "):
+        tag_to_load(tmp_path, "pytorch_model", universal=True)
+    (tmp_path / "pytorch_model_universal" / "zero").mkdir(parents=True)
+    assert tag_to_load(tmp_path, "pytorch_model", universal=True) == "pytorch_model_universal"
+    assert tag_to_load(tmp_path, "pytorch_model_universal", universal=True) == "pytorch_model_universal"
 
 
 def test_zero_state_of_another_number_of_ranks_is_refused_unless_universal(tmp_path: Path) -> None:
