@@ -50,3 +50,4 @@ for step, batch in enumerate(itertools.islice(loader, start, args.max_steps), st
 # the trained adapter, for inference (MeftModel.from_pretrained): every process calls it, so that a sharded row store
 # (ds_configs/meft_sharded.json) is gathered; the main process writes
 meft_ds.save_adapter(accelerator.unwrap_model(model), args.output_dir)
+accelerator.end_training()  # process groups closed while the interpreter is whole (gloo's threads may abort otherwise)
