@@ -14,7 +14,14 @@ from meft_ds.export import save_adapter
 from meft_ds.export_load import load_adapter
 from meft_ds.host_memory import keep_freed_host_memory
 from meft_ds.inference import InferenceOnlyError, for_inference, for_training
-from meft_ds.inject import UnsupportedModelError, adapters, inject, register_ffn, supported_model_types
+from meft_ds.inject import (
+    UnsupportedModelError,
+    adapters,
+    disable_adapters,
+    inject,
+    register_ffn,
+    supported_model_types,
+)
 from meft_ds.meft_model import MeftModel
 from meft_ds.ops import read_cpu_info_once
 from meft_ds.plugin import MeftPlugin
@@ -45,6 +52,7 @@ __all__ = [
     "adapters",
     "attach",
     "clip_grad_norm_",
+    "disable_adapters",
     "exchange_row_grads",
     "fit_background",
     "for_inference",

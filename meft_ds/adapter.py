@@ -274,6 +274,7 @@ class SparseKeyExpertAdapter(nn.Module):
         self.prefetch_target: SparseKeyExpertAdapter | None = None
         self.rows_pre_retrieved = False  # an earlier adapter pre-retrieves this one's rows
         self.pending: PendingRouting | None = None  # set between the FFN's pre-hook and hook
+        self.disabled = False  # the FFN's hooks skip the adapter (meft_ds.disable_adapters)
         self._prefetch_routing: PendingRouting | None = None  # started by the source layer's begin
         self._prefetched: ChosenRows | None = None
         self.serving: ServingRows | None = None

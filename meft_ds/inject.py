@@ -9,10 +9,11 @@ is an ``nn.Sequential`` would otherwise run its new child as one more stage.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,8 @@ def _begin_adapter(
     adapter: SparseKeyExpertAdapter, layer: nn.Module, ffn: nn.Module, args: tuple, kwargs: dict
 ) -> None:
     """Before the FFN: the router runs and the routing inputs start for the host (see SparseKeyExpertAdapter)."""
+    if adapter.disabled:
+        return
     if layer.training and getattr(layer, "gradient_checkpointing", False) and torch.is_grad_enabled():
         adapter.config.check_activation_checkpointing()  # enabled after inject (e.g. by the HF Trainer)
     adapter.pending = adapter.begin(_ffn_input(args, kwargs))
@@ -179,6 +182,8 @@ def _add_adapter_output(
     adapter: SparseKeyExpertAdapter, ffn: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
 ) -> torch.Tensor:
     """After the FFN (its kernels queued): route, fetch and add the adapter's output."""
+    if adapter.disabled:
+        return output
     pending, adapter.pending = adapter.pending, None
     hidden = _ffn_input(args, kwargs)
     return output + adapter.finish(hidden, pending if pending is not None else adapter.begin(hidden))
@@ -213,6 +218,29 @@ def adapters(model: nn.Module) -> list[SparseKeyExpertAdapter]:
     """The model's adapters, in layer order."""
     found = [m for m in model.modules() if isinstance(m, SparseKeyExpertAdapter)]
     return sorted(found, key=lambda a: a.layer_index)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Within the block ``model`` (or the engine holding it) computes as its base model: the FFNs' hooks skip the
+    adapters, so nothing is routed, fetched or given a gradient. PEFT's ``disable_adapter()``: e.g. a DPO reference
+    model's log-probabilities from the policy in training, without a second copy of the model and its row store. A
+    forward run in the block computes the base model's activations: where activation checkpointing recomputes them
+    in the backward, run that backward in the block too."""
+    found = adapters(model)
+    if not found:
+        raise MeftConfigError(
+            f"disable_adapters: {type(model).__name__} has no meft adapters. Fix: pass the model meft_ds.inject (or "
+            "meft_ds.initialize, MeftTrainer) added them to."
+        )
+    before = [adapter.disabled for adapter in found]
+    for adapter in found:
+        adapter.disabled = True
+    try:
+        yield
+    finally:
+        for adapter, disabled in zip(found, before, strict=True):
+            adapter.disabled = disabled
 
 
 def warn_settings_not_used(model: nn.Module, given: MeftConfig, *, from_argument: bool) -> None:

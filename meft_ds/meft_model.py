@@ -14,6 +14,7 @@ PEFT's call shapes. Everything else (``forward``, ``generate``, ``config``, ``de
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from torch import nn
 from meft_ds.config import MeftConfig
 from meft_ds.export import DEFAULT_MAX_SHARD_SIZE, BaseModelWrapper, save_adapter, save_peft_adapters
 from meft_ds.export_load import load_with_peft
-from meft_ds.inject import adapters, inject
+from meft_ds.inject import adapters, disable_adapters, inject
 
 
 class MeftModel(BaseModelWrapper):
@@ -57,6 +58,10 @@ class MeftModel(BaseModelWrapper):
         directory = save_adapter(self.base_model, path, max_shard_size=max_shard_size, is_main_process=is_main_process)
         save_peft_adapters(self.base_model, directory, is_main_process=is_main_process)
         return directory
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager:
+        """``with model.disable_adapter():`` the base model's outputs (:func:`meft_ds.disable_adapters`), as PEFT's."""
+        return disable_adapters(self.base_model)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
