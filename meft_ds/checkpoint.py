@@ -84,7 +84,7 @@ def tag_to_load(load_dir: Path, tag: Any, *, universal: bool) -> str | None:
         pointer = load_dir / ("latest_universal" if universal else "latest")
         tag = pointer.read_text().strip() if pointer.is_file() else None
         if tag is not None and universal:
-            _check_newer_than(load_dir, tag)
+            _check_not_older_than_latest(load_dir, tag)
     folder = load_dir / str(tag)
     if tag is None or not universal or (folder / "zero").is_dir() or not holds_partitioned_state(folder):
         return tag
@@ -97,7 +97,7 @@ def tag_to_load(load_dir: Path, tag: Any, *, universal: bool) -> str | None:
     )
 
 
-def _check_newer_than(load_dir: Path, universal_tag: str) -> None:
+def _check_not_older_than_latest(load_dir: Path, universal_tag: str) -> None:
     newer = (load_dir / "latest").read_text().strip() if (load_dir / "latest").is_file() else ""
     newer_step, step = checkpoint_step(newer), checkpoint_step(universal_tag.removesuffix("_universal"))
     if newer_step is not None and step is not None and newer_step > step:
