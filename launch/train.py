@@ -27,7 +27,7 @@ import deepspeed
 import torch
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
-from train_args import parse_args
+from train_args import check_output_dir, parse_args
 
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
@@ -294,26 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     output_dir = Path(args.output_dir)
     checkpoints = output_dir / "checkpoints"
-    resume = "--resume_universal" if args.resume_universal else "--resume"
-    pointer = checkpoints / ("latest_universal" if args.resume_universal else "latest")
-    if args.resume and not pointer.is_file():
-        fix = "drop --resume"
-        if args.resume_universal:
-            fix = f"convert one: python -m meft_ds.universal {checkpoints} (a ZeRO stage 0 run needs none: --resume)"
-        raise UsageError(f"{resume}: no checkpoint in {checkpoints} (no '{pointer.name}' file). Fix: {fix}.")
-    tag = pointer.read_text().strip().removesuffix("_universal") if args.resume else ""
-    reached = checkpoint_step(tag)
-    if reached is not None and reached >= args.max_steps:
-        raise UsageError(
-            f"{resume}: the run in {output_dir} has reached step {reached}, and --max_steps is {args.max_steps}: "
-            f"nothing is left to train. Fix: raise --max_steps to train on, or evaluate its export with python "
-            f"launch/evaluate.py --adapter {output_dir}."
-        )
-    if not args.resume and (checkpoints / "latest").is_file():
-        raise UsageError(
-            f"--output_dir {output_dir} already holds a run (checkpoints/latest). Fix: add --resume to "
-            "continue it, or choose another --output_dir."
-        )
+    check_output_dir(args, output_dir, checkpoints)
 
     # everything that can be wrong with the inputs fails here, before the model loads
     try:

@@ -4,11 +4,14 @@ anything loads (each error names the option and the fix; exit code 2)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from meft_ds import rehearsal
 from meft_ds.baselines import METHODS
+from meft_ds.checkpoint import checkpoint_step
 from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts
 from meft_ds.models import BUILTIN_MODEL
+from meft_ds.training import UsageError
 
 # The built-in demo's settings: tuned so that the 135M model memorises the synthetic facts within ~10 CPU minutes.
 # SPEC.md's paper settings (lr 1e-4, effective batch 64, 256 tokens) are for real tasks on a GPU; see README.
@@ -152,3 +155,28 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     if args.resume and args.no_save:
         parser.error("--resume with --no_save: a --no_save run leaves no checkpoint to resume")
     return args
+
+
+def check_output_dir(args: argparse.Namespace, output_dir: Path, checkpoints: Path) -> None:
+    """A :class:`UsageError` naming the fix where ``--output_dir`` and ``--resume`` disagree: nothing to resume (or no
+    universal conversion to resume from), nothing left to train, or a run already there without ``--resume``."""
+    resume = "--resume_universal" if args.resume_universal else "--resume"
+    pointer = checkpoints / ("latest_universal" if args.resume_universal else "latest")
+    if args.resume and not pointer.is_file():
+        fix = "drop --resume"
+        if args.resume_universal:
+            fix = f"convert one: python -m meft_ds.universal {checkpoints} (a ZeRO stage 0 run needs none: --resume)"
+        raise UsageError(f"{resume}: no checkpoint in {checkpoints} (no '{pointer.name}' file). Fix: {fix}.")
+    tag = pointer.read_text().strip().removesuffix("_universal") if args.resume else ""
+    reached = checkpoint_step(tag)
+    if reached is not None and reached >= args.max_steps:
+        raise UsageError(
+            f"{resume}: the run in {output_dir} has reached step {reached}, and --max_steps is {args.max_steps}: "
+            f"nothing is left to train. Fix: raise --max_steps to train on, or evaluate its export with python "
+            f"launch/evaluate.py --adapter {output_dir}."
+        )
+    if not args.resume and (checkpoints / "latest").is_file():
+        raise UsageError(
+            f"--output_dir {output_dir} already holds a run (checkpoints/latest). Fix: add --resume to "
+            "continue it, or choose another --output_dir."
+        )
