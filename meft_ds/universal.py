@@ -29,6 +29,8 @@ from meft_ds.training import run_cli
 def convert_to_universal(checkpoint: Path) -> Path:
     """Convert ``checkpoint`` (a tag folder, or a folder of checkpoints whose ``latest`` names one) and point
     ``latest_universal`` at the result, ``<tag>_universal`` beside it; returns its path."""
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: no such folder. Fix: name a folder of checkpoints, or one of them.")
     if (checkpoint / "latest").is_file():
         checkpoint = checkpoint / (checkpoint / "latest").read_text().strip()
     recover_directory(checkpoint)

@@ -122,6 +122,8 @@ def test_zero_state_of_another_number_of_ranks_is_refused_unless_universal(tmp_p
 
 
 def test_the_converter_refuses_what_it_cannot_convert(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"no such folder\. Fix: "):
+        convert_to_universal(tmp_path / "missing")
     with pytest.raises(CheckpointError, match=r"not a DeepSpeed checkpoint \(no mp_rank_00_model_states\.pt\)"):
         convert_to_universal(tmp_path)
     (tmp_path / "mp_rank_00_model_states.pt").touch()
