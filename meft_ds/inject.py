@@ -233,6 +233,20 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             f"disable_adapters: {type(model).__name__} has no meft adapters. Fix: pass the model meft_ds.inject (or "
             "meft_ds.initialize, MeftTrainer) added them to."
         )
+    inside = {id(a) for a in found}
+    targets = {id(a.prefetch_target) for a in found if a.prefetch_target is not None}
+    split = [
+        a.layer_index
+        for a in found
+        if (a.rows_pre_retrieved and id(a) not in targets)
+        or (a.prefetch_target is not None and id(a.prefetch_target) not in inside)
+    ]
+    if split:
+        raise MeftConfigError(
+            f"disable_adapters: the adapters of layers {split} pre-retrieve rows for, or from, adapters outside "
+            f"{type(model).__name__} (meft.prefetch_layers), which would be left with rows fetched for a forward that "
+            "never used them. Fix: pass the whole model."
+        )
     before = [adapter.disabled for adapter in found]
     for adapter in found:
         adapter.disabled = True

@@ -73,3 +73,12 @@ def test_a_model_without_adapters_is_refused() -> None:
     refused = r"disable_adapters: LlamaForCausalLM has no meft adapters\. Fix: "
     with pytest.raises(MeftConfigError, match=refused), meft_ds.disable_adapters(tiny_model()):
         pass
+
+
+def test_part_of_a_chain_of_pre_retrieving_adapters_is_refused() -> None:
+    model = meft_ds.inject(tiny_model(layers=3), {**MEFT, "prefetch_layers": 1})
+    refused = r"layers \[1\] pre-retrieve rows for, or from, adapters outside SparseKeyExpertAdapter"
+    with pytest.raises(MeftConfigError, match=refused), meft_ds.disable_adapters(meft_ds.adapters(model)[1]):
+        pass
+    with meft_ds.disable_adapters(model):  # the whole chain
+        assert all(adapter.disabled for adapter in meft_ds.adapters(model))
