@@ -1,5 +1,5 @@
 """The sharded row store, across 2 real processes (torchrun, gloo); MeftTrainer's save_model gathers it; a plain
-loop of 2 ranks (tests/ddp_driver.py)."""
+loop of 2 ranks (tests/ddp_driver.py), also with FSDP (tests/fsdp_driver.py)."""
 
 from __future__ import annotations
 
@@ -36,3 +36,7 @@ def test_sharded_store_operations_equal_the_replicated_store_and_the_trainer_sav
 
 def test_a_plain_loop_of_several_ranks_must_average_the_rows_gradients() -> None:
     run_driver("ddp_driver.py")
+
+
+def test_a_plain_loop_with_fsdp_trains_as_with_ddp() -> None:
+    run_driver("fsdp_driver.py")
