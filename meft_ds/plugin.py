@@ -370,8 +370,10 @@ class MeftPlugin:
         (:meth:`save_checkpoint`'s default) leaves them as the model has them; ``load_module_strict`` then holds for
         the trainable ones: each must be in the checkpoint, and nothing else may be. The frozen parameters must be
         those the run was saved with (compared by a sample, :func:`meft_ds.checkpoint.check_base_sample`), and the
-        adapters' shapes those of the checkpoint (:func:`meft_ds.checkpoint.check_stores`): a :class:`CheckpointError`
-        before anything is loaded otherwise."""
+        adapters' shapes those of the checkpoint (:func:`meft_ds.checkpoint.check_stores`), and ZeRO's state saved by
+        as many ranks as this run has, unless ``"checkpoint": {"load_universal": true}`` loads a universal one
+        (:func:`meft_ds.checkpoint.tag_to_load` picks which; ``python -m meft_ds.universal`` makes it): a
+        :class:`CheckpointError` before anything is loaded otherwise. The row stores load at any number of ranks."""
         universal = self.engine.load_universal_checkpoint()
         tag = tag_to_load(Path(load_dir), tag, universal=universal)
         if tag is not None and dist.get_rank() == 0:
