@@ -8,7 +8,7 @@ from pathlib import Path
 
 from meft_ds import rehearsal
 from meft_ds.baselines import METHODS
-from meft_ds.checkpoint import checkpoint_step
+from meft_ds.checkpoint import UNIVERSAL_SUFFIX, checkpoint_step, tag_to_load
 from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts
 from meft_ds.models import BUILTIN_MODEL
 from meft_ds.training import UsageError
@@ -161,14 +161,14 @@ def check_output_dir(args: argparse.Namespace, output_dir: Path, checkpoints: Pa
     """A :class:`UsageError` naming the fix where ``--output_dir`` and ``--resume`` disagree: nothing to resume (or no
     universal conversion to resume from), nothing left to train, or a run already there without ``--resume``."""
     resume = "--resume_universal" if args.resume_universal else "--resume"
-    pointer = checkpoints / ("latest_universal" if args.resume_universal else "latest")
-    if args.resume and not pointer.is_file():
-        fix = "drop --resume"
+    tag = tag_to_load(checkpoints, None, universal=args.resume_universal) if args.resume else ""
+    if tag is None:
+        pointer, fix = "latest", "drop --resume"
         if args.resume_universal:
+            pointer = "latest_universal"
             fix = f"convert one: python -m meft_ds.universal {checkpoints} (a ZeRO stage 0 run needs none: --resume)"
-        raise UsageError(f"{resume}: no checkpoint in {checkpoints} (no '{pointer.name}' file). Fix: {fix}.")
-    tag = pointer.read_text().strip().removesuffix("_universal") if args.resume else ""
-    reached = checkpoint_step(tag)
+        raise UsageError(f"{resume}: no checkpoint in {checkpoints} (no '{pointer}' file). Fix: {fix}.")
+    reached = checkpoint_step(tag.removesuffix(UNIVERSAL_SUFFIX))
     if reached is not None and reached >= args.max_steps:
         raise UsageError(
             f"{resume}: the run in {output_dir} has reached step {reached}, and --max_steps is {args.max_steps}: "

@@ -18,6 +18,7 @@ from meft_ds.sparse_adam import SparseRowAdam
 from meft_ds.store import CheckpointError
 
 STORE_DIR = "meft"  # in a checkpoint's tag folder, beside DeepSpeed's files
+UNIVERSAL_SUFFIX = "_universal"  # a universal checkpoint's tag: its source's, with this (meft_ds.universal)
 STORE_OPTIMIZER = "optimizer.json"
 STORE_SETTINGS = "meft_settings.json"  # the adapters' settings (since 2026-12-06; older checkpoints lack it)
 PARTITIONED_STATE = "*zero_pp_rank_*_mp_rank_00_optim_states.pt"  # ZeRO's optimizer state, a file per saving rank
@@ -88,8 +89,8 @@ def tag_to_load(load_dir: Path, tag: Any, *, universal: bool) -> str | None:
     folder = load_dir / str(tag)
     if tag is None or not universal or (folder / "zero").is_dir() or not holds_partitioned_state(folder):
         return tag
-    if (load_dir / f"{tag}_universal").is_dir():
-        return f"{tag}_universal"
+    if (load_dir / f"{tag}{UNIVERSAL_SUFFIX}").is_dir():
+        return f"{tag}{UNIVERSAL_SUFFIX}"
     raise CheckpointError(
         f"{folder}: checkpoint.load_universal is set, but this is not a universal checkpoint (no zero/ folder) and "
         f"has no conversion beside it. Fix: python -m meft_ds.universal {folder}; or, to resume with as many ranks "
@@ -99,7 +100,7 @@ def tag_to_load(load_dir: Path, tag: Any, *, universal: bool) -> str | None:
 
 def _check_not_older_than_latest(load_dir: Path, universal_tag: str) -> None:
     newer = (load_dir / "latest").read_text().strip() if (load_dir / "latest").is_file() else ""
-    newer_step, step = checkpoint_step(newer), checkpoint_step(universal_tag.removesuffix("_universal"))
+    newer_step, step = checkpoint_step(newer), checkpoint_step(universal_tag.removesuffix(UNIVERSAL_SUFFIX))
     if newer_step is not None and step is not None and newer_step > step:
         raise CheckpointError(
             f"{load_dir}: checkpoint.load_universal resumes from {universal_tag}, but a later checkpoint, {newer}, was "

@@ -20,7 +20,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meft_ds.checkpoint import STORE_DIR, check_has_stores, holds_partitioned_state
+from meft_ds.checkpoint import (
+    STORE_DIR,
+    UNIVERSAL_SUFFIX,
+    check_has_stores,
+    holds_partitioned_state,
+    tag_to_load,
+)
 from meft_ds.files import atomic_file, publish_directory, recover_directory
 from meft_ds.store import CheckpointError
 from meft_ds.training import run_cli
@@ -31,8 +37,9 @@ def convert_to_universal(checkpoint: Path) -> Path:
     ``latest_universal`` at the result, ``<tag>_universal`` beside it; returns its path."""
     if not checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: no such folder. Fix: name a folder of checkpoints, or one of them.")
-    if (checkpoint / "latest").is_file():
-        checkpoint = checkpoint / (checkpoint / "latest").read_text().strip()
+    latest = tag_to_load(checkpoint, None, universal=False)
+    if latest is not None:  # a folder of checkpoints
+        checkpoint = checkpoint / latest
     recover_directory(checkpoint)
     if not (checkpoint / "mp_rank_00_model_states.pt").is_file():
         raise CheckpointError(
@@ -46,7 +53,7 @@ def convert_to_universal(checkpoint: Path) -> Path:
             "*zero_pp_rank_* files, as ZeRO stage 0 saves it), so it resumes at any number of ranks as it is "
             "(launch/train.py: --resume)."
         )
-    root, name = checkpoint.parent, f"{checkpoint.name}_universal"
+    root, name = checkpoint.parent, f"{checkpoint.name}{UNIVERSAL_SUFFIX}"
     staging = root / f".staging-{name}"  # DeepSpeed's converter writes its own latest_universal beside its output
     shutil.rmtree(staging, ignore_errors=True)
     output = staging / name
