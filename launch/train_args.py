@@ -159,7 +159,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
 
 def check_output_dir(args: argparse.Namespace, output_dir: Path, checkpoints: Path) -> None:
     """A :class:`UsageError` naming the fix where ``--output_dir`` and ``--resume`` disagree: nothing to resume (or no
-    universal conversion to resume from), nothing left to train, or a run already there without ``--resume``."""
+    universal conversion to resume from), nothing left to train, or a run already there without ``--resume``; a
+    :class:`meft_ds.CheckpointError` where ``--resume_universal`` would go back to a universal checkpoint older than
+    the run's latest (:func:`meft_ds.checkpoint.tag_to_load`)."""
     resume = "--resume_universal" if args.resume_universal else "--resume"
     tag = tag_to_load(checkpoints, None, universal=args.resume_universal) if args.resume else ""
     if tag is None:
