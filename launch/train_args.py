@@ -8,7 +8,7 @@ from pathlib import Path
 
 from meft_ds import rehearsal
 from meft_ds.baselines import METHODS
-from meft_ds.checkpoint import UNIVERSAL_SUFFIX, checkpoint_step, tag_to_load
+from meft_ds.checkpoint import UNIVERSAL_POINTER, UNIVERSAL_SUFFIX, checkpoint_step, tag_to_load
 from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts
 from meft_ds.models import BUILTIN_MODEL
 from meft_ds.training import UsageError
@@ -167,7 +167,7 @@ def check_output_dir(args: argparse.Namespace, output_dir: Path, checkpoints: Pa
     if tag is None:
         pointer, fix = "latest", "drop --resume"
         if args.resume_universal:
-            pointer = "latest_universal"
+            pointer = UNIVERSAL_POINTER
             fix = f"convert one: python -m meft_ds.universal {checkpoints} (a ZeRO stage 0 run needs none: --resume)"
         raise UsageError(f"{resume}: no checkpoint in {checkpoints} (no '{pointer}' file). Fix: {fix}.")
     reached = checkpoint_step(tag.removesuffix(UNIVERSAL_SUFFIX))

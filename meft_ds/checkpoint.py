@@ -19,6 +19,7 @@ from meft_ds.store import CheckpointError
 
 STORE_DIR = "meft"  # in a checkpoint's tag folder, beside DeepSpeed's files
 UNIVERSAL_SUFFIX = "_universal"  # a universal checkpoint's tag: its source's, with this (meft_ds.universal)
+UNIVERSAL_POINTER = "latest_universal"  # DeepSpeed's pointer to the universal checkpoint to load
 STORE_OPTIMIZER = "optimizer.json"
 STORE_SETTINGS = "meft_settings.json"  # the adapters' settings (since 2026-12-06; older checkpoints lack it)
 PARTITIONED_STATE = "*zero_pp_rank_*_mp_rank_00_optim_states.pt"  # ZeRO's optimizer state, a file per saving rank
@@ -82,7 +83,7 @@ def tag_to_load(load_dir: Path, tag: Any, *, universal: bool) -> str | None:
     to it), or a partitioned one has no conversion."""
     tag = None if tag is None else str(tag)  # DeepSpeed takes any tag, and names the folder str(tag)
     if tag is None:
-        pointer = load_dir / ("latest_universal" if universal else "latest")
+        pointer = load_dir / (UNIVERSAL_POINTER if universal else "latest")
         tag = pointer.read_text().strip() if pointer.is_file() else None
         if tag is not None and universal:
             _check_not_older_than_latest(load_dir, tag)

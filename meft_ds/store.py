@@ -285,8 +285,7 @@ class CpuRowStore(RowStore):
         save_file(self._held(), str(directory / self.file_name(layer_index)))
 
     def check_saved(self, directory: Path, layer_index: int) -> None:
-        pieces = saved_pieces(directory, layer_index)
-        shapes = {path.name: saved_rows_shape(path) for _, path in pieces}
+        shapes = {path.name: shape for _, shape, path in saved_pieces(directory, layer_index)}
         total = sum(shape[0] for shape in shapes.values())
         if any(shape[1:] != (2, self.dim) for shape in shapes.values()) or total != self.num_rows:
             raise CheckpointError(
@@ -298,12 +297,11 @@ class CpuRowStore(RowStore):
     def load(self, directory: Path, layer_index: int) -> None:
         """Read this store's rows ``[row_start, row_stop)`` from the saved files that hold them, whatever number of
         ranks wrote them: a whole layer's file or every rank's shard (only the rows held here are read)."""
-        for start, path in saved_pieces(directory, layer_index):
+        for start, shape, path in saved_pieces(directory, layer_index):
+            lo, hi = max(start, self.row_start), min(start + shape[0], self.row_stop)
+            if lo >= hi:
+                continue
             with safe_open(str(path), framework="pt") as saved:
-                stop = start + saved.get_slice("rows").get_shape()[0]
-                lo, hi = max(start, self.row_start), min(stop, self.row_stop)
-                if lo >= hi:
-                    continue
                 names = set(saved.keys())
                 for name, target in self._held().items():
                     held = target[lo - self.row_start : hi - self.row_start]
@@ -326,13 +324,14 @@ def shard_file_name(layer_index: int, rank: int, world_size: int) -> str:
     return f"layer_{layer_index}.shard_{rank}_of_{world_size}.safetensors"
 
 
-def saved_pieces(directory: Path, layer_index: int) -> list[tuple[int, Path]]:
-    """The files holding ``layer_index``'s rows in a checkpoint ``directory``, each with its first row: the whole
-    layer's (a replicated store's, written by one rank) or every rank's shard of one sharded run, in row order. A
-    :class:`CheckpointError` where there is none, or a shard is missing."""
+def saved_pieces(directory: Path, layer_index: int) -> list[tuple[int, tuple[int, ...], Path]]:
+    """The files holding ``layer_index``'s rows in a checkpoint ``directory``, each with its first row and the shape
+    of its rows (read from the file's header): the whole layer's (a replicated store's, written by one rank) or every
+    rank's shard of one sharded run, in row order. A :class:`CheckpointError` where there is none, or a shard is
+    missing."""
     whole = directory / f"layer_{layer_index}.safetensors"
     if whole.is_file():
-        return [(0, whole)]
+        return [(0, _saved_rows_shape(whole), whole)]
     shards = sorted(directory.glob(f"layer_{layer_index}.shard_*_of_*.safetensors"))
     worlds = {int(path.name.rsplit("_of_", 1)[1].split(".")[0]) for path in shards}
     if not shards:
@@ -355,11 +354,12 @@ def saved_pieces(directory: Path, layer_index: int) -> list[tuple[int, Path]]:
         )
     pieces, start = [], 0
     for path in paths:
-        pieces.append((start, path))
-        start += saved_rows_shape(path)[0]
+        shape = _saved_rows_shape(path)
+        pieces.append((start, shape, path))
+        start += shape[0]
     return pieces
 
 
-def saved_rows_shape(path: Path) -> tuple[int, ...]:
+def _saved_rows_shape(path: Path) -> tuple[int, ...]:
     with safe_open(str(path), framework="pt") as saved:
         return tuple(saved.get_slice("rows").get_shape())

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from meft_ds.checkpoint import (
     STORE_DIR,
+    UNIVERSAL_POINTER,
     UNIVERSAL_SUFFIX,
     check_has_stores,
     holds_partitioned_state,
@@ -68,7 +69,7 @@ def convert_to_universal(checkpoint: Path) -> Path:
     shutil.copytree(checkpoint / STORE_DIR, output / STORE_DIR)
     publish_directory(output, root / name)
     shutil.rmtree(staging)
-    with atomic_file(root / "latest_universal") as temporary:
+    with atomic_file(root / UNIVERSAL_POINTER) as temporary:
         temporary.write_text(name)
     return root / name
 
