@@ -35,7 +35,7 @@ from meft_ds.export import (
     tensor_names,
     unwrap,
 )
-from meft_ds.inject import adapters, decoder_layers, holds_peft_layers, inject, locate_ffns
+from meft_ds.inject import adapters, decoder_layers, follow_peft_disable, holds_peft_layers, inject, locate_ffns
 from meft_ds.models import is_builtin_model, names_builtin_model
 from meft_ds.store import CheckpointError
 
@@ -260,7 +260,9 @@ def load_with_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             "pip install peft."
         ) from None
     _load_meft(model, directory)
-    return PeftModel.from_pretrained(model, str(folder))
+    peft_model = PeftModel.from_pretrained(model, str(folder))
+    follow_peft_disable(peft_model)
+    return peft_model
 
 
 def _load_meft(model: nn.Module, directory: str | os.PathLike) -> None:

@@ -36,7 +36,7 @@ from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.ds_config import AUTO, check_optimizer
 from meft_ds.engine import attach
 from meft_ds.export import save_adapter, save_peft_adapters
-from meft_ds.inject import adapters, inject, warn_settings_not_used, without_peft_wrapper
+from meft_ds.inject import adapters, follow_peft_disable, inject, warn_settings_not_used, without_peft_wrapper
 
 # meft keys whose default is "auto": in a "meft" section, "auto" there means "the default"
 _AUTO_DEFAULT_KEYS = frozenset(f.name for f in dataclasses.fields(MeftConfig) if f.default == AUTO)
@@ -52,15 +52,8 @@ class MeftTrainer(Trainer):
     first: ``class MySFTTrainer(MeftTrainer, SFTTrainer)``.
     """
 
-    def __init__(
-        self,
-        model: Any = None,
-        args: Any = None,
-        *positional: Any,
-        meft: MeftConfig | dict | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(model, args, *positional, **kwargs)
+    def __init__(self, *args: Any, meft: MeftConfig | dict | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # unchanged: a Trainer subclass listed after this one has its own signature
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is None:
             raise MeftConfigError(
@@ -76,8 +69,10 @@ class MeftTrainer(Trainer):
             _drop_auto_defaults(section)
         if not adapters(self.model):
             inject(self.model, meft_config)
-        elif meft is not None or section is not None:
-            warn_settings_not_used(self.model, meft_config, from_argument=meft is not None)
+        else:
+            if meft is not None or section is not None:
+                warn_settings_not_used(self.model, meft_config, from_argument=meft is not None)
+            follow_peft_disable(self.model)  # adapters injected before a subclass (TRL's peft_config) wrapped it
 
     @property
     def model_wrapped(self) -> Any:

@@ -223,10 +223,10 @@ def adapters(model: nn.Module) -> list[SparseKeyExpertAdapter]:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Within the block ``model`` (or the engine holding it) computes as its base model: the FFNs' hooks skip the
-    adapters, so nothing is routed, fetched or given a gradient. PEFT's ``disable_adapter()``: e.g. a DPO reference
-    model's log-probabilities from the policy in training, without a second copy of the model and its row store. A
-    forward run in the block computes the base model's activations: where activation checkpointing recomputes them
-    in the backward, run that backward in the block too."""
+    adapters, so nothing is routed, fetched or given a gradient, and a PEFT model's own adapters (LoRA beside MEFT) are
+    off too (PEFT's ``disable_adapter()``). E.g. a DPO reference model's log-probabilities from the policy in training,
+    without a second copy of the model and its row store. A forward run in the block computes the base model's
+    activations: where activation checkpointing recomputes them in the backward, run that backward in the block too."""
     found = adapters(model)
     if not found:
         raise MeftConfigError(
@@ -248,13 +248,31 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             "never used them. Fix: pass the whole model."
         )
     before = [adapter.disabled for adapter in found]
-    for adapter in found:
-        adapter.disabled = True
-    try:
-        yield
-    finally:
-        for adapter, disabled in zip(found, before, strict=True):
-            adapter.disabled = disabled
+    with contextlib.ExitStack() as peft_adapters_off:
+        for peft_model in _peft_models(model):  # PEFT's own method, not the one follow_peft_disable sets
+            peft_adapters_off.enter_context(type(peft_model).disable_adapter(peft_model))
+        for adapter in found:
+            adapter.disabled = True
+        try:
+            yield
+        finally:
+            for adapter, disabled in zip(found, before, strict=True):
+                adapter.disabled = disabled
+
+
+def follow_peft_disable(model: nn.Module) -> None:
+    """Make the ``disable_adapter()`` of each PEFT model in ``model`` (MEFT beside LoRA) switch MEFT's adapters off
+    as well (:func:`disable_adapters`): code written for PEFT takes that block for the base model, as TRL's DPO, KTO
+    and GRPO trainers do for their reference model when none is given; with only LoRA off, that "reference" would be
+    the policy's MEFT part, moving as it trains."""
+    for peft_model in _peft_models(model):
+        if adapters(peft_model):
+            peft_model.disable_adapter = functools.partial(disable_adapters, peft_model)
+
+
+def _peft_models(model: nn.Module) -> list[nn.Module]:
+    """The PEFT ``PeftModel`` s in ``model``: itself, or the one a ``MeftModel`` or an engine holds."""
+    return [module for module in model.modules() if without_peft_wrapper(module) is not module]
 
 
 def warn_settings_not_used(model: nn.Module, given: MeftConfig, *, from_argument: bool) -> None:
@@ -336,4 +354,5 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
     base.meft_config = config
     if callable(getattr(base, "save_pretrained", None)):  # a transformers model: see _save_pretrained
         base.save_pretrained = functools.partial(_save_pretrained, base)
+    follow_peft_disable(model)
     return model

@@ -3,8 +3,11 @@ routes and fetches nothing, and gives no gradient to rows or routers; after it, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from tiny_models import tiny_model, token_batch
 
 import meft_ds
@@ -13,10 +16,10 @@ from meft_ds import MeftConfigError, SparseRowAdam
 MEFT = {"num_neurons": 64, "top_k": 4, "seed": 3}
 
 
-def trained_model(**settings: object) -> torch.nn.Module:
-    """The tiny model with adapters (``MEFT`` and ``settings``), after 3 steps of a plain loop (values no longer
-    zero)."""
-    model = meft_ds.inject(tiny_model(), {**MEFT, **settings})
+def trained_model(base: torch.nn.Module | None = None, **settings: object) -> torch.nn.Module:
+    """``base`` (the tiny model) with adapters (``MEFT`` and ``settings``), after 3 steps of a plain loop (values no
+    longer zero)."""
+    model = meft_ds.inject(base or tiny_model(), {**MEFT, **settings})
     sparse = SparseRowAdam(meft_ds.adapters(model), lr=1e-2)
     dense = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for seed in range(3):
@@ -43,6 +46,46 @@ def test_a_trained_model_computes_as_its_base_model_in_the_block_and_adapted_aft
                            tiny_model().generate(batch[:1, :4], max_new_tokens=3, do_sample=False))  # fmt: skip
     assert meft_ds.stats(model)["rows_fetched"] == fetched, "nothing routed or fetched in the block"
     assert torch.equal(model(batch).logits, adapted)
+
+
+def test_with_lora_beside_meft_every_way_in_switches_both_off() -> None:
+    """A PEFT model's own disable_adapter() (what TRL's DPO, KTO and GRPO trainers use for the reference model when
+    none is given) switched LoRA off and left MEFT on, so that "reference" was the policy's MEFT part, moving as it
+    trained; meft_ds.disable_adapters and MeftModel.disable_adapter did the reverse."""
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # LoRA's B not zero
+    model, batch = trained_model(get_peft_model(tiny_model(), lora)), token_batch(batch=2, length=12, seed=9)
+    base, adapted = tiny_model()(batch).logits, model(batch).logits
+    ways_in: list[Callable] = [model.disable_adapter, lambda: meft_ds.disable_adapters(model),
+                               meft_ds.MeftModel(model).disable_adapter]  # fmt: skip
+    for way_in in ways_in:
+        with way_in():
+            assert torch.equal(model(batch).logits, base)
+        assert torch.equal(model(batch).logits, adapted)
+
+
+@pytest.mark.parametrize(
+    "settings", [{}, {"prefetch_layers": 1, "cache_mb": 1}], ids=["default", "rows pre-retrieved and cached"]
+)
+def test_a_forward_in_the_block_between_a_forward_and_its_backward_leaves_the_gradients_as_they_were(
+    settings: dict,
+) -> None:
+    """TRL's DPO runs the reference's forward (the block, without a gradient) after the policy's forward and before
+    its backward."""
+    batch, other = token_batch(batch=2, length=12, seed=9), token_batch(batch=2, length=12, seed=10)
+    grads = []
+    for reference_between in (False, True):
+        model = trained_model(**settings)
+        loss = model(batch, labels=batch).loss
+        if reference_between:
+            with torch.no_grad(), meft_ds.disable_adapters(model):
+                model(other)
+        loss.backward()
+        for adapter in meft_ds.adapters(model):
+            adapter.collect_row_grads()
+        grads.append([(*a.store.accumulated_grads(), a.router.weight.grad) for a in meft_ds.adapters(model)])
+    for alone, between in zip(*grads, strict=True):
+        for tensor, same in zip(alone, between, strict=True):
+            assert torch.equal(tensor, same)
 
 
 def test_a_backward_in_the_block_gives_rows_and_routers_no_gradient() -> None:

@@ -16,7 +16,7 @@ import torch
 from hf_support import MEFT, batch_loss, collator, features, fresh_accelerate, meft_json, store_rows
 from safetensors.torch import load_file
 from tiny_models import tiny_model, word_tokenizer
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import meft_ds
 import meft_ds.adapter
@@ -187,6 +187,34 @@ def test_a_peft_model_trains_lora_beside_meft_and_save_model_writes_both(tmp_pat
     batch = collator(tokenizer)(features(tokenizer, 4))
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(**batch).logits, model.eval()(**batch).logits)
+        with model.disable_adapter(), reloaded.get_base_model().disable_adapter():  # PEFT's, MEFT's adapters off too
+            assert torch.equal(reloaded(**batch).logits, tiny_model().eval()(**batch).logits)
+            assert torch.equal(model(**batch).logits, tiny_model().eval()(**batch).logits)
+
+
+def test_mixed_into_a_trainer_with_other_arguments_that_wraps_the_model_in_peft(tmp_path: Path, tokenizer: Any) -> None:
+    """MeftTrainer passed its model= and args= on as the first two positions, so a subclass listed after it with
+    others (TRL's DPOTrainer(model, ref_model, args, ...)) got args twice, once as its reference model. And a
+    subclass that wraps the model in PEFT (TRL's peft_config) after meft_ds.inject made a PEFT model whose
+    disable_adapter() left MEFT on."""
+    from peft import LoraConfig, get_peft_model
+
+    class WithReference(Trainer):
+        def __init__(self, model: Any, ref_model: Any = None, args: Any = None, **kwargs: Any) -> None:
+            self.ref_model = ref_model
+            super().__init__(get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])), args, **kwargs)
+
+    class MeftWithReference(MeftTrainer, WithReference):
+        pass
+
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=meft_json(), report_to=[])
+    reference = tiny_model()
+    trainer = MeftWithReference(model=meft_ds.inject(tiny_model(), MEFT), ref_model=reference, args=args,
+                                train_dataset=features(tokenizer))  # fmt: skip
+    assert trainer.ref_model is reference and trainer.args is args
+    with trainer.model.disable_adapter():
+        assert trainer.model._adapters_disabled and all(a.disabled for a in adapters(trainer.model))
+    assert not any(a.disabled for a in adapters(trainer.model))
 
 
 def test_load_best_model_at_end_brings_the_row_store_back_with_the_best_checkpoint(
