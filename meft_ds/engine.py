@@ -27,6 +27,7 @@ from meft_ds.ds_config import (
     section,
     validate_deepspeed_config,
 )
+from meft_ds.export import without_meft_wrapper
 from meft_ds.inject import adapters, inject, warn_settings_not_used
 from meft_ds.ops import check_build_locks
 from meft_ds.plugin import MeftPlugin
@@ -51,10 +52,12 @@ def initialize(
 
     The ``"meft"`` section comes from ``meft=`` (a dict or :class:`MeftConfig`) or from the DeepSpeed config (a
     path or dict, passed as ``config=`` or ``args.deepspeed_config``). The model gets adapters unless it has them;
-    ``model_parameters`` made before the call are fitted to them (:func:`parameters_for_engine`).
+    ``model_parameters`` made before the call are fitted to them (:func:`parameters_for_engine`). A
+    :class:`MeftModel` is taken as the model it wraps.
     """
     if model is None:
         raise MeftConfigError("initialize: model is required. Fix: pass model=your_model.")
+    model = without_meft_wrapper(model)
     source = config if config is not None else kwargs.pop("config_params", None)
     if source is None and getattr(args, "deepspeed_config", None):
         source = args.deepspeed_config

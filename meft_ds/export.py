@@ -104,6 +104,14 @@ class BaseModelWrapper(nn.Module):
     base_model: nn.Module
 
 
+def without_meft_wrapper(model: Any) -> Any:
+    """The model a :class:`meft_ds.MeftModel` wraps (the adapted model itself), else ``model``. The entry points
+    that train take a ``MeftModel`` as that model: a trainer keeps the dataset columns the model's ``forward`` names
+    (the wrapper's names none), and the wrapper would put ``base_model.`` before every parameter name a checkpoint
+    records."""
+    return model.base_model if isinstance(model, BaseModelWrapper) else model
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside a :class:`meft_ds.MeftModel`, a DeepSpeed engine, a DDP wrapper or a PEFT
     model."""

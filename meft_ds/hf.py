@@ -35,7 +35,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.ds_config import AUTO, check_optimizer
 from meft_ds.engine import attach
-from meft_ds.export import save_adapter, save_peft_adapters
+from meft_ds.export import save_adapter, save_peft_adapters, without_meft_wrapper
 from meft_ds.inject import adapters, follow_peft_disable, inject, warn_settings_not_used, without_peft_wrapper
 
 # meft keys whose default is "auto": in a "meft" section, "auto" there means "the default"
@@ -47,13 +47,20 @@ class MeftTrainer(Trainer):
 
     Takes the Trainer's arguments, plus ``meft`` (a dict or :class:`meft_ds.MeftConfig`). A model without adapters
     gets them from ``meft``, else from the ``"meft"`` section of the DeepSpeed config (``--deepspeed`` or the
-    ``accelerate launch`` config); a model that already has adapters (:func:`meft_ds.inject`) keeps them. DeepSpeed
-    must be on: it is what steps the rows. For another Trainer subclass (e.g. TRL's ``SFTTrainer``), list this class
+    ``accelerate launch`` config); a model that already has adapters (:func:`meft_ds.inject`,
+    ``MeftModel.from_pretrained``: trained on, as the model it wraps) keeps them. DeepSpeed must be on: it is what
+    steps the rows. For another Trainer subclass (e.g. TRL's ``SFTTrainer`` or ``DPOTrainer``), list this class
     first: ``class MySFTTrainer(MeftTrainer, SFTTrainer)``.
     """
 
     def __init__(self, *args: Any, meft: MeftConfig | dict | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # unchanged: a Trainer subclass listed after this one has its own signature
+        # the arguments go on as given (a Trainer subclass listed after this one has its own signature), a MeftModel
+        # as the model it wraps (see without_meft_wrapper)
+        if "model" in kwargs:
+            kwargs["model"] = without_meft_wrapper(kwargs["model"])
+        elif args:
+            args = (without_meft_wrapper(args[0]), *args[1:])
+        super().__init__(*args, **kwargs)
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is None:
             raise MeftConfigError(

@@ -183,8 +183,10 @@ def test_settings_for_a_model_that_has_adapters_are_named_where_they_take_no_eff
 ) -> None:
     """A model that already has adapters (an exported adapter reloaded to train further) keeps their settings: other
     ones passed to initialize (the sparse Adam's weight decay, another top_k) were ignored silently."""
+    loaded = meft_ds.MeftModel(tiny_model(), MEFT)  # (as MeftModel.from_pretrained returns it)
     with caplog.at_level(logging.WARNING, logger="meft_ds"):
-        meft_ds.initialize(model=meft_ds.inject(tiny_model(), MEFT), config=ds_config(2), meft=MEFT)
+        engine, *_ = meft_ds.initialize(model=loaded, config=ds_config(2), meft=MEFT)
+        assert engine.module is loaded.get_base_model()  # the model it wraps: no "base_model." in checkpoints
         assert not [r for r in caplog.records if "keep their own settings" in r.getMessage()]  # the same: no word
         given = {**MEFT, "top_k": 8, "weight_decay": 0.1}
         meft_ds.initialize(model=meft_ds.inject(tiny_model(), MEFT), config=ds_config(2), meft=given)

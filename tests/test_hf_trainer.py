@@ -192,6 +192,20 @@ def test_a_peft_model_trains_lora_beside_meft_and_save_model_writes_both(tmp_pat
             assert torch.equal(model(**batch).logits, tiny_model().eval()(**batch).logits)
 
 
+def test_a_loaded_adapter_trains_on_as_the_model_it_wraps(tmp_path: Path, tokenizer: Any) -> None:
+    """A MeftModel (MeftModel.from_pretrained) given to MeftTrainer stopped at the first batch with KeyError:
+    'input_ids': the Trainer keeps the dataset columns that the model's forward names, and the wrapper's names none."""
+    exported = meft_ds.inject(tiny_model(), MEFT)
+    for adapter in adapters(exported):
+        adapter.store.rows[:, 1].normal_(std=0.02, generator=torch.Generator().manual_seed(adapter.layer_index))
+    meft_ds.save_adapter(exported, tmp_path / "adapter")
+    loaded = meft_ds.MeftModel.from_pretrained(tiny_model(), tmp_path / "adapter")
+    trainer, _ = make_trainer(tokenizer, tmp_path / "run", model=loaded)
+    trainer.train()
+    assert all(not torch.equal(a, b) for a, b in zip(store_rows(loaded), store_rows(exported), strict=True))
+    assert trainer.model_wrapped.module is loaded.get_base_model()  # names in checkpoints without "base_model."
+
+
 def test_mixed_into_a_trainer_with_other_arguments_that_wraps_the_model_in_peft(tmp_path: Path, tokenizer: Any) -> None:
     """MeftTrainer passed its model= and args= on as the first two positions, so a subclass listed after it with
     others (TRL's DPOTrainer(model, ref_model, args, ...)) got args twice, once as its reference model. And a
