@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from meft_ds.config import MeftConfig
+from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.export import DEFAULT_MAX_SHARD_SIZE, BaseModelWrapper, save_adapter, save_peft_adapters
 from meft_ds.export_load import load_with_peft
 from meft_ds.inject import adapters, disable_adapters, inject
@@ -62,6 +62,15 @@ class MeftModel(BaseModelWrapper):
     def disable_adapter(self) -> contextlib.AbstractContextManager:
         """``with model.disable_adapter():`` the base model's outputs (:func:`meft_ds.disable_adapters`), as PEFT's."""
         return disable_adapters(self.base_model)
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Refused, with the way to serve: PEFT folds LoRA's ``B @ A`` into the base weights, but a MEFT adapter's
+        output is a sum over the rows each token's router picks (top-K of thousands), which no fixed weight holds."""
+        raise MeftConfigError(
+            "merge_and_unload: a MEFT adapter cannot be merged into the base model's weights (each token adds the "
+            "top-K rows its router picks, not a fixed matrix). Fix: serve the MeftModel as it is, with "
+            "meft_ds.for_inference(model) to route on the device."
+        )
 
     def get_base_model(self) -> nn.Module:
         return self.base_model

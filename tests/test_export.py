@@ -90,6 +90,8 @@ def test_meft_model_from_pretrained_and_save_pretrained(tmp_path: Path, trained:
     loaded.save_pretrained(tmp_path / "b")
     assert torch.equal(logits(meft_ds.load_adapter(tiny_model(), tmp_path / "b")), reference)
     assert torch.equal(logits(loaded.get_base_model()), reference)
+    with pytest.raises(meft_ds.MeftConfigError, match=r"^merge_and_unload: .* Fix: serve the MeftModel as it is"):
+        loaded.merge_and_unload()  # (was: "LlamaForCausalLM has no attribute 'merge_and_unload'")
     wrapped = MeftModel(tiny_model(), {**MEFT, "layers": [1]})  # PEFT's get_peft_model: injects
     assert [a.layer_index for a in adapters(wrapped.get_base_model())] == [1]
 
