@@ -8,7 +8,8 @@ synthetic ``facts`` set, and exact match on held-out paraphrased questions is pr
 fraction of the retention probe's general questions (meft_ds/probe.py) still answered right.
 ``--method`` trains MEFT, LoRA on the FFNs (PEFT), the dense parallel adapter, or every weight, under the same
 DeepSpeed config, data, schedule and evaluation; every run reports its device-resident training bytes.
-Every input is checked before the long work starts; checkpoints are atomic and ``--resume`` continues a run exactly.
+Every input is checked before the long work starts; checkpoints are atomic and ``--resume`` continues a run exactly;
+``--adapter DIR`` starts from an exported adapter (a second stage of fine-tuning).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import deepspeed
 import torch
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
-from train_args import check_output_dir, parse_args
+from train_args import adapter_settings, check_output_dir, parse_args
 
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
@@ -78,7 +79,10 @@ def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
     section = ds_config.get("meft", {})
     if not isinstance(section, dict):
         raise meft_ds.MeftConfigError(f"{args.deepspeed}: 'meft' must be a JSON object. Fix: write \"meft\": {{...}}.")
-    ds_config["meft"] = section = merge_settings(section, parse_overrides(args.meft))
+    overrides = parse_overrides(args.meft)
+    ds_config["meft"] = section = merge_settings(section, overrides)
+    if args.adapter is not None:
+        ds_config["meft"] = section = {**section, **adapter_settings(args, overrides)}
     meft = meft_ds.MeftConfig.from_dict(section)
     if args.activation_checkpointing and args.method == "meft":
         meft.check_activation_checkpointing()
@@ -322,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         args.model, DTYPE_NAMES[dtype], time.time() - started, len(features),
     )  # fmt: skip
 
+    if args.adapter is not None:  # before the engine: DeepSpeed takes the routers' weights as they are then
+        deepspeed.init_distributed()  # (a sharded store partitions its rows across the ranks as it is built)
+        meft_ds.load_adapter(meft_ds.inject(model, ds_config["meft"]), args.adapter)
     if args.activation_checkpointing:
         enable_checkpointing(model, args.model)
     engine, model = build_engine(model, ds_config, args)

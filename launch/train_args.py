@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from meft_ds import rehearsal
 from meft_ds.baselines import METHODS
 from meft_ds.checkpoint import UNIVERSAL_POINTER, UNIVERSAL_SUFFIX, checkpoint_step, tag_to_load
 from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts
+from meft_ds.export_load import FUNCTIONAL_SETTINGS, read_adapter_config, read_export
+from meft_ds.model_facts import load_model_config
 from meft_ds.models import BUILTIN_MODEL
 from meft_ds.training import UsageError
 
@@ -34,7 +37,15 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument(
         "--adapter_neurons", type=int, help="--method parallel_adapter: neurons r per FFN (default: meft.num_neurons)"
     )
-    parser.add_argument("--model", default=BUILTIN_MODEL, help="hub id, local folder, .gguf file, or the built-in")
+    parser.add_argument(
+        "--model", help="hub id, local folder, .gguf file, or the built-in (default: --adapter's base model, else it)"
+    )
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        help="--method meft: start from this exported adapter (a run's --output_dir, a MeftModel.save_pretrained "
+        "folder): its layers, settings, rows and routers; the optimizer's moments start at zero",
+    )
     parser.add_argument("--dataset", default="facts", help=f"one of {', '.join(DATASETS)}, or a local .json/.jsonl")
     parser.add_argument("--dataset_format", choices=FORMATS, help="schema of a local dataset file's rows")
     parser.add_argument("--facts", type=int, help="--dataset facts: how many facts (5 per person; default 150)")
@@ -136,6 +147,11 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
             parser.error(f"--{name} applies to --method {method}, not {args.method}: drop it")
     if args.lora_r is None:
         args.lora_r = 16
+    if args.adapter is not None and args.method != "meft":
+        parser.error(f"--adapter starts MEFT from an exported MEFT adapter, not --method {args.method}: drop it")
+    if args.model is None:
+        export = read_adapter_config(args.adapter) if args.adapter is not None else {}
+        args.model = export.get("base_model_name_or_path") or BUILTIN_MODEL
     if not 0 <= args.rehearsal <= len(rehearsal.QUESTIONS):
         parser.error(
             f"--rehearsal {args.rehearsal}: use 0 (off) to {len(rehearsal.QUESTIONS)} (every built-in question)"
@@ -155,6 +171,31 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     if args.resume and args.no_save:
         parser.error("--resume with --no_save: a --no_save run leaves no checkpoint to resume")
     return args
+
+
+def adapter_settings(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The meft settings that the ``--adapter`` export fixes: the layers it sits on and what it computes (the
+    config's section gives the rest: store, learning rate, ...). Refused before the model loads, naming the fix: an
+    export that does not load, a ``--meft`` override (``overrides``) that contradicts it, and a ``--model`` of another
+    architecture, hidden size or depth."""
+    export = read_export(args.adapter)
+    fixed = {"layers": sorted(export.names), **{key: getattr(export.settings, key) for key in FUNCTIONAL_SETTINGS}}
+    for key, value in fixed.items():
+        if key in overrides and overrides[key] != value:
+            raise UsageError(
+                f"--meft {key}={overrides[key]!r}: the adapter in {args.adapter} has {key}={value!r}. Fix: drop the "
+                "override (an adapter's settings come with it), or start without --adapter."
+            )
+    model = load_model_config(args.model, weights=True)
+    trained = (export.model_type, export.hidden_size, export.num_hidden_layers)
+    given = (model.model_type, model.hidden_size, model.num_hidden_layers if export.num_hidden_layers else None)
+    if trained != given:
+        raise UsageError(
+            f"--adapter {args.adapter}: trained on {export.base_model_name_or_path or 'another model'} "
+            f"(model_type, hidden_size, layers = {trained}); --model {args.model} has {given}. Fix: pass --model "
+            "with the base model the adapter was trained on."
+        )
+    return fixed
 
 
 def check_output_dir(args: argparse.Namespace, output_dir: Path, checkpoints: Path) -> None:
