@@ -1,15 +1,14 @@
 """Training and evaluation data: the built-in synthetic ``facts`` set, NQ-open, SQuAD, ToolBench, GSM8K, local files.
 
-Every source becomes a list of :class:`Example` (a question, its reference answers, the task that scores it).
-Rows are validated eagerly, so a bad file fails with one :class:`DatasetError` naming the file, the row, the field
-and the fix before any training starts. :func:`tokenize_for_training` and :func:`format_prompt` turn examples into
-token ids the same way for training and for generation.
+Every source becomes a list of :class:`Example` (a question, its reference answers, the task that scores it), its
+rows validated eagerly by :mod:`meft_ds.schemas` (a bad file fails with one :class:`DatasetError` naming the file, the
+row, the field and the fix before any training starts). :func:`tokenize_for_training` and :func:`format_prompt` turn
+examples into token ids the same way for training and for generation.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,29 +16,11 @@ from typing import Any
 import torch
 
 from meft_ds.facts import fact_questions
-from meft_ds.metrics import final_number
+from meft_ds.schemas import FORMATS, SCHEMAS, DatasetError, Example, load_file, parse_rows
 
 DATASETS = ("facts", "nq", "squad", "toolbench", "gsm8k")
-FORMATS = ("qa", "nq", "squad", "toolbench", "gsm8k")
 SPLITS = ("train", "eval")
 IGNORE_INDEX = -100  # label of the tokens that are not learned (prompt, padding)
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be loaded; the message names the file, row and field, and how to fix it."""
-
-
-@dataclass
-class Example:
-    """One question with its reference answers. ``answers[0]`` is the training target.
-
-    ``task`` picks the metrics (see :func:`meft_ds.metrics.score`): "qa" (EM/F1), "toolbench" (API-call IoU) or
-    "gsm8k" (final-number accuracy). ``context`` is a passage shown before the question (SQuAD open-book)."""
-
-    prompt: str
-    answers: list[str]
-    task: str = "qa"
-    context: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,180 +37,7 @@ def facts_dataset(split: str = "train", *, num_entities: int = 30, seed: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Row schemas (local files and hub rows)
-
-_SCHEMAS = {
-    "qa": '{"question": "...", "answers": ["...", ...]}',
-    "nq": '{"question": "...", "answer": ["...", ...]} (NQ-open)',
-    "squad": '{"question": "...", "context": "...", "answers": {"text": ["...", ...]}} (SQuAD)',
-    "toolbench": '{"query": "...", "relevant APIs": [["tool name", "api name"], ...]} (ToolBench G*_query.json)',
-    "gsm8k": '{"question": "...", "answer": "... #### <number>"} (GSM8K)',
-}
-
-
-def _describe(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
-
-
-_FETCH = object()  # "read the value from the row" (None is a value: JSON null)
-
-
-class _Row:
-    """One row under validation; its errors name the place (file and row), the field and the expected schema."""
-
-    def __init__(self, data: dict[str, Any], where: str, fmt: str) -> None:
-        self.data, self.where, self.fmt = data, where, fmt
-
-    def error(self, field: str, problem: str) -> DatasetError:
-        return DatasetError(
-            f"{self.where}: field '{field}' {problem}. Fix the row; {self.fmt} rows look like {_SCHEMAS[self.fmt]}"
-        )
-
-    def get(self, field: str) -> Any:
-        if field not in self.data:
-            raise self.error(field, f"is missing (the row has {sorted(self.data)})")
-        return self.data[field]
-
-    def text(self, field: str, value: Any = _FETCH) -> str:
-        value = self.get(field) if value is _FETCH else value
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(field, f"must be a non-empty string, got {_describe(value)}")
-        return value
-
-    def texts(self, field: str, value: Any = _FETCH) -> list[str]:
-        value = self.get(field) if value is _FETCH else value
-        if not isinstance(value, list) or not value:
-            raise self.error(field, f"must be a non-empty list of strings, got {_describe(value)}")
-        for item in value:
-            self.text(field, item)
-        return list(dict.fromkeys(value))  # drop duplicates, keep the order (the first is the training target)
-
-
-def _parse_qa(row: _Row) -> Example:
-    return Example(row.text("question"), row.texts("answers"))
-
-
-def _parse_nq(row: _Row) -> Example:
-    return Example(row.text("question"), row.texts("answer"))
-
-
-def _parse_squad(row: _Row) -> Example:
-    answers = row.get("answers")
-    if not isinstance(answers, dict) or "text" not in answers:
-        raise row.error("answers", f"must be an object with a 'text' list, got {_describe(answers)}")
-    return Example(row.text("question"), row.texts("answers.text", answers["text"]), context=row.text("context"))
-
-
-def _parse_gsm8k(row: _Row) -> Example:
-    answer = row.text("answer")
-    if "####" not in answer or final_number(answer) is None:
-        raise row.error("answer", "must end with '#### <number>', the final answer")
-    return Example(row.text("question"), [answer], task="gsm8k")
-
-
-def render_api_calls(apis: Sequence[Sequence[str]]) -> str:
-    """ToolBench's relevant APIs as the target text: ``tool.api`` calls joined by ``"; "``, on one line (the form
-    :func:`meft_ds.metrics.parse_api_calls` reads)."""
-    return "; ".join(f"{tool}.{api}" for tool, api in apis)
-
-
-def _parse_toolbench(row: _Row) -> Example:
-    apis = row.get("relevant APIs")
-    if not (isinstance(apis, list) and apis and all(isinstance(api, list) and len(api) == 2 for api in apis)):
-        raise row.error(
-            "relevant APIs", f"must be a non-empty list of [tool name, api name] pairs, got {_describe(apis)}"
-        )
-    for api in apis:
-        row.texts("relevant APIs", api)
-    return Example(row.text("query"), [render_api_calls(apis)], task="toolbench")
-
-
-_PARSERS: dict[str, Callable[[_Row], Example]] = {
-    "qa": _parse_qa,
-    "nq": _parse_nq,
-    "squad": _parse_squad,
-    "toolbench": _parse_toolbench,
-    "gsm8k": _parse_gsm8k,
-}
-_SIGNATURES: dict[str, Callable[[dict[str, Any]], bool]] = {
-    "qa": lambda row: "question" in row and isinstance(row.get("answers"), list),
-    "nq": lambda row: "question" in row and isinstance(row.get("answer"), list),
-    "squad": lambda row: "question" in row and isinstance(row.get("answers"), dict),
-    "toolbench": lambda row: "query" in row and "relevant APIs" in row,
-    "gsm8k": lambda row: "question" in row and isinstance(row.get("answer"), str),
-}
-
-
-def _infer_format(row: dict[str, Any], where: str) -> str:
-    matches = [fmt for fmt, matches in _SIGNATURES.items() if matches(row)]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        found = f"fits several schemas ({', '.join(matches)})"
-    else:
-        found = "fits none of the schemas: " + "; ".join(f"{fmt} {schema}" for fmt, schema in _SCHEMAS.items())
-    raise DatasetError(
-        f"{where}: cannot tell the dataset schema from the fields {sorted(row)}: it {found}. "
-        f"Set --dataset_format (format= in Python) to one of {', '.join(FORMATS)}"
-    )
-
-
-def _parse_rows(rows: Sequence[tuple[str, Any]], fmt: str | None) -> list[Example]:
-    examples = []
-    for where, row in rows:
-        if not isinstance(row, dict):
-            raise DatasetError(f"{where}: expected a JSON object, got {_describe(row)}. Write each row as an object")
-        fmt = fmt or _infer_format(row, where)
-        examples.append(_PARSERS[fmt](_Row(row, where, fmt)))
-    return examples
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Sources: local files, the Hugging Face hub
-
-
-def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path} line {number}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise DatasetError(
-                f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno}). "
-                "Fix that line; a .jsonl file holds one JSON object per line"
-            ) from None
-    return rows
-
-
-def _read_json(path: Path) -> list[tuple[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DatasetError(
-            f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}). "
-            "Fix the file; a .json file holds one list of objects"
-        ) from None
-    if not isinstance(data, list):
-        raise DatasetError(
-            f"{path}: expected a JSON list of objects, got {type(data).__name__}. "
-            "Wrap the rows in [...], or write them one per line in a .jsonl file"
-        )
-    return [(f"{path} row {number}", row) for number, row in enumerate(data, start=1)]
-
-
-def _load_file(path: Path, fmt: str | None) -> list[Example]:
-    readers = {".jsonl": _read_jsonl, ".json": _read_json}
-    if path.suffix not in readers:
-        raise DatasetError(f"{path}: unsupported file type; use a .json file (a list of objects) or a .jsonl file")
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file. Pass the path of an existing .json or .jsonl file")
-    rows = readers[path.suffix](path)
-    if not rows:
-        raise DatasetError(f"{path}: the file holds no rows. Add rows like {_SCHEMAS[fmt or 'qa']}")
-    return _parse_rows(rows, fmt)
 
 
 @dataclass(frozen=True)
@@ -257,16 +65,16 @@ def _load_hub(name: str, split: str) -> list[Example]:
         raise DatasetError(
             f"could not fetch '{source.path}' ({hub_split} split) from the Hugging Face hub "
             f"({type(err).__name__}: {err}). Without the hub, pass the path of a local .json/.jsonl file instead "
-            f"of '{name}', with rows like {_SCHEMAS[name]} (--dataset_format {name})"
+            f"of '{name}', with rows like {SCHEMAS[name]} (--dataset_format {name})"
         ) from err
-    return _parse_rows([(f"{source.path} {hub_split} row {i}", row) for i, row in enumerate(rows, start=1)], name)
+    return parse_rows([(f"{source.path} {hub_split} row {i}", row) for i, row in enumerate(rows, start=1)], name)
 
 
 def _toolbench_not_on_hub() -> DatasetError:
     return DatasetError(
         "ToolBench's instruction data (query -> relevant APIs) is not on the Hugging Face hub: it is released by "
         "OpenBMB (github.com/OpenBMB/ToolBench, 'Data Release', data.zip). Download it and pass the path of "
-        f"data/instruction/G1_query.json (or G2/G3) instead of 'toolbench'; rows look like {_SCHEMAS['toolbench']}"
+        f"data/instruction/G1_query.json (or G2/G3) instead of 'toolbench'; rows look like {SCHEMAS['toolbench']}"
     )
 
 
@@ -329,7 +137,7 @@ def load_examples(
                 f"{name}: a local file is a single split, so it has no 'eval' part; pass a held-out file with "
                 "--eval_dataset (loaded as its own 'train' split), or skip evaluation with --no_eval"
             )
-        examples = _load_file(Path(name), format)
+        examples = load_file(Path(name), format)
     else:
         raise DatasetError(
             f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, or the path of a local .json/.jsonl file"
