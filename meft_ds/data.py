@@ -1,4 +1,5 @@
-"""Training and evaluation data: the built-in synthetic ``facts`` set, NQ-open, SQuAD, ToolBench, GSM8K, local files.
+"""Training and evaluation data: the built-in synthetic ``facts`` set, NQ-open, SQuAD, ToolBench, GSM8K, local files
+(those schemas, questions with answers, chat conversations).
 
 Every source becomes a list of :class:`Example` (a question, its reference answers, the task that scores it), its
 rows validated eagerly by :mod:`meft_ds.schemas` (a bad file fails with one :class:`DatasetError` naming the file, the
@@ -162,13 +163,23 @@ def _user_message(example: Example) -> dict[str, str]:
     return {"role": "user", "content": content}
 
 
+def _conversation(example: Example) -> list[dict[str, str]]:
+    """The chat turns up to the answer: the example's history, then the question as a user turn."""
+    return [*example.history, _user_message(example)]
+
+
+_PLAIN_TURNS = {"system": "{}\n", "user": "Question: {}\n", "assistant": "Answer: {}\n"}  # without a chat template
+
+
 def format_prompt(tokenizer: Any, example: Example) -> str:
-    """The text the model sees before its answer, identical in training and in generation: the question as a user
-    turn plus the assistant header with a chat template, else ``"Question: {q}\\nAnswer:"`` (context first)."""
+    """The text the model sees before its answer, identical in training and in generation: the conversation (the
+    question as a user turn) plus the assistant header with a chat template, else ``"Question: {q}\\nAnswer:"``
+    (earlier turns and context first)."""
     if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template([_user_message(example)], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(_conversation(example), tokenize=False, add_generation_prompt=True)
+    earlier = "".join(_PLAIN_TURNS[turn["role"]].format(turn["content"]) for turn in example.history)
     context = f"Context: {example.context}\n" if example.context else ""
-    return f"{context}Question: {example.prompt}\nAnswer:"
+    return f"{earlier}{context}Question: {example.prompt}\nAnswer:"
 
 
 def _answer_text(tokenizer: Any, example: Example) -> str:
@@ -178,7 +189,7 @@ def _answer_text(tokenizer: Any, example: Example) -> str:
     if not has_chat_template(tokenizer):
         return f" {answer}"
     prompt = format_prompt(tokenizer, example)
-    conversation = [_user_message(example), {"role": "assistant", "content": answer}]
+    conversation = [*_conversation(example), {"role": "assistant", "content": answer}]
     full = tokenizer.apply_chat_template(conversation, tokenize=False)
     if not full.startswith(prompt):
         raise ValueError(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meft_ds.metrics import final_number
 
-FORMATS = ("qa", "nq", "squad", "toolbench", "gsm8k")
+FORMATS = ("qa", "nq", "squad", "toolbench", "gsm8k", "messages")
+ROLES = ("system", "user", "assistant")  # the roles of a messages row's turns
 
 
 class DatasetError(ValueError):
@@ -27,12 +28,15 @@ class Example:
     """One question with its reference answers. ``answers[0]`` is the training target.
 
     ``task`` picks the metrics (see :func:`meft_ds.metrics.score`): "qa" (EM/F1), "toolbench" (API-call IoU) or
-    "gsm8k" (final-number accuracy). ``context`` is a passage shown before the question (SQuAD open-book)."""
+    "gsm8k" (final-number accuracy). ``context`` is a passage shown before the question (SQuAD open-book).
+    ``history``: the conversation before the question (a messages row's earlier turns, its system prompt included),
+    ``{"role", "content"}`` dicts shown before it."""
 
     prompt: str
     answers: list[str]
     task: str = "qa"
     context: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -44,6 +48,8 @@ SCHEMAS = {
     "squad": '{"question": "...", "context": "...", "answers": {"text": ["...", ...]}} (SQuAD)',
     "toolbench": '{"query": "...", "relevant APIs": [["tool name", "api name"], ...]} (ToolBench G*_query.json)',
     "gsm8k": '{"question": "...", "answer": "... #### <number>"} (GSM8K)',
+    "messages": '{"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}, ..., '
+    '{"role": "assistant", "content": "..."}]} (chat: the last turn is learned, the turns before it prompt it)',
 }
 
 
@@ -125,12 +131,31 @@ def _parse_toolbench(row: _Row) -> Example:
     return Example(row.text("query"), [render_api_calls(apis)], task="toolbench")
 
 
+def _parse_messages(row: _Row) -> Example:
+    messages = row.get("messages")
+    if not isinstance(messages, list) or len(messages) < 2:
+        problem = f"must be a list of turns ending with a user's and the assistant's answer, got {_describe(messages)}"
+        raise row.error("messages", problem)
+    turns = []
+    for number, message in enumerate(messages):
+        where = f"messages[{number}]"
+        if not isinstance(message, dict):
+            raise row.error(where, f"must be an object with 'role' and 'content', got {_describe(message)}")
+        if message.get("role") not in ROLES:
+            raise row.error(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {_describe(message.get('role'))}")
+        turns.append({"role": message["role"], "content": row.text(f"{where}.content", message.get("content"))})
+    if [turn["role"] for turn in turns[-2:]] != ["user", "assistant"]:
+        raise row.error("messages", "must end with a user turn and the assistant's answer to it (the answer learned)")
+    return Example(turns[-2]["content"], [turns[-1]["content"]], history=turns[:-2])
+
+
 _PARSERS: dict[str, Callable[[_Row], Example]] = {
     "qa": _parse_qa,
     "nq": _parse_nq,
     "squad": _parse_squad,
     "toolbench": _parse_toolbench,
     "gsm8k": _parse_gsm8k,
+    "messages": _parse_messages,
 }
 _SIGNATURES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "qa": lambda row: "question" in row and isinstance(row.get("answers"), list),
@@ -138,6 +163,7 @@ _SIGNATURES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "squad": lambda row: "question" in row and isinstance(row.get("answers"), dict),
     "toolbench": lambda row: "query" in row and "relevant APIs" in row,
     "gsm8k": lambda row: "question" in row and isinstance(row.get("answer"), str),
+    "messages": lambda row: isinstance(row.get("messages"), list),
 }
 
 

@@ -89,6 +89,7 @@ SCHEMA_FILES = [
         ["Olato Quotes.Love Quote; Olato Quotes.Success Quote"],
     ),
     ("gsm8k.jsonl", "gsm8k", "Natalia sold clips", None),
+    ("messages.jsonl", "messages", "And of Italy?", ["Rome"]),
 ]
 
 
@@ -121,6 +122,7 @@ GOOD_ROWS = {  # a valid first row per schema, so the bad row is the second
     "squad": {"question": "q?", "context": "c", "answers": {"text": ["a"]}},
     "gsm8k": {"question": "q?", "answer": "1 + 1 = 2\n#### 2"},
     "toolbench": {"query": "q?", "relevant APIs": [["tool", "api"]]},
+    "messages": {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a"}]},
 }
 BAD_ROWS = [  # (schema, the second row as raw text, what the message must say besides file, row and field)
     ("qa", '["q?", "a"]', "expected a JSON object"),
@@ -133,6 +135,23 @@ BAD_ROWS = [  # (schema, the second row as raw text, what the message must say b
     ("squad", '{"question": "q?", "context": "c", "answers": ["a"]}', "field 'answers' must be an object"),
     ("gsm8k", '{"question": "q?", "answer": "It is 72."}', "field 'answer' must end with '#### <number>'"),
     ("toolbench", '{"query": "q?", "relevant APIs": ["tool.api"]}', "field 'relevant APIs' must be"),
+    ("messages", '{"messages": [{"role": "user", "content": "q?"}]}', "field 'messages' must be a list of turns"),
+    ("messages", '{"messages": [{"role": "user", "content": "q?"}, "a"]}', "field 'messages[1]' must be an object"),
+    (
+        "messages",
+        '{"messages": [{"role": "bot", "content": "q?"}, {"role": "assistant", "content": "a"}]}',
+        "field 'messages[0].role' must be one of system, user, assistant, got str \"bot\"",
+    ),
+    (
+        "messages",
+        '{"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": ""}]}',
+        "field 'messages[1].content' must be a non-empty string",
+    ),
+    (
+        "messages",
+        '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q?"}]}',
+        "field 'messages' must end with a user turn and the assistant's answer to it",
+    ),
 ]
 
 
@@ -291,6 +310,21 @@ def test_tokenize_for_training_learns_exactly_the_answer(chat: bool) -> None:
         )
     else:
         assert format_prompt(tokenizer, examples[0]) == f"Question: {examples[0].prompt}\nAnswer:"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_conversation_prompts_its_last_answer_with_every_turn_before_it(chat: bool) -> None:
+    tokenizer = word_tokenizer(chat=chat)
+    conversation, single = load_examples(DATA / "messages.jsonl")
+    assert [turn["role"] for turn in conversation.history] == ["system", "user", "assistant"] and not single.history
+    prompt = format_prompt(tokenizer, conversation)
+    ordered = ["You answer in one word.", "What is the capital of France?", "Paris", "And of Italy?"]
+    assert [prompt.index(text) for text in ordered] == sorted(prompt.index(text) for text in ordered)
+    if not chat:
+        assert prompt.endswith("Answer: Paris\nQuestion: And of Italy?\nAnswer:")
+    (feature,) = tokenize_for_training([conversation], tokenizer, max_length=256)
+    learned = [token for token, label in zip(feature["input_ids"], feature["labels"], strict=True) if label != -100]
+    assert tokenizer.decode(learned) == ("Rome<|im_end|>\n" if chat else " Rome<|endoftext|>")  # the last turn only
 
 
 def test_context_comes_before_the_question() -> None:
