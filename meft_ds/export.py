@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,7 +41,14 @@ from torch import nn
 from meft_ds.adapter import SparseKeyExpertAdapter
 from meft_ds.checkpoint import gathered
 from meft_ds.files import fsync_dir, fsync_tree
-from meft_ds.inject import adapters, decoder_layers, locate_ffns, register_adapter_saver, without_peft_wrapper
+from meft_ds.inject import (
+    adapters,
+    decoder_layers,
+    holds_peft_layers,
+    locate_ffns,
+    register_adapter_saver,
+    without_peft_wrapper,
+)
 from meft_ds.store import CheckpointError
 
 FORMAT_VERSION = 2
@@ -60,6 +68,7 @@ EXPORT_KEYS = (
 )  # fmt: skip
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+logger = logging.getLogger("meft_ds")
 
 
 def library_version() -> str:
@@ -171,6 +180,13 @@ def save_adapter(
     if not is_main_process:
         _write_shards(model_adapters, ffn_paths, shards, staging, export_id, write=False)  # the gathers only
         return directory
+    if unsaved := _trained_outside_the_export(model):
+        logger.warning(
+            "meft_ds: the model also trains %s, which the meft adapter's export does not hold. Fix: save them beside "
+            "it yourself, or train them through PEFT beside MEFT (e.g. LoraConfig(task_type='SEQ_CLS') keeps a "
+            "classification head trainable, modules_to_save=[...] others), whose part is saved in %s/%s.",
+            ", ".join(unsaved), directory, PEFT_FOLDER,
+        )  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     _remove_dead_staging(directory)
     shutil.rmtree(staging, ignore_errors=True)
@@ -199,6 +215,16 @@ def save_adapter(
 
 
 register_adapter_saver(save_adapter)  # model.save_pretrained of a model with adapters writes the adapter
+
+
+def _trained_outside_the_export(model: nn.Module) -> list[str]:
+    """The names of ``model``'s trainable parameters besides the routers (e.g. a classification head unfrozen after
+    :func:`meft_ds.inject`): an export holds the adapters only. None where PEFT trains layers in ``model``: PEFT
+    saves what it trains (:func:`save_peft_adapters`)."""
+    if holds_peft_layers(model):
+        return []
+    routers = {id(adapter.router.weight) for adapter in adapters(model)}
+    return [name for name, param in model.named_parameters() if param.requires_grad and id(param) not in routers]
 
 
 def _remove_dead_staging(directory: Path) -> None:

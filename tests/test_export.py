@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -219,8 +220,6 @@ def test_loading_into_another_base_of_the_same_shape_warns_but_not_into_the_buil
 ) -> None:
     """launch/train.py records the built-in model by its name; loaded, it is a folder of meft_ds's cache: the same
     model, so `launch/evaluate.py --adapter` of a default run says nothing (it used to warn of another base)."""
-    import logging
-
     from meft_ds.models import BUILTIN_MODEL
 
     monkeypatch.setenv("MEFT_DS_CACHE", str(tmp_path / "cache"))
@@ -239,6 +238,20 @@ def test_loading_into_another_base_of_the_same_shape_warns_but_not_into_the_buil
         expected = [f"meft_ds: {tmp_path / 'export'} was trained on {recorded}; loading it into {loaded} (same "
                     "architecture and shape)."] if warned else []  # fmt: skip
         assert [r.getMessage() for r in caplog.records if r.name == "meft_ds"] == expected, (recorded, loaded)
+
+
+def test_a_base_parameter_trained_beside_the_adapters_is_named_as_not_exported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A classification head (here the LM head) unfrozen after inject trains, and the export silently left it out."""
+    model = meft_ds.inject(tiny_model(), MEFT)
+    with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        meft_ds.save_adapter(model, tmp_path / "adapters only")
+        assert not caplog.records
+        model.lm_head.weight.requires_grad_(True)
+        meft_ds.save_adapter(model, tmp_path / "with a head")
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert message.startswith("meft_ds: the model also trains lm_head.weight, which the meft adapter's export does")
 
 
 def test_broken_foreign_or_newer_exports_are_refused_with_the_fix(tmp_path: Path, trained: tuple) -> None:
