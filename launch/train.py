@@ -407,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "model": args.model,
             "method": args.method,
+            "adapter": args.adapter and str(args.adapter),  # the export it started from
             "dtype": DTYPE_NAMES[dtype],
             "kept_freed_host_memory": kept_freed_memory,
             "dataset": args.dataset,

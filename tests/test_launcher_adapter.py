@@ -43,7 +43,7 @@ def test_a_run_starts_from_the_export_s_settings_rows_and_routers(tmp_path: Path
         "--no_eval", "--train_limit", "16", "--micro_batch_size", "4", "--max_length", "64", "--learning_rate", "0",
     )  # fmt: skip
     run = json.loads((out / "results.json").read_text())
-    assert run["model"] == str(model_dirs["chat"])
+    assert run["model"] == str(model_dirs["chat"]) and run["adapter"] == str(start)
     assert {key: run["meft"][key] for key in ("num_neurons", "top_k", "layers")} == {
         key: EXPORTED[key] for key in ("num_neurons", "top_k", "layers")
     }
