@@ -60,6 +60,7 @@ class MeftTrainer(Trainer):
             kwargs["model"] = without_meft_wrapper(kwargs["model"])
         elif args:
             args = (without_meft_wrapper(args[0]), *args[1:])
+        self._meft_config: MeftConfig | None = None  # read from the DeepSpeed config the Trainer resolves, below
         super().__init__(*args, **kwargs)
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is None:
@@ -71,15 +72,25 @@ class MeftTrainer(Trainer):
         ds_config = plugin.hf_ds_config.config
         check_optimizer(ds_config)  # now, not when train() builds the engine
         section = ds_config.get("meft")
-        meft_config = MeftConfig.from_dict(meft if meft is not None else section)
+        self._meft_config = MeftConfig.from_dict(meft if meft is not None else section)
         if isinstance(section, dict):
             _drop_auto_defaults(section)
-        if not adapters(self.model):
-            inject(self.model, meft_config)
-        else:
-            if meft is not None or section is not None:
-                warn_settings_not_used(self.model, meft_config, from_argument=meft is not None)
-            follow_peft_disable(self.model)  # adapters injected before a subclass (TRL's peft_config) wrapped it
+        if adapters(self.model) and (meft is not None or section is not None):
+            warn_settings_not_used(self.model, self._meft_config, from_argument=meft is not None)
+        self._with_adapters(self.model)
+
+    def call_model_init(self, trial: Any = None) -> Any:
+        """The model of ``model_init``, with the adapters: the Trainer makes it again at every ``train()`` (and per
+        trial of a hyperparameter search), after ``__init__`` has added them to the first."""
+        model = super().call_model_init(trial)
+        return model if self._meft_config is None else self._with_adapters(model)
+
+    def _with_adapters(self, model: Any) -> Any:
+        """``model`` with adapters: injected with the settings given unless it has some (which it keeps)."""
+        if not adapters(model):
+            return inject(model, self._meft_config)
+        follow_peft_disable(model)  # adapters injected before a subclass (TRL's peft_config) wrapped the model
+        return model
 
     @property
     def model_wrapped(self) -> Any:

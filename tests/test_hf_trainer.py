@@ -206,6 +206,20 @@ def test_a_loaded_adapter_trains_on_as_the_model_it_wraps(tmp_path: Path, tokeni
     assert trainer.model_wrapped.module is loaded.get_base_model()  # names in checkpoints without "base_model."
 
 
+def test_a_model_init_s_model_gets_the_adapters_at_every_train(tmp_path: Path, tokenizer: Any) -> None:
+    """With model_init (a hyperparameter search's), the Trainer makes the model again at train(): it came without
+    adapters, and attach refused the engine, telling a MeftTrainer user to call inject."""
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=meft_json(), max_steps=4, learning_rate=LR,
+                             per_device_train_batch_size=2, report_to=[], save_strategy="no")  # fmt: skip
+    trainer = MeftTrainer(model_init=lambda: tiny_model(), args=args, train_dataset=features(tokenizer),
+                          data_collator=collator(tokenizer))  # fmt: skip
+    first = trainer.model
+    trainer.train()
+    assert trainer.model is not first and [a.layer_index for a in adapters(trainer.model)] == [0, 1]
+    trained, fresh = store_rows(trainer.model), store_rows(first)
+    assert all(not torch.equal(a, b) for a, b in zip(trained, fresh, strict=True))
+
+
 def test_mixed_into_a_trainer_with_other_arguments_that_wraps_the_model_in_peft(tmp_path: Path, tokenizer: Any) -> None:
     """MeftTrainer passed its model= and args= on as the first two positions, so a subclass listed after it with
     others (TRL's DPOTrainer(model, ref_model, args, ...)) got args twice, once as its reference model. And a
