@@ -15,8 +15,8 @@ from typing import Any
 
 from meft_ds.metrics import final_number
 
-FORMATS = ("qa", "nq", "squad", "toolbench", "gsm8k", "messages")
-ROLES = ("system", "user", "assistant")  # the roles of a messages row's turns
+FORMATS = ("qa", "nq", "squad", "toolbench", "gsm8k", "messages", "prompt_completion")
+ROLES = ("system", "user", "assistant")  # the roles of a conversation's turns
 
 
 class DatasetError(ValueError):
@@ -50,6 +50,7 @@ SCHEMAS = {
     "gsm8k": '{"question": "...", "answer": "... #### <number>"} (GSM8K)',
     "messages": '{"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}, ..., '
     '{"role": "assistant", "content": "..."}]} (chat: the last turn is learned, the turns before it prompt it)',
+    "prompt_completion": '{"prompt": "...", "completion": "..."} (TRL\'s; or both lists of turns as in messages)',
 }
 
 
@@ -131,22 +132,37 @@ def _parse_toolbench(row: _Row) -> Example:
     return Example(row.text("query"), [render_api_calls(apis)], task="toolbench")
 
 
-def _parse_messages(row: _Row) -> Example:
-    messages = row.get("messages")
-    if not isinstance(messages, list) or len(messages) < 2:
-        problem = f"must be a list of turns ending with a user's and the assistant's answer, got {_describe(messages)}"
-        raise row.error("messages", problem)
+def _turns(row: _Row, field: str) -> list[dict[str, str]]:
+    """The ``{"role", "content"}`` turns of the list ``field``, each checked."""
+    messages = row.get(field)
+    if not isinstance(messages, list) or not messages:
+        raise row.error(field, f"must be a non-empty list of turns, got {_describe(messages)}")
     turns = []
     for number, message in enumerate(messages):
-        where = f"messages[{number}]"
+        where = f"{field}[{number}]"
         if not isinstance(message, dict):
             raise row.error(where, f"must be an object with 'role' and 'content', got {_describe(message)}")
         if message.get("role") not in ROLES:
             raise row.error(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {_describe(message.get('role'))}")
         turns.append({"role": message["role"], "content": row.text(f"{where}.content", message.get("content"))})
+    return turns
+
+
+def _conversation_example(row: _Row, field: str, turns: list[dict[str, str]]) -> Example:
+    """A conversation's last assistant turn as the answer, the turns before it as its prompt."""
     if [turn["role"] for turn in turns[-2:]] != ["user", "assistant"]:
-        raise row.error("messages", "must end with a user turn and the assistant's answer to it (the answer learned)")
+        raise row.error(field, "must end with a user turn and the assistant's answer to it (the answer learned)")
     return Example(turns[-2]["content"], [turns[-1]["content"]], history=turns[:-2])
+
+
+def _parse_messages(row: _Row) -> Example:
+    return _conversation_example(row, "messages", _turns(row, "messages"))
+
+
+def _parse_prompt_completion(row: _Row) -> Example:
+    if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):  # conversational: turns
+        return _conversation_example(row, "completion", _turns(row, "prompt") + _turns(row, "completion"))
+    return Example(row.text("prompt"), [row.text("completion")])
 
 
 _PARSERS: dict[str, Callable[[_Row], Example]] = {
@@ -156,6 +172,7 @@ _PARSERS: dict[str, Callable[[_Row], Example]] = {
     "toolbench": _parse_toolbench,
     "gsm8k": _parse_gsm8k,
     "messages": _parse_messages,
+    "prompt_completion": _parse_prompt_completion,
 }
 _SIGNATURES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "qa": lambda row: "question" in row and isinstance(row.get("answers"), list),
@@ -164,6 +181,7 @@ _SIGNATURES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "toolbench": lambda row: "query" in row and "relevant APIs" in row,
     "gsm8k": lambda row: "question" in row and isinstance(row.get("answer"), str),
     "messages": lambda row: isinstance(row.get("messages"), list),
+    "prompt_completion": lambda row: "prompt" in row and "completion" in row,
 }
 
 

@@ -90,6 +90,7 @@ SCHEMA_FILES = [
     ),
     ("gsm8k.jsonl", "gsm8k", "Natalia sold clips", None),
     ("messages.jsonl", "messages", "And of Italy?", ["Rome"]),
+    ("prompt_completion.jsonl", "prompt_completion", "Who wrote the play Hamlet?", ["William Shakespeare"]),
 ]
 
 
@@ -123,6 +124,7 @@ GOOD_ROWS = {  # a valid first row per schema, so the bad row is the second
     "gsm8k": {"question": "q?", "answer": "1 + 1 = 2\n#### 2"},
     "toolbench": {"query": "q?", "relevant APIs": [["tool", "api"]]},
     "messages": {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a"}]},
+    "prompt_completion": {"prompt": "q?", "completion": "a"},
 }
 BAD_ROWS = [  # (schema, the second row as raw text, what the message must say besides file, row and field)
     ("qa", '["q?", "a"]', "expected a JSON object"),
@@ -135,7 +137,11 @@ BAD_ROWS = [  # (schema, the second row as raw text, what the message must say b
     ("squad", '{"question": "q?", "context": "c", "answers": ["a"]}', "field 'answers' must be an object"),
     ("gsm8k", '{"question": "q?", "answer": "It is 72."}', "field 'answer' must end with '#### <number>'"),
     ("toolbench", '{"query": "q?", "relevant APIs": ["tool.api"]}', "field 'relevant APIs' must be"),
-    ("messages", '{"messages": [{"role": "user", "content": "q?"}]}', "field 'messages' must be a list of turns"),
+    (
+        "messages",
+        '{"messages": [{"role": "user", "content": "q?"}]}',
+        "field 'messages' must end with a user turn and the assistant's answer",
+    ),
     ("messages", '{"messages": [{"role": "user", "content": "q?"}, "a"]}', "field 'messages[1]' must be an object"),
     (
         "messages",
@@ -152,6 +158,13 @@ BAD_ROWS = [  # (schema, the second row as raw text, what the message must say b
         '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q?"}]}',
         "field 'messages' must end with a user turn and the assistant's answer to it",
     ),
+    ("prompt_completion", '{"prompt": "q?", "completion": ""}', "field 'completion' must be a non-empty string"),
+    (
+        "prompt_completion",
+        '{"prompt": [{"role": "user", "content": "q?"}], "completion": [{"role": "user", "content": "a"}]}',
+        "field 'completion' must end with a user turn and the assistant's answer",
+    ),
+    ("prompt_completion", '{"prompt": [], "completion": "a"}', "field 'prompt' must be a non-empty list of turns"),
 ]
 
 
@@ -220,7 +233,7 @@ def test_a_json_file_must_hold_a_list_of_rows(tmp_path: Path, content: str, prob
     ("row", "problem"),
     [
         ({"question": "q?", "answers": ["a"], "answer": "1 #### 1"}, r"fits several schemas \(qa, gsm8k\)"),
-        ({"prompt": "q?", "completion": "a"}, "fits none of the schemas"),
+        ({"input": "q?", "output": "a"}, "fits none of the schemas"),
     ],
 )
 def test_an_unclear_schema_asks_for_dataset_format(tmp_path: Path, row: dict, problem: str) -> None:
@@ -317,6 +330,9 @@ def test_a_conversation_prompts_its_last_answer_with_every_turn_before_it(chat: 
     tokenizer = word_tokenizer(chat=chat)
     conversation, single = load_examples(DATA / "messages.jsonl")
     assert [turn["role"] for turn in conversation.history] == ["system", "user", "assistant"] and not single.history
+    plain, turns = load_examples(DATA / "prompt_completion.jsonl")  # TRL's form, standard and conversational
+    assert not plain.history and turns.history == [{"role": "system", "content": "You answer in one word."}]
+    assert (turns.prompt, turns.answers) == ("What is the capital of Italy?", ["Rome"])
     prompt = format_prompt(tokenizer, conversation)
     ordered = ["You answer in one word.", "What is the capital of France?", "Paris", "And of Italy?"]
     assert [prompt.index(text) for text in ordered] == sorted(prompt.index(text) for text in ordered)
