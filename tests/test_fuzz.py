@@ -40,7 +40,8 @@ def mutate(value: Any, rng: random.Random, depth: int = 0) -> Any:
         return out
     if isinstance(value, list) and value and rng.random() < 0.5:
         out = list(value)
-        out[rng.randrange(len(out))] = rng.choice(NASTY)
+        index = rng.randrange(len(out))
+        out[index] = mutate(value[index], rng, depth + 1) if rng.random() < 0.5 else rng.choice(NASTY)  # (a turn's)
         return out
     return copy.deepcopy(rng.choice(NASTY))
 
@@ -81,6 +82,8 @@ def test_random_dataset_rows_give_clean_errors(tmp_path: Path) -> None:
     rows = {name: json.loads((DATA / f"{name}.jsonl").read_text().splitlines()[0]) for name in ("qa", "nq", "gsm8k")}
     rows["squad"] = json.loads((DATA / "squad.json").read_text())[0]
     rows["toolbench"] = json.loads((DATA / "toolbench.json").read_text())[0]
+    rows["messages"] = json.loads((DATA / "messages.jsonl").read_text().splitlines()[0])
+    rows["prompt_completion"] = json.loads((DATA / "prompt_completion.jsonl").read_text().splitlines()[1])  # as turns
     path = tmp_path / "rows.jsonl"
     loaded = 0
     for case in range(CASES):
