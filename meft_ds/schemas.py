@@ -15,7 +15,7 @@ from typing import Any
 
 from meft_ds.metrics import final_number
 
-FORMATS = ("qa", "nq", "squad", "toolbench", "gsm8k", "messages", "prompt_completion")
+FORMATS = ("qa", "nq", "squad", "toolbench", "gsm8k", "messages", "prompt_completion", "alpaca")
 ROLES = ("system", "user", "assistant")  # the roles of a conversation's turns
 
 
@@ -51,6 +51,7 @@ SCHEMAS = {
     "messages": '{"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}, ..., '
     '{"role": "assistant", "content": "..."}]} (chat: the last turn is learned, the turns before it prompt it)',
     "prompt_completion": '{"prompt": "...", "completion": "..."} (TRL\'s; or both lists of turns as in messages)',
+    "alpaca": '{"instruction": "...", "input": "..." (may be empty), "output": "..."} (Alpaca)',
 }
 
 
@@ -165,6 +166,15 @@ def _parse_prompt_completion(row: _Row) -> Example:
     return Example(row.text("prompt"), [row.text("completion")])
 
 
+def _parse_alpaca(row: _Row) -> Example:
+    """The instruction, then its input (if any) after a blank line, as the prompt; the output learned."""
+    given = row.data.get("input", "")
+    if not isinstance(given, str):
+        raise row.error("input", f"must be a string (empty for none), got {_describe(given)}")
+    instruction = row.text("instruction")
+    return Example(f"{instruction}\n\n{given}" if given.strip() else instruction, [row.text("output")])
+
+
 _PARSERS: dict[str, Callable[[_Row], Example]] = {
     "qa": _parse_qa,
     "nq": _parse_nq,
@@ -173,6 +183,7 @@ _PARSERS: dict[str, Callable[[_Row], Example]] = {
     "gsm8k": _parse_gsm8k,
     "messages": _parse_messages,
     "prompt_completion": _parse_prompt_completion,
+    "alpaca": _parse_alpaca,
 }
 _SIGNATURES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "qa": lambda row: "question" in row and isinstance(row.get("answers"), list),
@@ -182,6 +193,7 @@ _SIGNATURES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "gsm8k": lambda row: "question" in row and isinstance(row.get("answer"), str),
     "messages": lambda row: isinstance(row.get("messages"), list),
     "prompt_completion": lambda row: "prompt" in row and "completion" in row,
+    "alpaca": lambda row: "instruction" in row and "output" in row,
 }
 
 

@@ -91,6 +91,7 @@ SCHEMA_FILES = [
     ("gsm8k.jsonl", "gsm8k", "Natalia sold clips", None),
     ("messages.jsonl", "messages", "And of Italy?", ["Rome"]),
     ("prompt_completion.jsonl", "prompt_completion", "Who wrote the play Hamlet?", ["William Shakespeare"]),
+    ("alpaca.json", "alpaca", "Give the capital of the country.\n\nItaly", ["Rome"]),
 ]
 
 
@@ -111,6 +112,11 @@ def test_gsm8k_target_is_the_whole_solution() -> None:
     assert example.answers[0].startswith("Natalia sold 48/2") and example.answers[0].endswith("#### 72")
 
 
+def test_an_alpaca_row_without_input_asks_its_instruction() -> None:
+    with_input, without = load_examples(DATA / "alpaca.json")
+    assert with_input.prompt.endswith("\n\nItaly") and without.prompt == "Who wrote the play Hamlet?"
+
+
 def test_squad_is_closed_book_unless_asked() -> None:
     (closed,) = load_examples(str(DATA / "squad.json"), limit=1)
     (opened,) = load_examples(str(DATA / "squad.json"), limit=1, with_context=True)
@@ -125,6 +131,7 @@ GOOD_ROWS = {  # a valid first row per schema, so the bad row is the second
     "toolbench": {"query": "q?", "relevant APIs": [["tool", "api"]]},
     "messages": {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a"}]},
     "prompt_completion": {"prompt": "q?", "completion": "a"},
+    "alpaca": {"instruction": "q?", "input": "", "output": "a"},
 }
 BAD_ROWS = [  # (schema, the second row as raw text, what the message must say besides file, row and field)
     ("qa", '["q?", "a"]', "expected a JSON object"),
@@ -165,6 +172,8 @@ BAD_ROWS = [  # (schema, the second row as raw text, what the message must say b
         "field 'completion' must end with a user turn and the assistant's answer",
     ),
     ("prompt_completion", '{"prompt": [], "completion": "a"}', "field 'prompt' must be a non-empty list of turns"),
+    ("alpaca", '{"instruction": "q?", "input": 3, "output": "a"}', "field 'input' must be a string (empty for none)"),
+    ("alpaca", '{"instruction": "q?", "output": ""}', "field 'output' must be a non-empty string"),
 ]
 
 

@@ -82,6 +82,7 @@ def test_random_dataset_rows_give_clean_errors(tmp_path: Path) -> None:
     rows = {name: json.loads((DATA / f"{name}.jsonl").read_text().splitlines()[0]) for name in ("qa", "nq", "gsm8k")}
     rows["squad"] = json.loads((DATA / "squad.json").read_text())[0]
     rows["toolbench"] = json.loads((DATA / "toolbench.json").read_text())[0]
+    rows["alpaca"] = json.loads((DATA / "alpaca.json").read_text())[0]
     rows["messages"] = json.loads((DATA / "messages.jsonl").read_text().splitlines()[0])
     rows["prompt_completion"] = json.loads((DATA / "prompt_completion.jsonl").read_text().splitlines()[1])  # as turns
     path = tmp_path / "rows.jsonl"
