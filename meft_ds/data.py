@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 from meft_ds.facts import fact_questions
 from meft_ds.schemas import FORMATS, SCHEMAS, DatasetError, Example, load_file, parse_rows
@@ -214,9 +215,19 @@ def tokenize_for_training(examples: Sequence[Example], tokenizer: Any, max_lengt
     """``{"input_ids", "labels"}`` per example: prompt then answer, labels ``-100`` on the prompt tokens.
 
     Over ``max_length``, the prompt loses its first tokens (the question's end and the answer cue stay); an answer
-    that alone fills ``max_length`` is cut after one prompt token. Raises DatasetError when no answer fits at all.
+    that alone fills ``max_length`` is cut after one prompt token. Raises DatasetError when no answer fits at all,
+    and for a conversation the tokenizer's chat template refuses.
     """
-    encoded = [_encode(tokenizer, example) for example in examples]
+    encoded = []
+    for number, example in enumerate(examples, start=1):
+        try:
+            encoded.append(_encode(tokenizer, example))
+        except TemplateError as error:  # e.g. "Conversation roles must alternate user/assistant/user/assistant/..."
+            raise DatasetError(
+                f"example {number} ({example.prompt[:60]!r}): the tokenizer's chat template refuses its conversation "
+                f"({error}). Fix: order its turns as this model's template requires (most: a system turn first if any, "
+                "then user and assistant turns alternating)."
+            ) from error
     if encoded and all(len(answer) >= max_length for _, answer in encoded):
         shortest = min(len(answer) for _, answer in encoded)
         raise DatasetError(

@@ -352,6 +352,20 @@ def test_a_conversation_prompts_its_last_answer_with_every_turn_before_it(chat: 
     assert tokenizer.decode(learned) == ("Rome<|im_end|>\n" if chat else " Rome<|endoftext|>")  # the last turn only
 
 
+def test_a_conversation_the_chat_template_refuses_is_named() -> None:
+    """Llama-2's and Mistral's templates raise on turns that do not alternate: it came out as a jinja2 traceback."""
+    tokenizer = word_tokenizer(chat=True)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    conversation, single = load_examples(DATA / "messages.jsonl")  # the first opens with a system turn
+    tokenize_for_training([single], tokenizer, max_length=64)
+    with pytest.raises(DatasetError, match=r"^example 2 \('And of Italy\?'\): the tokenizer's chat template refuses"):
+        tokenize_for_training([single, conversation], tokenizer, max_length=64)
+
+
 def test_context_comes_before_the_question() -> None:
     example = Example("Who won?", ["Denver"], context="Denver won.")
     assert format_prompt(word_tokenizer(chat=False), example) == "Context: Denver won.\nQuestion: Who won?\nAnswer:"
