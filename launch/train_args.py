@@ -11,7 +11,7 @@ from meft_ds import rehearsal
 from meft_ds.baselines import METHODS
 from meft_ds.checkpoint import UNIVERSAL_POINTER, UNIVERSAL_SUFFIX, checkpoint_step, tag_to_load
 from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts
-from meft_ds.export_load import FUNCTIONAL_SETTINGS, read_adapter_config, read_export
+from meft_ds.export_load import FUNCTIONAL_SETTINGS, check_base_model, read_adapter_config, read_export
 from meft_ds.model_facts import load_model_config
 from meft_ds.models import BUILTIN_MODEL
 from meft_ds.training import UsageError
@@ -186,15 +186,7 @@ def adapter_settings(args: argparse.Namespace, overrides: dict[str, Any]) -> dic
                 f"--meft {key}={overrides[key]!r}: the adapter in {args.adapter} has {key}={value!r}. Fix: drop the "
                 "override (an adapter's settings come with it), or start without --adapter."
             )
-    model = load_model_config(args.model, weights=True)
-    trained = (export.model_type, export.hidden_size, export.num_hidden_layers)
-    given = (model.model_type, model.hidden_size, model.num_hidden_layers if export.num_hidden_layers else None)
-    if trained != given:
-        raise UsageError(
-            f"--adapter {args.adapter}: trained on {export.base_model_name_or_path or 'another model'} "
-            f"(model_type, hidden_size, layers = {trained}); --model {args.model} has {given}. Fix: pass --model "
-            "with the base model the adapter was trained on."
-        )
+    check_base_model(load_model_config(args.model, weights=True), export)
     return fixed
 
 

@@ -125,8 +125,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside a :class:`meft_ds.MeftModel`, a DeepSpeed engine, a DDP wrapper or a PEFT
     model."""
     while True:
-        if isinstance(model, BaseModelWrapper):
-            model = model.base_model
+        if (inner := without_meft_wrapper(model)) is not model:
+            model = inner
         elif isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
         elif (inner := without_peft_wrapper(model)) is not model:

@@ -35,7 +35,7 @@ from meft_ds.export import (
     tensor_names,
     unwrap,
 )
-from meft_ds.inject import adapters, decoder_layers, follow_peft_disable, holds_peft_layers, inject, locate_ffns
+from meft_ds.inject import adapters, follow_peft_disable, holds_peft_layers, inject
 from meft_ds.models import is_builtin_model, names_builtin_model
 from meft_ds.store import CheckpointError
 
@@ -155,10 +155,11 @@ def _weight_files(directory: Path, every_name: list[str], export_id: str | None,
     return dict.fromkeys(every_name, single)
 
 
-def _check_base_model(model: nn.Module, export: AdapterExport) -> None:
-    """Refuse another architecture, hidden size or depth than the adapter was trained on."""
-    model_config = getattr(model, "config", None)
+def check_base_model(model_config: Any, export: AdapterExport) -> None:
+    """Refuse a base model (its ``PretrainedConfig``) of another architecture, hidden size or depth than the adapter
+    was trained on: before a model loads (``launch/train.py --adapter``) and before an adapter loads into one."""
     model_type, hidden = getattr(model_config, "model_type", None), getattr(model_config, "hidden_size", None)
+    depth = getattr(model_config, "num_hidden_layers", None)
     trained_on = export.base_model_name_or_path or "its base model"
     if export.model_type is not None and model_type != export.model_type:
         raise CheckpointError(
@@ -170,13 +171,16 @@ def _check_base_model(model: nn.Module, export: AdapterExport) -> None:
             f"{export.directory}: the adapter was trained for hidden size {export.hidden_size} ({export.model_type}), "
             f"this model has {hidden} ({model_type}). Fix: load it into the base model it was trained on."
         )
-    depth = len(decoder_layers(model, locate_ffns(model)))
-    if export.num_hidden_layers is not None and depth != export.num_hidden_layers:
+    if export.num_hidden_layers is not None and depth is not None and depth != export.num_hidden_layers:
         raise CheckpointError(
             f"{export.directory}: the adapter was trained on a model with {export.num_hidden_layers} decoder layers "
             f"({trained_on}), this model has {depth}. Fix: load it into the base model it was trained on."
         )
-    name = getattr(model_config, "_name_or_path", None)
+
+
+def _warn_other_base(model: nn.Module, export: AdapterExport) -> None:
+    """A base model of the same shape but another name than the adapter's: loaded, with a word."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
     builtin = names_builtin_model(export.base_model_name_or_path) and is_builtin_model(model)  # loaded from its cache
     if export.base_model_name_or_path and name and name != export.base_model_name_or_path and not builtin:
         logger.warning(
@@ -268,7 +272,8 @@ def load_with_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 def _load_meft(model: nn.Module, directory: str | os.PathLike) -> None:
     export = read_export(directory)
     target = unwrap(model)
-    _check_base_model(target, export)
+    check_base_model(getattr(target, "config", None), export)
+    _warn_other_base(target, export)
     if adapters(target):
         _check_adapters(adapters(target), export)
     with contextlib.ExitStack() as stack:
