@@ -9,6 +9,7 @@ examples into token ids the same way for training and for generation.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,8 @@ from meft_ds.schemas import FORMATS, SCHEMAS, DatasetError, Example, load_file, 
 DATASETS = ("facts", "nq", "squad", "toolbench", "gsm8k")
 SPLITS = ("train", "eval")
 IGNORE_INDEX = -100  # label of the tokens that are not learned (prompt, padding)
+
+logger = logging.getLogger("meft_ds.data")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,6 +186,54 @@ def format_prompt(tokenizer: Any, example: Example) -> str:
     return f"{earlier}{context}Question: {example.prompt}\nAnswer:"
 
 
+def _learned_turns(tokenizer: Any, example: Example, prompt: str) -> list[tuple[int, int]]:
+    """The character spans of ``prompt`` (:func:`format_prompt`'s) that are learned: with ``example.learn_history``,
+    each assistant turn of the history after the first turn, its end-of-turn marker included (the template's, or the
+    plain form's newline). Empty where the chat template renders a conversation's earlier turns differently once it
+    goes on (some move the system prompt into the last user turn): there the last answer alone is learned."""
+    turns = example.history
+    learned = [
+        number for number, turn in enumerate(turns) if example.learn_history and number and turn["role"] == "assistant"
+    ]
+    if not learned:
+        return []
+    if not has_chat_template(tokenizer):
+        starts = [0]
+        for turn in turns:
+            starts.append(starts[-1] + len(_PLAIN_TURNS[turn["role"]].format(turn["content"])))
+        return [(starts[number] + len("Answer:"), starts[number + 1]) for number in learned]
+    spans = []
+    for number in learned:
+        before = tokenizer.apply_chat_template(turns[:number], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(turns[: number + 1], tokenize=False)
+        if not (through.startswith(before) and prompt.startswith(through)):
+            logger.warning(
+                "the chat template renders the turns before %r differently as the conversation goes on, so its "
+                "earlier assistant turns cannot be told apart: only its last answer is learned",
+                example.prompt[:60],
+            )
+            return []
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def _prompt_labels(
+    tokenizer: Any, example: Example, prompt: str, add_special_tokens: bool
+) -> tuple[list[int], list[int]]:
+    """The prompt's ids (tokenized whole, as for ``generate``) and their labels: the id inside a learned turn
+    (:func:`_learned_turns`), else ``IGNORE_INDEX``."""
+    spans = _learned_turns(tokenizer, example, prompt)
+    encoding = tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=bool(spans))
+    ids = list(encoding["input_ids"])
+    if not spans:
+        return ids, [IGNORE_INDEX] * len(ids)
+    inside = [
+        end > start and any(first <= start and end <= last for first, last in spans)
+        for start, end in encoding["offset_mapping"]
+    ]
+    return ids, [token if learn else IGNORE_INDEX for token, learn in zip(ids, inside, strict=True)]
+
+
 def _answer_text(tokenizer: Any, example: Example) -> str:
     """What follows the prompt in training: the assistant turn up to the template's end-of-turn marker, or
     ``" {answer}"`` (the EOS id is appended by the caller)."""
@@ -201,18 +252,20 @@ def _answer_text(tokenizer: Any, example: Example) -> str:
     return full[len(prompt) :]
 
 
-def _encode(tokenizer: Any, example: Example) -> tuple[list[int], list[int]]:
-    """Prompt and answer ids, tokenized apart so the prompt ids equal those given to ``generate``."""
+def _encode(tokenizer: Any, example: Example) -> tuple[list[int], list[int], list[int]]:
+    """Prompt ids, their labels and answer ids, tokenized apart so the prompt ids equal those given to
+    ``generate``."""
     chat = has_chat_template(tokenizer)
-    prompt_ids = tokenizer(format_prompt(tokenizer, example), add_special_tokens=not chat)["input_ids"]
+    prompt_ids, prompt_labels = _prompt_labels(tokenizer, example, format_prompt(tokenizer, example), not chat)
     answer_ids = tokenizer(_answer_text(tokenizer, example), add_special_tokens=False)["input_ids"]
     if not chat and tokenizer.eos_token_id is not None:
         answer_ids = [*answer_ids, tokenizer.eos_token_id]
-    return list(prompt_ids), list(answer_ids)
+    return prompt_ids, prompt_labels, list(answer_ids)
 
 
 def tokenize_for_training(examples: Sequence[Example], tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
-    """``{"input_ids", "labels"}`` per example: prompt then answer, labels ``-100`` on the prompt tokens.
+    """``{"input_ids", "labels"}`` per example: prompt then answer, labels ``-100`` on the prompt tokens (but a
+    conversation's earlier assistant turns where ``Example.learn_history``: every assistant turn is learned).
 
     Over ``max_length``, the prompt loses its first tokens (the question's end and the answer cue stay); an answer
     that alone fills ``max_length`` is cut after one prompt token. Raises DatasetError when no answer fits at all,
@@ -228,18 +281,18 @@ def tokenize_for_training(examples: Sequence[Example], tokenizer: Any, max_lengt
                 f"({error}). Fix: order its turns as this model's template requires (most: a system turn first if any, "
                 "then user and assistant turns alternating)."
             ) from error
-    if encoded and all(len(answer) >= max_length for _, answer in encoded):
-        shortest = min(len(answer) for _, answer in encoded)
+    if encoded and all(len(answer) >= max_length for *_, answer in encoded):
+        shortest = min(len(answer) for *_, answer in encoded)
         raise DatasetError(
             f"max_length={max_length} is too small for any answer: the shortest answer takes {shortest} tokens and "
             f"at least one prompt token must precede it. Fix: raise max_length (train.py --max_length) well above "
             f"{shortest} (256 is usual)."
         )
     features = []
-    for prompt_ids, answer_ids in encoded:
+    for prompt_ids, prompt_labels, answer_ids in encoded:
         answer_ids = answer_ids[: max_length - 1]
-        prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :]
-        features.append({"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids})
+        kept = max_length - len(answer_ids)
+        features.append({"input_ids": prompt_ids[-kept:] + answer_ids, "labels": prompt_labels[-kept:] + answer_ids})
     return features
 
 

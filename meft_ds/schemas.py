@@ -30,13 +30,15 @@ class Example:
     ``task`` picks the metrics (see :func:`meft_ds.metrics.score`): "qa" (EM/F1), "toolbench" (API-call IoU) or
     "gsm8k" (final-number accuracy). ``context`` is a passage shown before the question (SQuAD open-book).
     ``history``: the conversation before the question (a messages row's earlier turns, its system prompt included),
-    ``{"role", "content"}`` dicts shown before it."""
+    ``{"role", "content"}`` dicts shown before it. ``learn_history``: its assistant turns are learned too, each
+    prompted by the turns before it (a messages row's; a conversational prompt's are only its prompt)."""
 
     prompt: str
     answers: list[str]
     task: str = "qa"
     context: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
+    learn_history: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,7 +51,7 @@ SCHEMAS = {
     "toolbench": '{"query": "...", "relevant APIs": [["tool name", "api name"], ...]} (ToolBench G*_query.json)',
     "gsm8k": '{"question": "...", "answer": "... #### <number>"} (GSM8K)',
     "messages": '{"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}, ..., '
-    '{"role": "assistant", "content": "..."}]} (chat: the last turn is learned, the turns before it prompt it)',
+    '{"role": "assistant", "content": "..."}]} (chat: every assistant turn is learned, the last one scored)',
     "prompt_completion": '{"prompt": "...", "completion": "..."} (TRL\'s; or both lists of turns as in messages)',
     "alpaca": '{"instruction": "...", "input": "..." (may be empty), "output": "..."} (Alpaca)',
 }
@@ -149,20 +151,22 @@ def _turns(row: _Row, field: str) -> list[dict[str, str]]:
     return turns
 
 
-def _conversation_example(row: _Row, field: str, turns: list[dict[str, str]]) -> Example:
-    """A conversation's last assistant turn as the answer, the turns before it as its prompt."""
+def _conversation_example(row: _Row, field: str, turns: list[dict[str, str]], *, learn_history: bool) -> Example:
+    """A conversation's last assistant turn as the answer (the one scored), the turns before it as its prompt."""
     if [turn["role"] for turn in turns[-2:]] != ["user", "assistant"]:
-        raise row.error(field, "must end with a user turn and the assistant's answer to it (the answer learned)")
-    return Example(turns[-2]["content"], [turns[-1]["content"]], history=turns[:-2])
+        raise row.error(field, "must end with a user turn and the assistant's answer to it (the answer scored)")
+    return Example(turns[-2]["content"], [turns[-1]["content"]], history=turns[:-2], learn_history=learn_history)
 
 
 def _parse_messages(row: _Row) -> Example:
-    return _conversation_example(row, "messages", _turns(row, "messages"))
+    return _conversation_example(row, "messages", _turns(row, "messages"), learn_history=True)
 
 
 def _parse_prompt_completion(row: _Row) -> Example:
+    """TRL's prompt-completion rows: the completion alone is learned, as TRL's ``completion_only_loss``."""
     if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):  # conversational: turns
-        return _conversation_example(row, "completion", _turns(row, "prompt") + _turns(row, "completion"))
+        turns = _turns(row, "prompt") + _turns(row, "completion")
+        return _conversation_example(row, "completion", turns, learn_history=False)
     return Example(row.text("prompt"), [row.text("completion")])
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
 from tiny_models import word_tokenizer
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from meft_ds import models
 from meft_ds.data import (
@@ -335,7 +337,7 @@ def test_tokenize_for_training_learns_exactly_the_answer(chat: bool) -> None:
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_a_conversation_prompts_its_last_answer_with_every_turn_before_it(chat: bool) -> None:
+def test_a_conversation_learns_every_assistant_turn_each_prompted_by_the_turns_before_it(chat: bool) -> None:
     tokenizer = word_tokenizer(chat=chat)
     conversation, single = load_examples(DATA / "messages.jsonl")
     assert [turn["role"] for turn in conversation.history] == ["system", "user", "assistant"] and not single.history
@@ -347,9 +349,49 @@ def test_a_conversation_prompts_its_last_answer_with_every_turn_before_it(chat: 
     assert [prompt.index(text) for text in ordered] == sorted(prompt.index(text) for text in ordered)
     if not chat:
         assert prompt.endswith("Answer: Paris\nQuestion: And of Italy?\nAnswer:")
+
     (feature,) = tokenize_for_training([conversation], tokenizer, max_length=256)
-    learned = [token for token, label in zip(feature["input_ids"], feature["labels"], strict=True) if label != -100]
-    assert tokenizer.decode(learned) == ("Rome<|im_end|>\n" if chat else " Rome<|endoftext|>")  # the last turn only
+    prompt_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]  # what generate gets
+    assert feature["input_ids"][: len(prompt_ids)] == prompt_ids
+    assert _learned(tokenizer, feature) == (
+        ["Paris<|im_end|>\n", "Rome<|im_end|>\n"] if chat else [" Paris\n", " Rome<|endoftext|>"]
+    )  # every assistant turn, each with its end of turn
+    (cut,) = tokenize_for_training([conversation], tokenizer, max_length=len(feature["input_ids"]) - 2)
+    assert cut["input_ids"] == feature["input_ids"][2:] and cut["labels"] == feature["labels"][2:]
+    completion = replace(conversation, learn_history=False)  # TRL's prompt-completion rows learn the completion only
+    (feature,) = tokenize_for_training([completion], tokenizer, max_length=256)
+    assert _learned(tokenizer, feature) == (["Rome<|im_end|>\n"] if chat else [" Rome<|endoftext|>"])
+
+
+def _learned(tokenizer: PreTrainedTokenizerFast, feature: dict[str, list[int]]) -> list[str]:
+    """The learned stretches of a feature, decoded one by one."""
+    stretches: list[list[int]] = []
+    for position, label in enumerate(feature["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == feature["input_ids"][position]
+            if position == 0 or feature["labels"][position - 1] == IGNORE_INDEX:
+                stretches.append([])
+            stretches[-1].append(label)
+    return [tokenizer.decode(stretch) for stretch in stretches]
+
+
+def test_a_template_that_renders_earlier_turns_anew_learns_the_last_answer(caplog: pytest.LogCaptureFixture) -> None:
+    """Some templates render a conversation's start differently as it grows (Mistral's first ones move the system
+    prompt into the last user turn): its earlier answers cannot be found, so the last one alone is learned."""
+    tokenizer = word_tokenizer(chat=True)
+    tokenizer.chat_template = (  # ChatML with the system prompt shown in the last user turn
+        "{% set last = namespace(user=0) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{% set last.user = loop.index0 %}{% endif %}{% endfor %}"
+        "{% for m in messages if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'user' and messages[last.user] is sameas m and messages[0]['role'] == 'system' %}"
+        "{{ messages[0]['content'] }}\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    conversation, _ = load_examples(DATA / "messages.jsonl")
+    with caplog.at_level(logging.WARNING, logger="meft_ds.data"):
+        (feature,) = tokenize_for_training([conversation], tokenizer, max_length=256)
+    assert _learned(tokenizer, feature) == ["Rome<|im_end|>\n"]
+    assert "only its last answer is learned" in caplog.text
 
 
 def test_a_conversation_the_chat_template_refuses_is_named() -> None:
