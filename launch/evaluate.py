@@ -6,14 +6,15 @@ PEFT model's LoRA saved beside MEFT's, in the export's ``peft/``, loads with it)
     python launch/evaluate.py --adapter outputs/meft-facts --prompt "Where was Drical Calxan born?"
     python launch/evaluate.py --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter out --dataset squad --limit 500
 
-Greedy decoding; exact match and F1 for QA (facts, nq, squad), IoU of the API calls for ToolBench, final-answer
-accuracy for GSM8K. Prints the base model's scores ("before") and, with ``--adapter``, the adapted model's
-("after"); ``--output`` also writes them, with every prediction, as JSON. The model's name, the dtype it computes in
-and the held-out set (with the built-in facts set's size and seed) come from the adapter's ``results.json`` when
-``--model``, ``--dtype``, ``--dataset``, ``--facts`` / ``--seed`` are not given, so the scores are the training
-run's. No GPU needed; the model runs on DeepSpeed's accelerator. The adapted model is served from the device
-(``meft_ds.for_inference``: rows on the device, routed there, no host copy per token and layer; the same greedy
-answers as the training path, which ``--host_routing`` uses instead).
+Greedy decoding; exact match and F1 for QA (facts, nq, squad), IoU of the API calls for ToolBench, final-answer accuracy
+for GSM8K; a plain-text file (``{"text": ...}`` rows) by its loss per token and perplexity. Prints the base model's
+scores ("before") and, with ``--adapter``, the adapted model's ("after"); ``--output`` also writes them, with every
+prediction, as JSON. The model's name, the dtype it computes in and the held-out set (with the built-in facts set's size
+and seed) come from the adapter's ``results.json`` when ``--model``, ``--dtype``, ``--dataset``, ``--facts`` /
+``--seed``, ``--max_length`` are not given, so the scores are the training run's. No GPU needed; the model runs on
+DeepSpeed's accelerator. The adapted model is served from the device (``meft_ds.for_inference``: rows on the device,
+routed there, no host copy per token and layer; the same greedy answers as the training path, which ``--host_routing``
+uses instead).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import meft_ds
 from meft_ds.baselines import exported_method, load_baseline
 from meft_ds.data import DATASETS, FORMATS, Example, load_examples
 from meft_ds.ds_config import DTYPE_NAMES, compute_dtype, fit_precision_to_cpu, resolve_auto
-from meft_ds.evaluation import evaluate_generation, format_scores
+from meft_ds.evaluation import evaluate_examples, format_scores
 from meft_ds.export_load import read_adapter_config
 from meft_ds.files import write_json_atomic
 from meft_ds.models import BUILTIN_MODEL, load_model_and_tokenizer
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", "--eval_limit", type=int, default=200, help="evaluate the first N examples (0: all)")
     parser.add_argument("--batch_size", "--eval_batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task)")
+    parser.add_argument(
+        "--max_length", type=int, help="plain text (scored by its loss): tokens per window (default: the run's, 256)"
+    )
     parser.add_argument("--no_base", action="store_true", help="skip the base model's evaluation")
     parser.add_argument("--output", type=Path, help="write the scores and predictions to this JSON file")
     parser.add_argument("--seed", type=int, help="seed of the built-in facts set (default: the adapter's run's, 0)")
@@ -71,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--host_routing", action="store_true", help="route on the host as training does (slower; the same answers)"
     )
     args = parser.parse_args(argv)
-    for name in ("batch_size", "max_new_tokens"):
+    for name in ("batch_size", "max_new_tokens", "max_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1, got {value}")
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                              "writable path.") from None  # fmt: skip
     name = model_name(args, trained)
     dtype = model_dtype(args, trained)
+    max_length = args.max_length or trained.get("max_length", 256)
     cpu_kernels()  # built (or found in the extension cache) now, not after the model has loaded
     model, tokenizer = load_model_and_tokenizer(name, dtype=dtype)
     model.to(get_accelerator().current_device_name())
@@ -171,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"held-out set: {described}, {len(examples)} examples")
 
     def run(label: str) -> dict[str, Any]:
-        result = evaluate_generation(
-            model, tokenizer, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            show_progress=True,
+        result = evaluate_examples(
+            model, tokenizer, examples, max_length=max_length, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, show_progress=True,
         )  # fmt: skip
         if args.prompt:
             result = {"predictions": result["predictions"]}  # no reference answers: no scores

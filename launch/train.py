@@ -46,7 +46,7 @@ from meft_ds.ds_config import (
     resolve_auto,
     validate_deepspeed_config,
 )
-from meft_ds.evaluation import evaluate_generation, evaluate_loss, format_scores
+from meft_ds.evaluation import evaluate_examples, evaluate_loss, format_scores
 from meft_ds.files import write_json_atomic
 from meft_ds.inject import check_model_type
 from meft_ds.model_facts import load_model_config
@@ -115,11 +115,14 @@ def load_held_out(args: argparse.Namespace) -> list:
 def evaluate(
     model: torch.nn.Module, tokenizer: Any, examples: list | None, probe_examples: list | None, args: argparse.Namespace
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
-    """The held-out scores and the probe's answers. Every rank generates a share of the answers on its device (no
-    rank waits for another's whole evaluation); every rank returns all of them, as one rank alone would have."""
+    """The held-out scores (plain texts: their loss) and the probe's answers. Every rank generates a share of the
+    answers on its device (no rank waits for another's whole evaluation); every rank returns all of them, as one rank
+    alone would have."""
     shared = dict(batch_size=args.eval_batch_size, show_progress=dist.get_rank() == 0, across_ranks=True)
     scores = (
-        evaluate_generation(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, **shared)
+        evaluate_examples(
+            model, tokenizer, examples, max_length=args.max_length, max_new_tokens=args.max_new_tokens, **shared
+        )
         if examples
         else None
     )
@@ -414,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             "facts": args.facts,
             "seed": args.seed,
             "eval_dataset": args.eval_dataset,
+            "max_length": args.max_length,
             "train_examples": len(features),
             "steps": engine.global_steps,
             "first_loss": log.first_loss,

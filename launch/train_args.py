@@ -61,7 +61,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="fills 'auto'")
     parser.add_argument("--weight_decay", type=float, default=0.0, help="fills 'auto'")
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="fills 'auto' gradient_clipping")
-    parser.add_argument("--max_length", type=int, default=256, help="tokens per example (prompt + answer)")
+    parser.add_argument(
+        "--max_length", type=int, default=256, help="tokens per example (prompt + answer; a text's window)"
+    )
     parser.add_argument(
         "--activation_checkpointing",
         action="store_true",

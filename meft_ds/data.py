@@ -1,5 +1,5 @@
 """Training and evaluation data: the built-in synthetic ``facts`` set, NQ-open, SQuAD, ToolBench, GSM8K, local files
-(those schemas, questions with answers, instructions, prompt and completion pairs, chat conversations).
+(those schemas, questions with answers, instructions, prompt and completion pairs, chat conversations, plain text).
 
 Every source becomes a list of :class:`Example` (a question, its reference answers, the task that scores it), its
 rows validated eagerly by :mod:`meft_ds.schemas` (a bad file fails with one :class:`DatasetError` naming the file, the
@@ -19,7 +19,7 @@ import torch
 from jinja2 import TemplateError
 
 from meft_ds.facts import fact_questions
-from meft_ds.schemas import FORMATS, SCHEMAS, DatasetError, Example, load_file, parse_rows
+from meft_ds.schemas import FORMATS, SCHEMAS, TEXT, DatasetError, Example, load_file, parse_rows
 
 DATASETS = ("facts", "nq", "squad", "toolbench", "gsm8k")
 SPLITS = ("train", "eval")
@@ -263,33 +263,54 @@ def _encode(tokenizer: Any, example: Example) -> tuple[list[int], list[int], lis
     return prompt_ids, prompt_labels, list(answer_ids)
 
 
+def _encode_named(tokenizer: Any, example: Example, number: int) -> tuple[list[int], list[int], list[int]]:
+    try:
+        return _encode(tokenizer, example)
+    except TemplateError as error:  # e.g. "Conversation roles must alternate user/assistant/user/assistant/..."
+        raise DatasetError(
+            f"example {number} ({example.prompt[:60]!r}): the tokenizer's chat template refuses its conversation "
+            f"({error}). Fix: order its turns as this model's template requires (most: a system turn first if any, "
+            "then user and assistant turns alternating)."
+        ) from error
+
+
+def _text_features(tokenizer: Any, text: str, max_length: int) -> list[dict[str, list[int]]]:
+    """A plain text as pretraining sees it (no template: the tokenizer's special tokens, the text, EOS), every token
+    learned, cut into windows of ``max_length`` tokens; a last window of one token, which predicts nothing, is
+    dropped."""
+    ids = list(tokenizer(text)["input_ids"])
+    if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
+        ids.append(tokenizer.eos_token_id)
+    windows = [ids[start : start + max_length] for start in range(0, len(ids), max_length)]
+    return [{"input_ids": window, "labels": list(window)} for window in windows if len(window) > 1]
+
+
 def tokenize_for_training(examples: Sequence[Example], tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
     """``{"input_ids", "labels"}`` per example: prompt then answer, labels ``-100`` on the prompt tokens (but a
-    conversation's earlier assistant turns where ``Example.learn_history``: every assistant turn is learned).
+    conversation's earlier assistant turns where ``Example.learn_history``: every assistant turn is learned); a plain
+    text (task :data:`~meft_ds.schemas.TEXT`) learned whole, as one feature per ``max_length`` tokens.
 
     Over ``max_length``, the prompt loses its first tokens (the question's end and the answer cue stay); an answer
     that alone fills ``max_length`` is cut after one prompt token. Raises DatasetError when no answer fits at all,
     and for a conversation the tokenizer's chat template refuses.
     """
-    encoded = []
-    for number, example in enumerate(examples, start=1):
-        try:
-            encoded.append(_encode(tokenizer, example))
-        except TemplateError as error:  # e.g. "Conversation roles must alternate user/assistant/user/assistant/..."
-            raise DatasetError(
-                f"example {number} ({example.prompt[:60]!r}): the tokenizer's chat template refuses its conversation "
-                f"({error}). Fix: order its turns as this model's template requires (most: a system turn first if any, "
-                "then user and assistant turns alternating)."
-            ) from error
-    if encoded and all(len(answer) >= max_length for *_, answer in encoded):
-        shortest = min(len(answer) for *_, answer in encoded)
+    encoded = [
+        None if example.task == TEXT else _encode_named(tokenizer, example, number)
+        for number, example in enumerate(examples, start=1)
+    ]
+    answers = [len(item[2]) for item in encoded if item is not None]
+    if answers and min(answers) >= max_length:
         raise DatasetError(
-            f"max_length={max_length} is too small for any answer: the shortest answer takes {shortest} tokens and "
-            f"at least one prompt token must precede it. Fix: raise max_length (train.py --max_length) well above "
-            f"{shortest} (256 is usual)."
+            f"max_length={max_length} is too small for any answer: the shortest answer takes {min(answers)} tokens "
+            f"and at least one prompt token must precede it. Fix: raise max_length (train.py --max_length) well above "
+            f"{min(answers)} (256 is usual)."
         )
     features = []
-    for prompt_ids, prompt_labels, answer_ids in encoded:
+    for example, item in zip(examples, encoded, strict=True):
+        if item is None:
+            features += _text_features(tokenizer, example.answers[0], max_length)
+            continue
+        prompt_ids, prompt_labels, answer_ids = item
         answer_ids = answer_ids[: max_length - 1]
         kept = max_length - len(answer_ids)
         features.append({"input_ids": prompt_ids[-kept:] + answer_ids, "labels": prompt_labels[-kept:] + answer_ids})

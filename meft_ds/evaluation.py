@@ -1,4 +1,5 @@
-"""Generation-based evaluation: greedy answers to held-out examples, scored per task (EM/F1, IoU, accuracy).
+"""Evaluation: greedy answers to held-out examples, scored per task (EM/F1, IoU, accuracy), and the teacher-forced loss
+per learned token (plain texts are scored by it, :func:`evaluate_examples`).
 
 With ``across_ranks=True`` every data-parallel rank generates a share of the batches and rank 0's result holds all
 answers, so that a many-rank run evaluates in 1/world_size of the time instead of keeping the other ranks waiting.
@@ -18,9 +19,10 @@ import torch.distributed
 from torch import nn
 from tqdm import tqdm
 
-from meft_ds.data import IGNORE_INDEX, Example, collate, format_prompt, has_chat_template
+from meft_ds.data import IGNORE_INDEX, Example, collate, format_prompt, has_chat_template, tokenize_for_training
 from meft_ds.inject import adapters
 from meft_ds.metrics import score
+from meft_ds.schemas import TEXT
 
 logger = logging.getLogger("meft_ds.evaluation")
 
@@ -127,6 +129,8 @@ def evaluate_generation(
     """
     if not examples:
         raise ValueError("evaluate_generation needs at least one example")
+    if any(example.task == TEXT for example in examples):
+        raise ValueError("plain texts have no answer to generate: score them by their loss (evaluate_examples)")
     if max_new_tokens is None:
         max_new_tokens = max(NEW_TOKENS[example.task] for example in examples)
     rank, world_size = _ranks(across_ranks)
@@ -202,6 +206,35 @@ def evaluate_loss(
     if world_size > 1:
         torch.distributed.all_reduce(totals)
     return (totals[0] / totals[1]).item()
+
+
+def evaluate_examples(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    max_length: int,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    show_progress: bool = False,
+    across_ranks: bool = False,
+) -> dict[str, Any]:
+    """The held-out scores of ``examples``: :func:`evaluate_generation`'s, or for plain texts (task
+    :data:`~meft_ds.schemas.TEXT`: nothing to generate) their ``loss`` per token, teacher-forced on
+    ``max_length``-token windows as in training (:func:`evaluate_loss`), its ``perplexity`` and ``n``."""
+    texts = sum(example.task == TEXT for example in examples)
+    if not texts:
+        return evaluate_generation(
+            model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            show_progress=show_progress, across_ranks=across_ranks,
+        )  # fmt: skip
+    if texts < len(examples):
+        raise ValueError("examples mix plain texts with questions: score each kind apart")
+    features = tokenize_for_training(examples, tokenizer, max_length)
+    device = next(model.parameters()).device
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id  # labels ignore it
+    loss = evaluate_loss(model, features, pad, device, batch_size=batch_size, across_ranks=across_ranks)
+    return {"loss": loss, "perplexity": math.exp(loss), "n": len(examples)}
 
 
 def format_scores(result: dict[str, Any] | None) -> str:

@@ -15,8 +15,9 @@ from typing import Any
 
 from meft_ds.metrics import final_number
 
-FORMATS = ("qa", "nq", "squad", "toolbench", "gsm8k", "messages", "prompt_completion", "alpaca")
+FORMATS = ("qa", "nq", "squad", "toolbench", "gsm8k", "messages", "prompt_completion", "alpaca", "text")
 ROLES = ("system", "user", "assistant")  # the roles of a conversation's turns
+TEXT = "text"  # the task of a plain text: every token learned, scored by its loss (no question, nothing generated)
 
 
 class DatasetError(ValueError):
@@ -28,7 +29,8 @@ class Example:
     """One question with its reference answers. ``answers[0]`` is the training target.
 
     ``task`` picks the metrics (see :func:`meft_ds.metrics.score`): "qa" (EM/F1), "toolbench" (API-call IoU) or
-    "gsm8k" (final-number accuracy). ``context`` is a passage shown before the question (SQuAD open-book).
+    "gsm8k" (final-number accuracy); :data:`TEXT` is a plain text (``answers[0]``, its ``prompt`` empty), learned
+    whole and scored by its loss. ``context`` is a passage shown before the question (SQuAD open-book).
     ``history``: the conversation before the question (a messages row's earlier turns, its system prompt included),
     ``{"role", "content"}`` dicts shown before it. ``learn_history``: its assistant turns are learned too, each
     prompted by the turns before it (a messages row's; a conversational prompt's are only its prompt)."""
@@ -54,6 +56,7 @@ SCHEMAS = {
     '{"role": "assistant", "content": "..."}]} (chat: every assistant turn is learned, the last one scored)',
     "prompt_completion": '{"prompt": "...", "completion": "..."} (TRL\'s; or both lists of turns as in messages)',
     "alpaca": '{"instruction": "...", "input": "..." (may be empty), "output": "..."} (Alpaca)',
+    "text": '{"text": "..."} (plain text, every token learned: continued pretraining; scored by its loss)',
 }
 
 
@@ -179,6 +182,10 @@ def _parse_alpaca(row: _Row) -> Example:
     return Example(f"{instruction}\n\n{given}" if given.strip() else instruction, [row.text("output")])
 
 
+def _parse_text(row: _Row) -> Example:
+    return Example("", [row.text("text")], task=TEXT)
+
+
 _PARSERS: dict[str, Callable[[_Row], Example]] = {
     "qa": _parse_qa,
     "nq": _parse_nq,
@@ -188,6 +195,7 @@ _PARSERS: dict[str, Callable[[_Row], Example]] = {
     "messages": _parse_messages,
     "prompt_completion": _parse_prompt_completion,
     "alpaca": _parse_alpaca,
+    "text": _parse_text,
 }
 _SIGNATURES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "qa": lambda row: "question" in row and isinstance(row.get("answers"), list),
@@ -198,6 +206,7 @@ _SIGNATURES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "messages": lambda row: isinstance(row.get("messages"), list),
     "prompt_completion": lambda row: "prompt" in row and "completion" in row,
     "alpaca": lambda row: "instruction" in row and "output" in row,
+    "text": lambda row: "text" in row,
 }
 
 

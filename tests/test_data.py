@@ -94,6 +94,12 @@ SCHEMA_FILES = [
     ("messages.jsonl", "messages", "And of Italy?", ["Rome"]),
     ("prompt_completion.jsonl", "prompt_completion", "Who wrote the play Hamlet?", ["William Shakespeare"]),
     ("alpaca.json", "alpaca", "Give the capital of the country.\n\nItaly", ["Rome"]),
+    (
+        "text.jsonl",
+        "text",
+        "",
+        ["The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889 for the World's Fair."],
+    ),
 ]
 
 
@@ -101,7 +107,7 @@ SCHEMA_FILES = [
 @pytest.mark.parametrize("inferred", [True, False])
 def test_every_local_schema_loads(file: str, fmt: str, prompt: str, answers: list[str] | None, inferred: bool) -> None:
     examples = load_examples(DATA / file, format=None if inferred else fmt)
-    task = {"toolbench": "toolbench", "gsm8k": "gsm8k"}.get(fmt, "qa")
+    task = {"toolbench": "toolbench", "gsm8k": "gsm8k", "text": "text"}.get(fmt, "qa")
     assert len(examples) == 2 and all(e.task == task and e.context is None for e in examples)
     assert examples[0].prompt.startswith(prompt)
     if answers is not None:
@@ -134,6 +140,7 @@ GOOD_ROWS = {  # a valid first row per schema, so the bad row is the second
     "messages": {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a"}]},
     "prompt_completion": {"prompt": "q?", "completion": "a"},
     "alpaca": {"instruction": "q?", "input": "", "output": "a"},
+    "text": {"text": "a"},
 }
 BAD_ROWS = [  # (schema, the second row as raw text, what the message must say besides file, row and field)
     ("qa", '["q?", "a"]', "expected a JSON object"),
@@ -176,6 +183,8 @@ BAD_ROWS = [  # (schema, the second row as raw text, what the message must say b
     ("prompt_completion", '{"prompt": [], "completion": "a"}', "field 'prompt' must be a non-empty list of turns"),
     ("alpaca", '{"instruction": "q?", "input": 3, "output": "a"}', "field 'input' must be a string (empty for none)"),
     ("alpaca", '{"instruction": "q?", "output": ""}', "field 'output' must be a non-empty string"),
+    ("text", '{"text": ["a"]}', "field 'text' must be a non-empty string"),
+    ("text", '{"text": " "}', "field 'text' must be a non-empty string"),
 ]
 
 
@@ -406,6 +415,26 @@ def test_a_conversation_the_chat_template_refuses_is_named() -> None:
     tokenize_for_training([single], tokenizer, max_length=64)
     with pytest.raises(DatasetError, match=r"^example 2 \('And of Italy\?'\): the tokenizer's chat template refuses"):
         tokenize_for_training([single, conversation], tokenizer, max_length=64)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_plain_text_is_learned_whole_in_windows_of_max_length(chat: bool) -> None:
+    """Continued pretraining: no template, no prompt, every token learned; a long text is cut, not truncated."""
+    tokenizer = word_tokenizer(chat=chat)
+    question, _ = load_examples("facts", limit=2)
+    text, _ = load_examples(DATA / "text.jsonl")
+    ids = [*tokenizer(text.answers[0])["input_ids"], tokenizer.eos_token_id]
+    assert tokenizer.decode(ids) == text.answers[0] + tokenizer.eos_token
+    (whole,) = tokenize_for_training([text], tokenizer, max_length=len(ids))
+    assert whole == {"input_ids": ids, "labels": ids}
+    windows = tokenize_for_training([question, text], tokenizer, max_length=7)  # beside a question, in their order
+    assert windows[0] == tokenize_for_training([question], tokenizer, max_length=7)[0]
+    cut = [ids[start : start + 7] for start in range(0, len(ids), 7)]
+    assert [window["input_ids"] for window in windows[1:]] == cut and all(
+        w["labels"] == w["input_ids"] for w in windows[1:]
+    )
+    (longest,) = tokenize_for_training([text], tokenizer, max_length=len(ids) - 1)  # a window of one token predicts
+    assert longest["input_ids"] == ids[:-1]  # nothing: dropped
 
 
 def test_context_comes_before_the_question() -> None:

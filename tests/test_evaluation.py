@@ -1,8 +1,9 @@
 """evaluate_generation: greedy decoding on a tiny random model, the extraction path with a model that answers with
-the references, and the evaluation shared out over ranks."""
+the references, and the evaluation shared out over ranks; evaluate_examples: plain texts scored by their loss."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from torch import nn
 
 import meft_ds
 from meft_ds import evaluation
-from meft_ds.data import Example, load_examples
-from meft_ds.evaluation import batch_plan, evaluate_generation, extract_answer
+from meft_ds.data import Example, load_examples, tokenize_for_training
+from meft_ds.evaluation import batch_plan, evaluate_examples, evaluate_generation, extract_answer
 
 DATA = Path(__file__).parent / "data"
 
@@ -89,6 +90,28 @@ def test_extract_answer() -> None:
 def test_no_examples_is_an_error() -> None:
     with pytest.raises(ValueError, match="at least one example"):
         evaluate_generation(ReferenceAnswerer(None, []), None, [])
+
+
+def test_plain_texts_are_scored_by_their_loss_per_token() -> None:
+    tokenizer = word_tokenizer(chat=False)  # no pad token: EOS pads, unlearned
+    model = tiny_model("llama").train()
+    texts = load_examples(DATA / "text.jsonl")
+    result = evaluate_examples(model, tokenizer, texts, max_length=8, batch_size=3)
+    assert model.training and result["n"] == 2 and result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    losses = []
+    with torch.no_grad():
+        for feature in tokenize_for_training(texts, tokenizer, max_length=8):  # the windows of training, one by one
+            ids = torch.tensor([feature["input_ids"]])
+            logits = model.eval()(input_ids=ids).logits[0, :-1]
+            losses.append(nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none"))
+    assert result["loss"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="plain texts have no answer to generate"):
+        evaluate_generation(model, tokenizer, texts)
+    questions = load_examples("facts", split="eval", limit=2)
+    with pytest.raises(ValueError, match="mix plain texts with questions"):
+        evaluate_examples(model, tokenizer, [*texts, *questions], max_length=8)
+    answered = ReferenceAnswerer(tokenizer, [e.answers[0] for e in questions])
+    assert evaluate_examples(answered, tokenizer, questions, max_length=8)["exact_match"] == 1.0  # questions: generated
 
 
 def test_example_with_context_is_scored_like_any_qa() -> None:

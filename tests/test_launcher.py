@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -102,14 +103,40 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
 def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     tmp_path: Path, model_dirs: dict[str, Path], stage: int, offload: bool, update_rows: int
 ) -> None:
-    out = tmp_path / "run"
+    """ZeRO-0 trains on plain text (continued pretraining), scored by its held-out loss; ZeRO-1 with meft.update_rows
+    on the facts."""
+    out, texts = tmp_path / "run", tmp_path / "texts.jsonl"
+    facts = [f"{e.prompt} {e.answers[0]}." for e in load_examples("facts")]
+    texts.write_text("".join(json.dumps({"text": " ".join(facts[i : i + 8])}) + "\n" for i in range(0, 450, 8)))
+    data = ["--dataset", texts, "--eval_dataset", texts, "--eval_limit", "8", "--no_probe"] if stage == 0 else []
     launch(
         "--deepspeed", write_config(tmp_path, stage=stage, offload=offload), "--model", model_dirs["plain"],
-        "--output_dir", out, "--max_steps", "6", "--no_eval", *TINY_RUN, "--meft", f"update_rows={update_rows}",
-        *(["--rehearsal", "3"] if update_rows else []),
+        "--output_dir", out, "--max_steps", "6", *(data or ["--no_eval"]), *TINY_RUN,
+        "--meft", f"update_rows={update_rows}", *(["--rehearsal", "3"] if update_rows else []),
     )  # fmt: skip
     records = metrics(out)
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
+    if data:  # the first 8 of the 32 texts trained on (each over --max_length 64), held out again: their loss fell
+        run = results(out)
+        assert run["train_examples"] > 32  # windows
+        assert run["after"]["loss"] < run["before"]["loss"]
+        assert run["after"]["perplexity"] == pytest.approx(math.exp(run["after"]["loss"]))
+        # launch/evaluate.py scores the export on the run's held-out texts, in the run's windows (--max_length 64)
+        command = [
+            sys.executable,
+            "launch/evaluate.py",
+            "--adapter",
+            str(out),
+            "--limit",
+            "8",
+            "--output",
+            str(out / "e.json"),
+        ]
+        result = subprocess.run(command, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        evaluated = json.loads((out / "e.json").read_text())
+        for phase in ("before", "after"):
+            assert evaluated[phase]["loss"] == pytest.approx(run[phase]["loss"], rel=1e-5)
     # meft.update_rows: the first 80 general questions (answered by the base model, once) read as background, right or
     # not (not the 32 dates added later: the measured TF-IDF runs stand); of the first 3 (--rehearsal 3) only those
     # answered right would be trained on, and the random tiny model answers none right; each step updates at most
