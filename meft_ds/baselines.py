@@ -3,8 +3,9 @@ the dense parallel adapter MEFT sparsifies, and full fine-tuning; and each metho
 from the memory plan's own accounting (:mod:`meft_ds.plan`).
 
 Every method trains at the same FFNs, those :func:`meft_ds.inject` finds (LoRA: their linear layers, e.g. ``gate_proj``,
-``up_proj``, ``down_proj``; full fine-tuning: every weight), under the same DeepSpeed engine, optimizer, schedule and
-ZeRO-Offload settings. :func:`load_baseline` puts an exported LoRA or parallel adapter back onto its base model.
+``up_proj``, ``down_proj``, and a mixture-of-experts block's expert weights; full fine-tuning: every weight), under the
+same DeepSpeed engine, optimizer, schedule and ZeRO-Offload settings. :func:`load_baseline` puts an exported LoRA or
+parallel adapter back onto its base model.
 """
 
 from __future__ import annotations
@@ -65,17 +66,31 @@ def add_dense_adapters(model: nn.Module, neurons: int) -> list[nn.Parameter]:
     return list(added.parameters())
 
 
-def ffn_linears(model: nn.Module) -> list[str]:
-    """The full names of the linear layers inside every FFN that :func:`meft_ds.inject` adapts (LLaMA-style models:
-    ``gate_proj``, ``up_proj``, ``down_proj``; GPT-2: ``c_fc``, ``c_proj`` of its MLP, not those of its attention):
-    LoRA's targets, so that it adapts what MEFT sits beside on every architecture meft_ds knows."""
+@dataclasses.dataclass(frozen=True)
+class LoraTargets:
+    """What LoRA adapts in the FFNs MEFT sits beside: full names of linear layers (PEFT's ``target_modules``) and of
+    mixture-of-experts blocks' stacked expert weights, ``(experts, out, in)`` tensors (its ``target_parameters``: a
+    low-rank update per expert)."""
+
+    modules: list[str]
+    parameters: list[str] = dataclasses.field(default_factory=list)
+
+
+def ffn_lora_targets(model: nn.Module) -> LoraTargets:
+    """LoRA's targets in every FFN :func:`meft_ds.inject` adapts, so that it adapts what MEFT sits beside on every
+    architecture meft_ds knows: the linear layers (LLaMA-style: ``gate_proj``, ``up_proj``, ``down_proj``; GPT-2:
+    ``c_fc``, ``c_proj`` of its MLP, not those of its attention; a MoE block's router and shared experts) and a MoE
+    block's stacked expert weights (Mixtral: ``experts.gate_up_proj``, ``experts.down_proj``)."""
     location = locate_ffns(model)
     ffns = {id(getattr(layer, location.ffn_attr)) for layer in decoder_layers(model, location)}
-    names = []
+    targets = LoraTargets([])
     for name, module in model.named_modules():
         if id(module) in ffns:
-            names += [f"{name}.{inner}" for inner, sub in module.named_modules() if _is_linear(sub)]
-    return names
+            targets.modules.extend(f"{name}.{inner}" for inner, sub in module.named_modules() if _is_linear(sub))
+            targets.parameters.extend(
+                f"{name}.{inner}" for inner, weight in module.named_parameters() if weight.dim() == 3
+            )
+    return targets
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -84,11 +99,14 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def add_lora(model: nn.Module, rank: int, targets: list[str]) -> nn.Module:
-    """A PEFT ``LoraModel`` of ``model`` (alpha = 2 r, no dropout) on the ``targets`` linear layers."""
+def add_lora(model: nn.Module, rank: int, targets: LoraTargets) -> nn.Module:
+    """A PEFT ``LoraModel`` of ``model`` (alpha = 2 r, no dropout) on the ``targets``."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets.modules,
+        target_parameters=targets.parameters or None, bias="none",
+    )  # fmt: skip
     return get_peft_model(model, config)
 
 
@@ -96,7 +114,7 @@ def prepare_baseline(method: str, model: nn.Module, *, lora_r: int, adapter_neur
     """The model ``method`` (not "meft", which :func:`meft_ds.initialize` sets up) trains: only its trainable part
     requires gradients."""
     if method == "lora":
-        return add_lora(model, lora_r, ffn_linears(model))
+        return add_lora(model, lora_r, ffn_lora_targets(model))
     if method == "parallel_adapter":
         add_dense_adapters(model, adapter_neurons)
         return model

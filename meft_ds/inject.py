@@ -57,8 +57,17 @@ _MODEL_LAYERS_MLP = (
     "granite", "helium", "llama", "mistral", "nemotron", "olmo", "olmo2", "olmo3", "phi", "phi3", "qwen2", "qwen3",
     "seed_oss", "smollm3", "stablelm", "starcoder2",
 )  # fmt: skip
-_REGISTRY: dict[str, FFNLocation] = {model_type: FFNLocation("model.layers", "mlp") for model_type in _MODEL_LAYERS_MLP}
+# Mixture-of-experts families of that layout: the FFN is the whole sparse MoE block (router, experts, shared experts),
+# with the same contract, so the adapter sits beside all of it (--method lora adapts its experts' stacked weights)
+_MOE_LAYERS_MLP = (
+    "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "jetmoe", "minimax", "mixtral", "olmoe",
+    "phimoe", "qwen2_moe", "qwen3_moe",
+)  # fmt: skip
+_REGISTRY: dict[str, FFNLocation] = {
+    model_type: FFNLocation("model.layers", "mlp") for model_type in _MODEL_LAYERS_MLP + _MOE_LAYERS_MLP
+}
 _REGISTRY |= {
+    "granitemoe": FFNLocation("model.layers", "block_sparse_moe"),
     "falcon": FFNLocation("transformer.h", "mlp"),
     "gpt2": FFNLocation("transformer.h", "mlp"),
     "gptj": FFNLocation("transformer.h", "mlp"),

@@ -29,10 +29,10 @@ from bench.common import (
 )
 from bench.scaleout_nvme import RAW_MIN
 from launch_scripts import launch_script
-from tiny_models import tiny_model, token_batch, word_tokenizer
+from tiny_models import tiny_model, token_batch, train_losses, word_tokenizer
 
 import meft_ds
-from meft_ds.baselines import DenseParallelAdapter, ffn_linears, prepare_baseline
+from meft_ds.baselines import DenseParallelAdapter, LoraTargets, ffn_lora_targets, prepare_baseline
 from meft_ds.config import MeftConfigError
 from meft_ds.inject import UnsupportedModelError
 
@@ -222,14 +222,37 @@ def test_dense_parallel_adapter_is_the_formula() -> None:
 
 def test_lora_targets_the_linear_layers_of_the_ffns_meft_sits_beside() -> None:
     llama, gpt2 = tiny_model(), tiny_model("gpt2")
-    assert ffn_linears(llama) == [
-        f"model.layers.{i}.mlp.{name}" for i in (0, 1) for name in ("gate_proj", "up_proj", "down_proj")
-    ]
-    assert ffn_linears(gpt2) == [f"transformer.h.{i}.mlp.{name}" for i in (0, 1) for name in ("c_fc", "c_proj")]
-    targets = ffn_linears(gpt2)
+    assert ffn_lora_targets(llama) == LoraTargets(
+        [f"model.layers.{i}.mlp.{name}" for i in (0, 1) for name in ("gate_proj", "up_proj", "down_proj")]
+    )
+    targets = ffn_lora_targets(gpt2).modules
+    assert targets == [f"transformer.h.{i}.mlp.{name}" for i in (0, 1) for name in ("c_fc", "c_proj")]
     lora = prepare_baseline("lora", gpt2, lora_r=4, adapter_neurons=0)  # Conv1D layers (GPT-2's), not attn.c_proj
     trained = {name.split(".lora_")[0] for name, p in lora.named_parameters() if p.requires_grad}
     assert trained == {f"base_model.model.{name}" for name in targets}
+
+
+def test_lora_on_a_mixture_of_experts_adapts_every_expert() -> None:
+    """Mixtral's experts are stacked (experts, out, in) weights, no linear layers: LoRA had no target in its FFNs."""
+    mixtral = tiny_model("mixtral")
+    experts = mixtral.config.num_local_experts
+    targets = ffn_lora_targets(mixtral)
+    assert targets.parameters == [
+        f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in ("gate_up_proj", "down_proj")
+    ]
+    batch = token_batch()
+    with torch.no_grad():
+        base = mixtral(batch).logits
+    lora = prepare_baseline("lora", mixtral, lora_r=4, adapter_neurons=0)
+    with torch.no_grad():
+        assert torch.equal(lora(batch).logits, base)  # B = 0
+    trainable = {name: p for name, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all(".mlp." in name and "lora_" in name for name in trainable)
+    per_expert = (64 + 2 * 128) + (128 + 64)  # A and B of rank 1: gate_up (in 64, out 2 x 128), down (in 128, out 64)
+    assert sum(p.numel() for p in trainable.values()) == 2 * experts * 4 * per_expert  # 2 layers, rank 4
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    losses = train_losses(lora, [optimizer], batch)
+    assert losses[-1] < losses[0]
 
 
 def test_step_time_runs_every_variant(context: Context) -> None:

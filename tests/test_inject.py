@@ -11,7 +11,8 @@ from transformers import PretrainedConfig
 
 import meft_ds
 from meft_ds import MeftConfig, MeftConfigError, SparseRowAdam, UnsupportedModelError
-from meft_ds.baselines import ffn_linears
+from meft_ds.baselines import ffn_lora_targets
+from meft_ds.inject import locate_ffns
 
 FAMILIES = meft_ds.supported_model_types()  # each built tiny from its own config class (tiny_models.tiny_config)
 CONFIG = MeftConfig(num_neurons=256, top_k=8)
@@ -24,8 +25,9 @@ def test_injected_model_gives_base_logits_then_trains(family: str) -> None:
     with torch.no_grad():
         base_logits = model(batch).logits
     base_weights = {k: v.clone() for k, v in model.state_dict().items()}
-    lora_targets = ffn_linears(model)  # --method lora adapts the linear layers of the FFNs MEFT sits beside
-    assert len(lora_targets) >= 2 * 2 and all(".mlp." in name for name in lora_targets), lora_targets
+    lora = ffn_lora_targets(model)  # --method lora adapts the FFNs MEFT sits beside: linear layers, MoE experts
+    targets, ffn = lora.modules + lora.parameters, f".{locate_ffns(model).ffn_attr}."
+    assert len(targets) >= 2 * 2 and all(ffn in name for name in targets), targets
 
     assert meft_ds.inject(model, CONFIG) is model
     adapters = meft_ds.adapters(model)

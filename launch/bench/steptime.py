@@ -18,7 +18,7 @@ import meft_ds
 from bench import common, plots, timeline
 from bench.common import GB, Context, Section, fmt_ratio, section, text
 from bench.report import this_cpu
-from meft_ds.baselines import add_dense_adapters, add_lora
+from meft_ds.baselines import LoraTargets, add_dense_adapters, add_lora
 from meft_ds.memory import store_bytes
 
 # steps before timing: a MEFT step is slower while its store is first touched, and with freed host memory kept
@@ -43,7 +43,7 @@ def build_variants(context: Context) -> list[tuple[str, Callable[[], tuple[nn.Mo
     dense = store + 3 * tokens * r * layers * 4
 
     def lora(targets: list[str]) -> tuple[nn.Module, list[Any]]:
-        model = add_lora(context.fresh_model(), s.lora_rank, targets)
+        model = add_lora(context.fresh_model(), s.lora_rank, LoraTargets(targets))
         return model, [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)]
 
     def meft() -> tuple[nn.Module, list[Any]]:
