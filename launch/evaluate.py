@@ -29,7 +29,7 @@ from deepspeed.accelerator import get_accelerator
 
 import meft_ds
 from meft_ds.baselines import exported_method, load_baseline
-from meft_ds.data import DATASETS, FORMATS, Example, load_examples
+from meft_ds.data import DATASETS, FORMATS, Example, load_examples, single_split
 from meft_ds.ds_config import DTYPE_NAMES, compute_dtype, fit_precision_to_cpu, resolve_auto
 from meft_ds.evaluation import evaluate_examples, format_scores
 from meft_ds.export_load import read_adapter_config
@@ -52,15 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", type=Path, help="an exported adapter (the --output_dir of launch/train.py)")
     parser.add_argument(
         "--dataset",
-        help=f"one of {', '.join(DATASETS)} (its eval split) or a file (default: the adapter's run's held-out set, "
-        "else facts)",
+        help=f"one of {', '.join(DATASETS)} (its eval split), a file, a dataset folder or a hub id (its --split) "
+        "(default: the adapter's run's held-out set, else facts)",
     )
     parser.add_argument(
         "--prompt",
         action="append",
         help="ask this question instead of a held-out set, and print the answers (repeatable)",
     )
-    parser.add_argument("--dataset_format", choices=FORMATS, help="schema of a local file's rows")
+    parser.add_argument("--dataset_format", choices=FORMATS, help="schema of the dataset's rows (default: inferred)")
+    parser.add_argument(
+        "--split", help="the held-out split of a hub id or dataset folder (default: the run's --eval_split, else test)"
+    )
     parser.add_argument("--facts", type=int, help="--dataset facts: how many facts (default: the adapter's run's, 150)")
     parser.add_argument("--limit", "--eval_limit", type=int, default=200, help="evaluate the first N examples (0: all)")
     parser.add_argument("--batch_size", "--eval_batch_size", type=int, default=32)
@@ -81,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1, got {value}")
     if args.limit < 0:
         parser.error(f"--limit must be >= 0, got {args.limit}")
-    if args.prompt and (args.dataset or args.dataset_format or args.facts is not None):
-        parser.error("--prompt asks its own questions: drop --dataset, --dataset_format and --facts")
+    if args.prompt and (args.dataset or args.dataset_format or args.split or args.facts is not None):
+        parser.error("--prompt asks its own questions: drop --dataset, --dataset_format, --split and --facts")
     if args.no_base and args.adapter is None:
         parser.error("--no_base leaves nothing to evaluate. Fix: pass --adapter, or drop --no_base.")
     if args.output is not None and args.output.is_dir():
@@ -98,12 +101,15 @@ def trained_with(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(results.read_text()) if results is not None and results.is_file() else {}
 
 
-def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, int | None, int]:
-    """The dataset, facts count and seed to evaluate on: those given, else the ones the adapter's run held out (its
-    --eval_dataset, else its built-in --dataset's eval split, with its --facts and --seed: another size or seed of the
-    built-in facts set asks about other people), else the built-in facts."""
+def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, int | None, int, str | None]:
+    """The dataset, facts count, seed and split name to evaluate on: those given, else the ones the adapter's run held
+    out (its --eval_dataset, else the held-out split of its --dataset unless a file, with its --facts and --seed:
+    another size or seed of the built-in facts set asks about other people; its --eval_split), else the built-in
+    facts."""
     run_dataset = trained.get("dataset")
-    run_held_out = trained.get("eval_dataset") or (run_dataset if run_dataset in DATASETS else None)
+    run_held_out = trained.get("eval_dataset") or (
+        None if run_dataset is None or single_split(run_dataset) else run_dataset
+    )
     if args.dataset is None and run_dataset is not None and run_held_out is None:
         raise UsageError(f"--adapter {args.adapter}: its run trained on {run_dataset} and held no file out (no "
                          "--eval_dataset). Fix: pass --dataset with a held-out file.")  # fmt: skip
@@ -111,7 +117,8 @@ def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, in
     run_facts = dataset == "facts" == run_held_out  # the run's facts set: its size and seed apply
     facts = args.facts if args.facts is not None else trained.get("facts") if run_facts else None
     seed = args.seed if args.seed is not None else trained.get("seed", 0) if run_facts else 0
-    return dataset, facts, seed
+    split_name = args.split or (trained.get("eval_split") if dataset == run_held_out else None)
+    return dataset, facts, seed, split_name
 
 
 def describe(dataset: str, facts: int | None, seed: int) -> str:
@@ -149,9 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         dataset, facts, seed, described = None, None, None, None
         examples = [Example(prompt, answers=[]) for prompt in args.prompt]  # nothing to score: answers are printed
     else:
-        dataset, facts, seed = held_out(args, trained)
-        split, file_format = ("eval", None) if dataset in DATASETS else ("train", args.dataset_format)
-        examples = load_examples(dataset, split, format=file_format, limit=args.limit or None, seed=seed, facts=facts)
+        dataset, facts, seed, split_name = held_out(args, trained)
+        split = "train" if single_split(dataset) else "eval"  # a file is all held out
+        file_format = None if dataset in DATASETS else args.dataset_format
+        examples = load_examples(
+            dataset, split, format=file_format, limit=args.limit or None, seed=seed, facts=facts, split_name=split_name
+        )
         described = describe(dataset, facts, seed)
     method = exported_method(args.adapter) if args.adapter is not None else None
     if method == "full":

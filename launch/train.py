@@ -35,7 +35,7 @@ from meft_ds import NonFiniteGradientError, probe, rehearsal
 from meft_ds.baselines import export_baseline, prepare_baseline, trainable_numel, training_bytes
 from meft_ds.checkpoint import checkpoint_step
 from meft_ds.config import merge_settings
-from meft_ds.data import DATASETS, DatasetError, load_examples, tokenize_for_training
+from meft_ds.data import DATASETS, DatasetError, load_examples, single_split, tokenize_for_training
 from meft_ds.distill import micro_batch_loss, with_teacher
 from meft_ds.distributed import check_replicas_identical, unlink_cpu_allreduce_buffer
 from meft_ds.ds_config import (
@@ -67,10 +67,14 @@ logger = logging.getLogger("meft_ds.train")
 
 
 def load_split(args: argparse.Namespace, source: str, split: str, limit: int | None) -> list:
-    """Examples of ``source`` (``--facts`` sizes the built-in facts set); a local file's format is --dataset_format."""
+    """Examples of ``source`` (``--facts`` sizes the built-in facts set; a hub id's or dataset folder's split is
+    --dataset_split or --eval_split); the format of another source's rows is --dataset_format."""
     file_format = None if source in DATASETS else args.dataset_format
     facts = args.facts if source == "facts" else None
-    return load_examples(source, split, format=file_format, limit=limit, seed=args.seed, facts=facts)
+    split_name = args.dataset_split if split == "train" else args.eval_split
+    return load_examples(
+        source, split, format=file_format, limit=limit, seed=args.seed, facts=facts, split_name=split_name
+    )
 
 
 def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
@@ -105,11 +109,12 @@ def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
 
 
 def load_held_out(args: argparse.Namespace) -> list:
-    """--eval_dataset (a local file is a split of its own; a built-in name means its eval split), else the eval split
-    of --dataset (load_examples refuses that for a local file, which has none)."""
+    """--eval_dataset (a local file is a split of its own; another source means its held-out split), else the
+    held-out split of --dataset (load_examples refuses that for a local file, which has none)."""
     source = args.eval_dataset or args.dataset
-    split = "train" if args.eval_dataset and source not in DATASETS else "eval"
-    return load_split(args, source, split, args.eval_limit or None)
+    if args.eval_dataset and single_split(source):
+        return load_examples(source, format=args.dataset_format, limit=args.eval_limit or None)
+    return load_split(args, source, "eval", args.eval_limit or None)
 
 
 def evaluate(
@@ -416,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             "dataset": args.dataset,
             "facts": args.facts,
             "seed": args.seed,
+            "dataset_split": args.dataset_split,
             "eval_dataset": args.eval_dataset,
+            "eval_split": args.eval_split,
             "max_length": args.max_length,
             "train_examples": len(features),
             "steps": engine.global_steps,

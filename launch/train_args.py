@@ -46,8 +46,17 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         help="--method meft: start from this exported adapter (a run's --output_dir, a MeftModel.save_pretrained "
         "folder): its layers, settings, rows and routers; the optimizer's moments start at zero",
     )
-    parser.add_argument("--dataset", default="facts", help=f"one of {', '.join(DATASETS)}, or a local .json/.jsonl")
-    parser.add_argument("--dataset_format", choices=FORMATS, help="schema of a local dataset file's rows")
+    parser.add_argument(
+        "--dataset",
+        default="facts",
+        help=f"one of {', '.join(DATASETS)}, a local .json/.jsonl/.parquet/.csv file, a dataset folder or a hub id",
+    )
+    parser.add_argument("--dataset_format", choices=FORMATS, help="schema of the dataset's rows (default: inferred)")
+    parser.add_argument("--dataset_split", help="a hub id's or dataset folder's training split (default: train)")
+    parser.add_argument(
+        "--eval_split",
+        help="the held-out split of a hub id or dataset folder (--eval_dataset's, else --dataset's; default: test)",
+    )
     parser.add_argument("--facts", type=int, help="--dataset facts: how many facts (5 per person; default 150)")
     parser.add_argument(
         "--eval_dataset",

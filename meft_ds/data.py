@@ -10,6 +10,7 @@ examples into token ids the same way for training and for generation.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,20 +60,62 @@ _HUB = {
 }
 
 
-def _load_hub(name: str, split: str) -> list[Example]:
-    import datasets  # slow to import; only the hub path needs it
+def _dataset_rows(
+    path: str, split: str, fix: str, *, label: str | None = None, **options: Any
+) -> list[tuple[str, Any]]:
+    """One split of a dataset through ``datasets.load_dataset`` (a hub id, a dataset folder, or a data file with
+    ``data_files=``), each row named for errors by ``label`` (default: the path and split); a failure to load is a
+    DatasetError ending in ``fix``."""
+    import datasets  # slow to import; only these sources need it
 
-    source = _HUB[name]
-    hub_split = source.splits[split]
+    source = f"'{label}'" if label else f"'{path}' ({split} split)"  # as errors name it
+    label = label or f"{path} {split}"
     try:
-        rows = datasets.load_dataset(source.path, source.config, split=hub_split)
-    except Exception as err:  # offline, unreachable, missing: all end the same way for the user
+        rows = datasets.load_dataset(path, split=split, **options)
+    except ValueError as err:
+        if "Unknown split" not in str(err):
+            raise DatasetError(f"could not load {source} ({type(err).__name__}: {err}). {fix}") from err
         raise DatasetError(
-            f"could not fetch '{source.path}' ({hub_split} split) from the Hugging Face hub "
-            f"({type(err).__name__}: {err}). Without the hub, pass the path of a local .json/.jsonl file instead "
-            f"of '{name}', with rows like {SCHEMAS[name]} (--dataset_format {name})"
-        ) from err
-    return parse_rows([(f"{source.path} {hub_split} row {i}", row) for i, row in enumerate(rows, start=1)], name)
+            f"{path}: {err} Fix: name the split (launch/train.py: --dataset_split for training, --eval_split held "
+            "out; launch/evaluate.py: --split)"
+        ) from None
+    except Exception as err:  # offline, unreachable, missing: all end the same way for the user
+        raise DatasetError(f"could not load {source} ({type(err).__name__}: {err}). {fix}") from err
+    return [(f"{label} row {i}", row) for i, row in enumerate(rows, start=1)]
+
+
+def _load_hub(name: str, split: str) -> list[Example]:
+    source = _HUB[name]
+    fix = (
+        f"Without the hub, pass the path of a local .json/.jsonl file instead of '{name}', with rows like "
+        f"{SCHEMAS[name]} (--dataset_format {name})"
+    )
+    return parse_rows(_dataset_rows(source.path, source.splits[split], fix, name=source.config), name)
+
+
+def single_split(name: str) -> bool:
+    """Whether the source ``name`` is one data file (.json, .jsonl, .parquet, .csv), all of it one split; built-in
+    sets, hub ids and dataset folders hold a training and a held-out split."""
+    return name not in DATASETS and Path(name).suffix in _FILE_SUFFIXES
+
+
+_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
+_SPLIT_NAMES = {"train": "train", "eval": "test"}  # a hub dataset's or dataset folder's split, when none is named
+
+
+def _load_dataset_source(name: str, split: str, split_name: str | None, format: str | None) -> list[Example]:
+    """A hub id or a local dataset folder (the split ``split_name``, else train or test), or a .parquet/.csv file,
+    through ``datasets.load_dataset``."""
+    suffix = Path(name).suffix
+    if suffix in (".parquet", ".csv"):
+        fix = f"Fix: check the path; a {suffix} file holds one row per example"
+        return parse_rows(_dataset_rows(suffix[1:], "train", fix, label=name, data_files=name), format)
+    fix = (
+        "Fix: check the name (a hub id such as HuggingFaceH4/ultrachat_200k, with network access, or a local dataset "
+        "folder), or pass a local .json/.jsonl/.parquet/.csv file"
+    )
+    return parse_rows(_dataset_rows(name, split_name or _SPLIT_NAMES[split], fix), format)
 
 
 def _toolbench_not_on_hub() -> DatasetError:
@@ -104,18 +147,20 @@ def load_examples(
     seed: int = 0,
     facts: int | None = None,
     with_context: bool = False,
+    split_name: str | None = None,
 ) -> list[Example]:
-    """Load and validate every example of a built-in dataset or a local file.
+    """Load and validate every example of a built-in dataset, a local file, a dataset folder or a hub dataset.
 
-    ``name_or_path``: one of :data:`DATASETS` or a ``.json`` (a list of objects) / ``.jsonl`` (one object per line)
-    file. ``facts`` is generated from ``seed`` (see :func:`facts_dataset`); ``nq`` (NQ-open), ``squad`` and ``gsm8k``
-    come from the Hugging Face hub (eval = their validation/test split). ToolBench's data is not on the hub: pass its
+    ``name_or_path``: one of :data:`DATASETS`, a ``.json`` (a list of objects) / ``.jsonl`` (one object per line) /
+    ``.parquet`` / ``.csv`` file, or what ``datasets.load_dataset`` loads: a hub id (``owner/name``) or a local dataset
+    folder, whose split ``split_name`` is read (default: "train" for ``split="train"``, "test" for ``"eval"``).
+    ``facts`` is generated from ``seed`` (see :func:`facts_dataset`); ``nq`` (NQ-open), ``squad`` and ``gsm8k`` come
+    from the Hugging Face hub (eval = their validation/test split). ToolBench's data is not on the hub: pass its
     ``G*_query.json`` file, whose rows hold ``query`` and ``relevant APIs`` ([tool, api] pairs); the target is those
-    calls as ``tool.api; tool.api`` and the metric their set IoU (as in the MEFT paper).
-    A local file is one split, loaded with ``split="train"`` (``"eval"`` raises: pass a held-out file instead);
-    ``seed`` does not apply to it.
+    calls as ``tool.api; tool.api`` and the metric their set IoU (as in the MEFT paper). A local file is one split,
+    loaded with ``split="train"`` (``"eval"`` raises: pass a held-out file instead); ``seed`` does not apply to it.
 
-    ``format``: the schema of a local file's rows (one of :data:`FORMATS`; "qa" is ``{"question", "answers"}``),
+    ``format``: the schema of the rows (one of :data:`FORMATS`; "qa" is ``{"question", "answers"}``),
     inferred from the first row when None. ``limit``: keep the first ``limit`` examples. ``facts``: the size of the
     built-in ``facts`` set (a multiple of 5, 5 facts per person; None: 150). ``with_context``: show
     SQuAD's passage before the question (open-book); by default SQuAD is closed-book, as in the MEFT paper.
@@ -128,6 +173,11 @@ def load_examples(
     name = str(name_or_path)
     if name in DATASETS and format is not None:
         raise DatasetError(f"--dataset_format (format=) applies to local files only; drop it for the built-in '{name}'")
+    if split_name is not None and (name in DATASETS or single_split(name)):
+        raise DatasetError(
+            f"{name}: a split name (--dataset_split, --eval_split) applies to hub ids and dataset folders only, whose "
+            "splits it picks. Fix: drop it"
+        )
     check_facts(facts, name)
     if name == "facts":
         sized = {} if facts is None else {"num_entities": facts // 5}
@@ -136,16 +186,20 @@ def load_examples(
         raise _toolbench_not_on_hub()
     elif name in _HUB:
         examples = _load_hub(name, split)
-    elif Path(name).suffix in (".json", ".jsonl") or Path(name).exists():
+    elif single_split(name) or Path(name).is_file():
         if split == "eval":  # a file has no held-out part: evaluating on it would score the training data
             raise DatasetError(
                 f"{name}: a local file is a single split, so it has no 'eval' part; pass a held-out file with "
                 "--eval_dataset (loaded as its own 'train' split), or skip evaluation with --no_eval"
             )
-        examples = load_file(Path(name), format)
+        local = Path(name).suffix in (".parquet", ".csv")
+        examples = _load_dataset_source(name, split, None, format) if local else load_file(Path(name), format)
+    elif Path(name).is_dir() or _HUB_ID.fullmatch(name):
+        examples = _load_dataset_source(name, split, split_name, format)
     else:
         raise DatasetError(
-            f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, or the path of a local .json/.jsonl file"
+            f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, a Hugging Face hub id (owner/name), a "
+            "dataset folder, or the path of a local .json/.jsonl/.parquet/.csv file"
         )
     if not with_context:
         examples = [replace(example, context=None) for example in examples]

@@ -55,7 +55,7 @@ SCHEMAS = {
     "messages": '{"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}, ..., '
     '{"role": "assistant", "content": "..."}]} (chat: every assistant turn is learned, the last one scored)',
     "prompt_completion": '{"prompt": "...", "completion": "..."} (TRL\'s; or both lists of turns as in messages)',
-    "alpaca": '{"instruction": "...", "input": "..." (may be empty), "output": "..."} (Alpaca)',
+    "alpaca": '{"instruction": "...", "input": "..." (may be empty or null), "output": "..."} (Alpaca)',
     "text": '{"text": "..."} (plain text, every token learned: continued pretraining; scored by its loss)',
 }
 
@@ -175,7 +175,7 @@ def _parse_prompt_completion(row: _Row) -> Example:
 
 def _parse_alpaca(row: _Row) -> Example:
     """The instruction, then its input (if any) after a blank line, as the prompt; the output learned."""
-    given = row.data.get("input", "")
+    given = row.data.get("input") or ""  # missing, null (an empty CSV or parquet cell) or empty: no input
     if not isinstance(given, str):
         raise row.error("input", f"must be a string (empty for none), got {_describe(given)}")
     instruction = row.text("instruction")
@@ -272,7 +272,9 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
 def load_file(path: Path, fmt: str | None) -> list[Example]:
     readers = {".jsonl": _read_jsonl, ".json": _read_json}
     if path.suffix not in readers:
-        raise DatasetError(f"{path}: unsupported file type; use a .json file (a list of objects) or a .jsonl file")
+        raise DatasetError(
+            f"{path}: unsupported file type; use a .json file (a list of objects), a .jsonl, .parquet or .csv file"
+        )
     if not path.is_file():
         raise DatasetError(f"{path}: no such file. Pass the path of an existing .json or .jsonl file")
     rows = readers[path.suffix](path)

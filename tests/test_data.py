@@ -266,10 +266,10 @@ def test_an_unclear_schema_asks_for_dataset_format(tmp_path: Path, row: dict, pr
 def test_missing_file_unknown_name_and_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"nope\.jsonl: no such file"):
         load_examples(tmp_path / "nope.jsonl")
-    (tmp_path / "rows.csv").write_text("question,answer\n")
-    with pytest.raises(DatasetError, match=r"rows\.csv: unsupported file type; use a \.json file"):
-        load_examples(tmp_path / "rows.csv")
-    with pytest.raises(DatasetError, match=r"unknown dataset 'nq_open': use one of facts, nq, squad.*local \.json"):
+    (tmp_path / "rows.txt").write_text("question,answer\n")
+    with pytest.raises(DatasetError, match=r"rows\.txt: unsupported file type; use a \.json file"):
+        load_examples(tmp_path / "rows.txt")
+    with pytest.raises(DatasetError, match=r"unknown dataset 'nq_open': use one of facts, nq, squad.*hub id"):
         load_examples("nq_open")
     with pytest.raises(DatasetError, match=r"qa\.jsonl: a local file is a single split.*--eval_dataset"):
         load_examples(DATA / "qa.jsonl", split="eval")
@@ -299,8 +299,8 @@ def test_hub_datasets_load_through_load_dataset_and_fail_clearly_offline(
 ) -> None:
     calls = []
 
-    def fake_load_dataset(path: str, config: str | None, *, split: str) -> list[dict]:
-        calls.append((path, config, split))
+    def fake_load_dataset(path: str, *, split: str, name: str | None) -> list[dict]:
+        calls.append((path, name, split))
         return [row]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
@@ -311,8 +311,69 @@ def test_hub_datasets_load_through_load_dataset_and_fail_clearly_offline(
         raise ConnectionError("Offline mode is enabled.")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DatasetError, match=f"could not fetch '{hub_name}'.*Offline mode.*local .json/.jsonl file"):
+    with pytest.raises(DatasetError, match=f"could not load '{hub_name}'.*Offline mode.*local .json/.jsonl file"):
         load_examples(name, split=split)
+
+
+@pytest.fixture
+def dataset_folder(tmp_path: Path) -> Path:
+    """A local dataset folder as the hub's datasets are laid out: a split per parquet file (train, validation)."""
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    conversations = [[("user", f"q{i}?"), ("assistant", f"a{i}")] for i in range(5)]
+    rows = [{"messages": [{"role": role, "content": text} for role, text in turns]} for turns in conversations]
+    datasets.Dataset.from_list(rows[:3]).to_parquet(folder / "train.parquet")
+    datasets.Dataset.from_list(rows[3:]).to_parquet(folder / "validation.parquet")
+    return folder
+
+
+def test_a_dataset_folder_loads_its_splits_through_load_dataset(dataset_folder: Path) -> None:
+    assert [e.prompt for e in load_examples(dataset_folder)] == ["q0?", "q1?", "q2?"]
+    held_out = load_examples(dataset_folder, split="eval", split_name="validation")
+    assert [(e.prompt, e.answers) for e in held_out] == [("q3?", ["a3"]), ("q4?", ["a4"])]
+    with pytest.raises(
+        DatasetError, match=r"chat: Unknown split \"test\". Should be one of \['train', 'validation'\].*--eval_split"
+    ):
+        load_examples(dataset_folder, split="eval")  # the default held-out split, test, is not there
+    with pytest.raises(DatasetError, match=r"chat validation row 1: field 'question' is missing"):
+        load_examples(dataset_folder, split_name="validation", format="qa")  # rows named as in files
+    with pytest.raises(DatasetError, match=r"qa\.jsonl: a split name .* applies to hub ids and dataset folders only"):
+        load_examples(DATA / "qa.jsonl", split_name="train")
+
+
+def test_parquet_and_csv_files_are_one_split_each(tmp_path: Path) -> None:
+    datasets.Dataset.from_list([{"text": "First text."}, {"text": "Second text."}]).to_parquet(tmp_path / "t.parquet")
+    (tmp_path / "a.csv").write_text('instruction,input,output\nName a colour.,,red\n"Add, then say",2 and 3,5\n')
+    assert [e.answers for e in load_examples(tmp_path / "t.parquet")] == [["First text."], ["Second text."]]
+    alpaca = load_examples(tmp_path / "a.csv")  # an empty CSV cell is None: no input
+    assert [(e.prompt, e.answers) for e in alpaca] == [("Name a colour.", ["red"]), ("Add, then say\n\n2 and 3", ["5"])]
+    with pytest.raises(DatasetError, match=r"t\.parquet: a local file is a single split"):
+        load_examples(tmp_path / "t.parquet", split="eval")
+    (tmp_path / "empty.csv").write_text("text\n")
+    with pytest.raises(
+        DatasetError, match=r"could not load '.*empty\.csv' \(ValueError: .*no data.*Fix: check the path"
+    ):
+        load_examples(tmp_path / "empty.csv")
+
+
+def test_a_hub_id_loads_its_split_through_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_load_dataset(path: str, *, split: str) -> list[dict]:
+        calls.append((path, split))
+        return [{"prompt": "q?", "completion": "a"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    load_examples("HuggingFaceH4/ultrachat_200k", split_name="train_sft")
+    load_examples("HuggingFaceH4/ultrachat_200k", split="eval")
+    assert calls == [("HuggingFaceH4/ultrachat_200k", "train_sft"), ("HuggingFaceH4/ultrachat_200k", "test")]
+
+    def not_found(path: str, **kwargs: object) -> None:
+        raise FileNotFoundError(f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_found)
+    with pytest.raises(DatasetError, match=r"could not load 'me/typo' \(train split\).*doesn't exist.*Fix: check"):
+        load_examples("me/typo")
 
 
 def test_toolbench_by_name_says_where_its_data_is() -> None:

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from launch_scripts import launch_script
@@ -103,12 +104,15 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
 def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     tmp_path: Path, model_dirs: dict[str, Path], stage: int, offload: bool, update_rows: int
 ) -> None:
-    """ZeRO-0 trains on plain text (continued pretraining), scored by its held-out loss; ZeRO-1 with meft.update_rows
-    on the facts."""
-    out, texts = tmp_path / "run", tmp_path / "texts.jsonl"
+    """ZeRO-0 trains on plain text (continued pretraining) from a dataset folder, scored by its held-out split's loss;
+    ZeRO-1 with meft.update_rows on the facts."""
+    out, texts = tmp_path / "run", tmp_path / "texts"  # a dataset folder, as the hub's: a parquet file per split
     facts = [f"{e.prompt} {e.answers[0]}." for e in load_examples("facts")]
-    texts.write_text("".join(json.dumps({"text": " ".join(facts[i : i + 8])}) + "\n" for i in range(0, 450, 8)))
-    data = ["--dataset", texts, "--eval_dataset", texts, "--eval_limit", "8", "--no_probe"] if stage == 0 else []
+    documents = [{"text": " ".join(facts[i : i + 8])} for i in range(0, 320, 8)]  # each over --max_length 64
+    texts.mkdir()
+    datasets.Dataset.from_list(documents).to_parquet(texts / "train.parquet")
+    datasets.Dataset.from_list(documents[:8]).to_parquet(texts / "validation.parquet")  # trained on: the loss falls
+    data = ["--dataset", texts, "--eval_split", "validation", "--no_probe"] if stage == 0 else []
     launch(
         "--deepspeed", write_config(tmp_path, stage=stage, offload=offload), "--model", model_dirs["plain"],
         "--output_dir", out, "--max_steps", "6", *(data or ["--no_eval"]), *TINY_RUN,
@@ -116,22 +120,13 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     )  # fmt: skip
     records = metrics(out)
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
-    if data:  # the first 8 of the 32 texts trained on (each over --max_length 64), held out again: their loss fell
+    if data:
         run = results(out)
-        assert run["train_examples"] > 32  # windows
+        assert run["train_examples"] > 32  # windows of the first 32 texts
         assert run["after"]["loss"] < run["before"]["loss"]
         assert run["after"]["perplexity"] == pytest.approx(math.exp(run["after"]["loss"]))
-        # launch/evaluate.py scores the export on the run's held-out texts, in the run's windows (--max_length 64)
-        command = [
-            sys.executable,
-            "launch/evaluate.py",
-            "--adapter",
-            str(out),
-            "--limit",
-            "8",
-            "--output",
-            str(out / "e.json"),
-        ]
+        # launch/evaluate.py scores the export on the run's held-out split, in the run's windows (--max_length 64)
+        command = [sys.executable, "launch/evaluate.py", "--adapter", str(out), "--output", str(out / "e.json")]
         result = subprocess.run(command, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]
         evaluated = json.loads((out / "e.json").read_text())
