@@ -28,14 +28,14 @@ import deepspeed
 import torch
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
-from train_args import adapter_settings, check_output_dir, parse_args
+from train_args import adapter_settings, check_output_dir, load_held_out, load_split, parse_args
 
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
 from meft_ds.baselines import export_baseline, prepare_baseline, trainable_numel, training_bytes
 from meft_ds.checkpoint import checkpoint_step
 from meft_ds.config import merge_settings
-from meft_ds.data import DATASETS, DatasetError, load_examples, single_split, tokenize_for_training
+from meft_ds.data import DATASETS, DatasetError, tokenize_for_training
 from meft_ds.distill import micro_batch_loss, with_teacher
 from meft_ds.distributed import check_replicas_identical, unlink_cpu_allreduce_buffer
 from meft_ds.ds_config import (
@@ -64,17 +64,6 @@ from meft_ds.training import (
 )
 
 logger = logging.getLogger("meft_ds.train")
-
-
-def load_split(args: argparse.Namespace, source: str, split: str, limit: int | None) -> list:
-    """Examples of ``source`` (``--facts`` sizes the built-in facts set; a hub id's or dataset folder's split is
-    --dataset_split or --eval_split); the format of another source's rows is --dataset_format."""
-    file_format = None if source in DATASETS else args.dataset_format
-    facts = args.facts if source == "facts" else None
-    split_name = args.dataset_split if split == "train" else args.eval_split
-    return load_examples(
-        source, split, format=file_format, limit=limit, seed=args.seed, facts=facts, split_name=split_name
-    )
 
 
 def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
@@ -106,15 +95,6 @@ def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
     if args.resume_universal:  # the checkpoint latest_universal names, partitioned anew over this run's ranks
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return ds_config
-
-
-def load_held_out(args: argparse.Namespace) -> list:
-    """--eval_dataset (a local file is a split of its own; another source means its held-out split), else the
-    held-out split of --dataset (load_examples refuses that for a local file, which has none)."""
-    source = args.eval_dataset or args.dataset
-    if args.eval_dataset and single_split(source):
-        return load_examples(source, format=args.dataset_format, limit=args.eval_limit or None)
-    return load_split(args, source, "eval", args.eval_limit or None)
 
 
 def evaluate(

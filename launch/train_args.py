@@ -1,5 +1,5 @@
-"""The command line of ``launch/train.py``: its options, and the checks that refuse a bad one while parsing, before
-anything loads (each error names the option and the fix; exit code 2)."""
+"""The command line of ``launch/train.py``: its options, the checks that refuse a bad one while parsing, before
+anything loads (each error names the option and the fix; exit code 2), and the data and settings they name."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from meft_ds import rehearsal
 from meft_ds.baselines import METHODS
 from meft_ds.checkpoint import UNIVERSAL_POINTER, UNIVERSAL_SUFFIX, checkpoint_step, tag_to_load
-from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts
+from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts, load_examples, single_split
 from meft_ds.export_load import FUNCTIONAL_SETTINGS, check_base_model, read_adapter_config, read_export
 from meft_ds.model_facts import load_model_config
 from meft_ds.models import BUILTIN_MODEL
@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument("--facts", type=int, help="--dataset facts: how many facts (5 per person; default 150)")
     parser.add_argument(
         "--eval_dataset",
-        help="held-out set: a built-in name (its eval split) or a local file (default: the eval "
-        "split of a built-in --dataset; a local --dataset needs one)",
+        help="held-out set: a built-in name (its eval split), a hub id or dataset folder (its --eval_split) or a "
+        "local file (default: --dataset's held-out split; a local file as --dataset needs one)",
     )
     parser.add_argument("--output_dir", default="outputs/meft-facts", help="checkpoints, metrics, exported adapter")
     parser.add_argument("--max_steps", type=int, default=100, help="optimizer steps")
@@ -226,3 +226,23 @@ def check_output_dir(args: argparse.Namespace, output_dir: Path, checkpoints: Pa
             f"--output_dir {output_dir} already holds a run (checkpoints/latest). Fix: add --resume to "
             "continue it, or choose another --output_dir."
         )
+
+
+def load_split(args: argparse.Namespace, source: str, split: str, limit: int | None) -> list:
+    """Examples of ``source`` (``--facts`` sizes the built-in facts set; a hub id's or dataset folder's split is
+    --dataset_split or --eval_split); the format of another source's rows is --dataset_format."""
+    file_format = None if source in DATASETS else args.dataset_format
+    facts = args.facts if source == "facts" else None
+    split_name = args.dataset_split if split == "train" else args.eval_split
+    return load_examples(
+        source, split, format=file_format, limit=limit, seed=args.seed, facts=facts, split_name=split_name
+    )
+
+
+def load_held_out(args: argparse.Namespace) -> list:
+    """--eval_dataset (a local file is a split of its own; another source means its held-out split), else the
+    held-out split of --dataset (load_examples refuses that for a local file, which has none)."""
+    source = args.eval_dataset or args.dataset
+    if args.eval_dataset and single_split(source):
+        return load_examples(source, format=args.dataset_format, limit=args.eval_limit or None)
+    return load_split(args, source, "eval", args.eval_limit or None)

@@ -1,5 +1,6 @@
-"""Training and evaluation data: the built-in synthetic ``facts`` set, NQ-open, SQuAD, ToolBench, GSM8K, local files
-(those schemas, questions with answers, instructions, prompt and completion pairs, chat conversations, plain text).
+"""Training and evaluation data: the built-in synthetic ``facts`` set, NQ-open, SQuAD, ToolBench, GSM8K, local files,
+dataset folders and hub datasets (those schemas, questions with answers, instructions, prompt and completion pairs,
+chat conversations, plain text).
 
 Every source becomes a list of :class:`Example` (a question, its reference answers, the task that scores it), its
 rows validated eagerly by :mod:`meft_ds.schemas` (a bad file fails with one :class:`DatasetError` naming the file, the
