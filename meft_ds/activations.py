@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from meft_ds.inject import decoder_layers, locate_ffns
+from meft_ds.inject import FFNOutput, add_to_ffn_output, decoder_layers, ffn_input, locate_ffns
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,9 @@ class _AdapterStandIn(torch.autograd.Function):
     every later layer saves its activations, as with real adapters. (Measuring graphs never run backward.)"""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return out.clone()
+        return torch.zeros_like(x)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -85,8 +85,9 @@ def saved_bytes_counter(model: nn.Module, adapted: Sequence[int] | None = None) 
 
     weight = torch.zeros(1, device=next(model.parameters()).device, requires_grad=True)
 
-    def stand_in(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
-        return _AdapterStandIn.apply(args[0] if args else next(iter(kwargs.values())), out, weight)
+    def stand_in(module: nn.Module, args: tuple, kwargs: dict, out: FFNOutput) -> FFNOutput:
+        hidden = ffn_input(args, kwargs)
+        return add_to_ffn_output(out, _AdapterStandIn.apply(hidden, weight))
 
     hooks = []
     for index, layer in enumerate(layers):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from meft_ds.config import MeftConfig
-from meft_ds.inject import adapters, decoder_layers, locate_ffns
+from meft_ds.inject import FFNOutput, adapters, add_to_ffn_output, decoder_layers, locate_ffns
 from meft_ds.plan import (
     Item,
     Setup,
@@ -49,8 +49,8 @@ class DenseParallelAdapter(nn.Module):
         return torch.relu(hidden @ self.keys.T) @ self.values
 
 
-def _add_output(adapter: DenseParallelAdapter, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output + adapter(args[0])
+def _add_output(adapter: DenseParallelAdapter, module: nn.Module, args: tuple, output: FFNOutput) -> FFNOutput:
+    return add_to_ffn_output(output, adapter(args[0]))
 
 
 def add_dense_adapters(model: nn.Module, neurons: int) -> list[nn.Parameter]:

@@ -57,11 +57,12 @@ _MODEL_LAYERS_MLP = (
     "granite", "helium", "llama", "mistral", "nemotron", "olmo", "olmo2", "olmo3", "phi", "phi3", "qwen2", "qwen3",
     "seed_oss", "smollm3", "stablelm", "starcoder2",
 )  # fmt: skip
-# Mixture-of-experts families of that layout: the FFN is the whole sparse MoE block (router, experts, shared experts),
-# with the same contract, so the adapter sits beside all of it (--method lora adapts its experts' stacked weights)
+# Mixture-of-experts families of that layout: the FFN is the whole sparse MoE block (router, experts, shared experts;
+# gpt-oss's returns its router's scores too), so the adapter sits beside all of it (--method lora adapts its experts'
+# stacked weights)
 _MOE_LAYERS_MLP = (
-    "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "jetmoe", "minimax", "mixtral", "olmoe",
-    "phimoe", "qwen2_moe", "qwen3_moe",
+    "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "gpt_oss", "jetmoe", "minimax", "mixtral",
+    "olmoe", "phimoe", "qwen2_moe", "qwen3_moe",
 )  # fmt: skip
 _REGISTRY: dict[str, FFNLocation] = {
     model_type: FFNLocation("model.layers", "mlp") for model_type in _MODEL_LAYERS_MLP + _MOE_LAYERS_MLP
@@ -79,7 +80,8 @@ def register_ffn(model_type: str, layers_path: str, ffn_attr: str) -> None:
     """Teach :func:`inject` a new architecture, keyed by ``model.config.model_type``.
 
     Example: ``register_ffn("my_arch", "model.decoder.layers", "feed_forward")``. The FFN module must take the
-    hidden states ``(..., d)`` as its first argument and return a tensor of the same shape.
+    hidden states ``(..., d)`` as its first argument and return a tensor of the same shape, or a tuple that begins
+    with one.
     """
     _REGISTRY[model_type] = FFNLocation(layers_path, ffn_attr)
 
@@ -168,8 +170,20 @@ def _save_pretrained(
     return _adapter_saver(model, save_directory, is_main_process=is_main_process, **shard)
 
 
-def _ffn_input(args: tuple, kwargs: dict) -> torch.Tensor:
+def ffn_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states an FFN's forward hook sees going in."""
     return args[0] if args else next(iter(kwargs.values()))
+
+
+FFNOutput = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def add_to_ffn_output(output: FFNOutput, added: torch.Tensor) -> FFNOutput:
+    """``output + added`` for an FFN that returns its hidden states, or a tuple of them and more (gpt-oss's MoE block
+    returns its router's scores beside them)."""
+    if isinstance(output, tuple):
+        return (output[0] + added, *output[1:])
+    return output + added
 
 
 # Both hooks run eagerly under torch.compile: their host-side routing and unions of data-dependent sizes would break
@@ -183,19 +197,19 @@ def _begin_adapter(
         return
     if layer.training and getattr(layer, "gradient_checkpointing", False) and torch.is_grad_enabled():
         adapter.config.check_activation_checkpointing()  # enabled after inject (e.g. by the HF Trainer)
-    adapter.pending = adapter.begin(_ffn_input(args, kwargs))
+    adapter.pending = adapter.begin(ffn_input(args, kwargs))
 
 
 @torch.compiler.disable
 def _add_adapter_output(
-    adapter: SparseKeyExpertAdapter, ffn: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
-) -> torch.Tensor:
+    adapter: SparseKeyExpertAdapter, ffn: nn.Module, args: tuple, kwargs: dict, output: FFNOutput
+) -> FFNOutput:
     """After the FFN (its kernels queued): route, fetch and add the adapter's output."""
     if adapter.disabled:
         return output
     pending, adapter.pending = adapter.pending, None
-    hidden = _ffn_input(args, kwargs)
-    return output + adapter.finish(hidden, pending if pending is not None else adapter.begin(hidden))
+    hidden = ffn_input(args, kwargs)
+    return add_to_ffn_output(output, adapter.finish(hidden, pending if pending is not None else adapter.begin(hidden)))
 
 
 def _compute_dtype(ffn: nn.Module, layer: nn.Module) -> torch.dtype | None:

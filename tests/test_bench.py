@@ -32,7 +32,13 @@ from launch_scripts import launch_script
 from tiny_models import tiny_model, token_batch, train_losses, word_tokenizer
 
 import meft_ds
-from meft_ds.baselines import DenseParallelAdapter, LoraTargets, ffn_lora_targets, prepare_baseline
+from meft_ds.baselines import (
+    DenseParallelAdapter,
+    LoraTargets,
+    add_dense_adapters,
+    ffn_lora_targets,
+    prepare_baseline,
+)
 from meft_ds.config import MeftConfigError
 from meft_ds.inject import UnsupportedModelError
 
@@ -230,6 +236,18 @@ def test_lora_targets_the_linear_layers_of_the_ffns_meft_sits_beside() -> None:
     lora = prepare_baseline("lora", gpt2, lora_r=4, adapter_neurons=0)  # Conv1D layers (GPT-2's), not attn.c_proj
     trained = {name.split(".lora_")[0] for name, p in lora.named_parameters() if p.requires_grad}
     assert trained == {f"base_model.model.{name}" for name in targets}
+
+
+def test_the_dense_adapter_adds_to_a_moe_block_that_returns_its_router_scores() -> None:
+    """gpt-oss's MoE block returns (hidden states, router scores): the adapter's output goes to the hidden states."""
+    model, batch = tiny_model("gpt_oss"), token_batch()
+    with torch.no_grad():
+        base = model(batch).logits
+    adapter_weights = add_dense_adapters(model, 16)
+    with torch.no_grad():
+        assert torch.equal(model(batch).logits, base)  # V = 0
+    losses = train_losses(model, [torch.optim.AdamW(adapter_weights, lr=1e-2)], batch)
+    assert losses[-1] < losses[0]
 
 
 def test_lora_on_a_mixture_of_experts_adapts_every_expert() -> None:
