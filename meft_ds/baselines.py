@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from meft_ds.config import MeftConfig
-from meft_ds.inject import FFNOutput, adapters, add_to_ffn_output, decoder_layers, locate_ffns
+from meft_ds.inject import FFNOutput, adapters, add_to_ffn_output, decoder_layers, locate_ffns, text_config
 from meft_ds.plan import (
     Item,
     Setup,
@@ -59,7 +59,7 @@ def add_dense_adapters(model: nn.Module, neurons: int) -> list[nn.Parameter]:
     model.requires_grad_(False)
     location = locate_ffns(model)
     layers = decoder_layers(model, location)
-    added = nn.ModuleList(DenseParallelAdapter(model.config.hidden_size, neurons) for _ in layers)
+    added = nn.ModuleList(DenseParallelAdapter(text_config(model.config).hidden_size, neurons) for _ in layers)
     for layer, adapter in zip(layers, added, strict=True):
         getattr(layer, location.ffn_attr).register_forward_hook(functools.partial(_add_output, adapter))
     model.add_module("dense_adapters", added)
@@ -157,7 +157,7 @@ def training_bytes(
     one layer's with activation ``checkpointing``), rows in flight and the device row cache."""
     found = adapters(model)
     meft = found[0].config if found else MeftConfig()
-    dim = model.config.hidden_size
+    dim = text_config(model.config).hidden_size
     shape = dict(batch_size=batch_size, seq_len=seq_len, world_size=world_size, checkpointing=checkpointing)
     setup: Setup = setup_from_ds_config(ds_config, meft, dim=dim, **shape)
     if method != "meft":

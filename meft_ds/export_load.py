@@ -35,7 +35,7 @@ from meft_ds.export import (
     tensor_names,
     unwrap,
 )
-from meft_ds.inject import adapters, follow_peft_disable, holds_peft_layers, inject
+from meft_ds.inject import adapters, follow_peft_disable, holds_peft_layers, inject, text_config
 from meft_ds.models import is_builtin_model, names_builtin_model
 from meft_ds.store import CheckpointError
 
@@ -158,8 +158,9 @@ def _weight_files(directory: Path, every_name: list[str], export_id: str | None,
 def check_base_model(model_config: Any, export: AdapterExport) -> None:
     """Refuse a base model (its ``PretrainedConfig``) of another architecture, hidden size or depth than the adapter
     was trained on: before a model loads (``launch/train.py --adapter``) and before an adapter loads into one."""
-    model_type, hidden = getattr(model_config, "model_type", None), getattr(model_config, "hidden_size", None)
-    depth = getattr(model_config, "num_hidden_layers", None)
+    decoder = text_config(model_config)  # a multimodal model's text part
+    model_type, hidden = getattr(model_config, "model_type", None), getattr(decoder, "hidden_size", None)
+    depth = getattr(decoder, "num_hidden_layers", None)
     trained_on = export.base_model_name_or_path or "its base model"
     if export.model_type is not None and model_type != export.model_type:
         raise CheckpointError(

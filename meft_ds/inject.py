@@ -69,6 +69,9 @@ _REGISTRY: dict[str, FFNLocation] = {
 }
 _REGISTRY |= {
     "granitemoe": FFNLocation("model.layers", "block_sparse_moe"),
+    "gemma3": FFNLocation(
+        "model.language_model.layers", "mlp"
+    ),  # Gemma 3 4B-27B: the language model of a multimodal one
     "falcon": FFNLocation("transformer.h", "mlp"),
     "gpt2": FFNLocation("transformer.h", "mlp"),
     "gptj": FFNLocation("transformer.h", "mlp"),
@@ -168,6 +171,13 @@ def _save_pretrained(
     logger.info("meft_ds: model.save_pretrained(%s) writes the meft adapter (PEFT's layout).", save_directory)
     shard = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     return _adapter_saver(model, save_directory, is_main_process=is_main_process, **shard)
+
+
+def text_config(config: Any) -> Any:
+    """The config of a model's decoder: the config itself for a language model, its text part for a multimodal one
+    (Gemma 3's ``text_config``: hidden size, depth), by transformers' ``get_text_config``."""
+    text = getattr(config, "get_text_config", None)
+    return text(decoder=True) if text is not None else config
 
 
 def ffn_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -328,7 +338,7 @@ def inject(model: nn.Module, config: MeftConfig | dict | None = None) -> nn.Modu
     base = without_peft_wrapper(model)
     location = locate_ffns(base)
     layers = decoder_layers(base, location)
-    dim = base.config.hidden_size
+    dim = text_config(base.config).hidden_size
     chosen = config.resolve_layers(len(layers))
     ffns = {}
     for index in chosen:

@@ -14,6 +14,7 @@ from torch import nn
 
 from meft_ds.activations import SavedBytes, analytic_saved_bytes, measure_saved_bytes
 from meft_ds.config import MeftConfig
+from meft_ds.inject import text_config
 from meft_ds.models import BUILTIN_MODEL, ModelLoadError, names_builtin_model, not_loadable, resolve_model
 
 # Known configurations, so that a plan needs no hub: LLaMA-2-7B's config.json, and the built-in SmolLM2 GGUF's.
@@ -81,7 +82,7 @@ def model_facts(
 ) -> ModelFacts:
     """Count the meta ``model``'s parameters and measure its training forward at ``batch x seq_len`` (its linears as
     ZeRO-3 runs them, where ``zero3_linear``)."""
-    config = model.config
+    config = text_config(model.config)  # a multimodal model's decoder
     adapted = meft.resolve_layers(config.num_hidden_layers)
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     try:
@@ -91,6 +92,7 @@ def model_facts(
         saved, measured = analytic_saved_bytes(config, model.dtype, tokens, adapted, zero3_linear=zero3_linear), False
     tensors = [*model.parameters(), *model.buffers()]  # parameters() lists tied weights once
     return ModelFacts(
-        name or config.name_or_path or config.model_type, config.hidden_size, config.num_hidden_layers, len(adapted),
+        name or model.config.name_or_path or model.config.model_type, config.hidden_size, config.num_hidden_layers,
+        len(adapted),
         config.vocab_size, sum(p.numel() for p in model.parameters()), sum(x.nbytes for x in tensors), saved, measured,
     )  # fmt: skip

@@ -26,6 +26,7 @@ import torch
 from meft_ds.activations import meta_model
 from meft_ds.config import MeftConfig, MeftConfigError, merge_settings
 from meft_ds.ds_config import AUTO, load_deepspeed_config, section
+from meft_ds.inject import text_config
 from meft_ds.memory import HEADROOM, store_bytes
 from meft_ds.model_facts import ModelFacts, load_model_config, model_facts
 from meft_ds.pinned import RINGS
@@ -390,8 +391,8 @@ def plan(
         meft_config.check_activation_checkpointing()
     config = load_model_config(model)
     setup = setup_from_ds_config(
-        ds, meft_config, dim=config.hidden_size, batch_size=batch_size, seq_len=seq_len, world_size=world_size,
-        checkpointing=activation_checkpointing,
+        ds, meft_config, dim=text_config(config).hidden_size, batch_size=batch_size, seq_len=seq_len,
+        world_size=world_size, checkpointing=activation_checkpointing,
     )  # fmt: skip
     if union is not None:
         if union < 1:

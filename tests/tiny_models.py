@@ -27,7 +27,12 @@ CHATML = (
 
 
 # what a family's tiny config needs beyond the common sizes: a head size or rotary size that fits them
-_EXTRA: dict[str, dict[str, int]] = {"gptj": {"rotary_dim": 8}, "helium": {"head_dim": 16}}
+_EXTRA: dict[str, dict[str, int]] = {"gptj": {"rotary_dim": 8}, "helium": {"head_dim": 16}, "gemma3": {"head_dim": 16}}
+# multimodal families: their vision tower's tiny config (the language model gets the common sizes)
+_MULTIMODAL: dict[str, dict[str, int]] = {
+    "gemma3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                   patch_size=14),
+}  # fmt: skip
 
 
 def tiny_config(family: str = "llama", layers: int = 2) -> PretrainedConfig:
@@ -43,6 +48,9 @@ def tiny_config(family: str = "llama", layers: int = 2) -> PretrainedConfig:
         vocab_size=VOCAB,
         max_position_embeddings=128,
     )
+    if family in _MULTIMODAL:  # a language model inside: the common sizes are its text config's
+        text = {**common, **_EXTRA.get(family, {})}
+        return AutoConfig.for_model(family, text_config=text, vision_config=_MULTIMODAL[family])
     config = AutoConfig.for_model(family, **common, **_EXTRA.get(family, {}))
     # some families' default special tokens lie past the tiny vocabulary
     for name, tiny_id in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
