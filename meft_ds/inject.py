@@ -69,9 +69,8 @@ _REGISTRY: dict[str, FFNLocation] = {
 }
 _REGISTRY |= {
     "granitemoe": FFNLocation("model.layers", "block_sparse_moe"),
-    "gemma3": FFNLocation(
-        "model.language_model.layers", "mlp"
-    ),  # Gemma 3 4B-27B: the language model of a multimodal one
+    # Gemma 3 4B-27B: a model of images and text, whose language model gets the adapters
+    "gemma3": FFNLocation("model.language_model.layers", "mlp"),
     "falcon": FFNLocation("transformer.h", "mlp"),
     "gpt2": FFNLocation("transformer.h", "mlp"),
     "gptj": FFNLocation("transformer.h", "mlp"),
