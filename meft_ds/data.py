@@ -329,21 +329,24 @@ def _encode_named(tokenizer: Any, example: Example, number: int) -> tuple[list[i
         ) from error
 
 
-def _text_features(tokenizer: Any, text: str, max_length: int) -> list[dict[str, list[int]]]:
-    """A plain text as pretraining sees it (no template: the tokenizer's special tokens, the text, EOS), every token
-    learned, cut into windows of ``max_length`` tokens; a last window of one token, which predicts nothing, is
-    dropped."""
-    ids = list(tokenizer(text)["input_ids"])
-    if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
-        ids.append(tokenizer.eos_token_id)
+def _text_features(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[dict[str, list[int]]]:
+    """Plain texts as pretraining sees them (no template: each text's special tokens, the text, EOS), every token
+    learned, packed one after another and cut into windows of ``max_length`` tokens, so that no window is padded but
+    the last; a last window of one token, which predicts nothing, is dropped."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text)["input_ids"]
+        if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
+            ids.append(tokenizer.eos_token_id)
     windows = [ids[start : start + max_length] for start in range(0, len(ids), max_length)]
     return [{"input_ids": window, "labels": list(window)} for window in windows if len(window) > 1]
 
 
 def tokenize_for_training(examples: Sequence[Example], tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
     """``{"input_ids", "labels"}`` per example: prompt then answer, labels ``-100`` on the prompt tokens (but a
-    conversation's earlier assistant turns where ``Example.learn_history``: every assistant turn is learned); a plain
-    text (task :data:`~meft_ds.schemas.TEXT`) learned whole, as one feature per ``max_length`` tokens.
+    conversation's earlier assistant turns where ``Example.learn_history``: every assistant turn is learned); plain
+    texts (task :data:`~meft_ds.schemas.TEXT`) learned whole, packed into features of ``max_length`` tokens, after
+    the others.
 
     Over ``max_length``, the prompt loses its first tokens (the question's end and the answer cue stay); an answer
     that alone fills ``max_length`` is cut after one prompt token. Raises DatasetError when no answer fits at all,
@@ -361,15 +364,12 @@ def tokenize_for_training(examples: Sequence[Example], tokenizer: Any, max_lengt
             f"{min(answers)} (256 is usual)."
         )
     features = []
-    for example, item in zip(examples, encoded, strict=True):
-        if item is None:
-            features += _text_features(tokenizer, example.answers[0], max_length)
-            continue
-        prompt_ids, prompt_labels, answer_ids = item
+    for prompt_ids, prompt_labels, answer_ids in (item for item in encoded if item is not None):
         answer_ids = answer_ids[: max_length - 1]
         kept = max_length - len(answer_ids)
         features.append({"input_ids": prompt_ids[-kept:] + answer_ids, "labels": prompt_labels[-kept:] + answer_ids})
-    return features
+    texts = [example.answers[0] for example, item in zip(examples, encoded, strict=True) if item is None]
+    return features + _text_features(tokenizer, texts, max_length)
 
 
 def collate(features: Sequence[dict[str, list[int]]], pad_token_id: int | None) -> dict[str, torch.Tensor]:

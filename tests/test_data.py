@@ -479,21 +479,22 @@ def test_a_conversation_the_chat_template_refuses_is_named() -> None:
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_a_plain_text_is_learned_whole_in_windows_of_max_length(chat: bool) -> None:
-    """Continued pretraining: no template, no prompt, every token learned; a long text is cut, not truncated."""
+def test_plain_texts_are_learned_whole_packed_in_windows_of_max_length(chat: bool) -> None:
+    """Continued pretraining: no template, no prompt, every token learned; texts are packed one after another and
+    cut (not truncated) into windows, none padded but the last."""
     tokenizer = word_tokenizer(chat=chat)
     question, _ = load_examples("facts", limit=2)
-    text, _ = load_examples(DATA / "text.jsonl")
-    ids = [*tokenizer(text.answers[0])["input_ids"], tokenizer.eos_token_id]
+    text, other = load_examples(DATA / "text.jsonl")
+    ids, other_ids = ([*tokenizer(t.answers[0])["input_ids"], tokenizer.eos_token_id] for t in (text, other))
     assert tokenizer.decode(ids) == text.answers[0] + tokenizer.eos_token
     (whole,) = tokenize_for_training([text], tokenizer, max_length=len(ids))
     assert whole == {"input_ids": ids, "labels": ids}
-    windows = tokenize_for_training([question, text], tokenizer, max_length=7)  # beside a question, in their order
+    windows = tokenize_for_training([text, question, other], tokenizer, max_length=7)  # questions first, then texts
     assert windows[0] == tokenize_for_training([question], tokenizer, max_length=7)[0]
-    cut = [ids[start : start + 7] for start in range(0, len(ids), 7)]
-    assert [window["input_ids"] for window in windows[1:]] == cut and all(
-        w["labels"] == w["input_ids"] for w in windows[1:]
-    )
+    stream = ids + other_ids
+    cut = [stream[start : start + 7] for start in range(0, len(stream), 7)]
+    assert [window["input_ids"] for window in windows[1:]] == cut and all(len(w) == 7 for w in cut[:-1])
+    assert all(window["labels"] == window["input_ids"] for window in windows[1:])
     (longest,) = tokenize_for_training([text], tokenizer, max_length=len(ids) - 1)  # a window of one token predicts
     assert longest["input_ids"] == ids[:-1]  # nothing: dropped
 
