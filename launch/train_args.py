@@ -243,6 +243,8 @@ def load_held_out(args: argparse.Namespace) -> list:
     """--eval_dataset (a local file is a split of its own; another source means its held-out split), else the
     held-out split of --dataset (load_examples refuses that for a local file, which has none)."""
     source = args.eval_dataset or args.dataset
-    if args.eval_dataset and single_split(source):
-        return load_examples(source, format=args.dataset_format, limit=args.eval_limit or None)
+    if args.eval_dataset and single_split(source):  # (an --eval_split for it is refused)
+        return load_examples(
+            source, format=args.dataset_format, limit=args.eval_limit or None, split_name=args.eval_split
+        )
     return load_split(args, source, "eval", args.eval_limit or None)

@@ -69,6 +69,8 @@ _REGISTRY: dict[str, FFNLocation] = {
 }
 _REGISTRY |= {
     "granitemoe": FFNLocation("model.layers", "block_sparse_moe"),
+    "lfm2": FFNLocation("model.layers", "feed_forward"),  # Liquid's LFM2: convolution and attention layers
+    "lfm2_moe": FFNLocation("model.layers", "feed_forward"),
     # Gemma 3 4B-27B: a model of images and text, whose language model gets the adapters
     "gemma3": FFNLocation("model.language_model.layers", "mlp"),
     "falcon": FFNLocation("transformer.h", "mlp"),

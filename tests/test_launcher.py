@@ -331,8 +331,12 @@ def test_evaluate_refuses_a_folder_without_an_adapter_in_one_line(tmp_path: Path
         (["--meft", "prefetch_layers=1", "--activation_checkpointing"], "error: meft.prefetch_layers: 1 pre-retrieves"),
         (["--train_limit", "0"], "train.py: error: --train_limit 0: use >= 1, or 0 with --rehearsal N"),
         (["--meft", "num_neurons"], "error: --meft 'num_neurons': expected KEY=VALUE. Fix: e.g. --meft num_neurons="),
+        (
+            ["--dataset", "tests/data/qa.jsonl", "--eval_dataset", "tests/data/qa.jsonl", "--eval_split", "test"],
+            "error: tests/data/qa.jsonl: a split name (--dataset_split, --eval_split) applies to hub ids and dataset",
+        ),
     ],
-    ids=["top_k", "prefetch with checkpointing", "no training examples", "override without a value"],
+    ids=["top_k", "prefetch with checkpointing", "no training examples", "override without a value", "split of a file"],
 )
 def test_bad_input_fails_fast_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     command = [sys.executable, "launch/train.py", *args, "--output_dir", str(tmp_path)]

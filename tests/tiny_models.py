@@ -27,7 +27,10 @@ CHATML = (
 
 
 # what a family's tiny config needs beyond the common sizes: a head size or rotary size that fits them
-_EXTRA: dict[str, dict[str, int]] = {"gptj": {"rotary_dim": 8}, "helium": {"head_dim": 16}, "gemma3": {"head_dim": 16}}
+_EXTRA: dict[str, dict[str, int]] = {
+    "gptj": {"rotary_dim": 8}, "helium": {"head_dim": 16}, "gemma3": {"head_dim": 16},
+    "lfm2_moe": {"num_dense_layers": 1, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2},
+}  # fmt: skip
 # multimodal families: their vision tower's tiny config (the language model gets the common sizes)
 _MULTIMODAL: dict[str, dict[str, int]] = {
     "gemma3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
@@ -51,6 +54,8 @@ def tiny_config(family: str = "llama", layers: int = 2) -> PretrainedConfig:
     if family in _MULTIMODAL:  # a language model inside: the common sizes are its text config's
         text = {**common, **_EXTRA.get(family, {})}
         return AutoConfig.for_model(family, text_config=text, vision_config=_MULTIMODAL[family])
+    if family in ("lfm2", "lfm2_moe"):  # a type per layer: convolution and attention in turn
+        common["layer_types"] = (["conv", "full_attention"] * layers)[:layers]
     config = AutoConfig.for_model(family, **common, **_EXTRA.get(family, {}))
     # some families' default special tokens lie past the tiny vocabulary
     for name, tiny_id in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
