@@ -137,7 +137,9 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], args: argpar
         engine, *_ = meft_ds.initialize(model=model, config=ds_config)
         return engine, model
     neurons = args.adapter_neurons or meft_ds.MeftConfig.from_dict(ds_config["meft"]).num_neurons
-    model = prepare_baseline(args.method, model, lora_r=args.lora_r, adapter_neurons=neurons)
+    model = prepare_baseline(
+        args.method, model, lora_r=args.lora_r, lora_targets=args.lora_targets, adapter_neurons=neurons
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     unlink_cpu_allreduce_buffer()  # as meft_ds.initialize does: a DeepSpeed leak on CPUs
@@ -395,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "model": args.model,
             "method": args.method,
+            "lora": {"r": args.lora_r, "targets": args.lora_targets} if args.method == "lora" else None,
             "adapter": args.adapter and str(args.adapter),  # the export it started from
             "dtype": DTYPE_NAMES[dtype],
             "kept_freed_host_memory": kept_freed_memory,

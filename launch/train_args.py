@@ -32,7 +32,12 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument(
         "--lora_r",
         type=int,
-        help="--method lora: rank, on the FFNs' linear layers (LLaMA: gate/up/down_proj; default 16)",
+        help="--method lora: rank (default 16)",
+    )
+    parser.add_argument(
+        "--lora_targets",
+        help="--method lora: ffn (default: the FFNs MEFT sits beside, their linear layers and MoE experts), "
+        "all-linear (every linear layer but the output head), or names, e.g. q_proj,v_proj",
     )
     parser.add_argument(
         "--adapter_neurons", type=int, help="--method parallel_adapter: neurons r per FFN (default: meft.num_neurons)"
@@ -153,11 +158,11 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     # a method's own option given to another method would be ignored: say so instead of training something else
     # (the config's meft section, and --meft, are read by MEFT and the parallel adapter's default size, and
     # ignored by the others: one set of arguments serves every method of a comparison)
-    for name, method in (("lora_r", "lora"), ("adapter_neurons", "parallel_adapter")):
+    for name, method in (("lora_r", "lora"), ("lora_targets", "lora"), ("adapter_neurons", "parallel_adapter")):
         if getattr(args, name) is not None and args.method != method:
             parser.error(f"--{name} applies to --method {method}, not {args.method}: drop it")
-    if args.lora_r is None:
-        args.lora_r = 16
+    args.lora_r = args.lora_r or 16
+    args.lora_targets = args.lora_targets or "ffn"
     if args.adapter is not None and args.method != "meft":
         parser.error(f"--adapter starts MEFT from an exported MEFT adapter, not --method {args.method}: drop it")
     if args.model is None:

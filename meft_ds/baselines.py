@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meft_ds.config import MeftConfig
+from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.inject import FFNOutput, adapters, add_to_ffn_output, decoder_layers, locate_ffns, text_config
 from meft_ds.plan import (
     Item,
@@ -93,6 +93,28 @@ def ffn_lora_targets(model: nn.Module) -> LoraTargets:
     return targets
 
 
+def resolve_lora_targets(model: nn.Module, which: str = "ffn") -> LoraTargets:
+    """LoRA's targets by name: "ffn" (:func:`ffn_lora_targets`, where MEFT sits), "all-linear" (every linear layer
+    but the output head, as PEFT's), or comma-separated names of linear layers (PEFT's ``target_modules``: a name
+    matches the modules whose full name ends with it, e.g. ``q_proj,v_proj``). Names no linear layer has are a
+    MeftConfigError that lists the ones there."""
+    if which == "ffn":
+        return ffn_lora_targets(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [name for name, module in model.named_modules() if _is_linear(module) and module is not head]
+    if which == "all-linear":
+        return LoraTargets(linears)
+    names = [name.strip() for name in which.split(",") if name.strip()]
+    missing = [name for name in names if not any(f".{full}".endswith(f".{name}") for full in linears)]
+    if missing or not names:
+        there = sorted({full.rsplit(".", 1)[-1] for full in linears})
+        raise MeftConfigError(
+            f"--lora_targets {which!r}: no linear layer named {', '.join(missing) or 'at all'} in this model. Fix: use "
+            f"ffn, all-linear, or names from {', '.join(there)}"
+        )
+    return LoraTargets(names)
+
+
 def _is_linear(module: nn.Module) -> bool:
     """``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's linear layers, weights stored transposed), which PEFT's
     LoRA adapts too."""
@@ -110,11 +132,13 @@ def add_lora(model: nn.Module, rank: int, targets: LoraTargets) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def prepare_baseline(method: str, model: nn.Module, *, lora_r: int, adapter_neurons: int) -> nn.Module:
+def prepare_baseline(
+    method: str, model: nn.Module, *, lora_r: int, adapter_neurons: int, lora_targets: str = "ffn"
+) -> nn.Module:
     """The model ``method`` (not "meft", which :func:`meft_ds.initialize` sets up) trains: only its trainable part
-    requires gradients."""
+    requires gradients. LoRA adapts ``lora_targets`` (see :func:`resolve_lora_targets`)."""
     if method == "lora":
-        return add_lora(model, lora_r, ffn_lora_targets(model))
+        return add_lora(model, lora_r, resolve_lora_targets(model, lora_targets))
     if method == "parallel_adapter":
         add_dense_adapters(model, adapter_neurons)
         return model

@@ -38,6 +38,7 @@ from meft_ds.baselines import (
     add_dense_adapters,
     ffn_lora_targets,
     prepare_baseline,
+    resolve_lora_targets,
 )
 from meft_ds.config import MeftConfigError
 from meft_ds.inject import UnsupportedModelError
@@ -236,6 +237,19 @@ def test_lora_targets_the_linear_layers_of_the_ffns_meft_sits_beside() -> None:
     lora = prepare_baseline("lora", gpt2, lora_r=4, adapter_neurons=0)  # Conv1D layers (GPT-2's), not attn.c_proj
     trained = {name.split(".lora_")[0] for name, p in lora.named_parameters() if p.requires_grad}
     assert trained == {f"base_model.model.{name}" for name in targets}
+
+
+def test_lora_targets_by_name() -> None:
+    """--lora_targets: where MEFT sits (ffn, the default), every linear layer but the head, or names."""
+    llama = tiny_model()
+    assert resolve_lora_targets(llama) == ffn_lora_targets(llama)
+    every = resolve_lora_targets(llama, "all-linear").modules
+    assert len(every) == 2 * 7 and "lm_head" not in every and "model.layers.1.self_attn.o_proj" in every
+    lora = prepare_baseline("lora", llama, lora_r=4, adapter_neurons=0, lora_targets=" q_proj, v_proj")
+    trained = {name.split(".lora_")[0] for name, p in lora.named_parameters() if p.requires_grad}
+    assert trained == {f"base_model.model.model.layers.{i}.self_attn.{w}" for i in (0, 1) for w in ("q_proj", "v_proj")}
+    with pytest.raises(MeftConfigError, match=r"'q_proj,query': no linear layer named query.*names from down_proj, "):
+        resolve_lora_targets(tiny_model(), "q_proj,query")
 
 
 def test_the_dense_adapter_adds_to_a_moe_block_that_returns_its_router_scores() -> None:

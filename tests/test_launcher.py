@@ -356,6 +356,7 @@ def test_bad_input_fails_fast_with_one_line(tmp_path: Path, args: list[str], mes
         (["--eval_limit", "-1"], "--eval_limit must be >= 0, got -1"),
         (["--lora_r", "8"], "--lora_r applies to --method lora, not meft: drop it"),
         (["--adapter_neurons", "64", "--method", "lora"], "--adapter_neurons applies to --method parallel_adapter"),
+        (["--lora_targets", "all-linear"], "--lora_targets applies to --method lora, not meft: drop it"),
     ],
 )
 def test_an_option_out_of_range_or_for_another_method_is_refused_while_parsing(
