@@ -259,17 +259,25 @@ def _learned_turns(tokenizer: Any, example: Example, prompt: str) -> list[tuple[
         return [(starts[number] + len("Answer:"), starts[number + 1]) for number in learned]
     spans = []
     for number in learned:
-        before = tokenizer.apply_chat_template(turns[:number], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(turns[: number + 1], tokenize=False)
-        if not (through.startswith(before) and prompt.startswith(through)):
-            logger.warning(
-                "the chat template renders the turns before %r differently as the conversation goes on, so its "
-                "earlier assistant turns cannot be told apart: only its last answer is learned",
-                example.prompt[:60],
-            )
+        try:
+            before = tokenizer.apply_chat_template(turns[:number], tokenize=False, add_generation_prompt=True)
+            through = tokenizer.apply_chat_template(turns[: number + 1], tokenize=False)
+        except TemplateError:  # it refuses the conversation cut short (the whole one it renders)
+            before = through = None
+        if before is None or not (through.startswith(before) and prompt.startswith(through)):
+            if tokenizer.chat_template not in _TEMPLATES_WARNED:  # once per template, not per conversation
+                _TEMPLATES_WARNED.add(tokenizer.chat_template)
+                logger.warning(
+                    "the chat template renders a conversation's earlier turns differently as it goes on (first seen "
+                    "before %r), so they cannot be told apart: such conversations learn their last answer only",
+                    example.prompt[:60],
+                )
             return []
         spans.append((len(before), len(through)))
     return spans
+
+
+_TEMPLATES_WARNED: set[str] = set()
 
 
 def _prompt_labels(

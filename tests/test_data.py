@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from tiny_models import word_tokenizer
+from tiny_models import CHATML, word_tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from meft_ds import models
@@ -461,7 +461,15 @@ def test_a_template_that_renders_earlier_turns_anew_learns_the_last_answer(caplo
     with caplog.at_level(logging.WARNING, logger="meft_ds.data"):
         (feature,) = tokenize_for_training([conversation], tokenizer, max_length=256)
     assert _learned(tokenizer, feature) == ["Rome<|im_end|>\n"]
-    assert "only its last answer is learned" in caplog.text
+    assert caplog.text.count("learn their last answer only") == 1
+    with caplog.at_level(logging.WARNING, logger="meft_ds.data"):  # once per template, not per conversation
+        tokenize_for_training([conversation], tokenizer, max_length=256)
+    assert caplog.text.count("learn their last answer only") == 1
+    tokenizer.chat_template = (  # refuses the conversation cut short, renders the whole one
+        "{% if messages | length < 4 %}{{ raise_exception('too short') }}{% endif %}" + CHATML
+    )
+    (feature,) = tokenize_for_training([conversation], tokenizer, max_length=256)
+    assert _learned(tokenizer, feature) == ["Rome<|im_end|>\n"]
 
 
 def test_a_conversation_the_chat_template_refuses_is_named() -> None:
