@@ -11,10 +11,10 @@ for GSM8K; a plain-text file (``{"text": ...}`` rows) by its loss per token and 
 scores ("before") and, with ``--adapter``, the adapted model's ("after"); ``--output`` also writes them, with every
 prediction, as JSON. The model's name, the dtype it computes in and the held-out set (with the built-in facts set's size
 and seed) come from the adapter's ``results.json`` when ``--model``, ``--dtype``, ``--dataset``, ``--facts`` /
-``--seed``, ``--max_length`` are not given, so the scores are the training run's. No GPU needed; the model runs on
-DeepSpeed's accelerator. The adapted model is served from the device (``meft_ds.for_inference``: rows on the device,
-routed there, no host copy per token and layer; the same greedy answers as the training path, which ``--host_routing``
-uses instead).
+``--seed``, ``--split``, ``--dataset_config``, ``--max_length`` are not given, so the scores are the training run's. No
+GPU needed; the model runs on DeepSpeed's accelerator. The adapted model is served from the device
+(``meft_ds.for_inference``: rows on the device, routed there, no host copy per token and layer; the same greedy answers
+as the training path, which ``--host_routing`` uses instead).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--split", help="the held-out split of a hub id or dataset folder (default: the run's --eval_split, else test)"
     )
+    parser.add_argument("--dataset_config", help="the config of a hub id or dataset folder (default: the run's)")
     parser.add_argument("--facts", type=int, help="--dataset facts: how many facts (default: the adapter's run's, 150)")
     parser.add_argument("--limit", "--eval_limit", type=int, default=200, help="evaluate the first N examples (0: all)")
     parser.add_argument("--batch_size", "--eval_batch_size", type=int, default=32)
@@ -84,8 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1, got {value}")
     if args.limit < 0:
         parser.error(f"--limit must be >= 0, got {args.limit}")
-    if args.prompt and (args.dataset or args.dataset_format or args.split or args.facts is not None):
-        parser.error("--prompt asks its own questions: drop --dataset, --dataset_format, --split and --facts")
+    if args.prompt and (
+        args.dataset or args.dataset_format or args.split or args.dataset_config or args.facts is not None
+    ):
+        parser.error("--prompt asks its own questions: drop --dataset, --dataset_format, --split, --dataset_config "
+                     "and --facts")  # fmt: skip
     if args.no_base and args.adapter is None:
         parser.error("--no_base leaves nothing to evaluate. Fix: pass --adapter, or drop --no_base.")
     if args.output is not None and args.output.is_dir():
@@ -101,11 +105,11 @@ def trained_with(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(results.read_text()) if results is not None and results.is_file() else {}
 
 
-def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, int | None, int, str | None]:
-    """The dataset, facts count, seed and split name to evaluate on: those given, else the ones the adapter's run held
-    out (its --eval_dataset, else the held-out split of its --dataset unless a file, with its --facts and --seed:
-    another size or seed of the built-in facts set asks about other people; its --eval_split), else the built-in
-    facts."""
+def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The dataset to evaluate on and how to load it (facts count, seed, split and config names): those given, else
+    the ones the adapter's run held out (its --eval_dataset, else the held-out split of its --dataset unless a file,
+    with its --facts and --seed: another size or seed of the built-in facts set asks about other people; its
+    --eval_split and --dataset_config), else the built-in facts."""
     run_dataset = trained.get("dataset")
     run_held_out = trained.get("eval_dataset") or (
         None if run_dataset is None or single_split(run_dataset) else run_dataset
@@ -118,7 +122,8 @@ def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, in
     facts = args.facts if args.facts is not None else trained.get("facts") if run_facts else None
     seed = args.seed if args.seed is not None else trained.get("seed", 0) if run_facts else 0
     split_name = args.split or (trained.get("eval_split") if dataset == run_held_out else None)
-    return dataset, facts, seed, split_name
+    config_name = args.dataset_config or (trained.get("dataset_config") if dataset == run_dataset else None)
+    return dataset, dict(facts=facts, seed=seed, split_name=split_name, config_name=config_name)
 
 
 def describe(dataset: str, facts: int | None, seed: int) -> str:
@@ -156,12 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         dataset, facts, seed, described = None, None, None, None
         examples = [Example(prompt, answers=[]) for prompt in args.prompt]  # nothing to score: answers are printed
     else:
-        dataset, facts, seed, split_name = held_out(args, trained)
+        dataset, loading = held_out(args, trained)
+        facts, seed = loading["facts"], loading["seed"]
         split = "train" if single_split(dataset) else "eval"  # a file is all held out
         file_format = None if dataset in DATASETS else args.dataset_format
-        examples = load_examples(
-            dataset, split, format=file_format, limit=args.limit or None, seed=seed, facts=facts, split_name=split_name
-        )
+        examples = load_examples(dataset, split, format=file_format, limit=args.limit or None, **loading)
         described = describe(dataset, facts, seed)
     method = exported_method(args.adapter) if args.adapter is not None else None
     if method == "full":

@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             "dataset": args.dataset,
             "facts": args.facts,
             "seed": args.seed,
+            "dataset_config": args.dataset_config,
             "dataset_split": args.dataset_split,
             "eval_dataset": args.eval_dataset,
             "eval_split": args.eval_split,

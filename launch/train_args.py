@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     )
     parser.add_argument("--dataset_format", choices=FORMATS, help="schema of the dataset's rows (default: inferred)")
     parser.add_argument("--dataset_split", help="a hub id's or dataset folder's training split (default: train)")
+    parser.add_argument("--dataset_config", help="the config of a hub id or dataset folder that has several")
     parser.add_argument(
         "--eval_split",
         help="the held-out split of a hub id or dataset folder (--eval_dataset's, else --dataset's; default: test)",
@@ -235,13 +236,16 @@ def check_output_dir(args: argparse.Namespace, output_dir: Path, checkpoints: Pa
 
 def load_split(args: argparse.Namespace, source: str, split: str, limit: int | None) -> list:
     """Examples of ``source`` (``--facts`` sizes the built-in facts set; a hub id's or dataset folder's split is
-    --dataset_split or --eval_split); the format of another source's rows is --dataset_format."""
+    --dataset_split or --eval_split, --dataset's config --dataset_config); the format of another source's rows is
+    --dataset_format."""
     file_format = None if source in DATASETS else args.dataset_format
     facts = args.facts if source == "facts" else None
     split_name = args.dataset_split if split == "train" else args.eval_split
+    config_name = args.dataset_config if source == args.dataset else None  # --dataset's, its held-out split's too
     return load_examples(
-        source, split, format=file_format, limit=limit, seed=args.seed, facts=facts, split_name=split_name
-    )
+        source, split, format=file_format, limit=limit, seed=args.seed, facts=facts, split_name=split_name,
+        config_name=config_name,
+    )  # fmt: skip
 
 
 def load_held_out(args: argparse.Namespace) -> list:

@@ -74,12 +74,15 @@ def _dataset_rows(
     try:
         rows = datasets.load_dataset(path, split=split, **options)
     except ValueError as err:
-        if "Unknown split" not in str(err):
-            raise DatasetError(f"could not load {source} ({type(err).__name__}: {err}). {fix}") from err
-        raise DatasetError(
-            f"{path}: {err} Fix: name the split (launch/train.py: --dataset_split for training, --eval_split held "
-            "out; launch/evaluate.py: --split)"
-        ) from None
+        said = " ".join(str(err).split())  # on one line
+        if "Unknown split" in said:
+            raise DatasetError(
+                f"{path}: {said} Fix: name the split (launch/train.py: --dataset_split for training, --eval_split held "
+                "out; launch/evaluate.py: --split)"
+            ) from None
+        if "Config name is missing" in said:
+            raise DatasetError(f"{path}: {said} Fix: name it with --dataset_config") from None
+        raise DatasetError(f"could not load {source} ({type(err).__name__}: {err}). {fix}") from err
     except Exception as err:  # offline, unreachable, missing: all end the same way for the user
         raise DatasetError(f"could not load {source} ({type(err).__name__}: {err}). {fix}") from err
     return [(f"{label} row {i}", row) for i, row in enumerate(rows, start=1)]
@@ -105,9 +108,11 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
 _SPLIT_NAMES = {"train": "train", "eval": "test"}  # a hub dataset's or dataset folder's split, when none is named
 
 
-def _load_dataset_source(name: str, split: str, split_name: str | None, format: str | None) -> list[Example]:
-    """A hub id or a local dataset folder (the split ``split_name``, else train or test), or a .parquet/.csv file,
-    through ``datasets.load_dataset``."""
+def _load_dataset_source(
+    name: str, split: str, split_name: str | None, config_name: str | None, format: str | None
+) -> list[Example]:
+    """A hub id or a local dataset folder (its config ``config_name``, its split ``split_name``, else train or test),
+    or a .parquet/.csv file, through ``datasets.load_dataset``."""
     suffix = Path(name).suffix
     if suffix in (".parquet", ".csv"):
         fix = f"Fix: check the path; a {suffix} file holds one row per example"
@@ -116,7 +121,7 @@ def _load_dataset_source(name: str, split: str, split_name: str | None, format: 
         "Fix: check the name (a hub id such as HuggingFaceH4/ultrachat_200k, with network access, or a local dataset "
         "folder), or pass a local .json/.jsonl/.parquet/.csv file"
     )
-    return parse_rows(_dataset_rows(name, split_name or _SPLIT_NAMES[split], fix), format)
+    return parse_rows(_dataset_rows(name, split_name or _SPLIT_NAMES[split], fix, name=config_name), format)
 
 
 def _toolbench_not_on_hub() -> DatasetError:
@@ -149,12 +154,14 @@ def load_examples(
     facts: int | None = None,
     with_context: bool = False,
     split_name: str | None = None,
+    config_name: str | None = None,
 ) -> list[Example]:
     """Load and validate every example of a built-in dataset, a local file, a dataset folder or a hub dataset.
 
     ``name_or_path``: one of :data:`DATASETS`, a ``.json`` (a list of objects) / ``.jsonl`` (one object per line) /
     ``.parquet`` / ``.csv`` file, or what ``datasets.load_dataset`` loads: a hub id (``owner/name``) or a local dataset
-    folder, whose split ``split_name`` is read (default: "train" for ``split="train"``, "test" for ``"eval"``).
+    folder, whose split ``split_name`` is read (default: "train" for ``split="train"``, "test" for ``"eval"``), of its
+    config ``config_name`` where it has several.
     ``facts`` is generated from ``seed`` (see :func:`facts_dataset`); ``nq`` (NQ-open), ``squad`` and ``gsm8k`` come
     from the Hugging Face hub (eval = their validation/test split). ToolBench's data is not on the hub: pass its
     ``G*_query.json`` file, whose rows hold ``query`` and ``relevant APIs`` ([tool, api] pairs); the target is those
@@ -174,10 +181,10 @@ def load_examples(
     name = str(name_or_path)
     if name in DATASETS and format is not None:
         raise DatasetError(f"--dataset_format (format=) applies to local files only; drop it for the built-in '{name}'")
-    if split_name is not None and (name in DATASETS or single_split(name)):
+    if (split_name is not None or config_name is not None) and (name in DATASETS or single_split(name)):
         raise DatasetError(
-            f"{name}: a split name (--dataset_split, --eval_split) applies to hub ids and dataset folders only, whose "
-            "splits it picks. Fix: drop it"
+            f"{name}: a split or config name (--dataset_split, --eval_split, --dataset_config) applies to hub ids and "
+            "dataset folders only. Fix: drop it"
         )
     check_facts(facts, name)
     if name == "facts":
@@ -194,9 +201,9 @@ def load_examples(
                 "--eval_dataset (loaded as its own 'train' split), or skip evaluation with --no_eval"
             )
         local = Path(name).suffix in (".parquet", ".csv")
-        examples = _load_dataset_source(name, split, None, format) if local else load_file(Path(name), format)
+        examples = _load_dataset_source(name, split, None, None, format) if local else load_file(Path(name), format)
     elif Path(name).is_dir() or _HUB_ID.fullmatch(name):
-        examples = _load_dataset_source(name, split, split_name, format)
+        examples = _load_dataset_source(name, split, split_name, config_name, format)
     else:
         raise DatasetError(
             f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, a Hugging Face hub id (owner/name), a "

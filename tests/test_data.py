@@ -337,7 +337,9 @@ def test_a_dataset_folder_loads_its_splits_through_load_dataset(dataset_folder: 
         load_examples(dataset_folder, split="eval")  # the default held-out split, test, is not there
     with pytest.raises(DatasetError, match=r"chat validation row 1: field 'question' is missing"):
         load_examples(dataset_folder, split_name="validation", format="qa")  # rows named as in files
-    with pytest.raises(DatasetError, match=r"qa\.jsonl: a split name .* applies to hub ids and dataset folders only"):
+    with pytest.raises(
+        DatasetError, match=r"qa\.jsonl: a split or config name .* applies to hub ids and dataset folders"
+    ):
         load_examples(DATA / "qa.jsonl", split_name="train")
 
 
@@ -359,14 +361,26 @@ def test_parquet_and_csv_files_are_one_split_each(tmp_path: Path) -> None:
 def test_a_hub_id_loads_its_split_through_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def fake_load_dataset(path: str, *, split: str) -> list[dict]:
-        calls.append((path, split))
+    def fake_load_dataset(path: str, *, split: str, name: str | None) -> list[dict]:
+        calls.append((path, name, split))
         return [{"prompt": "q?", "completion": "a"}]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     load_examples("HuggingFaceH4/ultrachat_200k", split_name="train_sft")
-    load_examples("HuggingFaceH4/ultrachat_200k", split="eval")
-    assert calls == [("HuggingFaceH4/ultrachat_200k", "train_sft"), ("HuggingFaceH4/ultrachat_200k", "test")]
+    load_examples("HuggingFaceTB/smoltalk", split="eval", config_name="everyday-conversations")
+    assert calls == [
+        ("HuggingFaceH4/ultrachat_200k", None, "train_sft"),
+        ("HuggingFaceTB/smoltalk", "everyday-conversations", "test"),
+    ]
+    with pytest.raises(DatasetError, match=r"facts: a split or config name .* applies to hub ids and dataset folders"):
+        load_examples("facts", config_name="main")
+
+    def needs_config(path: str, **kwargs: object) -> None:
+        raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['all', 'smol-magpie']")
+
+    monkeypatch.setattr(datasets, "load_dataset", needs_config)
+    with pytest.raises(DatasetError, match=r"HuggingFaceTB/smoltalk: Config name is missing.*Fix: .*--dataset_config"):
+        load_examples("HuggingFaceTB/smoltalk")
 
     def not_found(path: str, **kwargs: object) -> None:
         raise FileNotFoundError(f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed.")

@@ -333,7 +333,7 @@ def test_evaluate_refuses_a_folder_without_an_adapter_in_one_line(tmp_path: Path
         (["--meft", "num_neurons"], "error: --meft 'num_neurons': expected KEY=VALUE. Fix: e.g. --meft num_neurons="),
         (
             ["--dataset", "tests/data/qa.jsonl", "--eval_dataset", "tests/data/qa.jsonl", "--eval_split", "test"],
-            "error: tests/data/qa.jsonl: a split name (--dataset_split, --eval_split) applies to hub ids and dataset",
+            "error: tests/data/qa.jsonl: a split or config name (--dataset_split, --eval_split, --dataset_config)",
         ),
     ],
     ids=["top_k", "prefetch with checkpointing", "no training examples", "override without a value", "split of a file"],
