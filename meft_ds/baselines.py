@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from meft_ds.config import MeftConfig, MeftConfigError
-from meft_ds.inject import FFNOutput, adapters, add_to_ffn_output, decoder_layers, locate_ffns, text_config
+from meft_ds.inject import (
+    FFNOutput,
+    adapters,
+    add_to_ffn_output,
+    decoder_layers,
+    ffn_input,
+    locate_ffns,
+    text_config,
+)
 from meft_ds.plan import (
     Item,
     Setup,
@@ -49,8 +57,10 @@ class DenseParallelAdapter(nn.Module):
         return torch.relu(hidden @ self.keys.T) @ self.values
 
 
-def _add_output(adapter: DenseParallelAdapter, module: nn.Module, args: tuple, output: FFNOutput) -> FFNOutput:
-    return add_to_ffn_output(output, adapter(args[0]))
+def _add_output(
+    adapter: DenseParallelAdapter, module: nn.Module, args: tuple, kwargs: dict, output: FFNOutput
+) -> FFNOutput:
+    return add_to_ffn_output(output, adapter(ffn_input(args, kwargs)))
 
 
 def add_dense_adapters(model: nn.Module, neurons: int) -> list[nn.Parameter]:
@@ -61,7 +71,9 @@ def add_dense_adapters(model: nn.Module, neurons: int) -> list[nn.Parameter]:
     layers = decoder_layers(model, location)
     added = nn.ModuleList(DenseParallelAdapter(text_config(model.config).hidden_size, neurons) for _ in layers)
     for layer, adapter in zip(layers, added, strict=True):
-        getattr(layer, location.ffn_attr).register_forward_hook(functools.partial(_add_output, adapter))
+        getattr(layer, location.ffn_attr).register_forward_hook(
+            functools.partial(_add_output, adapter), with_kwargs=True
+        )
     model.add_module("dense_adapters", added)
     return list(added.parameters())
 
