@@ -28,23 +28,18 @@ import deepspeed
 import torch
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
-from train_args import adapter_settings, check_output_dir, load_held_out, load_split, parse_args
+from train_args import build_config, check_output_dir, count_steps, load_held_out, load_split, parse_args
 
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
 from meft_ds.baselines import export_baseline, prepare_baseline, trainable_numel, training_bytes
 from meft_ds.checkpoint import checkpoint_step
-from meft_ds.config import merge_settings
 from meft_ds.data import DATASETS, DatasetError, tokenize_for_training
 from meft_ds.distill import micro_batch_loss, with_teacher
 from meft_ds.distributed import check_replicas_identical, unlink_cpu_allreduce_buffer
 from meft_ds.ds_config import (
     DTYPE_NAMES,
     compute_dtype,
-    fit_precision_to_cpu,
-    load_deepspeed_config,
-    resolve_auto,
-    validate_deepspeed_config,
 )
 from meft_ds.evaluation import evaluate_examples, evaluate_loss, format_scores
 from meft_ds.files import write_json_atomic
@@ -58,43 +53,11 @@ from meft_ds.training import (
     UsageError,
     changed_batch_warning,
     free_port,
-    parse_overrides,
     progress_bar,
     run_cli,
 )
 
 logger = logging.getLogger("meft_ds.train")
-
-
-def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
-    """The DeepSpeed config with 'auto' values filled from the command line, validated before any long work."""
-    ds_config = load_deepspeed_config(args.deepspeed)
-    section = ds_config.get("meft", {})
-    if not isinstance(section, dict):
-        raise meft_ds.MeftConfigError(f"{args.deepspeed}: 'meft' must be a JSON object. Fix: write \"meft\": {{...}}.")
-    overrides = parse_overrides(args.meft)
-    ds_config["meft"] = section = merge_settings(section, overrides)
-    if args.adapter is not None:
-        ds_config["meft"] = section = {**section, **adapter_settings(args, overrides)}
-    meft = meft_ds.MeftConfig.from_dict(section)
-    if args.activation_checkpointing and args.method == "meft":
-        meft.check_activation_checkpointing()
-    resolve_auto(
-        ds_config,
-        max_steps=args.max_steps,
-        lr=args.learning_rate,
-        micro_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-    )
-    validate_deepspeed_config(ds_config)
-    fit_precision_to_cpu(ds_config)  # decided here, so that the model loads in the dtype the engine computes in
-    if isinstance(ds_config.get("tensorboard"), dict):
-        ds_config["tensorboard"]["output_path"] = str(output_dir / "tensorboard")
-    if args.resume_universal:  # the checkpoint latest_universal names, partitioned anew over this run's ranks
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    return ds_config
 
 
 def evaluate(
@@ -176,6 +139,7 @@ def train(
             dist.all_reduce(loss_sum)  # the step's loss: mean over ranks and micro-batches
             mean_loss = loss_sum.item() / (gas * world)
             record = log.step_record(engine, model, traffic_before, mean_loss, time.time() - step_started)
+            record["epoch"] = round(engine.global_steps * engine.train_batch_size() / len(features), 4)
             if held_out and (engine.global_steps % args.eval_steps == 0 or engine.global_steps == args.max_steps):
                 record["eval_loss"] = evaluate_loss(
                     model, held_out, tokenizer.pad_token_id, engine.device, batch_size=args.eval_batch_size,
@@ -315,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         "model %s loaded in %s in %.0f s; %d training examples",
         args.model, DTYPE_NAMES[dtype], time.time() - started, len(features),
     )  # fmt: skip
+    if args.num_epochs is not None:
+        count_steps(args, ds_config, len(features), checkpoints)
 
     if args.adapter is not None:  # before the engine: DeepSpeed takes the routers' weights as they are then
         deepspeed.init_distributed()  # (a sharded store partitions its rows across the ranks as it is built)
@@ -411,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_length": args.max_length,
             "train_examples": len(features),
             "steps": engine.global_steps,
+            "num_epochs": args.num_epochs,
+            "epochs": round(engine.global_steps * engine.train_batch_size() / len(features), 4),
             "first_loss": log.first_loss,
             "last_loss": log.last_loss,
             "before": before,
@@ -428,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             "stats": meft_ds.stats(model),
         }
         write_json_atomic(output_dir / "results.json", json.loads(json.dumps(summary, default=str)))
-        print(f"\nloss: {log.first_loss:.4f} -> {log.last_loss:.4f} over {engine.global_steps} steps")
+        steps, epochs = engine.global_steps, summary["epochs"]
+        print(f"\nloss: {log.first_loss:.4f} -> {log.last_loss:.4f} over {steps} steps ({epochs:g} epochs)")
         print(f"held-out before: {format_scores(before)}")
         print(f"held-out after:  {format_scores(after)}")
         if retention:

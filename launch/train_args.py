@@ -1,24 +1,40 @@
 """The command line of ``launch/train.py``: its options, the checks that refuse a bad one while parsing, before
-anything loads (each error names the option and the fix; exit code 2), and the data and settings they name."""
+anything loads (each error names the option and the fix; exit code 2), and the DeepSpeed config, data and settings
+they name."""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
+import meft_ds
 from meft_ds import rehearsal
 from meft_ds.baselines import METHODS
 from meft_ds.checkpoint import UNIVERSAL_POINTER, UNIVERSAL_SUFFIX, checkpoint_step, tag_to_load
+from meft_ds.config import merge_settings
 from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts, load_examples, single_split
+from meft_ds.ds_config import (
+    fit_precision_to_cpu,
+    global_batch_size,
+    load_deepspeed_config,
+    resolve_auto,
+    validate_deepspeed_config,
+)
 from meft_ds.export_load import FUNCTIONAL_SETTINGS, check_base_model, read_adapter_config, read_export
 from meft_ds.model_facts import load_model_config
 from meft_ds.models import BUILTIN_MODEL
-from meft_ds.training import UsageError
+from meft_ds.training import UsageError, parse_overrides
+
+logger = logging.getLogger("meft_ds.train")
 
 # The built-in demo's settings: tuned so that the 135M model memorises the synthetic facts within ~10 CPU minutes.
 # SPEC.md's paper settings (lr 1e-4, effective batch 64, 256 tokens) are for real tasks on a GPU; see README.
 DEMO_LR = 3e-3
+DEMO_STEPS = 100
 
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
@@ -70,7 +86,14 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         "local file (default: --dataset's held-out split; a local file as --dataset needs one)",
     )
     parser.add_argument("--output_dir", default="outputs/meft-facts", help="checkpoints, metrics, exported adapter")
-    parser.add_argument("--max_steps", type=int, default=100, help="optimizer steps")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--max_steps", type=int, help=f"optimizer steps (default {DEMO_STEPS})")
+    length.add_argument(
+        "--num_epochs",
+        type=float,
+        help="passes over the training examples (a text's windows), instead of --max_steps: the steps are counted "
+        "once the examples are tokenized, rounded up to whole steps",
+    )
     parser.add_argument("--learning_rate", type=float, default=DEMO_LR, help="fills 'auto' learning rates")
     parser.add_argument("--micro_batch_size", type=int, default=8, help="fills 'auto' micro batch per rank")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="fills 'auto'")
@@ -184,10 +207,72 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         check_facts(args.facts, args.dataset)
     except DatasetError as error:
         parser.error(str(error))
+    if args.num_epochs is not None:
+        if not (math.isfinite(args.num_epochs) and args.num_epochs > 0):
+            parser.error(f"--num_epochs must be a number > 0, got {args.num_epochs}")
+        if args.rehearsal:  # its examples are the untrained model's answers, known once the steps are set
+            parser.error("--num_epochs with --rehearsal: the rehearsed answers are known only once the model has "
+                         "answered, after the steps are set. Fix: pass --max_steps instead")  # fmt: skip
+    elif args.max_steps is None:
+        args.max_steps = DEMO_STEPS
     args.resume = args.resume or args.resume_universal
     if args.resume and args.no_save:
         parser.error("--resume with --no_save: a --no_save run leaves no checkpoint to resume")
     return args
+
+
+def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
+    """The DeepSpeed config with 'auto' values filled from the command line, validated before any long work."""
+    ds_config = load_deepspeed_config(args.deepspeed)
+    section = ds_config.get("meft", {})
+    if not isinstance(section, dict):
+        raise meft_ds.MeftConfigError(f"{args.deepspeed}: 'meft' must be a JSON object. Fix: write \"meft\": {{...}}.")
+    overrides = parse_overrides(args.meft)
+    ds_config["meft"] = section = merge_settings(section, overrides)
+    if args.adapter is not None:
+        ds_config["meft"] = section = {**section, **adapter_settings(args, overrides)}
+    meft = meft_ds.MeftConfig.from_dict(section)
+    if args.activation_checkpointing and args.method == "meft":
+        meft.check_activation_checkpointing()
+    schedule = copy.deepcopy(ds_config.get("scheduler"))
+    fill_auto(ds_config, args, max_steps=args.max_steps or 1)  # --num_epochs: checked with 1 step, counted later
+    validate_deepspeed_config(ds_config)
+    if args.max_steps is None and schedule is not None:
+        ds_config["scheduler"] = schedule  # its 'auto' values filled once the examples are counted (count_steps)
+    fit_precision_to_cpu(ds_config)  # decided here, so that the model loads in the dtype the engine computes in
+    if isinstance(ds_config.get("tensorboard"), dict):
+        ds_config["tensorboard"]["output_path"] = str(output_dir / "tensorboard")
+    if args.resume_universal:  # the checkpoint latest_universal names, partitioned anew over this run's ranks
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return ds_config
+
+
+def fill_auto(ds_config: dict[str, Any], args: argparse.Namespace, *, max_steps: int) -> None:
+    """The config's ``"auto"`` values from the command line (those still ``"auto"``: a second call fills only what
+    the first left, :func:`count_steps`'s schedule)."""
+    resolve_auto(
+        ds_config,
+        max_steps=max_steps,
+        lr=args.learning_rate,
+        micro_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+    )
+
+
+def count_steps(args: argparse.Namespace, ds_config: dict[str, Any], num_examples: int, checkpoints: Path) -> None:
+    """--num_epochs: ``args.max_steps`` from the count of training examples and the global batch, filled into the
+    config's schedule; a run to resume that has reached them is refused (before the engine starts)."""
+    args.max_steps = epoch_steps(args.num_epochs, num_examples, global_batch_size(ds_config))
+    fill_auto(ds_config, args, max_steps=args.max_steps)
+    validate_deepspeed_config(ds_config)
+    logger.info(
+        "--num_epochs %g: %d optimizer steps of %d examples over %d training examples",
+        args.num_epochs, args.max_steps, global_batch_size(ds_config), num_examples,
+    )  # fmt: skip
+    if args.resume:
+        check_steps_left(args, Path(args.output_dir), checkpoints)
 
 
 def adapter_settings(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -220,18 +305,40 @@ def check_output_dir(args: argparse.Namespace, output_dir: Path, checkpoints: Pa
             pointer = UNIVERSAL_POINTER
             fix = f"convert one: python -m meft_ds.universal {checkpoints} (a ZeRO stage 0 run needs none: --resume)"
         raise UsageError(f"{resume}: no checkpoint in {checkpoints} (no '{pointer}' file). Fix: {fix}.")
-    reached = checkpoint_step(tag.removesuffix(UNIVERSAL_SUFFIX))
-    if reached is not None and reached >= args.max_steps:
-        raise UsageError(
-            f"{resume}: the run in {output_dir} has reached step {reached}, and --max_steps is {args.max_steps}: "
-            f"nothing is left to train. Fix: raise --max_steps to train on, or evaluate its export with python "
-            f"launch/evaluate.py --adapter {output_dir}."
-        )
+    if args.resume and args.max_steps is not None:  # (--num_epochs: checked once the steps are counted)
+        check_steps_left(args, output_dir, checkpoints)
     if not args.resume and (checkpoints / "latest").is_file():
         raise UsageError(
             f"--output_dir {output_dir} already holds a run (checkpoints/latest). Fix: add --resume to "
             "continue it, or choose another --output_dir."
         )
+
+
+def check_steps_left(args: argparse.Namespace, output_dir: Path, checkpoints: Path) -> None:
+    """A :class:`UsageError` where the run to resume has reached ``args.max_steps`` already: nothing left to train."""
+    resume = "--resume_universal" if args.resume_universal else "--resume"
+    tag = tag_to_load(checkpoints, None, universal=args.resume_universal) or ""
+    reached = checkpoint_step(tag.removesuffix(UNIVERSAL_SUFFIX))
+    if reached is None or reached < args.max_steps:
+        return
+    option = "--max_steps" if args.num_epochs is None else "--num_epochs"
+    steps = f"{args.max_steps} step" + ("s" if args.max_steps > 1 else "")
+    length = (
+        f"--max_steps is {args.max_steps}"
+        if args.num_epochs is None
+        else f"--num_epochs {args.num_epochs:g} is {steps}"
+    )
+    raise UsageError(
+        f"{resume}: the run in {output_dir} has reached step {reached}, and {length}: nothing is left to train. "
+        f"Fix: raise {option} to train on, or evaluate its export with python launch/evaluate.py --adapter "
+        f"{output_dir}."
+    )
+
+
+def epoch_steps(num_epochs: float, num_examples: int, global_batch: int) -> int:
+    """Optimizer steps of ``global_batch`` examples that pass over ``num_examples`` ``num_epochs`` times, rounded up
+    (the batches run on from one pass into the next, :class:`meft_ds.training.MicroBatchStream`)."""
+    return max(1, math.ceil(num_epochs * num_examples / global_batch))
 
 
 def load_split(args: argparse.Namespace, source: str, split: str, limit: int | None) -> list:

@@ -158,13 +158,27 @@ def _check_batch_sizes(ds_config: dict[str, Any]) -> None:
     micro, steps = ds_config.get("train_micro_batch_size_per_gpu"), ds_config.get("gradient_accumulation_steps")
     if total is None or micro is None or steps is None:
         return  # DeepSpeed derives the missing one
-    ranks = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    ranks = _ranks()
     if total != micro * steps * ranks:
         raise MeftConfigError(
             f"train_batch_size: {total!r} is not train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
             f"ranks = {micro} x {steps} x {ranks} = {micro * steps * ranks}. Fix: set it to {micro * steps * ranks}, "
             "or to 'auto' (DeepSpeed then derives it)."
         )
+
+
+def global_batch_size(ds_config: dict[str, Any]) -> int:
+    """Examples per optimizer step over every rank, as DeepSpeed will take it: ``train_batch_size``, else micro-batch
+    x accumulation steps x data-parallel ranks (each 1 where absent). Call it after :func:`resolve_auto`."""
+    total = ds_config.get("train_batch_size")
+    if total is not None:
+        return total
+    micro, steps = ds_config.get("train_micro_batch_size_per_gpu", 1), ds_config.get("gradient_accumulation_steps", 1)
+    return micro * steps * _ranks()
+
+
+def _ranks() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def check_optimizer(ds_config: dict[str, Any]) -> None:

@@ -159,9 +159,10 @@ class MetricsLog:
     records after it, which a killed run may have written past its last checkpoint: the files then hold each step
     once, as an uninterrupted run would."""
 
-    # eval_loss: only in the records of the steps that evaluate (launch/train.py --eval_steps)
+    # epoch: passes over the training examples so far (launch/train.py); eval_loss: only in the records of the steps
+    # that evaluate (launch/train.py --eval_steps)
     FIELDS = ("step", "loss", "lr", "grad_norm", "rows_fetched", "rows_updated", "mb_to_device", "mb_to_host",
-              "mb_moved", "seconds", "eval_loss")  # fmt: skip
+              "mb_moved", "seconds", "epoch", "eval_loss")  # fmt: skip
 
     def __init__(self, output_dir: Path, *, enabled: bool, start_step: int = 0, monitor: Any = None) -> None:
         self.enabled = enabled

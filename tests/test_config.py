@@ -132,6 +132,18 @@ def test_deepspeed_config_values_that_are_right_pass() -> None:
     validate_deepspeed_config(resolve_auto(config, max_steps=10, gradient_accumulation_steps=2))
 
 
+def test_global_batch_size_is_the_given_total_or_micro_batch_times_accumulation_times_ranks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from meft_ds.ds_config import global_batch_size, resolve_auto
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    assert global_batch_size(resolve_auto(config, micro_batch_size=4, gradient_accumulation_steps=2)) == 4 * 2 * 3
+    assert global_batch_size({"train_batch_size": 24, "gradient_accumulation_steps": 2}) == 24
+    assert global_batch_size({"train_micro_batch_size_per_gpu": 5}) == 5 * 3
+
+
 def test_auto_steps_without_max_steps_is_named() -> None:
     import json
     from pathlib import Path

@@ -104,8 +104,8 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
 def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     tmp_path: Path, model_dirs: dict[str, Path], stage: int, offload: bool, update_rows: int
 ) -> None:
-    """ZeRO-0 trains on plain text (continued pretraining) from a dataset folder, scored by its held-out split's loss;
-    ZeRO-1 with meft.update_rows on the facts."""
+    """ZeRO-0 trains on plain text (continued pretraining) from a dataset folder for --num_epochs, scored by its
+    held-out split's loss; ZeRO-1 with meft.update_rows on the facts."""
     out, texts = tmp_path / "run", tmp_path / "texts"  # a dataset folder, as the hub's: a parquet file per split
     facts = [f"{e.prompt} {e.answers[0]}." for e in load_examples("facts")]
     documents = [{"text": " ".join(facts[i : i + 8])} for i in range(0, 320, 8)]  # each over --max_length 64
@@ -113,16 +113,22 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     datasets.Dataset.from_list(documents).to_parquet(texts / "train.parquet")
     datasets.Dataset.from_list(documents[:8]).to_parquet(texts / "validation.parquet")  # trained on: the loss falls
     data = ["--dataset", texts, "--eval_split", "validation", "--no_probe"] if stage == 0 else []
+    length = ["--num_epochs", "0.75"] if data else ["--max_steps", "6"]
     launch(
         "--deepspeed", write_config(tmp_path, stage=stage, offload=offload), "--model", model_dirs["plain"],
-        "--output_dir", out, "--max_steps", "6", *(data or ["--no_eval"]), *TINY_RUN,
+        "--output_dir", out, *length, *(data or ["--no_eval"]), *TINY_RUN,
         "--meft", f"update_rows={update_rows}", *(["--rehearsal", "3"] if update_rows else []),
     )  # fmt: skip
-    records = metrics(out)
-    assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
+    records, run = metrics(out), results(out)
+    assert len(records) == run["steps"] and records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["epoch"] == run["epochs"] == pytest.approx(run["steps"] * 4 / run["train_examples"], abs=1e-4)
     if data:
-        run = results(out)
         assert run["train_examples"] > 32  # windows of the first 32 texts
+        # 3/4 of a pass in batches of 4 (TINY_RUN), and a schedule over those steps: DeepSpeed's warmup (at least 2
+        # steps, from its minimum 0 before the first) reaches the peak learning rate at step 4, then decays towards 0
+        assert run["steps"] == math.ceil(0.75 * run["train_examples"] / 4) and run["num_epochs"] == 0.75
+        lrs = [r["lr"] for r in records]
+        assert lrs[:4] == [0.0, 0.0, pytest.approx(5e-3), pytest.approx(1e-2)] and 0 < lrs[-1] < lrs[-2]
         assert run["after"]["loss"] < run["before"]["loss"]
         assert run["after"]["perplexity"] == pytest.approx(math.exp(run["after"]["loss"]))
         # launch/evaluate.py scores the export on the run's held-out split, in the run's windows (--max_length 64)
@@ -136,7 +142,6 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     # not (not the 32 dates added later: the measured TF-IDF runs stand); of the first 3 (--rehearsal 3) only those
     # answered right would be trained on, and the random tiny model answers none right; each step updates at most
     # update_rows rows per layer (2 layers) of the hundreds it touches
-    run = results(out)
     assert run["background_documents"] == (80 if update_rows else 0) and len(REHEARSAL) == 112
     assert run["rehearsal"] == [] and run["rehearsal_answers"] == ("right" if update_rows else None)
     updated = [r["rows_updated"] for r in records]
@@ -310,6 +315,11 @@ def test_a_second_run_into_the_same_output_dir_needs_resume(tmp_path: Path, mode
     with pytest.raises(UsageError, match=rf"^--resume: the run in {out} has reached step 1, and --max_steps is 1: "
                                          "nothing is left to train. Fix: raise --max_steps"):  # fmt: skip
         launch_script("train").main([*map(str, common), "--resume"])
+    # --num_epochs: its steps are counted once the examples are tokenized (0.1 of a pass over 32 in batches of 4: 1)
+    by_epochs = [*map(str, common[: common.index("--max_steps")]), "--num_epochs", "0.1", "--resume", *TINY_RUN]
+    with pytest.raises(UsageError, match=r"has reached step 1, and --num_epochs 0.1 is 1 step: nothing is left to "
+                                         "train. Fix: raise --num_epochs"):  # fmt: skip
+        launch_script("train").main(by_epochs)
 
 
 def test_evaluate_refuses_a_folder_without_an_adapter_in_one_line(tmp_path: Path) -> None:
@@ -357,6 +367,9 @@ def test_bad_input_fails_fast_with_one_line(tmp_path: Path, args: list[str], mes
         (["--lora_r", "8"], "--lora_r applies to --method lora, not meft: drop it"),
         (["--adapter_neurons", "64", "--method", "lora"], "--adapter_neurons applies to --method parallel_adapter"),
         (["--lora_targets", "all-linear"], "--lora_targets applies to --method lora, not meft: drop it"),
+        (["--num_epochs", "0"], "--num_epochs must be a number > 0, got 0.0"),
+        (["--num_epochs", "1", "--max_steps", "5"], "argument --max_steps: not allowed with argument --num_epochs"),
+        (["--num_epochs", "1", "--rehearsal", "10"], "--num_epochs with --rehearsal: the rehearsed answers are known"),
     ],
 )
 def test_an_option_out_of_range_or_for_another_method_is_refused_while_parsing(
