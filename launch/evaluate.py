@@ -29,7 +29,7 @@ from deepspeed.accelerator import get_accelerator
 
 import meft_ds
 from meft_ds.baselines import exported_method, load_baseline
-from meft_ds.data import DATASETS, FORMATS, Example, load_examples, single_split
+from meft_ds.data import DATASETS, FORMATS, Example, load_examples, single_split, split_off
 from meft_ds.ds_config import DTYPE_NAMES, compute_dtype, fit_precision_to_cpu, resolve_auto
 from meft_ds.evaluation import evaluate_examples, format_scores
 from meft_ds.export_load import read_adapter_config
@@ -107,10 +107,16 @@ def trained_with(args: argparse.Namespace) -> dict[str, Any]:
 
 def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The dataset to evaluate on and how to load it (facts count, seed, split and config names): those given, else
-    the ones the adapter's run held out (its --eval_dataset, else the held-out split of its --dataset unless a file,
-    with its --facts and --seed: another size or seed of the built-in facts set asks about other people; its
-    --eval_split and --dataset_config), else the built-in facts."""
+    the ones the adapter's run held out (the part of its --dataset's training split its --eval_size held out, its
+    --eval_dataset, else the held-out split of its --dataset unless a file, with its --facts and --seed: another size
+    or seed of the built-in facts set asks about other people; its --eval_split and --dataset_config), else the
+    built-in facts."""
     run_dataset = trained.get("dataset")
+    if args.dataset is None and args.split is None and trained.get("eval_size") is not None:
+        facts = trained.get("facts") if run_dataset == "facts" else None
+        config_name = args.dataset_config or trained.get("dataset_config")
+        return run_dataset, dict(facts=facts, seed=trained.get("seed", 0), split_name=trained.get("dataset_split"),
+                                 config_name=config_name, eval_size=trained["eval_size"])  # fmt: skip
     run_held_out = trained.get("eval_dataset") or (
         None if run_dataset is None or single_split(run_dataset) else run_dataset
     )
@@ -162,11 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         examples = [Example(prompt, answers=[]) for prompt in args.prompt]  # nothing to score: answers are printed
     else:
         dataset, loading = held_out(args, trained)
-        facts, seed = loading["facts"], loading["seed"]
-        split = "train" if single_split(dataset) else "eval"  # a file is all held out
+        facts, seed, eval_size = loading["facts"], loading["seed"], loading.pop("eval_size", None)
         file_format = None if dataset in DATASETS else args.dataset_format
-        examples = load_examples(dataset, split, format=file_format, limit=args.limit or None, **loading)
-        described = describe(dataset, facts, seed)
+        if eval_size is None:
+            split = "train" if single_split(dataset) else "eval"  # a file is all held out
+            examples = load_examples(dataset, split, format=file_format, limit=args.limit or None, **loading)
+            described = describe(dataset, facts, seed)
+        else:  # the run's own draw from its training split
+            _, examples = split_off(load_examples(dataset, format=file_format, **loading), eval_size, seed=seed)
+            examples = examples[: args.limit or None]
+            described = f"{dataset} (--eval_size {eval_size:g} of its training examples, seed {seed})"
     method = exported_method(args.adapter) if args.adapter is not None else None
     if method == "full":
         raise UsageError(f"--adapter {args.adapter}: holds a whole model (a --method full run). Fix: evaluate it as "

@@ -28,7 +28,7 @@ import deepspeed
 import torch
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
-from train_args import build_config, check_output_dir, count_steps, load_held_out, load_split, parse_args
+from train_args import build_config, check_output_dir, count_steps, load_data, parse_args
 
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
@@ -265,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         raise DatasetError(f"--dataset_format applies to local files only; drop it for the built-in '{args.dataset}'")
     if args.method != "full":  # adapters beside or inside the FFNs: their place must be known
         check_model_type(load_model_config(args.model, weights=True).model_type, f"--model {args.model}")
-    train_examples = [] if args.train_limit == 0 else load_split(args, args.dataset, "train", args.train_limit)
-    held_out = load_held_out(args) if args.eval_steps or not args.no_eval else None
+    train_examples, held_out = load_data(args)
     eval_examples = None if args.no_eval else held_out
     probe_examples = None if args.no_eval or args.no_probe else probe.probe_examples()
     cpu_kernels()  # built (or found in the extension cache) now: without them the run would stop after loading
@@ -374,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             "dataset_split": args.dataset_split,
             "eval_dataset": args.eval_dataset,
             "eval_split": args.eval_split,
+            "eval_size": args.eval_size,
             "max_length": args.max_length,
             "train_examples": len(features),
             "steps": engine.global_steps,

@@ -16,7 +16,7 @@ from meft_ds import rehearsal
 from meft_ds.baselines import METHODS
 from meft_ds.checkpoint import UNIVERSAL_POINTER, UNIVERSAL_SUFFIX, checkpoint_step, tag_to_load
 from meft_ds.config import merge_settings
-from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts, load_examples, single_split
+from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts, load_examples, single_split, split_off
 from meft_ds.ds_config import (
     fit_precision_to_cpu,
     global_batch_size,
@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument(
         "--eval_split",
         help="the held-out split of a hub id or dataset folder (--eval_dataset's, else --dataset's; default: test)",
+    )
+    parser.add_argument(
+        "--eval_size",
+        type=float,
+        help="hold out this fraction (0-1) or count of --dataset's training examples as the held-out set, drawn with "
+        "--seed (for a file or dataset without a held-out split); they are not trained on",
     )
     parser.add_argument("--facts", type=int, help="--dataset facts: how many facts (5 per person; default 150)")
     parser.add_argument(
@@ -215,6 +221,14 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
                          "answered, after the steps are set. Fix: pass --max_steps instead")  # fmt: skip
     elif args.max_steps is None:
         args.max_steps = DEMO_STEPS
+    if args.eval_size is not None:
+        size = args.eval_size
+        if not (0 < size < 1 or (size >= 1 and size.is_integer())):
+            parser.error(f"--eval_size must be a fraction in (0, 1) or a whole count, got {size:g}")
+        for name in ("eval_dataset", "eval_split"):
+            if getattr(args, name) is not None:
+                parser.error(f"--eval_size holds out part of --dataset's training split, --{name} names another "
+                             "held-out set: pass one of them")  # fmt: skip
     args.resume = args.resume or args.resume_universal
     if args.resume and args.no_save:
         parser.error("--resume with --no_save: a --no_save run leaves no checkpoint to resume")
@@ -353,6 +367,17 @@ def load_split(args: argparse.Namespace, source: str, split: str, limit: int | N
         source, split, format=file_format, limit=limit, seed=args.seed, facts=facts, split_name=split_name,
         config_name=config_name,
     )  # fmt: skip
+
+
+def load_data(args: argparse.Namespace) -> tuple[list, list | None]:
+    """The training examples (the first --train_limit) and the held-out set (the first --eval_limit; None where
+    nothing evaluates): --eval_size's part of --dataset's training split, else :func:`load_held_out`."""
+    evaluates = bool(args.eval_steps or not args.no_eval)
+    if args.eval_size is None:
+        train = [] if args.train_limit == 0 else load_split(args, args.dataset, "train", args.train_limit)
+        return train, load_held_out(args) if evaluates else None
+    train, held_out = split_off(load_split(args, args.dataset, "train", None), args.eval_size, seed=args.seed)
+    return train[: args.train_limit], held_out[: args.eval_limit or None] if evaluates else None
 
 
 def load_held_out(args: argparse.Namespace) -> list:

@@ -11,6 +11,7 @@ examples into token ids the same way for training and for generation.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -198,7 +199,8 @@ def load_examples(
         if split == "eval":  # a file has no held-out part: evaluating on it would score the training data
             raise DatasetError(
                 f"{name}: a local file is a single split, so it has no 'eval' part; pass a held-out file with "
-                "--eval_dataset (loaded as its own 'train' split), or skip evaluation with --no_eval"
+                "--eval_dataset (loaded as its own 'train' split), hold out part of this one with --eval_size (e.g. "
+                "0.05), or skip evaluation with --no_eval"
             )
         local = Path(name).suffix in (".parquet", ".csv")
         examples = _load_dataset_source(name, split, None, None, format) if local else load_file(Path(name), format)
@@ -212,6 +214,21 @@ def load_examples(
     if not with_context:
         examples = [replace(example, context=None) for example in examples]
     return examples[:limit]
+
+
+def split_off(examples: Sequence[Example], size: float, *, seed: int) -> tuple[list[Example], list[Example]]:
+    """``examples`` less a held-out part, and that part: ``size`` of them (a fraction in (0, 1), rounded up as
+    ``datasets``' ``train_test_split`` rounds its ``test_size``, or a whole count), drawn with ``seed``; each part
+    keeps the examples' order. For a dataset without a held-out split: its examples never meet training."""
+    count = math.ceil(size * len(examples)) if size < 1 else int(size)
+    if not 0 < count < len(examples):
+        raise DatasetError(
+            f"--eval_size {size:g}: {count} of {len(examples)} training examples held out leaves nothing to "
+            f"{'evaluate' if count < 1 else 'train on'}. Fix: hold out a fraction in (0, 1) or a count below "
+            f"{len(examples)}."
+        )
+    held = set(torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
 # ----------------------------------------------------------------------------------------------------------------
