@@ -395,6 +395,7 @@ def tokenize_for_training(examples: Sequence[Example], tokenizer: Any, max_lengt
             f"and at least one prompt token must precede it. Fix: raise max_length (train.py --max_length) well above "
             f"{min(answers)} (256 is usual)."
         )
+    _warn_truncation([item for item in encoded if item is not None], max_length)
     features = []
     for prompt_ids, prompt_labels, answer_ids in (item for item in encoded if item is not None):
         answer_ids = answer_ids[: max_length - 1]
@@ -402,6 +403,22 @@ def tokenize_for_training(examples: Sequence[Example], tokenizer: Any, max_lengt
         features.append({"input_ids": prompt_ids[-kept:] + answer_ids, "labels": prompt_labels[-kept:] + answer_ids})
     texts = [example.answers[0] for example, item in zip(examples, encoded, strict=True) if item is None]
     return features + _text_features(tokenizer, texts, max_length)
+
+
+def _warn_truncation(encoded: Sequence[tuple[list[int], list[int], list[int]]], max_length: int) -> None:
+    """One warning for the examples that ``max_length`` cuts (the prompt's first tokens, and an answer's end where
+    the answer alone fills it): a default that is too short for a user's data would otherwise train on fragments."""
+    lengths = [len(prompt) + len(answer) for prompt, _, answer in encoded]
+    cut = [length for length in lengths if length > max_length]
+    if not cut:
+        return
+    answers_cut = sum(len(answer) >= max_length for _, _, answer in encoded)
+    logger.warning(
+        "meft_ds: %d of %d examples are longer than max_length=%d tokens (the longest %d): their prompts lose their "
+        "first tokens%s. Fix: raise max_length (train.py --max_length) to %d to keep them whole.",
+        len(cut), len(lengths), max_length, max(cut),
+        f" ({answers_cut} of them answers that alone fill it, whose end is cut too)" if answers_cut else "", max(cut),
+    )  # fmt: skip
 
 
 def collate(features: Sequence[dict[str, list[int]]], pad_token_id: int | None) -> dict[str, torch.Tensor]:

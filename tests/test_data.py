@@ -207,12 +207,24 @@ def test_context_comes_before_the_question() -> None:
     )
 
 
-def test_truncation_keeps_the_answer_and_the_end_of_the_prompt() -> None:
+def test_truncation_keeps_the_answer_and_the_end_of_the_prompt_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     tokenizer = word_tokenizer(chat=False)
     example = load_examples("facts", limit=1)
-    (full,) = tokenize_for_training(example, tokenizer, max_length=256)
-    (cut,) = tokenize_for_training(example, tokenizer, max_length=len(full["input_ids"]) - 3)
+    with caplog.at_level(logging.WARNING, logger="meft_ds"):
+        (full,) = tokenize_for_training(example, tokenizer, max_length=256)
+    assert not caplog.records
+    length = len(full["input_ids"])
+    (cut,) = tokenize_for_training([*example, Example("Why?", answers=["x"])], tokenizer, max_length=length - 3)[:1]
     assert cut["input_ids"] == full["input_ids"][3:] and cut["labels"] == full["labels"][3:]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"meft_ds: 1 of 2 examples are longer than max_length={length - 3} tokens (the longest {length}): their "
+        f"prompts lose their first tokens. Fix: raise max_length (train.py --max_length) to {length} to keep them "
+        "whole."
+    ]
+    caplog.clear()
+    long = Example("Who?", answers=[" ".join(["Zembrook"] * 10)])
+    tokenize_for_training([long, Example("Why?", answers=["x"])], tokenizer, max_length=8)
+    assert "(1 of them answers that alone fill it, whose end is cut too)" in caplog.text
     answer_length = sum(label != IGNORE_INDEX for label in full["labels"])
     with pytest.raises(ValueError, match=f"max_length={answer_length} is too small for any answer"):
         tokenize_for_training(example, tokenizer, max_length=answer_length)
