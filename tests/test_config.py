@@ -135,9 +135,10 @@ def test_deepspeed_config_values_that_are_right_pass() -> None:
 def test_global_batch_size_is_the_given_total_or_micro_batch_times_accumulation_times_ranks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from meft_ds import ds_config
     from meft_ds.ds_config import global_batch_size, resolve_auto
 
-    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(ds_config, "_ranks", lambda: 3)  # the process group's size, or WORLD_SIZE before there is one
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
     assert global_batch_size(resolve_auto(config, micro_batch_size=4, gradient_accumulation_steps=2)) == 4 * 2 * 3
     assert global_batch_size({"train_batch_size": 24, "gradient_accumulation_steps": 2}) == 24
