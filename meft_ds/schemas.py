@@ -15,8 +15,10 @@ from typing import Any
 
 from meft_ds.metrics import final_number
 
-FORMATS = ("qa", "nq", "squad", "toolbench", "gsm8k", "messages", "prompt_completion", "alpaca", "text")
+FORMATS = ("qa", "nq", "squad", "toolbench", "gsm8k", "messages", "sharegpt", "prompt_completion", "alpaca", "text")
 ROLES = ("system", "user", "assistant")  # the roles of a conversation's turns
+# ShareGPT's speakers (FastChat's human/gpt, and the role names some of its datasets use instead) as those roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TEXT = "text"  # the task of a plain text: every token learned, scored by its loss (no question, nothing generated)
 
 
@@ -54,6 +56,8 @@ SCHEMAS = {
     "gsm8k": '{"question": "...", "answer": "... #### <number>"} (GSM8K)',
     "messages": '{"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}, ..., '
     '{"role": "assistant", "content": "..."}]} (chat: every assistant turn is learned, the last one scored)',
+    "sharegpt": '{"conversations": [{"from": "system", "value": "..."}, {"from": "human", "value": "..."}, ..., '
+    '{"from": "gpt", "value": "..."}]} (ShareGPT: learned and scored as messages)',
     "prompt_completion": '{"prompt": "...", "completion": "..."} (TRL\'s; or both lists of turns as in messages)',
     "alpaca": '{"instruction": "...", "input": "..." (may be empty or null), "output": "..."} (Alpaca)',
     "text": '{"text": "..."} (plain text, every token learned: continued pretraining; scored by its loss)',
@@ -138,8 +142,13 @@ def _parse_toolbench(row: _Row) -> Example:
     return Example(row.text("query"), [render_api_calls(apis)], task="toolbench")
 
 
-def _turns(row: _Row, field: str) -> list[dict[str, str]]:
-    """The ``{"role", "content"}`` turns of the list ``field``, each checked."""
+def _turns(
+    row: _Row, field: str, keys: tuple[str, str] = ("role", "content"), roles: dict[str, str] | None = None
+) -> list[dict[str, str]]:
+    """The ``{"role", "content"}`` turns of the list ``field``, each checked: each turn's speaker and text under
+    ``keys``, its speaker one of ``roles`` (a name -> role map; default: :data:`ROLES` as they are)."""
+    roles = roles or {role: role for role in ROLES}
+    speaker, text = keys
     messages = row.get(field)
     if not isinstance(messages, list) or not messages:
         raise row.error(field, f"must be a non-empty list of turns, got {_describe(messages)}")
@@ -147,10 +156,11 @@ def _turns(row: _Row, field: str) -> list[dict[str, str]]:
     for number, message in enumerate(messages):
         where = f"{field}[{number}]"
         if not isinstance(message, dict):
-            raise row.error(where, f"must be an object with 'role' and 'content', got {_describe(message)}")
-        if message.get("role") not in ROLES:
-            raise row.error(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {_describe(message.get('role'))}")
-        turns.append({"role": message["role"], "content": row.text(f"{where}.content", message.get("content"))})
+            raise row.error(where, f"must be an object with '{speaker}' and '{text}', got {_describe(message)}")
+        name = message.get(speaker)
+        if not isinstance(name, str) or name not in roles:
+            raise row.error(f"{where}.{speaker}", f"must be one of {', '.join(roles)}, got {_describe(name)}")
+        turns.append({"role": roles[name], "content": row.text(f"{where}.{text}", message.get(text))})
     return turns
 
 
@@ -163,6 +173,11 @@ def _conversation_example(row: _Row, field: str, turns: list[dict[str, str]], *,
 
 def _parse_messages(row: _Row) -> Example:
     return _conversation_example(row, "messages", _turns(row, "messages"), learn_history=True)
+
+
+def _parse_sharegpt(row: _Row) -> Example:
+    turns = _turns(row, "conversations", keys=("from", "value"), roles=SHAREGPT_ROLES)
+    return _conversation_example(row, "conversations", turns, learn_history=True)
 
 
 def _parse_prompt_completion(row: _Row) -> Example:
@@ -193,6 +208,7 @@ _PARSERS: dict[str, Callable[[_Row], Example]] = {
     "toolbench": _parse_toolbench,
     "gsm8k": _parse_gsm8k,
     "messages": _parse_messages,
+    "sharegpt": _parse_sharegpt,
     "prompt_completion": _parse_prompt_completion,
     "alpaca": _parse_alpaca,
     "text": _parse_text,
@@ -204,6 +220,7 @@ _SIGNATURES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "toolbench": lambda row: "query" in row and "relevant APIs" in row,
     "gsm8k": lambda row: "question" in row and isinstance(row.get("answer"), str),
     "messages": lambda row: isinstance(row.get("messages"), list),
+    "sharegpt": lambda row: isinstance(row.get("conversations"), list),
     "prompt_completion": lambda row: "prompt" in row and "completion" in row,
     "alpaca": lambda row: "instruction" in row and "output" in row,
     "text": lambda row: "text" in row,

@@ -29,6 +29,7 @@ SCHEMA_FILES = [
     ),
     ("gsm8k.jsonl", "gsm8k", "Natalia sold clips", None),
     ("messages.jsonl", "messages", "And of Italy?", ["Rome"]),
+    ("sharegpt.jsonl", "sharegpt", "And of Italy?", ["Rome"]),
     ("prompt_completion.jsonl", "prompt_completion", "Who wrote the play Hamlet?", ["William Shakespeare"]),
     ("alpaca.json", "alpaca", "Give the capital of the country.\n\nItaly", ["Rome"]),
     (
@@ -57,6 +58,11 @@ def test_gsm8k_target_is_the_whole_solution() -> None:
     assert example.answers[0].startswith("Natalia sold 48/2") and example.answers[0].endswith("#### 72")
 
 
+def test_a_sharegpt_conversation_is_the_same_example_as_its_messages_form() -> None:
+    """FastChat's human/gpt speakers as the user and assistant roles: every turn learned, the last one scored."""
+    assert load_examples(DATA / "sharegpt.jsonl") == load_examples(DATA / "messages.jsonl")
+
+
 def test_an_alpaca_row_without_input_asks_its_instruction() -> None:
     with_input, without = load_examples(DATA / "alpaca.json")
     assert with_input.prompt.endswith("\n\nItaly") and without.prompt == "Who wrote the play Hamlet?"
@@ -75,6 +81,7 @@ GOOD_ROWS = {  # a valid first row per schema, so the bad row is the second
     "gsm8k": {"question": "q?", "answer": "1 + 1 = 2\n#### 2"},
     "toolbench": {"query": "q?", "relevant APIs": [["tool", "api"]]},
     "messages": {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a"}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "a"}]},
     "prompt_completion": {"prompt": "q?", "completion": "a"},
     "alpaca": {"instruction": "q?", "input": "", "output": "a"},
     "text": {"text": "a"},
@@ -110,6 +117,21 @@ BAD_ROWS = [  # (schema, the second row as raw text, what the message must say b
         "messages",
         '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q?"}]}',
         "field 'messages' must end with a user turn and the assistant's answer to it",
+    ),
+    (
+        "sharegpt",
+        '{"conversations": [{"from": "bot", "value": "q?"}, {"from": "gpt", "value": "a"}]}',
+        "field 'conversations[0].from' must be one of system, human, user, gpt, assistant, got str \"bot\"",
+    ),
+    (
+        "sharegpt",
+        '{"conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "content": "a"}]}',
+        "field 'conversations[1].value' must be a non-empty string",
+    ),
+    (
+        "sharegpt",
+        '{"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q?"}]}',
+        "field 'conversations' must end with a user turn and the assistant's answer to it",
     ),
     ("prompt_completion", '{"prompt": "q?", "completion": ""}', "field 'completion' must be a non-empty string"),
     (

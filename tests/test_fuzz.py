@@ -84,6 +84,7 @@ def test_random_dataset_rows_give_clean_errors(tmp_path: Path) -> None:
     rows["toolbench"] = json.loads((DATA / "toolbench.json").read_text())[0]
     rows["alpaca"] = json.loads((DATA / "alpaca.json").read_text())[0]
     rows["messages"] = json.loads((DATA / "messages.jsonl").read_text().splitlines()[0])
+    rows["sharegpt"] = json.loads((DATA / "sharegpt.jsonl").read_text().splitlines()[0])
     rows["prompt_completion"] = json.loads((DATA / "prompt_completion.jsonl").read_text().splitlines()[1])  # as turns
     rows["text"] = json.loads((DATA / "text.jsonl").read_text().splitlines()[0])
     path = tmp_path / "rows.jsonl"
