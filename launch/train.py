@@ -28,11 +28,11 @@ import deepspeed
 import torch
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
-from train_args import build_config, check_output_dir, count_steps, load_data, parse_args
+from train_args import build_config, check_output_dir, count_steps, device_memory_warning, load_data, parse_args
 
 import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
-from meft_ds.baselines import export_baseline, prepare_baseline, trainable_numel, training_bytes
+from meft_ds.baselines import export_baseline, prepare_baseline, training_bytes
 from meft_ds.checkpoint import checkpoint_step
 from meft_ds.data import DATASETS, DatasetError, tokenize_for_training
 from meft_ds.distill import micro_batch_loss, with_teacher
@@ -43,7 +43,7 @@ from meft_ds.ds_config import (
 )
 from meft_ds.evaluation import evaluate_examples, evaluate_loss, format_scores
 from meft_ds.files import write_json_atomic
-from meft_ds.inject import check_model_type
+from meft_ds.inject import check_model_type, trainable_numel
 from meft_ds.model_facts import load_model_config
 from meft_ds.models import load_model_and_tokenizer
 from meft_ds.ops import cpu_kernels
@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     train_examples, held_out = load_data(args)
     eval_examples = None if args.no_eval else held_out
     probe_examples = None if args.no_eval or args.no_probe else probe.probe_examples()
+    if too_large := device_memory_warning(args, ds_config, get_accelerator(), world):
+        logger.warning(too_large)
     cpu_kernels()  # built (or found in the extension cache) now: without them the run would stop after loading
     started = time.time()
     torch.manual_seed(args.seed)

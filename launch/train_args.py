@@ -27,6 +27,7 @@ from meft_ds.ds_config import (
 from meft_ds.export_load import FUNCTIONAL_SETTINGS, check_base_model, read_adapter_config, read_export
 from meft_ds.model_facts import load_model_config
 from meft_ds.models import BUILTIN_MODEL
+from meft_ds.plan import GiB, plan
 from meft_ds.training import UsageError, parse_overrides
 
 logger = logging.getLogger("meft_ds.train")
@@ -287,6 +288,34 @@ def count_steps(args: argparse.Namespace, ds_config: dict[str, Any], num_example
     )  # fmt: skip
     if args.resume:
         check_steps_left(args, Path(args.output_dir), checkpoints)
+
+
+def device_memory_warning(
+    args: argparse.Namespace, ds_config: dict[str, Any], accelerator: Any, world_size: int
+) -> str | None:
+    """What the memory plan (:func:`meft_ds.plan.plan`, as ``launch/plan.py`` prints it) says of this MEFT run on
+    ``accelerator``'s device where it does not fit: its need and the changes that would fit, else None (and for
+    another method, or on the CPU, whose memory the row store checks as it is built). Said before the model loads (a
+    7B model takes minutes to load before running out of memory), as a warning: the plan estimates the rows fetched
+    from uniform routing and every example at --max_length."""
+    if args.method != "meft" or accelerator.device_name() == "cpu":
+        return None
+    device_gib = accelerator.total_memory() / GiB
+    steps = ds_config.get("gradient_accumulation_steps", 1)
+    micro = ds_config.get("train_micro_batch_size_per_gpu") or global_batch_size(ds_config) // (steps * world_size)
+    memory_plan = plan(
+        args.model, ds_config, batch_size=micro, seq_len=args.max_length, world_size=world_size,
+        activation_checkpointing=args.activation_checkpointing,
+    )  # fmt: skip
+    verdict = memory_plan.verdict(device_gib)
+    if verdict.device_fits:
+        return None
+    changes = "".join(f"\n  - {change}" for change in verdict.changes)
+    return (
+        f"meft_ds: the memory plan puts this run at {verdict.need / GiB:.2f} GiB of device memory, more than the "
+        f"{verdict.budget / GiB:.2f} GiB a {device_gib:.0f} GiB device leaves it: expect it to run out of memory. "
+        f"Fix: change one of (python launch/plan.py for the whole plan):{changes}"
+    )
 
 
 def adapter_settings(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:

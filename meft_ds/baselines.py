@@ -29,6 +29,7 @@ from meft_ds.inject import (
     ffn_input,
     locate_ffns,
     text_config,
+    trainable_numel,
 )
 from meft_ds.plan import (
     Item,
@@ -157,12 +158,6 @@ def prepare_baseline(
     if method == "full":
         return model.requires_grad_(True)
     raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-
-
-def trainable_numel(model: nn.Module) -> int:
-    """Trainable values: the parameters that require gradients, and MEFT's rows (keys and values, every layer)."""
-    rows = sum(a.config.num_neurons * 2 * a.dim for a in adapters(model))
-    return rows + sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @dataclasses.dataclass(frozen=True)

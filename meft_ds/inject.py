@@ -254,6 +254,13 @@ def adapters(model: nn.Module) -> list[SparseKeyExpertAdapter]:
     return sorted(found, key=lambda a: a.layer_index)
 
 
+def trainable_numel(model: nn.Module) -> int:
+    """Trainable values: the parameters that require gradients, and the adapters' rows (keys and values of every
+    layer, which live in the row stores, not in parameters)."""
+    rows = sum(a.config.num_neurons * 2 * a.dim for a in adapters(model))
+    return rows + sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Within the block ``model`` (or the engine holding it) computes as its base model: the FFNs' hooks skip the

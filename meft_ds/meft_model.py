@@ -24,7 +24,7 @@ from torch import nn
 from meft_ds.config import MeftConfig, MeftConfigError
 from meft_ds.export import DEFAULT_MAX_SHARD_SIZE, BaseModelWrapper, save_adapter, save_peft_adapters
 from meft_ds.export_load import load_with_peft
-from meft_ds.inject import adapters, disable_adapters, inject
+from meft_ds.inject import adapters, disable_adapters, inject, trainable_numel
 
 
 class MeftModel(BaseModelWrapper):
@@ -58,6 +58,20 @@ class MeftModel(BaseModelWrapper):
         directory = save_adapter(self.base_model, path, max_shard_size=max_shard_size, is_main_process=is_main_process)
         save_peft_adapters(self.base_model, directory, is_main_process=is_main_process)
         return directory
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` values, as PEFT's: the adapters' rows (keys and values, held in the row stores rather
+        than in parameters; each step fetches and updates only the rows its tokens select) and the parameters that
+        require gradients (the routers), of the base model's parameters and those."""
+        trainable = trainable_numel(self.base_model)
+        frozen = sum(p.numel() for p in self.base_model.parameters() if not p.requires_grad)
+        return trainable, trainable + frozen
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line: ``trainable params: ... || all params: ... || trainable%: ...``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     def disable_adapter(self) -> contextlib.AbstractContextManager:
         """``with model.disable_adapter():`` the base model's outputs (:func:`meft_ds.disable_adapters`), as PEFT's."""

@@ -97,6 +97,21 @@ def test_meft_model_from_pretrained_and_save_pretrained(tmp_path: Path, trained:
     assert [a.layer_index for a in adapters(wrapped.get_base_model())] == [1]
 
 
+def test_meft_model_counts_trainable_values_as_peft_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """The rows (64 neurons x key and value x d = 64, in the row store, not in parameters) and the router, of the
+    frozen base model's values and those."""
+    wrapped = MeftModel(tiny_model(), {**MEFT, "layers": [1]})
+    (router,) = [p for p in wrapped.parameters() if p.requires_grad]
+    base = sum(p.numel() for p in tiny_model().parameters())
+    trainable = 64 * 2 * 64 + router.numel()
+    assert wrapped.get_nb_trainable_parameters() == (trainable, base + trainable)
+    wrapped.print_trainable_parameters()
+    share = f"{100 * trainable / (base + trainable):.4f}"
+    assert capsys.readouterr().out == (
+        f"trainable params: {trainable:,d} || all params: {base + trainable:,d} || trainable%: {share}\n"
+    )
+
+
 def test_the_adapted_model_s_own_save_pretrained_writes_the_adapter(tmp_path: Path, trained: tuple) -> None:
     """transformers' save_pretrained would write the base model and the routers without the rows (not parameters):
     on a model with adapters it writes the adapter, as PEFT's and MeftModel's do, taking transformers' arguments."""

@@ -246,3 +246,39 @@ def test_cli_sizes_out_of_range_are_refused_while_parsing(cli: Any, capsys: Any,
             + ("at least 1, got 0" if argv[0] == "--world_size" else f"positive, got {float(argv[1])}")
         )
     )
+
+
+class Device:
+    """An accelerator as far as the launcher's memory check asks: its name and memory."""
+
+    def __init__(self, name: str, gib: float) -> None:
+        self.name, self.gib = name, gib
+
+    def device_name(self) -> str:
+        return self.name
+
+    def total_memory(self) -> int:
+        return int(self.gib * GiB)
+
+
+def test_the_launcher_warns_before_loading_a_run_its_device_cannot_hold() -> None:
+    """launch/train.py on an accelerator: LLaMA-2-7B at the launcher's default micro-batch (8 x 256 tokens) does not
+    fit 24 GiB without activation checkpointing, says so with the plan's changes, and fits 80 GiB; on a CPU (the
+    store checks the host's memory) and for the baselines nothing is said."""
+    train = launch_script("train_args")
+    args = train.parse_args(["--model", "llama-2-7b"])
+    ds_config = load_deepspeed_config(ROOT / "ds_configs" / "meft.json")
+    train.fill_auto(ds_config, args, max_steps=args.max_steps)
+    ds_config["bf16"]["enabled"] = True  # what "auto" gives on a GPU
+    memory_plan = plan("llama-2-7b", ds_config, batch_size=8, seq_len=256)
+    need, budget = memory_plan.total("device") / GiB, memory_plan.verdict(24).budget / GiB
+    warning = train.device_memory_warning(args, ds_config, Device("cuda", 24), world_size=1)
+    assert need > budget and warning.startswith(
+        f"meft_ds: the memory plan puts this run at {need:.2f} GiB of device memory, more than the {budget:.2f} GiB a "
+        "24 GiB device leaves it: expect it to run out of memory. Fix: change one of (python launch/plan.py for the "
+        "whole plan):\n  - enable activation checkpointing (launch/train.py --activation_checkpointing"
+    )
+    assert train.device_memory_warning(args, ds_config, Device("cuda", 80), world_size=1) is None
+    assert train.device_memory_warning(args, ds_config, Device("cpu", 24), world_size=1) is None
+    lora = train.parse_args(["--model", "llama-2-7b", "--method", "lora"])
+    assert train.device_memory_warning(lora, ds_config, Device("cuda", 24), world_size=1) is None
