@@ -280,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "model %s loaded in %s in %.0f s; %d training examples",
         args.model, DTYPE_NAMES[dtype], time.time() - started, len(features),
     )  # fmt: skip
-    if args.num_epochs is not None:
-        count_steps(args, ds_config, len(features), checkpoints)
+    count_steps(args, ds_config, len(features), checkpoints)
 
     if args.adapter is not None:  # before the engine: DeepSpeed takes the routers' weights as they are then
         deepspeed.init_distributed()  # (a sharded store partitions its rows across the ranks as it is built)

@@ -26,7 +26,7 @@ from meft_ds.ds_config import (
 )
 from meft_ds.export_load import FUNCTIONAL_SETTINGS, check_base_model, read_adapter_config, read_export
 from meft_ds.model_facts import load_model_config
-from meft_ds.models import BUILTIN_MODEL
+from meft_ds.models import BUILTIN_MODEL, names_builtin_model
 from meft_ds.plan import GiB, plan
 from meft_ds.training import UsageError, parse_overrides
 
@@ -101,7 +101,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         help="passes over the training examples (a text's windows), instead of --max_steps: the steps are counted "
         "once the examples are tokenized, rounded up to whole steps",
     )
-    parser.add_argument("--learning_rate", type=float, default=DEMO_LR, help="fills 'auto' learning rates")
+    parser.add_argument(
+        "--learning_rate", type=float, help=f"fills 'auto' learning rates (default {DEMO_LR:g}: the demo's)"
+    )
     parser.add_argument("--micro_batch_size", type=int, default=8, help="fills 'auto' micro batch per rank")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="fills 'auto'")
     parser.add_argument("--weight_decay", type=float, default=0.0, help="fills 'auto'")
@@ -184,7 +186,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("learning_rate", "weight_decay", "eval_limit", "eval_steps"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     # a method's own option given to another method would be ignored: say so instead of training something else
     # (the config's meft section, and --meft, are read by MEFT and the parallel adapter's default size, and
@@ -199,6 +201,14 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     if args.model is None:
         export = read_adapter_config(args.adapter) if args.adapter is not None else {}
         args.model = export.get("base_model_name_or_path") or BUILTIN_MODEL
+    if args.learning_rate is None:
+        args.learning_rate = DEMO_LR
+        if not names_builtin_model(args.model):
+            logger.warning(
+                "--learning_rate: %g is the demo's (the built-in 135M model learning the built-in facts in 100 "
+                "steps), not a rate for %s: pass your own (the MEFT paper trained LLaMA-7B at 1e-4).",
+                DEMO_LR, args.model,
+            )  # fmt: skip
     if not 0 <= args.rehearsal <= len(rehearsal.QUESTIONS):
         parser.error(
             f"--rehearsal {args.rehearsal}: use 0 (off) to {len(rehearsal.QUESTIONS)} (every built-in question)"
@@ -277,17 +287,21 @@ def fill_auto(ds_config: dict[str, Any], args: argparse.Namespace, *, max_steps:
 
 
 def count_steps(args: argparse.Namespace, ds_config: dict[str, Any], num_examples: int, checkpoints: Path) -> None:
-    """--num_epochs: ``args.max_steps`` from the count of training examples and the global batch, filled into the
-    config's schedule; a run to resume that has reached them is refused (before the engine starts)."""
-    args.max_steps = epoch_steps(args.num_epochs, num_examples, global_batch_size(ds_config))
-    fill_auto(ds_config, args, max_steps=args.max_steps)
-    validate_deepspeed_config(ds_config)
-    logger.info(
-        "--num_epochs %g: %d optimizer steps of %d examples over %d training examples",
-        args.num_epochs, args.max_steps, global_batch_size(ds_config), num_examples,
-    )  # fmt: skip
-    if args.resume:
-        check_steps_left(args, Path(args.output_dir), checkpoints)
+    """The run's optimizer steps, logged with the passes over the training examples they make: --max_steps, or
+    --num_epochs's, counted here from the examples and the global batch and filled into the config's schedule (a
+    run to resume that has reached them is then refused, before the engine starts)."""
+    batch = global_batch_size(ds_config)
+    if args.num_epochs is not None:
+        args.max_steps = epoch_steps(args.num_epochs, num_examples, batch)
+        fill_auto(ds_config, args, max_steps=args.max_steps)
+        validate_deepspeed_config(ds_config)
+        if args.resume:
+            check_steps_left(args, Path(args.output_dir), checkpoints)
+    if num_examples:
+        logger.info(
+            "%d optimizer steps of %d examples: %.3g passes over the %d training examples",
+            args.max_steps, batch, args.max_steps * batch / num_examples, num_examples,
+        )  # fmt: skip
 
 
 def device_memory_warning(
