@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             "train_examples": len(features),
             "steps": engine.global_steps,
             "num_epochs": args.num_epochs,
+            "lr_scheduler": (ds_config.get("scheduler") or {}).get("type"),
+            "warmup_ratio": args.warmup_ratio,
             "epochs": round(engine.global_steps * engine.train_batch_size() / len(features), 4),
             "first_loss": log.first_loss,
             "last_loss": log.last_loss,

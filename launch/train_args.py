@@ -18,6 +18,7 @@ from meft_ds.checkpoint import UNIVERSAL_POINTER, UNIVERSAL_SUFFIX, checkpoint_s
 from meft_ds.config import merge_settings
 from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts, load_examples, single_split, split_off
 from meft_ds.ds_config import (
+    WARMUP_FRACTION,
     fit_precision_to_cpu,
     global_batch_size,
     load_deepspeed_config,
@@ -36,6 +37,23 @@ logger = logging.getLogger("meft_ds.train")
 # SPEC.md's paper settings (lr 1e-4, effective batch 64, 256 tokens) are for real tasks on a GPU; see README.
 DEMO_LR = 3e-3
 DEMO_STEPS = 100
+# --lr_scheduler: DeepSpeed's schedulers, their steps and rates filled from the command line
+SCHEDULERS = {
+    "linear": {
+        "type": "WarmupDecayLR",
+        "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto",
+                   "total_num_steps": "auto", "warmup_type": "linear"},
+    },
+    "cosine": {
+        "type": "WarmupCosineLR",
+        "params": {"warmup_num_steps": "auto", "total_num_steps": "auto", "warmup_type": "linear"},
+    },
+    "constant": {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto",
+                   "warmup_type": "linear"},
+    },
+}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
@@ -108,6 +126,19 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="fills 'auto'")
     parser.add_argument("--weight_decay", type=float, default=0.0, help="fills 'auto'")
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="fills 'auto' gradient_clipping")
+    parser.add_argument(
+        "--lr_scheduler",
+        choices=SCHEDULERS,
+        help="the learning rate after its warmup, in place of the config's scheduler: linear decay (WarmupDecayLR, "
+        "the shipped configs'), cosine decay (WarmupCosineLR) or constant (WarmupLR)",
+    )
+    parser.add_argument(
+        "--warmup_ratio",
+        type=float,
+        default=WARMUP_FRACTION,
+        help=f"fraction of the steps the learning rate warms up over (fills 'auto' warmup_num_steps; default "
+        f"{WARMUP_FRACTION:g})",
+    )
     parser.add_argument(
         "--max_length", type=int, default=256, help="tokens per example (prompt + answer; a text's window)"
     )
@@ -224,6 +255,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         check_facts(args.facts, args.dataset)
     except DatasetError as error:
         parser.error(str(error))
+    if not 0 <= args.warmup_ratio < 1:
+        parser.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio:g}")
     if args.num_epochs is not None:
         if not (math.isfinite(args.num_epochs) and args.num_epochs > 0):
             parser.error(f"--num_epochs must be a number > 0, got {args.num_epochs}")
@@ -259,6 +292,8 @@ def build_config(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
     meft = meft_ds.MeftConfig.from_dict(section)
     if args.activation_checkpointing and args.method == "meft":
         meft.check_activation_checkpointing()
+    if args.lr_scheduler is not None:
+        ds_config["scheduler"] = copy.deepcopy(SCHEDULERS[args.lr_scheduler])
     schedule = copy.deepcopy(ds_config.get("scheduler"))
     fill_auto(ds_config, args, max_steps=args.max_steps or 1)  # --num_epochs: checked with 1 step, counted later
     validate_deepspeed_config(ds_config)
@@ -283,6 +318,7 @@ def fill_auto(ds_config: dict[str, Any], args: argparse.Namespace, *, max_steps:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
+        warmup_fraction=args.warmup_ratio,
     )
 
 

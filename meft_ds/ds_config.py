@@ -76,8 +76,10 @@ def resolve_auto(
     gradient_accumulation_steps: int = 1,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
+    warmup_fraction: float = WARMUP_FRACTION,
 ) -> dict[str, Any]:
-    """Replace ``"auto"`` values in place (SPEC.md's defaults unless given) and return the config."""
+    """Replace ``"auto"`` values in place (SPEC.md's defaults unless given) and return the config; the scheduler's
+    warmup takes ``warmup_fraction`` of ``max_steps``."""
     _fill(ds_config, "train_micro_batch_size_per_gpu", micro_batch_size)
     _fill(ds_config, "gradient_accumulation_steps", gradient_accumulation_steps)
     _fill(ds_config, "gradient_clipping", max_grad_norm)
@@ -100,7 +102,7 @@ def resolve_auto(
             )
         if max_steps is not None:
             _fill(scheduler_params, "total_num_steps", max_steps)
-            _fill(scheduler_params, "warmup_num_steps", max(1, math.ceil(WARMUP_FRACTION * max_steps)))
+            _fill(scheduler_params, "warmup_num_steps", max(1, math.ceil(warmup_fraction * max_steps)))
     return ds_config
 
 

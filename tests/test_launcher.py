@@ -103,7 +103,7 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     tmp_path: Path, model_dirs: dict[str, Path], stage: int, offload: bool, update_rows: int
 ) -> None:
     """ZeRO-0 trains on plain text (continued pretraining) from a dataset folder for --num_epochs, scored by its
-    held-out split's loss; ZeRO-1 with meft.update_rows on the facts."""
+    held-out split's loss; ZeRO-1 with meft.update_rows on the facts, on a cosine schedule."""
     out, texts = tmp_path / "run", tmp_path / "texts"  # a dataset folder, as the hub's: a parquet file per split
     facts = [f"{e.prompt} {e.answers[0]}." for e in load_examples("facts")]
     documents = [{"text": " ".join(facts[i : i + 8])} for i in range(0, 320, 8)]  # each over --max_length 64
@@ -111,7 +111,9 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     datasets.Dataset.from_list(documents).to_parquet(texts / "train.parquet")
     datasets.Dataset.from_list(documents[:8]).to_parquet(texts / "validation.parquet")  # trained on: the loss falls
     data = ["--dataset", texts, "--eval_split", "validation", "--no_probe"] if stage == 0 else []
-    length = ["--num_epochs", "0.75"] if data else ["--max_steps", "6"]
+    length = (
+        ["--num_epochs", "0.75"] if data else ["--max_steps", "6", "--lr_scheduler", "cosine", "--warmup_ratio", "0.5"]
+    )
     launch(
         "--deepspeed", write_config(tmp_path, stage=stage, offload=offload), "--model", model_dirs["plain"],
         "--output_dir", out, *length, *(data or ["--no_eval"]), *TINY_RUN,
@@ -120,6 +122,10 @@ def test_zero_stages_0_and_1_with_a_model_without_chat_template(
     records, run = metrics(out), results(out)
     assert len(records) == run["steps"] and records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["epoch"] == run["epochs"] == pytest.approx(run["steps"] * 4 / run["train_examples"], abs=1e-4)
+    if not data:  # --lr_scheduler cosine: DeepSpeed's WarmupCosineLR, 3 of the 6 steps warming up, then to its floor
+        cosine = [1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * k / 3)) / 2 for k in (1, 2)]
+        expected = [0.0, 0.0, 1e-2 / 3, 2e-2 / 3, *(1e-2 * c for c in cosine)]
+        assert [r["lr"] for r in records] == pytest.approx(expected) and run["lr_scheduler"] == "WarmupCosineLR"
     if data:
         assert run["train_examples"] > 32  # windows of the first 32 texts
         # 3/4 of a pass in batches of 4 (TINY_RUN), and a schedule over those steps: DeepSpeed's warmup (at least 2

@@ -66,6 +66,7 @@ def test_bad_input_fails_fast_with_one_line(tmp_path: Path, args: list[str], mes
         (["--adapter_neurons", "64", "--method", "lora"], "--adapter_neurons applies to --method parallel_adapter"),
         (["--lora_targets", "all-linear"], "--lora_targets applies to --method lora, not meft: drop it"),
         (["--num_epochs", "0"], "--num_epochs must be a number > 0, got 0.0"),
+        (["--warmup_ratio", "1"], "--warmup_ratio must be in [0, 1), got 1"),
         (["--eval_size", "1.5"], "--eval_size must be a fraction in (0, 1) or a whole count, got 1.5"),
         (["--eval_size", "9", "--eval_dataset", "nq"], "--eval_size holds out part of --dataset's training split, --e"),
         (["--num_epochs", "1", "--max_steps", "5"], "argument --max_steps: not allowed with argument --num_epochs"),
