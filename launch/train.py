@@ -52,6 +52,7 @@ from meft_ds.training import (
     MicroBatchStream,
     UsageError,
     changed_batch_warning,
+    changed_data_warning,
     free_port,
     progress_bar,
     run_cli,
@@ -157,17 +158,20 @@ def train(
             )
             periodic = args.save_steps and not args.no_save
             if periodic and engine.global_steps % args.save_steps == 0 and engine.global_steps < args.max_steps:
-                save_checkpoint(engine, checkpoints, args.save_total_limit)
+                save_checkpoint(engine, checkpoints, args.save_total_limit, len(features))
     if not args.no_save:
-        save_checkpoint(engine, checkpoints, args.save_total_limit)
+        save_checkpoint(engine, checkpoints, args.save_total_limit, len(features))
 
 
-def save_checkpoint(engine: Any, checkpoints: Path, keep: int) -> None:
+def save_checkpoint(engine: Any, checkpoints: Path, keep: int, num_examples: int) -> None:
     """A checkpoint of the engine (meft_ds saves the row stores with it), then only the ``keep`` latest of the run's
     (0: all): each holds the whole row store and its moments (1.7 GB for the demo, tens of GB for a 7B model), so
     keeping every one fills the disk. Older ones go once every rank has written the new one, deleted by each node's
-    local rank 0 (ranks sharing a file system overlook what another already removed)."""
-    engine.save_checkpoint(str(checkpoints), client_state={"global_batch": engine.train_batch_size()})
+    local rank 0 (ranks sharing a file system overlook what another already removed). Each checkpoint holds the
+    global batch and the count of training examples, which a resumed run compares with its own."""
+    engine.save_checkpoint(
+        str(checkpoints), client_state={"global_batch": engine.train_batch_size(), "train_examples": num_examples}
+    )
     if not keep:
         return
     dist.barrier()
@@ -326,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("resumed at step %d", engine.global_steps)
         saved_batch = (client_state or {}).get("global_batch")
         if changed := changed_batch_warning(saved_batch, engine.train_batch_size(), engine.global_steps):
+            logger.warning(changed)
+        if changed := changed_data_warning((client_state or {}).get("train_examples"), len(features)):
             logger.warning(changed)
 
     log = MetricsLog(output_dir, enabled=rank == 0, start_step=engine.global_steps, monitor=engine.monitor)

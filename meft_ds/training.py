@@ -148,6 +148,19 @@ def changed_batch_warning(saved_batch: int | None, batch: int, step: int) -> str
     )
 
 
+def changed_data_warning(saved_examples: int | None, examples: int) -> str | None:
+    """What a run resumed with ``examples`` training examples must be told where the checkpoint's run had
+    ``saved_examples``: each pass's order is drawn over the count (:class:`MicroBatchStream`), so the batches go on
+    in another order than the stopped run's. None where the count is the same (or the checkpoint does not say)."""
+    if saved_examples is None or saved_examples == examples:
+        return None
+    return (
+        f"resumed with {examples} training examples, where the checkpoint's run had {saved_examples}: the data "
+        "changed (the dataset, --train_limit, --max_length or --rehearsal), so the batches go on in another order "
+        "than the stopped run's. To go on where it stopped, resume with the data it trained on."
+    )
+
+
 def progress_bar(total: int, *, initial: int = 0, enabled: bool = True) -> tqdm:
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
 

@@ -172,13 +172,16 @@ def test_a_two_rank_sharded_run_resumes_on_one_rank_through_a_universal_checkpoi
     a, b = (saved_rows(tmp_path / name / "checkpoints" / "global_step6" / "meft") for name in ("cut", "one"))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert "examples a step" not in resumed.stderr  # 4 x 1 x 2 ranks, then 4 x 2 x 1 rank: the same global batch
+    assert "the data changed" not in resumed.stderr
     again = resume("--resume_universal", 8)  # the same command again, after the resumed run saved step 6
     assert again.returncode == 2 and "a later checkpoint, global_step6, was saved since. Fix: " in again.stderr
-    halved = resume("--resume", 7, "--gradient_accumulation_steps", "1")  # the checkpoint says what it trained with
+    # the checkpoint says what it trained with: the global batch and the count of training examples
+    halved = resume("--resume", 7, "--gradient_accumulation_steps", "1", "--train_limit", "30")
     assert halved.returncode == 0, halved.stderr[-3000:]
     assert "with 4 examples a step (micro-batch x accumulation x ranks), where the checkpoint trained with 8" in (
         halved.stderr
     )
+    assert "resumed with 30 training examples, where the checkpoint's run had 32: the data changed" in halved.stderr
 
 
 def saved_rows(directory: Path) -> torch.Tensor:
