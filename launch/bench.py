@@ -4,7 +4,7 @@
     python launch/bench.py --quick             # about 5 minutes, smaller sizes
     python launch/bench.py --only a,c --out docs/bench --meft n_probe=16 --cache-mb 512
     python launch/bench.py --render            # BENCHMARKS.md again from docs/bench (e.g. after a GPU check)
-    python launch/bench.py --only quality      # learning quality: 110 training runs, ~19 h of 2 cores from scratch;
+    python launch/bench.py --only quality      # learning quality: 132 training runs, ~20 h of 2 cores from scratch;
                                                # it keeps each run's record and continues from them (outputs/)
     python launch/bench.py --only quality --quality-grid headline --out /tmp/q --markdown /tmp/q.md
                                                # its headline comparison alone, 4 runs, about an hour
@@ -61,7 +61,7 @@ EXPERIMENTS: dict[str, tuple[ModuleType, str]] = {
     "g": (inference, "g_generation.png"),
     "quality": (quality, "quality.png"),
 }
-DEFAULT = [key for key in EXPERIMENTS if key != "quality"]  # quality trains 110 models: run it on its own
+DEFAULT = [key for key in EXPERIMENTS if key != "quality"]  # quality trains 132 models: run it on its own
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -83,7 +83,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quality-grid",
         choices=("all", "headline"),
         default=None,
-        help="quality's runs: all (110, ~19 h from scratch) or the headline comparison (4, ~1 h); --quick: CI-sized",
+        help="quality's runs: all (132, ~20 h from scratch) or the headline comparison (4, ~1 h); --quick: CI-sized",
     )
     args = parser.parse_args(argv)
     args.only = [key.strip() for key in args.only.split(",") if key.strip()]

@@ -165,7 +165,8 @@ def capacity_grid() -> Grid:
     a second seed of each at its best rate; then, the device bytes corrected (ZeRO-2's offloaded gradients), LoRA at
     the two checkpointed MEFTs' new bytes: r=117 (110 MB, three seeds) and r=42 (52 MB, two seeds); then the
     checkpointed MEFT r=32768's sweep widened to LoRA r=104's three rates (5e-4, 2e-3); then its rows' rate apart from
-    its routers' (rows at 2e-3 with the routers at 1e-3; rows at 1e-3 with the routers at 5e-4, three seeds)."""
+    its routers' (rows at 2e-3 with the routers at 1e-3; rows at 1e-3 with the routers at 5e-4, three seeds); then
+    LoRA r=117's sweep widened to r=104's rates (2e-3, 5e-4)."""
     return Grid(
         facts=400, steps=300, micro_batch=8, eval_limit=100, name="capacity",
         cells=(
@@ -226,6 +227,7 @@ def capacity_grid() -> Grid:
                  "--meft", "lr=2e-3"),
             meft("MEFT r=32768, checkpointed, rows at 1e-3", 32768, (5e-4,), "--activation_checkpointing",
                  "--meft", "lr=1e-3", seeds=(0, 1, 2)),
+            Cell("LoRA r=117", "lora", ("--lora_r", "117"), (2e-3, 5e-4)),  # its sweep, as r=104's
         ),
     )  # fmt: skip
 
