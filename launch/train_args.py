@@ -59,59 +59,73 @@ SCHEDULERS = {
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     """``launch/train.py``'s options (``description``: its ``--help`` text), checked."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
+    model = parser.add_argument_group("model and method")
+    model.add_argument(
         "--deepspeed", default="ds_configs/meft.json", help="DeepSpeed JSON config with a 'meft' section"
     )
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    parser.add_argument("--method", choices=METHODS, default="meft", help="what to train (see the module doc)")
-    parser.add_argument(
-        "--lora_r",
-        type=int,
-        help="--method lora: rank (default 16)",
-    )
-    parser.add_argument(
-        "--lora_targets",
-        help="--method lora: ffn (default: the FFNs MEFT sits beside, their linear layers and MoE experts), "
-        "all-linear (every linear layer but the output head), or names, e.g. q_proj,v_proj",
-    )
-    parser.add_argument(
-        "--adapter_neurons", type=int, help="--method parallel_adapter: neurons r per FFN (default: meft.num_neurons)"
-    )
-    parser.add_argument(
+    model.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    model.add_argument("--method", choices=METHODS, default="meft", help="what to train (see the module doc)")
+    model.add_argument(
         "--model", help="hub id, local folder, .gguf file, or the built-in (default: --adapter's base model, else it)"
     )
-    parser.add_argument(
+    model.add_argument(
         "--adapter",
         type=Path,
         help="--method meft: start from this exported adapter (a run's --output_dir, a MeftModel.save_pretrained "
         "folder): its layers, settings, rows and routers; the optimizer's moments start at zero",
     )
-    parser.add_argument(
+    model.add_argument(
+        "--meft",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the config's meft section, e.g. --meft num_neurons=8192, or one setting of its store: "
+        "--meft store.shard=false (repeatable)",
+    )
+    model.add_argument(
+        "--lora_r",
+        type=int,
+        help="--method lora: rank (default 16)",
+    )
+    model.add_argument(
+        "--lora_targets",
+        help="--method lora: ffn (default: the FFNs MEFT sits beside, their linear layers and MoE experts), "
+        "all-linear (every linear layer but the output head), or names, e.g. q_proj,v_proj",
+    )
+    model.add_argument(
+        "--adapter_neurons", type=int, help="--method parallel_adapter: neurons r per FFN (default: meft.num_neurons)"
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
         "--dataset",
         default="facts",
         help=f"one of {', '.join(DATASETS)}, a local .json/.jsonl/.parquet/.csv file, a dataset folder or a hub id",
     )
-    parser.add_argument("--dataset_format", choices=FORMATS, help="schema of the dataset's rows (default: inferred)")
-    parser.add_argument("--dataset_split", help="a hub id's or dataset folder's training split (default: train)")
-    parser.add_argument("--dataset_config", help="the config of a hub id or dataset folder that has several")
-    parser.add_argument(
+    data.add_argument("--dataset_format", choices=FORMATS, help="schema of the dataset's rows (default: inferred)")
+    data.add_argument("--dataset_split", help="a hub id's or dataset folder's training split (default: train)")
+    data.add_argument("--dataset_config", help="the config of a hub id or dataset folder that has several")
+    data.add_argument("--facts", type=int, help="--dataset facts: how many facts (5 per person; default 150)")
+    data.add_argument(
+        "--max_length", type=int, default=256, help="tokens per example (prompt + answer; a text's window)"
+    )
+    data.add_argument("--train_limit", type=int, help="use the first N training examples (0: --rehearsal's only)")
+    data.add_argument(
+        "--eval_dataset",
+        help="held-out set: a built-in name (its eval split), a hub id or dataset folder (its --eval_split) or a "
+        "local file (default: --dataset's held-out split; a local file as --dataset needs one)",
+    )
+    data.add_argument(
         "--eval_split",
         help="the held-out split of a hub id or dataset folder (--eval_dataset's, else --dataset's; default: test)",
     )
-    parser.add_argument(
+    data.add_argument(
         "--eval_size",
         type=float,
         help="hold out this fraction (0-1) or count of --dataset's training examples as the held-out set, drawn with "
         "--seed (for a file or dataset without a held-out split); they are not trained on",
     )
-    parser.add_argument("--facts", type=int, help="--dataset facts: how many facts (5 per person; default 150)")
-    parser.add_argument(
-        "--eval_dataset",
-        help="held-out set: a built-in name (its eval split), a hub id or dataset folder (its --eval_split) or a "
-        "local file (default: --dataset's held-out split; a local file as --dataset needs one)",
-    )
-    parser.add_argument("--output_dir", default="outputs/meft-facts", help="checkpoints, metrics, exported adapter")
-    length = parser.add_mutually_exclusive_group()
+    training = parser.add_argument_group("training")
+    length = training.add_mutually_exclusive_group()
     length.add_argument("--max_steps", type=int, help=f"optimizer steps (default {DEMO_STEPS})")
     length.add_argument(
         "--num_epochs",
@@ -119,97 +133,93 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         help="passes over the training examples (a text's windows), instead of --max_steps: the steps are counted "
         "once the examples are tokenized, rounded up to whole steps",
     )
-    parser.add_argument(
+    training.add_argument(
         "--learning_rate", type=float, help=f"fills 'auto' learning rates (default {DEMO_LR:g}: the demo's)"
     )
-    parser.add_argument("--micro_batch_size", type=int, default=8, help="fills 'auto' micro batch per rank")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="fills 'auto'")
-    parser.add_argument("--weight_decay", type=float, default=0.0, help="fills 'auto'")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="fills 'auto' gradient_clipping")
-    parser.add_argument(
+    training.add_argument(
         "--lr_scheduler",
         choices=SCHEDULERS,
         help="the learning rate after its warmup, in place of the config's scheduler: linear decay (WarmupDecayLR, "
         "the shipped configs'), cosine decay (WarmupCosineLR) or constant (WarmupLR)",
     )
-    parser.add_argument(
+    training.add_argument(
         "--warmup_ratio",
         type=float,
         default=WARMUP_FRACTION,
         help=f"fraction of the steps the learning rate warms up over (fills 'auto' warmup_num_steps; default "
         f"{WARMUP_FRACTION:g})",
     )
-    parser.add_argument(
-        "--max_length", type=int, default=256, help="tokens per example (prompt + answer; a text's window)"
-    )
-    parser.add_argument(
+    training.add_argument("--micro_batch_size", type=int, default=8, help="fills 'auto' micro batch per rank")
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="fills 'auto'")
+    training.add_argument("--weight_decay", type=float, default=0.0, help="fills 'auto'")
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="fills 'auto' gradient_clipping")
+    training.add_argument(
         "--activation_checkpointing",
         action="store_true",
         help="recompute each layer's forward in its backward (transformers' gradient checkpointing): MEFT then "
         "keeps one layer's fetched rows on the device instead of every layer's, and fetches each row twice",
     )
-    parser.add_argument("--train_limit", type=int, help="use the first N training examples (0: --rehearsal's only)")
-    parser.add_argument("--eval_limit", type=int, default=200, help="evaluate the first N held-out examples (0: all)")
-    parser.add_argument("--eval_batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task)")
-    parser.add_argument("--no_eval", action="store_true", help="skip the before/after evaluation")
-    parser.add_argument(
+    training.add_argument(
+        "--seed", type=int, default=0, help="the data order, the facts set, --eval_size's draw (meft.seed: the keys')"
+    )
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--no_eval", action="store_true", help="skip the before/after evaluation")
+    evaluation.add_argument(
+        "--no_eval_before",
+        action="store_true",
+        help="evaluate only after training (retention then counts every probe question as known before, as the "
+        "built-in model knows them all)",
+    )
+    evaluation.add_argument(
+        "--eval_limit", type=int, default=200, help="evaluate the first N held-out examples (0: all)"
+    )
+    evaluation.add_argument("--eval_batch_size", type=int, default=32, help="questions generated at once")
+    evaluation.add_argument("--max_new_tokens", type=int, help="generation budget (default: by task)")
+    evaluation.add_argument(
         "--eval_steps",
         type=int,
         default=0,
         help="every N optimizer steps (and at the last), the held-out set's loss per answer token, teacher-forced: "
         "eval_loss in the metrics and TensorBoard (0: off; with --no_eval too, which skips the generation)",
     )
-    parser.add_argument("--no_probe", action="store_true", help="skip the retention probe's general questions")
-    parser.add_argument(
+    evaluation.add_argument("--no_probe", action="store_true", help="skip the retention probe's general questions")
+    rehearsing = parser.add_argument_group("self-rehearsal (keeping what the base model knew)")
+    rehearsing.add_argument(
         "--rehearsal",
         type=int,
         default=0,
         help=f"mix N general questions (1..{len(rehearsal.QUESTIONS)}), answered by the untrained model itself, into "
         "the training data, to keep what it knew (meft_ds/rehearsal.py)",
     )
-    parser.add_argument(
+    rehearsing.add_argument(
         "--rehearsal_answers",
         choices=("right", "all"),
         default="right",
         help="--rehearsal: train on the untrained model's answers that hold the question's accepted answer (right), "
         "or on all of them (all: its wrong and rambling answers too, whose phrasings spill onto similar questions)",
     )
-    parser.add_argument(
+    rehearsing.add_argument(
         "--rehearsal_target",
         choices=("tokens", "distribution"),
         default="tokens",
         help="--rehearsal: learn the untrained model's answer tokens (cross-entropy), or its next-token "
         "distribution at each of them (KL divergence, which the untrained model meets: meft_ds/distill.py)",
     )
-    parser.add_argument(
-        "--no_eval_before",
-        action="store_true",
-        help="evaluate only after training (retention then counts every probe question as known before, as the "
-        "built-in model knows them all)",
-    )
-    parser.add_argument("--no_save", action="store_true", help="no checkpoints, no export (e.g. for a sweep)")
-    parser.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument(
+    output = parser.add_argument_group("output and checkpoints")
+    output.add_argument("--output_dir", default="outputs/meft-facts", help="checkpoints, metrics, exported adapter")
+    output.add_argument("--no_save", action="store_true", help="no checkpoints, no export (e.g. for a sweep)")
+    output.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
+    output.add_argument(
         "--save_total_limit",
         type=int,
         default=2,
         help="keep only the N latest checkpoints (0: all); each holds the whole row store and its moments",
     )
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
-    parser.add_argument(
+    output.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    output.add_argument(
         "--resume_universal",
         action="store_true",
         help="continue, on any number of ranks, from the universal checkpoint python -m meft_ds.universal made of it",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--meft",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the config's meft section, e.g. --meft num_neurons=8192, or one setting of its store: "
-        "--meft store.shard=false (repeatable)",
     )
     args = parser.parse_args(argv)
     for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size",
