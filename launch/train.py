@@ -37,10 +37,7 @@ from meft_ds.checkpoint import checkpoint_step
 from meft_ds.data import DATASETS, DatasetError, tokenize_for_training
 from meft_ds.distill import micro_batch_loss, with_teacher
 from meft_ds.distributed import check_replicas_identical, unlink_cpu_allreduce_buffer
-from meft_ds.ds_config import (
-    DTYPE_NAMES,
-    compute_dtype,
-)
+from meft_ds.ds_config import DTYPE_NAMES, compute_dtype
 from meft_ds.evaluation import evaluate_examples, evaluate_loss, format_scores
 from meft_ds.files import write_json_atomic
 from meft_ds.inject import check_model_type, trainable_numel

@@ -60,9 +60,9 @@ class MeftModel(BaseModelWrapper):
         return directory
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, all)`` values, as PEFT's: the adapters' rows (keys and values, held in the row stores rather
-        than in parameters; each step fetches and updates only the rows its tokens select) and the parameters that
-        require gradients (the routers), of the base model's parameters and those."""
+        """``(trainable, all)`` values, as PEFT's. Trainable: the adapters' rows (keys and values, held in the row
+        stores rather than in parameters; each step fetches and updates only the rows its tokens select) and the
+        parameters that require gradients (the routers); all: those and the frozen parameters."""
         trainable = trainable_numel(self.base_model)
         frozen = sum(p.numel() for p in self.base_model.parameters() if not p.requires_grad)
         return trainable, trainable + frozen
