@@ -137,7 +137,7 @@ def train(
             dist.all_reduce(loss_sum)  # the step's loss: mean over ranks and micro-batches
             mean_loss = loss_sum.item() / (gas * world)
             record = log.step_record(engine, model, traffic_before, mean_loss, time.time() - step_started)
-            record["epoch"] = round(engine.global_steps * engine.train_batch_size() / len(features), 4)
+            record["epoch"] = epochs_done(engine, len(features))
             if held_out and (engine.global_steps % args.eval_steps == 0 or engine.global_steps == args.max_steps):
                 record["eval_loss"] = evaluate_loss(
                     model, held_out, tokenizer.pad_token_id, engine.device, batch_size=args.eval_batch_size,
@@ -158,6 +158,11 @@ def train(
                 save_checkpoint(engine, checkpoints, args.save_total_limit, len(features))
     if not args.no_save:
         save_checkpoint(engine, checkpoints, args.save_total_limit, len(features))
+
+
+def epochs_done(engine: Any, num_examples: int) -> float:
+    """Passes over the training examples the engine's steps have made (the batches run on from one into the next)."""
+    return round(engine.global_steps * engine.train_batch_size() / num_examples, 4)
 
 
 def save_checkpoint(engine: Any, checkpoints: Path, keep: int, num_examples: int) -> None:
@@ -384,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_epochs": args.num_epochs,
             "lr_scheduler": (ds_config.get("scheduler") or {}).get("type"),
             "warmup_ratio": args.warmup_ratio,
-            "epochs": round(engine.global_steps * engine.train_batch_size() / len(features), 4),
+            "epochs": epochs_done(engine, len(features)),
             "first_loss": log.first_loss,
             "last_loss": log.last_loss,
             "before": before,
