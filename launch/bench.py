@@ -6,8 +6,9 @@
     python launch/bench.py --render            # BENCHMARKS.md again from docs/bench (e.g. after a GPU check)
     python launch/bench.py --only quality      # learning quality: 132 training runs, ~20 h of 2 cores from scratch;
                                                # it keeps each run's record and continues from them (outputs/)
-    python launch/bench.py --only quality --quality-grid headline --out /tmp/q --markdown /tmp/q.md
+    python launch/bench.py --only quality --quality-grid headline --out /tmp/q
                                                # its headline comparison alone, 4 runs, about an hour
+                                               # (written to /tmp/q: results.json, plots, BENCHMARKS.md)
 
 Experiments: a. host<->device bytes per optimizer step, MEFT vs a dense adapter under ZeRO-Offload; b. sparse Adam
 GB/s vs DeepSpeed's dense CPU Adam vs copy_; c. step time vs LoRA and dense adapters; d. adapter bytes on the device
@@ -51,6 +52,7 @@ from meft_ds.host_memory import keep_freed_host_memory
 from meft_ds.training import UsageError, parse_overrides, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "bench"
 EXPERIMENTS: dict[str, tuple[ModuleType, str]] = {
     "a": (traffic, "a_traffic.png"),
     "b": (adam, "b_sparse_adam.png"),
@@ -68,8 +70,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (~5 min)")
     parser.add_argument("--only", default=",".join(DEFAULT), help="experiments to run, e.g. a,c or quality")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="results.json and plots")
-    parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--out", type=Path, default=DOCS, help=f"results.json and plots (default: {DOCS})")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help=f"the rendered page; default: {ROOT / 'BENCHMARKS.md'} with the default --out, else <out>/BENCHMARKS.md",
+    )
     parser.add_argument("--meft", action="append", default=[], metavar="KEY=VALUE", help="MeftConfig override")
     parser.add_argument(
         "--cache-mb",
@@ -87,11 +94,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.only = [key.strip() for key in args.only.split(",") if key.strip()]
+    if args.markdown is None:  # a run written elsewhere renders beside its results, not over the project's page
+        args.markdown = ROOT / "BENCHMARKS.md" if args.out.resolve() == DOCS else args.out / "BENCHMARKS.md"
     if args.micro_steps is not None and args.micro_steps < 1:
         parser.error(f"--micro-steps: G must be at least 1, got {args.micro_steps}")
     if args.cache_mb is not None and args.cache_mb <= 0:
         parser.error(f"--cache-mb must be positive, got {args.cache_mb:g}")
-    if not args.markdown.parent.is_dir():  # written last: found missing only after the whole run otherwise
+    # written last: found missing only after the whole run otherwise (--out itself is created before the run)
+    if args.markdown.parent != args.out and not args.markdown.parent.is_dir():
         parser.error(f"--markdown {args.markdown}: no folder {args.markdown.parent}. Fix: create it, or name a file "
                      "in an existing folder.")  # fmt: skip
     unknown = [key for key in args.only if key not in EXPERIMENTS]

@@ -286,6 +286,13 @@ def test_cli_checks_its_arguments(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         cli.parse_args(["--only", "a,z"])
     assert cli.parse_args(["--micro-steps", "8"]).micro_steps == 8
+    # the project's page is rendered only from the project's results: a run written elsewhere renders beside them
+    assert cli.parse_args([]).markdown == cli.ROOT / "BENCHMARKS.md"
+    assert cli.parse_args(["--out", str(cli.DOCS)]).markdown == cli.ROOT / "BENCHMARKS.md"
+    assert cli.parse_args(["--out", str(tmp_path / "x")]).markdown == tmp_path / "x" / "BENCHMARKS.md"
+    assert cli.parse_args(["--out", str(tmp_path / "x"), "--markdown", str(tmp_path / "B.md")]).markdown == (
+        tmp_path / "B.md"
+    )
     for wrong in (["--micro-steps", "0"], ["--cache-mb", "-5"], ["--markdown", str(tmp_path / "no" / "B.md")]):
         with pytest.raises(SystemExit):
             cli.parse_args(wrong)
