@@ -29,7 +29,16 @@ from deepspeed.accelerator import get_accelerator
 
 import meft_ds
 from meft_ds.baselines import exported_method, load_baseline
-from meft_ds.data import DATASETS, FORMATS, Example, load_examples, single_split, split_off
+from meft_ds.data import (
+    DATASETS,
+    FORMATS,
+    Example,
+    dataset_sources,
+    load_examples,
+    single_split,
+    split_off,
+    takes_split_names,
+)
 from meft_ds.ds_config import DTYPE_NAMES, compute_dtype, fit_precision_to_cpu, resolve_auto
 from meft_ds.evaluation import evaluate_examples, format_scores
 from meft_ds.export_load import read_adapter_config
@@ -110,12 +119,16 @@ def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, di
     the ones the adapter's run held out (the part of its --dataset's training split its --eval_size held out, its
     --eval_dataset, else the held-out split of its --dataset unless a file, with its --facts and --seed: another size
     or seed of the built-in facts set asks about other people; its --eval_split and --dataset_config), else the
-    built-in facts."""
-    run_dataset = trained.get("dataset")
+    built-in facts. A run on a mixture held out its first source's."""
+    sources = dataset_sources(trained["dataset"]) if trained.get("dataset") else [None]
+    run_dataset = sources[0]
+    # a mixture's split and config names were those of its sources that take them (train_args.load_split)
+    names = len(sources) == 1 or takes_split_names(run_dataset)
+    run_split, run_config = (trained.get("dataset_split"), trained.get("dataset_config")) if names else (None, None)
     if args.dataset is None and args.split is None and trained.get("eval_size") is not None:
         facts = trained.get("facts") if run_dataset == "facts" else None
-        config_name = args.dataset_config or trained.get("dataset_config")
-        return run_dataset, dict(facts=facts, seed=trained.get("seed", 0), split_name=trained.get("dataset_split"),
+        config_name = args.dataset_config or run_config
+        return run_dataset, dict(facts=facts, seed=trained.get("seed", 0), split_name=run_split,
                                  config_name=config_name, eval_size=trained["eval_size"])  # fmt: skip
     run_held_out = trained.get("eval_dataset") or (
         None if run_dataset is None or single_split(run_dataset) else run_dataset
@@ -128,7 +141,7 @@ def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, di
     facts = args.facts if args.facts is not None else trained.get("facts") if run_facts else None
     seed = args.seed if args.seed is not None else trained.get("seed", 0) if run_facts else 0
     split_name = args.split or (trained.get("eval_split") if dataset == run_held_out else None)
-    config_name = args.dataset_config or (trained.get("dataset_config") if dataset == run_dataset else None)
+    config_name = args.dataset_config or (run_config if dataset == run_dataset else None)
     return dataset, dict(facts=facts, seed=seed, split_name=split_name, config_name=config_name)
 
 

@@ -34,7 +34,7 @@ import meft_ds
 from meft_ds import NonFiniteGradientError, probe, rehearsal
 from meft_ds.baselines import export_baseline, prepare_baseline, training_bytes
 from meft_ds.checkpoint import checkpoint_step
-from meft_ds.data import DATASETS, DatasetError, tokenize_for_training
+from meft_ds.data import tokenize_for_training
 from meft_ds.distill import micro_batch_loss, with_teacher
 from meft_ds.distributed import check_replicas_identical, unlink_cpu_allreduce_buffer
 from meft_ds.ds_config import DTYPE_NAMES, compute_dtype
@@ -267,8 +267,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--output_dir {output_dir}: cannot create it ({error}). Fix: choose a writable "
                          "folder.") from None  # fmt: skip
     ds_config = build_config(args, output_dir)
-    if args.dataset in DATASETS and args.dataset_format is not None:
-        raise DatasetError(f"--dataset_format applies to local files only; drop it for the built-in '{args.dataset}'")
     if args.method != "full":  # adapters beside or inside the FFNs: their place must be known
         check_model_type(load_model_config(args.model, weights=True).model_type, f"--model {args.model}")
     train_examples, held_out = load_data(args)

@@ -16,7 +16,17 @@ from meft_ds import rehearsal
 from meft_ds.baselines import METHODS
 from meft_ds.checkpoint import UNIVERSAL_POINTER, UNIVERSAL_SUFFIX, checkpoint_step, tag_to_load
 from meft_ds.config import merge_settings
-from meft_ds.data import DATASETS, FORMATS, DatasetError, check_facts, load_examples, single_split, split_off
+from meft_ds.data import (
+    DATASETS,
+    FORMATS,
+    DatasetError,
+    check_facts,
+    dataset_sources,
+    load_examples,
+    single_split,
+    split_off,
+    takes_split_names,
+)
 from meft_ds.ds_config import (
     WARMUP_FRACTION,
     fit_precision_to_cpu,
@@ -99,16 +109,22 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     data.add_argument(
         "--dataset",
         default="facts",
-        help=f"one of {', '.join(DATASETS)}, a local .json/.jsonl/.parquet/.csv file, a dataset folder or a hub id",
+        help=f"one of {', '.join(DATASETS)}, a local .json/.jsonl/.parquet/.csv file, a dataset folder or a hub id; "
+        "or several joined by commas, trained on together (name one twice to weight it twice); the first is the task "
+        "that is evaluated (its held-out split, --eval_size's part of it)",
     )
-    data.add_argument("--dataset_format", choices=FORMATS, help="schema of the dataset's rows (default: inferred)")
+    data.add_argument(
+        "--dataset_format", choices=FORMATS, help="schema of the rows of every file or hub source (default: inferred)"
+    )
     data.add_argument("--dataset_split", help="a hub id's or dataset folder's training split (default: train)")
     data.add_argument("--dataset_config", help="the config of a hub id or dataset folder that has several")
     data.add_argument("--facts", type=int, help="--dataset facts: how many facts (5 per person; default 150)")
     data.add_argument(
         "--max_length", type=int, default=256, help="tokens per example (prompt + answer; a text's window)"
     )
-    data.add_argument("--train_limit", type=int, help="use the first N training examples (0: --rehearsal's only)")
+    data.add_argument(
+        "--train_limit", type=int, help="use the first N training examples of each source (0: --rehearsal's only)"
+    )
     data.add_argument(
         "--eval_dataset",
         help="held-out set: a built-in name (its eval split), a hub id or dataset folder (its --eval_split) or a "
@@ -262,9 +278,17 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     try:
+        sources = dataset_sources(args.dataset)
         check_facts(args.facts, args.dataset)
     except DatasetError as error:
         parser.error(str(error))
+    if args.dataset_format is not None and all(source in DATASETS for source in sources):
+        parser.error(f"--dataset_format applies to local files and hub datasets; drop it for the built-in "
+                     f"'{args.dataset}'")  # fmt: skip
+    for name in ("dataset_split", "dataset_config"):
+        if len(sources) > 1 and getattr(args, name) is not None and not any(map(takes_split_names, sources)):
+            parser.error(f"--{name} applies to hub ids and dataset folders, and --dataset {args.dataset} names none: "
+                         "drop it")  # fmt: skip
     if not 0 <= args.warmup_ratio < 1:
         parser.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio:g}")
     if args.num_epochs is not None:
@@ -446,12 +470,15 @@ def epoch_steps(num_epochs: float, num_examples: int, global_batch: int) -> int:
 
 def load_split(args: argparse.Namespace, source: str, split: str, limit: int | None) -> list:
     """Examples of ``source`` (``--facts`` sizes the built-in facts set; a hub id's or dataset folder's split is
-    --dataset_split or --eval_split, --dataset's config --dataset_config); the format of another source's rows is
-    --dataset_format."""
+    --dataset_split or --eval_split, --dataset's config --dataset_config: in a mixture, of those of its sources that
+    have splits); the format of another source's rows is --dataset_format."""
+    sources = dataset_sources(args.dataset)
     file_format = None if source in DATASETS else args.dataset_format
     facts = args.facts if source == "facts" else None
     split_name = args.dataset_split if split == "train" else args.eval_split
-    config_name = args.dataset_config if source == args.dataset else None  # --dataset's, its held-out split's too
+    config_name = args.dataset_config if source in sources else None  # --dataset's, its held-out split's too
+    if len(sources) > 1 and not takes_split_names(source):  # a mixture's names are for its sources that take them
+        split_name = config_name = None
     return load_examples(
         source, split, format=file_format, limit=limit, seed=args.seed, facts=facts, split_name=split_name,
         config_name=config_name,
@@ -459,20 +486,33 @@ def load_split(args: argparse.Namespace, source: str, split: str, limit: int | N
 
 
 def load_data(args: argparse.Namespace) -> tuple[list, list | None]:
-    """The training examples (the first --train_limit) and the held-out set (the first --eval_limit; None where
-    nothing evaluates): --eval_size's part of --dataset's training split, else :func:`load_held_out`."""
+    """The training examples (of each of --dataset's sources, the first --train_limit) and the held-out set (the
+    first --eval_limit; None where nothing evaluates): --eval_size's part of the first source's training split, else
+    :func:`load_held_out`."""
     evaluates = bool(args.eval_steps or not args.no_eval)
+    task, *mixed = dataset_sources(args.dataset)
+
+    def training_split(source: str) -> list:
+        return [] if args.train_limit == 0 else load_split(args, source, "train", args.train_limit)
+
     if args.eval_size is None:
-        train = [] if args.train_limit == 0 else load_split(args, args.dataset, "train", args.train_limit)
-        return train, load_held_out(args) if evaluates else None
-    train, held_out = split_off(load_split(args, args.dataset, "train", None), args.eval_size, seed=args.seed)
-    return train[: args.train_limit], held_out[: args.eval_limit or None] if evaluates else None
+        train, held_out = training_split(task), None
+    else:
+        train, held_out = split_off(load_split(args, task, "train", None), args.eval_size, seed=args.seed)
+        train, held_out = train[: args.train_limit], held_out[: args.eval_limit or None]
+    examples = {task: train} | {source: training_split(source) for source in mixed}
+    if mixed:
+        logger.info("training examples: %s", ", ".join(f"{len(examples[s])} of {s}" for s in [task, *mixed]))
+    train = [example for source in [task, *mixed] for example in examples[source]]
+    if not evaluates:
+        return train, None
+    return train, held_out if held_out is not None else load_held_out(args)
 
 
 def load_held_out(args: argparse.Namespace) -> list:
     """--eval_dataset (a local file is a split of its own; another source means its held-out split), else the
-    held-out split of --dataset (load_examples refuses that for a local file, which has none)."""
-    source = args.eval_dataset or args.dataset
+    held-out split of --dataset's first source (load_examples refuses that for a local file, which has none)."""
+    source = args.eval_dataset or dataset_sources(args.dataset)[0]
     if args.eval_dataset and single_split(source):  # (an --eval_split for it is refused)
         return load_examples(
             source, format=args.dataset_format, limit=args.eval_limit or None, split_name=args.eval_split

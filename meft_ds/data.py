@@ -98,6 +98,24 @@ def _load_hub(name: str, split: str) -> list[Example]:
     return parse_rows(_dataset_rows(source.path, source.splits[split], fix, name=source.config), name)
 
 
+def dataset_sources(dataset: str) -> list[str]:
+    """The sources a ``--dataset`` value names: one, or several joined by commas, a mixture trained on together (an
+    existing path is one source, commas and all)."""
+    if Path(dataset).exists():
+        return [dataset]
+    sources = [part.strip() for part in dataset.split(",")]
+    if not all(sources):
+        raise DatasetError(f"--dataset {dataset!r}: an empty name between commas. Fix: join the sources with single "
+                           "commas, e.g. --dataset facts,general.jsonl")  # fmt: skip
+    return sources
+
+
+def takes_split_names(name: str) -> bool:
+    """Whether the source ``name`` has named splits and configs (a hub id or a dataset folder: not a built-in set,
+    whose splits are fixed, nor a data file, all of it one split)."""
+    return name not in DATASETS and not single_split(name)
+
+
 def single_split(name: str) -> bool:
     """Whether the source ``name`` is one data file (.json, .jsonl, .parquet, .csv), all of it one split; built-in
     sets, hub ids and dataset folders hold a training and a held-out split."""
@@ -141,7 +159,7 @@ def _check_split(split: str) -> None:
 def check_facts(facts: int | None, dataset: str) -> None:
     """``facts`` (a size of the built-in ``facts`` set, or None) fits ``dataset``: a multiple of 5 (5 facts per
     person), for ``facts`` only."""
-    if facts is not None and (dataset != "facts" or facts < 5 or facts % 5):
+    if facts is not None and ("facts" not in dataset_sources(dataset) or facts < 5 or facts % 5):
         raise DatasetError(f"--facts {facts}: needs --dataset facts and a multiple of 5 (5 facts per person)")
 
 
@@ -182,7 +200,7 @@ def load_examples(
     name = str(name_or_path)
     if name in DATASETS and format is not None:
         raise DatasetError(f"--dataset_format (format=) applies to local files only; drop it for the built-in '{name}'")
-    if (split_name is not None or config_name is not None) and (name in DATASETS or single_split(name)):
+    if (split_name is not None or config_name is not None) and not takes_split_names(name):
         raise DatasetError(
             f"{name}: a split or config name (--dataset_split, --eval_split, --dataset_config) applies to hub ids and "
             "dataset folders only. Fix: drop it"

@@ -71,6 +71,11 @@ def test_bad_input_fails_fast_with_one_line(tmp_path: Path, args: list[str], mes
         (["--eval_size", "9", "--eval_dataset", "nq"], "--eval_size holds out part of --dataset's training split, --e"),
         (["--num_epochs", "1", "--max_steps", "5"], "argument --max_steps: not allowed with argument --num_epochs"),
         (["--num_epochs", "1", "--rehearsal", "10"], "--num_epochs with --rehearsal: the rehearsed answers are known"),
+        (["--dataset", "facts,,a.jsonl"], "--dataset 'facts,,a.jsonl': an empty name between commas. Fix: join"),
+        (["--dataset", "a.jsonl,facts,"], "--dataset 'a.jsonl,facts,': an empty name between commas."),
+        (["--dataset", "a.jsonl,b.jsonl", "--facts", "10"], "--facts 10: needs --dataset facts and a multiple of 5"),
+        (["--dataset", "facts,nq", "--dataset_format", "qa"], "--dataset_format applies to local files and hub datas"),
+        (["--dataset", "facts,a.jsonl", "--dataset_split", "x"], "--dataset_split applies to hub ids and dataset fo"),
     ],
 )
 def test_an_option_out_of_range_or_for_another_method_is_refused_while_parsing(

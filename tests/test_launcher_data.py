@@ -20,18 +20,23 @@ __all__ = ["model_dirs"]  # the module-scoped fixture of launcher_support, used 
 def test_eval_size_holds_out_part_of_a_file_and_evaluate_scores_that_part_again(
     tmp_path: Path, model_dirs: dict[str, Path]
 ) -> None:
-    data, out = tmp_path / "qa.jsonl", tmp_path / "run"
+    data, extra, out = tmp_path / "qa.jsonl", tmp_path / "chats.jsonl", tmp_path / "run"
     data.write_text("".join(json.dumps({"question": e.prompt, "answers": e.answers}) + "\n"
                             for e in load_examples("facts", facts=20)))  # fmt: skip
+    # a mixture: another file, of another format (ShareGPT), trained on beside the first, which is the task evaluated
+    chats = [{"conversations": [{"from": "human", "value": f"Say {n}."}, {"from": "gpt", "value": f"{n}."}]}
+             for n in range(6)]  # fmt: skip
+    extra.write_text("".join(json.dumps(chat) + "\n" for chat in chats))
     launch(
-        "--deepspeed", write_config(tmp_path), "--model", model_dirs["chat"], "--output_dir", out, "--dataset", data,
-        "--eval_size", "0.1", "--max_steps", "2", "--no_probe", *EVAL, *TINY_RUN, "--seed", "5",
+        "--deepspeed", write_config(tmp_path), "--model", model_dirs["chat"], "--output_dir", out,
+        "--dataset", f"{data},{extra}", "--eval_size", "0.1", "--max_steps", "2", "--no_probe", *EVAL, *TINY_RUN,
+        "--seed", "5",
     )  # fmt: skip
     run = results(out)
-    # a tenth of the file, drawn with --seed, is the held-out set (its first 5 scored, EVAL's --eval_limit) and is not
-    # trained on (the first 32 of the rest, TINY_RUN's --train_limit)
+    # a tenth of the first file, drawn with --seed, is the held-out set (its first 5 scored, EVAL's --eval_limit) and
+    # is not trained on (the first 32 of the rest, TINY_RUN's --train_limit), the second file all trained on
     train, held_out = split_off(load_examples(data), 0.1, seed=5)
-    assert len(held_out) == 6 and run["eval_size"] == 0.1 and run["train_examples"] == 32
+    assert len(held_out) == 6 and run["eval_size"] == 0.1 and run["train_examples"] == 32 + 6
     scored = [p["prompt"] for p in run["after"]["predictions"]]
     assert scored == [e.prompt for e in held_out[:5]] and not set(scored) & {e.prompt for e in train}
     # launch/evaluate.py draws the same part from the run's record (it refused a file without --eval_dataset)
