@@ -500,7 +500,10 @@ def load_data(args: argparse.Namespace) -> tuple[list, list | None]:
     else:
         train, held_out = split_off(load_split(args, task, "train", None), args.eval_size, seed=args.seed)
         train, held_out = train[: args.train_limit], held_out[: args.eval_limit or None]
-    examples = {task: train} | {source: training_split(source) for source in mixed}
+    examples = {task: train}  # each source loaded once: one named twice is trained on twice, the same examples
+    for source in mixed:
+        if source not in examples:
+            examples[source] = training_split(source)
     if mixed:
         logger.info("training examples: %s", ", ".join(f"{len(examples[s])} of {s}" for s in [task, *mixed]))
     train = [example for source in [task, *mixed] for example in examples[source]]

@@ -3,6 +3,7 @@ loads, the options' defaults, the log's format and the process groups closed at 
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from launcher_support import LAUNCH_ENV, ROOT, free_port
 from tiny_models import tiny_model
 
 import meft_ds
+from meft_ds.data import load_examples, split_off
 from meft_ds.training import UsageError
 
 pytestmark = pytest.mark.slow  # (some start launch/train.py or launch/evaluate.py in a process of their own)
@@ -193,3 +195,20 @@ def test_the_log_names_the_library_once() -> None:
 
     assert line("meft_ds", "meft_ds: NaN or inf in the row gradients") == "meft_ds: NaN or inf in the row gradients"
     assert line("meft_ds.train", "resumed at step 3") == "meft_ds.train: resumed at step 3"
+
+
+def test_a_mixture_trains_on_each_source_and_holds_out_part_of_the_first(tmp_path: Path) -> None:
+    """--dataset a,b,a: each source's training examples in that order, the first one's --eval_size part held out and
+    never trained on, also where it is named again (weighted twice)."""
+    task, chats = tmp_path / "qa.jsonl", tmp_path / "chats.jsonl"
+    task.write_text("".join(json.dumps({"question": f"Q{n}?", "answers": [f"A{n}"]}) + "\n" for n in range(20)))
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {n}."},
+                                                      {"role": "assistant", "content": f"{n}."}]}) + "\n"
+                             for n in range(3)))  # fmt: skip
+    train_args = launch_script("train_args")
+    args = train_args.parse_args(["--dataset", f"{task},{chats},{task}", "--eval_size", "4", "--seed", "3"])
+    train, held_out = train_args.load_data(args)
+    kept, out = split_off(load_examples(task), 4, seed=3)
+    assert held_out == out and train == kept + load_examples(chats) + kept
+    args = train_args.parse_args(["--dataset", f"{task},{chats}", "--train_limit", "2", "--eval_dataset", str(chats)])
+    assert train_args.load_data(args) == (load_examples(task)[:2] + load_examples(chats)[:2], load_examples(chats))
