@@ -71,6 +71,11 @@ _REGISTRY |= {
     "granitemoe": FFNLocation("model.layers", "block_sparse_moe"),
     "lfm2": FFNLocation("model.layers", "feed_forward"),  # Liquid's LFM2: convolution and attention layers
     "lfm2_moe": FFNLocation("model.layers", "feed_forward"),
+    # Llama 4: dense and MoE layers in turn (interleave_moe_layer_step), each layer's FFN its feed_forward; the MoE
+    # block (a routed expert per token and a shared one) returns its tokens flattened, with its router's logits. Its
+    # checkpoints (model of images and text) load through AutoModelForCausalLM as the text model, llama4_text
+    "llama4_text": FFNLocation("model.layers", "feed_forward"),
+    "llama4": FFNLocation("language_model.model.layers", "feed_forward"),
     # Gemma 3 4B-27B: a model of images and text, whose language model gets the adapters
     "gemma3": FFNLocation("model.language_model.layers", "mlp"),
     "falcon": FFNLocation("transformer.h", "mlp"),
@@ -191,10 +196,13 @@ FFNOutput = torch.Tensor | tuple[torch.Tensor, ...]
 
 def add_to_ffn_output(output: FFNOutput, added: torch.Tensor) -> FFNOutput:
     """``output + added`` for an FFN that returns its hidden states, or a tuple of them and more (gpt-oss's MoE block
-    returns its router's scores beside them)."""
+    returns its router's scores beside them); ``added`` in the output's shape (Llama 4's MoE block returns its tokens
+    flattened, ``(B * S, d)`` for ``(B, S, d)`` in)."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    added = added.reshape(hidden.shape)
     if isinstance(output, tuple):
-        return (output[0] + added, *output[1:])
-    return output + added
+        return (hidden + added, *output[1:])
+    return hidden + added
 
 
 # Both hooks run eagerly under torch.compile: their host-side routing and unions of data-dependent sizes would break

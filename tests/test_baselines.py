@@ -104,3 +104,25 @@ def test_lora_on_a_mixture_of_experts_adapts_every_expert() -> None:
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
     losses = train_losses(lora, [optimizer], batch)
     assert losses[-1] < losses[0]
+
+
+def test_llama4_s_moe_layers_take_lora_and_the_dense_adapter() -> None:
+    """Llama 4's MoE block returns its tokens flattened with its router's logits, and its router is a linear layer
+    whose forward returns a tuple: LoRA adapts the dense layer, the shared expert and the stacked experts, not the
+    router (PEFT's LoRA layer failed on its tuple), and the dense adapter adds in the block's output shape."""
+    model, batch = tiny_model("llama4_text"), token_batch()
+    targets = ffn_lora_targets(model)
+    assert targets.modules == [
+        *(f"model.layers.0.feed_forward.{w}" for w in ("gate_proj", "up_proj", "down_proj")),
+        *(f"model.layers.1.feed_forward.shared_expert.{w}" for w in ("gate_proj", "up_proj", "down_proj")),
+    ]
+    assert targets.parameters == [f"model.layers.1.feed_forward.experts.{w}" for w in ("gate_up_proj", "down_proj")]
+    with torch.no_grad():
+        base = model(batch).logits
+    for method in ("lora", "parallel_adapter"):
+        adapted = prepare_baseline(method, tiny_model("llama4_text"), lora_r=4, adapter_neurons=16)
+        with torch.no_grad():
+            assert torch.equal(adapted(batch).logits, base)  # B = 0, V = 0
+        trainable = [p for p in adapted.parameters() if p.requires_grad]
+        losses = train_losses(adapted, [torch.optim.AdamW(trainable, lr=1e-2)], batch)
+        assert losses[-1] < losses[0], method

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model, token_batch, train_losses
+from tiny_models import VOCAB, tiny_config, tiny_model, token_batch, train_losses
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import Llama4ForConditionalGeneration, PretrainedConfig
 
 import meft_ds
 from meft_ds import MeftConfig, MeftConfigError, SparseRowAdam, UnsupportedModelError
@@ -117,7 +117,7 @@ def test_a_bare_base_model_takes_adapters_that_load_into_its_causal_lm(family: s
     """``AutoModel``'s bare base model (``LlamaModel``: no head, as embedding and reward models fine-tune it) has its
     decoder layers at the top (``layers``, not ``model.layers``): inject failed ("LlamaModel has no nn.ModuleList at
     'model.layers'"). Its export loads into the causal LM of the same weights, which then computes the same."""
-    bare = tiny_model(family).base_model  # the causal LM's own base model, weights and all
+    bare = own_base_model(tiny_model(family))
     assert bare is not tiny_model(family) and not hasattr(bare, "lm_head")
     meft_ds.inject(bare, CONFIG)
     assert [a.layer_index for a in meft_ds.adapters(bare)] == [0, 1]
@@ -128,8 +128,15 @@ def test_a_bare_base_model_takes_adapters_that_load_into_its_causal_lm(family: s
     batch = token_batch()
     with torch.no_grad():
         expected = bare(batch).last_hidden_state
-        assert not torch.equal(expected, tiny_model(family).base_model(batch).last_hidden_state), "the adapters count"
-        assert torch.equal(causal_lm.base_model(batch).last_hidden_state, expected)
+        assert not torch.equal(expected, own_base_model(tiny_model(family))(batch).last_hidden_state), "adapters count"
+        assert torch.equal(own_base_model(causal_lm)(batch).last_hidden_state, expected)
+
+
+def own_base_model(causal_lm: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM's own base model, weights and all: ``base_model``, or Llama 4's ``model`` (its base_model_prefix
+    names the language model of the multimodal checkpoints, so its ``base_model`` is the causal LM itself)."""
+    base = causal_lm.base_model
+    return causal_lm.model if base is causal_lm else base
 
 
 def test_wrong_registered_path_is_a_clear_error() -> None:
@@ -262,3 +269,22 @@ def test_a_quantized_ffn_gets_adapters_in_its_layers_dtype() -> None:
     losses = train_losses(model, [SparseRowAdam(adapters, lr=1e-2)], token_batch())
     assert losses[-1] < losses[0]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in quantized.items()) and len(quantized) == 6
+
+
+def test_llama4_s_model_of_images_and_text_takes_adapters_on_its_language_model() -> None:
+    """A Llama 4 checkpoint (model_type llama4) loads through AutoModelForCausalLM as its text model (llama4_text: the
+    families' tests); the model of images and text itself has its language model's layers at
+    ``language_model.model.layers``, and takes adapters there."""
+    config = tiny_config("llama4")
+    assert tiny_model("llama4").config.model_type == "llama4_text"
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(config).eval()
+    batch = token_batch()
+    with torch.no_grad():
+        before = model(input_ids=batch).logits
+        meft_ds.inject(model, CONFIG)
+        assert [a.layer_index for a in meft_ds.adapters(model)] == [0, 1]
+        assert torch.equal(model(input_ids=batch).logits, before), "V = 0: the injected model is the base model"
+        for adapter in meft_ds.adapters(model):
+            adapter.store.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(adapter.layer_index))
+        assert not torch.equal(model(input_ids=batch).logits, before)

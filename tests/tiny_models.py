@@ -30,11 +30,19 @@ CHATML = (
 _EXTRA: dict[str, dict[str, int]] = {
     "gptj": {"rotary_dim": 8}, "helium": {"head_dim": 16}, "gemma3": {"head_dim": 16},
     "lfm2_moe": {"num_dense_layers": 1, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2},
+    # a dense layer, then a MoE one
+    "llama4_text": {
+        "head_dim": 16, "intermediate_size_mlp": 128, "num_local_experts": 4, "interleave_moe_layer_step": 2,
+    },
 }  # fmt: skip
+_EXTRA["llama4"] = _EXTRA["llama4_text"]
 # multimodal families: their vision tower's tiny config (the language model gets the common sizes)
 _MULTIMODAL: dict[str, dict[str, int]] = {
     "gemma3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                    patch_size=14),
+    # (AutoModelForCausalLM builds its text model, llama4_text, as from a Llama 4 checkpoint)
+    "llama4": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                   patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32),
 }  # fmt: skip
 
 
