@@ -63,6 +63,7 @@ _MODEL_LAYERS_MLP = (
 _MOE_LAYERS_MLP = (
     "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "gpt_oss", "jetmoe", "minimax", "mixtral",
     "olmoe", "phimoe", "qwen2_moe", "qwen3_moe",
+    "qwen3_next",  # gated DeltaNet (linear attention) and attention layers in turn, a MoE FFN on each
 )  # fmt: skip
 _REGISTRY: dict[str, FFNLocation] = {
     model_type: FFNLocation("model.layers", "mlp") for model_type in _MODEL_LAYERS_MLP + _MOE_LAYERS_MLP
@@ -71,6 +72,7 @@ _REGISTRY |= {
     "granitemoe": FFNLocation("model.layers", "block_sparse_moe"),
     "lfm2": FFNLocation("model.layers", "feed_forward"),  # Liquid's LFM2: convolution and attention layers
     "lfm2_moe": FFNLocation("model.layers", "feed_forward"),
+    "jamba": FFNLocation("model.layers", "feed_forward"),  # Mamba and attention layers, dense and MoE FFNs in turn
     # Llama 4: dense and MoE layers in turn (interleave_moe_layer_step), each layer's FFN its feed_forward; the MoE
     # block (a routed expert per token and a shared one) returns its tokens flattened, with its router's logits. Its
     # checkpoints (model of images and text) load through AutoModelForCausalLM as the text model, llama4_text

@@ -36,6 +36,20 @@ _EXTRA: dict[str, dict[str, int]] = {
     },
 }  # fmt: skip
 _EXTRA["llama4"] = _EXTRA["llama4_text"]
+# hybrids: a linear-attention (gated DeltaNet) or Mamba layer, then an attention one; Jamba's FFNs dense, then MoE
+_EXTRA["qwen3_next"] = {
+    "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+}  # fmt: skip
+_EXTRA["jamba"] = {
+    "num_experts": 4, "expert_layer_period": 2, "expert_layer_offset": 1, "attn_layer_period": 2,
+    "attn_layer_offset": 1, "mamba_d_state": 8, "mamba_dt_rank": 8,
+}  # fmt: skip
+_LAYER_TYPES = {
+    "lfm2": ("conv", "full_attention"), "lfm2_moe": ("conv", "full_attention"),
+    "qwen3_next": ("linear_attention", "full_attention"),
+}  # fmt: skip
 # multimodal families: their vision tower's tiny config (the language model gets the common sizes)
 _MULTIMODAL: dict[str, dict[str, int]] = {
     "gemma3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
@@ -62,8 +76,8 @@ def tiny_config(family: str = "llama", layers: int = 2) -> PretrainedConfig:
     if family in _MULTIMODAL:  # a language model inside: the common sizes are its text config's
         text = {**common, **_EXTRA.get(family, {})}
         return AutoConfig.for_model(family, text_config=text, vision_config=_MULTIMODAL[family])
-    if family in ("lfm2", "lfm2_moe"):  # a type per layer: convolution and attention in turn
-        common["layer_types"] = (["conv", "full_attention"] * layers)[:layers]
+    if family in _LAYER_TYPES:  # a type per layer, in turn
+        common["layer_types"] = (list(_LAYER_TYPES[family]) * layers)[:layers]
     config = AutoConfig.for_model(family, **common, **_EXTRA.get(family, {}))
     # some families' default special tokens lie past the tiny vocabulary
     for name, tiny_id in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
