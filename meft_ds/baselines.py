@@ -129,15 +129,13 @@ def resolve_lora_targets(model: nn.Module, which: str = "ffn") -> LoraTargets:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    """``nn.Linear`` (a quantized one too), or transformers' ``Conv1D`` (GPT-2's linear layers, weights stored
-    transposed), which PEFT's LoRA adapts; not a model's own subclass with a forward of its own (Llama 4's MoE router
-    returns its scores and logits, a tuple PEFT's LoRA layer cannot take)."""
+    """``nn.Linear`` (a subclass too: Falcon's, a quantized one), or transformers' ``Conv1D`` (GPT-2's linear layers,
+    weights stored transposed), which PEFT's LoRA adapts; not a MoE router that subclasses ``nn.Linear`` with a forward
+    of its own (Llama 4's returns its scores and logits, a tuple PEFT's LoRA layer cannot take)."""
     if type(module).__name__ == "Conv1D":
         return True
-    own_forward = type(module).forward is not nn.Linear.forward
-    return isinstance(module, nn.Linear) and not (
-        own_forward and type(module).__module__.startswith("transformers.models.")
-    )
+    router = type(module).__name__.endswith("Router") and type(module).forward is not nn.Linear.forward
+    return isinstance(module, nn.Linear) and not router
 
 
 def add_lora(model: nn.Module, rank: int, targets: LoraTargets) -> nn.Module:

@@ -53,16 +53,20 @@ class FFNLocation:
 # Families whose decoder layers are ``model.layers`` and whose FFN is each layer's ``mlp``, a module that takes the
 # hidden states alone and returns a tensor of their shape (each checked on a tiny model by tests/test_inject.py)
 _MODEL_LAYERS_MLP = (
-    "apertus", "arcee", "cohere", "cohere2", "ernie4_5", "exaone4", "gemma", "gemma2", "gemma3_text", "glm", "glm4",
-    "granite", "helium", "llama", "mistral", "nemotron", "olmo", "olmo2", "olmo3", "phi", "phi3", "qwen2", "qwen3",
-    "seed_oss", "smollm3", "stablelm", "starcoder2",
+    "apertus", "apertus1p5_text", "arcee", "aria_text", "beam", "bitnet", "cohere", "cohere2", "cwm", "diffllama",
+    "doge", "ernie4_5", "exaone", "exaone4", "flint", "gemma", "gemma2", "gemma3_text", "gemma4_unified_text", "glm",
+    "glm4", "granite", "granite_swa", "helium", "hunyuan_v1_dense", "hyperclovax", "internlm3", "iquestcoder", "jais2",
+    "llama", "ministral", "ministral3", "mistral", "modernbert-decoder", "nanochat", "nemotron", "olmo", "olmo2",
+    "olmo3", "olmo_hybrid", "persimmon", "phi", "phi3", "qwen2", "qwen3", "seed_oss", "smollm3", "stablelm",
+    "starcoder2", "vaultgemma",
 )  # fmt: skip
 # Mixture-of-experts families of that layout: the FFN is the whole sparse MoE block (router, experts, shared experts;
 # gpt-oss's returns its router's scores too), so the adapter sits beside all of it (--method lora adapts its experts'
 # stacked weights)
 _MOE_LAYERS_MLP = (
-    "cohere2_moe", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "gpt_oss", "jetmoe", "minimax", "mixtral",
-    "olmoe", "phimoe", "qwen2_moe", "qwen3_moe",
+    "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
+    "glm4_moe_lite", "gpt_oss", "hunyuan_v1_moe", "jetmoe", "minimax", "minimax_m2", "mixtral", "olmoe", "phimoe",
+    "qwen2_moe", "qwen3_moe",
     "qwen3_next",  # gated DeltaNet (linear attention) and attention layers in turn, a MoE FFN on each
 )  # fmt: skip
 _REGISTRY: dict[str, FFNLocation] = {
@@ -70,6 +74,10 @@ _REGISTRY: dict[str, FFNLocation] = {
 }
 _REGISTRY |= {
     "granitemoe": FFNLocation("model.layers", "block_sparse_moe"),
+    "granitemoe_swa": FFNLocation("model.layers", "block_sparse_moe"),
+    "granitemoeshared": FFNLocation("model.layers", "block_sparse_moe"),
+    "falcon_h1": FFNLocation("model.layers", "feed_forward"),  # Mamba-2 and attention side by side in each layer
+    "lfm3": FFNLocation("model.layers", "feed_forward"),
     "lfm2": FFNLocation("model.layers", "feed_forward"),  # Liquid's LFM2: convolution and attention layers
     "lfm2_moe": FFNLocation("model.layers", "feed_forward"),
     "jamba": FFNLocation("model.layers", "feed_forward"),  # Mamba and attention layers, dense and MoE FFNs in turn
@@ -82,6 +90,9 @@ _REGISTRY |= {
     "gemma3": FFNLocation("model.language_model.layers", "mlp"),
     "falcon": FFNLocation("transformer.h", "mlp"),
     "gpt2": FFNLocation("transformer.h", "mlp"),
+    "bloom": FFNLocation("transformer.h", "mlp"),
+    "gpt_bigcode": FFNLocation("transformer.h", "mlp"),
+    "gpt_neox_japanese": FFNLocation("gpt_neox_japanese.layers", "mlp"),
     "gptj": FFNLocation("transformer.h", "mlp"),
     "gpt_neox": FFNLocation("gpt_neox.layers", "mlp"),
 }

@@ -28,7 +28,8 @@ CHATML = (
 
 # what a family's tiny config needs beyond the common sizes: a head size or rotary size that fits them
 _EXTRA: dict[str, dict[str, int]] = {
-    "gptj": {"rotary_dim": 8}, "helium": {"head_dim": 16}, "gemma3": {"head_dim": 16},
+    "gptj": {"rotary_dim": 8}, "helium": {"head_dim": 16}, "gemma3": {"head_dim": 16}, "ministral": {"head_dim": 16},
+    "hunyuan_v1_dense": {"head_dim": 16}, "hunyuan_v1_moe": {"head_dim": 16},
     "lfm2_moe": {"num_dense_layers": 1, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2},
     # a dense layer, then a MoE one
     "llama4_text": {
@@ -36,6 +37,15 @@ _EXTRA: dict[str, dict[str, int]] = {
     },
 }  # fmt: skip
 _EXTRA["llama4"] = _EXTRA["llama4_text"]
+# a dense layer, then a MoE one with a shared expert; DeepSeek's multi-head latent attention in small ranks
+_DEEPSEEK_MOE = {
+    "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+    "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+}  # fmt: skip
+_MLA = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16}
+_EXTRA |= {family: _DEEPSEEK_MOE | _MLA for family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")}
+_EXTRA["dots1"] = _DEEPSEEK_MOE | {"head_dim": 16}
+_EXTRA["minimax_m2"] = {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16}
 # hybrids: a linear-attention (gated DeltaNet) or Mamba layer, then an attention one; Jamba's FFNs dense, then MoE
 _EXTRA["qwen3_next"] = {
     "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
