@@ -54,11 +54,11 @@ class FFNLocation:
 # hidden states alone and returns a tensor of their shape (each checked on a tiny model by tests/test_inject.py)
 _MODEL_LAYERS_MLP = (
     "apertus", "apertus1p5_text", "arcee", "aria_text", "beam", "bitnet", "cohere", "cohere2", "cwm", "diffllama",
-    "doge", "ernie4_5", "exaone", "exaone4", "flint", "gemma", "gemma2", "gemma3_text", "gemma4_unified_text", "glm",
-    "glm4", "granite", "granite_swa", "helium", "hunyuan_v1_dense", "hyperclovax", "internlm3", "iquestcoder", "jais2",
-    "llama", "ministral", "ministral3", "mistral", "modernbert-decoder", "nanochat", "nemotron", "olmo", "olmo2",
-    "olmo3", "olmo_hybrid", "persimmon", "phi", "phi3", "qwen2", "qwen3", "seed_oss", "smollm3", "stablelm",
-    "starcoder2", "vaultgemma",
+    "doge", "ernie4_5", "exaone", "exaone4", "flint", "gemma", "gemma2", "gemma3_text", "gemma3n_text",
+    "gemma4_unified_text", "glm", "glm4", "granite", "granite_swa", "helium", "hunyuan_v1_dense", "hyperclovax",
+    "internlm3", "iquestcoder", "jais2", "llama", "minicpm3", "ministral", "ministral3", "mistral",
+    "modernbert-decoder", "nanochat", "nemotron", "olmo", "olmo2", "olmo3", "olmo_hybrid", "persimmon", "phi", "phi3",
+    "qwen2", "qwen3", "qwen3_5_text", "seed_oss", "smollm3", "stablelm", "starcoder2", "vaultgemma",
 )  # fmt: skip
 # Mixture-of-experts families of that layout: the FFN is the whole sparse MoE block (router, experts, shared experts;
 # gpt-oss's returns its router's scores too), so the adapter sits beside all of it (--method lora adapts its experts'
@@ -81,6 +81,8 @@ _REGISTRY |= {
     "lfm2": FFNLocation("model.layers", "feed_forward"),  # Liquid's LFM2: convolution and attention layers
     "lfm2_moe": FFNLocation("model.layers", "feed_forward"),
     "jamba": FFNLocation("model.layers", "feed_forward"),  # Mamba and attention layers, dense and MoE FFNs in turn
+    "bamba": FFNLocation("model.layers", "feed_forward"),  # Mamba-2 and attention layers
+    "granitemoehybrid": FFNLocation("model.layers", "block_sparse_moe"),  # Granite 4: Mamba-2 and attention layers
     # Llama 4: dense and MoE layers in turn (interleave_moe_layer_step), each layer's FFN its feed_forward; the MoE
     # block (a routed expert per token and a shared one) returns its tokens flattened, with its router's logits. Its
     # checkpoints (model of images and text) load through AutoModelForCausalLM as the text model, llama4_text
@@ -92,6 +94,9 @@ _REGISTRY |= {
     "gpt2": FFNLocation("transformer.h", "mlp"),
     "bloom": FFNLocation("transformer.h", "mlp"),
     "gpt_bigcode": FFNLocation("transformer.h", "mlp"),
+    "gpt_neo": FFNLocation("transformer.h", "mlp"),
+    "codegen": FFNLocation("transformer.h", "mlp"),
+    "mpt": FFNLocation("transformer.blocks", "ffn"),
     "gpt_neox_japanese": FFNLocation("gpt_neox_japanese.layers", "mlp"),
     "gptj": FFNLocation("transformer.h", "mlp"),
     "gpt_neox": FFNLocation("gpt_neox.layers", "mlp"),

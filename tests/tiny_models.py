@@ -46,6 +46,22 @@ _MLA = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_h
 _EXTRA |= {family: _DEEPSEEK_MOE | _MLA for family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")}
 _EXTRA["dots1"] = _DEEPSEEK_MOE | {"head_dim": 16}
 _EXTRA["minimax_m2"] = {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16}
+_EXTRA["minicpm3"] = _MLA
+_EXTRA["qwen3_5_text"] = {
+    "head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+}  # fmt: skip
+_MAMBA2 = {"mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 8, "mamba_n_groups": 1}
+_EXTRA["bamba"] = _MAMBA2 | {"attn_layer_indices": [1]}
+_EXTRA["granitemoehybrid"] = _MAMBA2 | {
+    "num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 64,
+}  # fmt: skip
+_EXTRA["codegen"] = {"rotary_dim": 8}
+_EXTRA["gpt_neo"] = {"attention_types": [[["global", "local"], 1]]}
+_EXTRA["gemma3n_text"] = {
+    "head_dim": 16, "num_kv_shared_layers": 0, "laurel_rank": 8, "altup_num_inputs": 2,
+    "hidden_size_per_layer_input": 8, "activation_sparsity_pattern": [0.0, 0.0],
+}  # fmt: skip
 # hybrids: a linear-attention (gated DeltaNet) or Mamba layer, then an attention one; Jamba's FFNs dense, then MoE
 _EXTRA["qwen3_next"] = {
     "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
@@ -58,7 +74,8 @@ _EXTRA["jamba"] = {
 }  # fmt: skip
 _LAYER_TYPES = {
     "lfm2": ("conv", "full_attention"), "lfm2_moe": ("conv", "full_attention"),
-    "qwen3_next": ("linear_attention", "full_attention"),
+    "qwen3_next": ("linear_attention", "full_attention"), "qwen3_5_text": ("linear_attention", "full_attention"),
+    "granitemoehybrid": ("mamba", "attention"), "gemma3n_text": ("sliding_attention", "full_attention"),
 }  # fmt: skip
 # multimodal families: their vision tower's tiny config (the language model gets the common sizes)
 _MULTIMODAL: dict[str, dict[str, int]] = {
