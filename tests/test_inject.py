@@ -3,6 +3,9 @@ only the adapters."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import VOCAB, tiny_config, tiny_model, token_batch, train_losses
@@ -288,3 +291,10 @@ def test_llama4_s_model_of_images_and_text_takes_adapters_on_its_language_model(
         for adapter in meft_ds.adapters(model):
             adapter.store.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(adapter.layer_index))
         assert not torch.equal(model(input_ids=batch).logits, before)
+
+
+def test_the_readme_names_every_supported_architecture() -> None:
+    """README.md's "Supported architectures" lists each model_type of the registry (as the families' tests run them)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Supported architectures", 1)[1].split("Each is tested on a tiny", 1)[0]
+    assert set(FAMILIES) <= set(re.findall(r"`([\w-]+)`", section))
