@@ -73,7 +73,7 @@ _EXTRA["jamba"] = {
     "attn_layer_offset": 1, "mamba_d_state": 8, "mamba_dt_rank": 8,
 }  # fmt: skip
 _LAYER_TYPES = {
-    "lfm2": ("conv", "full_attention"), "lfm2_moe": ("conv", "full_attention"),
+    "lfm2": ("conv", "full_attention"), "lfm2_moe": ("conv", "full_attention"), "lfm3": ("conv", "full_attention"),
     "qwen3_next": ("linear_attention", "full_attention"), "qwen3_5_text": ("linear_attention", "full_attention"),
     "granitemoehybrid": ("mamba", "attention"), "gemma3n_text": ("sliding_attention", "full_attention"),
 }  # fmt: skip
