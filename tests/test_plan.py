@@ -89,7 +89,9 @@ def test_base_model_bytes_are_the_real_model_s(tiny_plan: MemoryPlan) -> None:
 
 
 @pytest.mark.parametrize("zero3", [False, True], ids=["torch_linear", "zero3_linear"])
-@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral", "qwen2_moe", "gpt_oss", "gemma3"])
+@pytest.mark.parametrize(
+    "family", ["llama", "gpt2", "mixtral", "qwen2_moe", "gpt_oss", "gemma3", "llama4_text", "qwen3_next", "jamba"]
+)
 def test_base_activations_match_a_real_cpu_forward(family: str, zero3: bool) -> None:
     """The meta measurement (with flash attention standing in for SDPA) equals the same accounting on a real forward
     of the base model with weights, in bf16, on this CPU (whose SDPA runs flash kernels too), with torch's linear and
