@@ -36,8 +36,8 @@ from meft_ds.data import (
     dataset_sources,
     load_examples,
     single_split,
+    split_names_apply,
     split_off,
-    takes_split_names,
 )
 from meft_ds.ds_config import DTYPE_NAMES, compute_dtype, fit_precision_to_cpu, resolve_auto
 from meft_ds.evaluation import evaluate_examples, format_scores
@@ -120,10 +120,8 @@ def held_out(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[str, di
     --eval_dataset, else the held-out split of its --dataset unless a file, with its --facts and --seed: another size
     or seed of the built-in facts set asks about other people; its --eval_split and --dataset_config), else the
     built-in facts. A run on a mixture held out its first source's."""
-    sources = dataset_sources(trained["dataset"]) if trained.get("dataset") else [None]
-    run_dataset = sources[0]
-    # a mixture's split and config names were those of its sources that take them (train_args.load_split)
-    names = len(sources) == 1 or takes_split_names(run_dataset)
+    run_dataset = dataset_sources(trained["dataset"])[0] if trained.get("dataset") else None
+    names = run_dataset is None or split_names_apply(run_dataset, trained["dataset"])  # as the run loaded it
     run_split, run_config = (trained.get("dataset_split"), trained.get("dataset_config")) if names else (None, None)
     if args.dataset is None and args.split is None and trained.get("eval_size") is not None:
         facts = trained.get("facts") if run_dataset == "facts" else None

@@ -24,6 +24,7 @@ from meft_ds.data import (
     dataset_sources,
     load_examples,
     single_split,
+    split_names_apply,
     split_off,
     takes_split_names,
 )
@@ -472,12 +473,12 @@ def load_split(args: argparse.Namespace, source: str, split: str, limit: int | N
     """Examples of ``source`` (``--facts`` sizes the built-in facts set; a hub id's or dataset folder's split is
     --dataset_split or --eval_split, --dataset's config --dataset_config: in a mixture, of those of its sources that
     have splits); the format of another source's rows is --dataset_format."""
-    sources = dataset_sources(args.dataset)
     file_format = None if source in DATASETS else args.dataset_format
     facts = args.facts if source == "facts" else None
     split_name = args.dataset_split if split == "train" else args.eval_split
-    config_name = args.dataset_config if source in sources else None  # --dataset's, its held-out split's too
-    if len(sources) > 1 and not takes_split_names(source):  # a mixture's names are for its sources that take them
+    # --dataset's config, its held-out split's too
+    config_name = args.dataset_config if source in dataset_sources(args.dataset) else None
+    if not split_names_apply(source, args.dataset):
         split_name = config_name = None
     return load_examples(
         source, split, format=file_format, limit=limit, seed=args.seed, facts=facts, split_name=split_name,

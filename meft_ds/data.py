@@ -116,6 +116,13 @@ def takes_split_names(name: str) -> bool:
     return name not in DATASETS and not single_split(name)
 
 
+def split_names_apply(source: str, dataset: str) -> bool:
+    """Whether --dataset_split, --eval_split and --dataset_config go to ``source`` of a run on ``dataset`` (its
+    --dataset): with one source always (one without named splits refuses them), in a mixture only to the sources that
+    take them."""
+    return len(dataset_sources(dataset)) == 1 or takes_split_names(source)
+
+
 def single_split(name: str) -> bool:
     """Whether the source ``name`` is one data file (.json, .jsonl, .parquet, .csv), all of it one split; built-in
     sets, hub ids and dataset folders hold a training and a held-out split."""
