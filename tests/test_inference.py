@@ -14,6 +14,7 @@ from tiny_models import tiny_model, token_batch, word_tokenizer
 
 import meft_ds
 import meft_ds.adapter
+import meft_ds.ds_config
 import meft_ds.inference
 from meft_ds import InferenceOnlyError, SparseRowAdam
 from meft_ds.baselines import export_baseline, exported_method, prepare_baseline
@@ -305,6 +306,18 @@ def test_a_full_fine_tuning_export_evaluates_as_a_model(tmp_path: Path) -> None:
     argv = ["--model", str(tmp_path / "run"), "--limit", "6", "--max_new_tokens", "8", "--output", str(out)]
     assert launch_script("evaluate").main(argv) == 0
     assert json.loads(out.read_text())["before"]["predictions"] == expected["predictions"]
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_evaluate_generates_in_the_runs_dtype_else_fp32_on_a_cpu(monkeypatch: pytest.MonkeyPatch, amx: bool) -> None:
+    """A run's adapter is scored in the dtype it trained in; without a record, a CPU generates in fp32, also where
+    training's "auto" picks bf16 (AMX): generation's small matmuls run slower in bf16 there."""
+    monkeypatch.setattr(meft_ds.ds_config, "cpu_has_amx_bf16", lambda: amx)
+    evaluate = launch_script("evaluate")
+    args = evaluate.parse_args([])
+    assert evaluate.model_dtype(args, {}) == torch.float32
+    assert evaluate.model_dtype(args, {"dtype": "bf16"}) == torch.bfloat16
+    assert evaluate.model_dtype(evaluate.parse_args(["--dtype", "bf16"]), {"dtype": "fp32"}) == torch.bfloat16
 
 
 def test_evaluate_refuses_a_whole_model_as_adapter(tmp_path: Path) -> None:

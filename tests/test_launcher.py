@@ -36,6 +36,7 @@ from transformers import AutoTokenizer
 
 import meft_ds
 from meft_ds.data import IGNORE_INDEX, load_examples, tokenize_for_training
+from meft_ds.ds_config import cpu_has_amx_bf16
 from meft_ds.rehearsal import QUESTIONS as REHEARSAL
 from meft_ds.training import UsageError
 
@@ -59,8 +60,9 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "DeepSpeed's TensorBoard monitor wrote nothing"
     run = results(out)
     assert 0.0 <= run["before"]["exact_match"] <= 1.0 and 0.0 <= run["after"]["exact_match"] <= 1.0
-    # the shipped config's bf16 "auto" computes in fp32 on a CPU (the faster there), the model loaded in it
-    assert run["dtype"] == "fp32"
+    # the shipped config's bf16 "auto" computes in bf16 on a CPU with AMX and in fp32 on others (the faster on each),
+    # the model loaded in it
+    assert run["dtype"] == ("bf16" if cpu_has_amx_bf16() else "fp32")
     assert run["kept_freed_host_memory"] == (platform.libc_ver()[0] == "glibc")  # MEFT on the CPU: host_memory.py
     assert (out / "checkpoints" / "latest").read_text() == "global_step8"
 
@@ -69,7 +71,9 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     with torch.no_grad():
         assert not torch.allclose(trained(batch).logits, tiny_model()(batch).logits)
     assert torch.count_nonzero(meft_ds.adapters(trained)[0].store.values) > 0
-    # the last eval_loss: the trained model's loss per answer token on the 8 held-out questions, one at a time
+    # the last eval_loss: the trained model's loss per answer token on the 8 held-out questions, one at a time, in
+    # the run's dtype
+    trained.to({"bf16": torch.bfloat16, "fp32": torch.float32}[run["dtype"]])
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["chat"])
     held_out = tokenize_for_training(load_examples("facts", "eval", facts=40, seed=2, limit=8), tokenizer, 64)
     summed, tokens = 0.0, 0

@@ -1,7 +1,7 @@
-"""Which precision a run computes in: on a CPU, an "auto" bf16 means fp32 (the faster there), an explicit bf16 stays
-on where the CPU has native bf16 and is switched off loudly where it has not; fp16 follows DeepSpeed's CPU check; a
-GPU's config is left alone; the detection agrees with the kernel's own flags; ``compute_dtype`` reads the final
-choice."""
+"""Which precision a run computes in: on a CPU, an "auto" bf16 means bf16 with AMX and fp32 without (the faster on
+each), an explicit bf16 stays on where the CPU has native bf16 and is switched off loudly where it has not; fp16
+follows DeepSpeed's CPU check; a GPU's config is left alone; the detection agrees with the kernel's own flags;
+``compute_dtype`` reads the final choice."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from tiny_models import tiny_model
 
 import meft_ds
 import meft_ds.ds_config
-from meft_ds.ds_config import compute_dtype, cpu_has_native_bf16, fit_precision_to_cpu, resolve_auto
+from meft_ds.ds_config import (
+    compute_dtype,
+    cpu_has_amx_bf16,
+    cpu_has_native_bf16,
+    fit_precision_to_cpu,
+    resolve_auto,
+)
 
 
 def configs(enabled: object) -> dict:
@@ -29,12 +35,15 @@ def test_bf16_asked_for_stays_on_a_cpu_with_native_bf16(monkeypatch: pytest.Monk
     assert config["bf16"]["enabled"] is True and compute_dtype(config) == torch.bfloat16
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_bf16_means_fp32_on_a_cpu_and_bf16_on_a_gpu(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
-    monkeypatch.setattr(meft_ds.ds_config, "cpu_has_native_bf16", lambda: native)
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_bf16_means_bf16_on_a_cpu_with_amx_else_fp32_and_bf16_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, amx: bool
+) -> None:
+    monkeypatch.setattr(meft_ds.ds_config, "cpu_has_native_bf16", lambda: True)  # AVX-512 BF16 at least
+    monkeypatch.setattr(meft_ds.ds_config, "cpu_has_amx_bf16", lambda: amx)
     config = resolve_auto(configs("auto"))
     fit_precision_to_cpu(config)
-    assert config["bf16"]["enabled"] is False and compute_dtype(config) == torch.float32
+    assert config["bf16"]["enabled"] is amx and compute_dtype(config) == (torch.bfloat16 if amx else torch.float32)
     monkeypatch.setattr(get_accelerator(), "device_name", lambda *args: "cuda")
     monkeypatch.setattr(get_accelerator(), "is_bf16_supported", lambda: True)
     assert resolve_auto(configs("auto"))["bf16"]["enabled"] is True
@@ -83,6 +92,7 @@ def test_native_bf16_detection_agrees_with_the_kernel_flags() -> None:
         pytest.skip("no /proc/cpuinfo to compare with")
     flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
     assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert cpu_has_amx_bf16() == ("amx_bf16" in flags)
 
 
 def test_compute_dtype_needs_resolved_values() -> None:

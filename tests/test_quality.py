@@ -312,6 +312,7 @@ def test_grid_runs_every_cell_lr_and_seed_once_and_resumes(tmp_path: Path) -> No
         assert "--no_save" in command and "--no_eval_before" in command
     config = json.loads((tmp_path / "ds_quality.json").read_text())
     assert config["zero_optimization"]["reduce_bucket_size"] == quality.BUCKET
+    assert config["bf16"] == {"enabled": False}  # fp32 on every CPU ("auto" is bf16 with AMX): machines compare
     # a second run finds every record and trains nothing
     assert quality.run_grid(GRID, tmp_path, runner, []) == records and len(commands) == 5
 

@@ -25,8 +25,10 @@ BUCKET = 5_000_000  # elements of DeepSpeed's gradient bucket, the same for ever
 
 
 def ds_config_file(folder: Path) -> Path:
-    """The shipped config with one small gradient bucket for every method and no TensorBoard."""
+    """The shipped config with one small gradient bucket for every method, no TensorBoard, and fp32 on every CPU (its
+    "auto" means bf16 on one with AMX: the grid's runs from different machines would not compare)."""
     config = json.loads((ROOT / "ds_configs" / "meft.json").read_text())
+    config["bf16"] = {"enabled": False}
     config["zero_optimization"].update(reduce_bucket_size=BUCKET, allgather_bucket_size=BUCKET)
     config.pop("tensorboard", None)
     path = folder / "ds_quality.json"
