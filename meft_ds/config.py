@@ -18,7 +18,7 @@ GATE_MODES = ("logit", "none")
 BIAS_CORRECTIONS = ("global", "per_row")
 CLIP_ROWS = ("global", "separate", "none")
 ROW_DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,  # rows travel in the dtype the adapter's input has (bf16 under DeepSpeed bf16, fp32 on CPU)
+    "auto": None,  # rows travel in the dtype the adapter's input has (bf16 under DeepSpeed bf16, else fp32)
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
