@@ -37,18 +37,36 @@ def extract_answer(task: str, generated: str) -> str:
     return text if task == "gsm8k" else text.split("\n", 1)[0].strip()
 
 
+def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """A forward pre-hook for the output head: its input made contiguous. Generation's first forward scores only the
+    last position, ``hidden[:, -1:, :]``, whose strides keep ``torch.matmul`` from folding the batch into one matrix
+    product when the head's weight is frozen (as under adapters): it multiplies prompt by prompt against the weight
+    expanded over the batch instead, and in bf16 on a CPU copies that expansion first (32 prompts, SmolLM2's
+    49152 x 576 head: 1.8 GB and 2.8 s per batch, against 8 ms folded; fp32: 167 ms against 24 ms; torch 2.13 on an
+    Intel Xeon with AMX). The copy made here is one row per prompt."""
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
 @contextmanager
 def _generation_mode(model: nn.Module, tokenizer: Any) -> Iterator[None]:
-    """Eval mode, left padding and a pad token (EOS when missing) for batched generation; all restored after."""
+    """Eval mode, left padding and a pad token (EOS when missing) for batched generation, and the output head's input
+    made contiguous (:func:`_contiguous_input`); all restored after."""
     modes = {module: module.training for module in model.modules()}
     padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     model.eval()
     tokenizer.padding_side = "left"  # generation continues from the last column, so prompts must end there
     if pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    hook = head.register_forward_pre_hook(_contiguous_input) if isinstance(head, nn.Module) else None
     try:
         yield
     finally:
+        if hook is not None:
+            hook.remove()
         for module, training in modes.items():
             module.training = training
         tokenizer.padding_side, tokenizer.pad_token = padding_side, pad_token

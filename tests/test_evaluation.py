@@ -81,6 +81,28 @@ def test_greedy_decoding_on_a_tiny_random_model(chat: bool) -> None:
     assert again["predictions"] == result["predictions"]  # greedy, and batching/padding does not change answers
 
 
+def test_the_head_of_a_frozen_model_multiplies_one_matrix_in_generation() -> None:
+    """Generation's first forward hands the head the last position of each prompt, a strided slice; with the head's
+    weight frozen (as under adapters) torch multiplies such an input prompt by prompt against an expanded weight,
+    in bf16 on a CPU after copying it (1.8 GB for SmolLM2 at 32 prompts). The head gets a contiguous input, and
+    nothing is left hooked afterwards."""
+    tokenizer = word_tokenizer(chat=True)
+    model = tiny_model("llama").requires_grad_(False)
+    examples = load_examples("facts", split="eval", limit=3)
+    head = model.get_output_embeddings()
+    seen: list[bool] = []
+    forward = head.forward
+
+    def recording_forward(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.is_contiguous())
+        return forward(x)
+
+    head.forward = recording_forward
+    evaluate_generation(model, tokenizer, examples, max_new_tokens=3, batch_size=3)
+    assert len(seen) == 3 and all(seen)  # the prompts, then two new tokens
+    assert not head._forward_pre_hooks
+
+
 def test_extract_answer() -> None:
     assert extract_answer("qa", "  Velmora\nQuestion: next") == "Velmora"
     assert extract_answer("toolbench", "a.b; c.d\n\nmore") == "a.b; c.d"
