@@ -39,7 +39,7 @@ from meft_ds.data import (
     split_names_apply,
     split_off,
 )
-from meft_ds.ds_config import DTYPE_NAMES
+from meft_ds.ds_config import DTYPE_NAMES, compute_dtype, fit_precision_to_cpu, resolve_auto
 from meft_ds.evaluation import evaluate_examples, format_scores
 from meft_ds.export_load import read_adapter_config
 from meft_ds.files import write_json_atomic
@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         choices=["auto", *DTYPE_NAMES.values()],
         default="auto",
-        help="dtype the model computes in (auto: the adapter's training run's, else bf16 on a GPU that supports it, "
-        "fp32 on a CPU)",
+        help="dtype the model computes in (auto: the adapter's training run's, else bf16 on a GPU that supports it "
+        "and on a CPU with AMX, fp32 on other CPUs)",
     )
     parser.add_argument("--adapter", type=Path, help="an exported adapter (the --output_dir of launch/train.py)")
     parser.add_argument(
@@ -158,17 +158,17 @@ def model_name(args: argparse.Namespace, trained: dict[str, Any]) -> str:
 
 
 def model_dtype(args: argparse.Namespace, trained: dict[str, Any]) -> torch.dtype:
-    """--dtype, else the dtype the adapter's run trained in (its results.json), else bf16 on an accelerator that
-    supports it and fp32 on a CPU: generation's matmuls are small (a batch of rows per new token), and on a CPU they
-    run slower in bf16 even with AMX, where training's run faster (an Intel Xeon with AMX, 2026-12-08: 64 questions
-    of the demo's adapter spent 6.6 s in torch's linear in bf16 against 4.9 s in fp32)."""
+    """--dtype, else the dtype the adapter's run trained in (its results.json), else what ds_configs/meft.json's
+    ``"bf16": {"enabled": "auto"}`` gives on this machine (bf16 on a GPU that supports it and on a CPU with AMX, fp32
+    on other CPUs)."""
     by_name = {name: dtype for dtype, name in DTYPE_NAMES.items()}
     if args.dtype != "auto":
         return by_name[args.dtype]
     if trained.get("dtype") in by_name:
         return by_name[trained["dtype"]]
-    accelerator = get_accelerator()
-    return torch.bfloat16 if accelerator.device_name() != "cpu" and accelerator.is_bf16_supported() else torch.float32
+    config = resolve_auto({"bf16": {"enabled": "auto"}})
+    fit_precision_to_cpu(config)
+    return compute_dtype(config)
 
 
 def main(argv: list[str] | None = None) -> int:

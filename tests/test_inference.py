@@ -281,6 +281,7 @@ def test_evaluate_loads_the_launchers_baselines_and_answers_as_the_trained_model
     evaluate = launch_script("evaluate")
     out = tmp_path / "scores.json"
     argv = ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "run"), "--limit", "6"]
+    argv += ["--dtype", "fp32"]  # the reference's (on a CPU with AMX, "auto" would be bf16)
     assert evaluate.main([*argv, "--max_new_tokens", "8", "--output", str(out)]) == 0
     scores = json.loads(out.read_text())
     assert scores["method"] == method
@@ -304,19 +305,21 @@ def test_a_full_fine_tuning_export_evaluates_as_a_model(tmp_path: Path) -> None:
     expected = evaluate_generation(trained.eval(), tokenizer, examples, max_new_tokens=8, batch_size=32)
     out = tmp_path / "scores.json"
     argv = ["--model", str(tmp_path / "run"), "--limit", "6", "--max_new_tokens", "8", "--output", str(out)]
+    argv += ["--dtype", "fp32"]  # the reference's (on a CPU with AMX, "auto" would be bf16)
     assert launch_script("evaluate").main(argv) == 0
     assert json.loads(out.read_text())["before"]["predictions"] == expected["predictions"]
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_evaluate_generates_in_the_runs_dtype_else_fp32_on_a_cpu(monkeypatch: pytest.MonkeyPatch, amx: bool) -> None:
-    """A run's adapter is scored in the dtype it trained in; without a record, a CPU generates in fp32, also where
-    training's "auto" picks bf16 (AMX): generation's small matmuls run slower in bf16 there."""
+def test_evaluate_computes_in_the_runs_dtype_else_as_training_would(monkeypatch: pytest.MonkeyPatch, amx: bool) -> None:
+    """A run's adapter is scored in the dtype it trained in; without a record, in what the shipped config's "auto"
+    trains in on this machine (on a CPU: bf16 with AMX, else fp32); --dtype wins over both."""
+    monkeypatch.setattr(meft_ds.ds_config, "cpu_has_native_bf16", lambda: amx)
     monkeypatch.setattr(meft_ds.ds_config, "cpu_has_amx_bf16", lambda: amx)
     evaluate = launch_script("evaluate")
     args = evaluate.parse_args([])
-    assert evaluate.model_dtype(args, {}) == torch.float32
-    assert evaluate.model_dtype(args, {"dtype": "bf16"}) == torch.bfloat16
+    assert evaluate.model_dtype(args, {}) == (torch.bfloat16 if amx else torch.float32)
+    assert evaluate.model_dtype(args, {"dtype": "fp32"}) == torch.float32
     assert evaluate.model_dtype(evaluate.parse_args(["--dtype", "bf16"]), {"dtype": "fp32"}) == torch.bfloat16
 
 
@@ -345,6 +348,7 @@ def test_evaluate_answers_questions_given_on_the_command_line(tmp_path: Path, ca
     evaluate = launch_script("evaluate")
     out = tmp_path / "answers.json"
     argv = ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--max_new_tokens", "6"]
+    argv += ["--dtype", "fp32"]
     assert evaluate.main([*argv, "--prompt", questions[0], "--prompt", questions[1], "--output", str(out)]) == 0
     written = json.loads(out.read_text())
     expected = evaluate_generation(
@@ -389,5 +393,6 @@ def test_evaluate_loads_the_lora_saved_beside_meft(tmp_path: Path) -> None:
     assert expected != answers(meft_ds.load_adapter(tiny_model(layers=LAYERS), tmp_path / "run")), "LoRA matters"
     out = tmp_path / "scores.json"
     argv = ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "run"), "--limit", "6", "--no_base"]
+    argv += ["--dtype", "fp32"]
     assert launch_script("evaluate").main([*argv, "--max_new_tokens", "8", "--output", str(out)]) == 0
     assert [p["prediction"] for p in json.loads(out.read_text())["after"]["predictions"]] == expected
