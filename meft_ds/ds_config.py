@@ -232,8 +232,8 @@ def _known_optimizer(name: Any) -> bool:
     return isinstance(name, str) and (name.lower() in DEEPSPEED_OPTIMIZERS or hasattr(torch.optim, name))
 
 
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # py-cpuinfo's names for bf16 matmul instructions
 AMX_BF16_FLAG = "amx_bf16"  # AMX's bf16 tile multiply (Intel Xeon since Sapphire Rapids)
+NATIVE_BF16_FLAGS = ("avx512_bf16", AMX_BF16_FLAG)  # py-cpuinfo's names for bf16 matmul instructions
 
 
 @functools.lru_cache(maxsize=1)

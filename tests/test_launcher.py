@@ -36,7 +36,7 @@ from transformers import AutoTokenizer
 
 import meft_ds
 from meft_ds.data import IGNORE_INDEX, load_examples, tokenize_for_training
-from meft_ds.ds_config import cpu_has_amx_bf16
+from meft_ds.ds_config import DTYPE_NAMES, cpu_has_amx_bf16
 from meft_ds.rehearsal import QUESTIONS as REHEARSAL
 from meft_ds.training import UsageError
 
@@ -73,7 +73,7 @@ def test_one_rank_trains_evaluates_exports_and_logs(tmp_path: Path, model_dirs: 
     assert torch.count_nonzero(meft_ds.adapters(trained)[0].store.values) > 0
     # the last eval_loss: the trained model's loss per answer token on the 8 held-out questions, one at a time, in
     # the run's dtype
-    trained.to({"bf16": torch.bfloat16, "fp32": torch.float32}[run["dtype"]])
+    trained.to({name: dtype for dtype, name in DTYPE_NAMES.items()}[run["dtype"]])
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["chat"])
     held_out = tokenize_for_training(load_examples("facts", "eval", facts=40, seed=2, limit=8), tokenizer, 64)
     summed, tokens = 0.0, 0
